@@ -1,0 +1,79 @@
+"""Provider side: multiply encrypted activations by clear integer weights. No key is involved.
+
+For each block the provider expands the mask A from its seed and computes A' = A @ W and
+B' = B @ W (mod q) as float64 GEMMs on signed limbs: a limb of ``limb_bits`` bits times a weight
+column with L1 norm ``l1`` stays below 2^53 when ``limb_bits - 1 + bitlen(l1) <= 52``, so BLAS is
+exact. The limb products are recombined mod q and rounded to the output bits (modulus switch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import kernels
+from .ciphertext import Ciphertext, MatmulResult
+from .errors import ShapeMismatch
+from .params import WeightStats
+from .sampling import expand_mask
+
+
+@dataclass(eq=False)
+class PlainWeights:
+    """Clear integer weights (d_in x d_out) prepared once for many products: float64 copy and norms."""
+
+    w: torch.Tensor
+    f64: torch.Tensor = field(init=False, repr=False)
+    _stats: dict[bool, WeightStats] = field(init=False, repr=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        w = self.w
+        if not isinstance(w, torch.Tensor):
+            w = torch.as_tensor(np.asarray(w))
+        if w.ndim != 2 or w.is_floating_point() or w.is_complex() or w.dtype == torch.bool:
+            raise ShapeMismatch(f"weights must be a 2-D integer tensor, got {w.dtype} {tuple(w.shape)}")
+        self.w = w.to(torch.int64).contiguous()
+        self.f64 = self.w.to(torch.float64)
+
+    @classmethod
+    def of(cls, w: "torch.Tensor | PlainWeights") -> "PlainWeights":
+        return w if isinstance(w, PlainWeights) else cls(w)
+
+    def stats(self, transpose: bool) -> WeightStats:
+        if transpose not in self._stats:
+            self._stats[transpose] = WeightStats.of(self.w, transpose=transpose)
+        return self._stats[transpose]
+
+
+def provider_limb_bits(l1: int) -> int:
+    """Largest limb width whose products with weights of column L1 norm ``l1`` are exact in float64."""
+    return max(1, 52 - int(l1).bit_length())
+
+
+def matmul(ct: Ciphertext, weights: "torch.Tensor | PlainWeights", *, transpose: bool = False) -> MatmulResult:
+    """Encrypted ``x @ w`` (or ``x @ w.T`` when ``transpose``), without copying the weights."""
+    pw = PlainWeights.of(weights)
+    d_in, d_out = pw.w.shape
+    contraction, width = (d_out, d_in) if transpose else (d_in, d_out)
+    if ct.d != contraction:
+        raise ShapeMismatch(f"ciphertext has {ct.d} features, weights{'.T' if transpose else ''} contract over {contraction}")
+    p = ct.params
+    stats = pw.stats(transpose)
+    p.for_weights(stats)
+    lb = provider_limb_bits(stats.l1)
+    limbs = -(-p.log_q // lb)
+    left = pw.f64 if transpose else pw.f64.t()  # (width, contraction): a view, BLAS reads it transposed
+    n = p.n
+    a_out = np.empty((ct.blocks, width, n), dtype=np.int64)
+    b_out = np.empty_like(a_out)
+    for blk in range(ct.blocks):
+        a = expand_mask(ct.seeds[blk], n=n, rows=ct.d, first_row=ct.first_row)
+        z = np.empty((2 * limbs, ct.d, n), dtype=np.float64)
+        kernels.split_limbs_f64(a, p.log_q, lb, z[:limbs])
+        kernels.split_limbs_f64(ct.words[blk], p.log_q, lb, z[limbs:])
+        prod = torch.matmul(left, torch.from_numpy(z)).numpy()  # (2*limbs, width, n)
+        kernels.join_limbs_switch(prod[:limbs], lb, p.log_q, p.out_bits_a, a_out[blk])
+        kernels.join_limbs_switch(prod[limbs:], lb, p.log_q, p.out_bits_b, b_out[blk])
+    return MatmulResult(params=p, key_id=ct.key_id, tokens=ct.tokens, a_words=a_out, b_words=b_out)

@@ -1,0 +1,141 @@
+"""Fused element-wise kernels of the client's ring arithmetic (numba, no GIL).
+
+Each kernel makes one pass over memory where plain numpy would make five or six (centre, split
+limbs, fold, twist; untwist, round, shift, add, mask, decode): on a 2-core CPU the client's crypto is
+memory-bound around the FFTs, so passes are what cost.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_M1 = np.uint64(0x5555555555555555)
+_M2 = np.uint64(0x3333333333333333)
+_M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
+_H01 = np.uint64(0x0101010101010101)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _popcount(x):
+    x = x - ((x >> np.uint64(1)) & _M1)
+    x = (x & _M2) + ((x >> np.uint64(2)) & _M2)
+    x = (x + (x >> np.uint64(4))) & _M4
+    return np.int64((x * _H01) >> np.uint64(56))
+
+
+@njit(cache=True, nogil=True)
+def fold_limbs(words, log_q, limb_bits, twist, out):
+    """Centre words mod 2^log_q, split into signed limbs, fold and twist for the half-size FFT.
+
+    words: (r, n) int64 (only the low log_q bits are read); out: (limbs, r, n/2) complex128 with
+    out[l, i, j] = (limb_l(w[i, j]) + 1j * limb_l(w[i, j + n/2])) * twist[j].
+    """
+    limbs, rows, half = out.shape
+    shift = 64 - log_q
+    lh = np.int64(1) << (limb_bits - 1)
+    lm = (np.int64(1) << limb_bits) - 1
+    for i in range(rows):
+        for j in range(half):
+            re = (words[i, j] << shift) >> shift
+            im = (words[i, j + half] << shift) >> shift
+            t = twist[j]
+            for l in range(limbs):
+                lo_re = ((re + lh) & lm) - lh
+                lo_im = ((im + lh) & lm) - lh
+                out[l, i, j] = complex(float(lo_re), float(lo_im)) * t
+                re = (re - lo_re) >> limb_bits
+                im = (im - lo_im) >> limb_bits
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _unfold(f, untwist, limb_bits, i, j):
+    """Exact integer coefficients (j, j + n/2) of row i from limb evaluations after the inverse FFT."""
+    acc_re = np.int64(0)
+    acc_im = np.int64(0)
+    u = untwist[j]
+    for l in range(f.shape[0]):
+        z = f[l, i, j] * u
+        acc_re += np.int64(np.rint(z.real)) << (limb_bits * l)
+        acc_im += np.int64(np.rint(z.imag)) << (limb_bits * l)
+    return acc_re, acc_im
+
+
+@njit(cache=True, nogil=True)
+def finish_encrypt(f, untwist, limb_bits, log_q, delta, msg, rand, out):
+    """b = a*s + delta*m + e mod 2^log_q, with e centred binomial (eta=24) from 48 bits of ``rand``.
+
+    f: inverse-FFT'd limb products (limbs, r, n/2); msg: (r, n) int64; rand: (r, n) uint64 CSPRNG
+    words; out: (r, n) int64 in [0, 2^log_q).
+    """
+    half = f.shape[2]
+    mask = np.int64(-1) if log_q == 64 else (np.int64(1) << log_q) - 1
+    low24 = np.uint64(0xFFFFFF)
+    for i in range(f.shape[1]):
+        for j in range(half):
+            p_re, p_im = _unfold(f, untwist, limb_bits, i, j)
+            for c, p in ((j, p_re), (j + half, p_im)):
+                r = rand[i, c]
+                e = _popcount(r & low24) - _popcount((r >> np.uint64(24)) & low24)
+                out[i, c] = (p + delta * msg[i, c] + e) & mask
+
+
+@njit(cache=True, nogil=True)
+def finish_decrypt(f, untwist, limb_bits, log_q, out_bits_a, out_bits_b, delta, b_words, out):
+    """y = round((B'' 2^(k-kb) - (A''*s) 2^(k-ka) mod 2^k) / delta) as signed int64.
+
+    f: inverse-FFT'd limb products of A'' and s (limbs, r, n/2); b_words: (r, n) int64 B'' words.
+    """
+    half = f.shape[2]
+    shift = 64 - log_q
+    sa = log_q - out_bits_a
+    sb = log_q - out_bits_b
+    for i in range(f.shape[1]):
+        for j in range(half):
+            p_re, p_im = _unfold(f, untwist, limb_bits, i, j)
+            for c, p in ((j, p_re), (j + half, p_im)):
+                v = (b_words[i, c] << sb) - (p << sa)
+                v = (v << shift) >> shift  # centred representative mod 2^log_q
+                y = v // delta  # floor division
+                rem = v - y * delta
+                if 2 * rem >= delta:
+                    y += 1
+                out[i, c] = y
+
+
+@njit(cache=True, nogil=True)
+def split_limbs_f64(words, log_q, limb_bits, out):
+    """Centre words mod 2^log_q and split into signed float64 limbs: out (limbs, r, c)."""
+    limbs, rows, cols = out.shape
+    shift = 64 - log_q
+    lh = np.int64(1) << (limb_bits - 1)
+    lm = (np.int64(1) << limb_bits) - 1
+    for i in range(rows):
+        for j in range(cols):
+            v = (words[i, j] << shift) >> shift
+            for l in range(limbs):
+                lo = ((v + lh) & lm) - lh
+                out[l, i, j] = float(lo)
+                v = (v - lo) >> limb_bits
+
+
+@njit(cache=True, nogil=True)
+def join_limbs_switch(prods, limb_bits, log_q, out_bits, out):
+    """Sum rounded limb products << (limb_bits*l) mod 2^log_q, then round to the top out_bits bits.
+
+    prods: (limbs, r, c) float64 exact integers; out: (r, c) int64 in [0, 2^out_bits).
+    """
+    limbs, rows, cols = prods.shape
+    drop = log_q - out_bits
+    qmask = np.int64(-1) if log_q == 64 else (np.int64(1) << log_q) - 1
+    omask = np.int64(-1) if out_bits == 64 else (np.int64(1) << out_bits) - 1
+    half = np.int64(0) if drop == 0 else np.int64(1) << (drop - 1)
+    for i in range(rows):
+        for j in range(cols):
+            acc = np.int64(0)
+            for l in range(limbs):
+                acc += np.int64(prods[l, i, j]) << (limb_bits * l)
+            acc &= qmask
+            if drop:  # round to nearest; unsigned so that acc + half cannot overflow
+                acc = np.int64((np.uint64(acc) + np.uint64(half)) >> np.uint64(drop))
+            out[i, j] = acc & omask

@@ -1,0 +1,61 @@
+"""The client's secret key. It never leaves the client: it has no serialisation to the wire.
+
+``SecretKey`` deliberately has no ``to_bytes``; :meth:`SecretKey.export_private` writes it only for a
+local, private checkpoint (the caller's responsibility to protect), and pickling is refused so it
+cannot ride along in a message by accident.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .params import Params
+from .ring import NegacyclicFFT
+from .sampling import ternary_secret
+
+KEY_ID_BYTES = 8
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class SecretKey:
+    """Ternary RLWE secret for one layer's parameters, with its FFT evaluations precomputed."""
+
+    params: Params
+    s: np.ndarray = field(repr=False)
+    key_id: bytes  # public random label: lets decrypt refuse another key's ciphertext clearly
+
+    ring: NegacyclicFFT = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.s.shape != (self.params.n,) or not np.isin(self.s, (-1, 0, 1)).all():
+            raise ValueError("secret must be a ternary vector of length N")
+        if len(self.key_id) != KEY_ID_BYTES:
+            raise ValueError(f"key id must be {KEY_ID_BYTES} bytes")
+        self.s.setflags(write=False)
+        object.__setattr__(self, "ring", NegacyclicFFT(self.params.n, self.s))
+
+    @classmethod
+    def generate_key(cls, params: Params) -> "SecretKey":
+        """A fresh uniform ternary secret from os.urandom."""
+        return cls(params=params, s=ternary_secret(params.n), key_id=os.urandom(KEY_ID_BYTES))
+
+    def __repr__(self) -> str:
+        return f"SecretKey(id={self.key_id.hex()}, n={self.params.n}, log_q={self.params.log_q})"
+
+    def __reduce__(self):
+        raise TypeError("a SecretKey is never serialised implicitly; use export_private for local checkpoints")
+
+    def export_private(self) -> dict:
+        """Key material for a local private checkpoint (never for the network)."""
+        return {"params": self.params.to_tuple(), "s": self.s.astype(np.int8).tobytes(), "key_id": self.key_id}
+
+    @classmethod
+    def import_private(cls, blob: dict) -> "SecretKey":
+        return cls(
+            params=Params.from_tuple(tuple(blob["params"])),
+            s=np.frombuffer(blob["s"], dtype=np.int8).astype(np.int64),
+            key_id=bytes(blob["key_id"]),
+        )

@@ -1,0 +1,36 @@
+"""Row-chunked parallelism for the client's crypto.
+
+The kernels, FFTs and AES release the GIL, so a small thread pool keeps both cores busy while
+chunks of ~ROWS rows stay cache-resident (a pass over a whole 2048 x 4096 matrix would spill to RAM).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+ROWS = 32
+_pool: ThreadPoolExecutor | None = None
+
+
+def workers() -> int:
+    """Threads used for crypto: CIPHERSWARM_THREADS, else every core this process may use."""
+    env = os.environ.get("CIPHERSWARM_THREADS")
+    if env:
+        return max(1, int(env))
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def for_row_chunks(total: int, fn: Callable[[int, int], None], rows: int = ROWS) -> None:
+    """Call ``fn(start, stop)`` over ``[0, total)`` in chunks, in parallel; re-raise the first error."""
+    global _pool
+    spans = [(i, min(i + rows, total)) for i in range(0, total, rows)]
+    if workers() == 1 or len(spans) == 1:
+        for a, b in spans:
+            fn(a, b)
+        return
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="cipherswarm-crypto")
+    for fut in [_pool.submit(fn, a, b) for a, b in spans]:
+        fut.result()

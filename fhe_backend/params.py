@@ -1,0 +1,219 @@
+"""Per-layer parameters of the RLWE scheme, chosen from the actual weights and bit widths.
+
+A ciphertext's parameters are exact for a weight matrix when every decrypted value is the exact
+integer ``x @ w`` except with probability below ``2**-FAILURE_LOG2`` per value. That holds when
+
+* the noise after the provider's matmul and the optional output modulus switch stays below
+  ``delta / 2`` (fresh noise ``sum_j w[j,k] e_j`` is sub-Gaussian with parameter
+  ``sqrt(eta/2) * ||w[:,k]||_2``; rounding ``A'`` adds ``eps * s`` with ``|eps| <= 2^(k-ka-1)``,
+  sub-Gaussian by Hoeffding; rounding ``B'`` adds at most ``2^(k-kb-1)``), and
+* the scaled message fits the modulus: ``delta * (2 * max|y| + 1) <= q`` with
+  ``max|y| = 2^(x_bits-1) * max_k ||w[:,k]||_1``.
+
+Both are asserted by :meth:`Params.__post_init__`, together with the 128-bit security table, so an
+insecure or inexact :class:`Params` cannot be constructed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from .errors import ParameterError
+from .security import WORD_BITS, check_secure, smallest_secure_n
+
+#: a decoding failure happens with probability below 2**-FAILURE_LOG2 per output value
+FAILURE_LOG2 = 64
+#: sub-Gaussian tail factor: P(|X| > T sigma) <= 2 exp(-T^2 / 2) <= 2**-FAILURE_LOG2
+TAIL = math.sqrt(2.0 * math.log(2.0) * (FAILURE_LOG2 + 1))
+#: centred binomial noise parameter: e = popcount(24 bits) - popcount(24 bits), std sqrt(12) ~ 3.46
+ETA = 24
+MAX_X_BITS = 16
+
+
+@dataclass(frozen=True)
+class WeightStats:
+    """The norms of a weight matrix that bound noise growth and output size.
+
+    Norms are taken over the contraction axis: per output column for ``x @ w``, per row of ``w``
+    for the transposed product ``g @ w.T``.
+    """
+
+    l1: int  # max over outputs of sum |w|: bounds |y| and the provider's limb products
+    l2sq: int  # max over outputs of sum w^2: bounds the noise sum_j w_j e_j
+
+    @classmethod
+    def of(cls, w: torch.Tensor, *, transpose: bool = False) -> "WeightStats":
+        """Norms of ``w`` (d_in x d_out) for ``x @ w``, or of its rows for ``g @ w.T``."""
+        if w.ndim != 2 or w.dtype.is_floating_point or w.dtype.is_complex or w.dtype == torch.bool:
+            raise ParameterError(f"weights must be a 2-D integer tensor, got {tuple(w.shape)} {w.dtype}")
+        axis = 1 if transpose else 0
+        w64 = w.to(torch.int64)
+        l1 = int(w64.abs().sum(dim=axis).max()) if w64.numel() else 0
+        l2sq = int((w64 * w64).sum(dim=axis).max()) if w64.numel() else 0
+        return cls(l1=max(l1, 1), l2sq=max(l2sq, 1))
+
+    def covers(self, other: "WeightStats") -> bool:
+        """True when parameters made for ``self`` are exact for weights with norms ``other``."""
+        return other.l1 <= self.l1 and other.l2sq <= self.l2sq
+
+
+@dataclass(frozen=True)
+class Params:
+    """Parameters of one layer's encryption; validated on construction (never insecure, never inexact)."""
+
+    n: int  # ring degree: tokens per ciphertext block
+    log_q: int  # q = 2^log_q, so reduction mod q is a wrap of 64-bit words
+    delta: int  # plaintext scale: b = a*s + delta*m + e
+    x_bits: int  # activations are signed integers in [-2^(x_bits-1), 2^(x_bits-1) - 1]
+    w_l1: int  # weights' max column L1 norm these parameters are exact for
+    w_l2sq: int  # weights' max column squared L2 norm these parameters are exact for
+    out_bits_a: int  # provider rounds A' = A @ W to this many bits (== log_q: no switch)
+    out_bits_b: int  # provider rounds B' = B @ W to this many bits
+    row_parts: int = 1  # contraction-row chunks whose outputs the client adds before decrypting
+    eta: int = ETA  # centred binomial noise parameter
+
+    def __post_init__(self) -> None:
+        for name in ("n", "log_q", "delta", "x_bits", "w_l1", "w_l2sq", "out_bits_a", "out_bits_b", "row_parts", "eta"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ParameterError(f"{name} must be an int, got {type(v).__name__}")
+        check_secure(self.n, self.log_q)
+        if not 2 <= self.x_bits <= MAX_X_BITS:
+            raise ParameterError(f"x_bits must be in [2, {MAX_X_BITS}], got {self.x_bits}")
+        if self.eta < ETA:
+            raise ParameterError(f"noise eta must be >= {ETA} (std >= 3.2 as the security table assumes)")
+        if self.w_l1 < 1 or self.w_l2sq < 1 or self.row_parts < 1:
+            raise ParameterError("weight norms and row_parts must be >= 1")
+        if not 1 <= self.out_bits_a <= self.log_q or not 1 <= self.out_bits_b <= self.log_q:
+            raise ParameterError("output bits must be in [1, log_q]")
+        if self.delta < 2:
+            raise ParameterError("delta must be >= 2")
+        if self.delta * (2 * self.y_max + 1) > self.q:
+            raise ParameterError(
+                f"inexact parameters: delta * (2*max|y| + 1) = {self.delta * (2 * self.y_max + 1)} exceeds q = 2^{self.log_q}"
+            )
+        if not self.noise_bound < self.delta / 2:
+            raise ParameterError(
+                f"inexact parameters: noise bound {self.noise_bound:.4g} is not below delta/2 = {self.delta / 2}"
+            )
+
+    @property
+    def q(self) -> int:
+        return 1 << self.log_q
+
+    @property
+    def y_max(self) -> int:
+        """Largest |x @ w| value these parameters can decode exactly."""
+        return (1 << (self.x_bits - 1)) * self.w_l1
+
+    @property
+    def noise_bound(self) -> float:
+        """Bound on decryption noise that fails with probability < 2**-FAILURE_LOG2 per value."""
+        return noise_bound(self.n, self.log_q, self.eta, self.w_l2sq, self.out_bits_a, self.out_bits_b, self.row_parts)
+
+    @property
+    def in_bytes(self) -> int:
+        """Bytes per input word on the wire."""
+        return (self.log_q + 7) // 8
+
+    @property
+    def out_bytes(self) -> int:
+        """Bytes per output value on the wire (A' and B' words packed together)."""
+        return (self.out_bits_a + self.out_bits_b + 7) // 8
+
+    def for_weights(self, stats: WeightStats) -> None:
+        """Raise :class:`ParameterError` unless these parameters are exact for weights with ``stats``."""
+        if not WeightStats(self.w_l1, self.w_l2sq).covers(stats):
+            raise ParameterError(
+                f"parameters were chosen for weights with column L1 <= {self.w_l1} and L2^2 <= {self.w_l2sq}; "
+                f"these weights have {stats.l1} and {stats.l2sq}: the result would be inexact"
+            )
+
+    def with_row_parts(self, parts: int) -> "Params":
+        """The same key material, with output bits that stay exact when ``parts`` row chunks are added."""
+        a, b = _min_out_bits(self.n, self.log_q, self.eta, self.w_l2sq, self.delta, parts)
+        return replace(self, row_parts=parts, out_bits_a=a, out_bits_b=b)
+
+    # Wire form: a fixed tuple of ints, so every implementation encodes parameters the same way.
+    FIELDS = ("n", "log_q", "delta", "x_bits", "w_l1", "w_l2sq", "out_bits_a", "out_bits_b", "row_parts", "eta")
+
+    def to_tuple(self) -> tuple[int, ...]:
+        return tuple(getattr(self, f) for f in self.FIELDS)
+
+    @classmethod
+    def from_tuple(cls, values: tuple[int, ...]) -> "Params":
+        if len(values) != len(cls.FIELDS):
+            raise ParameterError(f"expected {len(cls.FIELDS)} parameter fields, got {len(values)}")
+        return cls(**dict(zip(cls.FIELDS, (int(v) for v in values))))
+
+
+def noise_bound(n: int, log_q: int, eta: int, w_l2sq: int, out_bits_a: int, out_bits_b: int, parts: int = 1) -> float:
+    """Tail bound on |noise| after matmul, output modulus switch and the sum of ``parts`` row chunks.
+
+    Fresh noise is sub-Gaussian with variance proxy (eta/2) * ||w||_2^2 (the row chunks partition the
+    same sum). Rounding A' to out_bits_a leaves eps in [-c_a, c_a] per coefficient, independent
+    across coefficients because A is uniform; eps * s sums <= n such terms per chunk (Hoeffding), plus
+    a rounding bias of at most 1/2 per term. Rounding B' adds at most c_b per chunk.
+    """
+    c_a = float(2 ** (log_q - out_bits_a - 1)) if out_bits_a < log_q else 0.0
+    c_b = float(2 ** (log_q - out_bits_b - 1)) if out_bits_b < log_q else 0.0
+    bias = 0.5 * n * parts if out_bits_a < log_q else 0.0
+    var = (eta / 2.0) * w_l2sq + parts * n * c_a * c_a
+    return TAIL * math.sqrt(var) + bias + parts * c_b
+
+
+def _min_out_bits(n: int, log_q: int, eta: int, w_l2sq: int, delta: int, parts: int) -> tuple[int, int]:
+    """Smallest out_bits_a + out_bits_b (then smallest out_bits_a) whose noise stays below delta/2."""
+    best: tuple[int, int] | None = None
+    for kb in range(1, log_q + 1):
+        for ka in range(1, log_q + 1):
+            if noise_bound(n, log_q, eta, w_l2sq, ka, kb, parts) < delta / 2:
+                if best is None or ka + kb < sum(best):
+                    best = (ka, kb)
+                break
+    if best is None:
+        raise ParameterError(f"no output modulus keeps {parts} row chunks exact; use fewer row chunks")
+    return best
+
+
+def choose_params(
+    stats: WeightStats,
+    x_bits: int,
+    *,
+    n: int | None = None,
+    switch_output: bool = True,
+    row_parts: int = 1,
+) -> Params:
+    """Smallest secure, exact parameters for weights with ``stats`` and ``x_bits``-bit activations.
+
+    delta is first sized so the fresh noise takes at most a quarter of the decoding margin, q is the
+    next power of two that holds delta * (2 max|y| + 1), and delta then grows to fill q (free margin
+    for the output modulus switch). N is the smallest tabulated degree (>= ``n`` if given) whose
+    128-bit bound admits q.
+    """
+    if not isinstance(x_bits, int) or not 2 <= x_bits <= MAX_X_BITS:
+        raise ParameterError(f"x_bits must be an int in [2, {MAX_X_BITS}], got {x_bits!r}")
+    y_max = (1 << (x_bits - 1)) * stats.l1
+    fresh = TAIL * math.sqrt((ETA / 2.0) * stats.l2sq)
+    delta_min = max(2, math.floor(4 * fresh) + 1)
+    log_q = math.ceil(math.log2(delta_min * (2 * y_max + 1)))
+    if log_q > WORD_BITS:
+        raise ParameterError(
+            f"this layer needs log2(q) = {log_q} > {WORD_BITS} for exact {x_bits}-bit activations "
+            f"(max |y| = {y_max}); lower x_bits or split the contraction rows"
+        )
+    ring_n = smallest_secure_n(log_q, min_n=n or 1024)
+    if n is not None and ring_n != n:
+        check_secure(n, log_q)  # raises with the table's explanation
+    delta = (1 << log_q) // (2 * y_max + 1)
+    if switch_output:
+        out_a, out_b = _min_out_bits(ring_n, log_q, ETA, stats.l2sq, delta, row_parts)
+    else:
+        out_a = out_b = log_q
+    return Params(
+        n=ring_n, log_q=log_q, delta=delta, x_bits=x_bits, w_l1=stats.l1, w_l2sq=stats.l2sq,
+        out_bits_a=out_a, out_bits_b=out_b, row_parts=row_parts,
+    )
