@@ -27,19 +27,25 @@ def _as_int_matrix(x: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
     return x
 
 
-def to_blocks(x: np.ndarray, n: int) -> np.ndarray:
-    """(tokens, d) -> (blocks, d, n) int64, zero-padded: column j of a block is polynomial m_j."""
-    tokens, d = x.shape
-    blocks = -(-tokens // n)
-    padded = np.zeros((blocks * n, d), dtype=np.int64)
-    padded[:tokens] = x
-    return np.ascontiguousarray(padded.reshape(blocks, n, d).transpose(0, 2, 1))
+def check_range(x: np.ndarray, x_bits: int) -> None:
+    """Refuse activations outside the signed ``x_bits`` range the parameters were chosen for."""
+    lo, hi = -(1 << (x_bits - 1)), (1 << (x_bits - 1)) - 1
+    if int(x.min()) < lo or int(x.max()) > hi:
+        raise InputRangeError(f"activations must lie in [{lo}, {hi}] for x_bits={x_bits}, got [{x.min()}, {x.max()}]")
 
 
-def from_blocks(y: np.ndarray, tokens: int) -> np.ndarray:
-    """(blocks, d, n) -> (tokens, d): the inverse of :func:`to_blocks` without the padding."""
-    blocks, d, n = y.shape
-    return y.transpose(0, 2, 1).reshape(blocks * n, d)[:tokens]
+def block_view(x: np.ndarray, n: int, b: int) -> np.ndarray:
+    """Block ``b`` of ``x`` (tokens x d) as a (d, n) view: row j is the coefficient vector of m_j.
+
+    A strided view, not a copy (a transposing copy of a large activation matrix costs more than the
+    encryption itself); only a partial last block is copied, to pad it with zero tokens.
+    """
+    part = x[b * n : (b + 1) * n]
+    if part.shape[0] < n:
+        padded = np.zeros((n, x.shape[1]), dtype=x.dtype)
+        padded[: part.shape[0]] = part
+        part = padded
+    return part.T
 
 
 def encrypt(sk: SecretKey, x: torch.Tensor | np.ndarray) -> Ciphertext:
@@ -49,22 +55,22 @@ def encrypt(sk: SecretKey, x: torch.Tensor | np.ndarray) -> Ciphertext:
     """
     p = sk.params
     xm = _as_int_matrix(x, "activations")
-    lo, hi = -(1 << (p.x_bits - 1)), (1 << (p.x_bits - 1)) - 1
-    if int(xm.min()) < lo or int(xm.max()) > hi:
-        raise InputRangeError(f"activations must lie in [{lo}, {hi}] for x_bits={p.x_bits}, got [{xm.min()}, {xm.max()}]")
-    msg = to_blocks(xm, p.n)
-    blocks, d, n = msg.shape
-    out = np.empty_like(msg)
+    check_range(xm, p.x_bits)
+    n, (tokens, d) = p.n, xm.shape
+    blocks = -(-tokens // n)
+    out = np.empty((blocks, d, n), dtype=np.int64)
     seeds = tuple(fresh_seed() for _ in range(blocks))
     untwist = sk.ring.untwist
     for b, seed in enumerate(seeds):
-        def chunk(r0: int, r1: int, b: int = b, seed: bytes = seed) -> None:
+        msg = block_view(xm, n, b)
+
+        def chunk(r0: int, r1: int, b: int = b, seed: bytes = seed, msg: np.ndarray = msg) -> None:
             a = expand_mask(seed, n=n, rows=r1 - r0, first_row=r0)
             f = sk.ring.secret_products(a, p.log_q)
-            kernels.finish_encrypt(f, untwist, LIMB_BITS, p.log_q, p.delta, msg[b, r0:r1], random_words(r1 - r0, n), out[b, r0:r1])
+            kernels.finish_encrypt(f, untwist, LIMB_BITS, p.log_q, p.delta, msg[r0:r1], random_words(r1 - r0, n), out[b, r0:r1])
 
         for_row_chunks(d, chunk)
-    return Ciphertext(params=p, key_id=sk.key_id, tokens=xm.shape[0], first_row=0, seeds=seeds, words=out)
+    return Ciphertext(params=p, key_id=sk.key_id, tokens=tokens, first_row=0, seeds=seeds, words=out)
 
 
 def decrypt(sk: SecretKey, res: MatmulResult) -> torch.Tensor:
@@ -79,13 +85,15 @@ def decrypt(sk: SecretKey, res: MatmulResult) -> torch.Tensor:
     if (p.n, p.log_q, p.delta) != (kp.n, kp.log_q, kp.delta):
         raise KeyMismatch("result parameters (N, q, delta) differ from the key's")
     blocks, d_out, n = res.a_words.shape
-    y = np.empty((blocks, d_out, n), dtype=np.int64)
+    y = np.empty((blocks * n, d_out), dtype=np.int64)  # tokens x d_out, written through transposed views
     untwist = sk.ring.untwist
     for b in range(blocks):
-        def chunk(r0: int, r1: int, b: int = b) -> None:
+        yb = y[b * n : (b + 1) * n].T  # (d_out, n) view
+
+        def chunk(r0: int, r1: int, b: int = b, yb: np.ndarray = yb) -> None:
             f = sk.ring.secret_products(res.a_words[b, r0:r1], p.out_bits_a)
             kernels.finish_decrypt(f, untwist, LIMB_BITS, p.log_q, p.out_bits_a, p.out_bits_b, p.delta,
-                                   res.b_words[b, r0:r1], y[b, r0:r1])
+                                   res.b_words[b, r0:r1], yb[r0:r1])
 
         for_row_chunks(d_out, chunk)
-    return torch.from_numpy(np.ascontiguousarray(from_blocks(y, res.tokens)))
+    return torch.from_numpy(y[: res.tokens])

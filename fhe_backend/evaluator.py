@@ -47,6 +47,12 @@ class PlainWeights:
         return self._stats[transpose]
 
 
+def contraction_width(pw: PlainWeights, transpose: bool) -> tuple[int, int]:
+    """(contraction length, output width) of ``x @ w`` or, when ``transpose``, of ``x @ w.T``."""
+    d_in, d_out = pw.w.shape
+    return (d_out, d_in) if transpose else (d_in, d_out)
+
+
 def provider_limb_bits(l1: int) -> int:
     """Largest limb width whose products with weights of column L1 norm ``l1`` are exact in float64."""
     return max(1, 52 - int(l1).bit_length())
@@ -55,8 +61,7 @@ def provider_limb_bits(l1: int) -> int:
 def matmul(ct: Ciphertext, weights: "torch.Tensor | PlainWeights", *, transpose: bool = False) -> MatmulResult:
     """Encrypted ``x @ w`` (or ``x @ w.T`` when ``transpose``), without copying the weights."""
     pw = PlainWeights.of(weights)
-    d_in, d_out = pw.w.shape
-    contraction, width = (d_out, d_in) if transpose else (d_in, d_out)
+    contraction, width = contraction_width(pw, transpose)
     if ct.d != contraction:
         raise ShapeMismatch(f"ciphertext has {ct.d} features, weights{'.T' if transpose else ''} contract over {contraction}")
     p = ct.params

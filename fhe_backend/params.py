@@ -110,6 +110,11 @@ class Params:
         return (1 << (self.x_bits - 1)) * self.w_l1
 
     @property
+    def decoded_bound(self) -> int:
+        """Largest |y| that decryption can output at all (honest or not): bounds a cheater's error."""
+        return self.q // (2 * self.delta) + 1
+
+    @property
     def noise_bound(self) -> float:
         """Bound on decryption noise that fails with probability < 2**-FAILURE_LOG2 per value."""
         return noise_bound(self.n, self.log_q, self.eta, self.w_l2sq, self.out_bits_a, self.out_bits_b, self.row_parts)

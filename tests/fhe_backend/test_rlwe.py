@@ -1,0 +1,244 @@
+"""The rlwe backend: exactness, splits, wire form, security checks and typed errors."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cipherswarm.fhe_backend import (
+    Ciphertext,
+    InputRangeError,
+    InvalidCiphertext,
+    KeyMismatch,
+    MatmulResult,
+    ParameterError,
+    PlainWeights,
+    ShapeMismatch,
+    VerificationFailed,
+    get_backend,
+)
+from cipherswarm.fhe_backend.params import Params, WeightStats, choose_params
+from cipherswarm.fhe_backend.sampling import expand_mask
+from cipherswarm.fhe_backend.security import MAX_LOG_Q_128, check_secure
+from cipherswarm.fhe_backend.verify import FreivaldsVerifier
+
+be = get_backend("rlwe")
+
+
+def rand_x(tokens: int, d: int, bits: int = 8, *, gen: torch.Generator | None = None) -> torch.Tensor:
+    half = 1 << (bits - 1)
+    return torch.randint(-half, half, (tokens, d), generator=gen)
+
+
+def rand_w(d_in: int, d_out: int, *, gen: torch.Generator | None = None) -> torch.Tensor:
+    return torch.randint(-127, 128, (d_in, d_out), generator=gen, dtype=torch.int8)
+
+
+def roundtrip(x: torch.Tensor, w: torch.Tensor, *, transpose: bool = False, bits: int = 8) -> torch.Tensor:
+    params = be.params_for(w, x_bits=bits, transpose=transpose)
+    sk = be.keygen(params)
+    ct = Ciphertext.from_bytes(be.encrypt(sk, x).to_bytes())
+    out = MatmulResult.from_bytes(be.matmul(ct, w, transpose=transpose).to_bytes())
+    return be.decrypt(sk, out)
+
+
+class TestExactness:
+    def test_quick_start(self) -> None:
+        x = torch.randint(-128, 128, (300, 512))
+        w = torch.randint(-127, 128, (512, 256))
+        params = be.params_for(w, x_bits=8)
+        sk = be.keygen(params)
+        ct = be.encrypt(sk, x)
+        wire = ct.to_bytes()
+        out = be.matmul(type(ct).from_bytes(wire), w)
+        y = be.decrypt(sk, type(out).from_bytes(out.to_bytes()))
+        assert torch.equal(y, x @ w)
+
+    @settings(max_examples=12)
+    @given(
+        tokens=st.integers(1, 2600),
+        d_in=st.integers(1, 300),
+        d_out=st.integers(1, 70),
+        bits=st.integers(2, 16),
+        seed=st.integers(0, 2**31),
+        transpose=st.booleans(),
+    )
+    def test_random_shapes(self, tokens: int, d_in: int, d_out: int, bits: int, seed: int, transpose: bool) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        w = rand_w(d_in, d_out, gen=gen)
+        x = rand_x(tokens, d_out if transpose else d_in, bits, gen=gen)
+        ref = x @ (w.long().T if transpose else w.long())
+        assert torch.equal(roundtrip(x, w, transpose=transpose, bits=bits), ref)
+
+    @pytest.mark.parametrize("bits", [8, 16])
+    def test_extreme_values(self, bits: int) -> None:
+        """All-extreme activations against all-extreme weights hit max|y| exactly."""
+        d = 1024
+        x = torch.full((5, d), -(1 << (bits - 1)), dtype=torch.int64)
+        x[1] = (1 << (bits - 1)) - 1
+        w = torch.full((d, 3), 127, dtype=torch.int64)
+        w[:, 1] = -128
+        assert torch.equal(roundtrip(x, w, bits=bits), x @ w)
+
+    def test_llama_8b_mlp_contraction(self) -> None:
+        """d_in = 14336 (LLaMA-8B down_proj) stays exact."""
+        gen = torch.Generator().manual_seed(1)
+        x, w = rand_x(3, 14336, gen=gen), rand_w(14336, 4, gen=gen)
+        assert torch.equal(roundtrip(x, w), x @ w.long())
+
+    def test_sixteen_bit_activations_pick_bigger_ring(self) -> None:
+        w = torch.full((4096, 2), 127, dtype=torch.int8)  # max column norms: log q > 54
+        params = be.params_for(w, x_bits=16)
+        assert params.n == 4096 and params.log_q > MAX_LOG_Q_128[2048]
+        x = rand_x(4, 4096, 16)
+        assert torch.equal(roundtrip(x, w, bits=16), x @ w.long())
+
+    def test_plain_weights_reused(self) -> None:
+        w = rand_w(64, 32)
+        pw = PlainWeights(w)
+        params = be.params_for(pw, 8)
+        sk = be.keygen(params)
+        for _ in range(2):
+            x = rand_x(10, 64)
+            assert torch.equal(be.decrypt(sk, be.matmul(be.encrypt(sk, x), pw)), x @ w.long())
+
+
+class TestSplits:
+    """Token blocks, output columns and contraction rows: every split re-aggregates exactly."""
+
+    def setup_method(self) -> None:
+        gen = torch.Generator().manual_seed(7)
+        self.w = rand_w(96, 48, gen=gen)
+        self.x = rand_x(2048 * 2 + 17, 96, gen=gen)
+        self.params = be.params_for(self.w, 8)
+        self.sk = be.keygen(self.params)
+        self.ct = be.encrypt(self.sk, self.x)
+        self.ref = self.x @ self.w.long()
+
+    def test_token_blocks(self) -> None:
+        parts = [be.matmul(self.ct.select_blocks(a, b), self.w) for a, b in ((0, 1), (1, 3))]
+        y = be.decrypt(self.sk, MatmulResult.concat_blocks(parts))
+        assert torch.equal(y, self.ref)
+
+    def test_output_columns(self) -> None:
+        parts = [be.matmul(self.ct, self.w[:, a:b]) for a, b in ((0, 10), (10, 33), (33, 48))]
+        assert torch.equal(be.decrypt(self.sk, MatmulResult.concat_columns(parts)), self.ref)
+
+    def test_contraction_rows(self) -> None:
+        spans = ((0, 40), (40, 41), (41, 96))
+        parts = [
+            MatmulResult.from_bytes(be.matmul(Ciphertext.from_bytes(self.ct.select_rows(a, b, parts=3).to_bytes()), self.w[a:b]).to_bytes())
+            for a, b in spans
+        ]
+        assert torch.equal(be.decrypt(self.sk, MatmulResult.add(parts)), self.ref)
+
+    def test_all_three_combined(self) -> None:
+        rows = [(0, 50), (50, 96)]
+        blocks = []
+        for a, b in ((0, 2), (2, 3)):
+            sub = self.ct.select_blocks(a, b)
+            cols = []
+            for c0, c1 in ((0, 20), (20, 48)):
+                cols.append(MatmulResult.add([be.matmul(sub.select_rows(r0, r1, parts=2), self.w[r0:r1, c0:c1]) for r0, r1 in rows]))
+            blocks.append(MatmulResult.concat_columns(cols))
+        assert torch.equal(be.decrypt(self.sk, MatmulResult.concat_blocks(blocks)), self.ref)
+
+    def test_more_row_chunks_than_budgeted_refused(self) -> None:
+        parts = [be.matmul(self.ct.select_rows(i * 32, (i + 1) * 32, parts=2), self.w[i * 32 : (i + 1) * 32]) for i in range(3)]
+        with pytest.raises(ShapeMismatch, match="row chunks"):
+            MatmulResult.add(parts)
+
+
+class TestParameters:
+    def test_table_refuses_insecure(self) -> None:
+        for n, limit in MAX_LOG_Q_128.items():
+            check_secure(n, min(limit, 64))
+            if limit < 64:
+                with pytest.raises(ParameterError, match="insecure"):
+                    check_secure(n, limit + 1)
+            with pytest.raises(ParameterError, match="must be in"):
+                check_secure(n, 65)  # q must fit a machine word
+
+    def test_params_outside_table_refused(self) -> None:
+        good = choose_params(WeightStats(l1=1000, l2sq=10000), 8)
+        fields = dict(zip(Params.FIELDS, good.to_tuple()))
+        with pytest.raises(ParameterError, match="insecure"):
+            Params(**{**fields, "n": 1024})
+        with pytest.raises(ParameterError, match="not in the 128-bit table"):
+            Params(**{**fields, "n": 3000})
+
+    def test_inexact_params_refused(self) -> None:
+        good = choose_params(WeightStats(l1=1000, l2sq=10000), 8)
+        fields = dict(zip(Params.FIELDS, good.to_tuple()))
+        with pytest.raises(ParameterError, match="inexact"):
+            Params(**{**fields, "delta": 2})  # noise swamps delta
+        with pytest.raises(ParameterError, match="inexact"):
+            Params(**{**fields, "w_l1": fields["w_l1"] * 4})  # y no longer fits q
+
+    def test_weights_heavier_than_params_refused(self) -> None:
+        w = rand_w(64, 8)
+        sk = be.keygen(be.params_for(w // 2, 8))
+        with pytest.raises(ParameterError, match="inexact"):
+            be.matmul(be.encrypt(sk, rand_x(4, 64)), w)
+
+    def test_too_wide_for_a_word_refused(self) -> None:
+        with pytest.raises(ParameterError, match="split the contraction"):
+            choose_params(WeightStats(l1=2**40, l2sq=2**60), 16)
+
+    @pytest.mark.parametrize("bits", [0, 1, 17, 8.0])
+    def test_bad_x_bits(self, bits) -> None:
+        with pytest.raises(ParameterError, match="x_bits"):
+            be.params_for(rand_w(8, 8), bits)
+
+
+class TestSecurityProperties:
+    def test_two_encryptions_differ(self) -> None:
+        w = rand_w(16, 4)
+        sk = be.keygen(be.params_for(w, 8))
+        x = rand_x(10, 16)
+        a, b = be.encrypt(sk, x), be.encrypt(sk, x)
+        assert a.seeds != b.seeds
+        assert not np.array_equal(a.words, b.words)
+
+    def test_wire_holds_no_key_material(self) -> None:
+        w = rand_w(32, 4)
+        sk = be.keygen(be.params_for(w, 8))
+        ct = be.encrypt(sk, torch.zeros(10, 32, dtype=torch.int64))
+        wire = ct.to_bytes() + be.matmul(ct, w).to_bytes()
+        for enc in (sk.s.astype(np.int8), sk.s.astype("<i8"), (sk.s + 1).astype(np.uint8)):
+            assert enc.tobytes()[:64] not in wire
+        # an encryption of zero is b = a*s + e: it looks uniform mod q, not like s
+        assert abs(float(ct.words.mean()) / sk.params.q - 0.5) < 0.01
+        with pytest.raises(TypeError, match="never serialised"):
+            pickle.dumps(sk)
+        assert not any(isinstance(v, type(sk)) for v in vars(ct).values())
+
+    def test_other_key_refused_and_forged_label_caught(self) -> None:
+        w = rand_w(32, 8)
+        params = be.params_for(w, 8)
+        sk1, sk2 = be.keygen(params), be.keygen(params)
+        x = rand_x(20, 32)
+        out = be.matmul(be.encrypt(sk1, x), w)
+        with pytest.raises(KeyMismatch):
+            be.decrypt(sk2, out)
+        forged = MatmulResult(out.params, sk2.key_id, out.tokens, out.a_words, out.b_words)
+        garbage = be.decrypt(sk2, forged)
+        with pytest.raises(VerificationFailed):
+            FreivaldsVerifier.for_params(w, params).check(x, garbage)
+
+    def test_mask_expansion_known_answer(self) -> None:
+        """AES-256-CTR under the seed, counter = first_row * n / 2, little-endian 64-bit words.
+
+        Fixed vectors for seed = bytes(range(32)), n = 8: other implementations must reproduce them.
+        """
+        seed = bytes(range(32))
+        words = expand_mask(seed, n=8, rows=2).view(np.uint64)
+        assert [format(int(v), "016x") for v in words[0, :3]] == ["d09f492ab60090f2", "80772edd6a9af3a9", "e59fb94aae765df0"]
+        assert format(int(words[1, 0]), "016x") == "06b8f22abce65f4e"
+        # a contiguous row range is the same stretch of the stream (what a row-chunk provider expands)
+        assert np.array_equal(expand_mask(seed, n=8, rows=1, first_row=1).view(np.uint64), words[1:2])
