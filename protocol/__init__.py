@@ -1,1 +1,110 @@
-"""placeholder"""
+"""cipherswarm wire layer: schemas, framing, signatures, freshness, limits and typed errors.
+
+README.md beside this file is the wire specification. This package is synchronous and knows no
+torch; `cipherswarm.protocol.stream` adds frame reading and writing over trio streams.
+"""
+
+from .envelope import Header, Sealed, decode_header, seal
+from .errors import (
+    BadSignature,
+    Busy,
+    DeadlineExceeded,
+    ErrorCode,
+    ExpiredFrame,
+    FrameTooLarge,
+    InternalError,
+    MalformedFrame,
+    PaymentRequired,
+    ProtocolError,
+    ReplayedFrame,
+    ShapeMismatch,
+    TruncatedFrame,
+    UnknownModel,
+    UnsupportedParams,
+    WireError,
+)
+from .exchange import (
+    LayerLookup,
+    Verified,
+    error_reply,
+    ok_reply,
+    verify_advert,
+    verify_receipt_ack,
+    verify_reply,
+    verify_request,
+)
+from .framing import MAX_HEADER_SIZE, Frame, Limits, decode_frame, encode_frame, frame_prefix, read_frame
+from .messages import (
+    CapabilityAdvert,
+    MatmulReply,
+    MatmulRequest,
+    Message,
+    Range,
+    SignedReceipt,
+    UsageReceipt,
+    WeightSlice,
+)
+from .receipts import countersign_receipt, sign_receipt, verify_countersignature, verify_receipt
+from .replay import ReplayWindow
+from .shapes import LayerShape, check_shapes
+
+PROTOCOL_ID = "/cipherswarm/matmul/1.0.0"
+"""The stream protocol id this version speaks (README, "Versioning")."""
+PROTOCOL_IDS: tuple[str, ...] = (PROTOCOL_ID,)
+"""Every id served and proposed, newest first: register a handler for each, and pass them all to
+`new_stream`, so multistream-select settles on the newest version both peers speak."""
+
+__all__ = [
+    "MAX_HEADER_SIZE",
+    "PROTOCOL_ID",
+    "PROTOCOL_IDS",
+    "BadSignature",
+    "Busy",
+    "CapabilityAdvert",
+    "DeadlineExceeded",
+    "ErrorCode",
+    "ExpiredFrame",
+    "Frame",
+    "FrameTooLarge",
+    "Header",
+    "InternalError",
+    "LayerLookup",
+    "LayerShape",
+    "Limits",
+    "MalformedFrame",
+    "MatmulReply",
+    "MatmulRequest",
+    "Message",
+    "PaymentRequired",
+    "ProtocolError",
+    "Range",
+    "ReplayWindow",
+    "ReplayedFrame",
+    "Sealed",
+    "ShapeMismatch",
+    "SignedReceipt",
+    "TruncatedFrame",
+    "UnknownModel",
+    "UnsupportedParams",
+    "UsageReceipt",
+    "Verified",
+    "WeightSlice",
+    "WireError",
+    "check_shapes",
+    "countersign_receipt",
+    "decode_frame",
+    "decode_header",
+    "encode_frame",
+    "error_reply",
+    "frame_prefix",
+    "ok_reply",
+    "read_frame",
+    "seal",
+    "sign_receipt",
+    "verify_advert",
+    "verify_countersignature",
+    "verify_receipt",
+    "verify_receipt_ack",
+    "verify_reply",
+    "verify_request",
+]

@@ -1,0 +1,195 @@
+"""The checks a receiver runs on each kind of frame, and the replies a provider builds.
+
+Each `verify_*` runs its checks cheapest first and authenticity before anything that keeps state or
+costs work: the frame's kind, then the signature and the signer's binding to the stream's peer,
+then the payload's digest and length, then freshness (which records the nonce), then what the
+frame asks for. It returns a `Verified` record or raises one typed ProtocolError; a provider turns
+that error into its reply with `error_reply`.
+
+Flow on one stream (README, "Exchange"): the client sends a request frame; the provider answers
+with one reply frame; after checking the result the client may send the countersigned receipt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from libp2p.crypto.ed25519 import Ed25519PrivateKey
+from libp2p.peer.id import ID
+
+from .envelope import Header, Sealed, decode_header
+from .errors import BadSignature, ExpiredFrame, FrameTooLarge, MalformedFrame, PaymentRequired, UnknownModel, WireError
+from .framing import MAX_HEADER_SIZE, Frame
+from .messages import (
+    CapabilityAdvert,
+    MatmulReply,
+    MatmulRequest,
+    Message,
+    SignedReceipt,
+    UsageReceipt,
+    sha256,
+)
+from .receipts import sign_receipt, verify_countersignature, verify_receipt
+from .replay import ReplayWindow
+from .shapes import LayerShape, check_shapes
+from .signing import decode_public_key
+
+M = TypeVar("M", bound=Message)
+
+LayerLookup = Callable[[bytes, str], LayerShape | None]
+"""(model hash, layer name) -> the layer's shape, or None if the provider does not hold it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Verified(Generic[M]):
+    """A message whose signature, signer and payload have been checked."""
+
+    message: M
+    signer: ID  # the peer whose identity key signed the header
+    digest: bytes  # SHA-256 of the header's Body bytes
+    payload: bytes
+
+
+def _expect(header: Header, kind: type[M]) -> M:
+    if not isinstance(header.message, kind):
+        raise MalformedFrame(f"expected a {kind.__name__}, got a {type(header.message).__name__}")
+    return header.message
+
+
+def _check_payload(message: MatmulRequest | MatmulReply, payload: bytes) -> None:
+    if len(payload) != message.payload_length or sha256(payload) != message.payload_sha256:
+        raise BadSignature("payload does not match the header's digest")
+
+
+def verify_request(
+    frame: Frame,
+    *,
+    peer: ID,
+    window: ReplayWindow,
+    lookup: LayerLookup,
+    now_ms: int,
+    min_price_per_gmac: int = 0,
+) -> Verified[MatmulRequest]:
+    """Provider side: check a request read from a stream whose remote peer is `peer`.
+
+    Raises MalformedFrame, BadSignature, ExpiredFrame, ReplayedFrame, Busy (replay window full),
+    UnknownModel, ShapeMismatch or PaymentRequired. The nonce is used up once the request is
+    authentic and fresh, even if a later check refuses it.
+    """
+    request = _expect(frame.header, MatmulRequest)
+    signer = frame.header.verify(peer)
+    _check_payload(request, frame.payload)
+    window.check_and_record(
+        request.nonce, expires_at_ms=request.expires_at_ms, now_ms=now_ms, scope=frame.header.public_key
+    )
+    layer = lookup(request.model_hash, request.layer)
+    if layer is None:
+        raise UnknownModel(request.model_hash, request.layer)
+    check_shapes(request, layer)
+    if request.price_per_gmac < min_price_per_gmac:
+        raise PaymentRequired(asked=min_price_per_gmac, offered=request.price_per_gmac)
+    return Verified(request, signer, frame.header.digest, frame.payload)
+
+
+def ok_reply(
+    request: Verified[MatmulRequest],
+    payload: bytes,
+    *,
+    key: Ed25519PrivateKey,
+    price_per_gmac: int,
+    compute_time_us: int,
+    now_ms: int,
+) -> MatmulReply:
+    """Provider side: the reply carrying `payload` (the encrypted result) and a receipt signed with
+    the provider's identity `key` for request.message.macs at `price_per_gmac`."""
+    if price_per_gmac > request.message.price_per_gmac:
+        raise ValueError("price_per_gmac must not exceed the request's offer")
+    reply_digest = sha256(payload)
+    receipt = UsageReceipt(
+        provider=ID.from_pubkey(key.get_public_key()),
+        client=request.signer,
+        request_id=request.message.request_id,
+        request_digest=request.digest,
+        reply_digest=reply_digest,
+        macs=request.message.macs,
+        price_per_gmac=price_per_gmac,
+        completed_at_ms=now_ms,
+    )
+    return MatmulReply(
+        request_id=request.message.request_id,
+        request_digest=request.digest,
+        payload_sha256=reply_digest,
+        payload_length=len(payload),
+        compute_time_us=compute_time_us,
+        receipt=sign_receipt(receipt, key),
+    )
+
+
+def error_reply(exc: BaseException, frame: Frame | None = None) -> MatmulReply:
+    """Provider side: the reply to a request that failed with `exc`. Pass the frame if one was read,
+    so the reply names the request; a non-ProtocolError is sent as a bare INTERNAL."""
+    request_id = request_digest = b""
+    if frame is not None and isinstance(frame.header.message, MatmulRequest):
+        request_id, request_digest = frame.header.message.request_id, frame.header.digest
+    return MatmulReply(
+        request_id=request_id,
+        request_digest=request_digest,
+        payload_sha256=sha256(b""),
+        payload_length=0,
+        error=WireError.from_exception(exc),
+    )
+
+
+def verify_reply(frame: Frame, *, peer: ID, request: Sealed[MatmulRequest]) -> Verified[MatmulReply]:
+    """Client side: check the reply to `request` read from a stream to provider `peer`.
+
+    An error reply is raised as the provider's typed error (with `remote` set). A successful one
+    must name the request, match its payload, and carry a receipt signed by `peer` for this client,
+    this request and this payload that charges exactly request.message.macs at no more than the
+    offered price. BadSignature if any of that fails.
+    """
+    reply = _expect(frame.header, MatmulReply)
+    signer = frame.header.verify(peer)
+    _check_payload(reply, frame.payload)
+    sent = request.message
+    names_request = (reply.request_id, reply.request_digest) == (sent.request_id, request.digest)
+    if reply.error is not None:
+        # A provider that could not decode the request cannot name it; the stream binds the reply.
+        if reply.request_id and not names_request:
+            raise BadSignature("reply names another request")
+        raise reply.error.to_exception()
+    if not names_request:
+        raise BadSignature("reply names another request")
+    assert reply.receipt is not None  # MatmulReply guarantees a receipt on success
+    receipt = verify_receipt(reply.receipt, provider_key=decode_public_key(frame.header.public_key))
+    expected = (request.signer, sent.request_id, request.digest, reply.payload_sha256, sent.macs)
+    got = (receipt.client, receipt.request_id, receipt.request_digest, receipt.reply_digest, receipt.macs)
+    if got != expected or receipt.price_per_gmac > sent.price_per_gmac:
+        raise BadSignature("receipt does not match the request and reply")
+    return Verified(reply, signer, frame.header.digest, frame.payload)
+
+
+def verify_receipt_ack(frame: Frame, *, peer: ID, issued: SignedReceipt) -> SignedReceipt:
+    """Provider side: check the countersigned receipt a client sent back for the receipt `issued`."""
+    ack = _expect(frame.header, SignedReceipt)
+    frame.header.verify(peer)
+    if (ack.receipt_bytes, ack.provider_signature) != (issued.receipt_bytes, issued.provider_signature):
+        raise BadSignature("not the receipt that was issued")
+    verify_countersignature(ack, decode_public_key(frame.header.public_key))
+    return ack
+
+
+def verify_advert(data: bytes, *, now_ms: int, max_ttl_ms: int = 600_000) -> Verified[CapabilityAdvert]:
+    """Check a gossiped advert (a sealed header with no framing): signed by its provider, which is
+    `signer` in the result, and expiring within (now_ms, now_ms + max_ttl_ms]."""
+    if len(data) > MAX_HEADER_SIZE:
+        raise FrameTooLarge(MAX_HEADER_SIZE, len(data), what="advert")
+    header = decode_header(data)
+    advert = _expect(header, CapabilityAdvert)
+    signer = header.verify()
+    not_after_ms = now_ms + max_ttl_ms
+    if not now_ms < advert.expires_at_ms <= not_after_ms:
+        raise ExpiredFrame(expires_at_ms=advert.expires_at_ms, now_ms=now_ms, not_after_ms=not_after_ms)
+    return Verified(advert, signer, header.digest, b"")

@@ -1,0 +1,100 @@
+"""Frames: uvarint(header length) || header || payload, read with hard limits.
+
+The parser is sans-I/O (`frame_reader`, a generator that yields how many bytes it needs next), so the
+same code drives a blocking `read_exactly` here and a trio stream in stream.py. Every size a peer
+declares is checked against the receiver's `Limits` before a byte of it is read or allocated: a peer
+cannot make the reader hold more than max_header_size + max_payload_size bytes per frame.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+
+from .envelope import Header, Sealed, decode_header
+from .errors import FrameTooLarge, MalformedFrame, TruncatedFrame
+from .messages import payload_length
+from .varint import encode_uvarint, uvarint_reader
+
+MAX_HEADER_SIZE = 64 * 1024
+"""Largest header any receiver must accept and any sender may send (version 1). Engine material
+larger than this (evaluation keys, say) belongs in the payload."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Limits:
+    """A receiver's bounds on one frame."""
+
+    max_payload_size: int  # bytes; a provider advertises its value as CapabilityAdvert.max_payload_size
+    max_header_size: int = MAX_HEADER_SIZE  # bytes after the length prefix; at most MAX_HEADER_SIZE
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_payload_size < 2**63:
+            raise ValueError("max_payload_size must be in [0, 2**63)")
+        if not 0 < self.max_header_size <= MAX_HEADER_SIZE:
+            raise ValueError(f"max_header_size must be in [1, {MAX_HEADER_SIZE}]")
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A frame as read: a decoded header, not yet verified, and its payload."""
+
+    header: Header
+    payload: bytes
+
+
+def frame_reader(limits: Limits) -> Generator[int, bytes, Frame]:
+    """Sans-I/O frame parser: yields a byte count, must be sent exactly that many bytes, returns the
+    Frame. Raises FrameTooLarge or MalformedFrame as soon as the bytes so far are refused."""
+    header_size = yield from uvarint_reader()
+    if header_size > limits.max_header_size:
+        raise FrameTooLarge(limits.max_header_size, header_size, what="header")
+    header = decode_header((yield header_size))
+    size = payload_length(header.message)
+    if size > limits.max_payload_size:
+        raise FrameTooLarge(limits.max_payload_size, size, what="payload")
+    payload = (yield size) if size else b""
+    return Frame(header, payload)
+
+
+def read_frame(read_exactly: Callable[[int], bytes], *, limits: Limits) -> Frame:
+    """Read one frame through `read_exactly(n)`, which returns n bytes, or fewer only at end of input
+    (as `io.BufferedReader.read` does). TruncatedFrame if the input ends inside the frame."""
+    parser = frame_reader(limits)
+    received = 0
+    try:
+        want = next(parser)
+        while True:
+            data = read_exactly(want)
+            if len(data) > want:
+                raise ValueError(f"read_exactly({want}) returned {len(data)} bytes")
+            if len(data) < want:
+                raise TruncatedFrame(expected_bytes=received + want, received_bytes=received + len(data))
+            received += want
+            want = parser.send(data)
+    except StopIteration as done:
+        return done.value
+
+
+def decode_frame(data: bytes, *, limits: Limits) -> Frame:
+    """The one frame that `data` holds, with nothing after it."""
+    stream = io.BytesIO(data)
+    frame = read_frame(stream.read, limits=limits)
+    if stream.tell() != len(data):
+        raise MalformedFrame(f"{len(data) - stream.tell()} bytes after the frame")
+    return frame
+
+
+def frame_prefix(sealed: Sealed, payload: bytes = b"") -> bytes:
+    """Everything of a frame before its payload; the payload follows as is, so that a large one is
+    written without being copied. Checks that `payload` is the one the header declares."""
+    if len(sealed.header) > MAX_HEADER_SIZE:
+        raise ValueError(f"header of {len(sealed.header)} bytes exceeds {MAX_HEADER_SIZE}")
+    if len(payload) != payload_length(sealed.message):
+        raise ValueError(f"payload is {len(payload)} bytes, the header declares {payload_length(sealed.message)}")
+    return encode_uvarint(len(sealed.header)) + sealed.header
+
+
+def encode_frame(sealed: Sealed, payload: bytes = b"") -> bytes:
+    return frame_prefix(sealed, payload) + payload

@@ -1,0 +1,89 @@
+"""Frames over a libp2p stream, under trio deadlines: the only module of the package that uses trio.
+
+Works with any object that has `async read(n) -> bytes` and `async write(data)`, as libp2p's
+INetStream does. `read(n)` may return fewer than n bytes, so reads loop; end of stream is b"" or
+an EOFError (libp2p's StreamEOF is one). Other transport errors (a reset stream) propagate as they
+are: they are the connection's failure, not the peer's protocol error.
+
+Two deadlines bound a read: `read_timeout_s` for each call to `read` (a stalled peer) and
+`frame_timeout_s` for the whole frame (a peer trickling bytes just fast enough). Either raises
+DeadlineExceeded.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import trio
+
+from .envelope import Sealed
+from .errors import DeadlineExceeded, TruncatedFrame
+from .framing import Frame, Limits, frame_prefix, frame_reader
+
+READ_CHUNK = 1 << 20
+"""Most bytes asked of one `read` call, so that a stream implementation that allocates its buffer
+up front never allocates more than this ahead of the data."""
+
+
+class ReadStream(Protocol):
+    async def read(self, n: int) -> bytes: ...
+
+
+class WriteStream(Protocol):
+    async def write(self, data: bytes) -> None: ...
+
+
+async def _read_exactly(stream: ReadStream, n: int, read_timeout_s: float) -> bytes:
+    """n bytes, or fewer if the stream ends first."""
+    chunks = bytearray()
+    while len(chunks) < n:
+        try:
+            with trio.fail_after(read_timeout_s):
+                chunk = await stream.read(min(n - len(chunks), READ_CHUNK))
+        except trio.TooSlowError:
+            raise DeadlineExceeded("read", timeout_s=read_timeout_s) from None
+        except EOFError:
+            break
+        if not chunk:
+            break
+        chunks += chunk
+    return bytes(chunks)
+
+
+async def read_frame(
+    stream: ReadStream,
+    *,
+    limits: Limits,
+    read_timeout_s: float = 10.0,
+    frame_timeout_s: float = 120.0,
+) -> Frame:
+    """Read one frame. Raises FrameTooLarge, MalformedFrame, TruncatedFrame (`is_clean_close` if
+    the peer closed between frames) or DeadlineExceeded. The frame is not verified yet."""
+    parser = frame_reader(limits)
+    received = 0
+    try:
+        with trio.fail_after(frame_timeout_s):
+            want = next(parser)
+            while True:
+                data = await _read_exactly(stream, want, read_timeout_s)
+                if len(data) < want:
+                    raise TruncatedFrame(expected_bytes=received + want, received_bytes=received + len(data))
+                received += want
+                try:
+                    want = parser.send(data)
+                except StopIteration as done:
+                    return done.value
+    except trio.TooSlowError:
+        raise DeadlineExceeded("frame", timeout_s=frame_timeout_s) from None
+
+
+async def write_frame(stream: WriteStream, sealed: Sealed, payload: bytes = b"", *, timeout_s: float = 120.0) -> None:
+    """Write one frame: prefix and header in one write, then the payload uncopied."""
+    prefix = frame_prefix(sealed, payload)
+    try:
+        with trio.fail_after(timeout_s):
+            await stream.write(prefix)
+            if payload:
+                await stream.write(payload)
+    except trio.TooSlowError:
+        raise DeadlineExceeded("write", timeout_s=timeout_s) from None
