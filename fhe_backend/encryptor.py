@@ -87,12 +87,13 @@ def decrypt(sk: SecretKey, res: MatmulResult) -> torch.Tensor:
     blocks, d_out, n = res.a_words.shape
     y = np.empty((blocks * n, d_out), dtype=np.int64)  # tokens x d_out, written through transposed views
     untwist = sk.ring.untwist
+    limb_bits = p.out_bits_a if p.decrypt_one_limb else LIMB_BITS
     for b in range(blocks):
         yb = y[b * n : (b + 1) * n].T  # (d_out, n) view
 
         def chunk(r0: int, r1: int, b: int = b, yb: np.ndarray = yb) -> None:
-            f = sk.ring.secret_products(res.a_words[b, r0:r1], p.out_bits_a)
-            kernels.finish_decrypt(f, untwist, LIMB_BITS, p.log_q, p.out_bits_a, p.out_bits_b, p.delta,
+            f = sk.ring.secret_products(res.a_words[b, r0:r1], p.out_bits_a, limb_bits)
+            kernels.finish_decrypt(f, untwist, limb_bits, p.log_q, p.out_bits_a, p.out_bits_b, p.delta,
                                    res.b_words[b, r0:r1], yb[r0:r1])
 
         for_row_chunks(d_out, chunk)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .errors import ParameterError
+from .ring import ONE_LIMB_MAX_BITS, fft_product_error
 from .security import WORD_BITS, check_secure, smallest_secure_n
 
 #: a decoding failure happens with probability below 2**-FAILURE_LOG2 per output value
@@ -116,8 +117,15 @@ class Params:
 
     @property
     def noise_bound(self) -> float:
-        """Bound on decryption noise that fails with probability < 2**-FAILURE_LOG2 per value."""
+        """Bound on decryption noise (exact decryption) that fails with probability < 2**-FAILURE_LOG2."""
         return noise_bound(self.n, self.log_q, self.eta, self.w_l2sq, self.out_bits_a, self.out_bits_b, self.row_parts)
+
+    @property
+    def decrypt_one_limb(self) -> bool:
+        """Whether decryption may take the faster one-limb product, its error still inside the budget."""
+        return self.out_bits_a <= ONE_LIMB_MAX_BITS and noise_bound(
+            self.n, self.log_q, self.eta, self.w_l2sq, self.out_bits_a, self.out_bits_b, self.row_parts, one_limb=True
+        ) < self.delta / 2
 
     @property
     def in_bytes(self) -> int:
@@ -155,33 +163,39 @@ class Params:
         return cls(**dict(zip(cls.FIELDS, (int(v) for v in values))))
 
 
-def noise_bound(n: int, log_q: int, eta: int, w_l2sq: int, out_bits_a: int, out_bits_b: int, parts: int = 1) -> float:
+def noise_bound(
+    n: int, log_q: int, eta: int, w_l2sq: int, out_bits_a: int, out_bits_b: int, parts: int = 1, *, one_limb: bool = False
+) -> float:
     """Tail bound on |noise| after matmul, output modulus switch and the sum of ``parts`` row chunks.
 
     Fresh noise is sub-Gaussian with variance proxy (eta/2) * ||w||_2^2 (the row chunks partition the
     same sum). Rounding A' to out_bits_a leaves eps in [-c_a, c_a] per coefficient, independent
     across coefficients because A is uniform; eps * s sums <= n such terms per chunk (Hoeffding), plus
-    a rounding bias of at most 1/2 per term. Rounding B' adds at most c_b per chunk.
+    a rounding bias of at most 1/2 per term. Rounding B' adds at most c_b per chunk. Decryption's
+    one-limb float64 product A'' * s adds its worst-case error (ring.fft_product_error), scaled to q.
     """
     c_a = float(2 ** (log_q - out_bits_a - 1)) if out_bits_a < log_q else 0.0
     c_b = float(2 ** (log_q - out_bits_b - 1)) if out_bits_b < log_q else 0.0
     bias = 0.5 * n * parts if out_bits_a < log_q else 0.0
     var = (eta / 2.0) * w_l2sq + parts * n * c_a * c_a
-    return TAIL * math.sqrt(var) + bias + parts * c_b
+    fft = fft_product_error(n, out_bits_a) * 2.0 ** (log_q - out_bits_a) if one_limb else 0.0
+    return TAIL * math.sqrt(var) + bias + parts * c_b + fft
 
 
 def _min_out_bits(n: int, log_q: int, eta: int, w_l2sq: int, delta: int, parts: int) -> tuple[int, int]:
-    """Smallest out_bits_a + out_bits_b (then smallest out_bits_a) whose noise stays below delta/2."""
-    best: tuple[int, int] | None = None
+    """Output bits (ka, kb) whose noise stays below delta/2, best first by: fewest wire bytes, then
+    the one-limb decryption being admissible (half the client's decryption FFTs), then fewest bits."""
+    best: tuple[tuple[int, bool, int], tuple[int, int]] | None = None
     for kb in range(1, log_q + 1):
         for ka in range(1, log_q + 1):
             if noise_bound(n, log_q, eta, w_l2sq, ka, kb, parts) < delta / 2:
-                if best is None or ka + kb < sum(best):
-                    best = (ka, kb)
-                break
+                fast = ka <= ONE_LIMB_MAX_BITS and noise_bound(n, log_q, eta, w_l2sq, ka, kb, parts, one_limb=True) < delta / 2
+                key = ((ka + kb + 7) // 8, not fast, ka + kb)
+                if best is None or key < best[0]:
+                    best = (key, (ka, kb))
     if best is None:
         raise ParameterError(f"no output modulus keeps {parts} row chunks exact; use fewer row chunks")
-    return best
+    return best[1]
 
 
 def choose_params(

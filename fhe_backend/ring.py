@@ -7,7 +7,7 @@ two conjugate, so they determine a real polynomial): fold coefficient pairs into
 half-size FFT"); products are pointwise there. Float64 is exact only for small integers, so ``a`` is
 cut into signed limbs of LIMB_BITS bits: a limb product is below 2^(LIMB_BITS-1) * N in magnitude,
 so the FFT's rounding error (~2^-53 * 2^37 * O(log N)) stays far below 1/2 and rounding returns the
-exact integer. The fused kernels in :mod:`.kernels` fold, recombine and finish in one pass each.
+exact integer. Decryption tolerates a bounded error (it is just more noise), so it may use one limb. The fused kernels in :mod:`.kernels` fold, recombine and finish in one pass each.
 """
 
 from __future__ import annotations
@@ -17,11 +17,34 @@ import scipy.fft
 
 from . import kernels
 
+import math
+
 LIMB_BITS = 26
+#: decryption may take A'' (out_bits_a bits) as a single limb up to this width: its float64 product
+#: is then approximate, and :func:`fft_product_error` bounds the error; parameters allow it only when
+#: that error still fits the noise budget (``Params.decrypt_one_limb``). Encryption always uses exact limbs (its products must be exact for the
+#: ciphertext to be a plain RLWE sample).
+ONE_LIMB_MAX_BITS = 48
 
 
-def limb_count(log_q: int) -> int:
-    return (log_q + LIMB_BITS - 1) // LIMB_BITS
+def fft_product_error(n: int, bits: int) -> float:
+    """Worst-case |error| (in units of the operand) of a one-limb float64 product a * s, plus rounding.
+
+    Higham (Accuracy and Stability of Numerical Algorithms, 2nd ed., Thm 24.2): a radix-2 FFT of
+    size m has relative 2-norm error <= log2(m) * eta / (1 - log2(m) * eta), eta ~ 5u, u = 2^-53.
+    Forward transform, pointwise product and inverse contribute three such terms on a result whose
+    2-norm is at most ||a||_2 * max|s(zeta)| <= 2^(bits-1) sqrt(n) * ||s||_1; we bound ||s||_1 by n,
+    the infinity norm by the 2-norm, and double the total for safety.
+    """
+    if bits > ONE_LIMB_MAX_BITS:
+        return 0.0  # exact limbs
+    u = 2.0**-53
+    rel = 3 * math.log2(n // 2) * 5 * u
+    return 2 * rel * 2.0 ** (bits - 1) * math.sqrt(n) * n + 0.5
+
+
+def limb_count(log_q: int, limb_bits: int = LIMB_BITS) -> int:
+    return (log_q + limb_bits - 1) // limb_bits
 
 
 class NegacyclicFFT:
@@ -41,14 +64,14 @@ class NegacyclicFFT:
         kernels.fold_limbs(secret.reshape(1, n).astype(np.int64), 64, 32, self.twist, f)
         self.secret_eval = scipy.fft.fft(f[0, 0])
 
-    def secret_products(self, words: np.ndarray, log_q: int) -> np.ndarray:
+    def secret_products(self, words: np.ndarray, log_q: int, limb_bits: int = LIMB_BITS) -> np.ndarray:
         """Limb products ``limb_l(a_r) * s`` of each row, as inverse-FFT output for a finish kernel.
 
         ``words``: (rows, n) int64 read mod 2^log_q. Returns (limbs, rows, n/2) complex128 that
         :func:`kernels.finish_encrypt` / :func:`kernels.finish_decrypt` untwist, round and recombine.
         """
-        f = np.empty((limb_count(log_q), words.shape[0], self.half), dtype=np.complex128)
-        kernels.fold_limbs(words, log_q, LIMB_BITS, self.twist, f)
+        f = np.empty((limb_count(log_q, limb_bits), words.shape[0], self.half), dtype=np.complex128)
+        kernels.fold_limbs(words, log_q, limb_bits, self.twist, f)
         f = scipy.fft.fft(f, axis=-1, overwrite_x=True)
         f *= self.secret_eval
         return scipy.fft.ifft(f, axis=-1, overwrite_x=True, norm="forward")

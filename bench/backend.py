@@ -1,0 +1,118 @@
+"""Encrypted matmul against plain matmul, measured side by side in one run.
+
+Prints, for tokens x d_in x d_out (default 2048 x 4096 x 4096):
+  * provider: rlwe encrypted MAC/s / plain fp32 MAC/s (and the torch-int64 alternative),
+  * client: encrypt + decrypt + verify seconds / plain fp32 seconds of the same layer, ns per value,
+  * wire: bytes per value in and out,
+  * rlwe vs zama-glwe (concrete-ml-extensions) MAC/s on a shape Zama supports.
+Absolute times on a shared machine are noise; the ratios are the figures.
+
+    python bench/backend.py            # full shapes (a minute or two on 2 cores)
+    python bench/backend.py --quick    # small shapes, a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+import torch
+
+from cipherswarm.fhe_backend import BackendUnavailable, PlainWeights, get_backend
+from cipherswarm.fhe_backend.verify import FreivaldsVerifier
+
+from common import row, timed
+
+
+def bench_rlwe(tokens: int, d_in: int, d_out: int, reps: int) -> None:
+    be = get_backend("rlwe")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-128, 128, (tokens, d_in), generator=gen)
+    w = torch.randint(-127, 128, (d_in, d_out), generator=gen, dtype=torch.int8)
+    pw = PlainWeights(w)
+    params = be.params_for(pw, 8)
+    sk = be.keygen(params)
+    verifier = FreivaldsVerifier.for_params(pw, params)
+    be.decrypt(sk, be.matmul(be.encrypt(sk, x[:4, :32]), pw.w[:32, :8]))  # compile kernels first
+
+    xf, wf = x.float(), w.float()
+    t_plain, _ = timed(lambda: xf @ wf, reps=reps)
+    t_enc, ct = timed(lambda: be.encrypt(sk, x), reps=reps)
+    t_mm, out = timed(lambda: be.matmul(ct, pw), reps=max(1, reps - 2), warmup=0)
+    t_dec, y = timed(lambda: be.decrypt(sk, out), reps=reps)
+    t_ver, _ = timed(lambda: verifier.check(x, y), reps=reps)
+    exact = torch.equal(y, x @ w.long())
+    words = torch.randint(-(2**45), 2**45, (tokens, d_in), generator=gen)  # the int64 alternative: A@W, B@W
+    wl = w.long()
+    t_i64, _ = timed(lambda: (words @ wl, words @ wl), reps=1, warmup=0)
+
+    macs = tokens * d_in * d_out
+    in_vals, out_vals = tokens * d_in, tokens * d_out
+    client = t_enc + t_dec + t_ver
+    print(f"\nrlwe, {tokens} tokens x {d_in} x {d_out}, 8-bit activations, int8 weights: {params}")
+    print(row("exact (decrypt(matmul(encrypt(x))) == x @ w)", str(exact), "", exact))
+    print(row("plain fp32 matmul", f"{t_plain * 1e3:.0f} ms"))
+    print(row("plain fp32 ns per output value", f"{t_plain * 1e9 / out_vals:.1f} ns"))
+    print(row("provider rlwe matmul (4 float64 limb GEMMs)", f"{t_mm * 1e3:.0f} ms"))
+    r_prov = (macs / t_mm) / (macs / t_plain)
+    print(row("provider encrypted MAC/s / plain fp32 MAC/s", f"1/{1 / r_prov:.1f}", "goal >= 1/20", r_prov >= 1 / 20))
+    r_i64 = (macs / t_i64) / (macs / t_plain)
+    print(row("  same via torch int64 (2 GEMMs, wraps mod 2^64)", f"1/{1 / r_i64:.1f}", "(alternative, not used)"))
+    print(row("client encrypt", f"{t_enc * 1e9 / in_vals:.1f} ns/value"))
+    print(row("client decrypt", f"{t_dec * 1e9 / out_vals:.1f} ns/value"))
+    print(row("client Freivalds verify", f"{t_ver * 1e9 / out_vals:.1f} ns/value"))
+    r_client = client / t_plain
+    print(row("client (encrypt+decrypt+verify) / plain fp32 layer", f"{r_client:.2f}", "must be < 1, goal <= 0.25",
+              r_client < 1))
+    bin_ = len(ct.to_bytes()) / in_vals
+    bout = len(out.to_bytes()) / out_vals
+    print(row("bytes per value in (8-bit activations)", f"{bin_:.2f} B", "goal <= 6", bin_ <= 6))
+    print(row("bytes per value out", f"{bout:.2f} B", "goal <= 8", bout <= 8))
+
+
+def bench_vs_zama(tokens: int, d: int, reps: int) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(-128, 128, (tokens, d), generator=gen)
+    w = torch.randint(-127, 128, (d, d), generator=gen, dtype=torch.int8)
+    try:
+        zama = get_backend("zama-glwe")
+    except BackendUnavailable as exc:
+        print(f"\nzama-glwe skipped: {exc}")
+        return
+    rates = {}
+    for name in ("rlwe", "zama-glwe"):
+        be = get_backend(name)
+        params = be.params_for(w, 8)
+        sk = be.keygen(params)
+        ct = be.encrypt(sk, x)
+        t, out = timed(lambda: be.matmul(ct, w), reps=reps if name == "rlwe" else 1, warmup=1 if name == "rlwe" else 0)
+        rates[name] = tokens * d * d / t
+        err = (be.decrypt(sk, out) - x @ w.long()).abs().max().item()
+        print(row(f"{name} provider MAC/s at {tokens} x {d} x {d}", f"{rates[name]:.3g}", f"max |error| {err}"))
+    ratio = rates["rlwe"] / rates["zama-glwe"]
+    print(row("rlwe MAC/s / zama-glwe MAC/s", f"{ratio:,.0f}x", "goal >= 10,000x", ratio >= 10_000))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--d-in", type=int, default=4096)
+    ap.add_argument("--d-out", type=int, default=4096)
+    ap.add_argument("--zama-tokens", type=int, default=8, help="tokens for the Zama comparison (it is slow)")
+    ap.add_argument("--zama-dim", type=int, default=512, help="square weight size for the Zama comparison")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="small shapes: a smoke run in seconds")
+    ap.add_argument("--no-zama", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.tokens, args.d_in, args.d_out, args.reps = 256, 512, 512, 2
+    print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
+          f"torch {torch.__version__}")
+    bench_rlwe(args.tokens, args.d_in, args.d_out, args.reps)
+    if not args.no_zama:
+        print(f"\nrlwe vs zama-glwe")
+        bench_vs_zama(args.zama_tokens, args.zama_dim, args.reps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Entry point of the ``cipherswarm`` command: parses the subcommand and hands over to its module.
+
+Subcommand modules are imported lazily so that ``cipherswarm --help`` stays instant and a provider
+never imports the trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: subcommand -> (module under cipherswarm.cli, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("demo", "encrypt one layer's activations, multiply as a provider would, decrypt, verify; print the figures"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cipherswarm",
+        description="Private LoRA fine-tuning on other people's GPUs: every large matmul runs encrypted.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        mod = importlib.import_module(f"cipherswarm.cli.{module}")
+        p = sub.add_parser(name, help=help_text, description=mod.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
