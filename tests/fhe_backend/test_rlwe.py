@@ -98,13 +98,13 @@ class TestExactness:
         x = rand_x(4, 4096, 16)
         assert torch.equal(roundtrip(x, w, bits=16), x @ w.long())
 
-    @pytest.mark.parametrize("d_in, one_limb", [(512, True), (4096, False)])
-    def test_both_decryption_paths(self, d_in: int, one_limb: bool) -> None:
+    @pytest.mark.parametrize("d_in, tokens, one_limb", [(512, 2048, True), (14336, 5, False)])
+    def test_both_decryption_paths(self, d_in: int, tokens: int, one_limb: bool) -> None:
         """Small layers decrypt with the one-limb product (error inside the budget), large ones exactly."""
         gen = torch.Generator().manual_seed(d_in)
         w = rand_w(d_in, 16, gen=gen)
         assert be.params_for(w, 8).decrypt_one_limb is one_limb
-        x = rand_x(2048, d_in, gen=gen)
+        x = rand_x(tokens, d_in, gen=gen)
         assert torch.equal(roundtrip(x, w), x @ w.long())
 
     def test_plain_weights_reused(self) -> None:
