@@ -1,9 +1,9 @@
 """Provider side: multiply encrypted activations by clear integer weights. No key is involved.
 
 For each block the provider expands the mask A from its seed and computes A' = A @ W and
-B' = B @ W (mod q) as float64 GEMMs on signed limbs: a limb of ``limb_bits`` bits times a weight
-column with L1 norm ``l1`` stays below 2^53 when ``limb_bits - 1 + bitlen(l1) <= 52``, so BLAS is
-exact. The limb products are recombined mod q and rounded to the output bits (modulus switch).
+B' = B @ W (mod q), by default as float64 GEMMs on signed limbs: a limb of ``limb_bits`` bits times
+a weight column with L1 norm ``l1`` stays below 2^53 when ``limb_bits - 1 + bitlen(l1) <= 52``, so
+BLAS is exact. The limb products are recombined mod q and rounded to the output bits (modulus switch).
 """
 
 from __future__ import annotations
@@ -58,8 +58,17 @@ def provider_limb_bits(l1: int) -> int:
     return max(1, 52 - int(l1).bit_length())
 
 
-def matmul(ct: Ciphertext, weights: "torch.Tensor | PlainWeights", *, transpose: bool = False) -> MatmulResult:
+#: CPU product methods: "f64" = exact float64 limb GEMMs (BLAS), "i64" = torch int64 GEMM wrapping
+#: mod 2^64 (no limbs, but torch's int64 matmul is not BLAS). bench/backend.py measures both.
+METHODS = ("f64", "i64")
+
+
+def matmul(
+    ct: Ciphertext, weights: "torch.Tensor | PlainWeights", *, transpose: bool = False, method: str = "f64"
+) -> MatmulResult:
     """Encrypted ``x @ w`` (or ``x @ w.T`` when ``transpose``), without copying the weights."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     pw = PlainWeights.of(weights)
     contraction, width = contraction_width(pw, transpose)
     if ct.d != contraction:
@@ -67,17 +76,24 @@ def matmul(ct: Ciphertext, weights: "torch.Tensor | PlainWeights", *, transpose:
     p = ct.params
     stats = pw.stats(transpose)
     p.for_weights(stats)
-    lb = provider_limb_bits(stats.l1)
-    limbs = -(-p.log_q // lb)
-    left = pw.f64 if transpose else pw.f64.t()  # (width, contraction): a view, BLAS reads it transposed
+    if method == "f64":
+        lb = provider_limb_bits(stats.l1)
+        limbs = -(-p.log_q // lb)
+        left = pw.f64 if transpose else pw.f64.t()  # (width, contraction): a view, BLAS reads it transposed
+    else:
+        lb, limbs = 64, 1
+        left = pw.w if transpose else pw.w.t()
     n = p.n
     a_out = np.empty((ct.blocks, width, n), dtype=np.int64)
     b_out = np.empty_like(a_out)
     for blk in range(ct.blocks):
         a = expand_mask(ct.seeds[blk], n=n, rows=ct.d, first_row=ct.first_row)
-        z = np.empty((2 * limbs, ct.d, n), dtype=np.float64)
-        kernels.split_limbs_f64(a, p.log_q, lb, z[:limbs])
-        kernels.split_limbs_f64(ct.words[blk], p.log_q, lb, z[limbs:])
+        if method == "f64":
+            z = np.empty((2 * limbs, ct.d, n), dtype=np.float64)
+            kernels.split_limbs_f64(a, p.log_q, lb, z[:limbs])
+            kernels.split_limbs_f64(ct.words[blk], p.log_q, lb, z[limbs:])
+        else:  # words as they are: the int64 product wraps mod 2^64, a multiple of q
+            z = np.stack([a, ct.words[blk]])
         prod = torch.matmul(left, torch.from_numpy(z)).numpy()  # (2*limbs, width, n)
         kernels.join_limbs_switch(prod[:limbs], lb, p.log_q, p.out_bits_a, a_out[blk])
         kernels.join_limbs_switch(prod[limbs:], lb, p.log_q, p.out_bits_b, b_out[blk])

@@ -139,3 +139,27 @@ def join_limbs_switch(prods, limb_bits, log_q, out_bits, out):
             if drop:  # round to nearest; unsigned so that acc + half cannot overflow
                 acc = np.int64((np.uint64(acc) + np.uint64(half)) >> np.uint64(drop))
             out[i, j] = acc & omask
+
+
+@njit(cache=True, nogil=True)
+def freivalds_rows(x, wr, y, r, bad):
+    """bad[t] = any_k (y[t] @ r[:, k] != x[t] @ wr[:, k]) in wrapping uint64 arithmetic.
+
+    x: (T, c) uint64, wr: (c, m), y: (T, w) uint64, r: (w, m); one pass over x and y.
+    """
+    m = r.shape[1]
+    acc = np.zeros(m, dtype=np.uint64)
+    for t in range(x.shape[0]):
+        acc[:] = 0
+        for j in range(y.shape[1]):
+            v = y[t, j]
+            for k in range(m):
+                acc[k] += v * r[j, k]
+        for j in range(x.shape[1]):
+            v = x[t, j]
+            for k in range(m):
+                acc[k] -= v * wr[j, k]
+        bad[t] = False
+        for k in range(m):
+            if acc[k] != 0:
+                bad[t] = True

@@ -36,8 +36,10 @@ class RlweBackend:
     def encrypt(self, sk: SecretKey, x: torch.Tensor) -> Ciphertext:
         return encrypt(sk, x)
 
-    def matmul(self, ct: Ciphertext, w: "torch.Tensor | PlainWeights", *, transpose: bool = False) -> MatmulResult:
-        return matmul(ct, w, transpose=transpose)
+    def matmul(
+        self, ct: Ciphertext, w: "torch.Tensor | PlainWeights", *, transpose: bool = False, method: str = "f64"
+    ) -> MatmulResult:
+        return matmul(ct, w, transpose=transpose, method=method)
 
     def decrypt(self, sk: SecretKey, out: MatmulResult) -> torch.Tensor:
         return decrypt(sk, out)

@@ -16,9 +16,11 @@ import os
 import numpy as np
 import torch
 
+from . import kernels
 from .errors import ShapeMismatch, VerificationFailed
 from .evaluator import PlainWeights
 from .params import Params
+from .parallel import for_row_chunks
 
 SOUNDNESS_BITS = 64
 
@@ -39,7 +41,7 @@ class FreivaldsVerifier:
         width = self._w.shape[1]
         raw = np.frombuffer(os.urandom(8 * width * self.reps), dtype=np.uint64).reshape(width, self.reps)
         self._r = raw >> np.uint64(64 - self.r_bits)
-        self._wr = self._w @ self._r  # (contraction, reps) mod 2^64
+        self._wr = np.ascontiguousarray(self._w @ self._r)  # (contraction, reps) mod 2^64
 
     @classmethod
     def for_params(cls, weights: "torch.Tensor | PlainWeights", params: Params, *, transpose: bool = False) -> "FreivaldsVerifier":
@@ -54,6 +56,8 @@ class FreivaldsVerifier:
             raise ShapeMismatch(f"x {tuple(x.shape)} and y {tuple(y.shape)} do not pair up")
         if xn.shape[1] != self._w.shape[0] or yn.shape[1] != self._w.shape[1]:
             raise ShapeMismatch(f"x {tuple(x.shape)} / y {tuple(y.shape)} do not fit weights {self._w.shape}")
-        bad = int(np.any(yn @ self._r != xn @ self._wr, axis=1).sum())
+        flags = np.empty(xn.shape[0], dtype=np.bool_)
+        for_row_chunks(xn.shape[0], lambda a, b: kernels.freivalds_rows(xn[a:b], self._wr, yn[a:b], self._r, flags[a:b]), rows=256)
+        bad = int(flags.sum())
         if bad:
             raise VerificationFailed(f"{bad} of {yn.shape[0]} rows of the decrypted product are wrong", bad_rows=bad)

@@ -107,6 +107,16 @@ class TestExactness:
         x = rand_x(tokens, d_in, gen=gen)
         assert torch.equal(roundtrip(x, w), x @ w.long())
 
+    @pytest.mark.parametrize("transpose", [False, True])
+    def test_int64_provider_method(self, transpose: bool) -> None:
+        gen = torch.Generator().manual_seed(3)
+        w = rand_w(200, 40, gen=gen)
+        x = rand_x(300, 40 if transpose else 200, gen=gen)
+        params = be.params_for(w, 8, transpose=transpose)
+        sk = be.keygen(params)
+        y = be.decrypt(sk, be.matmul(be.encrypt(sk, x), w, transpose=transpose, method="i64"))
+        assert torch.equal(y, x @ (w.long().T if transpose else w.long()))
+
     def test_plain_weights_reused(self) -> None:
         w = rand_w(64, 32)
         pw = PlainWeights(w)
