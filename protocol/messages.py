@@ -20,6 +20,7 @@ from libp2p.peer.id import ID
 
 from . import cipherswarm_matmul_v1_pb2 as pb
 from .errors import MAX_ERROR_MESSAGE, ErrorCode, MalformedFrame, WireError
+from .signing import SIGNATURE_SIZE
 
 ID_SIZE = 16
 """Bytes of a request id and of a nonce: random, so collisions stay below 2**-64 for 2**32 requests."""
@@ -317,10 +318,10 @@ class SignedReceipt:
 
     def __post_init__(self) -> None:
         _check_type("receipt_bytes", self.receipt_bytes, bytes)
-        _check_bytes("provider_signature", self.provider_signature, size=64)
+        _check_bytes("provider_signature", self.provider_signature, size=SIGNATURE_SIZE)
         _check_type("client_signature", self.client_signature, bytes)
         if self.client_signature:
-            _check_bytes("client_signature", self.client_signature, size=64)
+            _check_bytes("client_signature", self.client_signature, size=SIGNATURE_SIZE)
         self.receipt  # noqa: B018  # decode now, so an invalid receipt is refused at construction
 
     @cached_property
@@ -345,7 +346,10 @@ class SignedReceipt:
 
 def _error_to_proto(error: WireError) -> pb.Error:
     return pb.Error(
-        code=int(error.code), message=error.message, retry_after_ms=error.retry_after_ms, limit=error.limit
+        code=f"ERROR_CODE_{error.code.name}",  # by name, so the two enums cannot drift apart silently
+        message=error.message,
+        retry_after_ms=error.retry_after_ms,
+        limit=error.limit,
     )
 
 
@@ -511,22 +515,34 @@ class CapabilityAdvert:
 Message: TypeAlias = MatmulRequest | MatmulReply | SignedReceipt | CapabilityAdvert
 """What a frame header carries: one of the Body kinds."""
 
-_KINDS: dict[type, str] = {
-    MatmulRequest: "request",
-    MatmulReply: "reply",
-    SignedReceipt: "receipt",
-    CapabilityAdvert: "advert",
-}
-_TYPES = {kind: cls for cls, kind in _KINDS.items()}
 
 
 def encode_body(message: Message) -> bytes:
-    kind = _KINDS.get(type(message))
-    if kind is None:
-        raise TypeError(f"not a message: {type(message).__name__}")
     body = pb.Body()
-    getattr(body, kind).CopyFrom(message.to_proto())
+    if isinstance(message, MatmulRequest):
+        body.request.CopyFrom(message.to_proto())
+    elif isinstance(message, MatmulReply):
+        body.reply.CopyFrom(message.to_proto())
+    elif isinstance(message, SignedReceipt):
+        body.receipt.CopyFrom(message.to_proto())
+    elif isinstance(message, CapabilityAdvert):
+        body.advert.CopyFrom(message.to_proto())
+    else:
+        raise TypeError(f"not a message: {type(message).__name__}")
     return body.SerializeToString(deterministic=True)
+
+
+def _message_of(body: pb.Body) -> Message:
+    match body.WhichOneof("kind"):
+        case "request":
+            return MatmulRequest.from_proto(body.request)
+        case "reply":
+            return MatmulReply.from_proto(body.reply)
+        case "receipt":
+            return SignedReceipt.from_proto(body.receipt)
+        case "advert":
+            return CapabilityAdvert.from_proto(body.advert)
+    raise ValueError("body carries no message")  # empty, or a kind from a newer minor version
 
 
 def decode_body(data: bytes) -> Message:
@@ -534,13 +550,9 @@ def decode_body(data: bytes) -> Message:
     body = pb.Body()
     try:
         body.ParseFromString(data)
-        kind = body.WhichOneof("kind")
-        if kind is None:
-            raise ValueError("body carries no message")
-        message: Message = _TYPES[kind].from_proto(getattr(body, kind))
+        return _message_of(body)
     except (DecodeError, ValueError) as exc:
         raise MalformedFrame(f"invalid {body.WhichOneof('kind') or 'body'}: {exc}") from None
-    return message
 
 
 def payload_length(message: Message) -> int:
