@@ -1,0 +1,72 @@
+"""Tiny random-init Hugging Face models under peft LoRA, built from configs (nothing downloaded)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
+
+from cipherswarm.trainer import LoraTrainer
+
+hf_logging.set_verbosity_error()  # tiny configs trip harmless warnings about GPT-2's special token ids
+
+VOCAB = 128
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One model family: how to build it and the largest valid backprop skip for its LoRA targets."""
+
+    name: str
+    build: Callable[[], torch.nn.Module]
+    lora: Callable[[], LoraConfig]
+    skip: int  # layers before the first LoRA-dependent input, in execution order
+
+
+def _llama() -> torch.nn.Module:
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg)
+
+
+def _gpt2() -> torch.nn.Module:
+    # Dropout stays on (GPT-2's default 0.1): it makes training consume random numbers, which the
+    # resume test must reproduce.
+    return GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64))
+
+
+LLAMA = Arch("llama", _llama, lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                   init_lora_weights=False), skip=3)
+GPT2 = Arch("gpt2", _gpt2, lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
+                                               init_lora_weights=False), skip=1)
+ARCHS = [LLAMA, GPT2]
+
+
+def peft_model(arch: Arch, seed: int = 0, lora_seed: int | None = None) -> PeftModel:
+    """The same base weights for a given seed; LoRA weights random (non-zero B) from ``lora_seed``."""
+    torch.manual_seed(seed)
+    base = arch.build()
+    torch.manual_seed(seed if lora_seed is None else lora_seed)
+    return get_peft_model(base, arch.lora())
+
+
+def make_trainer(arch: Arch, *, seed: int = 0, lr: float = 1e-2, **kwargs) -> LoraTrainer:
+    """A trainer over a fresh model with AdamW; ``kwargs`` go to LoraTrainer."""
+    model = peft_model(arch, seed, kwargs.pop("lora_seed", None))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    kwargs.setdefault("n_layers_to_skip_for_backprop", arch.skip)
+    kwargs.setdefault("train_log_path", None)
+    return LoraTrainer(model=model, optimizer=opt, **kwargs)
+
+
+def token_data(n: int, tokens: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n, tokens), generator=g)
+
+
+def lora_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}

@@ -1,0 +1,155 @@
+"""Base linear layers whose products run through an executor, forward and backward.
+
+:class:`RemoteLinear` takes the place of a frozen ``nn.Linear`` or GPT-2 ``Conv1D`` inside a model.
+It keeps the very same weight and bias ``Parameter`` objects, so state-dict keys, peft's
+``base_layer.weight`` and ``save_pretrained`` see no difference. With no executor it calls the
+original module (plain float, ``fhe="disable"``); with one, its autograd function quantizes the
+input per token, asks the executor for the exact integer product, and dequantizes; the backward
+pass does the same for ``g @ W.T``. The bias, being small and possibly trainable, is added here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from cipherswarm.fhe_backend.quant import quantize_weight
+
+from .executor import MatmulExecutor
+from .quantization import dequantize_product, quantize_per_token
+
+BASE_LAYER_TYPES = (nn.Linear, Conv1D)
+
+
+@dataclass
+class RemoteContext:
+    """What every remote layer of one model shares: how products are computed right now."""
+
+    executor: MatmulExecutor | None = None  # None: the original float module runs (fhe="disable")
+    n_bits: int = 8  # bits of the per-token quantized activations and gradients
+    trace: list[tuple[str, bool]] | None = None  # when a list: (layer key, input needs grad) per call
+
+
+class _RemoteProduct(torch.autograd.Function):
+    """y = x @ W through the executor; dL/dx = g @ W.T through it too (W is frozen: no dL/dW)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "RemoteLinear") -> torch.Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        return layer.remote_product(x, transpose=False)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        layer: RemoteLinear = ctx.layer
+        if not layer.backward_enabled:
+            raise RuntimeError(
+                f"layer {layer.key!r} was compiled without a backward pass (n_layers_to_skip_for_backprop), "
+                "but its input needs a gradient here; compile() with inputs like the ones you train on"
+            )
+        return layer.remote_product(g, transpose=True), None
+
+
+class RemoteLinear(nn.Module):
+    """A frozen base layer computed by an executor on int8 weights and ``n_bits`` activations."""
+
+    def __init__(self, base: nn.Module, key: str, context: RemoteContext) -> None:
+        super().__init__()
+        self.key = key  # HF module name: "<key>.weight" is the tensor a provider holds
+        self.weight = base.weight
+        self.register_parameter("bias", base.bias)
+        object.__setattr__(self, "original", base)  # not a submodule: no duplicate state-dict keys
+        self.context = context
+        self.backward_enabled = True
+        w = base.weight.detach()
+        engine_w = w if isinstance(base, Conv1D) else w.t()  # the engine's w is (d_in, d_out)
+        self.in_features, self.out_features = engine_w.shape
+        self.quantized = quantize_weight(engine_w)
+        q = self.quantized.q.to(torch.int64)
+        # The zero-point term's factor sums Wq over each direction's contraction axis. float64, like
+        # the scales, so that dequantization adds no rounding of its own before the final cast.
+        self._weight_sums = {False: q.sum(dim=0).to(torch.float64), True: q.sum(dim=1).to(torch.float64)}
+        self._scale = self.quantized.scale.to(torch.float64)
+
+    def extra_repr(self) -> str:
+        return f"{self.key!r}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = self.context
+        if ctx.trace is not None:
+            ctx.trace.append((self.key, x.requires_grad))
+        if ctx.executor is None:
+            return self.original(x)
+        y = _RemoteProduct.apply(x, self)
+        return y if self.bias is None else y + self.bias
+
+    def remote_product(self, t: torch.Tensor, *, transpose: bool) -> torch.Tensor:
+        """``t @ W`` (or ``t @ W.T``) from the executor's exact integers; ``t`` is (..., features)."""
+        ctx = self.context
+        lead = t.shape[:-1]
+        flat = t.detach().reshape(-1, t.shape[-1])  # tokens, features
+        dev = t.device
+        scale = self._scale.to(dev)
+        if transpose:
+            # g @ W.T = sum_k g[t,k] c_k Wq[j,k]: the channel scales c_k sit on the contraction axis
+            # now, so they are folded into g before quantizing instead of applied to the output.
+            flat = flat.to(torch.float64) * scale
+        xq = quantize_per_token(flat, ctx.n_bits)
+        y = ctx.executor.matmul(self.key, xq.q.cpu(), transpose=transpose)
+        out = dequantize_product(y.to(dev), xq, self._weight_sums[transpose].to(dev), None if transpose else scale)
+        return out.to(t.dtype).reshape(*lead, out.shape[-1])
+
+
+def _adapter_module_ids(model: nn.Module) -> set[int]:
+    """ids of every module that belongs to a peft adapter (LoRA A/B, embeddings, DoRA magnitudes)."""
+    ids: set[int] = set()
+    for m in model.modules():
+        if isinstance(m, BaseTunerLayer):
+            for name in m.adapter_layer_names:
+                container = getattr(m, name, None)
+                if isinstance(container, nn.Module):
+                    ids.update(id(sub) for sub in container.modules())
+    return ids
+
+
+def module_key(name: str) -> str:
+    """The HF name of a base layer inside a peft model: peft's ``.base_layer`` hops removed."""
+    return ".".join(part for part in name.split(".") if part != "base_layer")
+
+
+def wrap_base_layers(model: nn.Module, context: RemoteContext, *, remote_lm_head: bool) -> dict[str, RemoteLinear]:
+    """Replace every frozen base ``nn.Linear``/``Conv1D`` of ``model`` (an HF model under peft) in place.
+
+    Left alone: adapter weights, layers with trainable weights (peft's modules_to_save), and the
+    output head unless ``remote_lm_head``. Returns the remote layers by key, in module order.
+    """
+    adapters = _adapter_module_ids(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, BaseTunerLayer):
+        head = head.get_base_layer()
+    targets = []
+    for name, child in model.named_modules():
+        if (
+            isinstance(child, BASE_LAYER_TYPES)
+            and id(child) not in adapters
+            and not child.weight.requires_grad
+            and (remote_lm_head or child is not head)
+        ):
+            parent_name, _, child_name = name.rpartition(".")
+            targets.append((model.get_submodule(parent_name), child_name, module_key(name), child))
+    layers: dict[str, RemoteLinear] = {}
+    for parent, child_name, key, child in targets:
+        layers[key] = RemoteLinear(child, key, context)
+        setattr(parent, child_name, layers[key])
+    return layers
+
+
+def unwrap_base_layers(model: nn.Module) -> None:
+    """Put the original modules back in place of every :class:`RemoteLinear`."""
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, RemoteLinear):
+                setattr(parent, child_name, child.original)

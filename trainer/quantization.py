@@ -1,0 +1,76 @@
+"""Per-token activation quantization around an exact integer product, as Concrete ML does it.
+
+A remote layer computes ``x @ W`` from integers only. Per token t (one row of ``x``) the client
+maps the row's range [lo_t, hi_t] onto the signed ``n_bits`` grid with a scale and a zero point,
+
+    x[t, j] ~= s_t * (q[t, j] - z_t),   q in [-2^(n-1), 2^(n-1) - 1],   s_t = (hi_t - lo_t) / (2^n - 1),
+
+and the weights are per-output-channel int8, ``W[j, k] ~= Wq[j, k] * c_k`` (fhe_backend.quant). Then
+
+    (x @ W)[t, k] ~= s_t * c_k * ((q @ Wq)[t, k] - z_t * colsum(Wq)[k]).
+
+Only ``q`` leaves the client (encrypted); ``q @ Wq`` comes back exact, and the zero-point term
+``z_t * colsum(Wq)[k]`` is public, so the client subtracts it itself. The zero point is kept as a real
+number (``s_t * z_t = -offset_t`` below) rather than rounded to an integer as integer-only kernels
+must: the correction runs on the client in float64 anyway, and an unrounded zero point removes a
+bias of up to s_t / 2 per element that would otherwise add up coherently over the contraction.
+
+Per-token scales make every token's quantization independent of the others in its micro-batch, so
+the result does not depend on how tokens are batched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: n_bits the encryption engine accepts for activations (fhe_backend.params.MAX_X_BITS)
+MIN_BITS, MAX_BITS = 2, 16
+
+
+def check_n_bits(n_bits: object) -> int:
+    """``n_bits`` as an int, or a ValueError that says the allowed range."""
+    if not isinstance(n_bits, int) or isinstance(n_bits, bool) or not MIN_BITS <= n_bits <= MAX_BITS:
+        raise ValueError(f"n_bits must be an int in [{MIN_BITS}, {MAX_BITS}] (8 or 16 are typical), got {n_bits!r}")
+    return n_bits
+
+
+@dataclass(frozen=True)
+class TokenQuantized:
+    """Integer rows ``q`` with the float64 per-token affine map back: ``x ~= scale * q + offset``."""
+
+    q: torch.Tensor  # (tokens, features) int64 in the signed n_bits range
+    scale: torch.Tensor  # (tokens, 1) float64, > 0
+    offset: torch.Tensor  # (tokens, 1) float64, equals -scale * zero_point
+
+
+def quantize_per_token(x: torch.Tensor, n_bits: int) -> TokenQuantized:
+    """Quantize each row of ``x`` (tokens x features) to ``n_bits`` over its own [min, max].
+
+    A constant row gets scale 1 and reproduces exactly (all of it lands in the offset).
+    """
+    x64 = x.detach().to(torch.float64)
+    lo = x64.amin(dim=1, keepdim=True)
+    hi = x64.amax(dim=1, keepdim=True)
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise ValueError("activations or gradients are not finite (inf or nan): training has diverged")
+    levels = (1 << n_bits) - 1
+    qmin = -(1 << (n_bits - 1))
+    scale = (hi - lo) / levels
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round((x64 - lo) / scale).clamp_(0, levels).to(torch.int64) + qmin
+    return TokenQuantized(q=q, scale=scale, offset=lo - qmin * scale)
+
+
+def dequantize_product(
+    y: torch.Tensor, xq: TokenQuantized, weight_sums: torch.Tensor, out_scale: torch.Tensor | None
+) -> torch.Tensor:
+    """Float64 ``x @ W`` from the exact integer product ``y = q @ Wq`` (tokens x out).
+
+    ``weight_sums[k]`` sums the integer weights over the contraction for output k (the zero-point
+    term's public factor); ``out_scale`` holds per-output weight scales still to apply (None when
+    they were folded into ``x`` before quantization, as the backward pass does).
+    """
+    out = xq.scale * y.to(torch.float64) + xq.offset * weight_sums
+    return out if out_scale is None else out * out_scale
