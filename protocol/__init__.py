@@ -33,7 +33,7 @@ from .exchange import (
     verify_reply,
     verify_request,
 )
-from .framing import MAX_HEADER_SIZE, Frame, Limits, decode_frame, encode_frame, frame_prefix, read_frame
+from .framing import MAX_HEADER_SIZE, Frame, FrameParser, Limits, decode_frame, encode_frame, frame_prefix, read_frame
 from .messages import (
     CapabilityAdvert,
     MatmulReply,
@@ -65,6 +65,7 @@ __all__ = [
     "ErrorCode",
     "ExpiredFrame",
     "Frame",
+    "FrameParser",
     "FrameTooLarge",
     "Header",
     "InternalError",

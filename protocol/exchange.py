@@ -20,7 +20,7 @@ from libp2p.crypto.ed25519 import Ed25519PrivateKey
 from libp2p.peer.id import ID
 
 from .envelope import Header, Sealed, decode_header
-from .errors import BadSignature, ExpiredFrame, FrameTooLarge, MalformedFrame, PaymentRequired, UnknownModel, WireError
+from .errors import BadSignature, FrameTooLarge, MalformedFrame, PaymentRequired, UnknownModel, WireError
 from .framing import MAX_HEADER_SIZE, Frame
 from .messages import (
     CapabilityAdvert,
@@ -32,7 +32,7 @@ from .messages import (
     sha256,
 )
 from .receipts import sign_receipt, verify_countersignature, verify_receipt
-from .replay import ReplayWindow
+from .replay import ReplayWindow, check_expiry
 from .shapes import LayerShape, check_shapes
 from .signing import decode_public_key
 
@@ -189,7 +189,5 @@ def verify_advert(data: bytes, *, now_ms: int, max_ttl_ms: int = 600_000) -> Ver
     header = decode_header(data)
     advert = _expect(header, CapabilityAdvert)
     signer = header.verify()
-    not_after_ms = now_ms + max_ttl_ms
-    if not now_ms < advert.expires_at_ms <= not_after_ms:
-        raise ExpiredFrame(expires_at_ms=advert.expires_at_ms, now_ms=now_ms, not_after_ms=not_after_ms)
+    check_expiry(advert.expires_at_ms, now_ms=now_ms, max_ttl_ms=max_ttl_ms)
     return Verified(advert, signer, header.digest, b"")

@@ -1,6 +1,6 @@
 """Frames: uvarint(header length) || header || payload, read with hard limits.
 
-The parser is sans-I/O (`frame_reader`, a generator that yields how many bytes it needs next), so the
+The parser is sans-I/O (`FrameParser` says how many bytes it wants next and is fed them), so the
 same code drives a blocking `read_exactly` here and a trio stream in stream.py. Every size a peer
 declares is checked against the receiver's `Limits` before a byte of it is read or allocated: a peer
 cannot make the reader hold more than max_header_size + max_payload_size bytes per frame.
@@ -44,9 +44,8 @@ class Frame:
     payload: bytes
 
 
-def frame_reader(limits: Limits) -> Generator[int, bytes, Frame]:
-    """Sans-I/O frame parser: yields a byte count, must be sent exactly that many bytes, returns the
-    Frame. Raises FrameTooLarge or MalformedFrame as soon as the bytes so far are refused."""
+def _frame_reader(limits: Limits) -> Generator[int, bytes, Frame]:
+    """Yields how many bytes it needs next, is sent exactly that many, returns the Frame."""
     header_size = yield from uvarint_reader()
     if header_size > limits.max_header_size:
         raise FrameTooLarge(limits.max_header_size, header_size, what="header")
@@ -58,23 +57,36 @@ def frame_reader(limits: Limits) -> Generator[int, bytes, Frame]:
     return Frame(header, payload)
 
 
+class FrameParser:
+    """Sans-I/O parser of one frame: read `want` bytes, `feed` them, repeat until it returns the
+    Frame. Raises FrameTooLarge or MalformedFrame as soon as the bytes so far are refused, and
+    TruncatedFrame when fed fewer bytes than it wanted (the input ended)."""
+
+    def __init__(self, limits: Limits) -> None:
+        self._reader = _frame_reader(limits)
+        self.want = next(self._reader)
+        self.received = 0  # bytes of this frame fed so far
+
+    def feed(self, data: bytes) -> Frame | None:
+        if len(data) > self.want:
+            raise ValueError(f"fed {len(data)} bytes where {self.want} were wanted")
+        if len(data) < self.want:
+            raise TruncatedFrame(expected_bytes=self.received + self.want, received_bytes=self.received + len(data))
+        self.received += len(data)
+        try:
+            self.want = self._reader.send(data)
+        except StopIteration as done:
+            return done.value
+        return None
+
+
 def read_frame(read_exactly: Callable[[int], bytes], *, limits: Limits) -> Frame:
     """Read one frame through `read_exactly(n)`, which returns n bytes, or fewer only at end of input
     (as `io.BufferedReader.read` does). TruncatedFrame if the input ends inside the frame."""
-    parser = frame_reader(limits)
-    received = 0
-    try:
-        want = next(parser)
-        while True:
-            data = read_exactly(want)
-            if len(data) > want:
-                raise ValueError(f"read_exactly({want}) returned {len(data)} bytes")
-            if len(data) < want:
-                raise TruncatedFrame(expected_bytes=received + want, received_bytes=received + len(data))
-            received += want
-            want = parser.send(data)
-    except StopIteration as done:
-        return done.value
+    parser = FrameParser(limits)
+    while (frame := parser.feed(read_exactly(parser.want))) is None:
+        pass
+    return frame
 
 
 def decode_frame(data: bytes, *, limits: Limits) -> Frame:

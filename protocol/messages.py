@@ -39,10 +39,10 @@ def sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def _check_type(name: str, value: object, kind: type | tuple[type, ...]) -> None:
+def _check_type(name: str, value: object, kind: type) -> None:
     # bool is an int subclass; a True where a count belongs is a caller's bug, not a 1.
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
-        raise TypeError(f"{name} must be {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
+        raise TypeError(f"{name} must be {kind.__name__}, got {type(value).__name__}")
 
 
 def _check_uint(name: str, value: int, maximum: int = MAX_UINT64) -> None:

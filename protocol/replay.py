@@ -17,6 +17,13 @@ import heapq
 from .errors import Busy, ExpiredFrame, ReplayedFrame
 
 
+def check_expiry(expires_at_ms: int, *, now_ms: int, max_ttl_ms: int) -> None:
+    """Raise ExpiredFrame unless now_ms < expires_at_ms <= now_ms + max_ttl_ms."""
+    not_after_ms = now_ms + max_ttl_ms
+    if not now_ms < expires_at_ms <= not_after_ms:
+        raise ExpiredFrame(expires_at_ms=expires_at_ms, now_ms=now_ms, not_after_ms=not_after_ms)
+
+
 class ReplayWindow:
     """Remembers accepted nonces until their frames expire.
 
@@ -41,9 +48,7 @@ class ReplayWindow:
     def check_and_record(self, nonce: bytes, *, expires_at_ms: int, now_ms: int, scope: bytes = b"") -> None:
         """Accept `nonce` once per scope, until `expires_at_ms`; raise ExpiredFrame, ReplayedFrame or
         Busy."""
-        not_after_ms = now_ms + self.max_ttl_ms
-        if not now_ms < expires_at_ms <= not_after_ms:
-            raise ExpiredFrame(expires_at_ms=expires_at_ms, now_ms=now_ms, not_after_ms=not_after_ms)
+        check_expiry(expires_at_ms, now_ms=now_ms, max_ttl_ms=self.max_ttl_ms)
         self._forget_expired(now_ms)
         key = (scope, nonce)
         if key in self._expiry:

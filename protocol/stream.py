@@ -17,8 +17,8 @@ from typing import Protocol
 import trio
 
 from .envelope import Sealed
-from .errors import DeadlineExceeded, TruncatedFrame
-from .framing import Frame, Limits, frame_prefix, frame_reader
+from .errors import DeadlineExceeded
+from .framing import Frame, FrameParser, Limits, frame_prefix
 
 READ_CHUNK = 1 << 20
 """Most bytes asked of one `read` call, so that a stream implementation that allocates its buffer
@@ -35,19 +35,21 @@ class WriteStream(Protocol):
 
 async def _read_exactly(stream: ReadStream, n: int, read_timeout_s: float) -> bytes:
     """n bytes, or fewer if the stream ends first."""
-    chunks = bytearray()
-    while len(chunks) < n:
+    chunks: list[bytes] = []
+    received = 0
+    while received < n:
         try:
             with trio.fail_after(read_timeout_s):
-                chunk = await stream.read(min(n - len(chunks), READ_CHUNK))
+                chunk = await stream.read(min(n - received, READ_CHUNK))
         except trio.TooSlowError:
             raise DeadlineExceeded("read", timeout_s=read_timeout_s) from None
         except EOFError:
             break
         if not chunk:
             break
-        chunks += chunk
-    return bytes(chunks)
+        chunks.append(chunk)
+        received += len(chunk)
+    return b"".join(chunks)  # no copy when one read returned everything
 
 
 async def read_frame(
@@ -59,22 +61,14 @@ async def read_frame(
 ) -> Frame:
     """Read one frame. Raises FrameTooLarge, MalformedFrame, TruncatedFrame (`is_clean_close` if
     the peer closed between frames) or DeadlineExceeded. The frame is not verified yet."""
-    parser = frame_reader(limits)
-    received = 0
+    parser = FrameParser(limits)
     try:
         with trio.fail_after(frame_timeout_s):
-            want = next(parser)
-            while True:
-                data = await _read_exactly(stream, want, read_timeout_s)
-                if len(data) < want:
-                    raise TruncatedFrame(expected_bytes=received + want, received_bytes=received + len(data))
-                received += want
-                try:
-                    want = parser.send(data)
-                except StopIteration as done:
-                    return done.value
+            while (frame := parser.feed(await _read_exactly(stream, parser.want, read_timeout_s))) is None:
+                pass
     except trio.TooSlowError:
         raise DeadlineExceeded("frame", timeout_s=frame_timeout_s) from None
+    return frame
 
 
 async def write_frame(stream: WriteStream, sealed: Sealed, payload: bytes = b"", *, timeout_s: float = 120.0) -> None:

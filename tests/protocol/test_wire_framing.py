@@ -154,7 +154,7 @@ class TestFrames:
 
     def test_read_exactly_returning_too_much_is_a_caller_bug(self) -> None:
         _, data = request_frame()
-        with pytest.raises(ValueError, match="returned"):
+        with pytest.raises(ValueError, match="wanted"):
             read_frame(lambda n: data, limits=LIMITS)
 
 
