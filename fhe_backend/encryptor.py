@@ -66,7 +66,7 @@ def encrypt(sk: SecretKey, x: torch.Tensor | np.ndarray) -> Ciphertext:
 
         def chunk(r0: int, r1: int, b: int = b, seed: bytes = seed, msg: np.ndarray = msg) -> None:
             a = expand_mask(seed, n=n, rows=r1 - r0, first_row=r0)
-            f = sk.ring.secret_products(a, p.log_q)
+            f = sk.ring.products(a, p.log_q, sk.secret_eval)
             kernels.finish_encrypt(f, untwist, LIMB_BITS, p.log_q, p.delta, msg[r0:r1], random_words(r1 - r0, n), out[b, r0:r1])
 
         for_row_chunks(d, chunk)
@@ -92,7 +92,7 @@ def decrypt(sk: SecretKey, res: MatmulResult) -> torch.Tensor:
         yb = y[b * n : (b + 1) * n].T  # (d_out, n) view
 
         def chunk(r0: int, r1: int, b: int = b, yb: np.ndarray = yb) -> None:
-            f = sk.ring.secret_products(res.a_words[b, r0:r1], p.out_bits_a, limb_bits)
+            f = sk.ring.products(res.a_words[b, r0:r1], p.out_bits_a, sk.secret_eval, limb_bits)
             kernels.finish_decrypt(f, untwist, limb_bits, p.log_q, p.out_bits_a, p.out_bits_b, p.delta,
                                    res.b_words[b, r0:r1], yb[r0:r1])
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .params import Params
-from .ring import NegacyclicFFT
+from .ring import NegacyclicFFT, ternary_eval
 from .sampling import ternary_secret
 
 KEY_ID_BYTES = 8
@@ -28,6 +28,7 @@ class SecretKey:
     key_id: bytes  # public random label: lets decrypt refuse another key's ciphertext clearly
 
     ring: NegacyclicFFT = field(init=False, repr=False)
+    secret_eval: np.ndarray = field(init=False, repr=False)  # (n/2,) evaluations of s
 
     def __post_init__(self) -> None:
         if self.s.shape != (self.params.n,) or not np.isin(self.s, (-1, 0, 1)).all():
@@ -35,7 +36,9 @@ class SecretKey:
         if len(self.key_id) != KEY_ID_BYTES:
             raise ValueError(f"key id must be {KEY_ID_BYTES} bytes")
         self.s.setflags(write=False)
-        object.__setattr__(self, "ring", NegacyclicFFT(self.params.n, self.s))
+        ring = NegacyclicFFT(self.params.n)
+        object.__setattr__(self, "ring", ring)
+        object.__setattr__(self, "secret_eval", ternary_eval(ring, self.s[None])[0])
 
     @classmethod
     def generate_key(cls, params: Params) -> "SecretKey":

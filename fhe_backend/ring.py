@@ -22,8 +22,8 @@ import math
 LIMB_BITS = 26
 #: decryption may take A'' (out_bits_a bits) as a single limb up to this width: its float64 product
 #: is then approximate, and :func:`fft_product_error` bounds the error; parameters allow it only when
-#: that error still fits the noise budget (``Params.decrypt_one_limb``). Encryption always uses exact limbs (its products must be exact for the
-#: ciphertext to be a plain RLWE sample).
+#: that error still fits the noise budget (``Params.decrypt_one_limb``). Encryption always uses
+#: exact limbs (its products must be exact for the ciphertext to be a plain RLWE sample).
 ONE_LIMB_MAX_BITS = 48
 
 
@@ -48,30 +48,40 @@ def limb_count(log_q: int, limb_bits: int = LIMB_BITS) -> int:
 
 
 class NegacyclicFFT:
-    """Twisted half-size FFT of degree ``n`` with a fixed secret's evaluations precomputed."""
+    """Twisted half-size FFT of degree ``n``: evaluations of integer polynomials and their products."""
 
-    def __init__(self, n: int, secret: np.ndarray) -> None:
+    def __init__(self, n: int) -> None:
         if n < 4 or n & (n - 1):
             raise ValueError("n must be a power of two >= 4")
-        if secret.shape != (n,):
-            raise ValueError(f"secret must have shape ({n},)")
         self.n = n
         self.half = n // 2
         j = np.arange(self.half)
         self.twist = np.exp(1j * np.pi * j / n)
         self.untwist = np.conj(self.twist) / self.half  # folds the inverse FFT's 1/M in
-        f = np.empty((1, 1, self.half), dtype=np.complex128)
-        kernels.fold_limbs(secret.reshape(1, n).astype(np.int64), 64, 32, self.twist, f)
-        self.secret_eval = scipy.fft.fft(f[0, 0])
 
-    def secret_products(self, words: np.ndarray, log_q: int, limb_bits: int = LIMB_BITS) -> np.ndarray:
-        """Limb products ``limb_l(a_r) * s`` of each row, as inverse-FFT output for a finish kernel.
-
-        ``words``: (rows, n) int64 read mod 2^log_q. Returns (limbs, rows, n/2) complex128 that
-        :func:`kernels.finish_encrypt` / :func:`kernels.finish_decrypt` untwist, round and recombine.
-        """
+    def evaluate(self, words: np.ndarray, log_q: int, limb_bits: int = LIMB_BITS) -> np.ndarray:
+        """(rows, n) int64 read mod 2^log_q -> (limbs, rows, n/2) evaluations of its signed limbs."""
         f = np.empty((limb_count(log_q, limb_bits), words.shape[0], self.half), dtype=np.complex128)
         kernels.fold_limbs(words, log_q, limb_bits, self.twist, f)
-        f = scipy.fft.fft(f, axis=-1, overwrite_x=True)
-        f *= self.secret_eval
+        return scipy.fft.fft(f, axis=-1, overwrite_x=True)
+
+    def products(self, words: np.ndarray, log_q: int, other: np.ndarray, limb_bits: int = LIMB_BITS) -> np.ndarray:
+        """Limb products ``limb_l(a_r) * other`` of each row, as inverse-FFT output for a finish kernel.
+
+        ``other`` holds evaluations broadcastable to (rows, n/2). Returns (limbs, rows, n/2)
+        complex128 that :func:`kernels.finish_encrypt` / :func:`kernels.finish_decrypt` untwist, round
+        and recombine.
+        """
+        f = self.evaluate(words, log_q, limb_bits)
+        f *= other
+        return self.inverse(f)
+
+    @staticmethod
+    def inverse(f: np.ndarray) -> np.ndarray:
+        """Inverse transform along the last axis (the 1/M scale is folded into ``untwist``)."""
         return scipy.fft.ifft(f, axis=-1, overwrite_x=True, norm="forward")
+
+
+def ternary_eval(ring: NegacyclicFFT, s: np.ndarray) -> np.ndarray:
+    """Evaluations (rows, n/2) of ternary polynomials (rows, n): one limb holds them exactly."""
+    return ring.evaluate(np.ascontiguousarray(s, dtype=np.int64), 64, 32)[0]
