@@ -31,6 +31,9 @@ MAX_BACKEND_NAME = 32
 MAX_DIM = 2**21
 """Largest matrix dimension. Keeps m * k * n below 2**63, so MAC counts fit any uint64."""
 MAX_PEER_ID = 64
+MAX_ADVERT_LAYERS = 1024
+"""Layer digests an advert may list: 32 KiB of them keeps a sealed advert well inside MAX_HEADER_SIZE.
+A provider holding more than that many layers holds whole models and lists none."""
 MAX_UINT64 = 2**64 - 1
 MAX_UINT32 = 2**32 - 1
 
@@ -452,6 +455,7 @@ class CapabilityAdvert:
     max_payload_size: int  # largest request payload it reads
     issued_at_ms: int  # a newer advert from the same provider replaces an older one
     expires_at_ms: int  # ignore the advert from then on
+    layers: tuple[bytes, ...] = ()  # DIGEST_SIZE-byte digests of the layers held; empty: all of every model
 
     def __post_init__(self) -> None:
         _check_items("protocols", self.protocols, 16)
@@ -479,6 +483,9 @@ class CapabilityAdvert:
         _check_uint("expires_at_ms", self.expires_at_ms)
         if self.issued_at_ms > self.expires_at_ms:
             raise ValueError("an advert must not expire before it is issued")
+        _check_items("layers", self.layers, MAX_ADVERT_LAYERS)
+        for layer in self.layers:
+            _check_bytes("layer digest", layer, size=DIGEST_SIZE)
 
     def to_proto(self) -> pb.CapabilityAdvert:
         return pb.CapabilityAdvert(
@@ -493,6 +500,7 @@ class CapabilityAdvert:
             max_payload_size=self.max_payload_size,
             issued_at_ms=self.issued_at_ms,
             expires_at_ms=self.expires_at_ms,
+            layers=self.layers,
         )
 
     @classmethod
@@ -509,6 +517,7 @@ class CapabilityAdvert:
             max_payload_size=msg.max_payload_size,
             issued_at_ms=msg.issued_at_ms,
             expires_at_ms=msg.expires_at_ms,
+            layers=tuple(msg.layers),
         )
 
 

@@ -124,6 +124,7 @@ adverts = st.builds(
     max_payload_size=uint64,
     issued_at_ms=st.integers(0, 2**63),
     expires_at_ms=st.integers(2**63, 2**64 - 1),
+    layers=st.lists(digests, max_size=3).map(tuple),
 )
 messages = st.one_of(requests, ok_replies, error_replies, signed_receipts, adverts)
 
@@ -211,6 +212,8 @@ class TestValidation:
             {"free_slots": 2**32},
             {"expires_at_ms": 0},
             {"addrs": (b"",)},
+            {"layers": (b"short",)},
+            {"layers": (b"\x00" * 32,) * 1025},
         ],
     )
     def test_advert(self, change: dict[str, Any]) -> None:
