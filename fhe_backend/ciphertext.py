@@ -3,13 +3,14 @@
 Layout (all integers little-endian); see README.md for the byte-level table.
 
 ``Ciphertext``  (client -> provider), one block per N tokens:
-    magic "CSX1" | params: 10 x u64 | key_id: 8 B | tokens, d, first_row, blocks: 4 x u32
+    magic "CSX1" | params: 11 x u64 | key_id: 8 B | tokens, d, first_row, blocks: 4 x u32
     | seeds: blocks x 32 B | B words: blocks x d x N words of ceil(log_q/8) bytes (row-major)
 
 ``MatmulResult`` (provider -> client):
-    magic "CSY1" | params: 10 x u64 | key_id: 8 B | tokens, d_out, blocks: 3 x u32
-    | words: blocks x d_out x N values; when out_bits_a + out_bits_b <= 64 each value is one word
-      A'' | B'' << out_bits_a of ceil((ka+kb)/8) bytes, otherwise all A'' words then all B'' words
+    magic "CSY1" | params: 11 x u64 | key_id: 8 B | tokens, d_out, blocks: 3 x u32
+    | default profile: blocks x d_out x N values; when out_bits_a + out_bits_b <= 64 each value is
+      one word A'' | B'' << out_bits_a of ceil((ka+kb)/8) bytes, otherwise all A'' then all B'' words
+    | shared-mask profile: seeds: blocks x 32 B | B'' words of ceil(out_bits_b/8) bytes
 
 Neither holds anything derived from the secret key but the public random ``key_id`` label.
 """
@@ -23,7 +24,7 @@ import numpy as np
 
 from .errors import InvalidCiphertext, KeyMismatch, ParameterError, ShapeMismatch
 from .packing import pack, unpack, word_bytes
-from .params import Params
+from .params import SHARED_MASK, Params
 from .sampling import SEED_BYTES
 
 _PARAMS = struct.Struct("<" + "Q" * len(Params.FIELDS))
@@ -124,35 +125,49 @@ class Ciphertext:
 
 @dataclass(frozen=True, eq=False)
 class MatmulResult:
-    """Encrypted product: per block and output column, the pair (A'', B'') rounded to the output bits."""
+    """Encrypted product: per block and output column, (A'', B'') rounded to the output bits.
+
+    In the shared-mask profile only B'' travels back, with the block seeds (the client re-expands
+    the block's single mask from them; a tampered seed only decrypts to garbage, which Freivalds
+    catches).
+    """
 
     params: Params
     key_id: bytes
     tokens: int
-    a_words: np.ndarray  # (blocks, d_out, n) int64 in [0, 2^out_bits_a)
+    a_words: np.ndarray | None  # (blocks, d_out, n) int64 in [0, 2^out_bits_a); None for shared mask
     b_words: np.ndarray  # (blocks, d_out, n) int64 in [0, 2^out_bits_b)
+    seeds: tuple[bytes, ...] = ()  # shared mask: the block seeds; default profile: empty
 
     def __post_init__(self) -> None:
         n = self.params.n
-        for name in ("a_words", "b_words"):
-            arr = getattr(self, name)
-            if arr.ndim != 3 or arr.shape[2] != n or arr.dtype != np.int64:
-                raise InvalidCiphertext(f"{name} must be int64 (blocks, d_out, {n})")
-        if self.a_words.shape != self.b_words.shape:
-            raise InvalidCiphertext("A'' and B'' shapes differ")
+        b = self.b_words
+        if b.ndim != 3 or b.shape[2] != n or b.dtype != np.int64:
+            raise InvalidCiphertext(f"b_words must be int64 (blocks, d_out, {n})")
+        if self.shared_mask:
+            if self.a_words is not None or len(self.seeds) != self.blocks or any(len(x) != SEED_BYTES for x in self.seeds):
+                raise InvalidCiphertext("a shared-mask result carries B'' and one 32-byte seed per block, no A''")
+        elif self.a_words is None or self.a_words.shape != b.shape or self.a_words.dtype != np.int64 or self.seeds:
+            raise InvalidCiphertext("a default-profile result carries A'' and B'' of one shape, no seeds")
         _check_dims(self.tokens, self.d_out, self.blocks, n)
 
     @property
+    def shared_mask(self) -> bool:
+        return self.params.profile == SHARED_MASK
+
+    @property
     def blocks(self) -> int:
-        return self.a_words.shape[0]
+        return self.b_words.shape[0]
 
     @property
     def d_out(self) -> int:
-        return self.a_words.shape[1]
+        return self.b_words.shape[1]
 
     def to_bytes(self) -> bytes:
         p = self.params
         head = _OUT_HEAD.pack(OUT_MAGIC, *p.to_tuple(), self.key_id, self.tokens, self.d_out, self.blocks)
+        if self.shared_mask:
+            return head + b"".join(self.seeds) + pack(self.b_words, p.out_bits_b)
         if p.out_bits_a + p.out_bits_b <= 64:
             return head + pack(self.a_words | (self.b_words << p.out_bits_a), p.out_bits_a + p.out_bits_b)
         return head + pack(self.a_words, p.out_bits_a) + pack(self.b_words, p.out_bits_b)
@@ -172,6 +187,12 @@ class MatmulResult:
         shape = (blocks, d_out, p.n)
         body = data[_OUT_HEAD.size :]
         ka, kb = p.out_bits_a, p.out_bits_b
+        if p.profile == SHARED_MASK:
+            if len(body) < blocks * SEED_BYTES:
+                raise InvalidCiphertext("result truncated in its seeds")
+            seeds = tuple(bytes(body[i * SEED_BYTES : (i + 1) * SEED_BYTES]) for i in range(blocks))
+            b = unpack(body[blocks * SEED_BYTES :], kb, count)
+            return cls(params=p, key_id=key_id, tokens=tokens, a_words=None, b_words=b.reshape(shape), seeds=seeds)
         if ka + kb <= 64:
             joint = unpack(body, ka + kb, count).view(np.uint64)
             a = (joint & np.uint64((1 << ka) - 1)).view(np.int64)
@@ -186,7 +207,7 @@ class MatmulResult:
     # -- re-aggregation of chunks ------------------------------------------------------------------
 
     @staticmethod
-    def _same(parts: list["MatmulResult"]) -> "MatmulResult":
+    def _same(parts: list["MatmulResult"], *, same_blocks: bool) -> "MatmulResult":
         if not parts:
             raise ShapeMismatch("nothing to aggregate")
         first = parts[0]
@@ -195,38 +216,47 @@ class MatmulResult:
                 raise KeyMismatch("chunks were encrypted under different keys")
             if r.params != first.params:
                 raise ShapeMismatch("chunks have different parameters")
+            if same_blocks and r.seeds != first.seeds:
+                raise ShapeMismatch("chunks come from different encryptions")
         return first
+
+    @staticmethod
+    def _join(arrays: list[np.ndarray | None], axis: int) -> np.ndarray | None:
+        return None if arrays[0] is None else np.concatenate(arrays, axis=axis)
 
     @classmethod
     def concat_blocks(cls, parts: list["MatmulResult"]) -> "MatmulResult":
         """Join results of consecutive token-block chunks (in order)."""
-        first = cls._same(parts)
+        first = cls._same(parts, same_blocks=False)
         if any(r.d_out != first.d_out for r in parts):
             raise ShapeMismatch("block chunks have different output widths")
         if any(r.tokens != r.blocks * first.params.n for r in parts[:-1]):
             raise ShapeMismatch("only the last block chunk may be partial")
         return cls(first.params, first.key_id, sum(r.tokens for r in parts),
-                   np.concatenate([r.a_words for r in parts]), np.concatenate([r.b_words for r in parts]))
+                   cls._join([r.a_words for r in parts], 0), np.concatenate([r.b_words for r in parts]),
+                   sum((r.seeds for r in parts), ()))
 
     @classmethod
     def concat_columns(cls, parts: list["MatmulResult"]) -> "MatmulResult":
         """Join results for consecutive output-column slices of the weights (in order)."""
-        first = cls._same(parts)
+        first = cls._same(parts, same_blocks=True)
         if any(r.tokens != first.tokens for r in parts):
             raise ShapeMismatch("column chunks cover different tokens")
-        return cls(first.params, first.key_id, first.tokens,
-                   np.concatenate([r.a_words for r in parts], axis=1), np.concatenate([r.b_words for r in parts], axis=1))
+        return cls(first.params, first.key_id, first.tokens, cls._join([r.a_words for r in parts], 1),
+                   np.concatenate([r.b_words for r in parts], axis=1), first.seeds)
 
     @classmethod
     def add(cls, parts: list["MatmulResult"]) -> "MatmulResult":
         """Sum partial products of contraction-row chunks (mod the output moduli)."""
-        first = cls._same(parts)
-        if len(parts) > first.params.row_parts:
-            raise ShapeMismatch(f"parameters admit {first.params.row_parts} row chunks, got {len(parts)}")
-        if any(r.a_words.shape != first.a_words.shape or r.tokens != first.tokens for r in parts):
+        first = cls._same(parts, same_blocks=True)
+        p = first.params
+        if len(parts) > p.row_parts:
+            raise ShapeMismatch(f"parameters admit {p.row_parts} row chunks, got {len(parts)}")
+        if any(r.b_words.shape != first.b_words.shape or r.tokens != first.tokens for r in parts):
             raise ShapeMismatch("row chunks have different shapes")
-        ma = (1 << first.params.out_bits_a) - 1 if first.params.out_bits_a < 64 else -1
-        mb = (1 << first.params.out_bits_b) - 1 if first.params.out_bits_b < 64 else -1
-        a = sum((r.a_words for r in parts[1:]), first.a_words.copy()) & ma
-        b = sum((r.b_words for r in parts[1:]), first.b_words.copy()) & mb
-        return cls(first.params, first.key_id, first.tokens, a, b)
+
+        def total(arrays: list[np.ndarray], bits: int) -> np.ndarray:
+            return sum(arrays[1:], arrays[0].copy()) & ((1 << bits) - 1 if bits < 64 else -1)
+
+        a = None if first.a_words is None else total([r.a_words for r in parts], p.out_bits_a)
+        return cls(p, first.key_id, first.tokens, a, total([r.b_words for r in parts], p.out_bits_b), first.seeds)

@@ -16,7 +16,7 @@ import torch
 from . import kernels
 from .ciphertext import Ciphertext, MatmulResult
 from .errors import ShapeMismatch
-from .params import WeightStats
+from .params import SHARED_MASK, WeightStats
 from .sampling import expand_mask
 
 
@@ -84,17 +84,20 @@ def matmul(
         lb, limbs = 64, 1
         left = pw.w if transpose else pw.w.t()
     n = p.n
-    a_out = np.empty((ct.blocks, width, n), dtype=np.int64)
-    b_out = np.empty_like(a_out)
+    shared = p.profile == SHARED_MASK  # the single mask per block needs no product: only B @ W
+    b_out = np.empty((ct.blocks, width, n), dtype=np.int64)
+    a_out = None if shared else np.empty_like(b_out)
     for blk in range(ct.blocks):
-        a = expand_mask(ct.seeds[blk], n=n, rows=ct.d, first_row=ct.first_row)
+        rows = [ct.words[blk]] if shared else [expand_mask(ct.seeds[blk], n=n, rows=ct.d, first_row=ct.first_row), ct.words[blk]]
         if method == "f64":
-            z = np.empty((2 * limbs, ct.d, n), dtype=np.float64)
-            kernels.split_limbs_f64(a, p.log_q, lb, z[:limbs])
-            kernels.split_limbs_f64(ct.words[blk], p.log_q, lb, z[limbs:])
+            z = np.empty((len(rows) * limbs, ct.d, n), dtype=np.float64)
+            for i, words in enumerate(rows):
+                kernels.split_limbs_f64(words, p.log_q, lb, z[i * limbs : (i + 1) * limbs])
         else:  # words as they are: the int64 product wraps mod 2^64, a multiple of q
-            z = np.stack([a, ct.words[blk]])
-        prod = torch.matmul(left, torch.from_numpy(z)).numpy()  # (2*limbs, width, n)
-        kernels.join_limbs_switch(prod[:limbs], lb, p.log_q, p.out_bits_a, a_out[blk])
-        kernels.join_limbs_switch(prod[limbs:], lb, p.log_q, p.out_bits_b, b_out[blk])
-    return MatmulResult(params=p, key_id=ct.key_id, tokens=ct.tokens, a_words=a_out, b_words=b_out)
+            z = np.stack(rows)
+        prod = torch.matmul(left, torch.from_numpy(z)).numpy()  # (len(rows) * limbs, width, n)
+        kernels.join_limbs_switch(prod[-limbs:], lb, p.log_q, p.out_bits_b, b_out[blk])
+        if a_out is not None:
+            kernels.join_limbs_switch(prod[:limbs], lb, p.log_q, p.out_bits_a, a_out[blk])
+    return MatmulResult(params=p, key_id=ct.key_id, tokens=ct.tokens, a_words=a_out, b_words=b_out,
+                        seeds=ct.seeds if shared else ())

@@ -32,6 +32,10 @@ TAIL = math.sqrt(2.0 * math.log(2.0) * (FAILURE_LOG2 + 1))
 #: centred binomial noise parameter: e = popcount(24 bits) - popcount(24 bits), std sqrt(12) ~ 3.46
 ETA = 24
 MAX_X_BITS = 16
+#: profiles: DEFAULT sends (A', B') back; SHARED_MASK uses one mask per block and a secret per input
+#: feature, so the provider computes and returns only B' (half the work and the output bytes)
+DEFAULT, SHARED_MASK = 0, 1
+PROFILES = {"default": DEFAULT, "shared-mask": SHARED_MASK}
 
 
 @dataclass(frozen=True)
@@ -71,13 +75,14 @@ class Params:
     x_bits: int  # activations are signed integers in [-2^(x_bits-1), 2^(x_bits-1) - 1]
     w_l1: int  # weights' max column L1 norm these parameters are exact for
     w_l2sq: int  # weights' max column squared L2 norm these parameters are exact for
-    out_bits_a: int  # provider rounds A' = A @ W to this many bits (== log_q: no switch)
+    out_bits_a: int  # provider rounds A' = A @ W to this many bits (== log_q: no switch; 0: shared mask)
     out_bits_b: int  # provider rounds B' = B @ W to this many bits
     row_parts: int = 1  # contraction-row chunks whose outputs the client adds before decrypting
     eta: int = ETA  # centred binomial noise parameter
+    profile: int = DEFAULT  # DEFAULT, or SHARED_MASK: one mask per block, a secret per feature
 
     def __post_init__(self) -> None:
-        for name in ("n", "log_q", "delta", "x_bits", "w_l1", "w_l2sq", "out_bits_a", "out_bits_b", "row_parts", "eta"):
+        for name in self.FIELDS:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ParameterError(f"{name} must be an int, got {type(v).__name__}")
@@ -88,8 +93,12 @@ class Params:
             raise ParameterError(f"noise eta must be >= {ETA} (std >= 3.2 as the security table assumes)")
         if self.w_l1 < 1 or self.w_l2sq < 1 or self.row_parts < 1:
             raise ParameterError("weight norms and row_parts must be >= 1")
-        if not 1 <= self.out_bits_a <= self.log_q or not 1 <= self.out_bits_b <= self.log_q:
-            raise ParameterError("output bits must be in [1, log_q]")
+        if self.profile not in PROFILES.values():
+            raise ParameterError(f"unknown profile {self.profile}; known: {PROFILES}")
+        low_a = 0 if self.profile == SHARED_MASK else 1
+        high_a = 0 if self.profile == SHARED_MASK else self.log_q
+        if not low_a <= self.out_bits_a <= high_a or not 1 <= self.out_bits_b <= self.log_q:
+            raise ParameterError("output bits must be in [1, log_q] (out_bits_a = 0 exactly for the shared-mask profile)")
         if self.delta < 2:
             raise ParameterError("delta must be >= 2")
         if self.delta * (2 * self.y_max + 1) > self.q:
@@ -123,7 +132,7 @@ class Params:
     @property
     def decrypt_one_limb(self) -> bool:
         """Whether decryption may take the faster one-limb product, its error still inside the budget."""
-        return self.out_bits_a <= ONE_LIMB_MAX_BITS and noise_bound(
+        return 0 < self.out_bits_a <= ONE_LIMB_MAX_BITS and noise_bound(
             self.n, self.log_q, self.eta, self.w_l2sq, self.out_bits_a, self.out_bits_b, self.row_parts, one_limb=True
         ) < self.delta / 2
 
@@ -147,11 +156,11 @@ class Params:
 
     def with_row_parts(self, parts: int) -> "Params":
         """The same key material, with output bits that stay exact when ``parts`` row chunks are added."""
-        a, b = _min_out_bits(self.n, self.log_q, self.eta, self.w_l2sq, self.delta, parts)
+        a, b = _min_out_bits(self.n, self.log_q, self.eta, self.w_l2sq, self.delta, parts, self.profile == SHARED_MASK)
         return replace(self, row_parts=parts, out_bits_a=a, out_bits_b=b)
 
     # Wire form: a fixed tuple of ints, so every implementation encodes parameters the same way.
-    FIELDS = ("n", "log_q", "delta", "x_bits", "w_l1", "w_l2sq", "out_bits_a", "out_bits_b", "row_parts", "eta")
+    FIELDS = ("n", "log_q", "delta", "x_bits", "w_l1", "w_l2sq", "out_bits_a", "out_bits_b", "row_parts", "eta", "profile")
 
     def to_tuple(self) -> tuple[int, ...]:
         return tuple(getattr(self, f) for f in self.FIELDS)
@@ -174,22 +183,24 @@ def noise_bound(
     a rounding bias of at most 1/2 per term. Rounding B' adds at most c_b per chunk. Decryption's
     one-limb float64 product A'' * s adds its worst-case error (ring.fft_product_error), scaled to q.
     """
-    c_a = float(2 ** (log_q - out_bits_a - 1)) if out_bits_a < log_q else 0.0
+    switched_a = 0 < out_bits_a < log_q  # out_bits_a == 0: shared mask, no A' on the wire
+    c_a = float(2 ** (log_q - out_bits_a - 1)) if switched_a else 0.0
     c_b = float(2 ** (log_q - out_bits_b - 1)) if out_bits_b < log_q else 0.0
-    bias = 0.5 * n * parts if out_bits_a < log_q else 0.0
+    bias = 0.5 * n * parts if switched_a else 0.0
     var = (eta / 2.0) * w_l2sq + parts * n * c_a * c_a
     fft = fft_product_error(n, out_bits_a) * 2.0 ** (log_q - out_bits_a) if one_limb else 0.0
     return TAIL * math.sqrt(var) + bias + parts * c_b + fft
 
 
-def _min_out_bits(n: int, log_q: int, eta: int, w_l2sq: int, delta: int, parts: int) -> tuple[int, int]:
+def _min_out_bits(n: int, log_q: int, eta: int, w_l2sq: int, delta: int, parts: int, shared: bool = False) -> tuple[int, int]:
     """Output bits (ka, kb) whose noise stays below delta/2, best first by: fewest wire bytes, then
-    the one-limb decryption being admissible (half the client's decryption FFTs), then fewest bits."""
+    the one-limb decryption being admissible (half the client's decryption FFTs), then fewest bits.
+    The shared-mask profile returns no A' (ka = 0)."""
     best: tuple[tuple[int, bool, int], tuple[int, int]] | None = None
     for kb in range(1, log_q + 1):
-        for ka in range(1, log_q + 1):
+        for ka in (0,) if shared else range(1, log_q + 1):
             if noise_bound(n, log_q, eta, w_l2sq, ka, kb, parts) < delta / 2:
-                fast = ka <= ONE_LIMB_MAX_BITS and noise_bound(n, log_q, eta, w_l2sq, ka, kb, parts, one_limb=True) < delta / 2
+                fast = 0 < ka <= ONE_LIMB_MAX_BITS and noise_bound(n, log_q, eta, w_l2sq, ka, kb, parts, one_limb=True) < delta / 2
                 key = ((ka + kb + 7) // 8, not fast, ka + kb)
                 if best is None or key < best[0]:
                     best = (key, (ka, kb))
@@ -205,6 +216,7 @@ def choose_params(
     n: int | None = None,
     switch_output: bool = True,
     row_parts: int = 1,
+    profile: str = "default",
 ) -> Params:
     """Smallest secure, exact parameters for weights with ``stats`` and ``x_bits``-bit activations.
 
@@ -228,11 +240,14 @@ def choose_params(
     if n is not None and ring_n != n:
         check_secure(n, log_q)  # raises with the table's explanation
     delta = (1 << log_q) // (2 * y_max + 1)
+    if profile not in PROFILES:
+        raise ParameterError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    shared = PROFILES[profile] == SHARED_MASK
     if switch_output:
-        out_a, out_b = _min_out_bits(ring_n, log_q, ETA, stats.l2sq, delta, row_parts)
+        out_a, out_b = _min_out_bits(ring_n, log_q, ETA, stats.l2sq, delta, row_parts, shared)
     else:
-        out_a = out_b = log_q
+        out_a, out_b = (0 if shared else log_q), log_q
     return Params(
         n=ring_n, log_q=log_q, delta=delta, x_bits=x_bits, w_l1=stats.l1, w_l2sq=stats.l2sq,
-        out_bits_a=out_a, out_bits_b=out_b, row_parts=row_parts,
+        out_bits_a=out_a, out_bits_b=out_b, row_parts=row_parts, profile=PROFILES[profile],
     )

@@ -110,6 +110,9 @@ def split_batch(batch: object) -> tuple[torch.Tensor, torch.Tensor | None, torch
     else:
         raise TypeError("a batch must be a tensor of token ids, a mapping with 'input_ids', "
                         f"or a tuple (input_ids, labels) / (input_ids, attention_mask, labels); got {type(batch).__name__}")
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2:
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"input_ids must be a 2-D tensor (batch, tokens), got {shape}; a loader yields batches, not rows")
     if mask is not None:
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids shape {tuple(ids.shape)}")

@@ -261,3 +261,60 @@ class TestSecurityProperties:
         assert format(int(words[1, 0]), "016x") == "06b8f22abce65f4e"
         # a contiguous row range is the same stretch of the stream (what a row-chunk provider expands)
         assert np.array_equal(expand_mask(seed, n=8, rows=1, first_row=1).view(np.uint64), words[1:2])
+
+
+class TestSharedMask:
+    """The shared-mask profile: B' only, one mask per block, key bound to the layer's weights."""
+
+    def setup_method(self) -> None:
+        gen = torch.Generator().manual_seed(11)
+        self.w = rand_w(80, 36, gen=gen)
+        self.x = rand_x(2048 + 300, 80, gen=gen)
+        self.params = be.params_for(self.w, 8, profile="shared-mask")
+        self.sk = be.keygen(self.params, weights=self.w)
+        self.ref = self.x @ self.w.long()
+
+    def test_exact_over_the_wire(self) -> None:
+        ct = Ciphertext.from_bytes(be.encrypt(self.sk, self.x).to_bytes())
+        out = MatmulResult.from_bytes(be.matmul(ct, self.w).to_bytes())
+        assert out.a_words is None and self.params.out_bytes <= 4
+        assert torch.equal(be.decrypt(self.sk, out), self.ref)
+
+    @pytest.mark.parametrize("transpose, bits", [(True, 8), (False, 16)])
+    def test_transpose_and_wide_activations(self, transpose: bool, bits: int) -> None:
+        x = rand_x(50, 36 if transpose else 80, bits)
+        params = be.params_for(self.w, bits, transpose=transpose, profile="shared-mask")
+        sk = be.keygen(params, weights=self.w, transpose=transpose)
+        y = be.decrypt(sk, be.matmul(be.encrypt(sk, x), self.w, transpose=transpose))
+        assert torch.equal(y, x @ (self.w.long().T if transpose else self.w.long()))
+
+    def test_splits(self) -> None:
+        ct = be.encrypt(self.sk, self.x)
+        blocks = []
+        for a, b in ((0, 1), (1, 2)):
+            sub = ct.select_blocks(a, b)
+            rows = [be.matmul(sub.select_rows(r0, r1, parts=2), self.w[r0:r1]) for r0, r1 in ((0, 30), (30, 80))]
+            blocks.append(MatmulResult.add(rows))
+        assert torch.equal(be.decrypt(self.sk, MatmulResult.concat_blocks(blocks)), self.ref)
+        cols = [be.matmul(ct, self.w[:, c0:c1]) for c0, c1 in ((0, 5), (5, 36))]
+        assert torch.equal(be.decrypt(self.sk, MatmulResult.concat_columns(cols)), self.ref)
+
+    def test_key_needs_weights_and_refuses_others(self) -> None:
+        with pytest.raises(ParameterError, match="weights"):
+            be.keygen(self.params)
+        other = be.keygen(self.params, weights=self.w)
+        with pytest.raises(KeyMismatch):
+            be.decrypt(other, be.matmul(be.encrypt(self.sk, self.x[:4]), self.w))
+
+    def test_tampered_seed_caught_by_verifier(self) -> None:
+        out = be.matmul(be.encrypt(self.sk, self.x[:10]), self.w)
+        forged = MatmulResult(out.params, out.key_id, out.tokens, None, out.b_words, (bytes(32),))
+        with pytest.raises(VerificationFailed):
+            FreivaldsVerifier.for_params(self.w, self.params).check(self.x[:10], be.decrypt(self.sk, forged))
+
+    def test_profile_fields_validated(self) -> None:
+        fields = dict(zip(Params.FIELDS, self.params.to_tuple()))
+        with pytest.raises(ParameterError, match="out_bits_a = 0"):
+            Params(**{**fields, "out_bits_a": 5})
+        with pytest.raises(ParameterError, match="unknown profile"):
+            Params(**{**fields, "profile": 7})

@@ -25,6 +25,7 @@ class Arch:
     build: Callable[[], torch.nn.Module]
     lora: Callable[[], LoraConfig]
     skip: int  # layers before the first LoRA-dependent input, in execution order
+    remote_layers: int  # frozen base Linear/Conv1D layers, the output head aside
 
 
 def _llama() -> torch.nn.Module:
@@ -40,16 +41,21 @@ def _gpt2() -> torch.nn.Module:
 
 
 LLAMA = Arch("llama", _llama, lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                   init_lora_weights=False), skip=3)
+                                                   init_lora_weights=False), skip=3, remote_layers=14)
 GPT2 = Arch("gpt2", _gpt2, lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
-                                               init_lora_weights=False), skip=1)
+                                               init_lora_weights=False), skip=1, remote_layers=8)
 ARCHS = [LLAMA, GPT2]
+
+
+def base_model(arch: Arch, seed: int = 0) -> torch.nn.Module:
+    """The plain HF model; the same weights for the same seed."""
+    torch.manual_seed(seed)
+    return arch.build()
 
 
 def peft_model(arch: Arch, seed: int = 0, lora_seed: int | None = None) -> PeftModel:
     """The same base weights for a given seed; LoRA weights random (non-zero B) from ``lora_seed``."""
-    torch.manual_seed(seed)
-    base = arch.build()
+    base = base_model(arch, seed)
     torch.manual_seed(seed if lora_seed is None else lora_seed)
     return get_peft_model(base, arch.lora())
 

@@ -1,0 +1,148 @@
+"""The shared-mask profile: one mask polynomial per block, one ternary secret per input feature.
+
+Encryption: b_j = a * s_j + delta * m_j + e_j with a single ``a`` per block expanded from the block
+seed (AES-256-CTR, the first N words of the stream, as in :mod:`.sampling`). The provider computes
+only B' = B @ W: column k encrypts (x @ W)[:, k] under the secret z_k = sum_j W[j,k] s_j, so the
+client precomputes Z = W^T S once per key and decrypts y_k = round((B'_k - a * z_k) / delta).
+This halves the provider's work and the bytes it returns; it costs the client the key-bound Z (one
+product of the layer's size per key) and memory for the evaluations of every s_j and z_k.
+
+Security: each s_j is an independent ternary RLWE secret; sharing ``a`` across them is the standard
+multi-secret setting (a hybrid over j reduces it to RLWE with one secret), under the same 128-bit
+table.
+
+The product a * z_k must be exact (its error would be multiplied by the limb shifts), and z_k is
+not ternary (|z| <= L1 of the weights), so both are cut into ``limb_bits``-bit limbs, chosen so that
+the worst-case float64 error of every summed limb product stays below 1/4 (bound as in
+:func:`.ring.fft_product_error`). Products whose shift reaches log_q vanish mod q and are skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import kernels
+from .ciphertext import Ciphertext, MatmulResult
+from .encryptor import _as_int_matrix, block_view, check_range
+from .errors import KeyMismatch, ParameterError
+from .evaluator import PlainWeights, contraction_width
+from .keys import KEY_ID_BYTES
+from .parallel import for_row_chunks
+from .params import SHARED_MASK, Params
+from .ring import LIMB_BITS, NegacyclicFFT, limb_count, ternary_eval
+from .sampling import expand_mask, fresh_seed, random_words, ternary_secret
+
+
+def exact_limb_bits(n: int, z_bits: int) -> int:
+    """Largest limb width (<= 26) whose summed limb products a_l * z_m stay exact in float64."""
+    u = 2.0**-53
+    rel = 3 * math.log2(n // 2) * 5 * u
+    for bits in range(LIMB_BITS, 7, -1):
+        terms = limb_count(z_bits, bits)  # products that can share one shift level
+        worst = 2 * rel * 2.0 ** (bits - 1) * math.sqrt(n) * n * 2.0 ** (bits - 1) * terms
+        if worst < 0.25:
+            return bits
+    raise ParameterError(f"no exact limb width for N={n}")
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class SharedMaskKey:
+    """Secrets s_j of one layer (and direction), bound to its weights through Z = W^T S."""
+
+    params: Params
+    s: np.ndarray  # (contraction, n) int8 ternary
+    key_id: bytes
+    weights: PlainWeights
+    transpose: bool
+
+    ring: NegacyclicFFT = field(init=False)
+    s_eval: np.ndarray = field(init=False)  # (contraction, n/2) evaluations of each s_j
+    z_eval: np.ndarray = field(init=False)  # (z limbs, width, n/2) evaluations of z_k's limbs
+    limb_bits: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        p = self.params
+        if p.profile != SHARED_MASK:
+            raise ParameterError("a SharedMaskKey needs shared-mask parameters (profile='shared-mask')")
+        contraction, _ = contraction_width(self.weights, self.transpose)
+        if self.s.shape != (contraction, p.n):
+            raise ValueError(f"secrets must have shape ({contraction}, {p.n})")
+        p.for_weights(self.weights.stats(self.transpose))
+        ring = NegacyclicFFT(p.n)
+        left = self.weights.f64 if self.transpose else self.weights.f64.t()  # (width, contraction)
+        # exact: |sum_j w_jk s_j[t]| <= L1 < 2^53
+        z = torch.round(left @ torch.from_numpy(self.s.astype(np.float64))).to(torch.int64).numpy()
+        z_bits = int(np.abs(z).max()).bit_length() + 1
+        bits = exact_limb_bits(p.n, z_bits)
+        object.__setattr__(self, "ring", ring)
+        object.__setattr__(self, "limb_bits", bits)
+        object.__setattr__(self, "s_eval", ternary_eval(ring, self.s))
+        object.__setattr__(self, "z_eval", ring.evaluate(np.ascontiguousarray(z), z_bits, bits))
+
+    @classmethod
+    def generate_key(cls, params: Params, weights: "torch.Tensor | PlainWeights", *, transpose: bool = False) -> "SharedMaskKey":
+        pw = PlainWeights.of(weights)
+        contraction, _ = contraction_width(pw, transpose)
+        s = np.stack([ternary_secret(params.n) for _ in range(contraction)]).astype(np.int8)
+        return cls(params=params, s=s, key_id=os.urandom(KEY_ID_BYTES), weights=pw, transpose=transpose)
+
+    def __repr__(self) -> str:
+        return f"SharedMaskKey(id={self.key_id.hex()}, n={self.params.n}, features={self.s.shape[0]})"
+
+    def __reduce__(self):
+        raise TypeError("a SharedMaskKey is never serialised implicitly")
+
+
+def encrypt(sk: SharedMaskKey, x: torch.Tensor | np.ndarray) -> Ciphertext:
+    p = sk.params
+    xm = _as_int_matrix(x, "activations")
+    check_range(xm, p.x_bits)
+    n, (tokens, d) = p.n, xm.shape
+    if d != sk.s.shape[0]:
+        raise KeyMismatch(f"key has {sk.s.shape[0]} secrets, activations have {d} features")
+    blocks = -(-tokens // n)
+    out = np.empty((blocks, d, n), dtype=np.int64)
+    seeds = tuple(fresh_seed() for _ in range(blocks))
+    for b, seed in enumerate(seeds):
+        msg = block_view(xm, n, b)
+        a_eval = sk.ring.evaluate(expand_mask(seed, n=n, rows=1), p.log_q)  # (limbs, 1, n/2)
+
+        def chunk(r0: int, r1: int, b: int = b, msg: np.ndarray = msg, a_eval: np.ndarray = a_eval) -> None:
+            f = sk.ring.inverse(a_eval * sk.s_eval[r0:r1])
+            kernels.finish_encrypt(f, sk.ring.untwist, LIMB_BITS, p.log_q, p.delta, msg[r0:r1], random_words(r1 - r0, n), out[b, r0:r1])
+
+        for_row_chunks(d, chunk)
+    return Ciphertext(params=p, key_id=sk.key_id, tokens=tokens, first_row=0, seeds=seeds, words=out)
+
+
+def decrypt(sk: SharedMaskKey, res: MatmulResult) -> torch.Tensor:
+    p, kp = res.params, sk.params
+    if res.key_id != sk.key_id:
+        raise KeyMismatch(f"result is for key {res.key_id.hex()}, this key is {sk.key_id.hex()}")
+    if (p.n, p.log_q, p.delta, p.profile) != (kp.n, kp.log_q, kp.delta, kp.profile):
+        raise KeyMismatch("result parameters (N, q, delta, profile) differ from the key's")
+    if res.d_out != sk.z_eval.shape[1]:
+        raise KeyMismatch(f"result has {res.d_out} columns, the key's weights have {sk.z_eval.shape[1]}")
+    n, bits = p.n, sk.limb_bits
+    levels = limb_count(p.log_q, bits)  # shift bits * level >= log_q vanishes mod q
+    y = np.empty((res.blocks * n, res.d_out), dtype=np.int64)
+    for b, seed in enumerate(res.seeds):
+        a_eval = sk.ring.evaluate(expand_mask(seed, n=n, rows=1), p.log_q, bits)  # (levels, 1, n/2)
+        yb = y[b * n : (b + 1) * n].T
+
+        def chunk(r0: int, r1: int, b: int = b, a_eval: np.ndarray = a_eval, yb: np.ndarray = yb) -> None:
+            f = np.zeros((levels, r1 - r0, n // 2), dtype=np.complex128)
+            for m in range(sk.z_eval.shape[0]):
+                for lvl in range(m, levels):
+                    f[lvl] += a_eval[lvl - m] * sk.z_eval[m, r0:r1]
+            f = sk.ring.inverse(f)
+            # out_bits_a = log_q: the product a * z_k is already at full scale
+            kernels.finish_decrypt(f, sk.ring.untwist, bits, p.log_q, p.log_q, p.out_bits_b, p.delta, res.b_words[b, r0:r1], yb[r0:r1])
+
+        for_row_chunks(res.d_out, chunk)
+    return torch.from_numpy(y[: res.tokens])
