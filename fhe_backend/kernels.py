@@ -48,17 +48,26 @@ def fold_limbs(words, log_q, limb_bits, twist, out):
                 im = (im - lo_im) >> limb_bits
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _unfold(f, untwist, limb_bits, i, j):
-    """Exact integer coefficients (j, j + n/2) of row i from limb evaluations after the inverse FFT."""
-    acc_re = np.int64(0)
-    acc_im = np.int64(0)
-    u = untwist[j]
+@njit(cache=True, nogil=True)
+def _unfold_row(f, untwist, limb_bits, i, acc_re, acc_im):
+    """Exact integer coefficients of row i from its limb evaluations after the inverse FFT:
+    acc_re[j] = coefficient j, acc_im[j] = coefficient j + n/2 (limb loops kept innermost-simple
+    so they vectorise)."""
+    acc_re[:] = 0
+    acc_im[:] = 0
     for l in range(f.shape[0]):
-        z = f[l, i, j] * u
-        acc_re += np.int64(np.rint(z.real)) << (limb_bits * l)
-        acc_im += np.int64(np.rint(z.imag)) << (limb_bits * l)
-    return acc_re, acc_im
+        sh = limb_bits * l
+        for j in range(f.shape[2]):
+            z = f[l, i, j] * untwist[j]
+            acc_re[j] += np.int64(np.rint(z.real)) << sh
+            acc_im[j] += np.int64(np.rint(z.imag)) << sh
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _cbd24(r):
+    """Centred binomial sample (eta = 24) from the low 48 bits of a CSPRNG word."""
+    low24 = np.uint64(0xFFFFFF)
+    return _popcount(r & low24) - _popcount((r >> np.uint64(24)) & low24)
 
 
 @njit(cache=True, nogil=True)
@@ -70,14 +79,25 @@ def finish_encrypt(f, untwist, limb_bits, log_q, delta, msg, rand, out):
     """
     half = f.shape[2]
     mask = np.int64(-1) if log_q == 64 else (np.int64(1) << log_q) - 1
-    low24 = np.uint64(0xFFFFFF)
+    acc_re = np.empty(half, dtype=np.int64)
+    acc_im = np.empty(half, dtype=np.int64)
     for i in range(f.shape[1]):
+        _unfold_row(f, untwist, limb_bits, i, acc_re, acc_im)
         for j in range(half):
-            p_re, p_im = _unfold(f, untwist, limb_bits, i, j)
-            for c, p in ((j, p_re), (j + half, p_im)):
-                r = rand[i, c]
-                e = _popcount(r & low24) - _popcount((r >> np.uint64(24)) & low24)
-                out[i, c] = (p + delta * msg[i, c] + e) & mask
+            out[i, j] = (acc_re[j] + delta * msg[i, j] + _cbd24(rand[i, j])) & mask
+            k = j + half
+            out[i, k] = (acc_im[j] + delta * msg[i, k] + _cbd24(rand[i, k])) & mask
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _decode(b_word, p, sb, sa, shift, delta):
+    """round(((b << sb) - (p << sa)) mod 2^log_q, centred, / delta) without overflow."""
+    v = (b_word << sb) - (p << sa)
+    v = (v << shift) >> shift  # centred representative mod 2^log_q
+    y = v // delta  # floor division
+    if 2 * (v - y * delta) >= delta:
+        y += 1
+    return y
 
 
 @njit(cache=True, nogil=True)
@@ -90,17 +110,13 @@ def finish_decrypt(f, untwist, limb_bits, log_q, out_bits_a, out_bits_b, delta, 
     shift = 64 - log_q
     sa = log_q - out_bits_a
     sb = log_q - out_bits_b
+    acc_re = np.empty(half, dtype=np.int64)
+    acc_im = np.empty(half, dtype=np.int64)
     for i in range(f.shape[1]):
+        _unfold_row(f, untwist, limb_bits, i, acc_re, acc_im)
         for j in range(half):
-            p_re, p_im = _unfold(f, untwist, limb_bits, i, j)
-            for c, p in ((j, p_re), (j + half, p_im)):
-                v = (b_words[i, c] << sb) - (p << sa)
-                v = (v << shift) >> shift  # centred representative mod 2^log_q
-                y = v // delta  # floor division
-                rem = v - y * delta
-                if 2 * rem >= delta:
-                    y += 1
-                out[i, c] = y
+            out[i, j] = _decode(b_words[i, j], acc_re[j], sb, sa, shift, delta)
+            out[i, j + half] = _decode(b_words[i, j + half], acc_im[j], sb, sa, shift, delta)
 
 
 @njit(cache=True, nogil=True)
