@@ -119,7 +119,7 @@ def _payload_bytes(obj: object) -> int:
     if isinstance(obj, Ciphertext):
         return obj.words.size * obj.params.in_bytes
     if isinstance(obj, MatmulResult):
-        return obj.a_words.size * obj.params.out_bytes
+        return obj.b_words.size * obj.params.out_bytes
     return 0  # the clear backend sends nothing anywhere
 
 
@@ -130,6 +130,8 @@ class LocalExecutor:
     key and, when ``verify``, a Freivalds checker. ``matmul`` encrypts, has the provider multiply,
     decrypts and checks. With ``wire=True`` ciphertexts and results cross as bytes
     (``to_bytes``/``from_bytes``), exactly what a network provider would receive and return.
+    ``profile="shared-mask"`` (rlwe only) halves the provider's work and the bytes it returns, at
+    the price of key material of about the layer's size per layer and direction in client memory.
     """
 
     def __init__(
@@ -137,6 +139,7 @@ class LocalExecutor:
         layers: Mapping[str, LayerSpec],
         *,
         backend: str = "rlwe",
+        profile: str = "default",
         wire: bool = False,
         verify: bool = True,
         provider: LoopbackProvider | None = None,
@@ -145,11 +148,17 @@ class LocalExecutor:
         self._provider = provider or LoopbackProvider({k: s.plain for k, s in layers.items()}, backend=backend)
         self._wire = wire
         self._channels: dict[tuple[str, bool], _Channel] = {}
+        shared = profile != "default"  # the clear backend knows only the default profile
         for key, spec in layers.items():
             for transpose in (False, True) if spec.backward else (False,):
-                params = self._backend.params_for(spec.plain, spec.n_bits, transpose=transpose)
+                if shared:
+                    params = self._backend.params_for(spec.plain, spec.n_bits, transpose=transpose, profile=profile)
+                    secret = self._backend.keygen(params, weights=spec.plain, transpose=transpose)
+                else:
+                    params = self._backend.params_for(spec.plain, spec.n_bits, transpose=transpose)
+                    secret = self._backend.keygen(params)
                 checker = FreivaldsVerifier.for_params(spec.plain, params, transpose=transpose) if verify else None
-                self._channels[key, transpose] = _Channel(self._backend.keygen(params), checker)
+                self._channels[key, transpose] = _Channel(secret, checker)
         self._stats = ExecutorStatistics()
         self.params = {k: ch.key.params for k, ch in self._channels.items()}  # (layer, transpose) -> Params
 

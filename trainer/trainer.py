@@ -225,12 +225,14 @@ class LoraTrainer:
     def compiled(self) -> bool:
         return bool(self._local)
 
-    def compile(self, inputset: object, n_bits: int = 8) -> None:
+    def compile(self, inputset: object, n_bits: int = 8, *, profile: str = "default") -> None:
         """Put remote layers in place, check the backprop skip on ``inputset``, choose parameters, make keys.
 
         Activations are quantized per token at run time, so ``inputset`` (one batch, or a loader
         whose first batch is used) only traces which layers run, in what order, and which inputs
         need a gradient. Parameters come from each layer's int8 weights and ``n_bits``.
+        ``profile`` is the encryption profile of ``fhe="execute"``: "default", or "shared-mask"
+        (half the provider work and returned bytes; key material of about each layer's size).
         """
         n_bits = check_n_bits(n_bits)
         base = self.model.get_base_model()
@@ -243,10 +245,10 @@ class LoraTrainer:
         self._apply_backprop_skip(trace)
         specs = self.layer_specs()
         self._local = {
-            "execute": LocalExecutor(specs, backend="rlwe"),
+            "execute": LocalExecutor(specs, backend="rlwe", profile=profile),
             "simulate": LocalExecutor(specs, backend="clear", verify=False),
         }
-        self._log({"event": "compile", "n_bits": n_bits, "layers": len(specs),
+        self._log({"event": "compile", "n_bits": n_bits, "profile": profile, "layers": len(specs),
                    "backward_layers": sum(s.backward for s in specs.values())})
 
     def _trace(self, batch: object) -> list[tuple[str, bool]]:

@@ -22,11 +22,11 @@ def _ints(rows: int, cols: int, n_bits: int) -> torch.Tensor:
     return torch.randint(-(1 << (n_bits - 1)), 1 << (n_bits - 1), (rows, cols), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("backend", ["rlwe", "clear"])
+@pytest.mark.parametrize(("backend", "profile"), [("rlwe", "default"), ("rlwe", "shared-mask"), ("clear", "default")])
 @pytest.mark.parametrize("wire", [False, True])
-def test_products_are_exact(backend: str, wire: bool) -> None:
+def test_products_are_exact(backend: str, profile: str, wire: bool) -> None:
     specs = _specs()
-    ex = LocalExecutor(specs, backend=backend, wire=wire)
+    ex = LocalExecutor(specs, backend=backend, profile=profile, wire=wire)
     assert isinstance(ex, MatmulExecutor)
     w = specs["both"].weight.q.to(torch.int64)
     x, g = _ints(5, 40, 8), _ints(5, 16, 8)

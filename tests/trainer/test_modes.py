@@ -27,11 +27,11 @@ def _loss_and_grads(trainer, batch: torch.Tensor, fhe: str, executor=None, model
     return out.loss.detach(), out.logits.detach(), lora_grads(model)
 
 
-@pytest.mark.parametrize("n_bits", [8, 16])
-def test_simulate_and_execute_are_bit_identical(arch: Arch, n_bits: int) -> None:
+@pytest.mark.parametrize(("n_bits", "profile"), [(8, "default"), (16, "default"), (8, "shared-mask")])
+def test_simulate_and_execute_are_bit_identical(arch: Arch, n_bits: int, profile: str) -> None:
     trainer = make_trainer(arch)
     batch = token_data(2, 12)
-    trainer.compile(batch, n_bits=n_bits)
+    trainer.compile(batch, n_bits=n_bits, profile=profile)
     loss_s, logits_s, grads_s = _loss_and_grads(trainer, batch, "simulate")
     loss_e, logits_e, grads_e = _loss_and_grads(trainer, batch, "execute")
     assert torch.equal(loss_s, loss_e) and torch.equal(logits_s, logits_e)

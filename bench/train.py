@@ -1,0 +1,132 @@
+"""Seconds per LoRA training step: plain float against encrypted base layers, side by side in one run.
+
+(a) a 1-layer random LLaMA, hidden = intermediate = 512, 8 heads, vocab 512, LoRA r=4 on q_proj and
+    v_proj, n_layers_to_skip_for_backprop=3, n_bits=8, shifted cross-entropy, one sequence per step:
+    8 tokens (Concrete ML 1.9's LoraTrainer: 290.6 s per step with fhe="execute" on this CPU), then
+    2048 tokens (a full ring block) for the cost per token.
+(b) --big: the same with LLaMA-8B layer sizes (hidden 4096, intermediate 14336, 32 heads, 8 KV heads)
+    and 2048-token micro-batches. Heavy: minutes per step and ~8 GB of memory.
+
+Modes: disable (plain float), execute (encrypt, in-process provider, decrypt, Freivalds check) and
+remote. Without --remote-executor, "remote" is the in-process loopback whose provider sees only
+ciphertext bytes and public weights (what the network adds is then only serialisation); with
+``--remote-executor pkg.module:factory`` it is ``factory(layer_specs)``, e.g. the node client.
+Absolute times on a shared machine are noise; the ratios are the figures.
+
+    python bench/train.py                 # (a), a few minutes on 2 cores
+    python bench/train.py --big           # (a) and (b)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import statistics
+from typing import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from cipherswarm.trainer import LayerSpec, LocalExecutor, LoraTrainer, MatmulExecutor, StepRecord, causal_lm_loss  # noqa: E402
+
+from common import row  # noqa: E402
+
+CONCRETE_ML_EXECUTE_S = 290.6  # Concrete ML 1.9 LoraTrainer, fhe="execute", config (a), 8 tokens, this CPU
+CONCRETE_ML_TOKENS = 8
+GOAL_STEP, GOAL_TOKEN = 100.0, 10_000.0
+
+SMALL = dict(hidden_size=512, intermediate_size=512, num_attention_heads=8, num_key_value_heads=8, vocab_size=512)
+BIG = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, vocab_size=512)
+
+ExecutorFactory = Callable[[dict[str, LayerSpec]], MatmulExecutor]
+
+
+def loopback(specs: dict[str, LayerSpec]) -> MatmulExecutor:
+    """The in-process "remote": ciphertexts cross to a weights-only provider as bytes."""
+    return LocalExecutor(specs, wire=True)
+
+
+def load_factory(spec: str) -> ExecutorFactory:
+    module, _, attr = spec.partition(":")
+    if not attr:
+        raise SystemExit(f"--remote-executor must look like pkg.module:factory, got {spec!r}")
+    return getattr(importlib.import_module(module), attr)
+
+
+def measure(sizes: dict, tokens: int, fhe: str, steps: int, warmup: int, factory: ExecutorFactory | None) -> list[StepRecord]:
+    """Step records of ``steps`` timed steps (after ``warmup``) of a fresh trainer in mode ``fhe``."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(num_hidden_layers=1, max_position_embeddings=max(tokens, 8), **sizes)
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    trainer = LoraTrainer(model=model, optimizer=opt, loss_fn=causal_lm_loss, n_layers_to_skip_for_backprop=3,
+                          train_log_path=None)
+    data = torch.randint(0, sizes["vocab_size"], (warmup + steps, tokens), generator=torch.Generator().manual_seed(1))
+    executor = None
+    if fhe != "disable":
+        trainer.compile(data[:1], n_bits=8)
+        if fhe == "remote":
+            executor = factory(trainer.layer_specs())
+    trainer.train(torch.utils.data.DataLoader(data, batch_size=1), fhe=fhe, executor=executor, progress=False)
+    return list(trainer.step_records[warmup:])
+
+
+def report(title: str, sizes: dict, tokens: int, modes: list[str], args: argparse.Namespace,
+           factory: ExecutorFactory | None) -> dict[str, float]:
+    print(f"\n{title}: {tokens} tokens per step, {args.steps} timed step(s) after {args.warmup} warm-up")
+    per_step: dict[str, float] = {}
+    for fhe in modes:
+        records = measure(sizes, tokens, fhe, args.steps, args.warmup, factory)
+        med = statistics.median
+        per_step[fhe] = med(r.wall_s for r in records)
+        detail = f"{per_step[fhe]:.3f} s/step"
+        if fhe != "disable":
+            crypto = med(r.cpu_encrypt_s + r.cpu_decrypt_s + r.cpu_verify_s + r.cpu_wire_s for r in records)
+            detail += (f"  | client CPU: crypto {crypto:.2f} s, plaintext {med(r.cpu_plain_s for r in records):.2f} s"
+                       f" | provider CPU {med(r.provider_s for r in records):.2f} s"
+                       f" | {med(r.remote_calls for r in records):.0f} products,"
+                       f" {med(r.bytes_sent for r in records) / 1e6:.1f} MB out, {med(r.bytes_received for r in records) / 1e6:.1f} MB back")
+        print(f"  {fhe:<8} {detail}")
+    for fhe in modes[1:]:
+        print(row(f"{fhe} / disable", f"{per_step[fhe] / per_step['disable']:.1f}x"))
+    return per_step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per mode (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (kernel compilation, caches)")
+    parser.add_argument("--long-tokens", type=int, default=2048, help="tokens of the per-token micro-batch")
+    parser.add_argument("--big", action="store_true", help="also run (b), LLaMA-8B layer sizes (heavy)")
+    parser.add_argument("--remote-executor", metavar="MODULE:FACTORY",
+                        help="factory(layer_specs) -> executor for fhe='remote' (default: in-process bytes loopback)")
+    parser.add_argument("--no-remote", action="store_true", help="skip the remote column")
+    args = parser.parse_args()
+    hf_logging.set_verbosity_error()
+    factory = None if args.no_remote else (load_factory(args.remote_executor) if args.remote_executor else loopback)
+    modes = ["disable", "execute"] + ([] if factory is None else ["remote"])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+          f"remote = {args.remote_executor or ('none' if factory is None else 'in-process bytes loopback')}")
+
+    short = report("(a) 1-layer LLaMA 512/512", SMALL, CONCRETE_ML_TOKENS, modes, args, factory)
+    long = report("(a) 1-layer LLaMA 512/512", SMALL, args.long_tokens, modes, args, factory)
+    print("\nagainst Concrete ML 1.9 LoraTrainer, fhe='execute', (a), 290.6 s per 8-token step:")
+    for fhe in modes[1:]:
+        step_x = CONCRETE_ML_EXECUTE_S / short[fhe]
+        token_x = (CONCRETE_ML_EXECUTE_S / CONCRETE_ML_TOKENS) / (long[fhe] / args.long_tokens)
+        print(row(f"{fhe}: speed-up per 8-token step", f"{step_x:,.0f}x", f"goal >= {GOAL_STEP:,.0f}x", step_x >= GOAL_STEP))
+        print(row(f"{fhe}: speed-up per token ({args.long_tokens}-token micro-batches)", f"{token_x:,.0f}x",
+                  f"goal >= {GOAL_TOKEN:,.0f}x", token_x >= GOAL_TOKEN))
+    if args.big:
+        report("(b) 1-layer LLaMA, 8B layer sizes 4096/14336", BIG, args.long_tokens, modes, args, factory)
+
+
+if __name__ == "__main__":
+    main()
