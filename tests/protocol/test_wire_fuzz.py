@@ -51,8 +51,9 @@ from cipherswarm.protocol.signing import HEADER_DOMAIN, sign
 from cipherswarm.protocol.varint import encode_uvarint
 
 LIMITS = Limits(max_payload_size=4096)
-MEMORY_BOUND = 1 << 20
-"""Bytes the receive path may allocate for one input of at most a few KiB, whatever sizes it declares."""
+MEMORY_BOUND = 256 * 1024
+"""Bytes the receive path may allocate for one input of a few KiB, whatever sizes it declares (about
+8 KiB is typical; a buffer sized by any declared length would exceed this)."""
 
 SEALED_REQUEST, REQUEST_FRAME = request_frame()
 REPLY_FRAME = reply_frame(SEALED_REQUEST)
