@@ -19,9 +19,10 @@ parameter set):
 Limits measured on concrete-ml-extensions 0.2.0 (CPU build):
 
 * **Approximate, not exact.** Decrypted values carry noise of standard deviation about
-  ``2^(B-23)`` (measured; the bound below models ``2^(B-22.25)``), so results are exact only while
-  ``B <= 18`` and otherwise lie within :attr:`ZamaParams.tolerance` of ``x @ w``. ``B`` is chosen as
-  small as the weights and ``x_bits`` allow (int8 x int8 over 512 features: B = 24, tolerance 32).
+  ``2^(B-22.6)`` (measured; :func:`noise_std` bounds it by ``2^(B-22.2)``), so results are exact
+  only while ``B <= 17`` and otherwise lie within :attr:`ZamaParams.tolerance` of ``x @ w``. ``B``
+  is chosen as small as the weights and ``x_bits`` allow (int8 x int8 over 512 features: B = 24,
+  tolerance 34, i.e. 2e-6 of the output range). Errors of one token row are correlated.
 * Shapes: any tokens, ``d_in`` and ``d_out`` >= 1 work (measured d_in in 1..4096, including values
   that are not multiples of 2048, and d_out in 1..2049): the CPU build has no minimum dimension,
   small ones merely waste most of each 2048-slot GLWE (a row costs 10 KB up to 2048 features).
@@ -100,21 +101,24 @@ def _native(call: Callable[..., Any], *args: Any, error: type[Exception], what: 
 
 
 def noise_std(crypto: dict[str, Any], w_l2sq: int) -> float:
-    """Std bound of the decryption noise, in units of the ciphertext modulus q (before dividing by Delta).
+    """Std bound of the decryption noise of one output value, in units of the ciphertext modulus q.
 
     Terms (variances; every rounding error is uniform, so strictly sub-Gaussian with its variance as
-    proxy, and independent across coefficients because masks are uniform; key weights are bounded
-    by their dimension, the worst case, not the expected half):
+    proxy, and the terms summed for one value are independent because masks are uniform; key
+    Hamming weights are bounded by the key dimension, the worst case, not the expected half):
 
     * input: the body is rounded to ``input_storage_ciphertext_modulus`` bits (the mask is a seed and
       stays exact), step s_in, plus fresh Gaussian noise: ``||w||_2^2 (s_in^2/12 + sigma^2)``;
     * packing keyswitch: the k_in N_in LWE mask coefficients are rounded to ``level * base_log``
-      bits, ``k_in N_in s_ks^2 / 12``, and key noise times digits below ``2^(base_log-1)``:
-      ``level k_in N_in 4^(base_log-1) sigma_pks^2``;
+      bits, ``k_in N_in s_ks^2 / 12``; and the key's noise polynomials, times digits below
+      ``2^(base_log-1)``, reach every slot from each of the up to k_out N_out LWEs packed into one
+      GLWE: ``k_out N_out level k_in N_in 4^(base_log-1) sigma_pks^2``;
     * output: every coefficient of the (k_out + 1) N_out output GLWE is rounded to
       ``output_storage_ciphertext_modulus`` bits: ``(1 + k_out N_out) s_out^2 / 12``.
 
-    Measured noise is 0.55-0.7x this bound (a key's Hamming weight is about half its dimension).
+    Measured noise is about 0.7x this bound (std 2.6 at B = 24 over 64 rows). The outputs of one
+    token row share their GLWE's rounded mask and the binary key has a non-zero mean, so their
+    errors are correlated (a common offset per row): averaging a row does not shrink them.
     """
     log_q = int(crypto["ciphertext_modulus_bit_count"])
     n_in = int(crypto["encryption_glwe_dimension"]) * int(crypto["polynomial_size"])
@@ -129,7 +133,7 @@ def noise_std(crypto: dict[str, Any], w_l2sq: int) -> float:
     var = (
         w_l2sq * (s_in * s_in / 12.0 + sigma_in * sigma_in)
         + n_in * s_ks * s_ks / 12.0
-        + int(crypto["packing_ks_level"]) * n_in * digit * digit * sigma_pks * sigma_pks
+        + n_out * int(crypto["packing_ks_level"]) * n_in * digit * digit * sigma_pks * sigma_pks
         + (1 + n_out) * s_out * s_out / 12.0
     )
     return math.sqrt(var) / q
@@ -189,7 +193,7 @@ class ZamaParams:
         """|decrypt(...) - x @ w| <= tolerance except with probability < 2**-FAILURE_LOG2 per value.
 
         Decoding rounds ``y + e/Delta`` to the nearest integer, so the integer error is at most
-        ``TAIL * sigma + 1/2`` rounded down. It is 0 (exact) while ``bits <= 18``.
+        ``TAIL * sigma + 1/2`` rounded down. It is 0 (exact) while ``bits <= 17``.
         """
         return int(math.floor(TAIL * self.sigma + 0.5))
 

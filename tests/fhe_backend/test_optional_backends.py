@@ -138,22 +138,21 @@ class TestZama:
         mod 2^39, keyswitch decomposition to 28 bits, output stored mod 2^26: that one dominates,
         ~2^41.8 q/2^64) and Gaussian key noise, so it is sub-Gaussian with the summed variance
         sigma^2; decoding divides by Delta = 2^(64-B) and rounds, so |error| <= 9.49 sigma + 1/2
-        except with probability 2^-64. Int8 x int8 over 512 features needs B = 24: sigma = 3.37,
-        tolerance 32, i.e. ~2e-6 of the output range 2^23. The bound takes the worst-case key
-        weight, so measured noise is ~0.55-0.7 sigma: both the max and the std are checked.
+        except with probability 2^-64 per value. Int8 x int8 over 512 features needs B = 24:
+        sigma = 3.55, tolerance 34, i.e. 2e-6 of the output range 2^23. The bound takes the
+        worst-case key weight; measured noise is ~0.7 sigma (max |error| 5-9 here). Errors within
+        a token row share an offset, so a sample std over 4 rows is too noisy to assert on.
         """
         be, w, params, sk = zama
         assert not be.exact
-        assert params.bits == 24 and params.tolerance == 32
+        assert params.bits == 24 and params.tolerance == 34
         gen = torch.Generator().manual_seed(12)
         x = rand(gen, -128, 127, 4, D)
         ct = be.Ciphertext.from_bytes(be.encrypt(sk, x).to_bytes())
         out = be.Result.from_bytes(be.matmul(ct, w).to_bytes())
         y = be.decrypt(sk, out)
         assert y.dtype == torch.int64 and y.shape == (4, 32)
-        err = (y - reference(x, w)).abs()
-        assert int(err.max()) <= params.tolerance
-        assert float((y - reference(x, w)).double().std()) <= params.sigma
+        assert int((y - reference(x, w)).abs().max()) <= params.tolerance
 
     def test_transpose(self, zama) -> None:
         be, w, params, sk = zama
@@ -165,12 +164,12 @@ class TestZama:
         assert int((y - reference(x, wt, transpose=True)).abs().max()) <= params.tolerance
 
     def test_exact_when_results_are_small(self, zama) -> None:
-        """With B <= 18 result bits the tolerance is 0: 4-bit inputs and weights are exact."""
+        """With B <= 17 result bits the tolerance is 0: 4-bit inputs and weights are exact."""
         be, _, _, sk = zama
         gen = torch.Generator().manual_seed(14)
         x, w = rand(gen, -8, 7, 3, D), rand(gen, -8, 7, D, 8)
         params = be.params_for(w, 4)
-        assert params.bits <= 18 and params.tolerance == 0
+        assert params.bits <= 17 and params.tolerance == 0
         k = sk.for_params(params)  # same key material, other encoding: no second 10 s keygen
         assert torch.equal(be.decrypt(k, be.matmul(be.encrypt(k, x), w)), reference(x, w))
 
