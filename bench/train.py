@@ -7,10 +7,10 @@
 (b) --big: the same with LLaMA-8B layer sizes (hidden 4096, intermediate 14336, 32 heads, 8 KV heads)
     and 2048-token micro-batches. Heavy: minutes per step and ~8 GB of memory.
 
-Modes: disable (plain float), execute (encrypt, in-process provider, decrypt, Freivalds check) and
-remote. Without --remote-executor, "remote" is the in-process loopback whose provider sees only
-ciphertext bytes and public weights (what the network adds is then only serialisation); with
-``--remote-executor pkg.module:factory`` it is ``factory(layer_specs)``, e.g. the node client.
+Columns: disable (plain float); execute (encrypt, in-process provider, decrypt, Freivalds check) per
+encryption profile; remote. Without --remote-executor, "remote" is the in-process loopback whose
+provider sees only ciphertext bytes and public weights (so what it adds is serialisation only);
+with ``--remote-executor pkg.module:factory`` it is ``factory(layer_specs)``, e.g. the node client.
 Absolute times on a shared machine are noise; the ratios are the figures.
 
     python bench/train.py                 # (a), a few minutes on 2 cores
@@ -24,6 +24,7 @@ import importlib
 import os
 import platform
 import statistics
+from dataclasses import dataclass
 from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -47,9 +48,19 @@ BIG = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, nu
 ExecutorFactory = Callable[[dict[str, LayerSpec]], MatmulExecutor]
 
 
-def loopback(specs: dict[str, LayerSpec]) -> MatmulExecutor:
+@dataclass(frozen=True)
+class Column:
+    """One way of running the same training step."""
+
+    label: str
+    fhe: str
+    profile: str = "default"  # encryption profile of the local executors
+    factory: ExecutorFactory | None = None  # builds the executor of fhe="remote"
+
+
+def loopback(profile: str) -> ExecutorFactory:
     """The in-process "remote": ciphertexts cross to a weights-only provider as bytes."""
-    return LocalExecutor(specs, wire=True)
+    return lambda specs: LocalExecutor(specs, profile=profile, wire=True)
 
 
 def load_factory(spec: str) -> ExecutorFactory:
@@ -59,8 +70,8 @@ def load_factory(spec: str) -> ExecutorFactory:
     return getattr(importlib.import_module(module), attr)
 
 
-def measure(sizes: dict, tokens: int, fhe: str, steps: int, warmup: int, factory: ExecutorFactory | None) -> list[StepRecord]:
-    """Step records of ``steps`` timed steps (after ``warmup``) of a fresh trainer in mode ``fhe``."""
+def measure(sizes: dict, tokens: int, col: Column, steps: int, warmup: int) -> list[StepRecord]:
+    """Step records of ``steps`` timed steps (after ``warmup``) of a fresh trainer run as ``col``."""
     torch.manual_seed(0)
     cfg = LlamaConfig(num_hidden_layers=1, max_position_embeddings=max(tokens, 8), **sizes)
     model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
@@ -69,63 +80,72 @@ def measure(sizes: dict, tokens: int, fhe: str, steps: int, warmup: int, factory
                           train_log_path=None)
     data = torch.randint(0, sizes["vocab_size"], (warmup + steps, tokens), generator=torch.Generator().manual_seed(1))
     executor = None
-    if fhe != "disable":
-        trainer.compile(data[:1], n_bits=8)
-        if fhe == "remote":
-            executor = factory(trainer.layer_specs())
-    trainer.train(torch.utils.data.DataLoader(data, batch_size=1), fhe=fhe, executor=executor, progress=False)
+    if col.fhe != "disable":
+        trainer.compile(data[:1], n_bits=8, profile=col.profile)
+        if col.factory is not None:
+            executor = col.factory(trainer.layer_specs())
+    trainer.train(torch.utils.data.DataLoader(data, batch_size=1), fhe=col.fhe, executor=executor, progress=False)
     return list(trainer.step_records[warmup:])
 
 
-def report(title: str, sizes: dict, tokens: int, modes: list[str], args: argparse.Namespace,
-           factory: ExecutorFactory | None) -> dict[str, float]:
-    print(f"\n{title}: {tokens} tokens per step, {args.steps} timed step(s) after {args.warmup} warm-up")
+def report(title: str, sizes: dict, tokens: int, columns: list[Column], args: argparse.Namespace) -> dict[str, float]:
+    """Print one table of seconds per step; return them by column label."""
+    print(f"\n{title}: {tokens} tokens per step, {args.steps} timed step(s) after {args.warmup} warm-up "
+          f"(load average {os.getloadavg()[0]:.1f})")
     per_step: dict[str, float] = {}
-    for fhe in modes:
-        records = measure(sizes, tokens, fhe, args.steps, args.warmup, factory)
-        med = statistics.median
-        per_step[fhe] = med(r.wall_s for r in records)
-        detail = f"{per_step[fhe]:.3f} s/step"
-        if fhe != "disable":
+    med = statistics.median
+    for col in columns:
+        records = measure(sizes, tokens, col, args.steps, args.warmup)
+        per_step[col.label] = med(r.wall_s for r in records)
+        detail = f"{per_step[col.label]:8.3f} s/step"
+        if col.fhe != "disable":
             crypto = med(r.cpu_encrypt_s + r.cpu_decrypt_s + r.cpu_verify_s + r.cpu_wire_s for r in records)
-            detail += (f"  | client CPU: crypto {crypto:.2f} s, plaintext {med(r.cpu_plain_s for r in records):.2f} s"
-                       f" | provider CPU {med(r.provider_s for r in records):.2f} s"
-                       f" | {med(r.remote_calls for r in records):.0f} products,"
+            detail += (f"  client CPU: crypto {crypto:.2f} s, plaintext {med(r.cpu_plain_s for r in records):.2f} s;"
+                       f" provider CPU {med(r.provider_s for r in records):.2f} s;"
+                       f" {med(r.remote_calls for r in records):.0f} products,"
                        f" {med(r.bytes_sent for r in records) / 1e6:.1f} MB out, {med(r.bytes_received for r in records) / 1e6:.1f} MB back")
-        print(f"  {fhe:<8} {detail}")
-    for fhe in modes[1:]:
-        print(row(f"{fhe} / disable", f"{per_step[fhe] / per_step['disable']:.1f}x"))
+        print(f"  {col.label:<22}{detail}")
+    base = per_step[columns[0].label]
+    for col in columns[1:]:
+        print(row(f"{col.label} / {columns[0].label}", f"{per_step[col.label] / base:.1f}x"))
     return per_step
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per mode (median reported)")
+    intro, _, rest = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(description=intro, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per column (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (kernel compilation, caches)")
     parser.add_argument("--long-tokens", type=int, default=2048, help="tokens of the per-token micro-batch")
-    parser.add_argument("--big", action="store_true", help="also run (b), LLaMA-8B layer sizes (heavy)")
+    parser.add_argument("--profiles", default="default,shared-mask",
+                        help="comma-separated encryption profiles for execute and the loopback remote")
+    parser.add_argument("--big", action="store_true", help="also run (b), LLaMA-8B layer sizes (heavy; default profile)")
     parser.add_argument("--remote-executor", metavar="MODULE:FACTORY",
                         help="factory(layer_specs) -> executor for fhe='remote' (default: in-process bytes loopback)")
-    parser.add_argument("--no-remote", action="store_true", help="skip the remote column")
+    parser.add_argument("--no-remote", action="store_true", help="skip the remote columns")
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
-    factory = None if args.no_remote else (load_factory(args.remote_executor) if args.remote_executor else loopback)
-    modes = ["disable", "execute"] + ([] if factory is None else ["remote"])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"remote = {args.remote_executor or ('none' if factory is None else 'in-process bytes loopback')}")
+    profiles = [p for p in args.profiles.split(",") if p]
+    columns = [Column("disable", "disable")] + [Column(f"execute[{p}]", "execute", p) for p in profiles]
+    if args.remote_executor:
+        columns.append(Column("remote", "remote", factory=load_factory(args.remote_executor)))
+    elif not args.no_remote:
+        columns += [Column(f"remote-loopback[{p}]", "remote", p, loopback(p)) for p in profiles]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"{platform.processor() or platform.machine()}; remote = {args.remote_executor or 'in-process bytes loopback'}")
 
-    short = report("(a) 1-layer LLaMA 512/512", SMALL, CONCRETE_ML_TOKENS, modes, args, factory)
-    long = report("(a) 1-layer LLaMA 512/512", SMALL, args.long_tokens, modes, args, factory)
-    print("\nagainst Concrete ML 1.9 LoraTrainer, fhe='execute', (a), 290.6 s per 8-token step:")
-    for fhe in modes[1:]:
-        step_x = CONCRETE_ML_EXECUTE_S / short[fhe]
-        token_x = (CONCRETE_ML_EXECUTE_S / CONCRETE_ML_TOKENS) / (long[fhe] / args.long_tokens)
-        print(row(f"{fhe}: speed-up per 8-token step", f"{step_x:,.0f}x", f"goal >= {GOAL_STEP:,.0f}x", step_x >= GOAL_STEP))
-        print(row(f"{fhe}: speed-up per token ({args.long_tokens}-token micro-batches)", f"{token_x:,.0f}x",
+    short = report("(a) 1-layer LLaMA 512/512", SMALL, CONCRETE_ML_TOKENS, columns, args)
+    long = report("(a) 1-layer LLaMA 512/512", SMALL, args.long_tokens, columns, args)
+    print(f"\nagainst Concrete ML 1.9 LoraTrainer, fhe='execute', (a): {CONCRETE_ML_EXECUTE_S} s per 8-token step")
+    for col in columns[1:]:
+        step_x = CONCRETE_ML_EXECUTE_S / short[col.label]
+        token_x = (CONCRETE_ML_EXECUTE_S / CONCRETE_ML_TOKENS) / (long[col.label] / args.long_tokens)
+        print(row(f"{col.label}: per 8-token step", f"{step_x:,.0f}x", f"goal >= {GOAL_STEP:,.0f}x", step_x >= GOAL_STEP))
+        print(row(f"{col.label}: per token, {args.long_tokens}-token micro-batches", f"{token_x:,.0f}x",
                   f"goal >= {GOAL_TOKEN:,.0f}x", token_x >= GOAL_TOKEN))
     if args.big:
-        report("(b) 1-layer LLaMA, 8B layer sizes 4096/14336", BIG, args.long_tokens, modes, args, factory)
+        big = [c for c in columns if c.profile == "default"]
+        report("(b) 1-layer LLaMA, 8B layer sizes 4096/14336", BIG, args.long_tokens, big, args)
 
 
 if __name__ == "__main__":

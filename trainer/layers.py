@@ -99,6 +99,11 @@ class RemoteLinear(nn.Module):
             flat = flat.to(torch.float64) * scale
         xq = quantize_per_token(flat, ctx.n_bits)
         y = ctx.executor.matmul(self.key, xq.q.cpu(), transpose=transpose)
+        width = self.in_features if transpose else self.out_features
+        if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or tuple(y.shape) != (flat.shape[0], width):
+            got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+            raise TypeError(f"{type(ctx.executor).__name__}.matmul({self.key!r}, transpose={transpose}) must return "
+                            f"an int64 tensor of shape {(flat.shape[0], width)}, got {got}")
         out = dequantize_product(y.to(dev), xq, self._weight_sums[transpose].to(dev), None if transpose else scale)
         return out.to(t.dtype).reshape(*lead, out.shape[-1])
 

@@ -3,7 +3,7 @@
 The client keeps everything small or private in the clear - LoRA weights, embeddings, norms,
 attention, the output head, loss and optimizer - and sends each base layer's quantized input,
 encrypted, to an executor (see :mod:`.executor`). The loop is one sitting: set up or resume ->
-forward/backward per micro-batch -> clip and step -> log -> evaluate -> checkpoint.
+forward/backward per micro-batch -> clip and step -> evaluate -> log -> checkpoint.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -69,6 +69,19 @@ class StepRecord:
     eval: dict[str, float] | None = None
 
 
+def _check_int(name: str, value: object, low: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _length(loader: Iterable) -> int | None:
+    """Micro-batches per epoch, when the loader knows (an iterable-style DataLoader may not)."""
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def _training_args(args: object) -> tuple[int, float | None]:
     """(gradient_accumulation_steps, max_grad_norm) from a dict or an object such as HF TrainingArguments."""
     known = ("gradient_accumulation_steps", "max_grad_norm")
@@ -83,8 +96,7 @@ def _training_args(args: object) -> tuple[int, float | None]:
         def get(name: str, default: Any = None) -> Any:
             return getattr(args, name, default)
     steps, norm = get("gradient_accumulation_steps", 1), get("max_grad_norm", None)
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"gradient_accumulation_steps must be an int >= 1, got {steps!r}")
+    _check_int("gradient_accumulation_steps", steps)
     if norm is not None and not (isinstance(norm, (int, float)) and norm > 0 and math.isfinite(norm)):
         raise ValueError(f"max_grad_norm must be a positive number or None, got {norm!r}")
     return steps, None if norm is None else float(norm)
@@ -140,6 +152,7 @@ class _Run:
     done: int = 0  # micro-batches consumed in this epoch
     epoch_rng: dict | None = None  # RNG state at the start of this epoch (replays its data order)
     saved_at: tuple[int, int] | None = None  # (epoch, done) of the last checkpoint
+    bytes_sent: int = 0  # by this call, for the progress bar
 
 
 def _first_batch(inputset: object) -> object:
@@ -191,13 +204,11 @@ class LoraTrainer:
             raise TypeError("model must be a peft PeftModel: wrap it with peft.get_peft_model(model, LoraConfig(...))")
         if not any(isinstance(m, LoraLayer) for m in model.modules()):
             raise NoLoraLayersError("the model has no LoRA layer; give peft.get_peft_model a LoraConfig with target_modules")
-        for name, value in (("n_layers_to_skip_for_backprop", n_layers_to_skip_for_backprop), ("logging_steps", logging_steps),
-                            ("eval_steps", eval_steps), ("save_steps", save_steps)):
-            low = 0 if name == "n_layers_to_skip_for_backprop" else 1
-            if value is None and name == "save_steps":
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        _check_int("n_layers_to_skip_for_backprop", n_layers_to_skip_for_backprop, low=0)
+        _check_int("logging_steps", logging_steps)
+        _check_int("eval_steps", eval_steps)
+        if save_steps is not None:
+            _check_int("save_steps", save_steps)
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
@@ -235,6 +246,7 @@ class LoraTrainer:
         (half the provider work and returned bytes; key material of about each layer's size).
         """
         n_bits = check_n_bits(n_bits)
+        self._local = {}  # until this call succeeds, encrypted modes are refused
         base = self.model.get_base_model()
         unwrap_base_layers(base)
         self._context = RemoteContext(n_bits=n_bits)
@@ -269,8 +281,8 @@ class LoraTrainer:
     def _apply_backprop_skip(self, trace: list[tuple[str, bool]]) -> None:
         """Mark the first ``n_layers_to_skip_for_backprop`` layers (execution order) forward-only.
 
-        Concrete ML drops their backward unconditionally, which silently loses gradient when a
-        skipped layer's input depends on a LoRA weight; here that is an error naming the layer.
+        Dropping the backward of a layer whose input depends on a LoRA weight would silently lose
+        gradient, so that is an error naming the layer and the largest valid value.
         """
         order: list[str] = []
         needs_grad: dict[str, bool] = {}
@@ -308,7 +320,7 @@ class LoraTrainer:
             raise NotCompiledError(f"call compile(inputset, n_bits=...) before using fhe={fhe!r}")
         if fhe != "remote":
             return self._local[fhe]
-        executor = executor or self.executor
+        executor = executor if executor is not None else self.executor
         if executor is None:
             raise ValueError("fhe='remote' needs an executor: pass executor=... with a method "
                              "matmul(layer_key, x_int, *, transpose), e.g. a node client built from trainer.layer_specs()")
@@ -352,15 +364,16 @@ class LoraTrainer:
         folder, or True for the latest one in ``checkpoint_dir``. ``max_steps`` stops (and
         checkpoints) after that many optimizer steps in total.
         """
-        if not isinstance(num_epochs, int) or isinstance(num_epochs, bool) or num_epochs < 1:
-            raise ValueError(f"num_epochs must be an int >= 1, got {num_epochs!r}")
-        if max_steps is not None and (not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1):
-            raise ValueError(f"max_steps must be an int >= 1 or None, got {max_steps!r}")
+        _check_int("num_epochs", num_epochs)
+        if max_steps is not None:
+            _check_int("max_steps", max_steps)
         with self.fhe_mode(fhe, executor) as active:
             self.model.to(device)
             self.model.train()
             run = _Run(loader=train_loader, executor=active, device=device, max_steps=max_steps, progress=progress)
             now_rng = self._resume(resume_from_checkpoint, run) if resume_from_checkpoint else None
+            if max_steps is not None and self.global_step >= max_steps:
+                return
             self._log({"event": "train", "fhe": fhe, "epochs": num_epochs, "start_step": self.global_step,
                        "gradient_accumulation_steps": self.gradient_accumulation_steps, "max_grad_norm": self.max_grad_norm})
             for run.epoch in range(run.epoch, num_epochs):
@@ -389,9 +402,9 @@ class LoraTrainer:
         a checkpoint must be taken after exactly the micro-batches it says were consumed.
         """
         ga = self.gradient_accumulation_steps
-        total = len(run.loader) if hasattr(run.loader, "__len__") else None  # type: ignore[arg-type]
+        total = _length(run.loader)
         group: list[tuple[float, int]] = []  # (loss, tokens) of the micro-batches since the last step
-        start: tuple[float, float, ExecutorStatistics] | None = None
+        start = (0.0, 0.0, ExecutorStatistics())  # wall, CPU and executor totals when the group began
         with tqdm(total=total, initial=run.done, desc=f"epoch {run.epoch + 1}/{num_epochs}", unit="batch",
                   disable=not run.progress, dynamic_ncols=True) as bar:
             for batch in batches:
@@ -433,7 +446,8 @@ class LoraTrainer:
         (loss / self.gradient_accumulation_steps).backward()
         return float(loss.detach()), tokens
 
-    def _finish_step(self, run: "_Run", group: list[tuple[float, int]], start: Any, bar: Any) -> bool:
+    def _finish_step(self, run: "_Run", group: list[tuple[float, int]],
+                     start: tuple[float, float, ExecutorStatistics], bar: tqdm) -> bool:
         """Clip, step, record, evaluate, log and checkpoint as configured. True: ``max_steps`` reached."""
         ga = self.gradient_accumulation_steps
         if len(group) < ga:
@@ -462,10 +476,11 @@ class LoraTrainer:
             bytes_sent=st.bytes_sent, bytes_received=st.bytes_received,
         )
         if self.eval_loader is not None and record.step % self.eval_steps == 0:
-            record = StepRecord(**{**asdict(record), "eval": self.evaluate()})
+            record = replace(record, eval=self.evaluate())
         self._records.append(record)
+        run.bytes_sent += record.bytes_sent
         bar.set_postfix(loss=f"{record.loss:.4f}", tok_s=f"{record.tokens / max(wall, 1e-9):.1f}",
-                        sent=_human_bytes(sum(r.bytes_sent for r in self._records)), refresh=False)
+                        sent=_human_bytes(run.bytes_sent), refresh=False)
         if record.step % self.logging_steps == 0 or record.eval is not None:
             self._log({"event": "step", **asdict(record)})
         stop = run.max_steps is not None and record.step >= run.max_steps
@@ -511,7 +526,7 @@ class LoraTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.lr_scheduler is None else self.lr_scheduler.state_dict(),
             "rng_epoch_start": run.epoch_rng, "rng_now": capture_rng(run.loader),
-            "config": {"gradient_accumulation_steps": self.gradient_accumulation_steps, "n_bits": self._context.n_bits},
+            "config": {"gradient_accumulation_steps": self.gradient_accumulation_steps},
         }
         folder = save_checkpoint(checkpoint_folder(self.checkpoint_dir, self.global_step), self.model, state)
         run.saved_at = (run.epoch, run.done)
@@ -530,7 +545,9 @@ class LoraTrainer:
         if saved_ga != self.gradient_accumulation_steps:
             raise ValueError(f"the checkpoint used gradient_accumulation_steps={saved_ga}, this trainer "
                              f"{self.gradient_accumulation_steps}: steps would not line up")
-        set_peft_model_state_dict(self.model, load_file(folder / "adapter_model.safetensors"))
+        loaded = set_peft_model_state_dict(self.model, load_file(folder / "adapter_model.safetensors"))
+        if loaded.unexpected_keys:
+            raise ValueError(f"the checkpoint's adapters do not fit this model: {loaded.unexpected_keys[:3]} ...")
         self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state["scheduler"] is not None:
             self.lr_scheduler.load_state_dict(state["scheduler"])

@@ -82,6 +82,17 @@ class TestArguments:
         with pytest.raises(TypeError, match="no matmul"):
             compiled.train([token_data(1, 8)], fhe="remote", executor=object(), progress=False)
 
+    @pytest.mark.parametrize("reply", [lambda x, w: (x @ w).float(), lambda x, w: (x @ w)[:, :-1], lambda x, w: None])
+    def test_an_executor_with_wrong_replies(self, compiled: LoraTrainer, reply) -> None:
+        class Wrong:
+            def matmul(self, layer_key, x_int, *, transpose):
+                w = specs[layer_key].weight.q.to(torch.int64)
+                return reply(x_int, w.t() if transpose else w)
+
+        specs = compiled.layer_specs()
+        with pytest.raises(TypeError, match=r"Wrong.matmul\('model.layers.0.self_attn.q_proj', transpose=False\) must return"):
+            compiled.train([token_data(1, 8)], fhe="remote", executor=Wrong(), progress=False)
+
     def test_resume_without_a_checkpoint(self, compiled: LoraTrainer, tmp_path) -> None:
         with pytest.raises(ValueError, match="needs checkpoint_dir"):
             compiled.train([token_data(1, 8)], fhe="simulate", resume_from_checkpoint=True, progress=False)
