@@ -88,14 +88,14 @@ def measure(sizes: dict, tokens: int, col: Column, steps: int, warmup: int) -> l
     return list(trainer.step_records[warmup:])
 
 
-def report(title: str, sizes: dict, tokens: int, columns: list[Column], args: argparse.Namespace) -> dict[str, float]:
+def report(title: str, sizes: dict, tokens: int, columns: list[Column], steps: int, warmup: int) -> dict[str, float]:
     """Print one table of seconds per step; return them by column label."""
-    print(f"\n{title}: {tokens} tokens per step, {args.steps} timed step(s) after {args.warmup} warm-up "
+    print(f"\n{title}: {tokens} tokens per step, {steps} timed step(s) after {warmup} warm-up "
           f"(load average {os.getloadavg()[0]:.1f})")
     per_step: dict[str, float] = {}
     med = statistics.median
     for col in columns:
-        records = measure(sizes, tokens, col, args.steps, args.warmup)
+        records = measure(sizes, tokens, col, steps, warmup)
         per_step[col.label] = med(r.wall_s for r in records)
         detail = f"{per_step[col.label]:8.3f} s/step"
         if col.fhe != "disable":
@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--profiles", default="default,shared-mask",
                         help="comma-separated encryption profiles for execute and the loopback remote")
     parser.add_argument("--big", action="store_true", help="also run (b), LLaMA-8B layer sizes (heavy; default profile)")
+    parser.add_argument("--big-steps", type=int, default=1, help="timed steps per column of (b)")
     parser.add_argument("--remote-executor", metavar="MODULE:FACTORY",
                         help="factory(layer_specs) -> executor for fhe='remote' (default: in-process bytes loopback)")
     parser.add_argument("--no-remote", action="store_true", help="skip the remote columns")
@@ -134,8 +135,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
           f"{platform.processor() or platform.machine()}; remote = {args.remote_executor or 'in-process bytes loopback'}")
 
-    short = report("(a) 1-layer LLaMA 512/512", SMALL, CONCRETE_ML_TOKENS, columns, args)
-    long = report("(a) 1-layer LLaMA 512/512", SMALL, args.long_tokens, columns, args)
+    short = report("(a) 1-layer LLaMA 512/512", SMALL, CONCRETE_ML_TOKENS, columns, args.steps, args.warmup)
+    long = report("(a) 1-layer LLaMA 512/512", SMALL, args.long_tokens, columns, args.steps, args.warmup)
     print(f"\nagainst Concrete ML 1.9 LoraTrainer, fhe='execute', (a): {CONCRETE_ML_EXECUTE_S} s per 8-token step")
     for col in columns[1:]:
         step_x = CONCRETE_ML_EXECUTE_S / short[col.label]
@@ -145,7 +146,8 @@ def main() -> None:
                   f"goal >= {GOAL_TOKEN:,.0f}x", token_x >= GOAL_TOKEN))
     if args.big:
         big = [c for c in columns if c.profile == "default"]
-        report("(b) 1-layer LLaMA, 8B layer sizes 4096/14336", BIG, args.long_tokens, big, args)
+        # Kernels are compiled by now; one step per column already takes minutes.
+        report("(b) 1-layer LLaMA, 8B layer sizes 4096/14336", BIG, args.long_tokens, big, args.big_steps, 0)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ class MatmulExecutor(Protocol):
         """Exact int64 ``x_int @ Wq`` (``transpose=False``) or ``x_int @ Wq.T`` (``transpose=True``)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LayerSpec:
     """Everything public about one remote layer: what a provider holds and a client checks against."""
 

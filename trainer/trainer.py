@@ -227,6 +227,7 @@ class LoraTrainer:
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         self._context = RemoteContext()
         self._layers: dict[str, RemoteLinear] = {}
+        self._specs: dict[str, LayerSpec] = {}
         self._local: dict[str, LocalExecutor] = {}
         self._records: list[StepRecord] = []
 
@@ -246,7 +247,7 @@ class LoraTrainer:
         (half the provider work and returned bytes; key material of about each layer's size).
         """
         n_bits = check_n_bits(n_bits)
-        self._local = {}  # until this call succeeds, encrypted modes are refused
+        self._local, self._specs = {}, {}  # until this call succeeds, encrypted modes are refused
         base = self.model.get_base_model()
         unwrap_base_layers(base)
         self._context = RemoteContext(n_bits=n_bits)
@@ -255,6 +256,8 @@ class LoraTrainer:
             raise ValueError("the model has no frozen nn.Linear or Conv1D base layer to run remotely")
         trace = self._trace(_first_batch(inputset))
         self._apply_backprop_skip(trace)
+        # Built once: each spec prepares its integer weights once, shared by every executor made from it.
+        self._specs = {k: LayerSpec(k, layer.quantized, n_bits, layer.backward_enabled) for k, layer in self._layers.items()}
         specs = self.layer_specs()
         self._local = {
             "execute": LocalExecutor(specs, backend="rlwe", profile=profile),
@@ -305,9 +308,9 @@ class LoraTrainer:
 
     def layer_specs(self) -> dict[str, LayerSpec]:
         """Public description of every remote layer (weights, bits, directions), for building an executor."""
-        if not self._layers:
+        if not self._specs:
             raise NotCompiledError("call compile(inputset, n_bits=...) first")
-        return {k: LayerSpec(k, layer.quantized, self._context.n_bits, layer.backward_enabled) for k, layer in self._layers.items()}
+        return dict(self._specs)
 
     # -- modes ----------------------------------------------------------------------------------
 
@@ -577,9 +580,8 @@ class LoraTrainer:
             clear = getattr(ex, "clear_private_info", None)
             if clear is not None:
                 clear()
-        self._local = {}
+        self._local, self._specs, self._layers = {}, {}, {}
         unwrap_base_layers(self.model.get_base_model())
-        self._layers = {}
         self._log({"event": "saved_and_cleared", "path": str(path)})
 
     def _log(self, entry: dict[str, Any]) -> None:

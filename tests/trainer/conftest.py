@@ -9,6 +9,11 @@ import torch
 from trainer_factory import ARCHS, Arch
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # peft 0.21 reads a property that transformers 5 deprecates; nothing to act on here.
+    config.addinivalue_line("filterwarnings", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+
 @pytest.fixture(params=ARCHS, ids=lambda a: a.name)
 def arch(request: pytest.FixtureRequest) -> Arch:
     return request.param
