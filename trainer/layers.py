@@ -38,19 +38,20 @@ class _RemoteProduct(torch.autograd.Function):
     """y = x @ W through the executor; dL/dx = g @ W.T through it too (W is frozen: no dL/dW)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: "RemoteLinear") -> torch.Tensor:  # type: ignore[override]
-        ctx.layer = layer
-        return layer.remote_product(x, transpose=False)
+    def forward(ctx, x: torch.Tensor, layer: "RemoteLinear", executor: MatmulExecutor) -> torch.Tensor:  # type: ignore[override]
+        # The backward pass runs with the forward's executor, even if the mode changed in between.
+        ctx.layer, ctx.executor = layer, executor
+        return layer.remote_product(x, executor, transpose=False)
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         layer: RemoteLinear = ctx.layer
         if not layer.backward_enabled:
             raise RuntimeError(
                 f"layer {layer.key!r} was compiled without a backward pass (n_layers_to_skip_for_backprop), "
                 "but its input needs a gradient here; compile() with inputs like the ones you train on"
             )
-        return layer.remote_product(g, transpose=True), None
+        return layer.remote_product(g, ctx.executor, transpose=True), None, None
 
 
 class RemoteLinear(nn.Module):
@@ -83,12 +84,11 @@ class RemoteLinear(nn.Module):
             ctx.trace.append((self.key, x.requires_grad))
         if ctx.executor is None:
             return self.original(x)
-        y = _RemoteProduct.apply(x, self)
+        y = _RemoteProduct.apply(x, self, ctx.executor)
         return y if self.bias is None else y + self.bias
 
-    def remote_product(self, t: torch.Tensor, *, transpose: bool) -> torch.Tensor:
+    def remote_product(self, t: torch.Tensor, executor: MatmulExecutor, *, transpose: bool) -> torch.Tensor:
         """``t @ W`` (or ``t @ W.T``) from the executor's exact integers; ``t`` is (..., features)."""
-        ctx = self.context
         lead = t.shape[:-1]
         flat = t.detach().reshape(-1, t.shape[-1])  # tokens, features
         dev = t.device
@@ -97,12 +97,12 @@ class RemoteLinear(nn.Module):
             # g @ W.T = sum_k g[t,k] c_k Wq[j,k]: the channel scales c_k sit on the contraction axis
             # now, so they are folded into g before quantizing instead of applied to the output.
             flat = flat.to(torch.float64) * scale
-        xq = quantize_per_token(flat, ctx.n_bits)
-        y = ctx.executor.matmul(self.key, xq.q.cpu(), transpose=transpose)
+        xq = quantize_per_token(flat, self.context.n_bits)
+        y = executor.matmul(self.key, xq.q.cpu(), transpose=transpose)
         width = self.in_features if transpose else self.out_features
         if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or tuple(y.shape) != (flat.shape[0], width):
             got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
-            raise TypeError(f"{type(ctx.executor).__name__}.matmul({self.key!r}, transpose={transpose}) must return "
+            raise TypeError(f"{type(executor).__name__}.matmul({self.key!r}, transpose={transpose}) must return "
                             f"an int64 tensor of shape {(flat.shape[0], width)}, got {got}")
         out = dequantize_product(y.to(dev), xq, self._weight_sums[transpose].to(dev), None if transpose else scale)
         return out.to(t.dtype).reshape(*lead, out.shape[-1])

@@ -125,3 +125,17 @@ def test_training_loop_modes_agree(tmp_path) -> None:
             assert all(r.cpu_plain_s > 0 and r.cpu_s >= r.cpu_encrypt_s + r.cpu_decrypt_s for r in records)
     assert losses["simulate"] == losses["execute"] == losses["remote"]
     assert losses["disable"] == pytest.approx(losses["execute"], abs=0.05)
+
+
+def test_backward_runs_in_the_mode_of_its_forward() -> None:
+    trainer = make_trainer(LLAMA)
+    batch = token_data(2, 8)
+    trainer.compile(batch)
+    _, _, inside = _loss_and_grads(trainer, batch, "simulate")
+    trainer.model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    with trainer.fhe_mode("simulate"):
+        out = trainer.model(input_ids=batch, labels=batch)
+    out.loss.backward()  # after the block: the products still come from the simulate executor
+    outside = lora_grads(trainer.model)
+    assert all(torch.equal(inside[n], outside[n]) for n in inside)
