@@ -110,7 +110,7 @@ class LoopbackProvider:
 class _Channel:
     """One layer and direction on the client: parameters, secret key and product checker."""
 
-    key: Any
+    secret: Any  # the secret key (a SecretKey, SharedMaskKey or the clear stand-in)
     verifier: FreivaldsVerifier | None
 
 
@@ -160,7 +160,7 @@ class LocalExecutor:
                 checker = FreivaldsVerifier.for_params(spec.plain, params, transpose=transpose) if verify else None
                 self._channels[key, transpose] = _Channel(secret, checker)
         self._stats = ExecutorStatistics()
-        self.params = {k: ch.key.params for k, ch in self._channels.items()}  # (layer, transpose) -> Params
+        self.params = {k: ch.secret.params for k, ch in self._channels.items()}  # (layer, transpose) -> Params
 
     def statistics(self) -> ExecutorStatistics:
         """Cumulative CPU seconds and bytes so far."""
@@ -177,7 +177,7 @@ class LocalExecutor:
             raise NotCompiledError(f"layer {layer_key!r} (transpose={transpose}): {what}; call compile() again")
         be, clock = self._backend, time.process_time
         t0 = clock()
-        ct = be.encrypt(ch.key, x_int)
+        ct = be.encrypt(ch.secret, x_int)
         t1 = clock()
         if self._wire:
             payload = ct.to_bytes()
@@ -192,7 +192,7 @@ class LocalExecutor:
             t3 = clock()
             sent, received = _payload_bytes(ct), _payload_bytes(out)
         t4 = clock()
-        y = be.decrypt(ch.key, out)
+        y = be.decrypt(ch.secret, out)
         t5 = clock()
         if ch.verifier is not None:
             try:
