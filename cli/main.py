@@ -13,6 +13,9 @@ import sys
 #: subcommand -> (module under cipherswarm.cli, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "encrypt one layer's activations, multiply as a provider would, decrypt, verify; print the figures"),
+    "provider": ("provider", "serve encrypted matmuls of a model's base layers to the swarm"),
+    "identity": ("identity", "print this node's peer id, creating its key file if needed"),
+    "status": ("status", "show the providers a client finds, their scores and bans"),
 }
 
 

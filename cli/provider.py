@@ -1,0 +1,97 @@
+"""Serve encrypted matmuls of a model's base layers to the swarm.
+
+Loads a Hugging Face model directory (safetensors), quantizes each base linear layer to int8,
+measures its own encrypted MAC/s, advertises itself (gossipsub and the DHT) and serves requests
+until interrupted. Prints its full multiaddr(s), one per line, once it is serving; logs go to
+stderr (libp2p's own to --log-file if given).
+
+Which tensors are layers, and how the model is named: see node/README.md, "Weights".
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from pathlib import Path
+
+import trio
+
+log = logging.getLogger("cipherswarm.provider")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, type=Path, help="Hugging Face model directory (safetensors)")
+    p.add_argument("--listen", default="/ip4/127.0.0.1/tcp/0", help="multiaddr to listen on (default: loopback, free port)")
+    p.add_argument("--bootstrap", nargs="*", default=[], metavar="MULTIADDR", help="peers to join the swarm through")
+    p.add_argument("--layers", nargs="*", default=[], metavar="PATTERN",
+                   help="hold only layers matching these globs (tensor or module names); default: all")
+    p.add_argument("--price", type=int, default=0, help="asked price per 10^9 multiply-accumulates")
+    p.add_argument("--slots", type=int, default=2, help="products computed at once")
+    p.add_argument("--queue", type=int, default=2, help="requests waiting for a slot before BUSY replies")
+    p.add_argument("--max-payload", type=int, default=64 << 20, help="largest request payload in bytes")
+    p.add_argument("--identity", type=Path, default=None,
+                   help="identity key file, created if missing (default: ~/.cipherswarm/identity.key)")
+    p.add_argument("--ledger", type=Path, default=None, help="SQLite file for countersigned receipts (default: none)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="compute device (cuda falls back to cpu for now)")
+    p.add_argument("--advert-interval", type=float, default=10.0, help="seconds between adverts")
+    p.add_argument("--log-level", default="INFO", help="log level of stderr output")
+    p.add_argument("--log-file", type=Path, default=None, help="file for libp2p's own log records")
+    # Hidden: for tests and the testnet's slow or malicious provider.
+    p.add_argument("--cheat", choices=["random", "flip", "stale", "wrong-weights"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--benchmark-seconds", type=float, default=1.0, help=argparse.SUPPRESS)
+
+
+async def _stop_on_sigterm(cancel_scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async for _ in signals:
+            log.info("SIGTERM: stopping")
+            cancel_scope.cancel()
+            return
+
+
+async def serve(args: argparse.Namespace) -> None:
+    from multiaddr import Multiaddr
+
+    from cipherswarm.node import Cheat, Ledger, Provider, ProviderConfig, default_identity_path, load_identity, load_model
+    from cipherswarm.node.host import open_host
+
+    identity = args.identity or default_identity_path()
+    key_pair, created = load_identity(identity)
+    if created:
+        log.info("created identity %s", identity)
+    weights = load_model(args.model, layers=args.layers)
+    log.info("model %s: holding %d of %d layers", weights.model_hash.hex()[:16], len(weights.held), len(weights.layers))
+    config = ProviderConfig(
+        price_per_gmac=args.price,
+        slots=args.slots,
+        queue=args.queue,
+        max_payload_size=args.max_payload,
+        device=args.device,
+        advert_interval_s=args.advert_interval,
+        benchmark_s=args.benchmark_seconds,
+        delay_s=args.delay,
+        cheat=None if args.cheat is None else Cheat(args.cheat),
+    )
+    ledger = None if args.ledger is None else Ledger(args.ledger)
+    provider = Provider(weights=weights, key_pair=key_pair, config=config, ledger=ledger)
+    bootstrap = [Multiaddr(a) for a in args.bootstrap]
+    try:
+        async with open_host(key_pair, listen=[Multiaddr(args.listen)], bootstrap=bootstrap) as node:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_sigterm, nursery.cancel_scope)
+                await nursery.start(provider.serve, node)
+                for addr in node.addrs():
+                    print(addr, flush=True)
+    finally:
+        if ledger is not None:
+            ledger.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    from cipherswarm.node.logs import configure_logging
+
+    configure_logging(args.log_level, args.log_file)
+    trio.run(serve, args)
+    return 0

@@ -1,0 +1,39 @@
+"""The client's tunables; the defaults suit providers on a LAN or a good WAN link."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Split = Literal["auto", "blocks", "columns", "rows"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientConfig:
+    split: Split = "auto"  # how a layer call is cut into chunks (router.py); "auto" picks per call
+    max_chunks: int = 16  # most chunks one call is cut into
+    max_price_per_gmac: int = 2**32  # the offer; dearer providers are not used
+    price_weight_s: float = 0.0  # seconds a unit of price is worth when ranking providers
+    request_ttl_s: float = 60.0  # lifetime of a request (providers refuse more than 120 s)
+    hedge_factor: float = 3.0  # hedge a chunk once it takes this many times its expected time ...
+    hedge_min_s: float = 0.5  # ... but never before this
+    timeout_factor: float = 20.0  # give up on an attempt after this many times its expected time ...
+    timeout_min_s: float = 10.0  # ... but never before this
+    max_attempts: int = 8  # attempts per chunk before the call fails
+    max_rotations: int = 4  # key rotations per call (each after a detected cheat)
+    retry_base_s: float = 0.2  # backoff before asking a provider that already failed this chunk again
+    retry_max_s: float = 5.0
+    ban_base_s: float = 10.0  # first ban of a provider that timed out or was unreachable ...
+    ban_max_s: float = 600.0  # ... doubling with each further one, up to this
+    wait_providers_s: float = 30.0  # how long a chunk waits for any usable provider
+    lookup_interval_s: float = 15.0  # DHT lookups for new providers
+    read_timeout_s: float = 10.0  # one read call of a reply
+    crypto_threads: int = 2  # worker threads for encryption, decryption and checks
+
+    def __post_init__(self) -> None:
+        if self.split not in ("auto", "blocks", "columns", "rows"):
+            raise ValueError(f"split must be auto, blocks, columns or rows, got {self.split!r}")
+        if self.max_chunks < 1 or self.max_attempts < 1 or self.crypto_threads < 1 or self.max_rotations < 0:
+            raise ValueError("max_chunks, max_attempts and crypto_threads must be >= 1, max_rotations >= 0")
+        if not 0 < self.request_ttl_s <= 120:
+            raise ValueError("request_ttl_s must be in (0, 120]: providers refuse longer lifetimes")

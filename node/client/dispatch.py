@@ -1,0 +1,337 @@
+"""Sending chunks to providers: one attempt, hedged races, and retries until a chunk is accepted.
+
+An attempt (`_attempt`) is one exchange on one stream: a fresh request (new id and nonce) for the
+chunk's ciphertext, the provider's signed reply checked with `protocol.verify_reply`, the result
+decrypted and checked with Freivalds, then accepted: delivered into the call's output, its
+receipt countersigned, recorded in the ledger and sent back. Every failure is classified
+(router.FailureKind) and turned into a penalty by the router.
+
+A race (`_race`) runs an attempt at the best provider and, if it has not answered within the
+router's hedge delay, a second one at the next best; the first accepted result cancels the other
+(trio's race-and-cancel). A chunk (`run_chunk`) retries races until one is accepted or its
+attempts run out.
+
+Exactly once: a chunk's result is delivered by the first attempt that passes verification, and
+that attempt alone records and countersigns its receipt; a slower twin that also passes is
+dropped. A wrong result raises KeyExposed after the provider is banned: the call then rotates its
+keys and re-encrypts the chunks not yet delivered (session.py), so nothing is lost and nothing is
+applied twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import trio
+from libp2p.abc import INetStream
+from libp2p.crypto.keys import KeyPair
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.peer.id import ID
+
+from cipherswarm.fhe_backend import Ciphertext, FheError, MatmulResult, Params, VerificationFailed
+from cipherswarm.protocol import (
+    PROTOCOL_IDS,
+    Busy,
+    DeadlineExceeded,
+    Frame,
+    Limits,
+    MatmulReply,
+    MatmulRequest,
+    ProtocolError,
+    Sealed,
+    SignedReceipt,
+    TruncatedFrame,
+    Verified,
+    WeightSlice,
+    countersign_receipt,
+    seal,
+    verify_reply,
+)
+from cipherswarm.protocol.stream import write_frame
+
+from ..discovery import now_ms
+from ..engine import BACKEND, ENGINE, encode_params
+from ..errors import ChunkFailedError, NoProvidersError
+from ..host import NodeHost
+from ..ledger import Ledger
+from ..streams import close_stream, request_reply
+from ..types import Chunk
+from .config import ClientConfig
+from .keys import LayerChannel
+from .peers import Need, PeerState
+from .router import AttemptFailed, ChunkRouter, FailureKind
+
+log = logging.getLogger(__name__)
+
+ACK_TIMEOUT_S = 5.0
+
+
+class KeyExposed(Exception):
+    """A provider returned a wrong result (it is banned by now): the keys in use must be rotated."""
+
+    def __init__(self, peer: ID, reason: str) -> None:
+        super().__init__(f"{peer} returned a wrong result: {reason}")
+        self.peer = peer
+
+
+@dataclass
+class Counters:
+    """What the dispatcher counts; session.stats() turns it into an immutable ClientStats."""
+
+    chunks: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    macs: int = 0
+    paid: int = 0
+    retries: int = 0
+    hedges: int = 0
+    timeouts: int = 0
+    busy: int = 0
+    verification_failures: int = 0
+    failures_by_peer: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class ChunkJob:
+    """A chunk of one call, encrypted under one key generation, ready to send."""
+
+    layer: str  # tensor name, as the wire carries it
+    need: Need
+    chunk: Chunk
+    channel: LayerChannel
+    key: Any  # the secret key the ciphertext was made under
+    generation: int  # the channel's key generation of `key`
+    ct: Ciphertext  # the chunk's ciphertext (its params are the chunk's)
+    payload: bytes  # ct.to_bytes()
+    x: torch.Tensor  # the chunk's plaintext operand, for the Freivalds check
+    width: int  # output columns of the chunk
+    deliver: Callable[[torch.Tensor], None]  # puts the verified product into the call's output
+    accepted: bool = False
+
+    @property
+    def weight_slice(self) -> WeightSlice:
+        return self.chunk.weight_slice(self.channel.transpose)
+
+    @property
+    def params(self) -> Params:
+        return self.ct.params
+
+
+def _open_result(job: ChunkJob, payload: bytes) -> torch.Tensor:
+    """Worker thread: decrypt the provider's result and check it. FheError if it is wrong in any way."""
+    result = MatmulResult.from_bytes(payload)
+    if (result.params, result.key_id, result.tokens, result.d_out) != (job.params, job.ct.key_id, job.ct.tokens, job.width):
+        raise VerificationFailed("the result is not for this request's ciphertext, parameters or shape")
+    y = ENGINE.decrypt(job.key, result)
+    job.channel.checker(job.weight_slice, job.params, generation=job.generation).check(job.x, y)
+    return y
+
+
+class Dispatcher:
+    """Runs chunks against the providers in the peer table."""
+
+    def __init__(
+        self,
+        *,
+        node: NodeHost,
+        router: ChunkRouter,
+        ledger: Ledger,
+        config: ClientConfig,
+        counters: Counters,
+    ) -> None:
+        self._node = node
+        self._router = router
+        self._table = router.table
+        self._ledger = ledger
+        self._config = config
+        self._counters = counters
+        self._key_pair: KeyPair = node.key_pair
+        self.crypto = trio.CapacityLimiter(config.crypto_threads)
+
+    async def run_chunk(self, job: ChunkJob) -> None:
+        """Retry races until the chunk is accepted. Raises KeyExposed, NoProvidersError or
+        ChunkFailedError.
+
+        BUSY replies do not use up attempts (the provider's retry hint paces them), but a chunk
+        that finds every provider busy for `wait_providers_s` fails with NoProvidersError."""
+        avoid: dict[ID, int] = {}  # providers that failed this chunk, and how often
+        failures: list[str] = []
+        busy_since: float | None = None
+        while not job.accepted:
+            if len(failures) >= self._config.max_attempts:
+                raise ChunkFailedError(job.layer, failures)
+            if busy_since is not None and trio.current_time() - busy_since > self._config.wait_providers_s:
+                raise NoProvidersError(job.layer, known=len(self._table), reason="all stayed busy")
+            state = await self._take(job, avoid)
+            if failures:
+                self._counters.retries += 1
+            outcome = await self._race(job, state)
+            if outcome and all(f.kind is FailureKind.BUSY for f in outcome):
+                busy_since = trio.current_time() if busy_since is None else busy_since
+                continue
+            busy_since = None
+            for failure in outcome:
+                avoid[failure.peer] = avoid.get(failure.peer, 0) + 1
+                failures.append(str(failure))
+
+    async def _take(self, job: ChunkJob, avoid: dict[ID, int]) -> PeerState:
+        """The provider for the next attempt, with one of its slots taken (the attempt releases it).
+        Taking the slot right after choosing, with no checkpoint between, keeps concurrent chunks
+        from all choosing the same free slot."""
+        state = await self._router.choose(job.need, avoid=avoid, layer=job.layer)
+        if state.peer in avoid:  # only providers that already failed this chunk are left: back off
+            await trio.sleep(self._router.retry_delay(avoid[state.peer]))
+            state = await self._router.choose(job.need, avoid=avoid, layer=job.layer)
+        self._table.acquire(state.peer)
+        return state
+
+    async def _race(self, job: ChunkJob, first: PeerState) -> list[AttemptFailed]:
+        """Attempts at `first` and, if it straggles, at a hedge; the failures of those that failed.
+        Each attempt starts with its provider's slot taken and releases it."""
+        failed: list[AttemptFailed] = []
+        running: dict[ID, float] = {}  # attempts not yet ended by themselves, and when they started
+
+        async def attempt(state: PeerState, done: trio.Event) -> None:
+            running[state.peer] = trio.current_time()
+            try:
+                await self._attempt(job, state, on_accept=nursery.cancel_scope.cancel)
+            except AttemptFailed as failure:
+                self._penalise(failure)
+                failed.append(failure)
+                if failure.kind is FailureKind.CHEATED:
+                    raise KeyExposed(failure.peer, failure.reason) from None
+            finally:
+                self._table.release(state.peer)
+                done.set()
+            del running[state.peer]  # not reached when cancelled by the winner
+
+        async with trio.open_nursery() as nursery:
+            first_done = trio.Event()
+            nursery.start_soon(attempt, first, first_done)
+            with trio.move_on_after(self._router.hedge_delay(first, job.need.macs)):
+                await first_done.wait()
+            if not first_done.is_set():
+                hedge = self._router.pick(job.need, avoid={first.peer: 1})
+                if hedge is not None and hedge.peer != first.peer:
+                    self._table.acquire(hedge.peer)
+                    self._counters.hedges += 1
+                    log.info("hedging a chunk of %s: %s is slow, also asking %s", job.layer, first.peer, hedge.peer)
+                    nursery.start_soon(attempt, hedge, trio.Event())
+        now = trio.current_time()
+        for peer, since in running.items():
+            self._table.on_straggler(peer, now - since)
+        return failed
+
+    def _penalise(self, failure: AttemptFailed) -> None:
+        name = failure.peer.to_base58()
+        self._counters.failures_by_peer[name] = self._counters.failures_by_peer.get(name, 0) + 1
+        match failure.kind:
+            case FailureKind.TIMEOUT | FailureKind.UNREACHABLE:
+                self._counters.timeouts += 1
+            case FailureKind.BUSY:
+                self._counters.busy += 1
+            case FailureKind.CHEATED:
+                self._counters.verification_failures += 1
+                log.warning("banning %s for good: %s", failure.peer, failure.reason)
+        self._router.on_failure(failure)
+
+    async def _attempt(self, job: ChunkJob, state: PeerState, *, on_accept: Callable[[], None]) -> None:
+        """One exchange with one provider; returns once the result is accepted (or a twin won)."""
+        peer = state.peer
+        request = MatmulRequest.for_payload(
+            job.payload,
+            expires_at_ms=now_ms() + int(1000 * self._config.request_ttl_s),
+            model_hash=job.need.model_hash,
+            layer=job.layer,
+            weight_slice=job.weight_slice,
+            transpose=job.channel.transpose,
+            backend=BACKEND,
+            backend_params=encode_params(job.params),
+            input_shape=tuple(job.x.shape),  # type: ignore[arg-type]  # 2-D by construction
+            output_shape=(job.x.shape[0], job.width),
+            price_per_gmac=self._config.max_price_per_gmac,
+        )
+        sealed = seal(request, self._key_pair.private_key)
+        limits = Limits(max_payload_size=2 * job.ct.blocks * job.width * job.params.n * 8 + (1 << 16))
+        timeout = self._router.attempt_timeout(state, job.need.macs)
+        started = trio.current_time()
+        stream = None
+        try:
+            try:
+                with trio.fail_after(timeout):
+                    stream = await self._node.host.new_stream(peer, list(PROTOCOL_IDS))
+                    frame = await request_reply(
+                        stream, sealed, job.payload, limits=limits,
+                        read_timeout_s=self._config.read_timeout_s, frame_timeout_s=timeout,
+                    )
+            except trio.TooSlowError:
+                raise AttemptFailed(peer, FailureKind.TIMEOUT, f"no reply within {timeout:.1f} s") from None
+            except DeadlineExceeded as exc:
+                raise AttemptFailed(peer, FailureKind.TIMEOUT, str(exc)) from None
+            except (BaseLibp2pError, OSError, trio.BrokenResourceError, trio.ClosedResourceError, TruncatedFrame) as exc:
+                raise AttemptFailed(peer, FailureKind.UNREACHABLE, str(exc) or type(exc).__name__) from None
+            except ProtocolError as exc:  # a reply that does not even parse
+                raise AttemptFailed(peer, FailureKind.CHEATED, f"invalid reply: {exc}") from None
+            self._counters.bytes_sent += len(sealed.header) + len(job.payload)
+            self._counters.bytes_received += len(frame.header.body) + len(frame.payload)
+            reply = self._check_reply(frame, peer, sealed)
+            try:
+                y = await trio.to_thread.run_sync(_open_result, job, reply.payload, limiter=self.crypto)
+            except FheError as exc:
+                raise AttemptFailed(peer, FailureKind.CHEATED, f"wrong result: {exc}") from None
+            if job.accepted:  # a hedge twin was accepted first
+                return
+            acked = self._accept(job, reply, y, elapsed_s=trio.current_time() - started)
+            await self._ack(stream, acked)
+            on_accept()
+        finally:
+            if stream is not None:
+                await close_stream(stream)
+
+    def _check_reply(self, frame: Frame, peer: ID, sealed: Sealed[MatmulRequest]) -> Verified[MatmulReply]:
+        """protocol.verify_reply, with the provider's error replies classified."""
+        try:
+            return verify_reply(frame, peer=peer, request=sealed)
+        except Busy as exc:
+            if not exc.remote:
+                raise
+            raise AttemptFailed(peer, FailureKind.BUSY, "busy", retry_after_s=exc.retry_after_ms / 1000) from None
+        except ProtocolError as exc:
+            if exc.remote:
+                raise AttemptFailed(peer, FailureKind.REFUSED, f"{exc.code.name}: {exc}") from None
+            raise AttemptFailed(peer, FailureKind.CHEATED, f"invalid reply: {exc}") from None
+
+    def _accept(self, job: ChunkJob, reply: Verified[MatmulReply], y: torch.Tensor, *, elapsed_s: float) -> SignedReceipt:
+        """Deliver the verified product and record the countersigned receipt. Synchronous, so no
+        other attempt can slip in between the check of `accepted` and this."""
+        job.accepted = True
+        job.deliver(y)
+        assert reply.message.receipt is not None  # verify_reply checked the receipt of an OK reply
+        acked = countersign_receipt(reply.message.receipt, self._key_pair.private_key)
+        self._ledger.record(acked, layer=job.layer)
+        receipt = acked.receipt
+        c = self._counters
+        c.chunks += 1
+        c.macs += receipt.macs
+        c.paid += receipt.amount
+        self._table.on_success(
+            reply.signer,
+            elapsed_s=elapsed_s,
+            compute_s=reply.message.compute_time_us / 1e6,
+            macs=job.need.macs,
+            amount=receipt.amount,
+        )
+        return acked
+
+    async def _ack(self, stream: INetStream, acked: SignedReceipt) -> None:
+        """Send the countersigned receipt: bounded, and shielded because the result is already
+        accepted and the provider is owed its proof even if the call is being cancelled."""
+        with trio.CancelScope(shield=True), trio.move_on_after(ACK_TIMEOUT_S):
+            try:
+                await write_frame(stream, seal(acked, self._key_pair.private_key), timeout_s=ACK_TIMEOUT_S)
+            except (BaseLibp2pError, ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                log.debug("receipt not acknowledged to %s: %s", acked.receipt.provider, exc)

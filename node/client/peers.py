@@ -1,0 +1,275 @@
+"""The client's table of providers: what each offers, how it has performed, and who is banned.
+
+Scores come from measurement, not from what a provider claims: each successful chunk updates a
+moving average of the provider's latency (reply time minus its reported compute time) and of its
+rate (MACs over compute time); its advertised MAC/s only seeds the rate. Reputation is the
+smoothed success ratio (successes + 1) / (successes + failures + 2). These records are kept in
+the ledger, so a provider starts the next session with the record it earned.
+
+Bans:
+- a provider that times out or cannot be reached is banned for `ban_base_s`, doubled with each
+  further such failure in a row (up to `ban_max_s`) and reset by a success;
+- a provider that returned a wrong result is banned for good; the ban is written to the ledger and
+  read back at start, so it survives restarts. `forgive` lifts both kinds.
+
+The clock is injected (trio's by default, so tests can use `autojump_clock`), and so is the wall
+clock that adverts' expiry times are compared with.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import trio
+from libp2p.peer.id import ID
+
+from ..discovery import now_ms
+from ..ledger import Ledger, TrackRecord
+from ..types import PeerView, ProviderAdvert
+
+EWMA = 0.3  # weight of a new measurement in the moving averages
+INITIAL_LATENCY_S = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Need:
+    """What a chunk needs of a provider."""
+
+    model_hash: bytes
+    layer_digest: bytes
+    payload: int  # request payload bytes
+    macs: int  # work, as the provider computes it (padded to whole blocks)
+
+
+@dataclass(eq=False)
+class PeerState:
+    """One provider as the client sees it. Mutable: the table updates it in place."""
+
+    advert: ProviderAdvert
+    capacity: int  # requests we send it at once: the most free slots it ever advertised
+    rate: float  # MAC/s of its computation, measured (seeded with the advertised figure)
+    latency_s: float = INITIAL_LATENCY_S
+    successes: int = 0
+    failures: int = 0
+    timeouts_in_row: int = 0
+    chunks: int = 0
+    macs: int = 0
+    paid: int = 0
+    in_flight: int = 0
+    busy_until: float = 0.0
+    banned_until: float = 0.0
+
+    @property
+    def peer(self) -> ID:
+        return self.advert.peer
+
+    @property
+    def reputation(self) -> float:
+        return (self.successes + 1) / (self.successes + self.failures + 2)
+
+    def expected_s(self, macs: int) -> float:
+        """Expected time for a chunk of `macs`, queueing behind our own requests included."""
+        compute = macs / max(self.rate, 1.0)
+        return self.latency_s + compute * (1 + self.in_flight / self.capacity)
+
+
+class PeerTable:
+    """Providers by peer id; the single place that decides who may be used now."""
+
+    def __init__(
+        self,
+        *,
+        ledger: Ledger,
+        ban_base_s: float = 10.0,
+        ban_max_s: float = 600.0,
+        clock: Callable[[], float] = trio.current_time,
+        wall_ms: Callable[[], int] = now_ms,
+    ) -> None:
+        self._ledger = ledger
+        self._peers: dict[ID, PeerState] = {}
+        self._banned_forever = ledger.bans()  # base58 peer id -> reason
+        self._records = ledger.records()  # base58 peer id -> TrackRecord of earlier sessions
+        self.ban_base_s = ban_base_s
+        self.ban_max_s = ban_max_s
+        self._clock = clock
+        self._wall_ms = wall_ms
+        self._changed = trio.Event()
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    def __contains__(self, peer: ID) -> bool:
+        return peer in self._peers
+
+    def get(self, peer: ID) -> PeerState:
+        return self._peers[peer]
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_change(self, timeout_s: float) -> None:
+        """Return when an advert arrives, a slot frees up or a ban changes, or after `timeout_s`."""
+        with trio.move_on_after(max(timeout_s, 0.0)):
+            await self._changed.wait()
+
+    # -- adverts -------------------------------------------------------------------------------
+
+    def update(self, advert: ProviderAdvert) -> None:
+        """Take in an advert; an older one than the provider's last is ignored, as are adverts of
+        providers banned for good."""
+        if advert.peer.to_base58() in self._banned_forever:
+            return
+        state = self._peers.get(advert.peer)
+        if state is None:
+            state = self._peers[advert.peer] = PeerState(
+                advert=advert, capacity=max(1, advert.free_slots), rate=float(max(1, advert.macs_per_second))
+            )
+            record = self._records.get(advert.peer.to_base58())
+            if record is not None:
+                state.successes, state.failures = record.successes, record.failures
+                state.latency_s, state.rate = record.latency_s, record.rate
+        elif advert.issued_at_ms > state.advert.issued_at_ms:
+            state.advert = advert
+            state.capacity = max(state.capacity, advert.free_slots)
+        else:
+            return
+        self._notify()
+
+    # -- who can be used -----------------------------------------------------------------------
+
+    def holders(self, need: Need) -> list[PeerState]:
+        """Providers that could serve `need` at all: live advert, layer held, payload accepted,
+        not banned for good (they may be busy or banned for a while)."""
+        wall = self._wall_ms()
+        return [
+            s for s in self._peers.values()
+            if s.advert.expires_at_ms > wall
+            and s.advert.holds(need.model_hash, need.layer_digest)
+            and s.advert.max_payload_size >= need.payload
+            and s.peer.to_base58() not in self._banned_forever
+        ]
+
+    def usable(self, state: PeerState) -> bool:
+        now = self._clock()
+        return state.banned_until <= now and state.busy_until <= now and state.in_flight < state.capacity
+
+    def available(self, need: Need) -> list[PeerState]:
+        """Holders that can take a request right now."""
+        return [s for s in self.holders(need) if self.usable(s)]
+
+    def ready_in(self, need: Need) -> float:
+        """Seconds until a busy or banned holder becomes usable again (inf if none will by time
+        alone: then only a freed slot or a new advert helps)."""
+        now = self._clock()
+        times = [max(s.banned_until, s.busy_until) - now for s in self.holders(need) if s.in_flight < s.capacity]
+        return max(0.0, min(times, default=math.inf))
+
+    def acquire(self, peer: ID) -> None:
+        self._peers[peer].in_flight += 1
+
+    def release(self, peer: ID) -> None:
+        self._peers[peer].in_flight -= 1
+        self._notify()
+
+    # -- outcomes ------------------------------------------------------------------------------
+
+    def on_success(self, peer: ID, *, elapsed_s: float, compute_s: float, macs: int, amount: int) -> None:
+        s = self._peers[peer]
+        s.successes += 1
+        s.chunks += 1
+        s.macs += macs
+        s.paid += amount
+        s.timeouts_in_row = 0
+        s.banned_until = 0.0
+        s.latency_s += EWMA * (max(elapsed_s - compute_s, 0.0) - s.latency_s)
+        if compute_s > 0:
+            s.rate += EWMA * (macs / compute_s - s.rate)
+        self._save(s)
+
+    def on_straggler(self, peer: ID, elapsed_s: float) -> None:
+        """A hedge beat this provider: it took at least `elapsed_s`, so its latency is at least that."""
+        s = self._peers[peer]
+        s.latency_s += EWMA * (max(elapsed_s, s.latency_s) - s.latency_s)
+        self._save(s)
+
+    def on_failure(self, peer: ID) -> None:
+        """A refusal or an error reply: counts against its reputation, no ban."""
+        self._peers[peer].failures += 1
+        self._save(self._peers[peer])
+
+    def on_busy(self, peer: ID, retry_after_s: float) -> None:
+        self._peers[peer].busy_until = self._clock() + retry_after_s
+        self._notify()
+
+    def on_timeout(self, peer: ID) -> float:
+        """Timed out or unreachable: ban for a while, doubling each time in a row. Returns the ban's length."""
+        s = self._peers[peer]
+        s.failures += 1
+        s.timeouts_in_row += 1
+        length = min(self.ban_max_s, self.ban_base_s * 2 ** (s.timeouts_in_row - 1))
+        s.banned_until = self._clock() + length
+        self._save(s)
+        self._notify()
+        return length
+
+    def on_cheat(self, peer: ID, reason: str) -> None:
+        """A wrong result: banned for good, in the ledger too."""
+        self._banned_forever[peer.to_base58()] = reason
+        self._ledger.ban(peer.to_base58(), reason)
+        if peer in self._peers:
+            self._peers[peer].failures += 1
+            self._save(self._peers[peer])
+        self._notify()
+
+    def forgive(self, peer: ID) -> bool:
+        """Lift every ban of `peer` (an operator's decision); False if it was not banned."""
+        was = self._ledger.unban(peer.to_base58()) | (self._banned_forever.pop(peer.to_base58(), None) is not None)
+        state = self._peers.get(peer)
+        if state is not None and state.banned_until > self._clock():
+            state.banned_until, state.timeouts_in_row, was = 0.0, 0, True
+        self._notify()
+        return was
+
+    def _save(self, s: PeerState) -> None:
+        self._ledger.save_record(s.peer.to_base58(), TrackRecord(s.successes, s.failures, s.latency_s, s.rate))
+
+    # -- views ---------------------------------------------------------------------------------
+
+    def bans(self) -> dict[str, str]:
+        """Every banned peer (base58) and why."""
+        now = self._clock()
+        bans = dict(self._banned_forever)
+        for s in self._peers.values():
+            if s.banned_until > now:
+                bans[s.peer.to_base58()] = f"timed out {s.timeouts_in_row} time(s) in a row; {s.banned_until - now:.0f} s left"
+        return bans
+
+    def views(self) -> tuple[PeerView, ...]:
+        bans = self.bans()
+        return tuple(_view(s, bans.get(s.peer.to_base58(), "")) for s in self._sorted(self._peers.values()))
+
+    @staticmethod
+    def _sorted(states: Iterable[PeerState]) -> list[PeerState]:
+        return sorted(states, key=lambda s: s.peer.to_base58())
+
+
+def _view(s: PeerState, banned: str) -> PeerView:
+    a = s.advert
+    return PeerView(
+        peer=s.peer.to_base58(),
+        addrs=tuple(str(addr) for addr in a.addrs),
+        device=a.device,
+        layers=None if a.layers is None else len(a.layers),
+        macs_per_second=a.macs_per_second,
+        measured_macs_per_second=s.rate,
+        latency_s=s.latency_s,
+        price_per_gmac=a.price_per_gmac,
+        free_slots=a.free_slots,
+        reputation=s.reputation,
+        failures=s.failures,
+        chunks=s.chunks,
+        banned=banned,
+    )

@@ -1,0 +1,230 @@
+"""The client on a trio loop: discovery feeding the peer table, and exact encrypted layer calls.
+
+`open_session` starts a host (DHT client mode), watches adverts, waits for the first providers and
+yields a `SwarmSession`; `SwarmSession.matmul` is one layer call:
+
+1. plan the chunks for the providers holding the layer (router.py);
+2. encrypt the whole operand under the channel's current key, cut each chunk's ciphertext out of
+   it (token blocks, contraction rows) and send the chunks concurrently (dispatch.py);
+3. each verified chunk product is added into the output where it belongs, exactly once;
+4. if a provider returned a wrong result, it is banned, every key is rotated, and the chunks not
+   yet delivered are encrypted again under the new keys and sent again, up to `max_rotations`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from functools import partial
+
+import torch
+import trio
+from libp2p.crypto.keys import KeyPair
+from libp2p.kad_dht.kad_dht import DHTMode
+from multiaddr import Multiaddr
+
+from cipherswarm.fhe_backend import Ciphertext
+from cipherswarm.protocol import Range
+
+from ..discovery import AdvertWatcher
+from ..engine import ENGINE
+from ..errors import NodeError, NoProvidersError, ProvidersCheatingError, leaf_errors
+from ..host import LOOPBACK, NodeHost, open_host
+from ..ledger import Ledger
+from ..types import Chunk, ClientStats
+from ..weights import Layer, ModelWeights
+from .config import ClientConfig
+from .dispatch import ChunkJob, Counters, Dispatcher, KeyExposed
+from .keys import KeyRing, LayerChannel
+from .peers import Need, PeerTable
+from .router import CallShape, ChunkRouter
+
+log = logging.getLogger(__name__)
+
+
+def _operand(x: torch.Tensor, contraction: int) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.is_floating_point() or x.is_complex():
+        raise TypeError("x_int must be a 2-D integer tensor (tokens x features)")
+    if x.shape[1] != contraction:
+        raise ValueError(f"x_int has {x.shape[1]} features, the layer contracts over {contraction}")
+    return x.detach().to(device="cpu", dtype=torch.int64).contiguous()
+
+
+class SwarmSession:
+    """A running client; made by `open_session`."""
+
+    def __init__(
+        self, *, node: NodeHost, weights: ModelWeights, ledger: Ledger, x_bits: int, config: ClientConfig
+    ) -> None:
+        if not weights.holds_all:
+            raise ValueError("the client checks every product, so it needs every layer: load the model without a layer filter")
+        self.node = node
+        self.weights = weights
+        self.ledger = ledger
+        self.config = config
+        self.peers = PeerTable(ledger=ledger, ban_base_s=config.ban_base_s, ban_max_s=config.ban_max_s)
+        self.watcher = AdvertWatcher(
+            node, weights.model_hash, self.peers.update, lookup_interval_s=config.lookup_interval_s
+        )
+        self.router = ChunkRouter(self.peers, config, starved=self.watcher.request_lookup)
+        self.keys = KeyRing(x_bits=x_bits)
+        self._counters = Counters()
+        self._calls = 0
+        self._rotations = 0
+        self.dispatcher = Dispatcher(node=node, router=self.router, ledger=ledger, config=config, counters=self._counters)
+
+    def stats(self) -> ClientStats:
+        """A snapshot of the client's cumulative figures and its peer table."""
+        c = self._counters
+        views = self.peers.views()
+        return ClientStats(
+            calls=self._calls,
+            chunks=c.chunks,
+            bytes_sent=c.bytes_sent,
+            bytes_received=c.bytes_received,
+            macs=c.macs,
+            paid=c.paid,
+            retries=c.retries,
+            hedges=c.hedges,
+            timeouts=c.timeouts,
+            busy=c.busy,
+            verification_failures=c.verification_failures,
+            key_rotations=self._rotations,
+            chunks_by_peer={v.peer: v.chunks for v in views if v.chunks},
+            failures_by_peer=dict(c.failures_by_peer),
+            bans=self.peers.bans(),
+            peers=views,
+        )
+
+    async def wait_providers(self, count: int, timeout_s: float) -> None:
+        """Wait until `count` providers of the model are known; NoProvidersError after `timeout_s`."""
+        with trio.move_on_after(timeout_s):
+            while len(self.peers) < count:
+                self.watcher.request_lookup()
+                await self.peers.wait_change(1.0)
+            return
+        raise NoProvidersError("any layer", known=len(self.peers), reason=f"fewer than {count} found in {timeout_s:.0f} s")
+
+    async def matmul(self, layer_key: str, x_int: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
+        """Exact int64 `x_int @ W` (or `x_int @ W.T` when `transpose`) for the layer `layer_key`
+        (tensor or module name, weights.py), computed encrypted by the swarm and verified."""
+        layer = self.weights.resolve(layer_key)
+        channel = self.keys.channel(layer, transpose=transpose)
+        d_in, d_out = layer.shape.d_in, layer.shape.d_out
+        contraction, width = (d_out, d_in) if transpose else (d_in, d_out)
+        x = _operand(x_int, contraction)
+        y = torch.zeros((x.shape[0], width), dtype=torch.int64)
+        if x.shape[0] == 0:
+            return y
+        shape = CallShape(x.shape[0], channel.params.n, contraction, width, channel.params.in_bytes)
+        plan = await self._plan(layer, shape)
+        done: set[int] = set()
+        for _ in range(self.config.max_rotations + 1):
+            exposed = False
+            try:
+                await self._round(layer, channel, shape, plan, x, y, done)
+            except KeyExposed as exc:
+                exposed = True
+                log.warning("%s; rotating every key and redoing %d chunk(s)", exc, len(plan) - len(done))
+            if not exposed:
+                self._calls += 1
+                return y
+            self.keys.rotate()
+            self._rotations += 1
+        raise ProvidersCheatingError(layer.name, self.config.max_rotations)
+
+    async def _plan(self, layer: Layer, shape: CallShape) -> list[Chunk]:
+        need = Need(self.weights.model_hash, layer.digest, payload=0, macs=0)
+        deadline = trio.current_time() + self.config.wait_providers_s
+        while not (holders := self.peers.holders(need)):
+            if trio.current_time() >= deadline:
+                raise NoProvidersError(layer.name, known=len(self.peers), reason="none holds this layer")
+            self.watcher.request_lookup()
+            await self.peers.wait_change(1.0)
+        usable = [s for s in holders if self.peers.usable(s)] or holders
+        return self.router.plan(shape, providers=len(usable), max_payload=min(s.advert.max_payload_size for s in usable))
+
+    async def _round(
+        self,
+        layer: Layer,
+        channel: LayerChannel,
+        shape: CallShape,
+        plan: list[Chunk],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        done: set[int],
+    ) -> None:
+        """Encrypt under the current key and run every chunk not yet done. Raises KeyExposed (a
+        cheat: rotate and call again) or a NodeError, unwrapped from the nursery's group."""
+        key, generation = channel.key, channel.generation
+        crypto = self.dispatcher.crypto
+        ct: Ciphertext = await trio.to_thread.run_sync(ENGINE.encrypt, key, x, limiter=crypto)
+        jobs = []
+        for chunk in plan:
+            if chunk.index in done:
+                continue
+            part = ct.select_blocks(chunk.blocks.start, chunk.blocks.stop)
+            if chunk.row_parts > 1:
+                part = part.select_rows(chunk.contraction.start, chunk.contraction.stop, parts=chunk.row_parts)
+            payload = await trio.to_thread.run_sync(part.to_bytes, limiter=crypto)
+            tokens = chunk.tokens(shape.n, shape.tokens)
+            rows, cols = slice(tokens.start, tokens.stop), slice(chunk.contraction.start, chunk.contraction.stop)
+            macs = part.blocks * shape.n * len(chunk.contraction) * len(chunk.output)
+            jobs.append(ChunkJob(
+                layer=layer.name,
+                need=Need(self.weights.model_hash, layer.digest, payload=len(payload), macs=macs),
+                chunk=chunk,
+                channel=channel,
+                key=key,
+                generation=generation,
+                ct=part,
+                payload=payload,
+                x=x[rows, cols],
+                width=len(chunk.output),
+                deliver=partial(self._deliver, y, done, chunk, tokens),
+            ))
+        try:
+            async with trio.open_nursery() as nursery:
+                for job in jobs:
+                    nursery.start_soon(self.dispatcher.run_chunk, job)
+        except BaseExceptionGroup as group:
+            errors = leaf_errors(group)
+            exposed = [e for e in errors if isinstance(e, KeyExposed)]
+            if exposed:
+                raise exposed[0] from None
+            if errors and all(isinstance(e, NodeError) for e in errors):
+                raise errors[0] from None
+            raise
+
+    @staticmethod
+    def _deliver(y: torch.Tensor, done: set[int], chunk: Chunk, tokens: Range, part: torch.Tensor) -> None:
+        """Add one verified chunk product into the call's output (row chunks add up)."""
+        if chunk.index in done:
+            raise RuntimeError(f"chunk {chunk.index} delivered twice")
+        y[tokens.start : tokens.stop, chunk.output.start : chunk.output.stop] += part
+        done.add(chunk.index)
+
+
+@asynccontextmanager
+async def open_session(
+    *,
+    weights: ModelWeights,
+    key_pair: KeyPair,
+    ledger: Ledger,
+    x_bits: int = 8,
+    bootstrap: Sequence[Multiaddr] = (),
+    listen: Sequence[Multiaddr] = (LOOPBACK,),
+    config: ClientConfig = ClientConfig(),
+    min_providers: int = 1,
+) -> AsyncIterator[SwarmSession]:
+    """A running client that knows at least `min_providers` providers of the model (waiting up to
+    `config.wait_providers_s`); everything stops when the block exits."""
+    async with open_host(key_pair, listen=listen, dht_mode=DHTMode.CLIENT, bootstrap=bootstrap) as node:
+        session = SwarmSession(node=node, weights=weights, ledger=ledger, x_bits=x_bits, config=config)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(session.watcher.run)
+            await session.wait_providers(min_providers, config.wait_providers_s)
+            yield session
+            nursery.cancel_scope.cancel()
+

@@ -1,0 +1,183 @@
+"""One libp2p host with everything a cipherswarm node runs on it: gossipsub and the Kademlia DHT.
+
+Transport choices follow /work/shared/design/libp2p-notes.md: Noise only and yamux only, passed
+explicitly (a default host would also offer TLS, secio, plaintext and mplex); the Noise transport is
+built with the host's own identity key pair, so a peer's Noise identity is its peer id;
+`max_connections_per_peer=1` removes the ~250 ms happy-eyeballs wait of every dial; gossipsub's
+heartbeat is 1 s instead of 120 s, so a new peer joins the advert mesh within a second.
+
+The DHT does not add connected peers to its routing table by itself, so a notifee queues every new
+connection and a task adds the peer (servers only: a peer that does not speak the DHT protocol is
+refused by the routing table's own check).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_V10
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11 as GOSSIPSUB_V11
+from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
+from multiaddr import Multiaddr
+
+from .discovery import ADVERT_NAMESPACE, AdvertValidator
+from .logs import route_libp2p_logs
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = Multiaddr("/ip4/127.0.0.1/tcp/0")
+"""Default listen address: loopback, on a free port."""
+DIAL_TIMEOUT_S = 10.0
+GOSSIP_HEARTBEAT_S = 1
+
+
+@dataclass(eq=False)
+class NodeHost:
+    """A running host and the services on it; `open_host` makes one."""
+
+    host: IHost
+    pubsub: Pubsub
+    dht: KadDHT
+    key_pair: KeyPair
+
+    @property
+    def peer_id(self) -> ID:
+        return self.host.get_id()
+
+    def addrs(self) -> list[Multiaddr]:
+        """Full multiaddrs others can dial, each ending in /p2p/<peer id>."""
+        return list(self.host.get_addrs())
+
+    def transport_addrs(self) -> list[Multiaddr]:
+        """The same without the /p2p/ part, as adverts carry them."""
+        return [addr.decapsulate_code(0x01A5) for addr in self.host.get_addrs()]  # 0x01a5: the p2p protocol
+
+    def remember(self, peer: ID, addrs: Sequence[Multiaddr], ttl_s: int = 600) -> None:
+        """Put a peer's addresses in the peerstore, so that `new_stream` can dial it."""
+        if addrs and peer != self.peer_id:
+            self.host.get_peerstore().add_addrs(peer, list(addrs), ttl_s)
+
+    def connected(self, peer: ID) -> bool:
+        return bool(self.host.get_network().get_connections(peer))
+
+    async def connect(self, addr: Multiaddr) -> ID:
+        """Dial a full multiaddr; raises trio.TooSlowError after DIAL_TIMEOUT_S or the dial's error."""
+        info = info_from_p2p_addr(addr)
+        with trio.fail_after(DIAL_TIMEOUT_S):
+            await self.host.connect(info)
+        return info.peer_id
+
+    async def connect_all(self, addrs: Sequence[Multiaddr]) -> list[ID]:
+        """Dial each address, logging (not raising) the ones that fail; the peers reached."""
+        reached: list[ID] = []
+        for addr in addrs:
+            try:
+                reached.append(await self.connect(addr))
+            except Exception as exc:  # a dead bootstrap peer must not stop the node
+                log.warning("cannot reach %s: %s", addr, exc or type(exc).__name__)
+        return reached
+
+
+class _ConnectionQueue(INotifee):
+    """Queues the peer of every new connection; drops it if the queue is full (the next
+    connection or lookup fills the table anyway)."""
+
+    def __init__(self, send: trio.MemorySendChannel[ID]) -> None:
+        self._send = send
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        try:
+            self._send.send_nowait(conn.muxed_conn.peer_id)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def listen(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def listen_close(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def _fill_routing_table(dht: KadDHT, peers: trio.MemoryReceiveChannel[ID]) -> None:
+    async with peers:
+        async for peer in peers:
+            try:
+                with trio.move_on_after(DIAL_TIMEOUT_S):
+                    await dht.add_peer(peer)
+            except Exception as exc:  # a peer that left meanwhile, or speaks no DHT
+                log.debug("not adding %s to the routing table: %s", peer, exc)
+
+
+def _new_host(key_pair: KeyPair, listen: Sequence[Multiaddr]) -> IHost:
+    noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
+    return new_host(
+        key_pair=key_pair,
+        sec_opt={NOISE_PROTOCOL_ID: noise},
+        muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
+        connection_config=ConnectionConfig(max_connections_per_peer=1),
+        listen_addrs=list(listen),
+    )
+
+
+@asynccontextmanager
+async def open_host(
+    key_pair: KeyPair,
+    *,
+    listen: Sequence[Multiaddr] = (LOOPBACK,),
+    dht_mode: DHTMode = DHTMode.SERVER,
+    bootstrap: Sequence[Multiaddr] = (),
+) -> AsyncIterator[NodeHost]:
+    """Start a host listening on `listen` with gossipsub and the DHT, dial `bootstrap`, and stop
+    everything on exit. Providers run the DHT as servers, clients as clients."""
+    if not logging.getLogger("libp2p").handlers:
+        route_libp2p_logs()
+    host = _new_host(key_pair, listen)
+    gossip = GossipSub(
+        protocols=[GOSSIPSUB_V11, GOSSIPSUB_V10],
+        degree=6,
+        degree_low=4,
+        degree_high=12,
+        heartbeat_interval=GOSSIP_HEARTBEAT_S,
+    )
+    pubsub = Pubsub(host, gossip)
+    dht = KadDHT(host, dht_mode)
+    dht.register_validator(ADVERT_NAMESPACE, AdvertValidator())
+    dht.strict_validation = True  # only our namespace: nobody can park arbitrary records on us
+    send, receive = trio.open_memory_channel[ID](64)
+    host.get_network().register_notifee(_ConnectionQueue(send))
+    async with host.run(list(listen)):
+        async with background_trio_service(pubsub), background_trio_service(gossip), background_trio_service(dht):
+            await pubsub.wait_until_ready()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_fill_routing_table, dht, receive)
+                node = NodeHost(host, pubsub, dht, key_pair)
+                await node.connect_all(bootstrap)
+                yield node
+                nursery.cancel_scope.cancel()

@@ -1,0 +1,70 @@
+"""A node's persistent identity: one Ed25519 key pair in a file only its owner can read.
+
+The key is the libp2p identity (the peer id is its hash), the Noise static identity, and the key
+every frame, advert and receipt is signed with, so losing it loses the node's reputation and
+leaking it lets anyone impersonate the node. The file holds libp2p's `PrivateKey` protobuf (the
+same bytes go-libp2p and js-libp2p store), is created with mode 0600, and is refused, as ssh
+refuses keys, when group or others may read it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from libp2p.crypto.ed25519 import Ed25519PrivateKey, create_new_key_pair
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.serialization import deserialize_private_key
+from libp2p.peer.id import ID
+
+ENV_HOME = "CIPHERSWARM_HOME"
+"""Directory of a node's files (identity, ledger); default ~/.cipherswarm."""
+
+
+class IdentityError(Exception):
+    """The identity file cannot be used; the message says how to fix it."""
+
+
+def home_dir() -> Path:
+    return Path(os.environ.get(ENV_HOME) or Path.home() / ".cipherswarm")
+
+
+def default_identity_path() -> Path:
+    return home_dir() / "identity.key"
+
+
+def peer_id_of(key_pair: KeyPair) -> ID:
+    return ID.from_pubkey(key_pair.public_key)
+
+
+def load_identity(path: Path, *, create: bool = True) -> tuple[KeyPair, bool]:
+    """The key pair stored at `path` and whether it was just created (only if `create`)."""
+    try:
+        return _read(path), False
+    except FileNotFoundError:
+        if not create:
+            raise IdentityError(f"no identity at {path}; run `cipherswarm identity --file {path}` to create one") from None
+    key_pair = create_new_key_pair()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # O_EXCL: two nodes started at once must not each write a key and then use different ones.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return _read(path), False
+    with os.fdopen(fd, "wb") as f:
+        f.write(key_pair.private_key.serialize())
+    return key_pair, True
+
+
+def _read(path: Path) -> KeyPair:
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise IdentityError(f"{path} is accessible by others (mode {stat.S_IMODE(mode):o}); run `chmod 600 {path}`")
+    try:
+        private_key = deserialize_private_key(path.read_bytes())
+    except Exception as exc:  # any parse failure means the same thing to the user
+        raise IdentityError(f"{path} is not a libp2p private key: {exc}") from None
+    if not isinstance(private_key, Ed25519PrivateKey):
+        raise IdentityError(f"{path} holds a {private_key.get_type().name} key; cipherswarm signs with Ed25519 only")
+    return KeyPair(private_key, private_key.get_public_key())

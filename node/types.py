@@ -1,0 +1,144 @@
+"""Records shared by the node's provider and client sides: adverts, chunks and statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from libp2p.peer.id import ID
+from multiaddr import Multiaddr
+
+from cipherswarm.protocol import CapabilityAdvert, Range, Verified, WeightSlice
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderAdvert:
+    """A provider's verified offer, in the node's own types."""
+
+    peer: ID  # the advert's signer: the provider
+    addrs: tuple[Multiaddr, ...]  # transport addresses to dial
+    models: frozenset[bytes]  # model content hashes
+    layers: frozenset[bytes] | None  # layer digests held; None: every layer of every model
+    backends: tuple[str, ...]
+    protocols: tuple[str, ...]
+    device: str
+    macs_per_second: int  # the provider's own benchmark
+    price_per_gmac: int
+    free_slots: int
+    max_payload_size: int
+    issued_at_ms: int
+    expires_at_ms: int
+
+    @classmethod
+    def from_verified(cls, verified: Verified[CapabilityAdvert]) -> ProviderAdvert:
+        """Raises ValueError if an address does not decode."""
+        a = verified.message
+        return cls(
+            peer=verified.signer,
+            addrs=tuple(Multiaddr(addr) for addr in a.addrs),
+            models=frozenset(a.models),
+            layers=frozenset(a.layers) or None,
+            backends=a.backends,
+            protocols=a.protocols,
+            device=a.device,
+            macs_per_second=a.macs_per_second,
+            price_per_gmac=a.price_per_gmac,
+            free_slots=a.free_slots,
+            max_payload_size=a.max_payload_size,
+            issued_at_ms=a.issued_at_ms,
+            expires_at_ms=a.expires_at_ms,
+        )
+
+    def holds(self, model_hash: bytes, layer_digest: bytes) -> bool:
+        return model_hash in self.models and (self.layers is None or layer_digest in self.layers)
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One piece of a layer call: token blocks x contraction range x output range.
+
+    Ranges are over the operand's axes, whatever the direction: `contraction` indexes the features
+    of x (rows of W forward, columns of W for the transposed product), `output` the result's
+    columns. Every split of fhe-scheme.md is one of these; `row_parts` is how many contraction
+    pieces the plan cut, which the ciphertext's output modulus must allow for.
+    """
+
+    index: int
+    blocks: Range  # ring blocks of N tokens
+    contraction: Range
+    output: Range
+    row_parts: int = 1
+
+    def tokens(self, n: int, total: int) -> Range:
+        """The token rows this chunk covers, given N tokens per block and `total` tokens."""
+        return Range(self.blocks.start * n, min(total, self.blocks.stop * n))
+
+    def weight_slice(self, transpose: bool) -> WeightSlice:
+        """The slice of W (d_in x d_out) the provider multiplies by."""
+        if transpose:
+            return WeightSlice(rows=self.output, cols=self.contraction)
+        return WeightSlice(rows=self.contraction, cols=self.output)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkAssignment:
+    """A chunk sent to one provider: one attempt of a call."""
+
+    chunk: Chunk
+    peer: ID
+    hedge: bool  # a second attempt racing a straggler
+
+
+@dataclass(frozen=True, slots=True)
+class PeerView:
+    """One row of the client's peer table, as `status` and `stats()` show it."""
+
+    peer: str
+    addrs: tuple[str, ...]
+    device: str
+    layers: int | None  # layers held; None: all
+    macs_per_second: int  # advertised
+    measured_macs_per_second: float  # end to end, including the network
+    latency_s: float
+    price_per_gmac: int
+    free_slots: int
+    reputation: float  # (successes + 1) / (successes + failures + 2)
+    failures: int
+    chunks: int
+    banned: str  # "" or why, with the remaining time of a temporary ban
+
+
+@dataclass(frozen=True, slots=True)
+class ClientStats:
+    """Cumulative figures of a client since it started; `stats()` returns a fresh one each time."""
+
+    calls: int = 0
+    chunks: int = 0  # accepted (verified) chunks
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    macs: int = 0
+    paid: int = 0  # sum of the receipts' amounts, in the price's currency unit
+    retries: int = 0
+    hedges: int = 0
+    timeouts: int = 0
+    busy: int = 0  # BUSY replies received
+    verification_failures: int = 0
+    key_rotations: int = 0
+    chunks_by_peer: dict[str, int] = field(default_factory=dict)
+    failures_by_peer: dict[str, int] = field(default_factory=dict)
+    bans: dict[str, str] = field(default_factory=dict)  # peer -> reason
+    peers: tuple[PeerView, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderStats:
+    """Cumulative figures of a provider since it started."""
+
+    requests: int = 0  # streams opened to it
+    served: int = 0  # OK replies
+    busy: int = 0  # BUSY replies
+    errors: int = 0  # other error replies
+    acks: int = 0  # countersigned receipts received
+    macs: int = 0
+    earned: int = 0  # sum of the amounts of the receipts it issued
+    in_flight: int = 0  # requests admitted now (being read, queued or computed)
+    peak_in_flight: int = 0  # most requests admitted at once: bounds its memory
