@@ -124,7 +124,11 @@ def main() -> None:
     parser.add_argument("--remote-executor", metavar="MODULE:FACTORY",
                         help="factory(layer_specs) -> executor for fhe='remote' (default: in-process bytes loopback)")
     parser.add_argument("--no-remote", action="store_true", help="skip the remote columns")
+    parser.add_argument("--threads", type=int, help="torch and crypto threads (default: all cores)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["CIPHERSWARM_THREADS"] = str(args.threads)
     hf_logging.set_verbosity_error()
     profiles = [p for p in args.profiles.split(",") if p]
     columns = [Column("disable", "disable")] + [Column(f"execute[{p}]", "execute", p) for p in profiles]

@@ -93,11 +93,9 @@ class RemoteLinear(nn.Module):
         flat = t.detach().reshape(-1, t.shape[-1])  # tokens, features
         dev = t.device
         scale = self._scale.to(dev)
-        if transpose:
-            # g @ W.T = sum_k g[t,k] c_k Wq[j,k]: the channel scales c_k sit on the contraction axis
-            # now, so they are folded into g before quantizing instead of applied to the output.
-            flat = flat.to(torch.float64) * scale
-        xq = quantize_per_token(flat, self.context.n_bits)
+        # Backward, g @ W.T = sum_k g[t,k] c_k Wq[j,k]: the channel scales c_k sit on the contraction
+        # axis, so they are folded into g before quantizing instead of applied to the output.
+        xq = quantize_per_token(flat, self.context.n_bits, scale if transpose else None)
         y = executor.matmul(self.key, xq.q.cpu(), transpose=transpose)
         width = self.in_features if transpose else self.out_features
         if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or tuple(y.shape) != (flat.shape[0], width):
