@@ -94,6 +94,7 @@ def report(title: str, sizes: dict, tokens: int, columns: list[Column], steps: i
           f"(load average {os.getloadavg()[0]:.1f})")
     per_step: dict[str, float] = {}
     med = statistics.median
+    width = max(len(c.label) for c in columns) + 2
     for col in columns:
         records = measure(sizes, tokens, col, steps, warmup)
         per_step[col.label] = med(r.wall_s for r in records)
@@ -104,7 +105,7 @@ def report(title: str, sizes: dict, tokens: int, columns: list[Column], steps: i
                        f" provider CPU {med(r.provider_s for r in records):.2f} s;"
                        f" {med(r.remote_calls for r in records):.0f} products,"
                        f" {med(r.bytes_sent for r in records) / 1e6:.1f} MB out, {med(r.bytes_received for r in records) / 1e6:.1f} MB back")
-        print(f"  {col.label:<22}{detail}")
+        print(f"  {col.label:<{width}}{detail}")
     base = per_step[columns[0].label]
     for col in columns[1:]:
         print(row(f"{col.label} / {columns[0].label}", f"{per_step[col.label] / base:.1f}x"))
