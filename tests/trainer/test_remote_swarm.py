@@ -1,0 +1,48 @@
+"""fhe="remote" through the node client and a real provider process on loopback (slow: libp2p, a process)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from trainer_factory import LLAMA, base_model, make_trainer, token_data
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_remote_through_the_swarm_equals_simulate(tmp_path: Path) -> None:
+    from cipherswarm.node import SwarmClient
+
+    model_dir = tmp_path / "model"
+    base_model(LLAMA).save_pretrained(model_dir, safe_serialization=True)
+    command = [sys.executable, "-m", "cipherswarm.cli", "provider", "--model", str(model_dir),
+               "--identity", str(tmp_path / "provider.key"), "--benchmark-seconds", "0.1", "--advert-interval", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    with open(tmp_path / "provider.log", "wb") as log:
+        provider = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=log, env=env)
+    try:
+        addr = provider.stdout.readline().decode().strip()  # the provider prints its multiaddr once ready
+        assert addr, (tmp_path / "provider.log").read_text()[-2000:]
+        data = token_data(4, 8)
+        losses = {}
+        for fhe in ("simulate", "remote"):
+            trainer = make_trainer(LLAMA)
+            trainer.compile(data[:1])
+            torch.manual_seed(0)
+            swarm = SwarmClient(model_dir=model_dir, bootstrap=[addr], ledger=tmp_path / "client.sqlite")
+            with swarm if fhe == "remote" else contextlib.nullcontext() as client:
+                trainer.train(torch.utils.data.DataLoader(data, batch_size=2), num_epochs=2, fhe=fhe, executor=client,
+                              progress=False)
+            losses[fhe] = trainer.get_training_losses()
+            if fhe == "remote":
+                assert all(r.remote_calls == 25 and r.bytes_sent > 0 for r in trainer.step_records)
+        assert losses["remote"] == losses["simulate"]
+    finally:
+        provider.terminate()
+        provider.wait(10)
