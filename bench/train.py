@@ -64,6 +64,7 @@ def loopback(profile: str) -> ExecutorFactory:
 
 
 def load_factory(spec: str) -> ExecutorFactory:
+    """The callable named by ``pkg.module:factory``."""
     module, _, attr = spec.partition(":")
     if not attr:
         raise SystemExit(f"--remote-executor must look like pkg.module:factory, got {spec!r}")

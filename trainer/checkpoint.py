@@ -103,4 +103,5 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path:
 
 
 def checkpoint_folder(checkpoint_dir: Path, step: int) -> Path:
+    """Where the checkpoint after ``step`` optimizer steps goes (zero-padded: folders sort by step)."""
     return Path(checkpoint_dir) / f"checkpoint-{step:06d}"

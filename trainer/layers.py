@@ -76,6 +76,7 @@ class RemoteLinear(nn.Module):
         self._scale = self.quantized.scale.to(torch.float64)
 
     def extra_repr(self) -> str:
+        """Shown by ``print(model)``: which layer this is, so remote layers are easy to spot."""
         return f"{self.key!r}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

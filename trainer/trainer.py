@@ -70,6 +70,7 @@ class StepRecord:
 
 
 def _check_int(name: str, value: object, low: int = 1) -> None:
+    """A ValueError naming ``name`` unless ``value`` is an int >= ``low`` (bools are not counts)."""
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
@@ -166,6 +167,7 @@ def _first_batch(inputset: object) -> object:
 
 
 def _human_bytes(n: float) -> str:
+    """1234567 -> '1.23 MB' (decimal units, as network rates are quoted)."""
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000:
             return f"{n:.3g} {unit}"
@@ -235,6 +237,7 @@ class LoraTrainer:
 
     @property
     def compiled(self) -> bool:
+        """True once ``compile()`` made keys, until ``save_and_clear_private_info`` drops them."""
         return bool(self._local)
 
     def compile(self, inputset: object, n_bits: int = 8, *, profile: str = "default") -> None:
@@ -396,6 +399,7 @@ class LoraTrainer:
 
     @property
     def global_step(self) -> int:
+        """Optimizer steps done so far, those of a resumed checkpoint included."""
         return len(self._records)
 
     def _epoch(self, run: "_Run", batches: Iterator, num_epochs: int) -> bool:
