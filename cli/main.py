@@ -16,6 +16,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "provider": ("provider", "serve encrypted matmuls of a model's base layers to the swarm"),
     "identity": ("identity", "print this node's peer id, creating its key file if needed"),
     "status": ("status", "show the providers a client finds, their scores and bans"),
+    "train": ("train", "fine-tune a model with LoRA as a client of a swarm (every base matmul encrypted)"),
+    "testnet": ("testnet", "start a local swarm of providers and fine-tune the bundled model through it"),
 }
 
 

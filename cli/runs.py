@@ -1,0 +1,94 @@
+"""What a fine-tune run leaves behind: adapters, a loss plot and a JSON report (train and testnet)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from cipherswarm.trainer.finetune import FinetuneResult
+
+
+def client_cpu(result: FinetuneResult) -> dict[str, float]:
+    """The client's CPU seconds over all steps, split into crypto and its own plaintext work."""
+    fields = {"total": "cpu_s", "encrypt": "cpu_encrypt_s", "decrypt": "cpu_decrypt_s", "verify": "cpu_verify_s",
+              "wire": "cpu_wire_s", "plaintext": "cpu_plain_s"}
+    return {name: round(sum(getattr(r, f) for r in result.records), 3) for name, f in fields.items()}
+
+
+def report(result: FinetuneResult, *, swarm: Any = None, plain: FinetuneResult | None = None,
+           extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A JSON-able summary of ``result``; ``swarm`` is the node client's stats, ``plain`` a
+    plaintext run of the same config to compare with."""
+    tokens = result.tokens
+    out: dict[str, Any] = {
+        "model": str(result.config.model_dir),
+        "fhe": result.fhe,
+        "steps": len(result.losses),
+        "tokens": tokens,
+        "seconds": round(result.wall_s, 2),
+        "tokens_per_second": round(tokens / result.wall_s, 2) if result.wall_s else None,
+        "losses": result.losses,
+        "eval_loss_before": result.eval_before,
+        "eval_loss_after": result.eval_after,
+        "client_cpu_s": client_cpu(result),
+        "bytes_sent": sum(r.bytes_sent for r in result.records),
+        "bytes_received": sum(r.bytes_received for r in result.records),
+    }
+    if swarm is not None:
+        out.update({
+            "provider_macs": swarm.macs,
+            "paid": swarm.paid,
+            "price_per_1k_tokens": round(swarm.paid * 1000 / tokens, 4) if tokens else None,
+            "chunks": swarm.chunks,
+            "chunks_by_provider": dict(swarm.chunks_by_peer),
+            "failures_by_provider": dict(swarm.failures_by_peer),
+            "retries": swarm.retries,
+            "hedges": swarm.hedges,
+            "timeouts": swarm.timeouts,
+            "busy": swarm.busy,
+            "verification_failures": swarm.verification_failures,
+            "key_rotations": swarm.key_rotations,
+            "bans": dict(swarm.bans),
+        })
+    if plain is not None:
+        final, final_plain = result.losses[-1], plain.losses[-1]
+        out["plaintext"] = {
+            "losses": plain.losses,
+            "eval_loss_before": plain.eval_before,
+            "eval_loss_after": plain.eval_after,
+            "seconds": round(plain.wall_s, 2),
+        }
+        out["final_loss_difference_pct"] = round(100 * abs(final - final_plain) / abs(final_plain), 3)
+        out["privacy_overhead_x"] = round(result.wall_s / plain.wall_s, 1) if plain.wall_s else None
+    out.update(extra or {})
+    return out
+
+
+def save(out_dir: Path, result: FinetuneResult, summary: dict[str, Any], *, plain: FinetuneResult | None = None) -> None:
+    """Write ``adapter/`` (peft), ``loss.png`` and ``report.json`` into ``out_dir``; forget the keys."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result.trainer.save_and_clear_private_info(out_dir / "adapter")
+    plot_losses(out_dir / "loss.png", result, plain)
+    (out_dir / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def plot_losses(path: Path, result: FinetuneResult, plain: FinetuneResult | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display is needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = range(1, len(result.losses) + 1)
+    ax.plot(steps, result.losses, marker="o", label=f"encrypted (fhe={result.fhe})")
+    if plain is not None:
+        ax.plot(range(1, len(plain.losses) + 1), plain.losses, linestyle="--", marker="x", label="plaintext, same seed")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"LoRA fine-tune of {Path(result.config.model_dir).name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,188 @@
+"""Start a local swarm of provider processes on 127.0.0.1 and fine-tune the bundled model through it.
+
+Each provider is a real ``cipherswarm provider`` process with its own identity; the others join
+through the first one's address, and the client finds them all from that one bootstrap address.
+With three or more providers the last one holds only the first two transformer blocks, as a
+small gaming GPU would. The client fine-tunes with ``fhe="remote"`` while a live table shows the
+swarm; then the same fine-tune runs in plaintext with the same seed for comparison. In --out:
+``adapter/`` (peft LoRA weights), ``loss.png`` (both loss curves) and ``report.json``.
+
+Nothing leaves loopback. Ctrl-C stops every process.
+
+    cipherswarm testnet                            # 3 providers, 12 steps
+    cipherswarm testnet --malicious 1 --kill-one   # one cheater (caught and banned), one crash
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cipherswarm.trainer.finetune import BUNDLED_DATA, BUNDLED_MODEL
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--providers", type=int, default=3, help="provider processes to start (default 3)")
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps of the fine-tune (default 12)")
+    p.add_argument("--out", type=Path, default=Path("runs/testnet"), help="output folder (default runs/testnet)")
+    p.add_argument("--model", type=Path, default=BUNDLED_MODEL, help="HF model directory (default: bundled tiny LLaMA)")
+    p.add_argument("--data", type=Path, default=BUNDLED_DATA, help="folder with train.txt and valid.txt")
+    p.add_argument("--malicious", type=int, default=0, metavar="K", help="make the last K providers cheat")
+    p.add_argument("--cheat", choices=["random", "flip", "stale", "wrong-weights"], default="flip",
+                   help="how malicious providers cheat (default: flip one value)")
+    p.add_argument("--kill-one", action="store_true", help="kill an honest provider halfway through training")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fine-tune (data order, LoRA init)")
+    p.add_argument("--no-compare", action="store_true", help="skip the plaintext run of the same seed")
+    p.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for each provider")
+
+
+@dataclass
+class ProviderProcess:
+    """One provider process and what the testnet knows about it."""
+
+    index: int
+    proc: subprocess.Popen
+    log: Path
+    price: int
+    layers: list[str]
+    cheat: str | None
+    addr: str = ""
+    killed: bool = False
+    _lines: queue.Queue = field(default_factory=queue.Queue)
+
+    @property
+    def peer_id(self) -> str:
+        return self.addr.rsplit("/p2p/", 1)[-1]
+
+    def wait_addr(self, timeout: float) -> str:
+        """The multiaddr the provider prints once it is serving; RuntimeError with its log if it dies."""
+        threading.Thread(target=self._pump, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._lines.get(timeout=0.5)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            if line is None:
+                break
+            if "/p2p/" in line:
+                self.addr = line.strip()
+                return self.addr
+        tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+        raise RuntimeError(f"provider {self.index} did not start (exit {self.proc.poll()}); its log:\n{tail}")
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_provider(i: int, args: argparse.Namespace, bootstrap: str | None, run_dir: Path) -> ProviderProcess:
+    cheat = args.cheat if i >= args.providers - args.malicious else None
+    layers = ["*.0.*", "*.1.*"] if args.providers >= 3 and i == args.providers - 1 else []
+    price = 10 * (i + 1)
+    log = run_dir / f"provider{i}.log"
+    cmd = [sys.executable, "-m", "cipherswarm.cli", "provider", "--model", str(args.model),
+           "--listen", "/ip4/127.0.0.1/tcp/0", "--identity", str(run_dir / f"provider{i}.key"),
+           "--price", str(price), "--log-file", str(log), "--advert-interval", "2"]
+    if bootstrap:
+        cmd += ["--bootstrap", bootstrap]
+    if layers:
+        cmd += ["--layers", *layers]
+    if cheat:
+        cmd += ["--cheat", cheat]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CIPHERSWARM_THREADS": "1"}
+    with open(log, "ab") as err:
+        # own session: the terminal's Ctrl-C reaches only the testnet, which stops providers in order
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env, start_new_session=True)
+    return ProviderProcess(i, proc, log, price, layers, cheat)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cipherswarm.cli.live import SwarmView, live
+    from cipherswarm.cli.runs import report, save
+    from cipherswarm.node import SwarmClient
+    from cipherswarm.trainer.finetune import FinetuneConfig, finetune
+
+    if args.providers < 1 or not 0 <= args.malicious < args.providers:
+        print("need at least one provider, and at least one honest provider", file=sys.stderr)
+        return 2
+    if not args.model.is_dir():
+        print(f"model directory {args.model} not found: pass --model DIR (a Hugging Face safetensors folder)", file=sys.stderr)
+        return 2
+    run_dir = args.out / "swarm"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    providers: list[ProviderProcess] = []
+    try:
+        print(f"starting {args.providers} providers on 127.0.0.1 (logs in {run_dir}) ...", flush=True)
+        first = start_provider(0, args, None, run_dir)
+        providers.append(first)
+        first.wait_addr(args.startup_timeout)
+        providers += [start_provider(i, args, first.addr, run_dir) for i in range(1, args.providers)]
+        for p in providers[1:]:
+            p.wait_addr(args.startup_timeout)
+        for p in providers:
+            role = f"cheats ({p.cheat})" if p.cheat else "honest"
+            held = ", ".join(p.layers) if p.layers else "all layers"
+            print(f"  provider {p.index}: {p.addr}  price {p.price}/GMAC  {held}  {role}")
+
+        config = FinetuneConfig(model_dir=args.model, data_dir=args.data, steps=args.steps, seed=args.seed)
+        victim = next((p for p in providers[1:] if not p.cheat and not p.layers), None) if args.kill_one else None
+        with SwarmClient(model_dir=args.model, bootstrap=[first.addr], identity=run_dir / "client.key",
+                         ledger=run_dir / "ledger.sqlite", x_bits=config.n_bits, min_providers=args.providers) as client:
+            view = SwarmView(client=client, steps=args.steps, names={p.peer_id: f"p{p.index}" for p in providers})
+
+            def on_step(step: int) -> None:
+                if victim is not None and not victim.killed and step >= args.steps // 2:
+                    victim.proc.kill()
+                    victim.killed = True
+                    view.note(f"killed provider {victim.index} at step {step}")
+
+            view.on_step = on_step
+            with live(view):
+                result = finetune(config, fhe="remote", executor=client, progress=False, on_trainer=view.watch)
+            swarm = client.stats()
+        print(f"encrypted fine-tune: {len(result.losses)} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
+              f"held-out {result.eval_before:.4f} -> {result.eval_after:.4f} ({result.wall_s:.0f} s)")
+        plain = None
+        if not args.no_compare:
+            print("plaintext fine-tune of the same seed, for comparison ...", flush=True)
+            plain = finetune(config, fhe="disable", progress=False)
+            print(f"plaintext fine-tune: loss {plain.losses[0]:.4f} -> {plain.losses[-1]:.4f}, "
+                  f"held-out {plain.eval_before:.4f} -> {plain.eval_after:.4f} ({plain.wall_s:.1f} s)")
+        extra = {"providers": [{"index": p.index, "peer": p.peer_id, "addr": p.addr, "price_per_gmac": p.price,
+                                "layers": p.layers or "all", "cheat": p.cheat, "killed": p.killed} for p in providers]}
+        summary = report(result, swarm=swarm, plain=plain, extra=extra)
+        save(args.out, result, summary, plain=plain)
+        if plain is not None:
+            print(f"final loss, encrypted vs plaintext: {summary['final_loss_difference_pct']}% apart")
+        for peer, reason in swarm.bans.items():
+            print(f"banned {view.names.get(peer, peer)}: {reason}")
+        print(f"wrote {args.out / 'adapter'}, {args.out / 'loss.png'}, {args.out / 'report.json'}")
+        return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping providers", file=sys.stderr)
+        return 130
+    finally:
+        for p in providers:
+            p.stop()

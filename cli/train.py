@@ -1,0 +1,62 @@
+"""Fine-tune a model with LoRA as a client of a swarm: every base matmul is encrypted and computed
+by providers found from the bootstrap addresses; LoRA weights and the optimizer stay here.
+
+    cipherswarm train --bootstrap /ip4/127.0.0.1/tcp/4001/p2p/12D3KooW... --steps 50 --out runs/mine
+
+Writes ``adapter/`` (peft LoRA weights), ``loss.png`` and ``report.json`` into --out. The defaults
+fine-tune the bundled tiny Shakespeare LLaMA on its bundled fine-tuning set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cipherswarm.trainer.finetune import BUNDLED_DATA, BUNDLED_MODEL, FinetuneConfig
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    defaults = FinetuneConfig()
+    p.add_argument("--bootstrap", nargs="+", required=True, metavar="MULTIADDR",
+                   help="provider addresses to join the swarm through (as `cipherswarm provider` prints them)")
+    p.add_argument("--model", type=Path, default=BUNDLED_MODEL, help="HF model directory (default: bundled tiny LLaMA)")
+    p.add_argument("--data", type=Path, default=BUNDLED_DATA, help="folder with train.txt and valid.txt")
+    p.add_argument("--out", type=Path, default=Path("runs/train"), help="output folder (default runs/train)")
+    p.add_argument("--steps", type=int, default=defaults.steps, help=f"optimizer steps (default {defaults.steps})")
+    p.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per sequence")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="sequences per micro-batch")
+    p.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
+    p.add_argument("--lora-r", type=int, default=defaults.lora_r, help="LoRA rank")
+    p.add_argument("--target-modules", nargs="+", default=list(defaults.target_modules), help="modules that get adapters")
+    p.add_argument("--n-bits", type=int, default=defaults.n_bits, help="activation bits of encrypted layers (2..16)")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--min-providers", type=int, default=1, help="providers to find before training starts")
+    p.add_argument("--identity", type=Path, default=None, help="client key file (default: ~/.cipherswarm/identity.key)")
+    p.add_argument("--ledger", type=Path, default=None, help="SQLite ledger of receipts and bans")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cipherswarm.cli.runs import report, save
+    from cipherswarm.node import NoProvidersError, SwarmClient
+    from cipherswarm.trainer.finetune import finetune
+
+    for name in ("model", "data"):
+        if not getattr(args, name).is_dir():
+            print(f"--{name} {getattr(args, name)} is not a directory", file=sys.stderr)
+            return 2
+    config = FinetuneConfig(model_dir=args.model, data_dir=args.data, steps=args.steps, seq_len=args.seq_len,
+                            batch_size=args.batch_size, lr=args.lr, lora_r=args.lora_r,
+                            target_modules=tuple(args.target_modules), n_bits=args.n_bits, seed=args.seed)
+    try:
+        with SwarmClient(model_dir=args.model, bootstrap=args.bootstrap, x_bits=args.n_bits, identity=args.identity,
+                         ledger=args.ledger, min_providers=args.min_providers) as client:
+            result = finetune(config, fhe="remote", executor=client)
+            swarm = client.stats()
+    except NoProvidersError as exc:
+        print(f"{exc}", file=sys.stderr)
+        return 1
+    save(args.out, result, report(result, swarm=swarm))
+    print(f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, held-out {result.eval_before:.4f} -> "
+          f"{result.eval_after:.4f}; wrote {args.out / 'adapter'}, {args.out / 'loss.png'}, {args.out / 'report.json'}")
+    return 0
