@@ -13,6 +13,9 @@ protocol's `Envelope` bytes, signed by the provider):
 A client subscribes to the topic and also looks up `model_key` and then each provider's advert
 value, at start and every `lookup_interval_s`, so it does not depend on catching a gossip message.
 
+DHT calls carry no timeout of ours: py-libp2p bounds each query itself, and an outer timeout
+would cancel stream I/O mid-write, which breaks the connection (streams.py).
+
 Key derivation (fixed, because py-libp2p decodes a key that parses as hex or as a CID instead of
 using its UTF-8 bytes): `model_key` is the hex of the sha2-256 multihash of
 `/cipherswarm/model/1/ || model_hash`, which py-libp2p decodes to exactly that multihash.
@@ -45,7 +48,6 @@ ADVERT_TOPIC = "/cipherswarm/adverts/1"
 ADVERT_NAMESPACE = "cipherswarm-advert"
 _MODEL_KEY_DOMAIN = b"/cipherswarm/model/1/"
 _SHA2_256_MULTIHASH_PREFIX = b"\x12\x20"
-LOOKUP_TIMEOUT_S = 5.0
 
 
 def now_ms() -> int:
@@ -140,10 +142,9 @@ class Advertiser:
         if not dht:
             return
         try:
-            with trio.move_on_after(LOOKUP_TIMEOUT_S):
-                await self._node.dht.put_value(advert_key(self._node.peer_id), sealed)
-                for model_hash in self._model_hashes:
-                    await self._node.dht.provide(model_key(model_hash))
+            await self._node.dht.put_value(advert_key(self._node.peer_id), sealed)
+            for model_hash in self._model_hashes:
+                await self._node.dht.provide(model_key(model_hash))
         except Exception as exc:  # as above: the next round retries
             log.warning("advert not stored in the DHT: %s", exc)
 
@@ -207,10 +208,9 @@ class AdvertWatcher:
         peers = set(self._node.host.get_network().connections)
         if self._model_hash is not None:
             try:
-                with trio.move_on_after(LOOKUP_TIMEOUT_S):
-                    for info in await self._node.dht.find_providers(model_key(self._model_hash)):
-                        self._node.remember(info.peer_id, info.addrs)
-                        peers.add(info.peer_id)
+                for info in await self._node.dht.find_providers(model_key(self._model_hash)):
+                    self._node.remember(info.peer_id, info.addrs)
+                    peers.add(info.peer_id)
             except Exception as exc:  # the next lookup retries
                 log.warning("provider lookup failed: %s", exc)
         peers.discard(self._node.peer_id)
@@ -220,9 +220,8 @@ class AdvertWatcher:
 
     async def _fetch_advert(self, peer: ID) -> None:
         try:
-            with trio.move_on_after(LOOKUP_TIMEOUT_S):
-                value = await self._node.dht.get_value(advert_key(peer))
-                if value is not None:
-                    self._accept(read_advert(value))
+            value = await self._node.dht.get_value(advert_key(peer))
+            if value is not None:
+                self._accept(read_advert(value))
         except Exception as exc:  # an unreachable or lying peer: gossip may still bring its advert
             log.debug("no advert for %s from the DHT: %s", peer, exc)

@@ -78,6 +78,16 @@ class NodeHost:
     def connected(self, peer: ID) -> bool:
         return bool(self.host.get_network().get_connections(peer))
 
+    async def disconnect(self, peer: ID) -> None:
+        """Drop every connection to `peer` (shielded, bounded), so the next stream dials afresh.
+        py-libp2p keeps a broken connection registered, and every later stream to the peer
+        fails on it, until it is closed."""
+        with trio.CancelScope(shield=True), trio.move_on_after(DIAL_TIMEOUT_S):
+            try:
+                await self.host.get_network().close_peer(peer)
+            except Exception as exc:  # closing a broken connection may raise; it is closed either way
+                log.debug("closing the connections to %s: %s", peer, exc)
+
     async def connect(self, addr: Multiaddr) -> ID:
         """Dial a full multiaddr; raises trio.TooSlowError after DIAL_TIMEOUT_S or the dial's error."""
         info = info_from_p2p_addr(addr)

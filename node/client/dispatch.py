@@ -3,8 +3,10 @@
 An attempt (`_attempt`) is one exchange on one stream: a fresh request (new id and nonce) for the
 chunk's ciphertext, the provider's signed reply checked with `protocol.verify_reply`, the result
 decrypted and checked with Freivalds, then accepted: delivered into the call's output, its
-receipt countersigned, recorded in the ledger and sent back. Every failure is classified
-(router.FailureKind) and turned into a penalty by the router.
+receipt countersigned, recorded in the ledger and sent back. The stream I/O itself runs in an
+Exchange task of the dispatcher's own nursery, so that cancelling an attempt never cancels
+libp2p I/O (exchange.py says why). Every failure is classified (router.FailureKind) and turned
+into a penalty by the router.
 
 A race (`_race`) runs an attempt at the best provider and, if it has not answered within the
 router's hedge delay, a second one at the next best; the first accepted result cancels the other
@@ -27,7 +29,6 @@ from typing import Any
 
 import torch
 import trio
-from libp2p.abc import INetStream
 from libp2p.crypto.keys import KeyPair
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
@@ -51,24 +52,19 @@ from cipherswarm.protocol import (
     seal,
     verify_reply,
 )
-from cipherswarm.protocol.stream import write_frame
-
 from ..discovery import now_ms
 from ..engine import BACKEND, ENGINE, encode_params
 from ..errors import ChunkFailedError, NoProvidersError
 from ..host import NodeHost
 from ..ledger import Ledger
-from ..streams import close_stream, request_reply
 from ..types import Chunk
 from .config import ClientConfig
+from .exchange import Exchange, ExchangeExpired
 from .keys import LayerChannel
 from .peers import Need, PeerState
 from .router import AttemptFailed, ChunkRouter, FailureKind
 
 log = logging.getLogger(__name__)
-
-ACK_TIMEOUT_S = 5.0
-
 
 class KeyExposed(Exception):
     """A provider returned a wrong result (it is banned by now): the keys in use must be rotated."""
@@ -151,6 +147,14 @@ class Dispatcher:
         self._counters = counters
         self._key_pair: KeyPair = node.key_pair
         self.crypto = trio.CapacityLimiter(config.crypto_threads)
+        self._background: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the nursery that exchanges run in (exchange.py: they outlive cancelled attempts)."""
+        async with trio.open_nursery() as nursery:
+            self._background = nursery
+            task_status.started()
+            await trio.sleep_forever()
 
     async def run_chunk(self, job: ChunkJob) -> None:
         """Retry races until the chunk is accepted. Raises KeyExposed, NoProvidersError or
@@ -166,7 +170,12 @@ class Dispatcher:
                 raise ChunkFailedError(job.layer, failures)
             if busy_since is not None and trio.current_time() - busy_since > self._config.wait_providers_s:
                 raise NoProvidersError(job.layer, known=len(self._table), reason="all stayed busy")
-            state = await self._take(job, avoid)
+            try:
+                state = await self._take(job, avoid)
+            except NoProvidersError as exc:
+                if not failures:
+                    raise
+                raise NoProvidersError(job.layer, known=exc.known, reason=f"{exc.reason}, after: {'; '.join(failures[-3:])}") from None
             if failures:
                 self._counters.retries += 1
             outcome = await self._race(job, state)
@@ -227,6 +236,7 @@ class Dispatcher:
         return failed
 
     def _penalise(self, failure: AttemptFailed) -> None:
+        log.debug("attempt failed: %s", failure)
         name = failure.peer.to_base58()
         self._counters.failures_by_peer[name] = self._counters.failures_by_peer.get(name, 0) + 1
         match failure.kind:
@@ -258,21 +268,20 @@ class Dispatcher:
         sealed = seal(request, self._key_pair.private_key)
         limits = Limits(max_payload_size=2 * job.ct.blocks * job.width * job.params.n * 8 + (1 << 16))
         timeout = self._router.attempt_timeout(state, job.need.macs)
+        exchange = Exchange(self._node, peer, sealed, job.payload, limits=limits, timeout_s=timeout)
+        if self._background is None:
+            raise RuntimeError("the dispatcher is not running: start Dispatcher.run in a nursery first")
+        self._background.start_soon(exchange.run)
         started = trio.current_time()
-        stream = None
         try:
             try:
-                with trio.fail_after(timeout):
-                    stream = await self._node.host.new_stream(peer, list(PROTOCOL_IDS))
-                    frame = await request_reply(
-                        stream, sealed, job.payload, limits=limits,
-                        read_timeout_s=self._config.read_timeout_s, frame_timeout_s=timeout,
-                    )
-            except trio.TooSlowError:
+                frame = await exchange.reply()
+            except ExchangeExpired:
                 raise AttemptFailed(peer, FailureKind.TIMEOUT, f"no reply within {timeout:.1f} s") from None
             except DeadlineExceeded as exc:
                 raise AttemptFailed(peer, FailureKind.TIMEOUT, str(exc)) from None
             except (BaseLibp2pError, OSError, trio.BrokenResourceError, trio.ClosedResourceError, TruncatedFrame) as exc:
+                await self._node.disconnect(peer)
                 raise AttemptFailed(peer, FailureKind.UNREACHABLE, str(exc) or type(exc).__name__) from None
             except ProtocolError as exc:  # a reply that does not even parse
                 raise AttemptFailed(peer, FailureKind.CHEATED, f"invalid reply: {exc}") from None
@@ -285,12 +294,10 @@ class Dispatcher:
                 raise AttemptFailed(peer, FailureKind.CHEATED, f"wrong result: {exc}") from None
             if job.accepted:  # a hedge twin was accepted first
                 return
-            acked = self._accept(job, reply, y, elapsed_s=trio.current_time() - started)
-            await self._ack(stream, acked)
+            exchange.acknowledge(self._accept(job, reply, y, elapsed_s=trio.current_time() - started))
             on_accept()
         finally:
-            if stream is not None:
-                await close_stream(stream)
+            exchange.abandon()  # a no-op once acknowledged
 
     def _check_reply(self, frame: Frame, peer: ID, sealed: Sealed[MatmulRequest]) -> Verified[MatmulReply]:
         """protocol.verify_reply, with the provider's error replies classified."""
@@ -326,12 +333,3 @@ class Dispatcher:
             amount=receipt.amount,
         )
         return acked
-
-    async def _ack(self, stream: INetStream, acked: SignedReceipt) -> None:
-        """Send the countersigned receipt: bounded, and shielded because the result is already
-        accepted and the provider is owed its proof even if the call is being cancelled."""
-        with trio.CancelScope(shield=True), trio.move_on_after(ACK_TIMEOUT_S):
-            try:
-                await write_frame(stream, seal(acked, self._key_pair.private_key), timeout_s=ACK_TIMEOUT_S)
-            except (BaseLibp2pError, ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                log.debug("receipt not acknowledged to %s: %s", acked.receipt.provider, exc)

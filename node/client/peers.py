@@ -167,6 +167,18 @@ class PeerTable:
         times = [max(s.banned_until, s.busy_until) - now for s in self.holders(need) if s.in_flight < s.capacity]
         return max(0.0, min(times, default=math.inf))
 
+    def describe(self, state: PeerState) -> str:
+        """Why a holder is not usable now, for error messages."""
+        now = self._clock()
+        why = []
+        if state.banned_until > now:
+            why.append(f"banned for {state.banned_until - now:.0f} s")
+        if state.busy_until > now:
+            why.append(f"busy for {state.busy_until - now:.1f} s")
+        if state.in_flight >= state.capacity:
+            why.append(f"all {state.capacity} slot(s) in use")
+        return f"{state.peer} ({', '.join(why) or 'usable'})"
+
     def acquire(self, peer: ID) -> None:
         self._peers[peer].in_flight += 1
 

@@ -148,7 +148,10 @@ class ChunkRouter:
             holders = self._affordable(self.table.holders(need))
             now = trio.current_time()
             if now >= deadline:
-                reason = "all are busy or banned" if holders else "none holds this layer at an affordable price"
+                if holders:
+                    reason = "all are busy or banned: " + ", ".join(self.table.describe(s) for s in holders)
+                else:
+                    reason = "none holds this layer at an affordable price"
                 raise NoProvidersError(layer, known=len(self.table), reason=reason)
             if not holders:
                 self._starved()

@@ -223,6 +223,7 @@ async def open_session(
     async with open_host(key_pair, listen=listen, dht_mode=DHTMode.CLIENT, bootstrap=bootstrap) as node:
         session = SwarmSession(node=node, weights=weights, ledger=ledger, x_bits=x_bits, config=config)
         async with trio.open_nursery() as nursery:
+            await nursery.start(session.dispatcher.run)
             await nursery.start(session.watcher.run)
             await session.wait_providers(min_providers, config.wait_providers_s)
             yield session

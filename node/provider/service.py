@@ -53,13 +53,13 @@ from cipherswarm.protocol import (
     verify_request,
 )
 from cipherswarm.protocol.messages import MAX_ADVERT_LAYERS
-from cipherswarm.protocol.stream import READ_CHUNK, read_frame, write_frame
+from cipherswarm.protocol.stream import READ_CHUNK, read_frame
 
 from ..discovery import Advertiser, now_ms
 from ..engine import BACKEND, ENGINE, decode_params
 from ..host import NodeHost
 from ..ledger import DuplicateReceipt, Ledger
-from ..streams import close_stream
+from ..streams import close_stream, send_frame
 from ..types import ProviderStats
 from ..weights import ModelWeights
 from .benchmark import measure_macs_per_second
@@ -207,7 +207,7 @@ class Provider:
         waiting = self._admitted - self.config.slots + 1
         retry_ms = max(50, int(1000 * self._compute_s * waiting / self.config.slots))
         reply = error_reply(Busy(retry_ms, "all slots taken"))
-        await write_frame(stream, seal(reply, self._key), timeout_s=self.config.read_timeout_s)
+        await send_frame(stream, seal(reply, self._key), timeout_s=self.config.read_timeout_s)
         with trio.move_on_after(self.config.read_timeout_s):  # discard the request until the client hangs up
             while await stream.read(READ_CHUNK):
                 pass
@@ -238,7 +238,7 @@ class Provider:
             if isinstance(exc, TruncatedFrame) and exc.is_clean_close:
                 return
             self._bump(errors=1)
-            await write_frame(stream, seal(error_reply(exc, frame), self._key), timeout_s=self.config.read_timeout_s)
+            await send_frame(stream, seal(error_reply(exc, frame), self._key), timeout_s=self.config.read_timeout_s)
             return
         reply = ok_reply(
             request,
@@ -248,7 +248,7 @@ class Provider:
             compute_time_us=compute_us,
             now_ms=now_ms(),
         )
-        await write_frame(stream, seal(reply, self._key), payload, timeout_s=self.config.frame_timeout_s)
+        await send_frame(stream, seal(reply, self._key), payload, timeout_s=self.config.frame_timeout_s)
         assert reply.receipt is not None  # ok_reply always signs one
         self._bump(served=1, macs=request.message.macs, earned=reply.receipt.receipt.amount)
         await self._await_ack(stream, peer, reply.receipt, request.message.layer)

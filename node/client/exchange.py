@@ -1,0 +1,131 @@
+"""One request and its reply on a fresh stream, as a task whose libp2p I/O is never cancelled.
+
+Cancelling a py-libp2p write breaks the whole connection, not just the stream: Noise encrypts a
+message (using up a nonce) before the socket send that a cancellation may skip, and the peer's
+next decryption then fails (streams.py). Reads are no safer, because a yamux read sends a window
+update. Yet a client cancels attempts all the time: the loser of a hedge, the chunks in flight
+when a cheat is found, an attempt past its deadline.
+
+So an attempt does no I/O itself. It starts an Exchange in the dispatcher's nursery and only waits
+for it, which can be cancelled at any moment. The Exchange opens the stream, sends the request,
+reads the reply, and after the attempt's verdict sends the countersigned receipt or nothing. It
+is never cancelled from outside; to stop it early (`abandon`, or its deadline) a watchdog resets
+its stream, a write like any other but one made whole, after which the stream's reads and writes
+fail at once and the Exchange ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import trio
+from libp2p.abc import INetStream
+from libp2p.peer.id import ID
+
+from cipherswarm.protocol import PROTOCOL_IDS, Frame, Limits, Sealed, SignedReceipt, seal
+
+from ..host import NodeHost
+from ..streams import close_stream, request_reply, send_frame
+
+ACK_TIMEOUT_S = 5.0
+
+
+class ExchangeExpired(Exception):
+    """The exchange passed its deadline before the reply arrived."""
+
+
+class Exchange:
+    """A request on its way to `peer` and the reply coming back; `run` is the task."""
+
+    def __init__(
+        self,
+        node: NodeHost,
+        peer: ID,
+        sealed: Sealed,
+        payload: bytes,
+        *,
+        limits: Limits,
+        timeout_s: float,
+        protocols: Sequence[str] = PROTOCOL_IDS,
+    ) -> None:
+        self._node = node
+        self.peer = peer
+        self._sealed = sealed
+        self._payload = payload
+        self._limits = limits
+        self._timeout_s = timeout_s
+        self._protocols = list(protocols)
+        self._stream: INetStream | None = None
+        self._reply: Frame | BaseException | None = None
+        self._replied = trio.Event()
+        self._receipt: SignedReceipt | None = None
+        self._decided = trio.Event()  # acknowledge() or abandon()
+        self._stop = trio.Event()  # abandon(): reset the stream now
+        self._expired = False
+
+    async def reply(self) -> Frame:
+        """The reply frame, not yet verified; raises what the exchange failed with (libp2p and
+        protocol errors as they are, ExchangeExpired past the deadline)."""
+        await self._replied.wait()
+        if isinstance(self._reply, BaseException):
+            raise self._reply
+        assert self._reply is not None  # _replied is set only with a reply or an error
+        return self._reply
+
+    def acknowledge(self, receipt: SignedReceipt) -> None:
+        """Send `receipt` (countersigned) back, then close the stream."""
+        if not self._decided.is_set():
+            self._receipt = receipt
+            self._decided.set()
+
+    def abandon(self) -> None:
+        """Stop: reset the stream, send nothing more. A no-op once acknowledged."""
+        if not self._decided.is_set():
+            self._decided.set()
+            self._stop.set()
+
+    def _deliver(self, reply: Frame | BaseException) -> None:
+        if not self._replied.is_set():
+            self._reply = reply
+            self._replied.set()
+
+    async def run(self) -> None:
+        """The exchange's task (start it in a nursery that outlives the attempt)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watchdog)
+                await self._exchange()
+                nursery.cancel_scope.cancel()  # only the watchdog is left to stop
+        finally:
+            self._deliver(ExchangeExpired() if self._expired else trio.ClosedResourceError("exchange ended"))
+            if self._stream is not None:
+                await close_stream(self._stream)
+
+    async def _exchange(self) -> None:
+        try:
+            self._stream = await self._node.host.new_stream(self.peer, self._protocols)
+            if self._stop.is_set():
+                return
+            # The watchdog enforces the deadline; the reader's own timeouts only back it up.
+            slack = self._timeout_s + 1.0
+            frame = await request_reply(
+                self._stream, self._sealed, self._payload, limits=self._limits, read_timeout_s=slack, frame_timeout_s=slack
+            )
+        except Exception as exc:  # handed to the attempt, which classifies it
+            self._deliver(ExchangeExpired() if self._expired else exc)
+            return
+        self._deliver(frame)
+        await self._decided.wait()
+        if self._receipt is not None:
+            try:
+                await send_frame(self._stream, seal(self._receipt, self._node.key_pair.private_key), timeout_s=ACK_TIMEOUT_S)
+            except Exception:  # noqa: BLE001  # the receipt is recorded either way; the ack is a courtesy
+                pass
+
+    async def _watchdog(self) -> None:
+        with trio.move_on_after(self._timeout_s):
+            await self._stop.wait()
+        self._expired = not self._stop.is_set()
+        self._decided.set()
+        if self._stream is not None:
+            await close_stream(self._stream, reset=True)

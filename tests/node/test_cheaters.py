@@ -1,0 +1,78 @@
+"""Malicious providers are caught every time, banned for good, and the result is still exact.
+
+The cheating is a real provider option (ProviderConfig.cheat, the CLI's hidden --cheat), so the
+wrong results travel through the whole protocol: well-formed, signed, with valid receipts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import trio
+
+from cipherswarm.node import Cheat, Ledger, ModelWeights
+
+from conftest import providers, random_operand, reference, session
+
+LAYER = "model.layers.1.mlp.down_proj"  # 128 -> 64
+DEFAULT_TRIALS = 6
+SLOW_TRIALS = 200
+
+
+async def _detect_every_time(weights: ModelWeights, cheat: Cheat, trials: int, ledger: Ledger) -> None:
+    # One slot each: the two chunks of every call go one to each provider, so each trial sends
+    # the cheater a chunk.
+    async with providers(weights, [dict(slots=1), dict(slots=1, cheat=cheat)]) as (honest, cheater):
+        async with session(weights, [honest.addr, cheater.addr], ledger=ledger, min_providers=2, split="blocks") as client:
+            n = client.keys.channel(weights.resolve(LAYER), transpose=False).params.n
+            tokens = 2 * n  # two ring blocks: two chunks of the same shape, so `stale` always has one to replay
+            if cheat is Cheat.STALE:  # its first answer of a kind is honest: give it one to remember
+                x = random_operand(tokens, 128)
+                assert torch.equal(await client.matmul(LAYER, x), reference(weights, LAYER, x, transpose=False))
+                client.peers.forgive(cheater.node.peer_id)
+            bad = cheater.node.peer_id.to_base58()
+            for _ in range(trials):
+                before = client.stats()
+                x = random_operand(tokens, 128)
+                assert torch.equal(await client.matmul(LAYER, x), reference(weights, LAYER, x, transpose=False))
+                after = client.stats()
+                assert after.verification_failures == before.verification_failures + 1
+                assert after.key_rotations == before.key_rotations + 1
+                assert bad in after.bans and bad in ledger.bans()
+                assert client.peers.forgive(cheater.node.peer_id)
+            # The ledger holds receipts of accepted chunks only, none from the cheater.
+            assert all(str(r.receipt.provider) != bad for r in ledger.receipts()) or cheat is Cheat.STALE
+
+
+@pytest.mark.parametrize("cheat", list(Cheat), ids=[c.value for c in Cheat])
+async def test_cheater_detected_banned_and_result_exact(weights: ModelWeights, cheat: Cheat) -> None:
+    with trio.fail_after(120), Ledger() as ledger:
+        await _detect_every_time(weights, cheat, DEFAULT_TRIALS, ledger)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cheat", list(Cheat), ids=[c.value for c in Cheat])
+async def test_cheater_detected_in_every_one_of_many_trials(weights: ModelWeights, cheat: Cheat) -> None:
+    with trio.fail_after(1800), Ledger() as ledger:
+        await _detect_every_time(weights, cheat, SLOW_TRIALS, ledger)
+
+
+async def test_cheat_ban_survives_a_restart(weights: ModelWeights, tmp_path: Path) -> None:
+    with trio.fail_after(120):
+        async with providers(weights, [dict(slots=1), dict(slots=1, cheat=Cheat.FLIP)]) as (honest, cheater):
+            addrs = [honest.addr, cheater.addr]
+            with Ledger(tmp_path / "client.sqlite") as ledger:
+                async with session(weights, addrs, ledger=ledger, min_providers=2, split="blocks") as client:
+                    x = random_operand(4096, 128)
+                    assert torch.equal(await client.matmul(LAYER, x), reference(weights, LAYER, x, transpose=False))
+            with Ledger(tmp_path / "client.sqlite") as ledger:
+                async with session(weights, addrs, ledger=ledger, min_providers=1, split="blocks") as client:
+                    assert cheater.node.peer_id.to_base58() in client.stats().bans
+                    for _ in range(2):
+                        x = random_operand(4096, 128)
+                        assert torch.equal(await client.matmul(LAYER, x), reference(weights, LAYER, x, transpose=False))
+                    stats = client.stats()
+                    assert stats.verification_failures == 0
+                    assert set(stats.chunks_by_peer) == {honest.node.peer_id.to_base58()}
