@@ -16,6 +16,7 @@ Nothing leaves loopback. Ctrl-C stops every process.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import queue
 import signal
@@ -122,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     from cipherswarm.cli.live import SwarmView, live
     from cipherswarm.cli.runs import report, save
     from cipherswarm.node import SwarmClient
+    from cipherswarm.node.logs import route_libp2p_logs
     from cipherswarm.trainer.finetune import FinetuneConfig, finetune
 
     if args.providers < 1 or not 0 <= args.malicious < args.providers:
@@ -132,6 +134,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     run_dir = args.out / "swarm"
     run_dir.mkdir(parents=True, exist_ok=True)
+    # the client's records (bans, retries, key rotations) go to a file: the live view shows them
+    logging.basicConfig(filename=run_dir / "client.log", level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    route_libp2p_logs(run_dir / "client.log")
     providers: list[ProviderProcess] = []
     try:
         print(f"starting {args.providers} providers on 127.0.0.1 (logs in {run_dir}) ...", flush=True)

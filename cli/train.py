@@ -39,8 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from cipherswarm.cli.runs import report, save
     from cipherswarm.node import NoProvidersError, SwarmClient
+    from cipherswarm.node.logs import configure_logging
     from cipherswarm.trainer.finetune import finetune
 
+    configure_logging("WARNING")
     for name in ("model", "data"):
         if not getattr(args, name).is_dir():
             print(f"--{name} {getattr(args, name)} is not a directory", file=sys.stderr)

@@ -1,0 +1,51 @@
+"""The README's main command, end to end: real provider processes on 127.0.0.1, one of them cheating
+and one killed halfway, the client fine-tuning the bundled model through them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cipherswarm.trainer.finetune import FinetuneConfig, finetune
+
+
+def test_testnet_bans_a_cheater_survives_a_crash_and_matches_simulate(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    steps = 2
+    cmd = [sys.executable, "-m", "cipherswarm.cli", "testnet", "--providers", "3", "--steps", str(steps),
+           "--malicious", "1", "--cheat", "flip", "--kill-one", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    cheater = next(p for p in report["providers"] if p["cheat"])
+    killed = [p for p in report["providers"] if p["killed"]]
+    assert cheater["peer"] in report["bans"] and "wrong result" in report["bans"][cheater["peer"]]
+    assert report["verification_failures"] >= 1 and report["key_rotations"] >= 1
+    assert len(killed) == 1 and not killed[0]["cheat"]
+    assert report["steps"] == steps and report["tokens"] == steps * 16 * 128
+    assert report["paid"] > 0 and report["provider_macs"] > 0 and report["bytes_sent"] > 0
+    # every product is exact, so whoever computed it, the losses are those of the clear integer run
+    simulate = finetune(FinetuneConfig(steps=steps), fhe="simulate", progress=False)
+    assert report["losses"] == simulate.losses
+    assert report["eval_loss_after"] == simulate.eval_after
+    # and they track the plaintext run of the same seed
+    assert report["final_loss_difference_pct"] < 1.0
+    assert (out / "loss.png").stat().st_size > 10_000
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_testnet_refuses_all_malicious(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "cipherswarm.cli", "testnet", "--providers", "2", "--malicious", "2",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "honest provider" in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["testnet", "train", "provider", "status", "identity", "demo"])
+def test_every_subcommand_has_help(command: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "cipherswarm.cli", command, "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage: cipherswarm " + command in proc.stdout
