@@ -19,13 +19,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.3g} {unit}"
-        n /= 1000
-    return f"{n:.3g} TB"
+from cipherswarm.trainer.trainer import human_bytes
 
 
 @dataclass

@@ -166,7 +166,8 @@ def _first_batch(inputset: object) -> object:
         raise ValueError("inputset must be a batch (tensor, mapping or tuple) or a non-empty iterable of batches") from None
 
 
-def _human_bytes(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """A byte count for people: 3 significant digits and a decimal unit."""
     """1234567 -> '1.23 MB' (decimal units, as network rates are quoted)."""
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000:
@@ -487,7 +488,7 @@ class LoraTrainer:
         self._records.append(record)
         run.bytes_sent += record.bytes_sent
         bar.set_postfix(loss=f"{record.loss:.4f}", tok_s=f"{record.tokens / max(wall, 1e-9):.1f}",
-                        sent=_human_bytes(run.bytes_sent), refresh=False)
+                        sent=human_bytes(run.bytes_sent), refresh=False)
         if record.step % self.logging_steps == 0 or record.eval is not None:
             self._log({"event": "step", **asdict(record)})
         stop = run.max_steps is not None and record.step >= run.max_steps
