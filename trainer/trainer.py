@@ -167,7 +167,6 @@ def _first_batch(inputset: object) -> object:
 
 
 def human_bytes(n: float) -> str:
-    """A byte count for people: 3 significant digits and a decimal unit."""
     """1234567 -> '1.23 MB' (decimal units, as network rates are quoted)."""
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000:
