@@ -53,8 +53,11 @@ PROTOCOL_ID = "/cipherswarm/matmul/1.0.0"
 PROTOCOL_IDS: tuple[str, ...] = (PROTOCOL_ID,)
 """Every id served and proposed, newest first: register a handler for each, and pass them all to
 `new_stream`, so multistream-select settles on the newest version both peers speak."""
+ADVERT_PROTOCOL_ID = "/cipherswarm/advert/1.0.0"
+"""The stream protocol on which a provider hands out its current advert (README, "Adverts")."""
 
 __all__ = [
+    "ADVERT_PROTOCOL_ID",
     "MAX_HEADER_SIZE",
     "PROTOCOL_ID",
     "PROTOCOL_IDS",

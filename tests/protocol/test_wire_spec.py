@@ -7,7 +7,7 @@ import re
 
 from wire_factory import CLIENT, CLIENT_KEY, LIMITS
 
-from cipherswarm.protocol import PROTOCOL_ID, MatmulRequest, Range, WeightSlice, decode_frame, encode_frame, seal
+from cipherswarm.protocol import ADVERT_PROTOCOL_ID, PROTOCOL_ID, MatmulRequest, Range, WeightSlice, decode_frame, encode_frame, seal
 from cipherswarm.protocol.messages import sha256
 from cipherswarm.protocol.signing import HEADER_DOMAIN, RECEIPT_CLIENT_DOMAIN, RECEIPT_PROVIDER_DOMAIN
 
@@ -53,5 +53,5 @@ def test_readme_vector_is_accepted() -> None:
 
 
 def test_readme_names_the_ids_and_domains_in_use() -> None:
-    for constant in (PROTOCOL_ID, HEADER_DOMAIN.decode(), RECEIPT_PROVIDER_DOMAIN.decode(), RECEIPT_CLIENT_DOMAIN.decode()):
+    for constant in (PROTOCOL_ID, ADVERT_PROTOCOL_ID, HEADER_DOMAIN.decode(), RECEIPT_PROVIDER_DOMAIN.decode(), RECEIPT_CLIENT_DOMAIN.decode()):
         assert f"`{constant}`" in README
