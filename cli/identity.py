@@ -18,8 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cipherswarm.node import IdentityError, default_identity_path, load_identity
-    from cipherswarm.node.identity import peer_id_of
+    from cipherswarm.node.identity import IdentityError, default_identity_path, load_identity, peer_id_of
 
     path = args.file or default_identity_path()
     try:

@@ -1,24 +1,28 @@
-"""How clients find providers: signed adverts on gossipsub and in the DHT, and DHT provider records.
+"""How clients find providers: signed adverts on gossipsub, DHT provider records, direct fetches.
 
-A provider announces itself three ways, all carrying the same sealed `CapabilityAdvert` (the
-protocol's `Envelope` bytes, signed by the provider):
+A provider announces itself with its sealed `CapabilityAdvert` (the protocol's `Envelope` bytes,
+signed by the provider):
 
 - gossip: published on ADVERT_TOPIC at start, every `interval_s`, and soon after any change (free
   slots); paced at least `min_gap_s` apart, because gossipsub silently drops more than 10 messages
   a second per peer and topic. Adverts expire, so a lost one is only late, never wrong.
-- DHT value: stored under `advert_key(peer)`; the validator registered for ADVERT_NAMESPACE accepts
-  only an unexpired advert signed by exactly that peer and keeps the newest.
-- DHT provider record: under `model_key(model_hash)` for each model it holds.
+- DHT provider record: under `model_key(model_hash)` for each model it holds, refreshed every
+  `interval_s` in a task of its own, so that a slow DHT never delays a gossip advert.
+- on request: on ADVERT_PROTOCOL_ID it writes its current advert and closes the stream (protocol
+  README, "Adverts").
 
-A client subscribes to the topic and also looks up `model_key` and then each provider's advert
-value, at start and every `lookup_interval_s`, so it does not depend on catching a gossip message.
-
-DHT calls carry no timeout of ours: py-libp2p bounds each query itself, and an outer timeout
-would cancel stream I/O mid-write, which breaks the connection (streams.py).
+A client subscribes to the topic, and at start and every `lookup_interval_s` looks the model up
+in the DHT and fetches the advert of every provider found and every peer it is connected to
+directly from that peer. It therefore knows a provider within one round trip of finding it,
+without waiting for its next gossip and without the DHT's value lookups, which wait out their
+10 s query timeout on every departed peer.
 
 Key derivation (fixed, because py-libp2p decodes a key that parses as hex or as a CID instead of
 using its UTF-8 bytes): `model_key` is the hex of the sha2-256 multihash of
 `/cipherswarm/model/1/ || model_hash`, which py-libp2p decodes to exactly that multihash.
+
+DHT calls carry no timeout of ours: py-libp2p bounds each query itself, and an outer timeout
+would cancel stream I/O mid-write, which breaks the connection (streams.py).
 """
 
 from __future__ import annotations
@@ -30,13 +34,12 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import trio
-from libp2p.abc import ISubscriptionAPI
+from libp2p.abc import INetStream, ISubscriptionAPI
 from libp2p.peer.id import ID
-from libp2p.records.utils import InvalidRecordType
-from libp2p.records.validator import Validator
 
-from cipherswarm.protocol import CapabilityAdvert, ProtocolError, seal, verify_advert
+from cipherswarm.protocol import ADVERT_PROTOCOL_ID, MAX_HEADER_SIZE, CapabilityAdvert, ProtocolError, seal, verify_advert
 
+from .streams import close_stream, read_to_end, send_bytes
 from .types import ProviderAdvert
 
 if TYPE_CHECKING:
@@ -45,9 +48,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ADVERT_TOPIC = "/cipherswarm/adverts/1"
-ADVERT_NAMESPACE = "cipherswarm-advert"
 _MODEL_KEY_DOMAIN = b"/cipherswarm/model/1/"
 _SHA2_256_MULTIHASH_PREFIX = b"\x12\x20"
+FETCH_TIMEOUT_S = 10.0
 
 
 def now_ms() -> int:
@@ -59,42 +62,15 @@ def model_key(model_hash: bytes) -> str:
     return (_SHA2_256_MULTIHASH_PREFIX + hashlib.sha256(_MODEL_KEY_DOMAIN + model_hash).digest()).hex()
 
 
-def advert_key(peer: ID) -> str:
-    """DHT value key of a provider's advert."""
-    return f"/{ADVERT_NAMESPACE}/{peer.to_base58()}"
-
-
 def read_advert(data: bytes, *, at_ms: int | None = None) -> ProviderAdvert:
-    """A provider's advert from gossip or the DHT; ProtocolError or ValueError if it is not a
-    valid, unexpired, signed advert."""
+    """A provider's advert from gossip or a direct fetch; ProtocolError or ValueError if it is not
+    a valid, unexpired, signed advert."""
     return ProviderAdvert.from_verified(verify_advert(data, now_ms=now_ms() if at_ms is None else at_ms))
 
 
-class AdvertValidator(Validator):
-    """DHT records under ADVERT_NAMESPACE: a valid advert signed by the peer the key names."""
-
-    def validate(self, key: str, value: bytes) -> None:
-        try:
-            advert = read_advert(value)
-        except (ProtocolError, ValueError) as exc:
-            raise InvalidRecordType(f"not a valid advert: {exc}") from None
-        if key != advert_key(advert.peer):
-            raise InvalidRecordType("advert stored under another peer's key")
-
-    def select(self, key: str, values: list[bytes]) -> int:
-        """The newest valid advert; invalid ones never win."""
-        def issued(value: bytes) -> int:
-            try:
-                self.validate(key, value)
-                return read_advert(value).issued_at_ms
-            except InvalidRecordType:
-                return -1
-
-        return max(range(len(values)), key=lambda i: issued(values[i]))
-
-
 class Advertiser:
-    """Provider side: keeps the provider's advert current on gossip and in the DHT."""
+    """Provider side: keeps the provider's advert current on gossip and in the DHT, and hands it
+    out on request."""
 
     def __init__(
         self,
@@ -116,37 +92,48 @@ class Advertiser:
         """Something in the advert changed: publish again soon (paced by `min_gap_s`)."""
         self._changed.set()
 
+    def envelope(self) -> bytes:
+        """The current advert, sealed: the bytes gossiped and handed out."""
+        return seal(self._advert(), self._node.key_pair.private_key).header
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._node.host.set_stream_handler(ADVERT_PROTOCOL_ID, self._hand_out)
         subscription = await self._node.pubsub.subscribe(ADVERT_TOPIC)  # being in the mesh relays others' adverts
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_drain, subscription)
-            await self._announce(dht=True)
+            await self._publish()
+            nursery.start_soon(self._provide_forever)
             task_status.started()
-            last_dht = trio.current_time()
             while True:
                 with trio.move_on_after(self.interval_s):
                     await self._changed.wait()
                 self._changed = trio.Event()
-                dht = trio.current_time() - last_dht >= self.interval_s
-                await self._announce(dht=dht)
-                if dht:
-                    last_dht = trio.current_time()
+                await self._publish()
                 await trio.sleep(self.min_gap_s)
 
-    async def _announce(self, *, dht: bool) -> None:
-        sealed = seal(self._advert(), self._node.key_pair.private_key).header
+    async def _publish(self) -> None:
         try:
-            await self._node.pubsub.publish(ADVERT_TOPIC, sealed)
+            await self._node.pubsub.publish(ADVERT_TOPIC, self.envelope())
         except Exception as exc:  # a gossip hiccup only delays the advert to the next round
             log.warning("advert not published: %s", exc)
-        if not dht:
-            return
-        try:
-            await self._node.dht.put_value(advert_key(self._node.peer_id), sealed)
+
+    async def _provide_forever(self) -> None:
+        while True:
             for model_hash in self._model_hashes:
-                await self._node.dht.provide(model_key(model_hash))
-        except Exception as exc:  # as above: the next round retries
-            log.warning("advert not stored in the DHT: %s", exc)
+                try:
+                    await self._node.dht.provide(model_key(model_hash))
+                except Exception as exc:  # the next round retries
+                    log.warning("provider record not stored in the DHT: %s", exc)
+            await trio.sleep(self.interval_s)
+
+    async def _hand_out(self, stream: INetStream) -> None:
+        """ADVERT_PROTOCOL_ID handler; like every stream handler, it closes its stream and never raises."""
+        try:
+            await send_bytes(stream, self.envelope(), timeout_s=FETCH_TIMEOUT_S)
+        except Exception as exc:  # the asker went away
+            log.debug("advert not handed out: %s", exc)
+        finally:
+            await close_stream(stream)
 
 
 async def _drain(subscription: ISubscriptionAPI) -> None:
@@ -179,13 +166,12 @@ class AdvertWatcher:
         subscription = await self._node.pubsub.subscribe(ADVERT_TOPIC)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._listen, subscription)
-            await self.lookup()
             task_status.started()
             while True:
+                await self.lookup()  # fetches from departed peers may take a dial timeout: callers watch the table
                 with trio.move_on_after(self.lookup_interval_s):
                     await self._wanted.wait()
                 self._wanted = trio.Event()
-                await self.lookup()
 
     async def _listen(self, subscription: ISubscriptionAPI) -> None:
         while True:
@@ -219,9 +205,18 @@ class AdvertWatcher:
                 nursery.start_soon(self._fetch_advert, peer)
 
     async def _fetch_advert(self, peer: ID) -> None:
+        """Ask `peer` for its advert (ADVERT_PROTOCOL_ID); peers that are not providers say no."""
+        stream = None
         try:
-            value = await self._node.dht.get_value(advert_key(peer))
-            if value is not None:
-                self._accept(read_advert(value))
-        except Exception as exc:  # an unreachable or lying peer: gossip may still bring its advert
-            log.debug("no advert for %s from the DHT: %s", peer, exc)
+            stream = await self._node.host.new_stream(peer, [ADVERT_PROTOCOL_ID])
+            advert = read_advert(await read_to_end(stream, limit=MAX_HEADER_SIZE, timeout_s=FETCH_TIMEOUT_S))
+        except Exception as exc:  # departed, not a provider, or a bad advert: nothing to learn here
+            log.debug("no advert from %s: %s", peer, exc)
+            return
+        finally:
+            if stream is not None:
+                await close_stream(stream)
+        if advert.peer != peer:
+            log.warning("%s handed out an advert signed by %s; ignored", peer, advert.peer)
+            return
+        self._accept(advert)

@@ -38,7 +38,6 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
-from .discovery import ADVERT_NAMESPACE, AdvertValidator
 from .logs import route_libp2p_logs
 
 log = logging.getLogger(__name__)
@@ -178,8 +177,7 @@ async def open_host(
     )
     pubsub = Pubsub(host, gossip)
     dht = KadDHT(host, dht_mode)
-    dht.register_validator(ADVERT_NAMESPACE, AdvertValidator())
-    dht.strict_validation = True  # only our namespace: nobody can park arbitrary records on us
+    dht.strict_validation = True  # values only in namespaces with a validator: nobody parks arbitrary records on us
     send, receive = trio.open_memory_channel[ID](64)
     host.get_network().register_notifee(_ConnectionQueue(send))
     async with host.run(list(listen)):

@@ -1,14 +1,19 @@
-"""Stream I/O shared by the provider and the client: cancel-safe frame writes, request and reply,
-bounded closing.
+"""Stream I/O shared by the provider and the client: cancel-safe writes, request and reply,
+bounded reads and closing.
 
-py-libp2p's yamux writes are not cancel-safe: a yamux frame goes out as several Noise messages,
-and a write cancelled between them leaves half a frame on the connection, after which every
-stream on that connection fails ("No valid connections available"). Cancelling is routine here
-(a hedge's loser, a call redone after a cheat, a BUSY reply that arrives mid-upload), so
-`send_frame` writes in pieces, each shielded from outside cancellation, and lets a cancellation
-in only between pieces. Each piece is still bounded by the frame's own deadline; a stalled peer's
-connection may break then, but it was stalled anyway. Reads are cancel-safe (they drain a
-per-stream buffer) and need no such care.
+py-libp2p's stream I/O is not cancel-safe. Noise encrypts a message, using up a nonce, before the
+socket send that a cancellation can skip, and a large yamux frame goes out as several Noise
+messages: either way the peer's next decryption fails and the whole connection breaks, for every
+stream on it (later dials fail with "No valid connections available"). Reads are not exempt, as a
+yamux read may send a window update. Cancelling is routine here (a hedge's loser, a call redone
+after a cheat, a BUSY reply that arrives mid-upload), so:
+
+- `send_bytes`/`send_frame` write in pieces, each shielded from outside cancellation and bounded by
+  the write's own deadline, and let a cancellation in only between pieces;
+- the client never cancels an exchange's reads: it resets the exchange's stream instead
+  (client/exchange.py);
+- reads are timed out only where nothing can be in flight: a peer that sends nothing, or a message
+  far below a yamux window (`read_to_end`).
 """
 
 from __future__ import annotations
@@ -27,22 +32,46 @@ WRITE_PIECE = 256 * 1024
 cancellation waits for at most that much to go out."""
 
 
-async def send_frame(stream: INetStream, sealed: Sealed, payload: bytes = b"", *, timeout_s: float) -> None:
-    """protocol.stream.write_frame, made safe to cancel (module docstring). DeadlineExceeded if the
-    frame takes longer than `timeout_s`."""
+async def send_bytes(stream: INetStream, data: bytes, *, timeout_s: float) -> None:
+    """Write `data`, safely cancellable (module docstring); DeadlineExceeded after `timeout_s`."""
     deadline = trio.current_time() + timeout_s
-    prefix = frame_prefix(sealed, payload)
-    view = memoryview(payload)
-    pieces = [prefix + payload] if len(payload) <= WRITE_PIECE else [
-        prefix, *(view[i : i + WRITE_PIECE] for i in range(0, len(payload), WRITE_PIECE))
-    ]
-    for piece in pieces:
+    view = memoryview(data)
+    for start in range(0, max(len(data), 1), WRITE_PIECE):
         await trio.lowlevel.checkpoint()  # a pending cancellation lands here, between pieces
         try:
             with trio.CancelScope(shield=True), trio.fail_at(deadline):
-                await stream.write(bytes(piece))
+                await stream.write(bytes(view[start : start + WRITE_PIECE]))
         except trio.TooSlowError:
             raise DeadlineExceeded("write", timeout_s=timeout_s) from None
+
+
+async def send_frame(stream: INetStream, sealed: Sealed, payload: bytes = b"", *, timeout_s: float) -> None:
+    """protocol.stream.write_frame, made safe to cancel (module docstring)."""
+    await send_bytes(stream, frame_prefix(sealed, payload) + payload, timeout_s=timeout_s)
+
+
+async def read_to_end(stream: INetStream, *, limit: int, timeout_s: float) -> bytes:
+    """Everything the peer writes before it closes the stream; ValueError past `limit` bytes,
+    DeadlineExceeded after `timeout_s`. For small messages only: far below a yamux window, their
+    reads send no window update, so timing them out cannot break the connection."""
+    chunks: list[bytes] = []
+    received = 0
+    try:
+        with trio.fail_after(timeout_s):
+            while True:
+                try:
+                    chunk = await stream.read(limit + 1 - received)
+                except EOFError:
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                received += len(chunk)
+                if received > limit:
+                    raise ValueError(f"more than {limit} bytes")
+    except trio.TooSlowError:
+        raise DeadlineExceeded("read", timeout_s=timeout_s) from None
+    return b"".join(chunks)
 
 
 async def close_stream(stream: INetStream, *, reset: bool = False) -> None:

@@ -1,0 +1,71 @@
+"""Slow, silent and overloaded providers: hedging, timeouts with bans, BUSY backpressure."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+
+import torch
+import trio
+
+from cipherswarm.node import ModelWeights
+
+from conftest import providers, random_operand, reference, running_provider, session
+
+LAYER = "model.layers.0.mlp.gate_proj"  # 64 -> 128
+
+
+async def test_slow_provider_is_hedged(weights: ModelWeights) -> None:
+    with trio.fail_after(60):
+        async with providers(weights, [{}, {}, dict(delay_s=20.0)]) as (fast, other, slow):
+            async with session(weights, [fast.addr], min_providers=3, hedge_min_s=0.3, hedge_factor=1.0) as client:
+                for _ in range(2):
+                    x = random_operand(100, 64)
+                    started = trio.current_time()
+                    assert torch.equal(await client.matmul(LAYER, x), reference(weights, LAYER, x, transpose=False))
+                    assert trio.current_time() - started < 5  # not the slow provider's 20 s
+                stats = client.stats()
+                assert stats.hedges >= 1
+                assert slow.node.peer_id.to_base58() not in stats.chunks_by_peer
+                # The straggler's measured latency now reflects it, so it ranks last.
+                assert client.peers.get(slow.node.peer_id).latency_s > client.peers.get(fast.node.peer_id).latency_s
+
+
+async def test_silent_provider_times_out_is_banned_and_the_call_completes_elsewhere(weights: ModelWeights) -> None:
+    with trio.fail_after(60):
+        async with providers(weights, [{}, dict(delay_s=30.0)]) as (good, silent):
+            # No hedging here, so that the attempt has to time out.
+            async with session(weights, [good.addr], min_providers=2, hedge_min_s=60, timeout_min_s=1.0,
+                               timeout_factor=1.0, ban_base_s=60) as client:
+                x = random_operand(100, 64)
+                assert torch.equal(await client.matmul(LAYER, x), reference(weights, LAYER, x, transpose=False))
+                stats = client.stats()
+                assert stats.timeouts == 1 and stats.retries == 1
+                assert "1 time(s) in a row" in stats.bans[silent.node.peer_id.to_base58()]
+                # Banned: the next call does not wait for it at all.
+                started = trio.current_time()
+                assert torch.equal(await client.matmul(LAYER, x), reference(weights, LAYER, x, transpose=False))
+                assert trio.current_time() - started < 1.0
+                assert client.stats().timeouts == 1
+
+
+async def test_busy_backpressure_with_eight_clients(weights: ModelWeights) -> None:
+    """One slot and one queue place: at most two requests are held in memory at once; the other
+    clients get BUSY with a retry hint, come back, and all results are exact."""
+    with trio.fail_after(120):
+        async with running_provider(weights, slots=1, queue=1) as provider, AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(session(weights, [provider.addr])) for _ in range(8)]
+            results: list[bool] = []
+
+            async def call(client: object) -> None:
+                x = random_operand(2048, 64)  # a whole ring block each: ~50 ms of provider work
+                y = await client.matmul(LAYER, x)  # type: ignore[attr-defined]
+                results.append(torch.equal(y, reference(weights, LAYER, x, transpose=False)))
+
+            async with trio.open_nursery() as nursery:
+                for client in clients:
+                    nursery.start_soon(call, client)
+            assert results == [True] * 8
+            stats = provider.provider.statistics()
+            assert stats.busy > 0 and stats.served == 8
+            assert stats.peak_in_flight <= 2  # slots + queue: the provider's memory bound
+            assert sum(c.stats().busy for c in clients) == stats.busy

@@ -1,0 +1,153 @@
+"""The node's parts that need no swarm: identity files, weights, the ledger, adverts, engine fields."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.kad_dht.kad_dht import _encode_key
+
+from cipherswarm.fhe_backend.quant import quantize_weight
+from cipherswarm.node import IdentityError, Ledger, ModelWeights, WeightsError, load_identity, load_model
+from cipherswarm.node.discovery import model_key, now_ms, read_advert
+from cipherswarm.node.engine import decode_params, encode_params, ENGINE
+from cipherswarm.node.identity import peer_id_of
+from cipherswarm.node.provider import resolve_device
+from cipherswarm.node.weights import is_remote_layer
+from cipherswarm.protocol import CapabilityAdvert, ProtocolError, UnsupportedParams, seal, sign_receipt
+from cipherswarm.protocol.messages import UsageReceipt
+
+
+class TestIdentity:
+    def test_created_private_and_read_back(self, tmp_path: Path) -> None:
+        path = tmp_path / "sub" / "id.key"
+        key_pair, created = load_identity(path)
+        assert created and (path.stat().st_mode & 0o777) == 0o600
+        again, created = load_identity(path)
+        assert not created and peer_id_of(again) == peer_id_of(key_pair)
+
+    @pytest.mark.parametrize("mode", [0o640, 0o604, 0o666])
+    def test_readable_by_others_is_refused(self, tmp_path: Path, mode: int) -> None:
+        path = tmp_path / "id.key"
+        load_identity(path)
+        path.chmod(mode)
+        with pytest.raises(IdentityError, match="chmod 600"):
+            load_identity(path)
+
+    def test_not_a_key_or_missing(self, tmp_path: Path) -> None:
+        path = tmp_path / "id.key"
+        path.write_bytes(b"not a key")
+        path.chmod(0o600)
+        with pytest.raises(IdentityError, match="not a libp2p private key"):
+            load_identity(path)
+        with pytest.raises(IdentityError, match="cipherswarm identity"):
+            load_identity(tmp_path / "missing.key", create=False)
+
+
+class TestWeights:
+    def test_selection_rule(self) -> None:
+        assert is_remote_layer("model.layers.0.self_attn.q_proj.weight", 2, True)
+        assert is_remote_layer("transformer.h.0.attn.c_attn.weight", 2, True)
+        for name in ("model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight", "transformer.wpe.weight",
+                     "model.layers.0.input_layernorm.weight", "transformer.h.0.ln_1.weight", "model.norm.weight"):
+            assert not is_remote_layer(name, 2, True), name
+        assert not is_remote_layer("model.layers.0.self_attn.q_proj.bias", 2, True)
+        assert not is_remote_layer("model.layers.0.self_attn.q_proj.weight", 1, True)
+        assert not is_remote_layer("model.layers.0.self_attn.q_proj.weight", 2, False)
+
+    def test_llama_layers_digests_and_hash(self, weights: ModelWeights, model_dir: Path) -> None:
+        from safetensors.torch import load_file
+
+        assert len(weights.layers) == 14 and weights.holds_all  # 7 linear layers x 2 blocks
+        tensors = load_file(str(model_dir / "model.safetensors"))
+        q = weights.resolve("model.layers.0.mlp.up_proj")  # module name: what the trainer passes
+        assert q is weights.resolve("model.layers.0.mlp.up_proj.weight")
+        assert (q.shape.d_in, q.shape.d_out) == (64, 128)  # nn.Linear (out, in) transposed to the engine's (in, out)
+        assert q.digest.hex() == quantize_weight(tensors[q.name].t()).digest
+        part = load_model(model_dir, layers=["model.layers.1.*"])
+        assert part.model_hash == weights.model_hash and len(part.held) == 7 and not part.holds_all
+        assert part.lookup(weights.model_hash, q.name) is None and weights.lookup(weights.model_hash, q.name) == q.shape
+        assert weights.lookup(b"x" * 32, q.name) is None
+        with pytest.raises(KeyError, match="not a remote layer"):
+            weights.resolve("model.embed_tokens")
+
+    def test_conv1d_models_are_not_transposed(self, tmp_path: Path) -> None:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16)).save_pretrained(tmp_path)
+        model = load_model(tmp_path)
+        attn = model.resolve("transformer.h.0.attn.c_attn")
+        assert (attn.shape.d_in, attn.shape.d_out) == (32, 96)
+        assert "lm_head.weight" not in model.layers and "transformer.wte.weight" not in model.layers
+
+    def test_bad_directories(self, tmp_path: Path, model_dir: Path) -> None:
+        with pytest.raises(WeightsError, match="safetensors"):
+            load_model(tmp_path)
+        with pytest.raises(WeightsError, match="no layer matches"):
+            load_model(model_dir, layers=["nothing.*"])
+
+
+def _signed_receipt(request_id: bytes) -> object:
+    provider, client = create_new_key_pair(), create_new_key_pair()
+    receipt = UsageReceipt(
+        provider=peer_id_of(provider), client=peer_id_of(client), request_id=request_id, request_digest=b"d" * 32,
+        reply_digest=b"r" * 32, macs=3 * 10**9, price_per_gmac=5, completed_at_ms=now_ms(),
+    )
+    return sign_receipt(receipt, provider.private_key)
+
+
+class TestLedger:
+    def test_one_row_per_request(self, tmp_path: Path) -> None:
+        from cipherswarm.node.ledger import DuplicateReceipt
+
+        with Ledger(tmp_path / "l.sqlite") as ledger:
+            first = _signed_receipt(b"a" * 16)
+            ledger.record(first, layer="l")  # type: ignore[arg-type]
+            ledger.record(_signed_receipt(b"b" * 16), layer="l")  # type: ignore[arg-type]
+            with pytest.raises(DuplicateReceipt):
+                ledger.record(first, layer="l")  # type: ignore[arg-type]
+        with Ledger(tmp_path / "l.sqlite") as ledger:
+            assert [r.receipt.request_id for r in ledger.receipts()] == [b"a" * 16, b"b" * 16]
+            assert ledger.total_amount() == 2 * 15
+
+
+class TestAdverts:
+    def _advert(self, key_pair: object, *, issued: int | None = None) -> bytes:
+        issued = now_ms() if issued is None else issued
+        advert = CapabilityAdvert(
+            protocols=("/cipherswarm/matmul/1.0.0",), addrs=(), models=(b"m" * 32,), backends=("rlwe",), device="cpu",
+            macs_per_second=1, price_per_gmac=0, free_slots=1, max_payload_size=1, issued_at_ms=issued,
+            expires_at_ms=issued + 30_000, layers=(b"l" * 32,),
+        )
+        return seal(advert, key_pair.private_key).header  # type: ignore[attr-defined]
+
+    def test_only_valid_unexpired_adverts_are_read(self) -> None:
+        key_pair = create_new_key_pair()
+        good = self._advert(key_pair)
+        advert = read_advert(good)
+        assert advert.peer == peer_id_of(key_pair) and advert.layers == {b"l" * 32} and advert.models == {b"m" * 32}
+        with pytest.raises(ProtocolError):
+            read_advert(self._advert(key_pair, issued=now_ms() - 60_000))  # expired
+        with pytest.raises(ProtocolError):
+            read_advert(good[:-1] + bytes([good[-1] ^ 1]))  # signature broken
+
+    def test_model_key_is_the_multihash_libp2p_uses(self) -> None:
+        key = model_key(b"m" * 32)
+        assert _encode_key(key) == b"\x12\x20" + hashlib.sha256(b"/cipherswarm/model/1/" + b"m" * 32).digest()
+
+
+class TestEngineFields:
+    def test_params_round_trip_and_refusals(self) -> None:
+        params = ENGINE.params_for(torch.randint(-127, 128, (16, 8)), 8)
+        assert decode_params(encode_params(params)) == params
+        for bad in (b"", b"1234567", encode_params(params)[:-8], b"\xff" * len(encode_params(params))):
+            with pytest.raises(UnsupportedParams):
+                decode_params(bad)
+
+    def test_device_falls_back_to_cpu(self) -> None:
+        assert resolve_device("cpu") == resolve_device("cuda") == "cpu"
+        with pytest.raises(ValueError, match="cpu or cuda"):
+            resolve_device("tpu")

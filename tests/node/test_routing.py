@@ -1,0 +1,178 @@
+"""The peer table and the router without a network: scores, bans, waiting, and chunk plans."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from pathlib import Path
+
+import pytest
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
+
+from cipherswarm.node import ClientConfig, Ledger, NoProvidersError, ProviderAdvert
+from cipherswarm.node.client.peers import Need, PeerTable
+from cipherswarm.node.client.router import AttemptFailed, CallShape, ChunkRouter, FailureKind
+from cipherswarm.node.discovery import now_ms
+
+MODEL = b"m" * 32
+LAYER = b"l" * 32
+NEED = Need(MODEL, LAYER, payload=1000, macs=10**6)
+
+
+def advert(*, layers: frozenset[bytes] | None = None, free_slots: int = 2, price: int = 0, issued_ms: int | None = None) -> ProviderAdvert:
+    issued = now_ms() if issued_ms is None else issued_ms
+    return ProviderAdvert(
+        peer=ID.from_pubkey(create_new_key_pair().public_key),
+        addrs=(),
+        models=frozenset({MODEL}),
+        layers=layers,
+        backends=("rlwe",),
+        protocols=("/cipherswarm/matmul/1.0.0",),
+        device="cpu",
+        macs_per_second=10**9,
+        price_per_gmac=price,
+        free_slots=free_slots,
+        max_payload_size=1 << 20,
+        issued_at_ms=issued,
+        expires_at_ms=issued + 60_000,
+    )
+
+
+class TestPeerTable:
+    async def test_timeouts_ban_with_doubling_backoff_and_success_resets_it(self, autojump_clock: trio.abc.Clock) -> None:
+        table = PeerTable(ledger=Ledger(), ban_base_s=10, ban_max_s=35)
+        a = advert()
+        table.update(a)
+        assert [table.on_timeout(a.peer) for _ in range(4)] == [10, 20, 35, 35]
+        assert table.available(NEED) == [] and "4 time(s) in a row" in table.bans()[a.peer.to_base58()]
+        await trio.sleep(34)
+        assert table.available(NEED) == []
+        await trio.sleep(2)
+        assert [s.peer for s in table.available(NEED)] == [a.peer]
+        table.on_success(a.peer, elapsed_s=0.1, compute_s=0.05, macs=10**6, amount=0)
+        assert table.on_timeout(a.peer) == 10
+
+    async def test_cheaters_are_banned_for_good_across_restarts(self, tmp_path: Path) -> None:
+        a, b = advert(), advert()
+        with Ledger(tmp_path / "l.sqlite") as ledger:
+            table = PeerTable(ledger=ledger)
+            table.update(a)
+            table.update(b)
+            table.on_cheat(a.peer, "flipped a value")
+            assert [s.peer for s in table.holders(NEED)] == [b.peer]
+        with Ledger(tmp_path / "l.sqlite") as ledger:
+            table = PeerTable(ledger=ledger)
+            table.update(a)  # its adverts are ignored from now on
+            assert len(table) == 0 and table.bans() == {a.peer.to_base58(): "flipped a value"}
+            assert table.forgive(a.peer)
+            table.update(a)
+            assert [s.peer for s in table.available(NEED)] == [a.peer]
+
+    async def test_measured_record_is_kept_for_the_next_session(self, tmp_path: Path) -> None:
+        a = advert()
+        with Ledger(tmp_path / "l.sqlite") as ledger:
+            table = PeerTable(ledger=ledger)
+            table.update(a)
+            table.on_success(a.peer, elapsed_s=0.3, compute_s=0.1, macs=5 * 10**8, amount=3)
+            table.on_failure(a.peer)
+            before = table.get(a.peer)
+        with Ledger(tmp_path / "l.sqlite") as ledger:
+            table = PeerTable(ledger=ledger)
+            table.update(a)
+            after = table.get(a.peer)
+            assert (after.successes, after.failures) == (1, 1)
+            assert after.latency_s == pytest.approx(before.latency_s) and after.rate == pytest.approx(before.rate)
+            assert after.reputation == pytest.approx(0.5)
+
+    async def test_adverts_filter_by_layer_payload_expiry_and_age(self) -> None:
+        table = PeerTable(ledger=Ledger())
+        holder, other = advert(layers=frozenset({LAYER})), advert(layers=frozenset({b"x" * 32}))
+        table.update(holder)
+        table.update(other)
+        assert [s.peer for s in table.holders(NEED)] == [holder.peer]
+        assert table.holders(Need(MODEL, LAYER, payload=2 << 20, macs=1)) == []  # over its payload limit
+        table.update(dataclasses.replace(holder, issued_at_ms=holder.issued_at_ms - 1, free_slots=7))
+        assert table.get(holder.peer).advert == holder  # an older advert never replaces a newer one
+        stale = PeerTable(ledger=Ledger(), wall_ms=lambda: now_ms() + 120_000)
+        stale.update(holder)
+        assert stale.holders(NEED) == []  # expired
+
+    async def test_slots_limit_requests_in_flight(self) -> None:
+        table = PeerTable(ledger=Ledger())
+        a = advert(free_slots=1)
+        table.update(a)
+        table.acquire(a.peer)
+        assert table.available(NEED) == []
+        table.release(a.peer)
+        assert len(table.available(NEED)) == 1
+
+
+class TestRouter:
+    async def test_choose_waits_for_a_busy_hint_then_raises_when_nobody_comes(self, autojump_clock: trio.abc.Clock) -> None:
+        table = PeerTable(ledger=Ledger())
+        router = ChunkRouter(table, ClientConfig(wait_providers_s=5))
+        a = advert()
+        table.update(a)
+        router.on_failure(AttemptFailed(a.peer, FailureKind.BUSY, "busy", retry_after_s=2.0))
+        start = trio.current_time()
+        assert (await router.choose(NEED, avoid={}, layer="l")).peer == a.peer
+        assert trio.current_time() - start == pytest.approx(2.0)
+        router.on_failure(AttemptFailed(a.peer, FailureKind.TIMEOUT, "slow"))
+        with pytest.raises(NoProvidersError, match="busy or banned"):
+            await router.choose(NEED, avoid={}, layer="l")
+
+    async def test_pick_spreads_then_prefers_score_and_avoids_failed(self) -> None:
+        table = PeerTable(ledger=Ledger())
+        router = ChunkRouter(table, ClientConfig(max_price_per_gmac=100))
+        fast, slow, dear = advert(), advert(), advert(price=1000)
+        for a in (fast, slow, dear):
+            table.update(a)
+        table.get(slow.peer).rate = 10**6
+        assert router.pick(NEED, avoid={}).peer == fast.peer
+        table.acquire(fast.peer)
+        assert router.pick(NEED, avoid={}).peer == slow.peer  # spread before stacking
+        table.release(fast.peer)
+        assert router.pick(NEED, avoid={fast.peer: 1}).peer == slow.peer
+        assert router.pick(NEED, avoid={fast.peer: 1, slow.peer: 1}).peer == fast.peer  # dear: never
+
+    def test_retry_delay_doubles_with_jitter_up_to_a_cap(self) -> None:
+        router = ChunkRouter(PeerTable(ledger=Ledger()), ClientConfig(retry_base_s=0.2, retry_max_s=1.0))
+        for attempt, ceiling in [(1, 0.2), (2, 0.4), (3, 0.8), (6, 1.0)]:
+            assert ceiling / 2 <= router.retry_delay(attempt) <= ceiling
+
+
+def _covers_exactly(chunks: list, shape: CallShape) -> bool:
+    """Every (block, contraction index, output index) cell is in exactly one chunk."""
+    cells = [
+        (b, c, o)
+        for ch in chunks
+        for b, c, o in itertools.product(range(ch.blocks.start, ch.blocks.stop), range(ch.contraction.start, ch.contraction.stop), range(ch.output.start, ch.output.stop))
+    ]
+    return len(cells) == len(set(cells)) == shape.blocks * shape.contraction * shape.output
+
+
+class TestPlan:
+    @pytest.mark.parametrize(
+        ("split", "tokens", "providers", "max_payload", "kinds"),
+        [
+            ("auto", 100, 3, 10**9, (1, 1, 3)),  # one block, three providers: columns
+            ("auto", 5000, 3, 10**9, (3, 1, 1)),  # three blocks: token blocks
+            ("auto", 5000, 2, 10**9, (2, 1, 1)),
+            ("auto", 100, 3, 8_000, (1, 5, 1)),  # a block does not fit: contraction rows
+            ("auto", 5000, 1, 40_000, (3, 1, 1)),  # one provider, payloads must fit: more block groups
+            ("blocks", 100, 3, 10**9, (1, 1, 1)),
+            ("rows", 5000, 2, 10**9, (1, 2, 1)),
+            ("columns", 5000, 2, 10**9, (1, 1, 2)),
+        ],
+    )
+    def test_plans_cover_the_product_exactly(self, split: str, tokens: int, providers: int, max_payload: int, kinds: tuple[int, int, int]) -> None:
+        shape = CallShape(tokens=tokens, n=2048, contraction=16, output=12, in_bytes=1)
+        router = ChunkRouter(PeerTable(ledger=Ledger()), ClientConfig(split=split))  # type: ignore[arg-type]
+        chunks = router.plan(shape, providers=providers, max_payload=max_payload)
+        groups = len({c.blocks for c in chunks}), len({c.contraction for c in chunks}), len({c.output for c in chunks})
+        assert groups == kinds
+        assert _covers_exactly(chunks, shape)
+        assert all(c.row_parts == groups[1] for c in chunks)
+        assert [c.index for c in chunks] == list(range(len(chunks)))
