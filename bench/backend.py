@@ -63,8 +63,8 @@ def bench_rlwe(tokens: int, d_in: int, d_out: int, reps: int, profile: str) -> N
     print(row("client decrypt", f"{t_dec * 1e9 / out_vals:.1f} ns/value"))
     print(row("client Freivalds verify", f"{t_ver * 1e9 / out_vals:.1f} ns/value"))
     r_client = client / t_plain
-    print(row("client (encrypt+decrypt+verify) / plain fp32 layer", f"{r_client:.2f}", "must be < 1, goal <= 0.25",
-              r_client < 1))
+    print(row("client (encrypt+decrypt+verify) / plain fp32 layer", f"{r_client:.2f}", "must be < 1", r_client < 1))
+    print(row("  the same against the goal", f"{r_client:.2f}", "goal <= 0.25", r_client <= 0.25))
     bin_ = len(ct.to_bytes()) / in_vals
     bout = len(out.to_bytes()) / out_vals
     # a block always holds N token slots: with fewer tokens the padding costs bytes too
