@@ -36,6 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message tells the user what to do: printed without a traceback."""
+    from cipherswarm.fhe_backend.errors import FheError
+    from cipherswarm.node.errors import NodeError
+    from cipherswarm.node.identity import IdentityError
+    from cipherswarm.node.weights import WeightsError
+    from cipherswarm.protocol.errors import ProtocolError
+    from cipherswarm.trainer.errors import TrainerError
+
+    return (FheError, NodeError, IdentityError, WeightsError, ProtocolError, TrainerError, FileNotFoundError,
+            PermissionError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -43,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise
+        print(f"cipherswarm {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -49,3 +49,9 @@ def test_testnet_refuses_all_malicious(tmp_path: Path) -> None:
 def test_every_subcommand_has_help(command: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "cipherswarm.cli", command, "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "usage: cipherswarm " + command in proc.stdout
+
+
+def test_bad_model_path_is_a_clear_error(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "cipherswarm.cli", "provider", "--model", str(tmp_path / "missing")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "is not a directory" in proc.stderr and "Traceback" not in proc.stderr
