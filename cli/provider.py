@@ -11,8 +11,11 @@ Which tensors are layers, and how the model is named: see node/README.md, "Weigh
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import signal
+import socket
+import sys
 from pathlib import Path
 
 import trio
@@ -89,9 +92,37 @@ async def serve(args: argparse.Namespace) -> None:
             ledger.close()
 
 
+def port_in_use(listen: str) -> int | None:
+    """The TCP port of ``listen`` if another process already listens on it, else None.
+
+    libp2p binds with SO_REUSEPORT, so a second provider on a busy port would start silently and
+    share its connections with the first; a plain bind (without SO_REUSEPORT) tells the two apart.
+    """
+    parts = listen.strip("/").split("/")
+    if "tcp" not in parts or parts[0] not in ("ip4", "ip6"):
+        return None
+    port = int(parts[parts.index("tcp") + 1])
+    if port == 0:
+        return None
+    family = socket.AF_INET if parts[0] == "ip4" else socket.AF_INET6
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((parts[1], port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return port
+            raise
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from cipherswarm.node.logs import configure_logging
 
     configure_logging(args.log_level, args.log_file)
+    busy = port_in_use(args.listen)
+    if busy is not None:
+        print(f"cipherswarm provider: error: port {busy} is in use: stop the process on it or pick another "
+              f"--listen port (tcp/0 picks a free one)", file=sys.stderr)
+        return 1
     trio.run(serve, args)
     return 0

@@ -55,3 +55,17 @@ def test_bad_model_path_is_a_clear_error(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "cipherswarm.cli", "provider", "--model", str(tmp_path / "missing")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "is not a directory" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_port_in_use_is_a_clear_error() -> None:
+    """libp2p binds with SO_REUSEPORT: without the check a second provider would share the port."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "cipherswarm.cli", "provider", "--model", "unused",
+                               "--listen", f"/ip4/127.0.0.1/tcp/{port}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and f"port {port} is in use" in proc.stderr
