@@ -80,15 +80,6 @@ class Chunk:
 
 
 @dataclass(frozen=True, slots=True)
-class ChunkAssignment:
-    """A chunk sent to one provider: one attempt of a call."""
-
-    chunk: Chunk
-    peer: ID
-    hedge: bool  # a second attempt racing a straggler
-
-
-@dataclass(frozen=True, slots=True)
 class PeerView:
     """One row of the client's peer table, as `status` and `stats()` show it."""
 

@@ -35,7 +35,6 @@ from libp2p.peer.id import ID
 
 from cipherswarm.fhe_backend import Ciphertext, FheError, MatmulResult, Params, VerificationFailed
 from cipherswarm.protocol import (
-    PROTOCOL_IDS,
     Busy,
     DeadlineExceeded,
     Frame,
@@ -52,6 +51,7 @@ from cipherswarm.protocol import (
     seal,
     verify_reply,
 )
+
 from ..discovery import now_ms
 from ..engine import BACKEND, ENGINE, encode_params
 from ..errors import ChunkFailedError, NoProvidersError
@@ -65,6 +65,7 @@ from .peers import Need, PeerState
 from .router import AttemptFailed, ChunkRouter, FailureKind
 
 log = logging.getLogger(__name__)
+
 
 class KeyExposed(Exception):
     """A provider returned a wrong result (it is banned by now): the keys in use must be rotated."""
@@ -303,14 +304,12 @@ class Dispatcher:
         """protocol.verify_reply, with the provider's error replies classified."""
         try:
             return verify_reply(frame, peer=peer, request=sealed)
-        except Busy as exc:
-            if not exc.remote:
-                raise
-            raise AttemptFailed(peer, FailureKind.BUSY, "busy", retry_after_s=exc.retry_after_ms / 1000) from None
         except ProtocolError as exc:
-            if exc.remote:
-                raise AttemptFailed(peer, FailureKind.REFUSED, f"{exc.code.name}: {exc}") from None
-            raise AttemptFailed(peer, FailureKind.CHEATED, f"invalid reply: {exc}") from None
+            if not exc.remote:  # the reply itself failed a check: only the provider could have sent it
+                raise AttemptFailed(peer, FailureKind.CHEATED, f"invalid reply: {exc}") from None
+            if isinstance(exc, Busy):
+                raise AttemptFailed(peer, FailureKind.BUSY, "busy", retry_after_s=exc.retry_after_ms / 1000) from None
+            raise AttemptFailed(peer, FailureKind.REFUSED, f"{exc.code.name}: {exc}") from None
 
     def _accept(self, job: ChunkJob, reply: Verified[MatmulReply], y: torch.Tensor, *, elapsed_s: float) -> SignedReceipt:
         """Deliver the verified product and record the countersigned receipt. Synchronous, so no

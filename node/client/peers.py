@@ -100,9 +100,6 @@ class PeerTable:
     def __len__(self) -> int:
         return len(self._peers)
 
-    def __contains__(self, peer: ID) -> bool:
-        return peer in self._peers
-
     def get(self, peer: ID) -> PeerState:
         return self._peers[peer]
 

@@ -25,7 +25,7 @@ import torch
 import trio
 from libp2p.abc import INetStream
 from libp2p.crypto.keys import KeyPair
-from libp2p.network.stream.exceptions import StreamError
+from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 
 from cipherswarm.fhe_backend import Ciphertext, FheError, ParameterError, PlainWeights
@@ -195,7 +195,8 @@ class Provider:
                 await self._exchange(stream, peer)
             finally:
                 self._admission_changed(-1)
-        except (StreamError, ProtocolError) as exc:  # the client went away or stopped reading
+        except (BaseLibp2pError, ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            # the client went away, reset the stream (a hedge it no longer needs), or stopped reading
             log.debug("exchange with %s ended: %s", peer, exc)
         except Exception:
             log.exception("request from %s failed", peer)

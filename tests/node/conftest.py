@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+import traceback
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,21 @@ from multiaddr import Multiaddr
 
 from cipherswarm.node import ClientConfig, Ledger, ModelWeights, NodeHost, Provider, ProviderConfig, load_model, open_host
 from cipherswarm.node.client import SwarmSession, open_session
+from cipherswarm.node.errors import leaf_errors
 
 REPO = Path(__file__).resolve().parents[2]
 PROCESS_START_S = 60.0  # a provider process imports torch, quantizes, benchmarks: generous on 2 busy cores
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Report the leaves of a failure's exception group: a failing node test raises through many
+    nested nurseries (each host, each service), deeper than Python prints groups."""
+    outcome = yield
+    error = call.excinfo.value if call.excinfo is not None else None
+    if isinstance(error, BaseExceptionGroup):
+        leaves = "\n".join("".join(traceback.format_exception(leaf)) for leaf in leaf_errors(error))
+        outcome.get_result().sections.append(("innermost errors", leaves))
 
 
 @pytest.fixture(scope="session")
