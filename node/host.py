@@ -138,8 +138,7 @@ async def _fill_routing_table(dht: KadDHT, peers: trio.MemoryReceiveChannel[ID])
     async with peers:
         async for peer in peers:
             try:
-                with trio.move_on_after(DIAL_TIMEOUT_S):
-                    await dht.add_peer(peer)
+                await dht.add_peer(peer)  # no timeout of ours: it would cancel stream I/O (streams.py)
             except Exception as exc:  # a peer that left meanwhile, or speaks no DHT
                 log.debug("not adding %s to the routing table: %s", peer, exc)
 
