@@ -118,6 +118,11 @@ class ClientStats:
     failures_by_peer: dict[str, int] = field(default_factory=dict)
     bans: dict[str, str] = field(default_factory=dict)  # peer -> reason
     peers: tuple[PeerView, ...] = ()
+    # the client's CPU seconds in its crypto worker threads (what the trainer's per-step split reads)
+    encrypt_s: float = 0.0
+    decrypt_s: float = 0.0
+    verify_s: float = 0.0
+    wire_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,6 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.kad_dht.kad_dht import DHTMode
 from multiaddr import Multiaddr
 
-from cipherswarm.fhe_backend import Ciphertext
 from cipherswarm.protocol import Range
 
 from ..discovery import AdvertWatcher
@@ -35,7 +34,7 @@ from ..ledger import Ledger
 from ..types import Chunk, ClientStats
 from ..weights import Layer, ModelWeights
 from .config import ClientConfig
-from .dispatch import ChunkJob, Counters, Dispatcher, KeyExposed
+from .dispatch import ChunkJob, Counters, Dispatcher, KeyExposed, thread_timed
 from .keys import KeyRing, LayerChannel
 from .peers import Need, PeerTable
 from .router import CallShape, ChunkRouter
@@ -91,6 +90,10 @@ class SwarmSession:
             busy=c.busy,
             verification_failures=c.verification_failures,
             key_rotations=self._rotations,
+            encrypt_s=c.encrypt_s,
+            decrypt_s=c.decrypt_s,
+            verify_s=c.verify_s,
+            wire_s=c.wire_s,
             chunks_by_peer={v.peer: v.chunks for v in views if v.chunks},
             failures_by_peer=dict(c.failures_by_peer),
             bans=self.peers.bans(),
@@ -159,7 +162,8 @@ class SwarmSession:
         cheat: rotate and call again) or a NodeError, unwrapped from the nursery's group."""
         key, generation = channel.key, channel.generation
         crypto = self.dispatcher.crypto
-        ct: Ciphertext = await trio.to_thread.run_sync(ENGINE.encrypt, key, x, limiter=crypto)
+        ct, spent = await trio.to_thread.run_sync(thread_timed, ENGINE.encrypt, key, x, limiter=crypto)
+        self._counters.encrypt_s += spent
         jobs = []
         for chunk in plan:
             if chunk.index in done:
@@ -167,7 +171,8 @@ class SwarmSession:
             part = ct.select_blocks(chunk.blocks.start, chunk.blocks.stop)
             if chunk.row_parts > 1:
                 part = part.select_rows(chunk.contraction.start, chunk.contraction.stop, parts=chunk.row_parts)
-            payload = await trio.to_thread.run_sync(part.to_bytes, limiter=crypto)
+            payload, spent = await trio.to_thread.run_sync(thread_timed, part.to_bytes, limiter=crypto)
+            self._counters.wire_s += spent
             tokens = chunk.tokens(shape.n, shape.tokens)
             rows, cols = slice(tokens.start, tokens.stop), slice(chunk.contraction.start, chunk.contraction.stop)
             macs = part.blocks * shape.n * len(chunk.contraction) * len(chunk.output)
