@@ -134,13 +134,17 @@ class _ConnectionQueue(INotifee):
         await trio.lowlevel.checkpoint()
 
 
+async def _add_to_routing_table(dht: KadDHT, peer: ID) -> None:
+    try:
+        await dht.add_peer(peer)  # no timeout of ours: it would cancel stream I/O (streams.py)
+    except Exception as exc:  # a peer that left meanwhile, or speaks no DHT
+        log.debug("not adding %s to the routing table: %s", peer, exc)
+
+
 async def _fill_routing_table(dht: KadDHT, peers: trio.MemoryReceiveChannel[ID]) -> None:
     async with peers:
         async for peer in peers:
-            try:
-                await dht.add_peer(peer)  # no timeout of ours: it would cancel stream I/O (streams.py)
-            except Exception as exc:  # a peer that left meanwhile, or speaks no DHT
-                log.debug("not adding %s to the routing table: %s", peer, exc)
+            await _add_to_routing_table(dht, peer)
 
 
 def _new_host(key_pair: KeyPair, listen: Sequence[Multiaddr]) -> IHost:
@@ -185,6 +189,9 @@ async def open_host(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_fill_routing_table, dht, receive)
                 node = NodeHost(host, pubsub, dht, key_pair)
-                await node.connect_all(bootstrap)
+                for peer in await node.connect_all(bootstrap):
+                    # Now rather than through the queue, so that a provider's first DHT record already
+                    # reaches its bootstrap peers.
+                    await _add_to_routing_table(dht, peer)
                 yield node
                 nursery.cancel_scope.cancel()

@@ -14,7 +14,7 @@ import trio
 
 from cipherswarm.node import Cheat, Ledger, ModelWeights
 
-from conftest import providers, random_operand, reference, session
+from node_factory import providers, random_operand, reference, session
 
 LAYER = "model.layers.1.mlp.down_proj"  # 128 -> 64
 DEFAULT_TRIALS = 6

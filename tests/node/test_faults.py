@@ -9,7 +9,7 @@ import trio
 
 from cipherswarm.node import ModelWeights
 
-from conftest import providers, random_operand, reference, running_provider, session
+from node_factory import providers, random_operand, reference, running_provider, session
 
 LAYER = "model.layers.0.mlp.gate_proj"  # 64 -> 128
 

@@ -38,7 +38,7 @@ from cipherswarm.protocol import (
     verify_reply,
 )
 
-from conftest import running_provider
+from node_factory import running_provider
 
 LAYER = "model.layers.0.self_attn.v_proj.weight"
 

@@ -16,7 +16,7 @@ from multiaddr import Multiaddr
 
 from cipherswarm.node import ModelWeights
 
-from conftest import REPO, provider_process, random_operand, reference, session
+from node_factory import REPO, provider_process, random_operand, reference, session
 
 LAYER = "model.layers.1.self_attn.o_proj"
 

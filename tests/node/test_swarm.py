@@ -15,7 +15,7 @@ from cipherswarm.node.discovery import now_ms
 from cipherswarm.protocol import verify_receipt
 from cipherswarm.protocol.signing import decode_public_key
 
-from conftest import client_config, providers, random_operand, reference, running_provider, session
+from node_factory import client_config, providers, random_operand, reference, running_provider, session
 
 LAYER = "model.layers.0.mlp.up_proj"  # 64 -> 128: both directions have a different contraction
 
@@ -37,7 +37,7 @@ async def test_discovers_three_providers_through_one(weights: ModelWeights) -> N
                     view = views[r.node.peer_id.to_base58()]
                     assert view.macs_per_second == r.provider.macs_per_second > 0
                     assert view.device == "cpu" and view.layers is None
-            assert took < 10
+            assert took < 10, f"discovery took {took:.1f} s"
 
 
 @pytest.mark.parametrize(

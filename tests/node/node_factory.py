@@ -1,0 +1,138 @@
+"""Real libp2p nodes on 127.0.0.1 for the node tests: providers in this process or as
+`python -m cipherswarm.cli provider` processes, and clients.
+
+Everything listens on loopback only and mDNS stays off. Every helper is an async context manager,
+so nodes stop in the reverse order they started, inside the test's own deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from multiaddr import Multiaddr
+
+from cipherswarm.node import ClientConfig, Ledger, ModelWeights, NodeHost, Provider, ProviderConfig, open_host
+from cipherswarm.node.client import SwarmSession, open_session
+
+REPO = Path(__file__).resolve().parents[2]
+PROCESS_START_S = 60.0  # a provider process imports torch, quantizes, benchmarks: generous on 2 busy cores
+
+
+def client_config(**changes: object) -> ClientConfig:
+    """Client settings for loopback tests: short waits, so a broken test fails fast."""
+    fields: dict[str, object] = dict(wait_providers_s=15.0, lookup_interval_s=2.0, ban_base_s=30.0)
+    fields.update(changes)
+    return ClientConfig(**fields)  # type: ignore[arg-type]
+
+
+def random_operand(tokens: int, features: int, bits: int = 8) -> torch.Tensor:
+    half = 1 << (bits - 1)
+    return torch.randint(-half, half, (tokens, features))
+
+
+def reference(weights: ModelWeights, layer: str, x: torch.Tensor, *, transpose: bool) -> torch.Tensor:
+    q = weights.resolve(layer).weight.q.long()  # type: ignore[union-attr]
+    return x @ (q.T if transpose else q)
+
+
+@dataclass
+class Running:
+    """A provider running in this process."""
+
+    provider: Provider
+    node: NodeHost
+
+    @property
+    def addr(self) -> Multiaddr:
+        return self.node.addrs()[0]
+
+
+@asynccontextmanager
+async def running_provider(
+    weights: ModelWeights, *, bootstrap: Sequence[Multiaddr] = (), ledger: Ledger | None = None, **config: object
+) -> AsyncIterator[Running]:
+    key_pair = create_new_key_pair()
+    settings: dict[str, object] = dict(benchmark_s=0.1, advert_interval_s=2.0)
+    settings.update(config)
+    provider = Provider(weights=weights, key_pair=key_pair, config=ProviderConfig(**settings), ledger=ledger)  # type: ignore[arg-type]
+    async with open_host(key_pair, bootstrap=bootstrap) as node, trio.open_nursery() as nursery:
+        await nursery.start(provider.serve, node)
+        yield Running(provider, node)
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def providers(weights: ModelWeights, configs: Sequence[dict[str, object]]) -> AsyncIterator[list[Running]]:
+    """One provider per config; each after the first joins through the first."""
+    async with AsyncExitStack() as stack:
+        started: list[Running] = []
+        for config in configs:
+            bootstrap = [started[0].addr] if started else []
+            started.append(await stack.enter_async_context(running_provider(weights, bootstrap=bootstrap, **config)))
+        yield started
+
+
+@asynccontextmanager
+async def session(
+    weights: ModelWeights, bootstrap: Sequence[Multiaddr], *, ledger: Ledger | None = None, min_providers: int = 1,
+    **config: object,
+) -> AsyncIterator[SwarmSession]:
+    with Ledger() if ledger is None else nullcontext(ledger) as book:
+        async with open_session(
+            weights=weights,
+            key_pair=create_new_key_pair(),
+            ledger=book,
+            bootstrap=bootstrap,
+            config=client_config(**config),
+            min_providers=min_providers,
+        ) as client:
+            yield client
+
+
+@dataclass
+class ProviderProcess:
+    """A `cipherswarm provider` process and the multiaddr it printed."""
+
+    process: subprocess.Popen[bytes]
+    addr: Multiaddr
+
+
+@asynccontextmanager
+async def provider_process(
+    model_dir: Path, tmp_path: Path, *args: str, bootstrap: Sequence[Multiaddr] = ()
+) -> AsyncIterator[ProviderProcess]:
+    """Start `python -m cipherswarm.cli provider`, wait for the multiaddr it prints, stop it after."""
+    name = f"provider-{os.urandom(4).hex()}"
+    command = [
+        sys.executable, "-m", "cipherswarm.cli", "provider", "--model", str(model_dir),
+        "--identity", str(tmp_path / f"{name}.key"), "--benchmark-seconds", "0.1", "--advert-interval", "2",
+        *args,
+    ]
+    if bootstrap:
+        command += ["--bootstrap", *map(str, bootstrap)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    with open(tmp_path / f"{name}.log", "wb") as log:
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=log, env=env)
+        try:
+            assert process.stdout is not None
+            with trio.fail_after(PROCESS_START_S):
+                line = await trio.to_thread.run_sync(process.stdout.readline, abandon_on_cancel=True)
+            if not line:
+                raise RuntimeError(f"provider exited: {(tmp_path / f'{name}.log').read_text()[-2000:]}")
+            yield ProviderProcess(process, Multiaddr(line.decode().strip()))
+        finally:
+            process.terminate()
+            try:
+                await trio.to_thread.run_sync(process.wait, 10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
