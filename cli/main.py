@@ -1,7 +1,7 @@
 """Entry point of the ``cipherswarm`` command: parses the subcommand and hands over to its module.
 
-Subcommand modules are imported lazily so that ``cipherswarm --help`` stays instant and a provider
-never imports the trainer.
+Only the module of the subcommand being run is imported (the others are listed from SUBCOMMANDS),
+so ``cipherswarm --help`` stays instant and a provider never imports the trainer.
 """
 
 from __future__ import annotations
@@ -21,18 +21,20 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported to add its arguments."""
     parser = argparse.ArgumentParser(
         prog="cipherswarm",
         description="Private LoRA fine-tuning on other people's GPUs: every large matmul runs encrypted.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
-        mod = importlib.import_module(f"cipherswarm.cli.{module}")
-        p = sub.add_parser(name, help=help_text, description=mod.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        mod.add_arguments(p)
-        p.set_defaults(run=mod.run)
+        p = sub.add_parser(name, help=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
+        if name == command:
+            mod = importlib.import_module(f"cipherswarm.cli.{module}")
+            p.description = mod.__doc__
+            mod.add_arguments(p)
+            p.set_defaults(run=mod.run)
     return parser
 
 
@@ -50,7 +52,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in SUBCOMMANDS else None).parse_args(argv)
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
