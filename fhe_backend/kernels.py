@@ -24,6 +24,14 @@ def _popcount(x):
     return np.int64((x * _H01) >> np.uint64(56))
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _split_low_limb(v, limb_bits):
+    """(lo, rest) with lo the centred low limb of v in [-2^(b-1), 2^(b-1)) and v = lo + rest << b."""
+    half = np.int64(1) << (limb_bits - 1)
+    lo = ((v + half) & ((np.int64(1) << limb_bits) - 1)) - half
+    return lo, (v - lo) >> limb_bits
+
+
 @njit(cache=True, nogil=True)
 def fold_limbs(words, log_q, limb_bits, twist, out):
     """Centre words mod 2^log_q, split into signed limbs, fold and twist for the half-size FFT.
@@ -33,19 +41,15 @@ def fold_limbs(words, log_q, limb_bits, twist, out):
     """
     limbs, rows, half = out.shape
     shift = 64 - log_q
-    lh = np.int64(1) << (limb_bits - 1)
-    lm = (np.int64(1) << limb_bits) - 1
     for i in range(rows):
         for j in range(half):
             re = (words[i, j] << shift) >> shift
             im = (words[i, j + half] << shift) >> shift
             t = twist[j]
             for l in range(limbs):
-                lo_re = ((re + lh) & lm) - lh
-                lo_im = ((im + lh) & lm) - lh
+                lo_re, re = _split_low_limb(re, limb_bits)
+                lo_im, im = _split_low_limb(im, limb_bits)
                 out[l, i, j] = complex(float(lo_re), float(lo_im)) * t
-                re = (re - lo_re) >> limb_bits
-                im = (im - lo_im) >> limb_bits
 
 
 @njit(cache=True, nogil=True)
@@ -124,15 +128,12 @@ def split_limbs_f64(words, log_q, limb_bits, out):
     """Centre words mod 2^log_q and split into signed float64 limbs: out (limbs, r, c)."""
     limbs, rows, cols = out.shape
     shift = 64 - log_q
-    lh = np.int64(1) << (limb_bits - 1)
-    lm = (np.int64(1) << limb_bits) - 1
     for i in range(rows):
         for j in range(cols):
             v = (words[i, j] << shift) >> shift
             for l in range(limbs):
-                lo = ((v + lh) & lm) - lh
+                lo, v = _split_low_limb(v, limb_bits)
                 out[l, i, j] = float(lo)
-                v = (v - lo) >> limb_bits
 
 
 @njit(cache=True, nogil=True)
