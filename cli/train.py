@@ -2,9 +2,12 @@
 by providers found from the bootstrap addresses; LoRA weights and the optimizer stay here.
 
     cipherswarm train --bootstrap /ip4/127.0.0.1/tcp/4001/p2p/12D3KooW... --steps 50 --out runs/mine
+    cipherswarm train --bootstrap ... --steps 50 --out runs/mine --resume    # after a crash: same options
 
-Writes ``adapter/`` (peft LoRA weights), ``loss.png`` and ``report.json`` into --out. The defaults
-fine-tune the bundled tiny Shakespeare LLaMA on its bundled fine-tuning set.
+Writes ``adapter/`` (peft LoRA weights), ``loss.png`` and ``report.json`` into --out, and checkpoints
+into --out/checkpoints as it goes (every step by default): --resume continues the run there at its
+last checkpoint, with the losses an uninterrupted run would have had. The defaults fine-tune the
+bundled tiny Shakespeare LLaMA on its bundled fine-tuning set.
 """
 
 from __future__ import annotations
@@ -14,6 +17,16 @@ import sys
 from pathlib import Path
 
 from cipherswarm.trainer.finetune import BUNDLED_DATA, BUNDLED_MODEL, FinetuneConfig
+
+CHECKPOINTS = "checkpoints"  # under --out
+
+
+def _positive_int(text: str) -> int:
+    """argparse type of counts: a usage error, not a traceback, for 0 or less."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,13 +47,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-providers", type=int, default=1, help="providers to find before training starts")
     p.add_argument("--identity", type=Path, default=None, help="client key file (default: ~/.cipherswarm/identity.key)")
     p.add_argument("--ledger", type=Path, default=None, help="SQLite ledger of receipts and bans")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=1, metavar="N",
+                   help=f"checkpoint into --out/{CHECKPOINTS} every N optimizer steps and after the last (default 1)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (give the same training options); "
+                        "without it, an --out holding checkpoints is refused")
 
 
 def run(args: argparse.Namespace) -> int:
     from cipherswarm.cli.runs import report, save
     from cipherswarm.node import NoProvidersError, SwarmClient
     from cipherswarm.node.logs import configure_logging
-    from cipherswarm.trainer.finetune import finetune
+    from cipherswarm.trainer.finetune import finetune, open_run
 
     configure_logging("WARNING")
     for name in ("model", "data"):
@@ -50,15 +68,20 @@ def run(args: argparse.Namespace) -> int:
     config = FinetuneConfig(model_dir=args.model, data_dir=args.data, steps=args.steps, seq_len=args.seq_len,
                             batch_size=args.batch_size, lr=args.lr, lora_r=args.lora_r,
                             target_modules=tuple(args.target_modules), n_bits=args.n_bits, seed=args.seed)
+    checkpoints = args.out / CHECKPOINTS
+    open_run(checkpoints, config, "remote", resume=args.resume)  # a mismatch fails before joining the swarm
     try:
         with SwarmClient(model_dir=args.model, bootstrap=args.bootstrap, x_bits=args.n_bits, identity=args.identity,
                          ledger=args.ledger, min_providers=args.min_providers) as client:
-            result = finetune(config, fhe="remote", executor=client)
+            result = finetune(config, fhe="remote", executor=client, checkpoint_dir=checkpoints,
+                              save_steps=args.checkpoint_every, resume=args.resume)
             swarm = client.stats()
     except NoProvidersError as exc:
         print(f"{exc}", file=sys.stderr)
         return 1
-    save(args.out, result, report(result, swarm=swarm))
+    save(args.out, result, report(result, swarm=swarm, extra={"resumed_at_step": result.resumed_at}))
+    if result.resumed_at:
+        print(f"resumed at step {result.resumed_at} from {checkpoints}")
     print(f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, held-out {result.eval_before:.4f} -> "
           f"{result.eval_after:.4f}; wrote {args.out / 'adapter'}, {args.out / 'loss.png'}, {args.out / 'report.json'}")
     return 0

@@ -5,14 +5,21 @@ load the model and tokenizer from a local directory, cut the text into fixed-len
 the model with peft LoRA, build a :class:`LoraTrainer` and train for a number of optimizer steps,
 measuring held-out loss before and after. Defaults are the bundled tiny Shakespeare LLaMA and its
 fine-tuning set, so it runs offline out of the box.
+
+With a checkpoint folder, a fine-tune survives a crash: the trainer checkpoints every few steps, and
+the folder's ``finetune.json`` records the config, the mode and the held-out loss measured before
+training, so a resumed run continues at the saved step with the same losses and the same "before"
+figure, and refuses to continue a different config's checkpoints.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,12 +28,20 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from .checkpoint import latest_checkpoint, load_state
+from .errors import TrainerError
 from .executor import MatmulExecutor
 from .trainer import LoraTrainer, StepRecord, causal_lm_loss
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_MODEL = ASSETS / "tiny-shakespeare-llama"
 BUNDLED_DATA = ASSETS / "finetune"
+RUN_FILE = "finetune.json"  # in a checkpoint folder: the config, mode and "before" loss of its run
+
+
+class ResumeError(TrainerError, ValueError):
+    """A checkpoint folder that does not fit the asked run: resuming would mix two fine-tunes, or
+    starting afresh would mix its checkpoints with an earlier run's."""
 
 
 @dataclass
@@ -61,8 +76,9 @@ class FinetuneResult:
     records: list[StepRecord]
     eval_before: float
     eval_after: float
-    wall_s: float
+    wall_s: float  # this sitting's seconds plus the recorded step times of the steps it resumed after
     trainer: LoraTrainer = field(repr=False)
+    resumed_at: int = 0  # optimizer steps done by earlier sittings (0: not resumed)
 
     @property
     def tokens(self) -> int:
@@ -83,8 +99,12 @@ def _batches(seqs: torch.Tensor, batch_size: int, generator: torch.Generator | N
     return [seqs[order[i : i + batch_size]] for i in range(0, len(seqs) - batch_size + 1, batch_size)]
 
 
-def build(config: FinetuneConfig) -> tuple[LoraTrainer, list[torch.Tensor], list[torch.Tensor]]:
-    """The trainer (compiled) and its training and held-out micro-batches, all seeded by ``config.seed``."""
+def build(config: FinetuneConfig, *, checkpoint_dir: Path | None = None,
+          save_steps: int | None = None) -> tuple[LoraTrainer, list[torch.Tensor], list[torch.Tensor]]:
+    """The trainer (compiled) and its training and held-out micro-batches, all seeded by ``config.seed``.
+
+    ``checkpoint_dir`` and ``save_steps`` go to the trainer (checkpoints every ``save_steps`` steps
+    and when the last step is done)."""
     for name in ("model_dir", "data_dir"):
         path = Path(getattr(config, name))
         if not path.is_dir():
@@ -115,10 +135,63 @@ def build(config: FinetuneConfig) -> tuple[LoraTrainer, list[torch.Tensor], list
         training_args={"gradient_accumulation_steps": config.gradient_accumulation_steps,
                        "max_grad_norm": config.max_grad_norm},
         n_layers_to_skip_for_backprop=config.n_layers_to_skip_for_backprop,
-        eval_loader=eval_batches, train_log_path=None,
+        eval_loader=eval_batches, train_log_path=None, checkpoint_dir=checkpoint_dir, save_steps=save_steps,
     )
     trainer.compile(train_batches[0], n_bits=config.n_bits, profile=config.profile)
     return trainer, train_batches[:needed], eval_batches
+
+
+def _run_record(config: FinetuneConfig, fhe: str) -> dict:
+    """What must match for a checkpoint to be resumed: the config (folders resolved) and the mode."""
+    values = asdict(config)
+    for name in ("model_dir", "data_dir"):
+        values[name] = str(Path(values[name]).resolve())
+    return {"config": json.loads(json.dumps(values)), "fhe": fhe}  # tuples as lists, as the file holds them
+
+
+def _differences(saved: dict, wanted: dict) -> list[str]:
+    """'name: saved -> wanted' for each config field or mode in which two run records differ."""
+    pairs = {**{k: (saved["config"].get(k), v) for k, v in wanted["config"].items()}, "fhe": (saved["fhe"], wanted["fhe"])}
+    return [f"{name}: {old!r} -> {new!r}" for name, (old, new) in pairs.items() if old != new]
+
+
+def _latest(checkpoint_dir: Path) -> Path | None:
+    """The checkpoint to resume from; None when the run stopped before its first one."""
+    try:
+        return latest_checkpoint(checkpoint_dir)
+    except FileNotFoundError:
+        return None
+
+
+def open_run(checkpoint_dir: Path, config: FinetuneConfig, fhe: str, *, resume: bool) -> float | None:
+    """Check that ``checkpoint_dir`` fits the run; the held-out loss before training when resuming.
+
+    Resuming needs the folder's run record, with the same config and mode. Starting afresh needs a
+    folder without one: the trainer resumes from the highest step, which could be an older run's.
+    """
+    path = Path(checkpoint_dir) / RUN_FILE
+    if not resume:
+        if path.exists() or _latest(checkpoint_dir) is not None:
+            raise ResumeError(f"{checkpoint_dir} holds the checkpoints of an earlier fine-tune: resume it "
+                              "(resume=True; cipherswarm train --resume), or use another folder")
+        return None
+    if not path.is_file():
+        raise ResumeError(f"nothing to resume in {checkpoint_dir}: it has no {RUN_FILE} (start without resuming)")
+    saved = json.loads(path.read_text())
+    changed = _differences(saved, _run_record(config, fhe))
+    if changed:
+        raise ResumeError(f"the checkpoints in {checkpoint_dir} are of another fine-tune ({'; '.join(changed)}): "
+                          "resume with the same options, or use another folder")
+    return float(saved["eval_before"])
+
+
+def _write_run(checkpoint_dir: Path, config: FinetuneConfig, fhe: str, eval_before: float) -> None:
+    """Record the run before its first checkpoint, atomically (a torn file must not block resuming)."""
+    Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(checkpoint_dir) / RUN_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({**_run_record(config, fhe), "eval_before": eval_before}, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def finetune(
@@ -128,15 +201,35 @@ def finetune(
     executor: MatmulExecutor | None = None,
     progress: bool = True,
     on_trainer: Callable[[LoraTrainer], None] | None = None,
+    checkpoint_dir: Path | None = None,
+    save_steps: int = 1,
+    resume: bool = False,
 ) -> FinetuneResult:
     """Run ``config`` in mode ``fhe`` (``executor`` for "remote"); held-out loss is measured in the
-    same mode before and after. ``on_trainer`` sees the trainer before training starts (live views)."""
-    trainer, train_batches, eval_batches = build(config)
+    same mode before and after. ``on_trainer`` sees the trainer before training starts (live views).
+
+    ``checkpoint_dir``: checkpoint there every ``save_steps`` optimizer steps and after the last;
+    ``resume`` continues the run recorded there at its latest checkpoint (:class:`ResumeError` if
+    the folder belongs to another config), with the losses of an uninterrupted run.
+    """
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs the checkpoint_dir of the run to continue")
+    before = None if checkpoint_dir is None else open_run(checkpoint_dir, config, fhe, resume=resume)
+    trainer, train_batches, eval_batches = build(config, checkpoint_dir=checkpoint_dir,
+                                                 save_steps=None if checkpoint_dir is None else save_steps)
     if on_trainer is not None:
         on_trainer(trainer)
     t0 = time.perf_counter()
-    before = trainer.evaluate(eval_batches, fhe=fhe, executor=executor)["eval_loss"]
-    trainer.train(train_batches, num_epochs=1, fhe=fhe, executor=executor, max_steps=config.steps, progress=progress)
+    if before is None:
+        before = trainer.evaluate(eval_batches, fhe=fhe, executor=executor)["eval_loss"]
+        if checkpoint_dir is not None:
+            _write_run(checkpoint_dir, config, fhe, before)
+    resume_from = _latest(checkpoint_dir) if resume and checkpoint_dir is not None else None
+    trainer.train(train_batches, num_epochs=1, fhe=fhe, executor=executor, max_steps=config.steps, progress=progress,
+                  resume_from_checkpoint=resume_from)
     after = trainer.evaluate(eval_batches, fhe=fhe, executor=executor)["eval_loss"]
-    return FinetuneResult(config=config, fhe=fhe, losses=trainer.get_training_losses(), records=list(trainer.step_records),
-                          eval_before=before, eval_after=after, wall_s=time.perf_counter() - t0, trainer=trainer)
+    records = list(trainer.step_records)
+    resumed_at = 0 if resume_from is None else int(load_state(resume_from)["global_step"])
+    wall = time.perf_counter() - t0 + sum(r.wall_s for r in records[:resumed_at])
+    return FinetuneResult(config=config, fhe=fhe, losses=trainer.get_training_losses(), records=records,
+                          eval_before=before, eval_after=after, wall_s=wall, trainer=trainer, resumed_at=resumed_at)
