@@ -4,6 +4,7 @@ For each block the provider expands the mask A from its seed and computes A' = A
 B' = B @ W (mod q), by default as float64 GEMMs on signed limbs: a limb of ``limb_bits`` bits times
 a weight column with L1 norm ``l1`` stays below 2^53 when ``limb_bits - 1 + bitlen(l1) <= 52``, so
 BLAS is exact. The limb products are recombined mod q and rounded to the output bits (modulus switch).
+On a GPU the same product runs as int8 GEMMs on 8-bit limbs (method="int8", int8_limbs.py).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import kernels
+from . import int8_limbs, kernels
 from .ciphertext import Ciphertext, MatmulResult
 from .errors import ShapeMismatch
+from .int8_limbs import Int8Gemm
 from .params import SHARED_MASK, WeightStats
 from .sampling import expand_mask
 
@@ -58,15 +60,22 @@ def provider_limb_bits(l1: int) -> int:
     return max(1, 52 - int(l1).bit_length())
 
 
-#: CPU product methods: "f64" = exact float64 limb GEMMs (BLAS), "i64" = torch int64 GEMM wrapping
-#: mod 2^64 (no limbs, but torch's int64 matmul is not BLAS). bench/backend.py measures both.
-METHODS = ("f64", "i64")
+#: Product methods: "f64" = exact float64 limb GEMMs (BLAS), "i64" = torch int64 GEMM wrapping
+#: mod 2^64 (no limbs, but torch's int64 matmul is not BLAS), both CPU; bench/backend.py measures
+#: them. "int8" = int8 GEMMs on 8-bit limbs by a device's GEMM (int8_limbs.py; int8 weights only).
+METHODS = ("f64", "i64", "int8")
 
 
 def matmul(
-    ct: Ciphertext, weights: "torch.Tensor | PlainWeights", *, transpose: bool = False, method: str = "f64"
+    ct: Ciphertext,
+    weights: "torch.Tensor | PlainWeights",
+    *,
+    transpose: bool = False,
+    method: str = "f64",
+    gemm: Int8Gemm = int8_limbs.cpu_int8_gemm,
 ) -> MatmulResult:
-    """Encrypted ``x @ w`` (or ``x @ w.T`` when ``transpose``), without copying the weights."""
+    """Encrypted ``x @ w`` (or ``x @ w.T`` when ``transpose``), without copying the weights (the
+    int8 method makes one int8 copy). ``gemm`` is the device GEMM of the int8 method."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     pw = PlainWeights.of(weights)
@@ -80,6 +89,9 @@ def matmul(
         lb = provider_limb_bits(stats.l1)
         limbs = -(-p.log_q // lb)
         left = pw.f64 if transpose else pw.f64.t()  # (width, contraction): a view, BLAS reads it transposed
+    elif method == "int8":
+        lb, limbs = int8_limbs.LIMB_BITS, int8_limbs.limb_count(p.log_q)
+        left = int8_limbs.weights_int8(pw.w, transpose)
     else:
         lb, limbs = 64, 1
         left = pw.w if transpose else pw.w.t()
@@ -89,13 +101,16 @@ def matmul(
     a_out = None if shared else np.empty_like(b_out)
     for blk in range(ct.blocks):
         rows = [ct.words[blk]] if shared else [expand_mask(ct.seeds[blk], n=n, rows=ct.d, first_row=ct.first_row), ct.words[blk]]
-        if method == "f64":
-            z = np.empty((len(rows) * limbs, ct.d, n), dtype=np.float64)
-            for i, words in enumerate(rows):
-                kernels.split_limbs_f64(words, p.log_q, lb, z[i * limbs : (i + 1) * limbs])
-        else:  # words as they are: the int64 product wraps mod 2^64, a multiple of q
-            z = np.stack(rows)
-        prod = torch.matmul(left, torch.from_numpy(z)).numpy()  # (len(rows) * limbs, width, n)
+        if method == "int8":
+            prod = int8_limbs.limb_products(rows, left, p.log_q, gemm)  # (len(rows) * limbs, width, n)
+        else:
+            if method == "f64":
+                z = np.empty((len(rows) * limbs, ct.d, n), dtype=np.float64)
+                for i, words in enumerate(rows):
+                    kernels.split_limbs_f64(words, p.log_q, lb, z[i * limbs : (i + 1) * limbs])
+            else:  # words as they are: the int64 product wraps mod 2^64, a multiple of q
+                z = np.stack(rows)
+            prod = torch.matmul(left, torch.from_numpy(z)).numpy()  # (len(rows) * limbs, width, n)
         kernels.join_limbs_switch(prod[-limbs:], lb, p.log_q, p.out_bits_b, b_out[blk])
         if a_out is not None:
             kernels.join_limbs_switch(prod[:limbs], lb, p.log_q, p.out_bits_a, a_out[blk])

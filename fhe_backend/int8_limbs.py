@@ -1,0 +1,199 @@
+"""The provider's int8-limb product: encrypted ``A @ W`` and ``B @ W`` as int8 x int8 -> int32 GEMMs.
+
+GPUs, consumer ones included, multiply int8 matrices on their tensor cores far faster than in any
+other precision. The ciphertext words (mod ``q = 2^log_q``, ``log_q <= 64``) are split into
+``ceil(log_q / 8)`` centred 8-bit limbs; every limb matrix times the int8 weights is one GEMM with
+int32 accumulation, over contraction pieces short enough that int32 cannot overflow (``MAX_CHUNK``).
+The pieces are summed in int64, and :func:`kernels.join_limbs_switch` (the float64 path's own code)
+recombines the limbs with shifts mod 2^64, reduces mod q and applies the output modulus switch, so
+the result is bit-identical to ``evaluator.matmul(..., method="f64")``.
+
+Only the raw GEMM depends on the device (:data:`Int8Gemm`): :func:`cpu_int8_gemm` here,
+:func:`cuda_int8_gemm` through cuBLAS on a GPU. Splitting, chunking, accumulation and recombination
+are this module's code on both, so the CPU tests cover the limb arithmetic a GPU provider runs, and
+:func:`self_check` compares a device's GEMM with the CPU before a provider serves with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from numba import njit
+
+from .errors import BackendUnavailable, InputRangeError
+from .kernels import _split_low_limb
+
+LIMB_BITS = 8
+#: largest |limb| and |weight|: limbs are centred in [-128, 127], weights are int8 in [-128, 127]
+_INT8_ABS_MAX = 128
+_INT32_MAX = (1 << 31) - 1
+#: Contraction rows per GEMM. One term of a limb GEMM is at most 128 * 128 = 2^14 in absolute value
+#: (only (-128) * (-128) reaches it; the most negative term is -128 * 127), so a sum of k terms
+#: stays in int32 for every input exactly when k * 2^14 <= 2^31 - 1, i.e. k <= 131071. The chunk is
+#: the largest such k that is a multiple of 4 (cuBLAS int8 GEMMs want leading dimensions that are),
+#: 131068: a whole LLaMA-size contraction (<= 14336) is one GEMM, and nothing can overflow whatever
+#: the weights.
+MAX_CHUNK = (_INT32_MAX // (_INT8_ABS_MAX * _INT8_ABS_MAX)) // 4 * 4
+#: Rows per GEMM actually used (<= MAX_CHUNK); smaller values cost more GEMM calls, nothing else.
+GEMM_CHUNK = MAX_CHUNK
+
+Int8Gemm = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""A device's raw GEMM: ``(a, b) -> a @ b`` for int8 ``a`` (m, k) and ``b`` (k, n), as an int32
+(m, n) host array accumulated in int32 (the callers keep k <= MAX_CHUNK, so it never wraps)."""
+
+
+def limb_count(log_q: int) -> int:
+    """Limbs of LIMB_BITS bits per word mod 2^log_q."""
+    return -(-log_q // LIMB_BITS)
+
+
+def weights_int8(w: torch.Tensor, transpose: bool) -> np.ndarray:
+    """The (width, contraction) int8 left operand of ``x @ w`` (or of ``x @ w.T``), contiguous.
+
+    The int8 path multiplies the weights as they are, so anything outside [-128, 127] would be
+    silently wrapped: such weights are refused with :class:`InputRangeError` (the float64 path
+    takes them).
+    """
+    if w.numel() and (int(w.min()) < -_INT8_ABS_MAX or int(w.max()) > _INT8_ABS_MAX - 1):
+        raise InputRangeError(
+            f"the int8 product needs weights in [-128, 127], got [{int(w.min())}, {int(w.max())}]; use method='f64'"
+        )
+    left = w if transpose else w.t()
+    return np.ascontiguousarray(left.to(torch.int8).numpy())
+
+
+@njit(cache=True, nogil=True)
+def split_limbs_int8(words, log_q, out):
+    """Centre words mod 2^log_q and split them into signed 8-bit limbs: out[i, l, j] = limb_l(w[i, j]).
+
+    words: (d, n) int64 (only the low log_q bits are read); out: (d, limbs, n) int8, so that the
+    limbs of every row sit next to each other and one GEMM takes all of them. Every limb but the
+    top one is in [-128, 127]; the top one reaches +128 only when log_q = 8 * limbs and is stored
+    as -128, which changes the word by 2^log_q: nothing mod q.
+    """
+    rows, limbs, cols = out.shape
+    shift = 64 - log_q
+    for i in range(rows):
+        for j in range(cols):
+            v = (words[i, j] << shift) >> shift
+            for l in range(limbs):
+                lo, v = _split_low_limb(v, LIMB_BITS)
+                out[i, l, j] = np.int8(lo)
+
+
+def limb_products(rows: Sequence[np.ndarray], left: np.ndarray, log_q: int, gemm: Int8Gemm) -> np.ndarray:
+    """``left @ limb_l(words)`` for every words matrix in ``rows`` and every limb l, exact in int64.
+
+    rows: (d, n) int64 word matrices (A and B, or B alone); left: (width, d) int8. Returns a
+    (len(rows) * limbs, width, n) int64 view, in the layout ``kernels.join_limbs_switch`` reads.
+    All limbs of all rows form one wide GEMM per contraction piece of GEMM_CHUNK rows.
+    """
+    if not 1 <= GEMM_CHUNK <= MAX_CHUNK:
+        raise ValueError(f"GEMM_CHUNK must be in [1, {MAX_CHUNK}] so int32 cannot overflow, got {GEMM_CHUNK}")
+    limbs = limb_count(log_q)
+    d, n = rows[0].shape
+    z = np.empty((d, len(rows), limbs, n), dtype=np.int8)
+    for r, words in enumerate(rows):
+        split_limbs_int8(words, log_q, z[:, r])
+    z = z.reshape(d, len(rows) * limbs * n)
+    width = left.shape[0]
+    acc = np.zeros((width, z.shape[1]), dtype=np.int64)
+    for start in range(0, d, GEMM_CHUNK):
+        acc += gemm(left[:, start : start + GEMM_CHUNK], z[start : start + GEMM_CHUNK])
+    return acc.reshape(width, len(rows) * limbs, n).transpose(1, 0, 2)
+
+
+def cpu_int8_gemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The CPU's :data:`Int8Gemm` (torch int32 matmul, which wraps as int32 hardware does): the
+    reference the tests and :func:`self_check` hold every device to."""
+    return torch.matmul(torch.from_numpy(a).to(torch.int32), torch.from_numpy(b).to(torch.int32)).numpy()
+
+
+def _cupy() -> Any:
+    try:
+        import cupy
+    except ImportError as exc:
+        raise BackendUnavailable("the CUDA product needs cupy: pip install 'cipherswarm[gpu]'") from exc
+    return cupy
+
+
+# cudaDataType and cublasComputeType_t values (cuBLAS >= 11), which cupy does not all export
+_CUDA_R_8I, _CUDA_R_32I, _CUBLAS_COMPUTE_32I, _CUBLAS_GEMM_DEFAULT = 3, 10, 72, -1
+_ONE, _ZERO = np.ones(1, dtype=np.int32), np.zeros(1, dtype=np.int32)
+
+
+def _pad4(x: int) -> int:
+    return -(-x // 4) * 4
+
+
+def cublas_int8_gemm(a: Any, b: Any) -> Any:
+    """``a @ b`` for int8 cupy arrays a (m, k) and b (k, n) as an int32 cupy array, by cuBLAS GemmEx.
+
+    ``cupy.matmul`` on int8 runs cupy's own integer kernel, not the tensor cores; GemmEx with int8
+    inputs and CUBLAS_COMPUTE_32I does, in its "TN" form (both operands contiguous along k) with
+    leading dimensions that are multiples of 4. So b is transposed on the device and every
+    dimension is zero-padded to a multiple of 4 (zero rows and columns add nothing).
+    """
+    cupy = _cupy()
+    from cupy_backends.cuda.libs import cublas
+
+    (m, k), n = a.shape, b.shape[1]
+    m4, k4, n4 = _pad4(m), _pad4(k), _pad4(n)
+    a4 = cupy.zeros((m4, k4), dtype=cupy.int8)
+    a4[:m, :k] = a
+    bt4 = cupy.zeros((n4, k4), dtype=cupy.int8)
+    bt4[:n, :k] = b.T
+    c = cupy.empty((m4, n4), dtype=cupy.int32)
+    handle = cupy.cuda.device.get_cublas_handle()
+    cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
+    # row-major c (m, n) is column-major c^T (n x m) = bt4 (k x n, column-major, transposed) x a4^T
+    cublas.gemmEx(
+        handle, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, n4, m4, k4,
+        _ONE.ctypes.data, bt4.data.ptr, _CUDA_R_8I, k4, a4.data.ptr, _CUDA_R_8I, k4,
+        _ZERO.ctypes.data, c.data.ptr, _CUDA_R_32I, n4, _CUBLAS_COMPUTE_32I, _CUBLAS_GEMM_DEFAULT,
+    )
+    return c[:m, :n]
+
+
+def cuda_int8_gemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The GPU's :data:`Int8Gemm`: host operands in, host int32 product out, cuBLAS in between.
+    :class:`BackendUnavailable` when cupy is missing; cupy's CUDA errors when there is no GPU."""
+    cupy = _cupy()
+    return cupy.asnumpy(cublas_int8_gemm(cupy.asarray(a), cupy.asarray(b)))
+
+
+def self_check(gemm: Int8Gemm, *, seed: int = 0) -> str | None:
+    """None if ``gemm`` is exact, else why not: a provider runs this before it serves on a device.
+
+    Two checks, both bit for bit against the CPU: the raw GEMM on random int8 operands with every
+    extreme value and odd sizes (a wrong int32 anywhere shows), then a whole encrypted product of
+    each profile and transpose by method="int8" against method="f64", with unrounded outputs so
+    that no error can hide below the output modulus switch. Any exception counts as a failure.
+    """
+    from .evaluator import matmul  # the evaluator imports this module
+    from .rlwe import RlweBackend
+
+    try:
+        rng = np.random.default_rng(seed)
+        a = rng.integers(-128, 128, (37, 70), dtype=np.int8)
+        b = rng.integers(-128, 128, (70, 1030), dtype=np.int8)
+        a[0], b[:, 0] = -128, -128
+        if not np.array_equal(np.asarray(gemm(a, b)), cpu_int8_gemm(a, b)):
+            return "its int8 GEMM differs from the CPU's"
+        be = RlweBackend()
+        gen = torch.Generator().manual_seed(seed)
+        w = torch.randint(-128, 128, (70, 37), generator=gen, dtype=torch.int8)
+        for profile in ("default", "shared-mask"):
+            for transpose in (False, True):
+                params = be.params_for(w, 8, transpose=transpose, switch_output=False, profile=profile)
+                sk = be.keygen(params, weights=w, transpose=transpose)
+                ct = be.encrypt(sk, torch.randint(-128, 128, (params.n, w.shape[1] if transpose else w.shape[0]), generator=gen))
+                got = matmul(ct, w, transpose=transpose, method="int8", gemm=gemm)
+                ref = matmul(ct, w, transpose=transpose, method="f64")
+                if not (np.array_equal(got.b_words, ref.b_words) and (ref.a_words is None or np.array_equal(got.a_words, ref.a_words))):
+                    return f"its encrypted product ({profile} profile, transpose={transpose}) differs from the CPU's"
+    except Exception as exc:  # noqa: BLE001 - whatever the device raises, the provider falls back
+        return f"{type(exc).__name__}: {exc}"
+    return None
