@@ -1,0 +1,218 @@
+"""The encrypted products of a fine-tune, derived from a Hugging Face config, in the trainer's order.
+
+What the trainer does (trainer/layers.py, trainer/trainer.py) and therefore what is counted here:
+
+- every frozen base ``nn.Linear`` (LLaMA: q, k, v, o, gate, up, down; GPT-2: c_attn, c_proj,
+  c_fc, mlp.c_proj) is one executor call per micro-batch forward, with the micro-batch's tokens;
+- each call encrypts its own input under its own layer key: q, k and v (and gate and up) receive
+  the same activations but are encrypted and sent three (two) times, one call after the other;
+- the backward pass calls ``g @ W^T`` for every such layer in reverse order, except the first
+  ``n_layers_to_skip_for_backprop`` layers in execution order;
+- the output head stays on the client (``remote_lm_head=False``), as do attention scores, norms and
+  LoRA; the client computes those in plaintext.
+
+Payload bytes are the ciphertext words, as ``ExecutorStatistics`` counts them (headers aside):
+``blocks * N * features * in_bytes`` sent and ``blocks * N * width * out_bytes`` received, with
+``N``, ``in_bytes`` and ``out_bytes`` from the layer's real parameters (``choose_params``). When
+only a config is known (no weights), the parameters are those of the heaviest int8 weights of the
+shape (every |w| = 127): an upper bound on the bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cipherswarm.fhe_backend.params import Params, WeightStats, choose_params
+
+from ..weights import CONV1D_MODEL_TYPES, load_model
+
+LLAMA_3_8B: dict[str, Any] = {
+    "model_type": "llama", "num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 14336,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
+}
+"""meta-llama/Meta-Llama-3-8B's config.json, the fields the workload reads."""
+
+INT8_MAX = 127
+
+
+@dataclass(frozen=True)
+class LinearLayer:
+    """One remote base layer: its module name and the engine's W shape (d_in x d_out)."""
+
+    key: str
+    d_in: int
+    d_out: int
+
+
+@dataclass(frozen=True)
+class Product:
+    """One executor call: ``x @ W`` (forward) or ``g @ W^T`` (backward) of one layer."""
+
+    layer: LinearLayer
+    transpose: bool
+    tokens: int
+    params: Params
+
+    @property
+    def contraction(self) -> int:
+        return self.layer.d_out if self.transpose else self.layer.d_in
+
+    @property
+    def width(self) -> int:
+        return self.layer.d_in if self.transpose else self.layer.d_out
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.tokens // self.params.n)
+
+    @property
+    def padded_tokens(self) -> int:
+        """Token slots encrypted and computed: whole ring blocks."""
+        return self.blocks * self.params.n
+
+    @property
+    def macs(self) -> int:
+        """As receipts count them: padded tokens x contraction x width."""
+        return self.padded_tokens * self.contraction * self.width
+
+    @property
+    def bytes_in(self) -> int:
+        return self.padded_tokens * self.contraction * self.params.in_bytes
+
+    @property
+    def bytes_out(self) -> int:
+        return self.padded_tokens * self.width * self.params.out_bytes
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the workload needs of a model: its remote layers in execution order and its plaintext rest."""
+
+    name: str
+    layers: tuple[LinearLayer, ...]
+    hidden: int
+    n_layers: int
+    vocab: int
+    attn_width: int  # heads x head_dim: the width of attention scores' contraction
+    weights_dir: Path | None = None  # safetensors beside the config: exact parameters per layer
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], *, name: str = "model", weights_dir: Path | None = None) -> "ModelShape":
+        """LLaMA-style (q/k/v/o, gate/up/down) or GPT-2-style (c_attn, c_proj, c_fc) blocks."""
+        if config.get("model_type") in CONV1D_MODEL_TYPES:
+            h, n = config["n_embd"], config["n_layer"]
+            inner = config.get("n_inner") or 4 * h
+            layers = [layer for i in range(n) for layer in (
+                LinearLayer(f"transformer.h.{i}.attn.c_attn", h, 3 * h), LinearLayer(f"transformer.h.{i}.attn.c_proj", h, h),
+                LinearLayer(f"transformer.h.{i}.mlp.c_fc", h, inner), LinearLayer(f"transformer.h.{i}.mlp.c_proj", inner, h))]
+            return cls(name, tuple(layers), h, n, config["vocab_size"], h, weights_dir)
+        h, n, inter = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
+        heads = config["num_attention_heads"]
+        head_dim = config.get("head_dim") or h // heads
+        kv = config.get("num_key_value_heads") or heads
+        layers = []
+        for i in range(n):
+            p = f"model.layers.{i}"
+            layers += [
+                LinearLayer(f"{p}.self_attn.q_proj", h, heads * head_dim), LinearLayer(f"{p}.self_attn.k_proj", h, kv * head_dim),
+                LinearLayer(f"{p}.self_attn.v_proj", h, kv * head_dim), LinearLayer(f"{p}.self_attn.o_proj", heads * head_dim, h),
+                LinearLayer(f"{p}.mlp.gate_proj", h, inter), LinearLayer(f"{p}.mlp.up_proj", h, inter),
+                LinearLayer(f"{p}.mlp.down_proj", inter, h),
+            ]
+        return cls(name, tuple(layers), h, n, config["vocab_size"], heads * head_dim, weights_dir)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelShape":
+        """A model directory (config.json, and weights if present) or a config.json file."""
+        path = Path(path)
+        config_file = path / "config.json" if path.is_dir() else path
+        config = json.loads(config_file.read_text())
+        folder = config_file.parent
+        weights = folder if any(folder.glob("*.safetensors")) else None
+        return cls.from_config(config, name=folder.name, weights_dir=weights)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Every encrypted product of a fine-tune, and the client's plaintext work."""
+
+    model: ModelShape
+    tokens: int  # training tokens in all
+    micro_batch_tokens: int  # tokens per micro-batch (every call of a micro-batch has this many)
+    seq_len: int  # tokens per sequence (attention spans one sequence)
+    n_layers_to_skip_for_backprop: int = 1
+    x_bits: int = 8
+    profile: str = "default"
+    eval_batches: int = 0  # forward-only held-out micro-batches, evaluated before training and again after
+    lora_r: int = 8
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self) -> None:
+        if self.tokens < 1 or self.micro_batch_tokens < 1 or self.seq_len < 1:
+            raise ValueError("tokens, micro_batch_tokens and seq_len must be >= 1")
+        object.__setattr__(self, "_params", self._layer_params())
+
+    @property
+    def micro_batches(self) -> list[int]:
+        """Tokens of each training micro-batch (the last may be short)."""
+        full, rest = divmod(self.tokens, self.micro_batch_tokens)
+        return [self.micro_batch_tokens] * full + ([rest] if rest else [])
+
+    def _layer_params(self) -> dict[tuple[str, bool], Params]:
+        """Parameters per (layer, transpose): from the real int8 weights when the directory has them."""
+        held = {}
+        if self.model.weights_dir is not None:
+            held = {layer.name.removesuffix(".weight"): layer.weight.q for layer in load_model(self.model.weights_dir).layers.values()}
+        out: dict[tuple[str, bool], Params] = {}
+        for layer in self.model.layers:
+            for transpose in (False, True):
+                q = held.get(layer.key)
+                if q is not None:
+                    stats = WeightStats.of(q, transpose=transpose)
+                else:
+                    d = layer.d_out if transpose else layer.d_in
+                    stats = WeightStats(l1=INT8_MAX * d, l2sq=INT8_MAX * INT8_MAX * d)
+                out[layer.key, transpose] = choose_params(stats, self.x_bits, profile=self.profile)
+        return out
+
+    def products(self, tokens: int, *, backward: bool = True) -> list[Product]:
+        """The calls of one micro-batch of `tokens`, in the order the trainer makes them."""
+        params: dict[tuple[str, bool], Params] = self._params  # type: ignore[attr-defined]
+        forward = [Product(layer, False, tokens, params[layer.key, False]) for layer in self.model.layers]
+        if not backward:
+            return forward
+        skip = self.n_layers_to_skip_for_backprop
+        back = [Product(layer, True, tokens, params[layer.key, True]) for layer in reversed(self.model.layers[skip:])]
+        return forward + back
+
+    def client_macs(self, tokens: int, *, backward: bool = True) -> float:
+        """Plaintext MACs of the client for a micro-batch: attention scores and values, the output
+        head and LoRA (forward, and input gradients plus LoRA weight gradients backward)."""
+        m = self.model
+        attention = 2 * tokens * min(self.seq_len, tokens) * m.attn_width * m.n_layers / 2  # causal: half the pairs
+        head = tokens * m.hidden * m.vocab
+        lora = sum(tokens * self.lora_r * (layer.d_in + layer.d_out) for layer in m.layers
+                   if layer.key.rsplit(".", 1)[-1] in self.lora_targets)
+        forward = attention + head + lora
+        return forward * (3 if backward else 1)  # backward: two products per forward product
+
+    def remote_macs(self, tokens: int, *, backward: bool = True) -> int:
+        """Unpadded MACs of the encrypted layers (what a plaintext run computes for them)."""
+        calls = self.products(tokens, backward=backward)
+        return sum(tokens * p.contraction * p.width for p in calls)
+
+    def totals(self) -> dict[str, float]:
+        """Calls, MACs (as receipts count them) and payload bytes of the whole run."""
+        calls = [p for t in self.micro_batches for p in self.products(t)]
+        calls += [p for _ in range(2 * self.eval_batches) for p in self.products(self.micro_batch_tokens, backward=False)]
+        return {"calls": len(calls), "macs": float(sum(p.macs for p in calls)),
+                "bytes_in": float(sum(p.bytes_in for p in calls)), "bytes_out": float(sum(p.bytes_out for p in calls))}
+
+
+def gmacs(n: float) -> str:
+    """A MAC count for humans."""
+    return f"{n / 1e9:,.1f} GMAC" if n < 1e15 else f"{n / 1e15:,.2f} PMAC"
+
