@@ -36,7 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--identity", type=Path, default=None,
                    help="identity key file, created if missing (default: ~/.cipherswarm/identity.key)")
     p.add_argument("--ledger", type=Path, default=None, help="SQLite file for countersigned receipts (default: none)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="compute device (cuda falls back to cpu for now)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="compute device; cuda (extra gpu: cupy) runs int8 tensor-core GEMMs once a start-up "
+                        "self-check matches the CPU, else falls back to cpu")
     p.add_argument("--advert-interval", type=float, default=10.0, help="seconds between adverts")
     p.add_argument("--log-level", default="INFO", help="log level of stderr output")
     p.add_argument("--log-file", type=Path, default=None, help="file for libp2p's own log records")

@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass
 from functools import partial
 
-import torch
 import trio
 from libp2p.abc import INetStream
 from libp2p.crypto.keys import KeyPair
@@ -29,6 +28,8 @@ from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 
 from cipherswarm.fhe_backend import Ciphertext, FheError, ParameterError, PlainWeights
+from cipherswarm.fhe_backend.evaluator import matmul
+from cipherswarm.fhe_backend.int8_limbs import Int8Gemm, cuda_int8_gemm, self_check
 from cipherswarm.protocol import (
     PROTOCOL_IDS,
     Busy,
@@ -93,15 +94,21 @@ class ProviderConfig:
             raise ValueError("intervals and delays must not be negative")
 
 
-def resolve_device(requested: str) -> str:
-    """The device products actually run on. There is no GPU engine yet: `cuda` is accepted for the
-    day there is, and falls back to the CPU (with a warning) until then."""
+def resolve_device(requested: str, *, gpu_gemm: Int8Gemm = cuda_int8_gemm) -> str:
+    """The device products actually run on. `cuda` computes the int8-limb product with `gpu_gemm`
+    (cuBLAS through cupy) only after its start-up self-check reproduced the CPU's float64 product
+    bit for bit: a GPU that computes wrong would otherwise fail every client's verification and be
+    banned. Without cupy, without a GPU or on any mismatch it logs why and computes on the CPU."""
     if requested not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, got {requested!r}")
-    if requested == "cuda":
-        why = "there is no GPU engine yet" if torch.cuda.is_available() else "CUDA is not available"
-        log.warning("--device cuda: %s; computing on the CPU", why)
-    return "cpu"
+    if requested == "cpu":
+        return "cpu"
+    why = self_check(gpu_gemm)
+    if why is not None:
+        log.warning("--device cuda: the GPU product failed its self-check (%s); computing on the CPU", why)
+        return "cpu"
+    log.info("--device cuda: the GPU's int8-limb product matches the CPU's bit for bit")
+    return "cuda"
 
 
 class Provider:
@@ -121,6 +128,7 @@ class Provider:
         self.weights = weights
         self.config = config
         self.device = resolve_device(config.device)
+        self._matmul = partial(matmul, method="int8", gemm=cuda_int8_gemm) if self.device == "cuda" else ENGINE.matmul
         self.macs_per_second = 0  # set by the benchmark in serve()
         self._key = key_pair.private_key
         self._ledger = ledger
@@ -318,7 +326,7 @@ class Provider:
     def _multiply(self, ct: Ciphertext, weights: PlainWeights, transpose: bool, kind: object) -> tuple[bytes, float]:
         """Worker thread, holding a slot: the product and its serialization, timed."""
         start = time.perf_counter()
-        result = ENGINE.matmul(ct, weights, transpose=transpose)
+        result = self._matmul(ct, weights, transpose=transpose)
         if self._cheater is not None:
             result = self._cheater.result(kind, result)
         return result.to_bytes(), time.perf_counter() - start

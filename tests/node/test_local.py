@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.kad_dht.kad_dht import _encode_key
 
+from cipherswarm.fhe_backend.int8_limbs import cpu_int8_gemm
 from cipherswarm.fhe_backend.quant import quantize_weight
 from cipherswarm.node import IdentityError, Ledger, ModelWeights, WeightsError, load_identity, load_model
 from cipherswarm.node.discovery import model_key, now_ms, read_advert
@@ -147,7 +150,25 @@ class TestEngineFields:
             with pytest.raises(UnsupportedParams):
                 decode_params(bad)
 
-    def test_device_falls_back_to_cpu(self) -> None:
-        assert resolve_device("cpu") == resolve_device("cuda") == "cpu"
+    def test_device_names(self) -> None:
+        assert resolve_device("cpu") == "cpu"
         with pytest.raises(ValueError, match="cpu or cuda"):
             resolve_device("tpu")
+
+    def test_cuda_falls_back_to_cpu_without_cupy(self, caplog: pytest.LogCaptureFixture) -> None:
+        if importlib.util.find_spec("cupy") is not None:
+            pytest.skip("cupy is installed: whether cuda is used depends on the GPU")
+        assert resolve_device("cuda") == "cpu"
+        assert "pip install 'cipherswarm[gpu]'" in caplog.text
+
+    def test_cuda_only_after_the_self_check(self, caplog: pytest.LogCaptureFixture) -> None:
+        """A GEMM that reproduces the CPU (here the CPU's own, standing in for a GPU) is used; one
+        that is wrong in a single int32 is logged and refused."""
+        def off_by_one(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            out = cpu_int8_gemm(a, b)
+            out[0, 0] += 1
+            return out
+
+        assert resolve_device("cuda", gpu_gemm=cpu_int8_gemm) == "cuda"
+        assert resolve_device("cuda", gpu_gemm=off_by_one) == "cpu"
+        assert "failed its self-check (its int8 GEMM differs from the CPU's)" in caplog.text
