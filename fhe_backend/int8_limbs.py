@@ -119,8 +119,8 @@ def _cupy() -> Any:
     return cupy
 
 
-# cudaDataType and cublasComputeType_t values (cuBLAS >= 11), which cupy does not all export
-_CUDA_R_8I, _CUDA_R_32I, _CUBLAS_COMPUTE_32I, _CUBLAS_GEMM_DEFAULT = 3, 10, 72, -1
+# cudaDataType values of int8 and int32 matrices (library_types.h)
+_CUDA_R_8I, _CUDA_R_32I = 3, 10
 _ONE, _ZERO = np.ones(1, dtype=np.int32), np.zeros(1, dtype=np.int32)
 
 
@@ -152,7 +152,7 @@ def cublas_int8_gemm(a: Any, b: Any) -> Any:
     cublas.gemmEx(
         handle, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, n4, m4, k4,
         _ONE.ctypes.data, bt4.data.ptr, _CUDA_R_8I, k4, a4.data.ptr, _CUDA_R_8I, k4,
-        _ZERO.ctypes.data, c.data.ptr, _CUDA_R_32I, n4, _CUBLAS_COMPUTE_32I, _CUBLAS_GEMM_DEFAULT,
+        _ZERO.ctypes.data, c.data.ptr, _CUDA_R_32I, n4, cublas.CUBLAS_COMPUTE_32I, cublas.CUBLAS_GEMM_DEFAULT,
     )
     return c[:m, :n]
 
