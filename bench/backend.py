@@ -24,7 +24,8 @@ from cipherswarm.fhe_backend.verify import FreivaldsVerifier
 from common import row, timed
 
 
-def bench_rlwe(tokens: int, d_in: int, d_out: int, reps: int, profile: str) -> None:
+def bench_rlwe(tokens: int, d_in: int, d_out: int, reps: int, profile: str) -> dict[str, float]:
+    """Print the table of one profile; return its figures (ratios, ns per value, bytes per slot)."""
     be = get_backend("rlwe")
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(-128, 128, (tokens, d_in), generator=gen)
@@ -75,10 +76,14 @@ def bench_rlwe(tokens: int, d_in: int, d_out: int, reps: int, profile: str) -> N
     print(row("bytes per slot out", f"{params.out_bytes} B", f"goal <= {out_goal}", params.out_bytes <= out_goal))
     if shared:
         print(row("client key set-up per layer (Z = W^T S and its FFTs), once", f"{t_key * 1e3:.0f} ms"))
+    return dict(exact=float(exact), provider=r_prov, provider_i64=r_i64, client=r_client,
+                encrypt_ns=t_enc * 1e9 / in_vals, decrypt_ns=t_dec * 1e9 / out_vals, verify_ns=t_ver * 1e9 / out_vals,
+                plain_ns=t_plain * 1e9 / out_vals, in_bytes=params.in_bytes, out_bytes=params.out_bytes)
 
 
-def bench_vs_zama(tokens: int, d: int, reps: int) -> None:
-    """Provider MAC/s of both backends on d x d weights.
+def bench_vs_zama(tokens: int, d: int, reps: int) -> float | None:
+    """Provider MAC/s of both backends on d x d weights; returns rlwe (full block) / zama-glwe, or
+    None when concrete-ml-extensions is not installed.
 
     Zama's cost is linear in the token count (rows are processed one after another), so its MAC/s
     at a few tokens is its MAC/s at any count; rlwe's cost is per block of N tokens, so it is shown
@@ -90,7 +95,7 @@ def bench_vs_zama(tokens: int, d: int, reps: int) -> None:
         get_backend("zama-glwe")
     except BackendUnavailable as exc:
         print(f"\nzama-glwe skipped: {exc}")
-        return
+        return None
     rates = {}
     for name, t in (("zama-glwe", tokens), ("rlwe", tokens), ("rlwe", 2048)):
         be = get_backend(name)
@@ -107,6 +112,7 @@ def bench_vs_zama(tokens: int, d: int, reps: int) -> None:
     print(row(f"rlwe / zama-glwe MAC/s, both at {tokens} tokens", f"{rates[('rlwe', tokens)] / zama_rate:,.0f}x"))
     ratio = rates[("rlwe", 2048)] / zama_rate
     print(row("rlwe (full block) / zama-glwe MAC/s", f"{ratio:,.0f}x", "goal >= 10,000x", ratio >= 10_000))
+    return ratio
 
 
 def main() -> None:

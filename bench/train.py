@@ -9,13 +9,16 @@
 
 Columns: disable (plain float); execute[profile] (encrypt, in-process provider, decrypt, Freivalds
 check); fhe="remote" as loopback[profile] - an in-process provider that sees only ciphertext bytes
-and public weights, so what it adds over execute is serialisation - or, with
-``--remote-executor pkg.module:factory``, as ``factory(layer_specs)`` (e.g. the node client).
+and public weights, so what it adds over execute is serialisation - as swarm[N] with ``--swarm N``:
+the node client and N ``cipherswarm provider`` processes on 127.0.0.1 serving a saved copy of the
+model (every process shares this machine's cores) - or, with ``--remote-executor
+pkg.module:factory``, as ``factory(layer_specs)``.
 Wall times on a shared, busy machine swing with the load; CPU times (client plus in-process
 provider) barely move and bound the wall time of an idle machine, so both are printed.
 
     python bench/train.py                 # (a), a few minutes on 2 cores
     python bench/train.py --big           # (a) and (b)
+    python bench/train.py --big --swarm 3 --no-remote --profiles default   # (b) over 3 provider processes
 """
 
 from __future__ import annotations
@@ -25,19 +28,21 @@ import importlib
 import os
 import platform
 import statistics
+import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from cipherswarm.trainer import LayerSpec, LocalExecutor, LoraTrainer, MatmulExecutor, StepRecord, causal_lm_loss  # noqa: E402
 
-from common import row  # noqa: E402
+from common import LoopbackSwarm, random_llama, row  # noqa: E402
 
 CONCRETE_ML_EXECUTE_S = 290.6  # Concrete ML 1.9 LoraTrainer, fhe="execute", config (a), 8 tokens, this CPU
 CONCRETE_ML_TOKENS = 8
@@ -57,6 +62,7 @@ class Column:
     fhe: str
     profile: str = "default"  # encryption profile of the local executors
     factory: ExecutorFactory | None = None  # builds the executor of fhe="remote"
+    providers: int = 0  # > 0: fhe="remote" through this many provider processes on loopback
 
 
 def loopback(profile: str) -> ExecutorFactory:
@@ -74,20 +80,29 @@ def load_factory(spec: str) -> ExecutorFactory:
 
 def measure(sizes: dict, tokens: int, col: Column, steps: int, warmup: int) -> list[StepRecord]:
     """Step records of ``steps`` timed steps (after ``warmup``) of a fresh trainer run as ``col``."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(num_hidden_layers=1, max_position_embeddings=max(tokens, 8), **sizes)
-    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    trainer = LoraTrainer(model=model, optimizer=opt, loss_fn=causal_lm_loss, n_layers_to_skip_for_backprop=3,
-                          train_log_path=None)
-    data = torch.randint(0, sizes["vocab_size"], (warmup + steps, tokens), generator=torch.Generator().manual_seed(1))
-    executor = None
-    if col.fhe != "disable":
-        trainer.compile(data[:1], n_bits=8, profile=col.profile)
-        if col.factory is not None:
-            executor = col.factory(trainer.layer_specs())
-    trainer.train(torch.utils.data.DataLoader(data, batch_size=1), fhe=col.fhe, executor=executor, progress=False)
-    return list(trainer.step_records[warmup:])
+    with ExitStack() as stack:
+        base = random_llama(sizes)
+        swarm = None
+        if col.providers:  # the providers load a saved copy of the base weights the client trains
+            run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cipherswarm-bench-")))
+            base.save_pretrained(run_dir / "model", safe_serialization=True)
+            swarm = stack.enter_context(LoopbackSwarm(run_dir / "model", run_dir / "swarm"))
+            for _ in range(col.providers):
+                swarm.add()
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        trainer = LoraTrainer(model=model, optimizer=opt, loss_fn=causal_lm_loss, n_layers_to_skip_for_backprop=3,
+                              train_log_path=None)
+        data = torch.randint(0, sizes["vocab_size"], (warmup + steps, tokens), generator=torch.Generator().manual_seed(1))
+        executor = None
+        if col.fhe != "disable":
+            trainer.compile(data[:1], n_bits=8, profile=col.profile)
+            if swarm is not None:
+                executor = stack.enter_context(swarm.client())
+            elif col.factory is not None:
+                executor = col.factory(trainer.layer_specs())
+        trainer.train(torch.utils.data.DataLoader(data, batch_size=1), fhe=col.fhe, executor=executor, progress=False)
+        return list(trainer.step_records[warmup:])
 
 
 @dataclass(frozen=True)
@@ -124,7 +139,8 @@ def report(title: str, sizes: dict, tokens: int, columns: list[Column], steps: i
     base = per_step[columns[0].label]
     for col in columns[1:]:
         t = per_step[col.label]
-        print(row(f"{col.label} / {columns[0].label} (wall, CPU)", f"{t.wall / base.wall:.1f}x, {t.cpu / base.cpu:.1f}x"))
+        cpu = "client CPU" if col.providers else "CPU"  # provider processes' CPU is not the client's
+        print(row(f"{col.label} / {columns[0].label} (wall, {cpu})", f"{t.wall / base.wall:.1f}x, {t.cpu / base.cpu:.1f}x"))
     return per_step
 
 
@@ -140,7 +156,9 @@ def main() -> None:
     parser.add_argument("--big-steps", type=int, default=1, help="timed steps per column of (b)")
     parser.add_argument("--remote-executor", metavar="MODULE:FACTORY",
                         help="factory(layer_specs) -> executor for fhe='remote' (default: in-process bytes loopback)")
-    parser.add_argument("--no-remote", action="store_true", help="skip the remote columns")
+    parser.add_argument("--swarm", type=int, default=0, metavar="N",
+                        help="add a remote column through N provider processes on 127.0.0.1 (default profile)")
+    parser.add_argument("--no-remote", action="store_true", help="skip the in-process loopback columns")
     parser.add_argument("--threads", type=int, help="torch and crypto threads (default: all cores)")
     args = parser.parse_args()
     if args.threads:
@@ -153,26 +171,37 @@ def main() -> None:
         columns.append(Column("remote", "remote", factory=load_factory(args.remote_executor)))
     elif not args.no_remote:
         columns += [Column(f"loopback[{p}]", "remote", p, loopback(p)) for p in profiles]
+    if args.swarm:
+        columns.append(Column(f"swarm[{args.swarm}]", "remote", providers=args.swarm))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-          f"{platform.processor() or platform.machine()}; remote = {args.remote_executor or 'in-process bytes loopback'}")
+          f"{platform.processor() or platform.machine()}")
 
     short = report("(a) 1-layer LLaMA 512/512", SMALL, CONCRETE_ML_TOKENS, columns, args.steps, args.warmup)
     long = report("(a) 1-layer LLaMA 512/512", SMALL, args.long_tokens, columns, args.steps, args.warmup)
-    print(f"\nagainst Concrete ML 1.9 LoraTrainer, fhe='execute', (a): {CONCRETE_ML_EXECUTE_S} s per 8-token step"
-          " (by wall time here, and by CPU time: the bound for an idle machine)")
-    for col in columns[1:]:
-        for kind in ("wall", "cpu"):
-            step_s, long_s = getattr(short[col.label], kind), getattr(long[col.label], kind)
-            step_x = CONCRETE_ML_EXECUTE_S / step_s
-            token_x = (CONCRETE_ML_EXECUTE_S / CONCRETE_ML_TOKENS) / (long_s / args.long_tokens)
-            print(row(f"{col.label}, {kind}: per 8-token step", f"{step_x:,.0f}x", f"goal >= {GOAL_STEP:,.0f}x",
-                      step_x >= GOAL_STEP))
-            print(row(f"{col.label}, {kind}: per token, {args.long_tokens}-token batches", f"{token_x:,.0f}x",
-                      f"goal >= {GOAL_TOKEN:,.0f}x", token_x >= GOAL_TOKEN))
+    against_concrete_ml(short, long, columns[1:], args.long_tokens)
     if args.big:
         big = [c for c in columns if c.profile == "default"]
         # Kernels are compiled by now; one step per column already takes minutes.
         report("(b) 1-layer LLaMA, 8B layer sizes 4096/14336", BIG, args.long_tokens, big, args.big_steps, 0)
+
+
+def against_concrete_ml(short: dict[str, Timing], long: dict[str, Timing], columns: list[Column],
+                        long_tokens: int) -> dict[str, float]:
+    """Print and return each column's speed-up over Concrete ML's step, per 8-token step and per
+    token of ``long_tokens``-token batches, by wall and by CPU time (keys "label wall step" etc.)."""
+    print(f"\nagainst Concrete ML 1.9 LoraTrainer, fhe='execute', (a): {CONCRETE_ML_EXECUTE_S} s per 8-token step"
+          " (by wall time here, and by CPU time: the bound for an idle machine)")
+    figures = {}
+    for col in columns:
+        for kind in ("wall", "cpu"):
+            step_s, long_s = getattr(short[col.label], kind), getattr(long[col.label], kind)
+            step_x = figures[f"{col.label} {kind} step"] = CONCRETE_ML_EXECUTE_S / step_s
+            token_x = figures[f"{col.label} {kind} token"] = (CONCRETE_ML_EXECUTE_S / CONCRETE_ML_TOKENS) / (long_s / long_tokens)
+            print(row(f"{col.label}, {kind}: per 8-token step", f"{step_x:,.0f}x", f"goal >= {GOAL_STEP:,.0f}x",
+                      step_x >= GOAL_STEP))
+            print(row(f"{col.label}, {kind}: per token, {long_tokens}-token batches", f"{token_x:,.0f}x",
+                      f"goal >= {GOAL_TOKEN:,.0f}x", token_x >= GOAL_TOKEN))
+    return figures
 
 
 if __name__ == "__main__":

@@ -17,16 +17,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import queue
-import signal
-import subprocess
 import sys
-import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from cipherswarm.cli.localswarm import ProviderProcess, start_provider
 from cipherswarm.trainer.finetune import BUNDLED_DATA, BUNDLED_MODEL
 
 
@@ -45,78 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for each provider")
 
 
-@dataclass
-class ProviderProcess:
-    """One provider process and what the testnet knows about it."""
-
-    index: int
-    proc: subprocess.Popen
-    log: Path
-    price: int
-    layers: list[str]
-    cheat: str | None
-    addr: str = ""
-    killed: bool = False
-    _lines: queue.Queue = field(default_factory=queue.Queue)
-
-    @property
-    def peer_id(self) -> str:
-        return self.addr.rsplit("/p2p/", 1)[-1]
-
-    def wait_addr(self, timeout: float) -> str:
-        """The multiaddr the provider prints once it is serving; RuntimeError with its log if it dies."""
-        threading.Thread(target=self._pump, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self._lines.get(timeout=0.5)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            if line is None:
-                break
-            if "/p2p/" in line:
-                self.addr = line.strip()
-                return self.addr
-        tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
-        raise RuntimeError(f"provider {self.index} did not start (exit {self.proc.poll()}); its log:\n{tail}")
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def start_provider(i: int, args: argparse.Namespace, bootstrap: str | None, run_dir: Path) -> ProviderProcess:
+def start_testnet_provider(i: int, args: argparse.Namespace, bootstrap: str | None, run_dir: Path) -> ProviderProcess:
+    """Provider ``i`` of the testnet: the last K cheat, and with three or more the last one holds
+    only the first two blocks."""
     cheat = args.cheat if i >= args.providers - args.malicious else None
     layers = ["*.0.*", "*.1.*"] if args.providers >= 3 and i == args.providers - 1 else []
-    price = 10 * (i + 1)
-    log = run_dir / f"provider{i}.log"
-    cmd = [sys.executable, "-m", "cipherswarm.cli", "provider", "--model", str(args.model),
-           "--listen", "/ip4/127.0.0.1/tcp/0", "--identity", str(run_dir / f"provider{i}.key"),
-           "--price", str(price), "--log-file", str(log), "--advert-interval", "2"]
-    if bootstrap:
-        cmd += ["--bootstrap", bootstrap]
-    if layers:
-        cmd += ["--layers", *layers]
-    if cheat:
-        cmd += ["--cheat", cheat]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CIPHERSWARM_THREADS": "1"}
-    with open(log, "ab") as err:
-        # own session: the terminal's Ctrl-C reaches only the testnet, which stops providers in order
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env, start_new_session=True)
-    return ProviderProcess(i, proc, log, price, layers, cheat)
+    return start_provider(i, model=args.model, run_dir=run_dir, bootstrap=bootstrap, layers=layers, cheat=cheat)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -141,10 +69,10 @@ def run(args: argparse.Namespace) -> int:
     providers: list[ProviderProcess] = []
     try:
         print(f"starting {args.providers} providers on 127.0.0.1 (logs in {run_dir}) ...", flush=True)
-        first = start_provider(0, args, None, run_dir)
+        first = start_testnet_provider(0, args, None, run_dir)
         providers.append(first)
         first.wait_addr(args.startup_timeout)
-        providers += [start_provider(i, args, first.addr, run_dir) for i in range(1, args.providers)]
+        providers += [start_testnet_provider(i, args, first.addr, run_dir) for i in range(1, args.providers)]
         for p in providers[1:]:
             p.wait_addr(args.startup_timeout)
         for p in providers:

@@ -1,0 +1,102 @@
+"""Provider processes on 127.0.0.1: what ``cipherswarm testnet`` and the swarm benchmarks start.
+
+Each provider is a real ``cipherswarm provider`` process with its own identity key and log file;
+every provider after the first joins through the first one's address. Nothing leaves loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ProviderProcess:
+    """One provider process and what its launcher knows about it."""
+
+    index: int
+    proc: subprocess.Popen
+    log: Path
+    price: int
+    layers: list[str]
+    cheat: str | None
+    addr: str = ""
+    killed: bool = False
+    _lines: queue.Queue = field(default_factory=queue.Queue)
+
+    @property
+    def peer_id(self) -> str:
+        return self.addr.rsplit("/p2p/", 1)[-1]
+
+    def wait_addr(self, timeout: float) -> str:
+        """The multiaddr the provider prints once it is serving; RuntimeError with its log if it dies."""
+        threading.Thread(target=self._pump, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._lines.get(timeout=0.5)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            if line is None:
+                break
+            if "/p2p/" in line:
+                self.addr = line.strip()
+                return self.addr
+        tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+        raise RuntimeError(f"provider {self.index} did not start (exit {self.proc.poll()}); its log:\n{tail}")
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_provider(
+    index: int,
+    *,
+    model: Path,
+    run_dir: Path,
+    bootstrap: str | None = None,
+    price: int | None = None,
+    layers: Sequence[str] = (),
+    cheat: str | None = None,
+    threads: int = 1,
+) -> ProviderProcess:
+    """Launch provider ``index`` (price 10 * (index + 1) per GMAC unless given) with its key and log in
+    ``run_dir``; call ``wait_addr`` on the result before using it."""
+    price = 10 * (index + 1) if price is None else price
+    log = run_dir / f"provider{index}.log"
+    cmd = [sys.executable, "-m", "cipherswarm.cli", "provider", "--model", str(model),
+           "--listen", "/ip4/127.0.0.1/tcp/0", "--identity", str(run_dir / f"provider{index}.key"),
+           "--price", str(price), "--log-file", str(log), "--advert-interval", "2"]
+    if bootstrap:
+        cmd += ["--bootstrap", bootstrap]
+    if layers:
+        cmd += ["--layers", *layers]
+    if cheat:
+        cmd += ["--cheat", cheat]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CIPHERSWARM_THREADS": str(threads)}
+    with open(log, "ab") as err:
+        # own session: the terminal's Ctrl-C reaches only the launcher, which stops providers in order
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env, start_new_session=True)
+    return ProviderProcess(index, proc, log, price, list(layers), cheat)
