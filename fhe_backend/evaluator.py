@@ -10,6 +10,7 @@ On a GPU the same product runs as int8 GEMMs on 8-bit limbs (method="int8", int8
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -24,10 +25,14 @@ from .sampling import expand_mask
 
 @dataclass(eq=False)
 class PlainWeights:
-    """Clear integer weights (d_in x d_out) prepared once for many products: float64 copy and norms."""
+    """Clear integer weights (d_in x d_out) prepared once for many products, with their norms.
+
+    ``w`` stays in the integer dtype it came in (int8 for quantized layers). The float64 copy the
+    provider's GEMMs read and the int64 copy that exact checks read are made on first use and kept:
+    a provider then holds 9 bytes per weight and a client 9, rather than 17 each.
+    """
 
     w: torch.Tensor
-    f64: torch.Tensor = field(init=False, repr=False)
     _stats: dict[bool, WeightStats] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -36,8 +41,17 @@ class PlainWeights:
             w = torch.as_tensor(np.asarray(w))
         if w.ndim != 2 or w.is_floating_point() or w.is_complex() or w.dtype == torch.bool:
             raise ShapeMismatch(f"weights must be a 2-D integer tensor, got {w.dtype} {tuple(w.shape)}")
-        self.w = w.to(torch.int64).contiguous()
-        self.f64 = self.w.to(torch.float64)
+        self.w = w.contiguous()
+
+    @cached_property
+    def f64(self) -> torch.Tensor:
+        """float64 copy: exact for integers, what BLAS multiplies."""
+        return self.w.to(torch.float64)
+
+    @cached_property
+    def i64(self) -> torch.Tensor:
+        """int64 view or copy: products that wrap mod 2^64 (Freivalds check, method="i64")."""
+        return self.w.to(torch.int64)
 
     @classmethod
     def of(cls, w: "torch.Tensor | PlainWeights") -> "PlainWeights":
@@ -94,7 +108,7 @@ def matmul(
         left = int8_limbs.weights_int8(pw.w, transpose)
     else:
         lb, limbs = 64, 1
-        left = pw.w if transpose else pw.w.t()
+        left = pw.i64 if transpose else pw.i64.t()
     n = p.n
     shared = p.profile == SHARED_MASK  # the single mask per block needs no product: only B @ W
     b_out = np.empty((ct.blocks, width, n), dtype=np.int64)

@@ -31,7 +31,7 @@ class FreivaldsVerifier:
     def __init__(self, weights: "torch.Tensor | PlainWeights", *, transpose: bool = False, y_bound: int) -> None:
         """``y_bound`` bounds |y| of any decoded value (honest or not), e.g. q / (2 delta) + 1."""
         pw = PlainWeights.of(weights)
-        w = pw.w.numpy().view(np.uint64)  # two's complement: wrapping products stay exact mod 2^64
+        w = pw.i64.numpy().view(np.uint64)  # two's complement: wrapping products stay exact mod 2^64
         self._w = w.T if transpose else w  # (contraction, width)
         err_bits = (2 * int(y_bound) + 1).bit_length()
         self.r_bits = 63 - err_bits

@@ -104,7 +104,7 @@ class ModelWeights:
         return layer.shape
 
     def plain(self, name: str) -> PlainWeights:
-        """The held layer's integer weights prepared once (int64 and float64 copies, norms)."""
+        """The held layer's integer weights prepared once for many products (copies made on first use, norms)."""
         if name not in self._plain:
             weight = self.layers[name].weight
             if weight is None:

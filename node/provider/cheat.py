@@ -41,7 +41,7 @@ class Cheater:
         if self.mode is not Cheat.WRONG_WEIGHTS:
             return weights
         other = weights.w.clone()
-        other[0] = -other[0]
+        other[0] = -other[0]  # same norms, so the layer's parameters still accept it
         return PlainWeights(other)
 
     def result(self, kind: Hashable, result: MatmulResult) -> MatmulResult:
