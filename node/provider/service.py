@@ -151,7 +151,9 @@ class Provider:
 
     async def serve(self, node: NodeHost, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Benchmark, register the stream handlers, advertise; `started()` once requests are served."""
-        self.macs_per_second = await trio.to_thread.run_sync(measure_macs_per_second, self.config.benchmark_s)
+        self.macs_per_second = await trio.to_thread.run_sync(
+            partial(measure_macs_per_second, self.config.benchmark_s, product=self._matmul)
+        )
         log.info("encrypted throughput %.3g MAC/s on %s", self.macs_per_second, self.device)
         for protocol_id in PROTOCOL_IDS:
             node.host.set_stream_handler(protocol_id, self._handle)
