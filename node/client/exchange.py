@@ -11,7 +11,8 @@ for it, which can be cancelled at any moment. The Exchange opens the stream, sen
 reads the reply, and after the attempt's verdict sends the countersigned receipt or nothing. It
 is never cancelled from outside; to stop it early (`abandon`, or its deadline) a watchdog resets
 its stream, a write like any other but one made whole, after which the stream's reads and writes
-fail at once and the Exchange ends.
+fail at once and the Exchange ends. The attempt learns of the deadline from the watchdog at once,
+even while libp2p is still opening the stream (to a frozen peer that takes libp2p's own 10 s).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class Exchange:
     async def _exchange(self) -> None:
         try:
             self._stream = await self._node.host.new_stream(self.peer, self._protocols)
-            if self._stop.is_set():
+            if self._stop.is_set() or self._expired:  # too late: the request would be stale work
                 return
             # The watchdog enforces the deadline; the reader's own timeouts only back it up.
             slack = self._timeout_s + 1.0
@@ -127,5 +128,7 @@ class Exchange:
             await self._stop.wait()
         self._expired = not self._stop.is_set()
         self._decided.set()
+        if self._expired:
+            self._deliver(ExchangeExpired())
         if self._stream is not None:
             await close_stream(self._stream, reset=True)
