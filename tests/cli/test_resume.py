@@ -25,7 +25,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from cipherswarm.trainer.checkpoint import STATE_FILE, checkpoint_folder, latest_checkpoint
-from cipherswarm.trainer.finetune import BUNDLED_MODEL, FinetuneConfig, ResumeError, finetune
+from cipherswarm.trainer.finetune import BUNDLED_MODEL, RUN_FILE, FinetuneConfig, ResumeError, finetune
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 4
@@ -129,6 +129,25 @@ def test_train_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(
     other = subprocess.run([*_train(tiny_model, provider, out, "--resume"), "--seq-len", "16"], cwd=REPO,
                            capture_output=True, text=True, timeout=RUN_S, env=env)
     assert other.returncode == 1 and "seq_len: 32 -> 16" in other.stderr and "Traceback" not in other.stderr
-    # So is a fresh start over them: the trainer would resume from the higher, older checkpoints.
+
+
+def test_a_resumed_finetune_keeps_its_first_held_out_loss_and_refuses_other_runs(tiny_model: Path, tmp_path: Path) -> None:
+    config = FinetuneConfig(model_dir=tiny_model, steps=2, seq_len=32, batch_size=2)
+    checkpoints = tmp_path / "checkpoints"
+    full = finetune(config, fhe="simulate", progress=False, checkpoint_dir=checkpoints)
+    record = json.loads((checkpoints / RUN_FILE).read_text())
+    assert record["eval_before"] == full.eval_before
+    # A marker value shows where the resumed run's "before" figure comes from: the record, not a new evaluation.
+    (checkpoints / RUN_FILE).write_text(json.dumps({**record, "eval_before": 1.5}))
+    shutil.rmtree(checkpoint_folder(checkpoints, 2))
+    resumed = finetune(config, fhe="simulate", progress=False, checkpoint_dir=checkpoints, resume=True)
+    assert resumed.eval_before == 1.5 and resumed.resumed_at == 1
+    assert resumed.losses == full.losses and resumed.eval_after == full.eval_after
+
+    with pytest.raises(ResumeError, match="fhe: 'simulate' -> 'disable'"):
+        finetune(config, fhe="disable", checkpoint_dir=checkpoints, resume=True)
+    # A fresh start over them is refused too: the trainer would resume from the higher, older checkpoints.
     with pytest.raises(ResumeError, match="earlier fine-tune"):
-        finetune(reference.config, fhe="simulate", checkpoint_dir=out / "checkpoints")
+        finetune(config, fhe="simulate", checkpoint_dir=checkpoints)
+    with pytest.raises(ResumeError, match="nothing to resume"):
+        finetune(config, fhe="simulate", checkpoint_dir=tmp_path / "empty", resume=True)
