@@ -21,7 +21,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -141,7 +141,7 @@ def build(config: FinetuneConfig, *, checkpoint_dir: Path | None = None,
     return trainer, train_batches[:needed], eval_batches
 
 
-def _run_record(config: FinetuneConfig, fhe: str) -> dict:
+def _run_record(config: FinetuneConfig, fhe: str) -> dict[str, Any]:
     """What must match for a checkpoint to be resumed: the config (folders resolved) and the mode."""
     values = asdict(config)
     for name in ("model_dir", "data_dir"):
@@ -149,7 +149,7 @@ def _run_record(config: FinetuneConfig, fhe: str) -> dict:
     return {"config": json.loads(json.dumps(values)), "fhe": fhe}  # tuples as lists, as the file holds them
 
 
-def _differences(saved: dict, wanted: dict) -> list[str]:
+def _differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """'name: saved -> wanted' for each config field or mode in which two run records differ."""
     pairs = {**{k: (saved["config"].get(k), v) for k, v in wanted["config"].items()}, "fhe": (saved["fhe"], wanted["fhe"])}
     return [f"{name}: {old!r} -> {new!r}" for name, (old, new) in pairs.items() if old != new]

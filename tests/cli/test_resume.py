@@ -70,7 +70,11 @@ def provider(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         yield addr
     finally:
         process.terminate()
-        process.wait(10)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _train(model: Path, addr: str, out: Path, *extra: str) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,9 +31,10 @@ async def _keep_calling(client: SwarmSession, weights: ModelWeights, completed: 
         completed.append(trio.current_time())
 
 
-async def _wait(condition: object, timeout_s: float, what: str) -> None:
+async def _wait(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll ``condition`` until it holds; an AssertionError naming ``what`` after ``timeout_s``."""
     with trio.move_on_after(timeout_s):
-        while not condition():  # type: ignore[operator]
+        while not condition():
             await trio.sleep(0.05)
         return
     raise AssertionError(f"not within {timeout_s} s: {what}")
