@@ -151,6 +151,8 @@ class Client:
     # -- waiting for a usable provider (PeerTable.wait_change) ------------------------------
 
     def wait_change(self, need: Need, retry: Callable[[], None]) -> None:
+        if not self.table.holders(need):  # the real client gives up after wait_providers_s
+            raise ChunkFailed(f"no provider accepts a chunk of {need.payload / 1e6:.1f} MB (a payload limit below it)")
         self._waiting.append(retry)
         ready = self.table.ready_in(need)
         if math.isfinite(ready):
@@ -228,7 +230,7 @@ class ChunkRun:
     def next_attempt(self) -> None:
         cfg = self.client.config
         if self.failures >= cfg.max_attempts:
-            raise ChunkFailed(f"{self.product.layer.key}: {self.failures} attempts failed")
+            raise ChunkFailed(f"a chunk of {self.product.layer.key} failed {self.failures} attempts (at {self.client.sim.now:.0f} s)")
         state = self.client.router.pick(self.need, avoid=self.avoid)
         if state is None:
             self.client.wait_change(self.need, self.next_attempt)

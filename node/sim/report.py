@@ -1,0 +1,90 @@
+"""The printed estimate: every assumption, then wall time, bottlenecks, throughput and price."""
+
+from __future__ import annotations
+
+from .run import Estimate
+from .swarm import MBIT, MESSAGE_OVERHEAD_BYTES
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def size(n: float) -> str:
+    for unit, k in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= k:
+            return f"{n / k:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def assumptions(e: Estimate) -> list[str]:
+    """Every input the estimate rests on, one line each."""
+    w, s, c, cfg = e.workload, e.swarm, e.swarm.client, e.config
+    m = w.model
+    p0 = s.providers[0]
+    params = w.products(w.micro_batch_tokens)[0].params
+    lines = [
+        f"model {m.name}: {m.n_layers} blocks, hidden {m.hidden}, vocab {m.vocab}, {len(m.layers)} encrypted layers, "
+        f"parameters from {'its int8 weights' if m.weights_dir else 'the heaviest int8 weights of each shape (upper bound)'}",
+        f"tokens {w.tokens:,} in micro-batches of {w.micro_batch_tokens:,} (sequences of {w.seq_len}), one optimizer step each; "
+        f"{w.eval_batches} held-out micro-batch(es) before and after; backward skipped for the first "
+        f"{w.n_layers_to_skip_for_backprop} layer(s); {w.x_bits}-bit activations",
+        f"encryption profile {w.profile}: N = {params.n} token slots per block, {params.in_bytes} B per input value, "
+        f"{params.out_bytes} B per output value (first layer); {MESSAGE_OVERHEAD_BYTES} B per message of headers",
+        "the trainer encrypts each layer's input on its own (q, k, v and gate, up are separate calls), calls in sequence",
+        f"client: {c.cores:g} cores; encrypt {c.encrypt_ns:.2f}, decrypt {c.decrypt_ns:.2f}, verify {c.verify_ns:.2f} core-ns per value, "
+        f"wire {c.wire_ns_per_byte:.3f} core-ns per byte, crypto jobs use {c.crypto_parallelism:.2f} cores, {cfg.crypto_threads} at once; "
+        f"plaintext {c.plain_macs_per_s:.3g} MAC/s on {c.plain_parallelism:g} cores; overheads {1e3 * c.call_overhead_s:.2f} ms "
+        f"per call, {1e3 * c.exchange_overhead_s:.2f} ms per request (core time)",
+    ]
+    if s.shared_cores:
+        lines.append(f"one machine of {s.shared_cores:g} cores shared by the client and every provider (processor sharing); "
+                     f"loopback transfers cost {1e9 * s.loopback_s_per_byte:.2f} core-ns per byte")
+    else:
+        lines.append(f"client link {c.up_bps / MBIT:,.0f} Mbit/s up, {c.down_bps / MBIT:,.0f} Mbit/s down; flows share links max-min "
+                     "fairly (no TCP slow start or loss)")
+    kinds = sorted({(p.macs_per_s, p.parallelism, p.price_per_gmac, p.up_bps, p.down_bps, p.rtt_s, p.slots, p.layers,
+                     p.fail_prob, p.mean_up_s, p.mean_down_s) for p in s.providers}, key=str)
+    for k in kinds:
+        count = sum(1 for p in s.providers if (p.macs_per_s, p.parallelism, p.price_per_gmac, p.up_bps, p.down_bps, p.rtt_s,
+                                               p.slots, p.layers, p.fail_prob, p.mean_up_s, p.mean_down_s) == k)
+        rate, par, price, up, down, rtt, slots, layers, fail, mean_up, mean_down = k
+        link = "" if s.shared_cores else f", {up / MBIT:,.0f}/{down / MBIT:,.0f} Mbit/s up/down, RTT {1e3 * rtt:.0f} ms"
+        churn = f", leaves every {duration(mean_up)} for {duration(mean_down)} on average" if mean_up != float("inf") else ""
+        lines.append(f"{count} provider(s): {rate:.3g} encrypted MAC/s per product on {par:g} core(s)/device(s), {slots} slots, "
+                     f"price {price:.4g} per GMAC{link}, layers {', '.join(layers) or 'all'}, loses {100 * fail:g}% of requests{churn}")
+    lines.append(f"scheduling: node/client's own router (split {cfg.split}, at most {cfg.max_chunks} chunks per call, hedge after "
+                 f"{cfg.hedge_factor:g}x the expected time, at least {cfg.hedge_min_s:g} s), peer table and bans; seed {s.seed}")
+    if e.scale != 1.0:
+        lines.append(f"{len(e.step_s)} of {e.steps_total} steps simulated; the rest at their mean, counters scaled x{e.scale:.2f}")
+    return lines
+
+
+def render(e: Estimate, *, title: str = "estimate") -> str:
+    """The assumptions, then the results, as printable lines."""
+    t = e.tally
+    out = [f"{title}", "assumptions:"] + [f"  - {line}" for line in assumptions(e)]
+    steps = e.step_s
+    out += [
+        "result:",
+        f"  wall time                        {duration(e.wall_s)}  ({e.wall_s:,.1f} s)",
+        f"  per training step                {duration(sum(steps) / len(steps)) if steps else '-'} (mean of {len(steps)} simulated)",
+        f"  held-out evaluation              {duration(e.eval_before_s)} before, {duration(e.eval_after_s)} after",
+        f"  tokens/s                         {e.tokens_per_s:,.1f}",
+        f"  price                            {t.paid:,.4g} ({t.paid * 1000 / e.workload.tokens:,.4g} per 1k tokens)",
+        f"  provider MACs (receipts)         {t.macs:.4g}",
+        f"  bytes up / down                  {size(t.bytes_up)} / {size(t.bytes_down)}",
+        f"  chunks {t.chunks:,}, attempts {t.attempts:,}, retries {t.retries:,}, hedges {t.hedges:,}, timeouts {t.timeouts:,}, "
+        f"unreachable {t.unreachable:,}",
+        "bottlenecks (seconds each resource needs on its own; the largest bounds the wall time):",
+    ]
+    for name, seconds in sorted(e.demand_s.items(), key=lambda kv: -kv[1]):
+        out.append(f"  {name:<44} {duration(seconds):>12}  {100 * seconds / e.wall_s:5.1f}% of wall")
+    cpu = ", ".join(f"{k} {v:,.1f}" for k, v in sorted(t.cpu_s.items(), key=lambda kv: -kv[1]))
+    out.append(f"  client core-seconds by kind: {cpu}")
+    out.append(f"bottleneck: {e.bottleneck}")
+    return "\n".join(out)
