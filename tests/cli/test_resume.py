@@ -78,6 +78,7 @@ def provider(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 def _train(model: Path, addr: str, out: Path, *extra: str) -> list[str]:
+    """The client's command line: a few small steps, so that a sitting takes seconds."""
     return [sys.executable, "-m", "cipherswarm.cli", "train", "--model", str(model), "--bootstrap", addr,
             "--steps", str(STEPS), "--seq-len", "32", "--batch-size", "2", "--out", str(out),
             "--ledger", str(out.parent / "client.sqlite"), *extra]
@@ -117,12 +118,13 @@ def test_train_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(
     assert f"resumed at step {saved}" in done.stdout
     report = json.loads((out / "report.json").read_text())
     assert report["resumed_at_step"] == saved and report["steps"] == STEPS
+    assert latest_checkpoint(out / "checkpoints") == checkpoint_folder(out / "checkpoints", STEPS)
     assert report["chunks"] > 0  # the second sitting's products came from the provider
 
     reference = finetune(FinetuneConfig(model_dir=tiny_model, steps=STEPS, seq_len=32, batch_size=2), fhe="simulate",
                          progress=False)
     assert report["losses"] == reference.losses
-    assert report["eval_loss_before"] == reference.eval_before  # stored by the first sitting, not recomputed
+    assert report["eval_loss_before"] == reference.eval_before  # the first sitting's (the next test: not recomputed)
     assert report["eval_loss_after"] == reference.eval_after
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     expected = get_peft_model_state_dict(reference.trainer.model)
