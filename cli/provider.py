@@ -108,6 +108,9 @@ def port_in_use(listen: str) -> int | None:
         return None
     family = socket.AF_INET if parts[0] == "ip4" else socket.AF_INET6
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # SO_REUSEADDR: a port left in TIME_WAIT by a crashed provider is free to reuse; a listener
+        # on it still makes the bind fail
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((parts[1], port))
         except OSError as exc:

@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-bits", type=int, default=defaults.n_bits, help="activation bits of encrypted layers (2..16)")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--min-providers", type=int, default=1, help="providers to find before training starts")
-    p.add_argument("--identity", type=Path, default=None, help="client key file (default: ~/.cipherswarm/identity.key)")
+    p.add_argument("--identity", type=Path, default=None, help="client key file, to keep one peer id across runs (default: a fresh key each run, so providers cannot link runs)")
     p.add_argument("--ledger", type=Path, default=None, help="SQLite ledger of receipts and bans")
     p.add_argument("--checkpoint-every", type=_positive_int, default=1, metavar="N",
                    help=f"checkpoint into --out/{CHECKPOINTS} every N optimizer steps and after the last (default 1)")
