@@ -7,7 +7,9 @@ What the trainer does (trainer/layers.py, trainer/trainer.py) and therefore what
 - each call encrypts its own input under its own layer key: q, k and v (and gate and up) receive
   the same activations but are encrypted and sent three (two) times, one call after the other;
 - the backward pass calls ``g @ W^T`` for every such layer in reverse order, except the first
-  ``n_layers_to_skip_for_backprop`` layers in execution order;
+  ``n_layers_to_skip_for_backprop`` layers in execution order and any layer whose input needs no
+  gradient (autograd never calls it): those before the first LoRA target's output, e.g. q, k, v
+  of block 0 with LoRA on q and v;
 - the output head stays on the client (``remote_lm_head=False``), as do attention scores, norms and
   LoRA; the client computes those in plaintext.
 
@@ -45,6 +47,7 @@ class LinearLayer:
     key: str
     d_in: int
     d_out: int
+    group: int  # layers of one group read the same input (q, k, v; gate, up)
 
 
 @dataclass(frozen=True)
@@ -106,8 +109,9 @@ class ModelShape:
             h, n = config["n_embd"], config["n_layer"]
             inner = config.get("n_inner") or 4 * h
             layers = [layer for i in range(n) for layer in (
-                LinearLayer(f"transformer.h.{i}.attn.c_attn", h, 3 * h), LinearLayer(f"transformer.h.{i}.attn.c_proj", h, h),
-                LinearLayer(f"transformer.h.{i}.mlp.c_fc", h, inner), LinearLayer(f"transformer.h.{i}.mlp.c_proj", inner, h))]
+                LinearLayer(f"transformer.h.{i}.attn.c_attn", h, 3 * h, 4 * i), LinearLayer(f"transformer.h.{i}.attn.c_proj", h, h, 4 * i + 1),
+                LinearLayer(f"transformer.h.{i}.mlp.c_fc", h, inner, 4 * i + 2),
+                LinearLayer(f"transformer.h.{i}.mlp.c_proj", inner, h, 4 * i + 3))]
             return cls(name, tuple(layers), h, n, config["vocab_size"], h, weights_dir)
         h, n, inter = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
         heads = config["num_attention_heads"]
@@ -116,11 +120,14 @@ class ModelShape:
         layers = []
         for i in range(n):
             p = f"model.layers.{i}"
+            g = 4 * i
             layers += [
-                LinearLayer(f"{p}.self_attn.q_proj", h, heads * head_dim), LinearLayer(f"{p}.self_attn.k_proj", h, kv * head_dim),
-                LinearLayer(f"{p}.self_attn.v_proj", h, kv * head_dim), LinearLayer(f"{p}.self_attn.o_proj", heads * head_dim, h),
-                LinearLayer(f"{p}.mlp.gate_proj", h, inter), LinearLayer(f"{p}.mlp.up_proj", h, inter),
-                LinearLayer(f"{p}.mlp.down_proj", inter, h),
+                LinearLayer(f"{p}.self_attn.q_proj", h, heads * head_dim, g),
+                LinearLayer(f"{p}.self_attn.k_proj", h, kv * head_dim, g),
+                LinearLayer(f"{p}.self_attn.v_proj", h, kv * head_dim, g),
+                LinearLayer(f"{p}.self_attn.o_proj", heads * head_dim, h, g + 1),
+                LinearLayer(f"{p}.mlp.gate_proj", h, inter, g + 2), LinearLayer(f"{p}.mlp.up_proj", h, inter, g + 2),
+                LinearLayer(f"{p}.mlp.down_proj", inter, h, g + 3),
             ]
         return cls(name, tuple(layers), h, n, config["vocab_size"], heads * head_dim, weights_dir)
 
@@ -184,9 +191,19 @@ class Workload:
         forward = [Product(layer, False, tokens, params[layer.key, False]) for layer in self.model.layers]
         if not backward:
             return forward
-        skip = self.n_layers_to_skip_for_backprop
+        skip = max(self.n_layers_to_skip_for_backprop, self.no_grad_prefix)
         back = [Product(layer, True, tokens, params[layer.key, True]) for layer in reversed(self.model.layers[skip:])]
         return forward + back
+
+    @property
+    def no_grad_prefix(self) -> int:
+        """Leading layers whose input needs no gradient: autograd never asks them for g @ W^T. An
+        input needs one once a LoRA target ran in an earlier group (layers sharing an input)."""
+        targets = [layer.group for layer in self.model.layers if layer.key.rsplit(".", 1)[-1] in self.lora_targets]
+        first = min(targets, default=None)
+        if first is None:
+            return len(self.model.layers)
+        return sum(1 for layer in self.model.layers if layer.group <= first)
 
     def client_macs(self, tokens: int, *, backward: bool = True) -> float:
         """Plaintext MACs of the client for a micro-batch: attention scores and values, the output
