@@ -239,7 +239,7 @@ class Dispatcher:
         async with trio.open_nursery() as nursery:
             first_done = trio.Event()
             nursery.start_soon(attempt, first, first_done)
-            with trio.move_on_after(self._router.hedge_delay(first, job.need.macs)):
+            with trio.move_on_after(self._router.hedge_delay(first, job.need.macs, job.need.payload)):
                 await first_done.wait()
             if not first_done.is_set():
                 hedge = self._router.pick(job.need, avoid={first.peer: 1})
@@ -285,7 +285,7 @@ class Dispatcher:
         )
         sealed = seal(request, self._key_pair.private_key)
         limits = Limits(max_payload_size=2 * job.ct.blocks * job.width * job.params.n * 8 + (1 << 16))
-        timeout = self._router.attempt_timeout(state, job.need.macs)
+        timeout = self._router.attempt_timeout(state, job.need.macs, job.need.payload)
         exchange = Exchange(self._node, peer, sealed, job.payload, limits=limits, timeout_s=timeout)
         if self._background is None:
             raise RuntimeError("the dispatcher is not running: start Dispatcher.run in a nursery first")
@@ -351,5 +351,6 @@ class Dispatcher:
             compute_s=reply.message.compute_time_us / 1e6,
             macs=job.need.macs,
             amount=receipt.amount,
+            payload=len(job.payload),
         )
         return acked

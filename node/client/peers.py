@@ -1,8 +1,11 @@
 """The client's table of providers: what each offers, how it has performed, and who is banned.
 
 Scores come from measurement, not from what a provider claims: each successful chunk updates a
-moving average of the provider's latency (reply time minus its reported compute time) and of its
-rate (MACs over compute time); its advertised MAC/s only seeds the rate. Reputation is the
+moving average of the provider's latency (reply time minus its reported compute time), of its
+rate (MACs over compute time) and of the link to it (request payload bytes over that same
+non-compute time); its advertised MAC/s only seeds the rate, and the client's assumed link rate
+seeds the link. The link term keeps deadlines sane on slow uplinks: a chunk's expected time is at
+least its payload's transfer time, not just the provider's compute. Reputation is the
 smoothed success ratio (successes + 1) / (successes + failures + 2). These records are kept in
 the ledger, so a provider starts the next session with the record it earned.
 
@@ -31,6 +34,7 @@ from ..types import PeerView, ProviderAdvert
 
 EWMA = 0.3  # weight of a new measurement in the moving averages
 INITIAL_LATENCY_S = 0.05
+LINK_SAMPLE_MIN_BYTES = 1 << 20  # smaller payloads measure latency, not the link
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +54,7 @@ class PeerState:
     advert: ProviderAdvert
     capacity: int  # requests we send it at once: the most free slots it ever advertised
     rate: float  # MAC/s of its computation, measured (seeded with the advertised figure)
+    link_bps: float  # bytes/s a request's payload reaches it at, measured (seeded by the client's assumption)
     latency_s: float = INITIAL_LATENCY_S
     successes: int = 0
     failures: int = 0
@@ -69,10 +74,11 @@ class PeerState:
     def reputation(self) -> float:
         return (self.successes + 1) / (self.successes + self.failures + 2)
 
-    def expected_s(self, macs: int) -> float:
-        """Expected time for a chunk of `macs`, queueing behind our own requests included."""
+    def expected_s(self, macs: int, payload: int = 0) -> float:
+        """Expected time for a chunk of `macs` whose request carries `payload` bytes, queueing behind
+        our own requests included: the round trip (at least the payload's transfer) plus compute."""
         compute = macs / max(self.rate, 1.0)
-        return self.latency_s + compute * (1 + self.in_flight / self.capacity)
+        return max(self.latency_s, payload / self.link_bps) + compute * (1 + self.in_flight / self.capacity)
 
 
 class PeerTable:
@@ -84,6 +90,7 @@ class PeerTable:
         ledger: Ledger,
         ban_base_s: float = 10.0,
         ban_max_s: float = 600.0,
+        link_bps: float = 2.5e6,
         clock: Callable[[], float] = trio.current_time,
         wall_ms: Callable[[], int] = now_ms,
     ) -> None:
@@ -93,6 +100,7 @@ class PeerTable:
         self._records = ledger.records()  # base58 peer id -> TrackRecord of earlier sessions
         self.ban_base_s = ban_base_s
         self.ban_max_s = ban_max_s
+        self.link_bps = link_bps
         self._clock = clock
         self._wall_ms = wall_ms
         self._changed = trio.Event()
@@ -122,7 +130,8 @@ class PeerTable:
         state = self._peers.get(advert.peer)
         if state is None:
             state = self._peers[advert.peer] = PeerState(
-                advert=advert, capacity=max(1, advert.free_slots), rate=float(max(1, advert.macs_per_second))
+                advert=advert, capacity=max(1, advert.free_slots), rate=float(max(1, advert.macs_per_second)),
+                link_bps=self.link_bps,
             )
             record = self._records.get(advert.peer.to_base58())
             if record is not None:
@@ -185,7 +194,7 @@ class PeerTable:
 
     # -- outcomes ------------------------------------------------------------------------------
 
-    def on_success(self, peer: ID, *, elapsed_s: float, compute_s: float, macs: int, amount: int) -> None:
+    def on_success(self, peer: ID, *, elapsed_s: float, compute_s: float, macs: int, amount: int, payload: int = 0) -> None:
         s = self._peers[peer]
         s.successes += 1
         s.chunks += 1
@@ -193,7 +202,10 @@ class PeerTable:
         s.paid += amount
         s.timeouts_in_row = 0
         s.banned_until = 0.0
-        s.latency_s += EWMA * (max(elapsed_s - compute_s, 0.0) - s.latency_s)
+        transfer_s = max(elapsed_s - compute_s, 0.0)
+        s.latency_s += EWMA * (transfer_s - s.latency_s)
+        if payload >= LINK_SAMPLE_MIN_BYTES:
+            s.link_bps += EWMA * (payload / max(transfer_s, 1e-3) - s.link_bps)
         if compute_s > 0:
             s.rate += EWMA * (macs / compute_s - s.rate)
         self._save(s)

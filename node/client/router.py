@@ -123,10 +123,10 @@ class ChunkRouter:
         product = itertools.product(_ranges(shape.blocks, groups), _ranges(shape.contraction, rows), _ranges(shape.output, cols))
         return [Chunk(i, b, c, o, row_parts=rows) for i, (b, c, o) in enumerate(product)]
 
-    def score(self, state: PeerState, macs: int) -> float:
+    def score(self, state: PeerState, macs: int, payload: int = 0) -> float:
         """Lower is better: expected seconds discounted by reputation, plus what the price is worth."""
         cost = state.advert.price_per_gmac * macs / 1e9
-        return state.expected_s(macs) / state.reputation + self.config.price_weight_s * cost
+        return state.expected_s(macs, payload) / state.reputation + self.config.price_weight_s * cost
 
     def _affordable(self, states: list[PeerState]) -> list[PeerState]:
         return [s for s in states if s.advert.price_per_gmac <= self.config.max_price_per_gmac]
@@ -138,7 +138,7 @@ class ChunkRouter:
         ranked = self._affordable(self.table.available(need))
         if not ranked:
             return None
-        return min(ranked, key=lambda s: (avoid.get(s.peer, 0), s.in_flight, self.score(s, need.macs)))
+        return min(ranked, key=lambda s: (avoid.get(s.peer, 0), s.in_flight, self.score(s, need.macs, need.payload)))
 
     async def choose(self, need: Need, *, avoid: dict[ID, int], layer: str) -> PeerState:
         """`pick`, waiting up to `wait_providers_s` for a provider to become usable (a freed
@@ -158,11 +158,11 @@ class ChunkRouter:
             await self.table.wait_change(min(self.table.ready_in(need), deadline - now))
         return state
 
-    def hedge_delay(self, state: PeerState, macs: int) -> float:
-        return max(self.config.hedge_min_s, self.config.hedge_factor * state.expected_s(macs))
+    def hedge_delay(self, state: PeerState, macs: int, payload: int = 0) -> float:
+        return max(self.config.hedge_min_s, self.config.hedge_factor * state.expected_s(macs, payload))
 
-    def attempt_timeout(self, state: PeerState, macs: int) -> float:
-        limit = max(self.config.timeout_min_s, self.config.timeout_factor * state.expected_s(macs))
+    def attempt_timeout(self, state: PeerState, macs: int, payload: int = 0) -> float:
+        limit = max(self.config.timeout_min_s, self.config.timeout_factor * state.expected_s(macs, payload))
         return min(self.config.request_ttl_s, limit)
 
     def retry_delay(self, attempt: int) -> float:

@@ -62,7 +62,8 @@ class SwarmSession:
         self.weights = weights
         self.ledger = ledger
         self.config = config
-        self.peers = PeerTable(ledger=ledger, ban_base_s=config.ban_base_s, ban_max_s=config.ban_max_s)
+        self.peers = PeerTable(ledger=ledger, ban_base_s=config.ban_base_s, ban_max_s=config.ban_max_s,
+                               link_bps=config.link_bps)
         self.watcher = AdvertWatcher(
             node, weights.model_hash, self.peers.update, lookup_interval_s=config.lookup_interval_s
         )

@@ -86,6 +86,29 @@ class TestPeerTable:
             assert after.latency_s == pytest.approx(before.latency_s) and after.rate == pytest.approx(before.rate)
             assert after.reputation == pytest.approx(0.5)
 
+    async def test_deadlines_cover_the_payload_transfer_and_the_link_is_measured(self) -> None:
+        table = PeerTable(ledger=Ledger(), link_bps=1e6)
+        a = advert()
+        table.update(a)
+        router = ChunkRouter(table, ClientConfig(timeout_min_s=1.0, hedge_min_s=0.1))
+        state, macs, payload = table.get(a.peer), 10**8, 30 * 10**6  # 0.1 s of compute, 30 s at the assumed link
+        assert state.expected_s(macs, payload) == pytest.approx(30.0 + 0.1)
+        assert router.attempt_timeout(state, macs, payload) == 60.0  # the request's lifetime caps it
+        assert router.hedge_delay(state, macs, payload) == pytest.approx(3 * 30.1)
+        assert router.hedge_delay(state, macs) == pytest.approx(3 * (state.latency_s + 0.1))  # no payload: compute only
+        # a fast link measured on a large payload: 30 MB in 0.3 s beside 0.1 s of compute
+        for _ in range(20):
+            table.on_success(a.peer, elapsed_s=0.4, compute_s=0.1, macs=macs, amount=0, payload=payload)
+        assert state.link_bps == pytest.approx(1e8, rel=1e-3)
+        assert state.expected_s(macs, payload) == pytest.approx(0.3 + 0.1, rel=1e-3)
+        # small payloads measure latency only, never the link
+        table.on_success(a.peer, elapsed_s=5.0, compute_s=0.1, macs=macs, amount=0, payload=1000)
+        assert state.link_bps == pytest.approx(1e8, rel=1e-3) and state.latency_s > 1.0
+
+    def test_link_rate_must_be_positive(self) -> None:
+        with pytest.raises(ValueError, match="link_bps"):
+            ClientConfig(link_bps=0)
+
     async def test_adverts_filter_by_layer_payload_expiry_and_age(self) -> None:
         table = PeerTable(ledger=Ledger())
         holder, other = advert(layers=frozenset({LAYER})), advert(layers=frozenset({b"x" * 32}))
