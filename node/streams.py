@@ -18,6 +18,8 @@ after a cheat, a BUSY reply that arrives mid-upload), so:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import trio
 from libp2p.abc import INetStream
 
@@ -93,13 +95,20 @@ async def request_reply(
     limits: Limits,
     read_timeout_s: float,
     frame_timeout_s: float,
+    on_sent: Callable[[], None] = lambda: None,
 ) -> Frame:
     """Send a request frame and read the reply frame, reading while still writing: a provider may
     answer BUSY before it reads the request (protocol README, "Exchange"), and then the rest of
-    the payload need not be sent. The one failure of the two directions is raised as itself."""
+    the payload need not be sent. `on_sent` is called once the whole request is written. The one
+    failure of the two directions is raised as itself."""
+
+    async def send() -> None:
+        await send_frame(stream, sealed, payload, timeout_s=frame_timeout_s)
+        on_sent()
+
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(lambda: send_frame(stream, sealed, payload, timeout_s=frame_timeout_s))
+            nursery.start_soon(send)
             reply = await read_frame(stream, limits=limits, read_timeout_s=read_timeout_s, frame_timeout_s=frame_timeout_s)
             nursery.cancel_scope.cancel()  # a no-op unless the reply came early
     except BaseExceptionGroup as group:

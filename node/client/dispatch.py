@@ -60,7 +60,7 @@ from ..host import NodeHost
 from ..ledger import Ledger
 from ..types import Chunk
 from .config import ClientConfig
-from .exchange import Exchange, ExchangeExpired
+from .exchange import Exchange, ExchangeExpired, wait_any
 from .keys import LayerChannel
 from .peers import Need, PeerState
 from .router import AttemptFailed, ChunkRouter, FailureKind
@@ -165,6 +165,7 @@ class Dispatcher:
         self._counters = counters
         self._key_pair: KeyPair = node.key_pair
         self.crypto = trio.CapacityLimiter(config.crypto_threads)
+        self._uploads = trio.Semaphore(config.upload_slots)  # requests being written at once (exchange.py)
         self._background: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -222,10 +223,10 @@ class Dispatcher:
         failed: list[AttemptFailed] = []
         running: dict[ID, float] = {}  # attempts not yet ended by themselves, and when they started
 
-        async def attempt(state: PeerState, done: trio.Event) -> None:
+        async def attempt(state: PeerState, done: trio.Event, started: trio.Event) -> None:
             running[state.peer] = trio.current_time()
             try:
-                await self._attempt(job, state, on_accept=nursery.cancel_scope.cancel)
+                await self._attempt(job, state, on_accept=nursery.cancel_scope.cancel, started=started)
             except AttemptFailed as failure:
                 self._penalise(failure)
                 failed.append(failure)
@@ -237,8 +238,9 @@ class Dispatcher:
             del running[state.peer]  # not reached when cancelled by the winner
 
         async with trio.open_nursery() as nursery:
-            first_done = trio.Event()
-            nursery.start_soon(attempt, first, first_done)
+            first_done, first_started = trio.Event(), trio.Event()
+            nursery.start_soon(attempt, first, first_done, first_started)
+            await wait_any(first_started, first_done)  # queued behind our own uploads: no hedge clock yet
             with trio.move_on_after(self._router.hedge_delay(first, job.need.macs, job.need.payload)):
                 await first_done.wait()
             if not first_done.is_set():
@@ -247,7 +249,7 @@ class Dispatcher:
                     self._table.acquire(hedge.peer)
                     self._counters.hedges += 1
                     log.info("hedging a chunk of %s: %s is slow, also asking %s", job.layer, first.peer, hedge.peer)
-                    nursery.start_soon(attempt, hedge, trio.Event())
+                    nursery.start_soon(attempt, hedge, trio.Event(), trio.Event())
         now = trio.current_time()
         for peer, since in running.items():
             self._table.on_straggler(peer, now - since)
@@ -267,8 +269,11 @@ class Dispatcher:
                 log.warning("banning %s for good: %s", failure.peer, failure.reason)
         self._router.on_failure(failure)
 
-    async def _attempt(self, job: ChunkJob, state: PeerState, *, on_accept: Callable[[], None]) -> None:
-        """One exchange with one provider; returns once the result is accepted (or a twin won)."""
+    async def _attempt(
+        self, job: ChunkJob, state: PeerState, *, on_accept: Callable[[], None], started: trio.Event | None = None
+    ) -> None:
+        """One exchange with one provider; returns once the result is accepted (or a twin won).
+        `started` is set once its upload slot is taken (exchange.py)."""
         peer = state.peer
         request = MatmulRequest.for_payload(
             job.payload,
@@ -286,7 +291,8 @@ class Dispatcher:
         sealed = seal(request, self._key_pair.private_key)
         limits = Limits(max_payload_size=2 * job.ct.blocks * job.width * job.params.n * 8 + (1 << 16))
         timeout = self._router.attempt_timeout(state, job.need.macs, job.need.payload)
-        exchange = Exchange(self._node, peer, sealed, job.payload, limits=limits, timeout_s=timeout)
+        exchange = Exchange(self._node, peer, sealed, job.payload, limits=limits, timeout_s=timeout,
+                            uploads=self._uploads, started=started)
         if self._background is None:
             raise RuntimeError("the dispatcher is not running: start Dispatcher.run in a nursery first")
         self._background.start_soon(exchange.run)

@@ -13,6 +13,13 @@ is never cancelled from outside; to stop it early (`abandon`, or its deadline) a
 its stream, a write like any other but one made whole, after which the stream's reads and writes
 fail at once and the Exchange ends. The attempt learns of the deadline from the watchdog at once,
 even while libp2p is still opening the stream (to a frozen peer that takes libp2p's own 10 s).
+
+Uploads take turns: an Exchange holds one of the client's upload slots from opening its stream
+until its request is written. On a home uplink, sending every chunk at once would only split the
+link so that all of them arrive late, past the providers' frame deadlines; in turns, the first
+chunks arrive early and their providers start computing while the rest are sent. The deadline
+(and the dispatcher's hedge clock, through `started`) counts from the moment the slot is taken:
+time queued behind our own uplink is not the provider's fault.
 """
 
 from __future__ import annotations
@@ -31,6 +38,18 @@ from ..streams import close_stream, request_reply, send_frame
 ACK_TIMEOUT_S = 5.0
 
 
+async def wait_any(*events: trio.Event) -> None:
+    """Return once any of `events` is set."""
+    async with trio.open_nursery() as nursery:
+
+        async def wait(event: trio.Event) -> None:
+            await event.wait()
+            nursery.cancel_scope.cancel()
+
+        for event in events:
+            nursery.start_soon(wait, event)
+
+
 class ExchangeExpired(Exception):
     """The exchange passed its deadline before the reply arrived."""
 
@@ -47,6 +66,8 @@ class Exchange:
         *,
         limits: Limits,
         timeout_s: float,
+        uploads: trio.Semaphore | None = None,
+        started: trio.Event | None = None,
         protocols: Sequence[str] = PROTOCOL_IDS,
     ) -> None:
         self._node = node
@@ -55,6 +76,9 @@ class Exchange:
         self._payload = payload
         self._limits = limits
         self._timeout_s = timeout_s
+        self._uploads = uploads
+        self._holds_upload = False
+        self.started = trio.Event() if started is None else started  # an upload slot is taken: the deadline runs from here
         self._protocols = list(protocols)
         self._stream: INetStream | None = None
         self._reply: Frame | BaseException | None = None
@@ -62,6 +86,7 @@ class Exchange:
         self._receipt: SignedReceipt | None = None
         self._decided = trio.Event()  # acknowledge() or abandon()
         self._stop = trio.Event()  # abandon(): reset the stream now
+        self._abandon_queue = trio.CancelScope()  # cancels the wait for an upload slot
         self._expired = False
 
     async def reply(self) -> Frame:
@@ -102,19 +127,41 @@ class Exchange:
             if self._stream is not None:
                 await close_stream(self._stream)
 
+    def _release_upload(self) -> None:
+        if self._holds_upload:
+            self._holds_upload = False
+            assert self._uploads is not None
+            self._uploads.release()
+
+    async def _take_upload_slot(self) -> bool:
+        """Wait for an upload slot (no deadline: the queue is our own uplink); False if abandoned."""
+        if self._uploads is not None:
+            with self._abandon_queue:
+                await self._uploads.acquire()
+                self._holds_upload = True
+            if self._abandon_queue.cancelled_caught:
+                return False
+        self.started.set()
+        return True
+
     async def _exchange(self) -> None:
         try:
+            if not await self._take_upload_slot():
+                return
             self._stream = await self._node.host.new_stream(self.peer, self._protocols)
             if self._stop.is_set() or self._expired:  # too late: the request would be stale work
                 return
             # The watchdog enforces the deadline; the reader's own timeouts only back it up.
             slack = self._timeout_s + 1.0
             frame = await request_reply(
-                self._stream, self._sealed, self._payload, limits=self._limits, read_timeout_s=slack, frame_timeout_s=slack
+                self._stream, self._sealed, self._payload, limits=self._limits, read_timeout_s=slack,
+                frame_timeout_s=slack, on_sent=self._release_upload,
             )
         except Exception as exc:  # handed to the attempt, which classifies it
             self._deliver(ExchangeExpired() if self._expired else exc)
             return
+        finally:
+            self._release_upload()
         self._deliver(frame)
         await self._decided.wait()
         if self._receipt is not None:
@@ -124,8 +171,12 @@ class Exchange:
                 pass
 
     async def _watchdog(self) -> None:
-        with trio.move_on_after(self._timeout_s):
-            await self._stop.wait()
+        await wait_any(self.started, self._stop)  # queued for an upload slot: no deadline yet
+        if self._stop.is_set():
+            self._abandon_queue.cancel()
+        else:
+            with trio.move_on_after(self._timeout_s):
+                await self._stop.wait()
         self._expired = not self._stop.is_set()
         self._decided.set()
         if self._expired:

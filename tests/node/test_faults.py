@@ -69,3 +69,51 @@ async def test_busy_backpressure_with_eight_clients(weights: ModelWeights) -> No
             assert stats.busy > 0 and stats.served == 8
             assert stats.peak_in_flight <= 2  # slots + queue: the provider's memory bound
             assert sum(c.stats().busy for c in clients) == stats.busy
+
+
+class CountingSemaphore:
+    """A trio semaphore that records how many holders it had at once and how often it was taken."""
+
+    def __init__(self, value: int) -> None:
+        self._semaphore = trio.Semaphore(value)
+        self.held = 0
+        self.taken_at: list[float] = []
+
+    async def acquire(self) -> None:
+        await self._semaphore.acquire()
+        self.held += 1
+        self.taken_at.append(trio.current_time())
+
+    def release(self) -> None:
+        self.held -= 1
+        self._semaphore.release()
+
+
+async def test_the_upload_slot_is_held_while_writing_not_while_computing(weights: ModelWeights) -> None:
+    """One upload slot, two providers that each take 2 s to answer: the second request is written
+    as soon as the first is, so the call takes one provider's time, not two."""
+    with trio.fail_after(60):
+        async with providers(weights, [dict(delay_s=2.0), dict(delay_s=2.0)]) as (first, _):
+            async with session(weights, [first.addr], min_providers=2, upload_slots=1, split="blocks",
+                               hedge_min_s=60) as client:
+                client.dispatcher._uploads = uploads = CountingSemaphore(1)
+                x = random_operand(2 * 2048, 64)  # two ring blocks: one chunk per provider
+                started = trio.current_time()
+                assert torch.equal(await client.matmul(LAYER, x), reference(weights, LAYER, x, transpose=False))
+                assert trio.current_time() - started < 3.5  # two turns of 2 s each would take 4 s
+                assert len(uploads.taken_at) == 2 and uploads.taken_at[1] - uploads.taken_at[0] < 1.0
+                assert uploads.held == 0
+
+
+async def test_a_silent_provider_gives_its_upload_slot_back(weights: ModelWeights) -> None:
+    """Every attempt, the one that times out included, takes the slot and returns it."""
+    with trio.fail_after(60):
+        async with providers(weights, [{}, {}, dict(delay_s=30.0)]) as (first, _, silent):
+            async with session(weights, [first.addr], min_providers=3, upload_slots=1, split="blocks",
+                               hedge_min_s=60, timeout_min_s=2.0, timeout_factor=1.0) as client:
+                client.dispatcher._uploads = uploads = CountingSemaphore(1)
+                x = random_operand(3 * 2048, 64)  # three ring blocks: one chunk per provider
+                assert torch.equal(await client.matmul(LAYER, x), reference(weights, LAYER, x, transpose=False))
+                stats = client.stats()
+                assert stats.timeouts == 1 and silent.node.peer_id.to_base58() in stats.bans
+                assert len(uploads.taken_at) == stats.chunks + stats.timeouts and uploads.held == 0
