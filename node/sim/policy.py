@@ -4,7 +4,8 @@ The chunk plan, provider choice, hedge delay, attempt timeout, bans and scores a
 a real ``PeerTable`` (on the simulator's clock, with an in-memory ledger) and a real ``ChunkRouter``
 decide, with the adverts the simulated providers would send. What is mirrored here is the control
 flow of ``session.matmul`` and ``dispatch.run_chunk``/``_race``/``_attempt``: encrypt the operand,
-serialise each chunk, send all chunks at once, race a hedge against a straggler, retry a failed
+serialise each chunk, send the chunks (``upload_slots`` requests written at once, each deadline and
+hedge clock starting when its upload slot is taken), race a hedge against a straggler, retry a failed
 chunk elsewhere (after a backoff where only providers that failed it are left), until each chunk
 is accepted. Every step's cost is a flow on the simulated resources (engine.py).
 """
@@ -97,13 +98,14 @@ class Client:
         self.up = None if shared else Resource("client uplink", c.up_bps)
         self.down = None if shared else Resource("client downlink", c.down_bps)
         self.crypto = FifoServers(sim, config.crypto_threads)
+        self.uploads = FifoServers(sim, config.upload_slots)  # requests written at once (exchange.py)
         self.nodes: dict[ID, Node] = {}
         for i, spec in enumerate(swarm.providers):
             device = self.cpu if shared else Resource(f"provider {i} device", spec.parallelism)
             links = (None, None) if shared else (Resource(f"provider {i} uplink", spec.up_bps), Resource(f"provider {i} downlink", spec.down_bps))
             node = Node(sim, i, spec, device, *links)
             self.nodes[node.peer] = node
-        self.table = PeerTable(ledger=Ledger(), ban_base_s=config.ban_base_s, ban_max_s=config.ban_max_s,
+        self.table = PeerTable(ledger=Ledger(), ban_base_s=config.ban_base_s, ban_max_s=config.ban_max_s, link_bps=config.link_bps,
                                clock=lambda: sim.now, wall_ms=lambda: 0)
         for node in self.nodes.values():
             self.table.update(node.advert(model))
@@ -262,10 +264,11 @@ class ChunkRun:
             self._raced = True
             self.first_rtts.append(client.nodes[state.peer].spec.rtt_s)
         self._race, self._race_failed = [], []
-        first = Attempt(self, state)
+        hedge_at = client.router.hedge_delay(state, self.macs, self.payload)
+        # the hedge clock starts when the first attempt gets its upload slot, as in dispatch._race
+        first = Attempt(self, state, on_started=lambda race=self._race: client.sim.after(
+            hedge_at, lambda: self._maybe_hedge(race, first)))
         self._race.append(first)
-        hedge_at = client.router.hedge_delay(state, self.macs)
-        client.sim.after(hedge_at, lambda race=self._race: self._maybe_hedge(race, first))
         first.start()
 
     def _maybe_hedge(self, race: list["Attempt"], first: "Attempt") -> None:
@@ -304,7 +307,7 @@ class ChunkRun:
 class Attempt:
     """One request to one provider (dispatch._attempt): send, compute, reply, check, accept."""
 
-    def __init__(self, run: ChunkRun, state: PeerState) -> None:
+    def __init__(self, run: ChunkRun, state: PeerState, on_started: Callable[[], None] = lambda: None) -> None:
         self.run, self.state = run, state
         self.client = run.client
         self.node = self.client.nodes[state.peer]
@@ -312,12 +315,29 @@ class Attempt:
         self.ended = False
         self.flow: Flow | None = None
         self.compute_s = 0.0
+        self.holds_upload = False
+        self._on_started = on_started
 
     def start(self) -> None:
+        self.client.tally.attempts += 1
+        self.node.attempts.add(self)
+        self.client.uploads.acquire(self._upload_slot_taken)
+
+    def _release_upload(self) -> None:
+        if self.holds_upload:
+            self.holds_upload = False
+            self.client.uploads.release()
+
+    def _upload_slot_taken(self) -> None:
+        """The exchange proper (exchange.py): its deadline counts from here, not from the queue."""
         client, node = self.client, self.node
-        client.tally.attempts += 1
-        node.attempts.add(self)
-        timeout = client.router.attempt_timeout(self.state, self.run.macs)
+        if self.ended:  # a twin won while this one queued
+            client.uploads.release()
+            return
+        self.holds_upload = True
+        self.started = client.sim.now
+        self._on_started()
+        timeout = client.router.attempt_timeout(self.state, self.run.macs, self.run.payload)
         client.sim.after(timeout, lambda: self.fail("timeout"))
         if not node.alive:  # the dial is refused after a round trip
             client.sim.after(node.spec.rtt_s, lambda: self.fail("unreachable"))
@@ -332,6 +352,7 @@ class Attempt:
 
         def sent() -> None:
             self.flow = None
+            self._release_upload()
             self.client.sim.after(self.node.spec.rtt_s / 2, self._arrive)
 
         self.flow = self.client.transfer(self.run.payload, (self.client.up, self.node.down), sent)
@@ -391,7 +412,7 @@ class Attempt:
             client.tally.macs += run.macs
             client.tally.paid += amount
             client.table.on_success(self.state.peer, elapsed_s=client.sim.now - self.started, compute_s=self.compute_s,
-                                    macs=run.macs, amount=int(amount))
+                                    macs=run.macs, amount=int(amount), payload=run.payload)
         self._end()
         run.attempt_ended(self, ok=True)
 
@@ -414,6 +435,7 @@ class Attempt:
         if self.ended:
             return
         self.ended = True
+        self._release_upload()
         if self.flow is not None:
             self.client.sim.flows.cancel(self.flow)
             self.flow = None
