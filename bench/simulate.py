@@ -71,10 +71,11 @@ def measure_provider() -> tuple[float, float]:
 def measure_client_crypto() -> dict[str, float]:
     """Core-ns per value of encrypt (per input value), decrypt and verify (per output value), wire per byte."""
     be = get_backend("rlwe")
-    w = PlainWeights(load_model(BUNDLED_MODEL).resolve("model.layers.0.mlp.up_proj").weight.q)  # type: ignore[union-attr]
+    q = load_model(BUNDLED_MODEL).resolve("model.layers.0.mlp.up_proj").weight.q  # type: ignore[union-attr]
+    w = PlainWeights(q)
     params = be.params_for(w, 8)
     key = be.keygen(params)
-    x = torch.randint(-128, 128, (params.n, w.q.shape[0]))
+    x = torch.randint(-128, 128, (params.n, q.shape[0]))
     ct = be.encrypt(key, x)
     out = be.matmul(ct, w)
     checker = FreivaldsVerifier.for_params(w, params)

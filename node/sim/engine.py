@@ -154,7 +154,8 @@ class FlowModel:
         if generation != self._generation:  # rates changed since: a newer timer is pending
             return
         self._settle()
-        finished = [f for f in self._flows if f.amount <= EPS * max(1.0, f.rate)]
+        # less than a nanosecond of work left is done: float time stops advancing below that at large clocks
+        finished = [f for f in self._flows if f.amount <= max(EPS, f.rate * 1e-9)]
         for f in finished:
             self._remove(f)
         self._reschedule()
