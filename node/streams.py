@@ -96,11 +96,12 @@ async def request_reply(
     read_timeout_s: float,
     frame_timeout_s: float,
     on_sent: Callable[[], None] = lambda: None,
+    on_reply: Callable[[], None] = lambda: None,
 ) -> Frame:
     """Send a request frame and read the reply frame, reading while still writing: a provider may
     answer BUSY before it reads the request (protocol README, "Exchange"), and then the rest of
-    the payload need not be sent. `on_sent` is called once the whole request is written. The one
-    failure of the two directions is raised as itself."""
+    the payload need not be sent. `on_sent` is called once the whole request is written, `on_reply`
+    once the reply's first bytes arrive. The one failure of the two directions is raised as itself."""
 
     async def send() -> None:
         await send_frame(stream, sealed, payload, timeout_s=frame_timeout_s)
@@ -109,7 +110,8 @@ async def request_reply(
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send)
-            reply = await read_frame(stream, limits=limits, read_timeout_s=read_timeout_s, frame_timeout_s=frame_timeout_s)
+            reply = await read_frame(stream, limits=limits, read_timeout_s=read_timeout_s, frame_timeout_s=frame_timeout_s,
+                                     on_first_bytes=on_reply)
             nursery.cancel_scope.cancel()  # a no-op unless the reply came early
     except BaseExceptionGroup as group:
         errors = leaf_errors(group)

@@ -12,6 +12,7 @@ DeadlineExceeded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -58,14 +59,18 @@ async def read_frame(
     limits: Limits,
     read_timeout_s: float = 10.0,
     frame_timeout_s: float = 120.0,
+    on_first_bytes: Callable[[], None] = lambda: None,
 ) -> Frame:
     """Read one frame. Raises FrameTooLarge, MalformedFrame, TruncatedFrame (`is_clean_close` if
-    the peer closed between frames) or DeadlineExceeded. The frame is not verified yet."""
+    the peer closed between frames) or DeadlineExceeded. The frame is not verified yet.
+    `on_first_bytes` is called once the frame's first bytes have arrived."""
     parser = FrameParser(limits)
     try:
         with trio.fail_after(frame_timeout_s):
-            while (frame := parser.feed(await _read_exactly(stream, parser.want, read_timeout_s))) is None:
-                pass
+            frame = parser.feed(await _read_exactly(stream, parser.want, read_timeout_s))
+            on_first_bytes()
+            while frame is None:
+                frame = parser.feed(await _read_exactly(stream, parser.want, read_timeout_s))
     except trio.TooSlowError:
         raise DeadlineExceeded("frame", timeout_s=frame_timeout_s) from None
     return frame

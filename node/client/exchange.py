@@ -19,7 +19,9 @@ until its request is written. On a home uplink, sending every chunk at once woul
 link so that all of them arrive late, past the providers' frame deadlines; in turns, the first
 chunks arrive early and their providers start computing while the rest are sent. The deadline
 (and the dispatcher's hedge clock, through `started`) counts from the moment the slot is taken:
-time queued behind our own uplink is not the provider's fault.
+time queued behind our own uplink is not the provider's fault. It ends when the reply's first
+bytes arrive: from then on the reply is read at whatever rate the links allow, each read bounded
+by its own timeout and the whole frame by its size at MIN_REPLY_BPS.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from ..host import NodeHost
 from ..streams import close_stream, request_reply, send_frame
 
 ACK_TIMEOUT_S = 5.0
+MIN_REPLY_BPS = 1e6  # slowest reply transfer tolerated, bytes/s (8 Mbit/s)
 
 
 async def wait_any(*events: trio.Event) -> None:
@@ -79,6 +82,7 @@ class Exchange:
         self._uploads = uploads
         self._holds_upload = False
         self.started = trio.Event() if started is None else started  # an upload slot is taken: the deadline runs from here
+        self._replying = trio.Event()  # the reply's first bytes arrived: the deadline is met
         self._protocols = list(protocols)
         self._stream: INetStream | None = None
         self._reply: Frame | BaseException | None = None
@@ -151,11 +155,13 @@ class Exchange:
             self._stream = await self._node.host.new_stream(self.peer, self._protocols)
             if self._stop.is_set() or self._expired:  # too late: the request would be stale work
                 return
-            # The watchdog enforces the deadline; the reader's own timeouts only back it up.
+            # The watchdog enforces the deadline up to the reply's first bytes; after them, the
+            # reads' own timeouts bound a stalled or trickling reply.
             slack = self._timeout_s + 1.0
             frame = await request_reply(
                 self._stream, self._sealed, self._payload, limits=self._limits, read_timeout_s=slack,
-                frame_timeout_s=slack, on_sent=self._release_upload,
+                frame_timeout_s=slack + self._limits.max_payload_size / MIN_REPLY_BPS,
+                on_sent=self._release_upload, on_reply=self._replying.set,
             )
         except Exception as exc:  # handed to the attempt, which classifies it
             self._deliver(ExchangeExpired() if self._expired else exc)
@@ -176,6 +182,8 @@ class Exchange:
             self._abandon_queue.cancel()
         else:
             with trio.move_on_after(self._timeout_s):
+                await wait_any(self._stop, self._replying)
+            if self._replying.is_set():  # the reply is on its way: its reads time out by themselves
                 await self._stop.wait()
         self._expired = not self._stop.is_set()
         self._decided.set()

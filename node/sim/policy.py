@@ -316,6 +316,7 @@ class Attempt:
         self.flow: Flow | None = None
         self.compute_s = 0.0
         self.holds_upload = False
+        self.replying = False
         self._on_started = on_started
 
     def start(self) -> None:
@@ -338,7 +339,8 @@ class Attempt:
         self.started = client.sim.now
         self._on_started()
         timeout = client.router.attempt_timeout(self.state, self.run.macs, self.run.payload)
-        client.sim.after(timeout, lambda: self.fail("timeout"))
+        # the deadline ends when the reply starts (exchange.py): from then on it is read at the links' pace
+        client.sim.after(timeout, lambda: None if self.replying else self.fail("timeout"))
         if not node.alive:  # the dial is refused after a round trip
             client.sim.after(node.spec.rtt_s, lambda: self.fail("unreachable"))
             return
@@ -383,6 +385,7 @@ class Attempt:
     def _reply(self) -> None:
         if self.ended or not self.node.alive:
             return
+        self.replying = True
         self.client.tally.bytes_down += self.run.reply
 
         def received() -> None:
