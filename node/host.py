@@ -195,3 +195,7 @@ async def open_host(
                     await _add_to_routing_table(dht, peer)
                 yield node
                 nursery.cancel_scope.cancel()
+            # Hang up before the services stop: a gossip message still arriving on an open stream
+            # after pubsub's task nursery closed makes libp2p raise "Nursery is closed to new arrivals".
+            for peer in list(host.get_network().connections):
+                await node.disconnect(peer)
