@@ -70,6 +70,12 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _groups_to_fit(blocks: int, block_bytes: int, max_payload: int) -> int:
+    """Block groups needed so that no group's payload exceeds `max_payload` (one block per group
+    when even one is too big: the row split is the answer to that)."""
+    return _ceil_div(blocks, max(1, max_payload // block_bytes))
+
+
 @dataclass(frozen=True, slots=True)
 class CallShape:
     """The geometry of one layer call, in the operand's axes."""
@@ -110,16 +116,18 @@ class ChunkRouter:
                 kind = "blocks"
             else:
                 kind = "columns"
-        fit = _ceil_div(shape.blocks * shape.block_bytes, max_payload)  # pieces for payloads to fit
         groups = rows = cols = 1
         if kind == "blocks":
-            groups = min(shape.blocks, max(k, fit))
+            groups = max(k, _groups_to_fit(shape.blocks, shape.block_bytes, max_payload))
         elif kind == "columns":
             cols = min(k, shape.output)
-            groups = min(shape.blocks, fit)
+            groups = _groups_to_fit(shape.blocks, shape.block_bytes, max_payload)
         else:
-            rows = min(shape.contraction, max(k, _ceil_div(shape.block_bytes, max_payload)))
-            groups = min(shape.blocks, _ceil_div(fit, rows))
+            feature_bytes = shape.n * shape.in_bytes  # one feature of one block
+            rows = min(shape.contraction, max(k, _ceil_div(shape.contraction, max(1, max_payload // feature_bytes))))
+            part_bytes = _ceil_div(shape.contraction, rows) * shape.n * shape.in_bytes  # the largest row part
+            groups = _groups_to_fit(shape.blocks, part_bytes, max_payload)
+        groups = min(shape.blocks, groups)
         product = itertools.product(_ranges(shape.blocks, groups), _ranges(shape.contraction, rows), _ranges(shape.output, cols))
         return [Chunk(i, b, c, o, row_parts=rows) for i, (b, c, o) in enumerate(product)]
 

@@ -183,8 +183,11 @@ class TestPlan:
             ("auto", 100, 3, 10**9, (1, 1, 3)),  # one block, three providers: columns
             ("auto", 5000, 3, 10**9, (3, 1, 1)),  # three blocks: token blocks
             ("auto", 5000, 2, 10**9, (2, 1, 1)),
-            ("auto", 100, 3, 8_000, (1, 5, 1)),  # a block does not fit: contraction rows
+            ("auto", 100, 3, 8_000, (1, 6, 1)),  # a block does not fit: rows of at most 3 features (6 KiB)
             ("auto", 5000, 1, 40_000, (3, 1, 1)),  # one provider, payloads must fit: more block groups
+            ("auto", 16 * 2048, 3, 40_000, (16, 1, 1)),  # a block fits, two do not: one block per group
+            ("auto", 16 * 2048, 3, 70_000, (8, 1, 1)),  # two blocks fit: pairs
+            ("rows", 16 * 2048, 2, 40_000, (8, 2, 1)),  # half-blocks: two per group fit
             ("blocks", 100, 3, 10**9, (1, 1, 1)),
             ("rows", 5000, 2, 10**9, (1, 2, 1)),
             ("columns", 5000, 2, 10**9, (1, 1, 2)),
@@ -198,4 +201,6 @@ class TestPlan:
         assert groups == kinds
         assert _covers_exactly(chunks, shape)
         assert all(c.row_parts == groups[1] for c in chunks)
+        if max_payload < 10**9:  # every chunk's input fits the payload limit
+            assert max(len(c.blocks) * len(c.contraction) * shape.n * shape.in_bytes for c in chunks) <= max_payload
         assert [c.index for c in chunks] == list(range(len(chunks)))
