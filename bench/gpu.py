@@ -26,22 +26,16 @@ import torch
 
 from cipherswarm.fhe_backend import get_backend
 from cipherswarm.fhe_backend.evaluator import matmul
-from cipherswarm.fhe_backend.int8_limbs import cublas_int8_gemm, cuda_int8_gemm, limb_count
+from cipherswarm.fhe_backend.errors import BackendUnavailable
+from cipherswarm.fhe_backend.int8_limbs import cublas_int8_gemm, cuda_device, cuda_int8_gemm, limb_count
 
 
 def open_gpu() -> Any:
     """cupy, or exit 1 with the reason there is no GPU path here."""
     try:
-        import cupy
-    except ImportError:
-        sys.exit("bench/gpu.py: cupy is not installed (pip install 'cipherswarm[gpu]'); nothing to measure")
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except cupy.cuda.runtime.CUDARuntimeError as exc:
-        sys.exit(f"bench/gpu.py: no usable CUDA device ({exc}); nothing to measure")
-    if count == 0:
-        sys.exit("bench/gpu.py: no CUDA device; nothing to measure")
-    return cupy
+        return cuda_device()
+    except BackendUnavailable as exc:
+        sys.exit(f"bench/gpu.py: {exc}; nothing to measure")
 
 
 def device_seconds(cupy: Any, fn: Callable[[], object], reps: int) -> float:

@@ -121,7 +121,7 @@ def matmul(
             if method == "f64":
                 z = np.empty((len(rows) * limbs, ct.d, n), dtype=np.float64)
                 for i, words in enumerate(rows):
-                    kernels.split_limbs_f64(words, p.log_q, lb, z[i * limbs : (i + 1) * limbs])
+                    kernels.split_limbs(words, p.log_q, lb, z[i * limbs : (i + 1) * limbs])
             else:  # words as they are: the int64 product wraps mod 2^64, a multiple of q
                 z = np.stack(rows)
             prod = torch.matmul(left, torch.from_numpy(z)).numpy()  # (len(rows) * limbs, width, n)

@@ -20,10 +20,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from numba import njit
 
 from .errors import BackendUnavailable, InputRangeError
-from .kernels import _split_low_limb
+from . import kernels
 
 LIMB_BITS = 8
 #: largest |limb| and |weight|: limbs are centred in [-128, 127], weights are int8 in [-128, 127]
@@ -64,25 +63,6 @@ def weights_int8(w: torch.Tensor, transpose: bool) -> np.ndarray:
     return np.ascontiguousarray(left.to(torch.int8).numpy())
 
 
-@njit(cache=True, nogil=True)
-def split_limbs_int8(words, log_q, out):
-    """Centre words mod 2^log_q and split them into signed 8-bit limbs: out[i, l, j] = limb_l(w[i, j]).
-
-    words: (d, n) int64 (only the low log_q bits are read); out: (d, limbs, n) int8, so that the
-    limbs of every row sit next to each other and one GEMM takes all of them. Every limb but the
-    top one is in [-128, 127]; the top one reaches +128 only when log_q = 8 * limbs and is stored
-    as -128, which changes the word by 2^log_q: nothing mod q.
-    """
-    rows, limbs, cols = out.shape
-    shift = 64 - log_q
-    for i in range(rows):
-        for j in range(cols):
-            v = (words[i, j] << shift) >> shift
-            for l in range(limbs):
-                lo, v = _split_low_limb(v, LIMB_BITS)
-                out[i, l, j] = np.int8(lo)
-
-
 def limb_products(rows: Sequence[np.ndarray], left: np.ndarray, log_q: int, gemm: Int8Gemm) -> np.ndarray:
     """``left @ limb_l(words)`` for every words matrix in ``rows`` and every limb l, exact in int64.
 
@@ -96,7 +76,7 @@ def limb_products(rows: Sequence[np.ndarray], left: np.ndarray, log_q: int, gemm
     d, n = rows[0].shape
     z = np.empty((d, len(rows), limbs, n), dtype=np.int8)
     for r, words in enumerate(rows):
-        split_limbs_int8(words, log_q, z[:, r])
+        kernels.split_limbs(words, log_q, LIMB_BITS, z[:, r].transpose(1, 0, 2))  # (limbs, d, n) view
     z = z.reshape(d, len(rows) * limbs * n)
     width = left.shape[0]
     acc = np.zeros((width, z.shape[1]), dtype=np.int64)
@@ -122,6 +102,18 @@ def _cupy() -> Any:
 # cudaDataType values of int8 and int32 matrices (library_types.h)
 _CUDA_R_8I, _CUDA_R_32I = 3, 10
 _ONE, _ZERO = np.ones(1, dtype=np.int32), np.zeros(1, dtype=np.int32)
+
+
+def cuda_device() -> Any:
+    """cupy, once at least one CUDA device answers; BackendUnavailable saying why otherwise."""
+    cupy = _cupy()
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError as exc:
+        raise BackendUnavailable(f"no usable CUDA device ({exc})") from None
+    if count == 0:
+        raise BackendUnavailable("no CUDA device")
+    return cupy
 
 
 def _pad4(x: int) -> int:

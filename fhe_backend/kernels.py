@@ -124,8 +124,13 @@ def finish_decrypt(f, untwist, limb_bits, log_q, out_bits_a, out_bits_b, delta, 
 
 
 @njit(cache=True, nogil=True)
-def split_limbs_f64(words, log_q, limb_bits, out):
-    """Centre words mod 2^log_q and split into signed float64 limbs: out (limbs, r, c)."""
+def split_limbs(words, log_q, limb_bits, out):
+    """Centre words mod 2^log_q and split them into signed limbs: out[l, i, j] = limb_l(words[i, j]).
+
+    ``out`` may be float64 (the provider's BLAS limbs) or int8 with 8-bit limbs (the GPU's; a view
+    laid out as (limbs, r, c) over any memory order). An int8 top limb reaches +128 only when
+    log_q = 8 * limbs and then wraps to -128, which changes the word by 2^log_q: nothing mod q.
+    """
     limbs, rows, cols = out.shape
     shift = 64 - log_q
     for i in range(rows):
@@ -133,7 +138,7 @@ def split_limbs_f64(words, log_q, limb_bits, out):
             v = (words[i, j] << shift) >> shift
             for l in range(limbs):
                 lo, v = _split_low_limb(v, limb_bits)
-                out[l, i, j] = float(lo)
+                out[l, i, j] = lo
 
 
 @njit(cache=True, nogil=True)

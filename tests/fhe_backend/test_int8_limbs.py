@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from cipherswarm.fhe_backend import InputRangeError, MatmulResult, get_backend
+from cipherswarm.fhe_backend import BackendUnavailable, InputRangeError, MatmulResult, get_backend
 from cipherswarm.fhe_backend import int8_limbs
 from cipherswarm.fhe_backend.evaluator import matmul
-from cipherswarm.fhe_backend.int8_limbs import MAX_CHUNK, cpu_int8_gemm, limb_products, self_check, split_limbs_int8
-from cipherswarm.fhe_backend.kernels import join_limbs_switch
+from cipherswarm.fhe_backend.int8_limbs import LIMB_BITS, MAX_CHUNK, cpu_int8_gemm, cuda_device, limb_products, self_check
+from cipherswarm.fhe_backend.kernels import join_limbs_switch, split_limbs
 from cipherswarm.fhe_backend.params import Params
 
 be = get_backend("rlwe")
@@ -110,7 +110,7 @@ class TestNoOverflow:
         for d, pieces in ((MAX_CHUNK, [MAX_CHUNK]), (MAX_CHUNK + 4, [MAX_CHUNK, 4])):
             words = np.full((d, 4), word, dtype=np.int64)
             limbs = np.empty((8, 8, 4), dtype=np.int8)
-            split_limbs_int8(words[:8], 64, limbs)
+            split_limbs(words[:8], 64, LIMB_BITS, limbs)
             assert (limbs == -128).all()
             left = np.full((3, d), -128, dtype=np.int8)
             calls = []
@@ -191,13 +191,11 @@ class TestCuda:
 
     @pytest.fixture(autouse=True)
     def _needs_gpu(self) -> None:
-        cupy = pytest.importorskip("cupy")
+        pytest.importorskip("cupy")
         try:
-            count = cupy.cuda.runtime.getDeviceCount()
-        except cupy.cuda.runtime.CUDARuntimeError as exc:
-            pytest.skip(f"no CUDA device: {exc}")
-        if count == 0:
-            pytest.skip("no CUDA device")
+            cuda_device()
+        except BackendUnavailable as exc:
+            pytest.skip(str(exc))
 
     def test_self_check(self) -> None:
         assert self_check(int8_limbs.cuda_int8_gemm) is None
