@@ -1,0 +1,27 @@
+"""The one-command benchmark runs end to end (small shapes): every part, real provider processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_all_benchmarks_run_in_one_command() -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "all.py"), "--quick"], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    exact = [line for line in out.splitlines() if line.strip().startswith("exact (decrypt(matmul(encrypt(x))) == x @ w)")]
+    assert len(exact) == 2 and all("True" in line for line in exact)  # both encryption profiles
+    summary = out[out.index("\nsummary ("):]
+    for row in ("provider encrypted / plain fp32 MAC/s, default", "client encrypt+decrypt+verify / plain fp32 layer",
+                "bytes per value in / out", "training step swarm[3] / disable, 2048 tokens",
+                "one layer through 3 provider(s) on one machine"):
+        assert row in summary, row
