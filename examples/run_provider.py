@@ -2,11 +2,11 @@
 
     python examples/run_provider.py --model trainer/assets/tiny-shakespeare-llama --listen /ip4/0.0.0.0/tcp/4001
 
-Picks ``--device cuda`` when a CUDA GPU is visible (the CUDA engine is not built yet, so the provider
-reports it and computes on the CPU), otherwise ``cpu``. What to expect: the provider's work per
-product is a few float64 GEMMs on the CPU today (measured in bench/RESULTS.md: about 1/9 to 1/14 of
-a plain fp32 matmul's throughput on the same cores); a consumer GPU will matter once the int8
-tensor-core engine lands. It prints its full multiaddr once serving: give that to clients as their
+Picks ``--device cuda`` when a CUDA GPU is visible (the provider then computes with int8 limbs on the
+tensor cores if its start-up self-check matches the CPU bit for bit, and on the CPU otherwise),
+otherwise ``cpu``. What to expect on the CPU: a few float64 GEMMs per product (bench/RESULTS.md:
+about 1/9 to 1/14 of a plain fp32 matmul's throughput on the same cores); on a GPU, 12 int8 GEMMs
+per product (6 with the shared-mask profile), not measured yet. It prints its full multiaddr once serving: give that to clients as their
 ``--bootstrap``. Ctrl-C stops it.
 """
 
