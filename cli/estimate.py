@@ -99,6 +99,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"seconds before an attempt is given up at the earliest (default {ClientConfig().timeout_min_s:g})")
     g.add_argument("--request-ttl-s", type=float, default=ClientConfig().request_ttl_s,
                    help=f"lifetime of a request in seconds, at most 120 (default {ClientConfig().request_ttl_s:g})")
+    g.add_argument("--upload-slots", type=int, default=ClientConfig().upload_slots,
+                   help=f"requests the client writes at once, ClientConfig.upload_slots (default {ClientConfig().upload_slots})")
     g.add_argument("--split", choices=["auto", "blocks", "columns", "rows"], default="auto", help="chunk split (default auto)")
     g.add_argument("--swarm-json", type=Path, default=None,
                    help="a Swarm as JSON (client, providers, shared_cores, loopback_s_per_byte, seed) instead of the "
@@ -141,8 +143,8 @@ def estimate(args: argparse.Namespace) -> Estimate:
     workload = Workload(load_model(args.model), tokens=args.tokens, micro_batch_tokens=args.micro_batch_tokens,
                         seq_len=args.seq_len, n_layers_to_skip_for_backprop=args.skip_backprop, profile=args.profile,
                         eval_batches=args.eval_batches)
-    config = ClientConfig(max_chunks=args.max_chunks, split=args.split, hedge_min_s=args.hedge_min_s,
-                          timeout_min_s=args.timeout_min_s, request_ttl_s=args.request_ttl_s)
+    config = ClientConfig(max_chunks=args.max_chunks, split=args.split, upload_slots=args.upload_slots,
+                          hedge_min_s=args.hedge_min_s, timeout_min_s=args.timeout_min_s, request_ttl_s=args.request_ttl_s)
     return simulate(workload, build_swarm(args), config, max_steps=args.max_steps or None)
 
 

@@ -29,7 +29,7 @@ class ClientConfig:
     lookup_interval_s: float = 15.0  # DHT lookups for new providers
     read_timeout_s: float = 10.0  # one read call of a reply
     crypto_threads: int = 2  # worker threads for encryption, decryption and checks
-    upload_slots: int = 2  # requests written at once; more would only split the uplink (exchange.py)
+    upload_slots: int = 4  # requests written at once; more would only split the uplink (exchange.py)
     link_bps: float = 2.5e6  # bytes/s a request's payload is assumed to move at until measured (20 Mbit/s)
 
     def __post_init__(self) -> None:
