@@ -25,10 +25,11 @@ _MAGIC = b"CSC1"
 
 def exact_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Exact int64 ``x @ w``: float64 BLAS when every partial sum stays below 2^53, else int64."""
+    x, w = x.to(torch.int64), w.to(torch.int64)  # abs() of an int8 -128 would stay -128
     bound = int(x.abs().max()) * int(w.abs().sum(dim=0).max()) if x.numel() and w.numel() else 0
     if bound < 1 << 53:
         return torch.round(x.to(torch.float64) @ w.to(torch.float64)).to(torch.int64)
-    return x.to(torch.int64) @ w.to(torch.int64)
+    return x @ w
 
 
 @dataclass(frozen=True, eq=False)
