@@ -81,7 +81,7 @@ def render(e: Estimate, *, title: str = "estimate") -> str:
         f"  bytes up / down                  {size(t.bytes_up)} / {size(t.bytes_down)}",
         f"  chunks {t.chunks:,}, attempts {t.attempts:,}, retries {t.retries:,}, hedges {t.hedges:,}, timeouts {t.timeouts:,}, "
         f"unreachable {t.unreachable:,}",
-        "bottlenecks (seconds each resource needs on its own; the largest bounds the wall time):",
+        "bottlenecks (seconds each resource needs on its own; the wall time is at least the largest):",
     ]
     for name, seconds in sorted(e.demand_s.items(), key=lambda kv: -kv[1]):
         out.append(f"  {name:<44} {duration(seconds):>12}  {100 * seconds / e.wall_s:5.1f}% of wall")

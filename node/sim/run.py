@@ -21,6 +21,8 @@ from .policy import Client, Tally
 from .swarm import Swarm
 from .workload import Workload
 
+SATURATED = 0.6  # a resource busy this share of the wall time or more is what bounds it
+
 
 @dataclass
 class Estimate:
@@ -44,7 +46,13 @@ class Estimate:
 
     @property
     def bottleneck(self) -> str:
-        return max(self.demand_s, key=self.demand_s.__getitem__)
+        """The busiest resource when it is busy most of the wall time; otherwise the calls' sequence:
+        each call's upload, compute and download wait on one another, so no link or CPU is saturated."""
+        name = max(self.demand_s, key=self.demand_s.__getitem__)
+        share = self.demand_s[name] / self.wall_s if self.wall_s else 1.0
+        if share >= SATURATED:
+            return name
+        return f"the calls' sequence (no resource is saturated: the busiest, {name}, works {share:.0%} of the time)"
 
 
 def simulate(workload: Workload, swarm: Swarm, config: ClientConfig = ClientConfig(), *, max_steps: int | None = None) -> Estimate:
@@ -120,7 +128,7 @@ def _scaled(t: Tally, k: float) -> Tally:
 
 
 def demands(e: Estimate) -> dict[str, float]:
-    """Seconds each resource would need on its own for the whole run: the largest bounds the wall time."""
+    """Seconds each resource would need on its own for the whole run: the wall time is at least the largest."""
     t, s = e.tally, e.swarm
     out: dict[str, float] = {}
     if s.shared_cores:
