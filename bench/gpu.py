@@ -27,7 +27,8 @@ import torch
 from cipherswarm.fhe_backend import get_backend
 from cipherswarm.fhe_backend.evaluator import matmul
 from cipherswarm.fhe_backend.errors import BackendUnavailable
-from cipherswarm.fhe_backend.int8_limbs import cublas_int8_gemm, cuda_device, cuda_int8_gemm, limb_count
+from cipherswarm.fhe_backend.int8_limbs import LIMB_BITS, cublas_int8_gemm, cuda_device, cuda_int8_gemm
+from cipherswarm.fhe_backend.ring import limb_count
 
 
 def open_gpu() -> Any:
@@ -82,7 +83,7 @@ def main() -> None:
         params = be.params_for(w, 8, profile=profile)
         sk = be.keygen(params, weights=w)
         ct = be.encrypt(sk, x)
-        gemms = (1 if params.out_bits_a == 0 else 2) * limb_count(params.log_q)
+        gemms = (1 if params.out_bits_a == 0 else 2) * limb_count(params.log_q, LIMB_BITS)
         print(f"\n{profile} profile: log q = {params.log_q}, N = {params.n}, {gemms} limb GEMMs per block of N tokens")
         left = cupy.asarray(np.ascontiguousarray(w8.T))
         limbs = cupy.asarray(rng.integers(-128, 128, (d_in, gemms * params.n), dtype=np.int8))

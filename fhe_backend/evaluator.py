@@ -20,6 +20,7 @@ from .ciphertext import Ciphertext, MatmulResult
 from .errors import ShapeMismatch
 from .int8_limbs import Int8Gemm
 from .params import SHARED_MASK, WeightStats
+from .ring import limb_count
 from .sampling import expand_mask
 
 
@@ -101,14 +102,14 @@ def matmul(
     p.for_weights(stats)
     if method == "f64":
         lb = provider_limb_bits(stats.l1)
-        limbs = -(-p.log_q // lb)
         left = pw.f64 if transpose else pw.f64.t()  # (width, contraction): a view, BLAS reads it transposed
     elif method == "int8":
-        lb, limbs = int8_limbs.LIMB_BITS, int8_limbs.limb_count(p.log_q)
+        lb = int8_limbs.LIMB_BITS
         left = int8_limbs.weights_int8(pw.w, transpose)
     else:
-        lb, limbs = 64, 1
+        lb = 64  # one "limb": the whole word
         left = pw.i64 if transpose else pw.i64.t()
+    limbs = limb_count(p.log_q, lb)
     n = p.n
     shared = p.profile == SHARED_MASK  # the single mask per block needs no product: only B @ W
     b_out = np.empty((ct.blocks, width, n), dtype=np.int64)

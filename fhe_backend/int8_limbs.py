@@ -23,6 +23,7 @@ import torch
 
 from .errors import BackendUnavailable, InputRangeError
 from . import kernels
+from .ring import limb_count
 
 LIMB_BITS = 8
 #: largest |limb| and |weight|: limbs are centred in [-128, 127], weights are int8 in [-128, 127]
@@ -41,11 +42,6 @@ GEMM_CHUNK = MAX_CHUNK
 Int8Gemm = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """A device's raw GEMM: ``(a, b) -> a @ b`` for int8 ``a`` (m, k) and ``b`` (k, n), as an int32
 (m, n) host array accumulated in int32 (the callers keep k <= MAX_CHUNK, so it never wraps)."""
-
-
-def limb_count(log_q: int) -> int:
-    """Limbs of LIMB_BITS bits per word mod 2^log_q."""
-    return -(-log_q // LIMB_BITS)
 
 
 def weights_int8(w: torch.Tensor, transpose: bool) -> np.ndarray:
@@ -72,7 +68,7 @@ def limb_products(rows: Sequence[np.ndarray], left: np.ndarray, log_q: int, gemm
     """
     if not 1 <= GEMM_CHUNK <= MAX_CHUNK:
         raise ValueError(f"GEMM_CHUNK must be in [1, {MAX_CHUNK}] so int32 cannot overflow, got {GEMM_CHUNK}")
-    limbs = limb_count(log_q)
+    limbs = limb_count(log_q, LIMB_BITS)
     d, n = rows[0].shape
     z = np.empty((d, len(rows), limbs, n), dtype=np.int8)
     for r, words in enumerate(rows):

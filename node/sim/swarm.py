@@ -12,6 +12,9 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from cipherswarm.fhe_backend.int8_limbs import LIMB_BITS as INT8_LIMB_BITS
+from cipherswarm.fhe_backend.ring import limb_count
+
 MBIT = 1e6 / 8
 """Bytes per second in one Mbit/s."""
 
@@ -106,7 +109,7 @@ class GpuAssumption:
     usd_per_hour: float = 0.20  # what renting such a GPU costs, for the price per GMAC
 
     def limb_gemms(self, profile: str) -> int:
-        return (2 if profile == "default" else 1) * -(-self.log_q // 8)
+        return (2 if profile == "default" else 1) * limb_count(self.log_q, INT8_LIMB_BITS)
 
     def macs_per_s(self, profile: str) -> float:
         return self.int8_tops_dense * 1e12 / 2 * self.efficiency / self.limb_gemms(profile)
