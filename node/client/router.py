@@ -70,10 +70,10 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _groups_to_fit(blocks: int, block_bytes: int, max_payload: int) -> int:
-    """Block groups needed so that no group's payload exceeds `max_payload` (one block per group
-    when even one is too big: the row split is the answer to that)."""
-    return _ceil_div(blocks, max(1, max_payload // block_bytes))
+def _pieces_to_fit(items: int, item_bytes: int, max_payload: int) -> int:
+    """Pieces of consecutive items (blocks, or features) needed so that no piece's payload exceeds
+    `max_payload` (one item per piece when even one is too big)."""
+    return _ceil_div(items, max(1, max_payload // item_bytes))
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,15 +118,15 @@ class ChunkRouter:
                 kind = "columns"
         groups = rows = cols = 1
         if kind == "blocks":
-            groups = max(k, _groups_to_fit(shape.blocks, shape.block_bytes, max_payload))
+            groups = max(k, _pieces_to_fit(shape.blocks, shape.block_bytes, max_payload))
         elif kind == "columns":
             cols = min(k, shape.output)
-            groups = _groups_to_fit(shape.blocks, shape.block_bytes, max_payload)
+            groups = _pieces_to_fit(shape.blocks, shape.block_bytes, max_payload)
         else:
             feature_bytes = shape.n * shape.in_bytes  # one feature of one block
-            rows = min(shape.contraction, max(k, _ceil_div(shape.contraction, max(1, max_payload // feature_bytes))))
-            part_bytes = _ceil_div(shape.contraction, rows) * shape.n * shape.in_bytes  # the largest row part
-            groups = _groups_to_fit(shape.blocks, part_bytes, max_payload)
+            rows = min(shape.contraction, max(k, _pieces_to_fit(shape.contraction, feature_bytes, max_payload)))
+            part_bytes = _ceil_div(shape.contraction, rows) * feature_bytes  # the largest row part of one block
+            groups = _pieces_to_fit(shape.blocks, part_bytes, max_payload)
         groups = min(shape.blocks, groups)
         product = itertools.product(_ranges(shape.blocks, groups), _ranges(shape.contraction, rows), _ranges(shape.output, cols))
         return [Chunk(i, b, c, o, row_parts=rows) for i, (b, c, o) in enumerate(product)]
