@@ -18,13 +18,14 @@ after a cheat, a BUSY reply that arrives mid-upload), so:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import trio
 from libp2p.abc import INetStream
 
 from cipherswarm.protocol import DeadlineExceeded, Frame, Limits, Sealed, frame_prefix
-from cipherswarm.protocol.stream import read_frame
+from cipherswarm.protocol.stream import read_exactly, read_frame
 
 from .errors import leaf_errors
 
@@ -56,24 +57,14 @@ async def read_to_end(stream: INetStream, *, limit: int, timeout_s: float) -> by
     """Everything the peer writes before it closes the stream; ValueError past `limit` bytes,
     DeadlineExceeded after `timeout_s`. For small messages only: far below a yamux window, their
     reads send no window update, so timing them out cannot break the connection."""
-    chunks: list[bytes] = []
-    received = 0
     try:
         with trio.fail_after(timeout_s):
-            while True:
-                try:
-                    chunk = await stream.read(limit + 1 - received)
-                except EOFError:
-                    break
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                received += len(chunk)
-                if received > limit:
-                    raise ValueError(f"more than {limit} bytes")
+            data = await read_exactly(stream, limit + 1, read_timeout_s=math.inf)  # the whole read is bounded
     except trio.TooSlowError:
         raise DeadlineExceeded("read", timeout_s=timeout_s) from None
-    return b"".join(chunks)
+    if len(data) > limit:
+        raise ValueError(f"more than {limit} bytes")
+    return data
 
 
 async def close_stream(stream: INetStream, *, reset: bool = False) -> None:

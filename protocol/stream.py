@@ -34,7 +34,7 @@ class WriteStream(Protocol):
     async def write(self, data: bytes) -> None: ...
 
 
-async def _read_exactly(stream: ReadStream, n: int, read_timeout_s: float) -> bytes:
+async def read_exactly(stream: ReadStream, n: int, read_timeout_s: float) -> bytes:
     """n bytes, or fewer if the stream ends first."""
     chunks: list[bytes] = []
     received = 0
@@ -67,10 +67,10 @@ async def read_frame(
     parser = FrameParser(limits)
     try:
         with trio.fail_after(frame_timeout_s):
-            frame = parser.feed(await _read_exactly(stream, parser.want, read_timeout_s))
+            frame = parser.feed(await read_exactly(stream, parser.want, read_timeout_s))
             on_first_bytes()
             while frame is None:
-                frame = parser.feed(await _read_exactly(stream, parser.want, read_timeout_s))
+                frame = parser.feed(await read_exactly(stream, parser.want, read_timeout_s))
     except trio.TooSlowError:
         raise DeadlineExceeded("frame", timeout_s=frame_timeout_s) from None
     return frame
