@@ -12,7 +12,7 @@
    CPU of this machine's cores shared by the client and the providers.
 4. The LLaMA-3-8B / 100k tokens / 100 consumer GPUs estimate, both profiles, with its assumptions.
 
-    .venv/bin/python bench/simulate.py [--steps 3] [--skip-testnet REPORT_DIR]
+    .venv/bin/python bench/simulate.py [--steps 3] [--testnet-dir DIR]
 """
 
 from __future__ import annotations
