@@ -13,10 +13,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .params import Params
-from .ring import NegacyclicFFT, ternary_eval
+from .ring import NegacyclicFFT, secret_eval_bound, ternary_eval
 from .sampling import ternary_secret
 
 KEY_ID_BYTES = 8
+
+
+def _spectrally_bounded(evals: np.ndarray, n: int) -> bool:
+    """max |s(zeta)| <= secret_eval_bound(n); the evaluations are exact to ~1e-12, far inside the margin."""
+    return float(np.abs(evals).max()) <= secret_eval_bound(n)
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -37,13 +42,21 @@ class SecretKey:
             raise ValueError(f"key id must be {KEY_ID_BYTES} bytes")
         self.s.setflags(write=False)
         ring = NegacyclicFFT(self.params.n)
+        evals = ternary_eval(ring, self.s[None])[0]
+        if not _spectrally_bounded(evals, self.params.n):
+            raise ValueError("secret has an evaluation above ring.secret_eval_bound: decryption's error bound would not hold")
         object.__setattr__(self, "ring", ring)
-        object.__setattr__(self, "secret_eval", ternary_eval(ring, self.s[None])[0])
+        object.__setattr__(self, "secret_eval", evals)
 
     @classmethod
     def generate_key(cls, params: Params) -> "SecretKey":
-        """A fresh uniform ternary secret from os.urandom."""
-        return cls(params=params, s=ternary_secret(params.n), key_id=os.urandom(KEY_ID_BYTES))
+        """A fresh uniform ternary secret from os.urandom, redrawn in the (< 2^-87) case that one of its
+        evaluations exceeds ring.secret_eval_bound."""
+        ring = NegacyclicFFT(params.n)
+        while True:
+            s = ternary_secret(params.n)
+            if _spectrally_bounded(ternary_eval(ring, s[None])[0], params.n):
+                return cls(params=params, s=s, key_id=os.urandom(KEY_ID_BYTES))
 
     def __repr__(self) -> str:
         return f"SecretKey(id={self.key_id.hex()}, n={self.params.n}, log_q={self.params.log_q})"

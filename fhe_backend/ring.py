@@ -7,7 +7,9 @@ two conjugate, so they determine a real polynomial): fold coefficient pairs into
 half-size FFT"); products are pointwise there. Float64 is exact only for small integers, so ``a`` is
 cut into signed limbs of LIMB_BITS bits: a limb product is below 2^(LIMB_BITS-1) * N in magnitude,
 so the FFT's rounding error (~2^-53 * 2^37 * O(log N)) stays far below 1/2 and rounding returns the
-exact integer. Decryption tolerates a bounded error (it is just more noise), so it may use one limb. The fused kernels in :mod:`.kernels` fold, recombine and finish in one pass each.
+exact integer. Decryption tolerates a bounded error (it is just more noise), so it may use one limb;
+that error scales with the largest evaluation |s(zeta)|, which every key keeps below
+:func:`secret_eval_bound` (:mod:`.keys` draws keys that way). The fused kernels in :mod:`.kernels` fold, recombine and finish in one pass each.
 """
 
 from __future__ import annotations
@@ -27,20 +29,39 @@ LIMB_BITS = 26
 ONE_LIMB_MAX_BITS = 48
 
 
+#: every key satisfies max |s(zeta)| <= SECRET_EVAL_FACTOR * sqrt(N) over the evaluation points
+SECRET_EVAL_FACTOR = 12.0
+
+
+def secret_eval_bound(n: int) -> float:
+    """Largest evaluation |s(zeta)| a key may have; keys.py rejects (and never uses) any other.
+
+    Why this costs nothing in security: Re s(zeta) = sum_t s_t cos(theta_t) is a sum of independent
+    zero-mean terms bounded by |cos(theta_t)|, with sum_t cos^2(theta_t) = N/2 exactly at these
+    points, so Hoeffding gives P(|Re| >= r) <= 2 exp(-r^2 / N), the same for Im, and
+    P(|s(zeta)| >= c sqrt(N)) <= 4 exp(-c^2 / 2). Over the N/2 points a uniform ternary key is
+    rejected with probability <= 2N exp(-c^2 / 2) < 2^-87 for c = 12 and N <= 2^15: the accepted keys
+    are that close to uniform ternary, as the security table assumes. What it buys: the float64
+    product error below scales with this bound instead of ||s||_1 <= N, about 4x tighter at N = 2048,
+    which lets decryption take the one-limb product on typical layers (half its FFTs).
+    """
+    return SECRET_EVAL_FACTOR * math.sqrt(n)
+
+
 def fft_product_error(n: int, bits: int) -> float:
     """Worst-case |error| (in units of the operand) of a one-limb float64 product a * s, plus rounding.
 
     Higham (Accuracy and Stability of Numerical Algorithms, 2nd ed., Thm 24.2): a radix-2 FFT of
     size m has relative 2-norm error <= log2(m) * eta / (1 - log2(m) * eta), eta ~ 5u, u = 2^-53.
     Forward transform, pointwise product and inverse contribute three such terms on a result whose
-    2-norm is at most ||a||_2 * max|s(zeta)| <= 2^(bits-1) sqrt(n) * ||s||_1; we bound ||s||_1 by n,
-    the infinity norm by the 2-norm, and double the total for safety.
+    2-norm is at most ||a||_2 * max|s(zeta)| <= 2^(bits-1) sqrt(n) * secret_eval_bound(n); we bound
+    the infinity norm by the 2-norm and double the total for safety.
     """
     if bits > ONE_LIMB_MAX_BITS:
         return 0.0  # exact limbs
     u = 2.0**-53
     rel = 3 * math.log2(n // 2) * 5 * u
-    return 2 * rel * 2.0 ** (bits - 1) * math.sqrt(n) * n + 0.5
+    return 2 * rel * 2.0 ** (bits - 1) * math.sqrt(n) * secret_eval_bound(n) + 0.5
 
 
 def limb_count(log_q: int, limb_bits: int = LIMB_BITS) -> int:

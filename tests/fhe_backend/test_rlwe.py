@@ -22,7 +22,9 @@ from cipherswarm.fhe_backend import (
     VerificationFailed,
     get_backend,
 )
+from cipherswarm.fhe_backend.keys import SecretKey
 from cipherswarm.fhe_backend.params import Params, WeightStats, choose_params
+from cipherswarm.fhe_backend.ring import secret_eval_bound
 from cipherswarm.fhe_backend.sampling import expand_mask
 from cipherswarm.fhe_backend.security import MAX_LOG_Q_128, check_secure
 from cipherswarm.fhe_backend.verify import FreivaldsVerifier
@@ -98,14 +100,15 @@ class TestExactness:
         x = rand_x(4, 4096, 16)
         assert torch.equal(roundtrip(x, w, bits=16), x @ w.long())
 
-    @pytest.mark.parametrize("d_in, tokens, one_limb", [(512, 2048, True), (14336, 5, False)])
-    def test_both_decryption_paths(self, d_in: int, tokens: int, one_limb: bool) -> None:
-        """Small layers decrypt with the one-limb product (error inside the budget), large ones exactly."""
+    @pytest.mark.parametrize("d_in, tokens, bits, one_limb", [(14336, 2048, 8, True), (512, 5, 16, False)])
+    def test_both_decryption_paths(self, d_in: int, tokens: int, bits: int, one_limb: bool) -> None:
+        """8-bit layers up to LLaMA-8B's widest decrypt with the one-limb product (its error inside the
+        budget); 16-bit activations need wider moduli and decrypt with exact limbs."""
         gen = torch.Generator().manual_seed(d_in)
         w = rand_w(d_in, 16, gen=gen)
-        assert be.params_for(w, 8).decrypt_one_limb is one_limb
-        x = rand_x(tokens, d_in, gen=gen)
-        assert torch.equal(roundtrip(x, w), x @ w.long())
+        assert be.params_for(w, bits).decrypt_one_limb is one_limb
+        x = rand_x(tokens, d_in, bits, gen=gen)
+        assert torch.equal(roundtrip(x, w, bits=bits), x @ w.long())
 
     @pytest.mark.parametrize("transpose", [False, True])
     def test_int64_provider_method(self, transpose: bool) -> None:
@@ -236,6 +239,20 @@ class TestSecurityProperties:
         with pytest.raises(TypeError, match="never serialised"):
             pickle.dumps(sk)
         assert not any(isinstance(v, type(sk)) for v in vars(ct).values())
+
+    def test_keys_keep_their_evaluations_under_the_bound(self) -> None:
+        """Decryption's one-limb error bound assumes max |s(zeta)| <= secret_eval_bound(N): fresh keys
+        meet it, and a key that does not (all ones: |s(zeta_0)| ~ 2N/pi) is refused, also on import."""
+        params = be.params_for(rand_w(16, 4), 8)
+        for _ in range(5):
+            sk = be.keygen(params)
+            assert np.abs(sk.secret_eval).max() <= secret_eval_bound(params.n)
+        ones = np.ones(params.n, dtype=np.int64)
+        with pytest.raises(ValueError, match="secret_eval_bound"):
+            SecretKey(params=params, s=ones, key_id=bytes(8))
+        blob = be.keygen(params).export_private() | {"s": ones.astype(np.int8).tobytes()}
+        with pytest.raises(ValueError, match="secret_eval_bound"):
+            SecretKey.import_private(blob)
 
     def test_other_key_refused_and_forged_label_caught(self) -> None:
         w = rand_w(32, 8)
