@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -9,8 +11,9 @@ from . import kernels
 from .ciphertext import Ciphertext, MatmulResult
 from .errors import InputRangeError, KeyMismatch, ShapeMismatch
 from .keys import SecretKey
-from .parallel import for_row_chunks
-from .ring import LIMB_BITS
+from .parallel import for_row_chunks, scratch
+from .params import Params
+from .ring import LIMB_BITS, NegacyclicFFT, limb_count
 from .sampling import expand_mask, fresh_seed, random_words
 
 
@@ -48,6 +51,59 @@ def block_view(x: np.ndarray, n: int, b: int) -> np.ndarray:
     return part.T
 
 
+#: rows (features) per thread task: the strided message and output columns move in runs of this
+#: many words, which is what makes their transposition cheap
+CHUNK_ROWS = 128
+#: rows per pass through the FFTs: their limb evaluations (2 limbs x 16 rows x N/2 complex, 512 KiB
+#: at N = 2048) stay in a core's L2
+FFT_ROWS = 64
+
+#: (first row, end row) -> inverse-FFT'd limb products (limbs, rows, n/2) complex, for a finish kernel
+Products = Callable[[int, int], np.ndarray]
+
+
+def encrypt_rows(ring: NegacyclicFFT, p: Params, msg: np.ndarray, products: Products, out: np.ndarray) -> None:
+    """out[j] = finish(products(j), msg[j]) for every row j of one block, on every core.
+
+    msg is the block's (d, n) view of the activations (strided); out its (d, n) int64 words. Both
+    profiles encrypt through here and differ only in ``products``.
+    """
+    n = p.n
+
+    def chunk(r0: int, r1: int) -> None:
+        tile = scratch("msg", (r1 - r0, n), msg.dtype)
+        kernels.copy_blocked(msg[r0:r1], tile)
+        for s0 in range(r0, r1, FFT_ROWS):
+            s1 = min(s0 + FFT_ROWS, r1)
+            f = products(s0, s1).view(np.float64)
+            noise = random_words(s1 - s0, n, out=scratch("noise", (8 * (s1 - s0) * n + 15,), np.uint8))
+            kernels.finish_encrypt(f, ring.untwist_re, ring.untwist_im, LIMB_BITS, p.log_q, p.delta,
+                                   tile[s0 - r0 : s1 - r0], noise, out[s0:s1])
+
+    for_row_chunks(msg.shape[0], chunk, rows=CHUNK_ROWS)
+
+
+def decrypt_rows(ring: NegacyclicFFT, p: Params, limb_bits: int, out_bits_a: int, b_words: np.ndarray,
+                 products: Products, y: np.ndarray) -> None:
+    """y[k] = decode(b_words[k], products(k)) for every output column k of one block, on every core.
+
+    y is the block's (d_out, n) view of the tokens x d_out result (strided); both profiles decrypt
+    through here.
+    """
+    n = p.n
+
+    def chunk(r0: int, r1: int) -> None:
+        tile = scratch("y", (r1 - r0, n), np.int64)
+        for s0 in range(r0, r1, FFT_ROWS):
+            s1 = min(s0 + FFT_ROWS, r1)
+            f = products(s0, s1).view(np.float64)
+            kernels.finish_decrypt(f, ring.untwist_re, ring.untwist_im, limb_bits, p.log_q, out_bits_a, p.out_bits_b,
+                                   p.delta, b_words[s0:s1], tile[s0 - r0 : s1 - r0])
+        kernels.copy_blocked(tile, y[r0:r1])
+
+    for_row_chunks(b_words.shape[0], chunk, rows=CHUNK_ROWS)
+
+
 def encrypt(sk: SecretKey, x: torch.Tensor | np.ndarray) -> Ciphertext:
     """Encrypt ``x`` (tokens x d, signed ``x_bits``-bit integers) in blocks of N tokens.
 
@@ -60,16 +116,15 @@ def encrypt(sk: SecretKey, x: torch.Tensor | np.ndarray) -> Ciphertext:
     blocks = -(-tokens // n)
     out = np.empty((blocks, d, n), dtype=np.int64)
     seeds = tuple(fresh_seed() for _ in range(blocks))
-    untwist = sk.ring.untwist
+    limbs = limb_count(p.log_q)
     for b, seed in enumerate(seeds):
-        msg = block_view(xm, n, b)
 
-        def chunk(r0: int, r1: int, b: int = b, seed: bytes = seed, msg: np.ndarray = msg) -> None:
-            a = expand_mask(seed, n=n, rows=r1 - r0, first_row=r0)
-            f = sk.ring.products(a, p.log_q, sk.secret_eval)
-            kernels.finish_encrypt(f, untwist, LIMB_BITS, p.log_q, p.delta, msg[r0:r1], random_words(r1 - r0, n), out[b, r0:r1])
+        def products(r0: int, r1: int, seed: bytes = seed) -> np.ndarray:
+            a = expand_mask(seed, n=n, rows=r1 - r0, first_row=r0, out=scratch("mask", (8 * (r1 - r0) * n + 15,), np.uint8))
+            evals = scratch("evals", (limbs, r1 - r0, n // 2), np.complex128)
+            return sk.ring.products(a, p.log_q, sk.secret_eval, out=evals)
 
-        for_row_chunks(d, chunk)
+        encrypt_rows(sk.ring, p, block_view(xm, n, b), products, out[b])
     return Ciphertext(params=p, key_id=sk.key_id, tokens=tokens, first_row=0, seeds=seeds, words=out)
 
 
@@ -86,15 +141,13 @@ def decrypt(sk: SecretKey, res: MatmulResult) -> torch.Tensor:
         raise KeyMismatch("result parameters (N, q, delta) differ from the key's")
     blocks, d_out, n = res.a_words.shape
     y = np.empty((blocks * n, d_out), dtype=np.int64)  # tokens x d_out, written through transposed views
-    untwist = sk.ring.untwist
     limb_bits = p.out_bits_a if p.decrypt_one_limb else LIMB_BITS
+    limbs = limb_count(p.out_bits_a, limb_bits)
     for b in range(blocks):
-        yb = y[b * n : (b + 1) * n].T  # (d_out, n) view
 
-        def chunk(r0: int, r1: int, b: int = b, yb: np.ndarray = yb) -> None:
-            f = sk.ring.products(res.a_words[b, r0:r1], p.out_bits_a, sk.secret_eval, limb_bits)
-            kernels.finish_decrypt(f, untwist, limb_bits, p.log_q, p.out_bits_a, p.out_bits_b, p.delta,
-                                   res.b_words[b, r0:r1], yb[r0:r1])
+        def products(r0: int, r1: int, b: int = b) -> np.ndarray:
+            evals = scratch("evals", (limbs, r1 - r0, n // 2), np.complex128)
+            return sk.ring.products(res.a_words[b, r0:r1], p.out_bits_a, sk.secret_eval, limb_bits, out=evals)
 
-        for_row_chunks(d_out, chunk)
+        decrypt_rows(sk.ring, p, limb_bits, p.out_bits_a, res.b_words[b], products, y[b * n : (b + 1) * n].T)
     return torch.from_numpy(y[: res.tokens])

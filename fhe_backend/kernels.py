@@ -13,15 +13,34 @@ from numba import njit
 _M1 = np.uint64(0x5555555555555555)
 _M2 = np.uint64(0x3333333333333333)
 _M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
-_H01 = np.uint64(0x0101010101010101)
+
+
+#: v + MAGIC holds round(v) in its low mantissa bits for |v| < 2^51 (1.5 * 2^52 keeps the exponent
+#: fixed): rounding to an integer becomes one add and one integer subtract, both vectorisable on
+#: AVX2, where float64 -> int64 conversion is not. ring.ROUND_BITS is the bound callers respect.
+MAGIC = 6755399441055744.0
+MAGIC_BITS = np.int64(0x4338000000000000)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _popcount(x):
-    x = x - ((x >> np.uint64(1)) & _M1)
+def _to_float(v):
+    """float64(v) for any int64 v through two int32 conversions (vectorisable on AVX2)."""
+    hi = np.int32(v >> 32)
+    lo = np.int32((v & 0xFFFFFFFF) - 0x80000000)
+    return float(hi) * 4294967296.0 + (float(lo) + 2147483648.0)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _cbd24(r):
+    """Centred binomial sample (eta = 24) from the low 48 bits of a CSPRNG word: popcount of bits
+    0-23 minus popcount of bits 24-47, with one SWAR byte count for both halves."""
+    x = r - ((r >> np.uint64(1)) & _M1)
     x = (x & _M2) + ((x >> np.uint64(2)) & _M2)
-    x = (x + (x >> np.uint64(4))) & _M4
-    return np.int64((x * _H01) >> np.uint64(56))
+    x = (x + (x >> np.uint64(4))) & _M4  # byte k holds the popcount of byte k
+    byte = np.uint64(0xFF)
+    lo = (x & byte) + ((x >> np.uint64(8)) & byte) + ((x >> np.uint64(16)) & byte)
+    hi = ((x >> np.uint64(24)) & byte) + ((x >> np.uint64(32)) & byte) + ((x >> np.uint64(40)) & byte)
+    return np.int64(lo) - np.int64(hi)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -33,94 +52,127 @@ def _split_low_limb(v, limb_bits):
 
 
 @njit(cache=True, nogil=True)
-def fold_limbs(words, log_q, limb_bits, twist, out):
+def fold_limbs(words, log_q, limb_bits, twist_re, twist_im, out):
     """Centre words mod 2^log_q, split into signed limbs, fold and twist for the half-size FFT.
 
-    words: (r, n) int64 (only the low log_q bits are read); out: (limbs, r, n/2) complex128 with
+    words: (r, n) int64 (only the low log_q bits are read); out: (limbs, r, n) float64, the
+    interleaved view of complex (limbs, r, n/2) with
     out[l, i, j] = (limb_l(w[i, j]) + 1j * limb_l(w[i, j + n/2])) * twist[j].
+    One limb at a time over a row, so every loop is a plain vectorisable sweep.
     """
-    limbs, rows, half = out.shape
+    limbs, rows, n = out.shape
+    half = n // 2
     shift = 64 - log_q
+    narrow = limb_bits <= 32
+    re = np.empty(half, dtype=np.int64)
+    im = np.empty(half, dtype=np.int64)
     for i in range(rows):
         for j in range(half):
-            re = (words[i, j] << shift) >> shift
-            im = (words[i, j + half] << shift) >> shift
-            t = twist[j]
-            for l in range(limbs):
-                lo_re, re = _split_low_limb(re, limb_bits)
-                lo_im, im = _split_low_limb(im, limb_bits)
-                out[l, i, j] = complex(float(lo_re), float(lo_im)) * t
-
-
-@njit(cache=True, nogil=True)
-def _unfold_row(f, untwist, limb_bits, i, acc_re, acc_im):
-    """Exact integer coefficients of row i from its limb evaluations after the inverse FFT:
-    acc_re[j] = coefficient j, acc_im[j] = coefficient j + n/2 (limb loops kept innermost-simple
-    so they vectorise)."""
-    acc_re[:] = 0
-    acc_im[:] = 0
-    for l in range(f.shape[0]):
-        sh = limb_bits * l
-        for j in range(f.shape[2]):
-            z = f[l, i, j] * untwist[j]
-            acc_re[j] += np.int64(np.rint(z.real)) << sh
-            acc_im[j] += np.int64(np.rint(z.imag)) << sh
+            re[j] = (words[i, j] << shift) >> shift
+            im[j] = (words[i, j + half] << shift) >> shift
+        for l in range(limbs):
+            o = out[l, i]
+            for j in range(half):
+                lo_re, re[j] = _split_low_limb(re[j], limb_bits)
+                lo_im, im[j] = _split_low_limb(im[j], limb_bits)
+                if narrow:  # one int32 conversion; the loop is unswitched on this flag
+                    a = float(np.int32(lo_re))
+                    b = float(np.int32(lo_im))
+                else:
+                    a = _to_float(lo_re)
+                    b = _to_float(lo_im)
+                o[2 * j] = a * twist_re[j] - b * twist_im[j]
+                o[2 * j + 1] = a * twist_im[j] + b * twist_re[j]
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _cbd24(r):
-    """Centred binomial sample (eta = 24) from the low 48 bits of a CSPRNG word."""
-    low24 = np.uint64(0xFFFFFF)
-    return _popcount(r & low24) - _popcount((r >> np.uint64(24)) & low24)
+def _unfold_row(f, untwist_re, untwist_im, limb_bits, i, tmp, acc):
+    """acc[t] = exact integer coefficient t of row i from its limb evaluations after the inverse FFT
+    (f: (limbs, r, n) float64 interleaved): untwist, round, shift and add, limb by limb."""
+    limbs, rows, n = f.shape
+    half = n // 2
+    bits = tmp.view(np.int64)
+    for l in range(limbs):
+        fl = f[l, i]
+        for j in range(half):
+            a = fl[2 * j]
+            b = fl[2 * j + 1]
+            tmp[j] = (a * untwist_re[j] - b * untwist_im[j]) + MAGIC
+            tmp[j + half] = (a * untwist_im[j] + b * untwist_re[j]) + MAGIC
+        if l == 0:
+            for j in range(n):
+                acc[j] = bits[j] - MAGIC_BITS
+        else:
+            sh = limb_bits * l
+            for j in range(n):
+                acc[j] += (bits[j] - MAGIC_BITS) << sh
 
 
 @njit(cache=True, nogil=True)
-def finish_encrypt(f, untwist, limb_bits, log_q, delta, msg, rand, out):
+def finish_encrypt(f, untwist_re, untwist_im, limb_bits, log_q, delta, msg, rand, out):
     """b = a*s + delta*m + e mod 2^log_q, with e centred binomial (eta=24) from 48 bits of ``rand``.
 
-    f: inverse-FFT'd limb products (limbs, r, n/2); msg: (r, n) int64; rand: (r, n) uint64 CSPRNG
-    words; out: (r, n) int64 in [0, 2^log_q).
+    f: inverse-FFT'd limb products (limbs, r, n) float64; msg: (r, n) integers; rand: (r, n) uint64
+    CSPRNG words; out: (r, n) int64 in [0, 2^log_q).
     """
-    half = f.shape[2]
+    limbs, rows, n = f.shape
     mask = np.int64(-1) if log_q == 64 else (np.int64(1) << log_q) - 1
-    acc_re = np.empty(half, dtype=np.int64)
-    acc_im = np.empty(half, dtype=np.int64)
-    for i in range(f.shape[1]):
-        _unfold_row(f, untwist, limb_bits, i, acc_re, acc_im)
-        for j in range(half):
-            out[i, j] = (acc_re[j] + delta * msg[i, j] + _cbd24(rand[i, j])) & mask
-            k = j + half
-            out[i, k] = (acc_im[j] + delta * msg[i, k] + _cbd24(rand[i, k])) & mask
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _decode(b_word, p, sb, sa, shift, delta):
-    """round(((b << sb) - (p << sa)) mod 2^log_q, centred, / delta) without overflow."""
-    v = (b_word << sb) - (p << sa)
-    v = (v << shift) >> shift  # centred representative mod 2^log_q
-    y = v // delta  # floor division
-    if 2 * (v - y * delta) >= delta:
-        y += 1
-    return y
+    tmp = np.empty(n)
+    acc = np.empty(n, dtype=np.int64)
+    for i in range(rows):
+        _unfold_row(f, untwist_re, untwist_im, limb_bits, i, tmp, acc)
+        for j in range(n):
+            out[i, j] = (acc[j] + delta * np.int64(msg[i, j]) + _cbd24(rand[i, j])) & mask
 
 
 @njit(cache=True, nogil=True)
-def finish_decrypt(f, untwist, limb_bits, log_q, out_bits_a, out_bits_b, delta, b_words, out):
-    """y = round((B'' 2^(k-kb) - (A''*s) 2^(k-ka) mod 2^k) / delta) as signed int64.
+def finish_decrypt(f, untwist_re, untwist_im, limb_bits, log_q, out_bits_a, out_bits_b, delta, b_words, out):
+    """y = round_half_up(((B'' 2^(k-kb) - (A''*s) 2^(k-ka)) mod 2^k, centred) / delta), as int64.
 
-    f: inverse-FFT'd limb products of A'' and s (limbs, r, n/2); b_words: (r, n) int64 B'' words.
+    f: inverse-FFT'd limb products of A'' and s (limbs, r, n) float64; b_words: (r, n) int64 B''
+    words. The quotient is taken in float64 and then corrected by one exact integer step, which
+    replaces a 64-bit division per value; Params keeps |y| below 2^50 so the rounding trick holds.
     """
-    half = f.shape[2]
+    limbs, rows, n = f.shape
     shift = 64 - log_q
     sa = log_q - out_bits_a
     sb = log_q - out_bits_b
-    acc_re = np.empty(half, dtype=np.int64)
-    acc_im = np.empty(half, dtype=np.int64)
-    for i in range(f.shape[1]):
-        _unfold_row(f, untwist, limb_bits, i, acc_re, acc_im)
-        for j in range(half):
-            out[i, j] = _decode(b_words[i, j], acc_re[j], sb, sa, shift, delta)
-            out[i, j + half] = _decode(b_words[i, j + half], acc_im[j], sb, sa, shift, delta)
+    inv = 1.0 / delta
+    tmp = np.empty(n)
+    bits = tmp.view(np.int64)
+    acc = np.empty(n, dtype=np.int64)
+    for i in range(rows):
+        _unfold_row(f, untwist_re, untwist_im, limb_bits, i, tmp, acc)
+        for j in range(n):
+            v = (b_words[i, j] << sb) - (acc[j] << sa)
+            v = (v << shift) >> shift  # centred representative mod 2^log_q
+            acc[j] = v
+            tmp[j] = _to_float(v) * inv + MAGIC
+        for j in range(n):
+            v = acc[j]
+            y = bits[j] - MAGIC_BITS  # within 1 of the exact quotient
+            r2 = 2 * (v - y * delta)
+            out[i, j] = y + np.int64(r2 >= delta) - np.int64(r2 < -delta)
+
+
+#: columns per block of :func:`copy_blocked`: the strided side's rows stay in L1 and its pages in the TLB
+COPY_BLOCK = 8
+
+
+@njit(cache=True, nogil=True)
+def copy_blocked(src, dst):
+    """dst[i, j] = src[i, j] in blocks of COPY_BLOCK columns.
+
+    One side is a transposed view of a big (tokens x features) matrix, so its column j is one
+    contiguous run of that matrix's row. Sweeping a few columns for every row keeps those runs
+    cached while the other side is written or read along its rows.
+    """
+    rows, cols = dst.shape
+    for j0 in range(0, cols, COPY_BLOCK):
+        j1 = min(j0 + COPY_BLOCK, cols)
+        for i in range(rows):
+            for j in range(j0, j1):
+                dst[i, j] = src[i, j]
 
 
 @njit(cache=True, nogil=True)
@@ -164,24 +216,20 @@ def join_limbs_switch(prods, limb_bits, log_q, out_bits, out):
 
 
 @njit(cache=True, nogil=True)
-def freivalds_rows(x, wr, y, r, bad):
-    """bad[t] = any_k (y[t] @ r[:, k] != x[t] @ wr[:, k]) in wrapping uint64 arithmetic.
+def freivalds_rows(x, wr_t, y, r_t, bad):
+    """bad[t] = any_k (y[t] @ r_t[k] != x[t] @ wr_t[k]) in wrapping uint64 arithmetic.
 
-    x: (T, c) uint64, wr: (c, m), y: (T, w) uint64, r: (w, m); one pass over x and y.
+    x: (T, c) uint64, wr_t: (m, c), y: (T, w) uint64, r_t: (m, w): each check vector is contiguous,
+    so every dot product is one vectorisable sweep over a row that stays in cache across the m checks.
     """
-    m = r.shape[1]
-    acc = np.zeros(m, dtype=np.uint64)
+    m = r_t.shape[0]
     for t in range(x.shape[0]):
-        acc[:] = 0
-        for j in range(y.shape[1]):
-            v = y[t, j]
-            for k in range(m):
-                acc[k] += v * r[j, k]
-        for j in range(x.shape[1]):
-            v = x[t, j]
-            for k in range(m):
-                acc[k] -= v * wr[j, k]
         bad[t] = False
         for k in range(m):
-            if acc[k] != 0:
+            acc = np.uint64(0)
+            for j in range(y.shape[1]):
+                acc += y[t, j] * r_t[k, j]
+            for j in range(x.shape[1]):
+                acc -= x[t, j] * wr_t[k, j]
+            if acc != 0:
                 bad[t] = True

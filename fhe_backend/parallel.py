@@ -6,9 +6,13 @@ chunks of ~ROWS rows stay cache-resident (a pass over a whole 2048 x 4096 matrix
 
 from __future__ import annotations
 
+import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
+
+import numpy as np
 
 ROWS = 32
 _pool: ThreadPoolExecutor | None = None
@@ -34,3 +38,23 @@ def for_row_chunks(total: int, fn: Callable[[int, int], None], rows: int = ROWS)
         _pool = ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="cipherswarm-crypto")
     for fut in [_pool.submit(fn, a, b) for a, b in spans]:
         fut.result()
+
+
+_scratch = threading.local()
+
+
+def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+    """A per-thread buffer named ``name``, viewed as ``shape`` and ``dtype``, reused across calls: the
+    crypto's hot loops would otherwise allocate (and page-fault in) a few MB per chunk. Contents are
+    garbage; callers fill it. One allocation per name (the largest asked for), and its views are
+    cached too, since building a view costs microseconds and the loops ask thousands of times."""
+    views = _scratch.__dict__.setdefault(name, {})
+    view = views.get((shape, dtype))
+    if view is None:
+        size = math.prod(shape) * np.dtype(dtype).itemsize
+        flat = views.get("flat")
+        if flat is None or flat.size < size:
+            views.clear()
+            flat = views["flat"] = np.empty(size, dtype=np.uint8)
+        view = views[(shape, dtype)] = flat[:size].view(dtype).reshape(shape)
+    return view

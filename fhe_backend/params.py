@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .errors import ParameterError
-from .ring import ONE_LIMB_MAX_BITS, fft_product_error
+from .ring import ROUND_BITS, fft_product_error, one_limb_fits
 from .security import WORD_BITS, check_secure, smallest_secure_n
 
 #: a decoding failure happens with probability below 2**-FAILURE_LOG2 per output value
@@ -105,6 +105,8 @@ class Params:
             raise ParameterError(
                 f"inexact parameters: delta * (2*max|y| + 1) = {self.delta * (2 * self.y_max + 1)} exceeds q = 2^{self.log_q}"
             )
+        if self.decoded_bound >= 1 << ROUND_BITS:
+            raise ParameterError(f"delta = {self.delta} is too small for q = 2^{self.log_q}: decoded values would reach 2^{ROUND_BITS}")
         if not self.noise_bound < self.delta / 2:
             raise ParameterError(
                 f"inexact parameters: noise bound {self.noise_bound:.4g} is not below delta/2 = {self.delta / 2}"
@@ -132,7 +134,7 @@ class Params:
     @property
     def decrypt_one_limb(self) -> bool:
         """Whether decryption may take the faster one-limb product, its error still inside the budget."""
-        return 0 < self.out_bits_a <= ONE_LIMB_MAX_BITS and noise_bound(
+        return 0 < self.out_bits_a and one_limb_fits(self.n, self.out_bits_a) and noise_bound(
             self.n, self.log_q, self.eta, self.w_l2sq, self.out_bits_a, self.out_bits_b, self.row_parts, one_limb=True
         ) < self.delta / 2
 
@@ -200,7 +202,7 @@ def _min_out_bits(n: int, log_q: int, eta: int, w_l2sq: int, delta: int, parts: 
     for kb in range(1, log_q + 1):
         for ka in (0,) if shared else range(1, log_q + 1):
             if noise_bound(n, log_q, eta, w_l2sq, ka, kb, parts) < delta / 2:
-                fast = 0 < ka <= ONE_LIMB_MAX_BITS and noise_bound(n, log_q, eta, w_l2sq, ka, kb, parts, one_limb=True) < delta / 2
+                fast = 0 < ka and one_limb_fits(n, ka) and noise_bound(n, log_q, eta, w_l2sq, ka, kb, parts, one_limb=True) < delta / 2
                 key = ((ka + kb + 7) // 8, not fast, ka + kb)
                 if best is None or key < best[0]:
                     best = (key, (ka, kb))

@@ -9,25 +9,22 @@ cut into signed limbs of LIMB_BITS bits: a limb product is below 2^(LIMB_BITS-1)
 so the FFT's rounding error (~2^-53 * 2^37 * O(log N)) stays far below 1/2 and rounding returns the
 exact integer. Decryption tolerates a bounded error (it is just more noise), so it may use one limb;
 that error scales with the largest evaluation |s(zeta)|, which every key keeps below
-:func:`secret_eval_bound` (:mod:`.keys` draws keys that way). The fused kernels in :mod:`.kernels` fold, recombine and finish in one pass each.
+:func:`secret_eval_bound` (:mod:`.keys` draws keys that way). The fused kernels in :mod:`.kernels`
+fold, recombine and finish in one pass each; the transforms are ducc0's, in place.
 """
 
 from __future__ import annotations
 
+import math
+
+import ducc0
 import numpy as np
-import scipy.fft
 
 from . import kernels
 
-import math
-
 LIMB_BITS = 26
-#: decryption may take A'' (out_bits_a bits) as a single limb up to this width: its float64 product
-#: is then approximate, and :func:`fft_product_error` bounds the error; parameters allow it only when
-#: that error still fits the noise budget (``Params.decrypt_one_limb``). Encryption always uses
-#: exact limbs (its products must be exact for the ciphertext to be a plain RLWE sample).
-ONE_LIMB_MAX_BITS = 48
-
+#: the finish kernels round with kernels.MAGIC, exact for values below 2^ROUND_BITS in magnitude
+ROUND_BITS = 51
 
 #: every key satisfies max |s(zeta)| <= SECRET_EVAL_FACTOR * sqrt(N) over the evaluation points
 SECRET_EVAL_FACTOR = 12.0
@@ -48,6 +45,12 @@ def secret_eval_bound(n: int) -> float:
     return SECRET_EVAL_FACTOR * math.sqrt(n)
 
 
+def one_limb_fits(n: int, bits: int) -> bool:
+    """Whether a ``bits``-bit operand may go through the product as one (approximate) limb: its
+    product coefficients, below n * 2^(bits-1), must stay in the finish kernels' rounding range."""
+    return bits - 1 + math.log2(n) < ROUND_BITS
+
+
 def fft_product_error(n: int, bits: int) -> float:
     """Worst-case |error| (in units of the operand) of a one-limb float64 product a * s, plus rounding.
 
@@ -57,8 +60,6 @@ def fft_product_error(n: int, bits: int) -> float:
     2-norm is at most ||a||_2 * max|s(zeta)| <= 2^(bits-1) sqrt(n) * secret_eval_bound(n); we bound
     the infinity norm by the 2-norm and double the total for safety.
     """
-    if bits > ONE_LIMB_MAX_BITS:
-        return 0.0  # exact limbs
     u = 2.0**-53
     rel = 3 * math.log2(n // 2) * 5 * u
     return 2 * rel * 2.0 ** (bits - 1) * math.sqrt(n) * secret_eval_bound(n) + 0.5
@@ -69,38 +70,48 @@ def limb_count(log_q: int, limb_bits: int = LIMB_BITS) -> int:
 
 
 class NegacyclicFFT:
-    """Twisted half-size FFT of degree ``n``: evaluations of integer polynomials and their products."""
+    """Twisted half-size FFT of degree ``n``: evaluations of integer polynomials and their products.
+
+    Arrays of evaluations are complex128 (limbs, rows, n/2); the kernels read and write them through
+    their float64 (limbs, rows, n) view.
+    """
 
     def __init__(self, n: int) -> None:
         if n < 4 or n & (n - 1):
             raise ValueError("n must be a power of two >= 4")
         self.n = n
         self.half = n // 2
-        j = np.arange(self.half)
-        self.twist = np.exp(1j * np.pi * j / n)
-        self.untwist = np.conj(self.twist) / self.half  # folds the inverse FFT's 1/M in
+        twist = np.exp(1j * np.pi * np.arange(self.half) / n)
+        untwist = np.conj(twist) / self.half  # folds the inverse FFT's 1/M in
+        self.twist_re, self.twist_im = twist.real.copy(), twist.imag.copy()
+        self.untwist_re, self.untwist_im = untwist.real.copy(), untwist.imag.copy()
 
-    def evaluate(self, words: np.ndarray, log_q: int, limb_bits: int = LIMB_BITS) -> np.ndarray:
-        """(rows, n) int64 read mod 2^log_q -> (limbs, rows, n/2) evaluations of its signed limbs."""
-        f = np.empty((limb_count(log_q, limb_bits), words.shape[0], self.half), dtype=np.complex128)
-        kernels.fold_limbs(words, log_q, limb_bits, self.twist, f)
-        return scipy.fft.fft(f, axis=-1, overwrite_x=True)
+    def evaluate(self, words: np.ndarray, log_q: int, limb_bits: int = LIMB_BITS, out: np.ndarray | None = None) -> np.ndarray:
+        """(rows, n) int64 read mod 2^log_q -> (limbs, rows, n/2) evaluations of its signed limbs.
 
-    def products(self, words: np.ndarray, log_q: int, other: np.ndarray, limb_bits: int = LIMB_BITS) -> np.ndarray:
+        ``out``, if given, is a complex128 buffer of that shape (a thread's scratch) filled in place.
+        """
+        shape = (limb_count(log_q, limb_bits), words.shape[0], self.half)
+        f = np.empty(shape, dtype=np.complex128) if out is None else out
+        kernels.fold_limbs(words, log_q, limb_bits, self.twist_re, self.twist_im, f.view(np.float64))
+        return ducc0.fft.c2c(f, axes=(2,), forward=True, out=f)
+
+    def products(self, words: np.ndarray, log_q: int, other: np.ndarray, limb_bits: int = LIMB_BITS,
+                 out: np.ndarray | None = None) -> np.ndarray:
         """Limb products ``limb_l(a_r) * other`` of each row, as inverse-FFT output for a finish kernel.
 
         ``other`` holds evaluations broadcastable to (rows, n/2). Returns (limbs, rows, n/2)
         complex128 that :func:`kernels.finish_encrypt` / :func:`kernels.finish_decrypt` untwist, round
-        and recombine.
+        and recombine (through its float64 view).
         """
-        f = self.evaluate(words, log_q, limb_bits)
+        f = self.evaluate(words, log_q, limb_bits, out)
         f *= other
         return self.inverse(f)
 
     @staticmethod
     def inverse(f: np.ndarray) -> np.ndarray:
-        """Inverse transform along the last axis (the 1/M scale is folded into ``untwist``)."""
-        return scipy.fft.ifft(f, axis=-1, overwrite_x=True, norm="forward")
+        """Inverse transform along the last axis, in place (the 1/M scale is folded into ``untwist``)."""
+        return ducc0.fft.c2c(f, axes=(f.ndim - 1,), forward=False, out=f)
 
 
 def ternary_eval(ring: NegacyclicFFT, s: np.ndarray) -> np.ndarray:

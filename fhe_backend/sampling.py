@@ -43,30 +43,34 @@ def _zero_bytes(length: int) -> memoryview:
     return memoryview(_zeros)[:length]
 
 
-def aes_ctr_stream(key: bytes, counter: int, length: int) -> np.ndarray:
-    """``length`` bytes of AES-256-CTR keystream from 128-bit big-endian counter ``counter``."""
+def aes_ctr_stream(key: bytes, counter: int, length: int, out: np.ndarray | None = None) -> np.ndarray:
+    """``length`` bytes of AES-256-CTR keystream from 128-bit big-endian counter ``counter``.
+
+    ``out``, if given, is a uint8 buffer of at least ``length + 15`` bytes (update_into wants a
+    block's worth of slack) that receives the stream, so hot loops reuse one buffer per thread.
+    """
     if len(key) != SEED_BYTES:
         raise ParameterError(f"seed must be {SEED_BYTES} bytes, got {len(key)}")
     enc = Cipher(algorithms.AES(key), modes.CTR(counter.to_bytes(16, "big"))).encryptor()
-    out = bytearray(length + 15)  # update_into needs block_size - 1 spare bytes
-    written = enc.update_into(_zero_bytes(length), out)
-    return np.frombuffer(out, dtype=np.uint8, count=written)
+    buf = np.empty(length + 15, dtype=np.uint8) if out is None else out
+    written = enc.update_into(_zero_bytes(length), buf)
+    return buf[:written]
 
 
-def expand_mask(seed: bytes, *, n: int, rows: int, first_row: int = 0) -> np.ndarray:
+def expand_mask(seed: bytes, *, n: int, rows: int, first_row: int = 0, out: np.ndarray | None = None) -> np.ndarray:
     """Rows ``first_row .. first_row+rows-1`` of the mask A for one block, as raw int64 (rows, n) words.
 
     Only the low log_q bits are the mask; consumers read them mod 2^log_q (the fused kernels mask
-    while they centre, which saves a pass).
+    while they centre, which saves a pass). ``out``: optional buffer, as for :func:`aes_ctr_stream`.
     """
     if n % 2:
         raise ParameterError("ring degree must be even")
-    return aes_ctr_stream(seed, first_row * n // 2, rows * n * 8).view("<i8").reshape(rows, n)
+    return aes_ctr_stream(seed, first_row * n // 2, rows * n * 8, out).view("<i8").reshape(rows, n)
 
 
-def random_words(rows: int, n: int) -> np.ndarray:
+def random_words(rows: int, n: int, out: np.ndarray | None = None) -> np.ndarray:
     """(rows, n) uint64 CSPRNG words: AES-256-CTR under a fresh os.urandom key."""
-    return aes_ctr_stream(os.urandom(SEED_BYTES), 0, rows * n * 8).view("<u8").reshape(rows, n)
+    return aes_ctr_stream(os.urandom(SEED_BYTES), 0, rows * n * 8, out).view("<u8").reshape(rows, n)
 
 
 def fresh_seed() -> bytes:

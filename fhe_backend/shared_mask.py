@@ -26,16 +26,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import kernels
 from .ciphertext import Ciphertext, MatmulResult
-from .encryptor import _as_int_matrix, block_view, check_range
+from .encryptor import _as_int_matrix, block_view, check_range, decrypt_rows, encrypt_rows
 from .errors import KeyMismatch, ParameterError
 from .evaluator import PlainWeights, contraction_width
 from .keys import KEY_ID_BYTES
-from .parallel import for_row_chunks
+from .parallel import scratch
 from .params import SHARED_MASK, Params
 from .ring import LIMB_BITS, NegacyclicFFT, limb_count, ternary_eval
-from .sampling import expand_mask, fresh_seed, random_words, ternary_secret
+from .sampling import expand_mask, fresh_seed, ternary_secret
 
 
 def exact_limb_bits(n: int, z_bits: int) -> int:
@@ -108,15 +107,16 @@ def encrypt(sk: SharedMaskKey, x: torch.Tensor | np.ndarray) -> Ciphertext:
     blocks = -(-tokens // n)
     out = np.empty((blocks, d, n), dtype=np.int64)
     seeds = tuple(fresh_seed() for _ in range(blocks))
+    limbs = limb_count(p.log_q)
     for b, seed in enumerate(seeds):
-        msg = block_view(xm, n, b)
         a_eval = sk.ring.evaluate(expand_mask(seed, n=n, rows=1), p.log_q)  # (limbs, 1, n/2)
 
-        def chunk(r0: int, r1: int, b: int = b, msg: np.ndarray = msg, a_eval: np.ndarray = a_eval) -> None:
-            f = sk.ring.inverse(a_eval * sk.s_eval[r0:r1])
-            kernels.finish_encrypt(f, sk.ring.untwist, LIMB_BITS, p.log_q, p.delta, msg[r0:r1], random_words(r1 - r0, n), out[b, r0:r1])
+        def products(r0: int, r1: int, a_eval: np.ndarray = a_eval) -> np.ndarray:
+            f = scratch("evals", (limbs, r1 - r0, n // 2), np.complex128)
+            np.multiply(a_eval, sk.s_eval[r0:r1], out=f)
+            return sk.ring.inverse(f)
 
-        for_row_chunks(d, chunk)
+        encrypt_rows(sk.ring, p, block_view(xm, n, b), products, out[b])
     return Ciphertext(params=p, key_id=sk.key_id, tokens=tokens, first_row=0, seeds=seeds, words=out)
 
 
@@ -133,16 +133,15 @@ def decrypt(sk: SharedMaskKey, res: MatmulResult) -> torch.Tensor:
     y = np.empty((res.blocks * n, res.d_out), dtype=np.int64)
     for b, seed in enumerate(res.seeds):
         a_eval = sk.ring.evaluate(expand_mask(seed, n=n, rows=1), p.log_q, bits)  # (levels, 1, n/2)
-        yb = y[b * n : (b + 1) * n].T
 
-        def chunk(r0: int, r1: int, b: int = b, a_eval: np.ndarray = a_eval, yb: np.ndarray = yb) -> None:
-            f = np.zeros((levels, r1 - r0, n // 2), dtype=np.complex128)
+        def products(r0: int, r1: int, a_eval: np.ndarray = a_eval) -> np.ndarray:
+            f = scratch("evals", (levels, r1 - r0, n // 2), np.complex128)
+            f[:] = 0
             for m in range(sk.z_eval.shape[0]):
                 for lvl in range(m, levels):
                     f[lvl] += a_eval[lvl - m] * sk.z_eval[m, r0:r1]
-            f = sk.ring.inverse(f)
-            # out_bits_a = log_q: the product a * z_k is already at full scale
-            kernels.finish_decrypt(f, sk.ring.untwist, bits, p.log_q, p.log_q, p.out_bits_b, p.delta, res.b_words[b, r0:r1], yb[r0:r1])
+            return sk.ring.inverse(f)
 
-        for_row_chunks(res.d_out, chunk)
+        # out_bits_a = log_q: the product a * z_k is already at full scale
+        decrypt_rows(sk.ring, p, bits, p.log_q, res.b_words[b], products, y[b * n : (b + 1) * n].T)
     return torch.from_numpy(y[: res.tokens])

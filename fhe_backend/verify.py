@@ -40,8 +40,9 @@ class FreivaldsVerifier:
         self.reps = -(-SOUNDNESS_BITS // self.r_bits)
         width = self._w.shape[1]
         raw = np.frombuffer(os.urandom(8 * width * self.reps), dtype=np.uint64).reshape(width, self.reps)
-        self._r = raw >> np.uint64(64 - self.r_bits)
-        self._wr = np.ascontiguousarray(self._w @ self._r)  # (contraction, reps) mod 2^64
+        r = raw >> np.uint64(64 - self.r_bits)
+        # the kernel's layout: one contiguous row per check vector; (w @ r) mod 2^64 is computed once
+        self._r_t, self._wr_t = np.ascontiguousarray(r.T), np.ascontiguousarray((self._w @ r).T)
 
     @classmethod
     def for_params(cls, weights: "torch.Tensor | PlainWeights", params: Params, *, transpose: bool = False) -> "FreivaldsVerifier":
@@ -57,7 +58,7 @@ class FreivaldsVerifier:
         if xn.shape[1] != self._w.shape[0] or yn.shape[1] != self._w.shape[1]:
             raise ShapeMismatch(f"x {tuple(x.shape)} / y {tuple(y.shape)} do not fit weights {self._w.shape}")
         flags = np.empty(xn.shape[0], dtype=np.bool_)
-        for_row_chunks(xn.shape[0], lambda a, b: kernels.freivalds_rows(xn[a:b], self._wr, yn[a:b], self._r, flags[a:b]), rows=256)
+        for_row_chunks(xn.shape[0], lambda a, b: kernels.freivalds_rows(xn[a:b], self._wr_t, yn[a:b], self._r_t, flags[a:b]), rows=256)
         bad = int(flags.sum())
         if bad:
             raise VerificationFailed(f"{bad} of {yn.shape[0]} rows of the decrypted product are wrong", bad_rows=bad)
