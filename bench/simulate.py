@@ -75,7 +75,7 @@ def measure_client_crypto() -> dict[str, float]:
     w = PlainWeights(q)
     params = be.params_for(w, 8)
     key = be.keygen(params)
-    x = torch.randint(-128, 128, (params.n, q.shape[0]))
+    x = torch.randint(-128, 128, (params.n, q.shape[0]), dtype=torch.int8)  # the quantizer's dtype
     ct = be.encrypt(key, x)
     out = be.matmul(ct, w)
     checker = FreivaldsVerifier.for_params(w, params)

@@ -219,7 +219,8 @@ def join_limbs_switch(prods, limb_bits, log_q, out_bits, out):
 def freivalds_rows(x, wr_t, y, r_t, bad):
     """bad[t] = any_k (y[t] @ r_t[k] != x[t] @ wr_t[k]) in wrapping uint64 arithmetic.
 
-    x: (T, c) uint64, wr_t: (m, c), y: (T, w) uint64, r_t: (m, w): each check vector is contiguous,
+    x: (T, c) integers of any width (sign-extended, then read mod 2^64), wr_t: (m, c) uint64,
+    y: (T, w) uint64, r_t: (m, w) uint64: each check vector is contiguous,
     so every dot product is one vectorisable sweep over a row that stays in cache across the m checks.
     """
     m = r_t.shape[0]
@@ -230,6 +231,6 @@ def freivalds_rows(x, wr_t, y, r_t, bad):
             for j in range(y.shape[1]):
                 acc += y[t, j] * r_t[k, j]
             for j in range(x.shape[1]):
-                acc -= x[t, j] * wr_t[k, j]
+                acc -= np.uint64(np.int64(x[t, j])) * wr_t[k, j]
             if acc != 0:
                 bad[t] = True

@@ -51,7 +51,9 @@ class FreivaldsVerifier:
 
     def check(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Raise :class:`VerificationFailed` unless ``y == x @ w`` (false accept <= 2^-64 per row)."""
-        xn = np.ascontiguousarray(x.numpy(), dtype=np.int64).view(np.uint64)
+        xn = np.ascontiguousarray(x.numpy())  # any integer width: the kernel widens while it reads
+        if xn.dtype.kind not in "iu":
+            raise ShapeMismatch(f"x must be an integer tensor, got {x.dtype}")
         yn = np.ascontiguousarray(y.numpy(), dtype=np.int64).view(np.uint64)
         if xn.ndim != 2 or yn.ndim != 2 or xn.shape[0] != yn.shape[0]:
             raise ShapeMismatch(f"x {tuple(x.shape)} and y {tuple(y.shape)} do not pair up")

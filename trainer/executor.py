@@ -6,7 +6,7 @@ The trainer only ever asks one question of an executor::
     executor.matmul(layer_key, g_int, transpose=True)   ->  exact int64 g_int @ Wq.T
 
 where ``Wq`` is the layer's public int8 weight (``LayerSpec.weight.q``, d_in x d_out) and the inputs
-are signed ``n_bits`` integers (tokens x features, CPU int64). How the product is obtained -
+are signed ``n_bits`` integers (tokens x features, a CPU integer tensor: the quantizer's int8 or int16). How the product is obtained -
 encrypted to a provider in this process, in the clear, or over the network - is the executor's
 business. :class:`LocalExecutor` is the in-process implementation used by ``fhe="simulate"`` (clear
 backend) and ``fhe="execute"`` (RLWE backend, Freivalds-checked); ``fhe="remote"`` takes any object

@@ -47,7 +47,7 @@ def _operand(x: torch.Tensor, contraction: int) -> torch.Tensor:
         raise TypeError("x_int must be a 2-D integer tensor (tokens x features)")
     if x.shape[1] != contraction:
         raise ValueError(f"x_int has {x.shape[1]} features, the layer contracts over {contraction}")
-    return x.detach().to(device="cpu", dtype=torch.int64).contiguous()
+    return x.detach().to(device="cpu").contiguous()  # any integer width: encryption and checks widen as they read
 
 
 class SwarmSession:

@@ -87,7 +87,7 @@ class TestArguments:
         class Wrong:
             def matmul(self, layer_key, x_int, *, transpose):
                 w = specs[layer_key].weight.q.to(torch.int64)
-                return reply(x_int, w.t() if transpose else w)
+                return reply(x_int.long(), w.t() if transpose else w)
 
         specs = compiled.layer_specs()
         with pytest.raises(TypeError, match=r"Wrong.matmul\('model.layers.0.self_attn.q_proj', transpose=False\) must return"):
