@@ -19,6 +19,7 @@ import platform
 import torch
 
 from cipherswarm.fhe_backend import BackendUnavailable, PlainWeights, get_backend
+from cipherswarm.fhe_backend.ring import fft_library
 from cipherswarm.fhe_backend.verify import FreivaldsVerifier
 
 from common import row, timed
@@ -52,6 +53,7 @@ def bench_rlwe(tokens: int, d_in: int, d_out: int, reps: int, profile: str) -> d
     client = t_enc + t_dec + t_ver
     shared = profile == "shared-mask"
     print(f"\nrlwe ({profile} profile), {tokens} tokens x {d_in} x {d_out}, 8-bit activations, int8 weights: {params}")
+    print(row("client FFTs by", fft_library()))
     print(row("exact (decrypt(matmul(encrypt(x))) == x @ w)", str(exact), "", exact))
     print(row("plain fp32 matmul", f"{t_plain * 1e3:.0f} ms"))
     print(row("plain fp32 ns per output value", f"{t_plain * 1e9 / out_vals:.1f} ns"))

@@ -10,17 +10,38 @@ so the FFT's rounding error (~2^-53 * 2^37 * O(log N)) stays far below 1/2 and r
 exact integer. Decryption tolerates a bounded error (it is just more noise), so it may use one limb;
 that error scales with the largest evaluation |s(zeta)|, which every key keeps below
 :func:`secret_eval_bound` (:mod:`.keys` draws keys that way). The fused kernels in :mod:`.kernels`
-fold, recombine and finish in one pass each; the transforms are ducc0's, in place.
+fold, recombine and finish in one pass each; the transforms run in place, by ducc0 when the
+``fastfft`` extra is installed (about 1.4x faster here; it is GPLv2+, hence opt-in) and by scipy's
+pocketfft (BSD) otherwise. Both meet the error model the bounds below assume.
 """
 
 from __future__ import annotations
 
 import math
 
-import ducc0
 import numpy as np
+import scipy.fft
 
 from . import kernels
+
+try:
+    import ducc0
+except ImportError:  # the optional `fastfft` extra
+    ducc0 = None
+
+
+def fft_library() -> str:
+    """Which library computes the transforms (benchmarks print it)."""
+    return "ducc0" if ducc0 is not None else "scipy (pocketfft)"
+
+
+def _transform(f: np.ndarray, forward: bool) -> np.ndarray:
+    """Unnormalised complex FFT (forward) or inverse along the last axis, in f's own memory."""
+    if ducc0 is not None:
+        return ducc0.fft.c2c(f, axes=(f.ndim - 1,), forward=forward, out=f)
+    if forward:
+        return scipy.fft.fft(f, axis=-1, overwrite_x=True)
+    return scipy.fft.ifft(f, axis=-1, overwrite_x=True, norm="forward")
 
 LIMB_BITS = 26
 #: the finish kernels round with kernels.MAGIC, exact for values below 2^ROUND_BITS in magnitude
@@ -94,7 +115,7 @@ class NegacyclicFFT:
         shape = (limb_count(log_q, limb_bits), words.shape[0], self.half)
         f = np.empty(shape, dtype=np.complex128) if out is None else out
         kernels.fold_limbs(words, log_q, limb_bits, self.twist_re, self.twist_im, f.view(np.float64))
-        return ducc0.fft.c2c(f, axes=(2,), forward=True, out=f)
+        return _transform(f, forward=True)
 
     def products(self, words: np.ndarray, log_q: int, other: np.ndarray, limb_bits: int = LIMB_BITS,
                  out: np.ndarray | None = None) -> np.ndarray:
@@ -111,7 +132,7 @@ class NegacyclicFFT:
     @staticmethod
     def inverse(f: np.ndarray) -> np.ndarray:
         """Inverse transform along the last axis, in place (the 1/M scale is folded into ``untwist``)."""
-        return ducc0.fft.c2c(f, axes=(f.ndim - 1,), forward=False, out=f)
+        return _transform(f, forward=False)
 
 
 def ternary_eval(ring: NegacyclicFFT, s: np.ndarray) -> np.ndarray:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from cipherswarm.fhe_backend import ParameterError, kernels
+from cipherswarm.fhe_backend import ParameterError, PlainWeights, get_backend, kernels, ring
 from cipherswarm.fhe_backend.params import Params
 from cipherswarm.fhe_backend.ring import NegacyclicFFT
 
@@ -87,3 +88,23 @@ def test_blocked_copy_transposes_both_ways() -> None:
     back = np.empty_like(x)
     kernels.copy_blocked(tile, back.T)
     assert np.array_equal(back, x)
+
+
+@pytest.mark.parametrize("library", ["scipy", "ducc0"])
+@pytest.mark.parametrize("profile", ["default", "shared-mask"])
+def test_both_fft_libraries_are_exact(monkeypatch: pytest.MonkeyPatch, library: str, profile: str) -> None:
+    """scipy's pocketfft is the default install's transform, ducc0 the `fastfft` extra's: both give
+    exact products on a full block, with one-limb decryption."""
+    if library == "scipy":
+        monkeypatch.setattr(ring, "ducc0", None)
+    elif ring.ducc0 is None:
+        pytest.skip("ducc0 (the fastfft extra) is not installed")
+    assert ring.fft_library().startswith(library)
+    be = get_backend("rlwe")
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randint(-128, 128, (2048, 300), generator=gen, dtype=torch.int8)
+    w = torch.randint(-127, 128, (300, 70), generator=gen, dtype=torch.int8)
+    params = be.params_for(w, 8, profile=profile)
+    assert profile == "shared-mask" or params.decrypt_one_limb
+    sk = be.keygen(params, weights=PlainWeights(w))
+    assert torch.equal(be.decrypt(sk, be.matmul(be.encrypt(sk, x), w)), x.long() @ w.long())
