@@ -80,13 +80,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"client uplink in Mbit/s (default {CLIENT.up_bps / MBIT:g})")
     g.add_argument("--client-down-mbit", type=float, default=CLIENT.down_bps / MBIT,
                    help=f"client downlink in Mbit/s (default {CLIENT.down_bps / MBIT:g})")
-    g.add_argument("--encrypt-ns", type=float, default=2 * CLIENT.encrypt_ns,
+    g.add_argument("--encrypt-ns", type=float, default=CLIENT.encrypt_ns,
                    help="client CPU ns (core time) to encrypt one input value (default "
-                        f"{2 * CLIENT.encrypt_ns:g}: bench/RESULTS.md's {CLIENT.encrypt_ns:g} ns wall on 2 cores)")
-    g.add_argument("--decrypt-ns", type=float, default=2 * CLIENT.decrypt_ns,
-                   help=f"client CPU ns to decrypt one output value (default {2 * CLIENT.decrypt_ns:g}, likewise)")
-    g.add_argument("--verify-ns", type=float, default=2 * CLIENT.verify_ns,
-                   help=f"client CPU ns to verify one output value (default {2 * CLIENT.verify_ns:g}, likewise)")
+                        f"{CLIENT.encrypt_ns:g}: twice bench/RESULTS.md's {CLIENT.encrypt_ns / 2:g} ns wall on 2 cores)")
+    g.add_argument("--decrypt-ns", type=float, default=CLIENT.decrypt_ns,
+                   help=f"client CPU ns to decrypt one output value (default {CLIENT.decrypt_ns:g}, likewise)")
+    g.add_argument("--verify-ns", type=float, default=CLIENT.verify_ns,
+                   help=f"client CPU ns to verify one output value (default {CLIENT.verify_ns:g}, likewise)")
     g.add_argument("--client-plain-gmacs", type=float, default=CLIENT.plain_macs_per_s / 1e9,
                    help="client plaintext GMAC/s for attention, output head and LoRA, all cores "
                         f"(default {CLIENT.plain_macs_per_s / 1e9:g})")
