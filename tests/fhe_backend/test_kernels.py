@@ -108,3 +108,24 @@ def test_both_fft_libraries_are_exact(monkeypatch: pytest.MonkeyPatch, library: 
     assert profile == "shared-mask" or params.decrypt_one_limb
     sk = be.keygen(params, weights=PlainWeights(w))
     assert torch.equal(be.decrypt(sk, be.matmul(be.encrypt(sk, x), w)), x.long() @ w.long())
+
+
+def test_concurrent_calls_keep_their_scratch_apart() -> None:
+    """Crypto runs on a shared pool and on callers' threads at once (the node client encrypts two
+    calls in parallel): per-thread scratch buffers must never mix two calls' data."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    be = get_backend("rlwe")
+    gen = torch.Generator().manual_seed(11)
+    jobs = []
+    for tokens, d_in, d_out in [(2048, 300, 40), (700, 129, 300), (5, 64, 7), (2100, 200, 130)]:
+        w = torch.randint(-127, 128, (d_in, d_out), generator=gen, dtype=torch.int8)
+        x = torch.randint(-128, 128, (tokens, d_in), generator=gen, dtype=torch.int8)
+        jobs.append((x, w, be.keygen(be.params_for(w, 8))))
+
+    def run(job):
+        x, w, sk = job
+        return all(torch.equal(be.decrypt(sk, be.matmul(be.encrypt(sk, x), w)), x.long() @ w.long()) for _ in range(2))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(run, jobs * 2))
