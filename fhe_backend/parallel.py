@@ -15,6 +15,8 @@ from typing import Callable
 import numpy as np
 
 ROWS = 32
+#: byte alignment of every scratch buffer: a cache line, and what FFTW's plans assume of their arrays
+ALIGN = 64
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -43,11 +45,19 @@ def for_row_chunks(total: int, fn: Callable[[int, int], None], rows: int = ROWS)
 _scratch = threading.local()
 
 
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+    """np.empty, starting on an ALIGN-byte boundary."""
+    size = math.prod(shape) * np.dtype(dtype).itemsize
+    raw = np.empty(size + ALIGN, dtype=np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start : start + size].view(dtype).reshape(shape)
+
+
 def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
     """A per-thread buffer named ``name``, viewed as ``shape`` and ``dtype``, reused across calls: the
     crypto's hot loops would otherwise allocate (and page-fault in) a few MB per chunk. Contents are
-    garbage; callers fill it. One allocation per name (the largest asked for), and its views are
-    cached too, since building a view costs microseconds and the loops ask thousands of times."""
+    garbage; callers fill it. One ALIGN-aligned allocation per name (the largest asked for), and its
+    views are cached too, since building a view costs microseconds and the loops ask thousands of times."""
     views = _scratch.__dict__.setdefault(name, {})
     view = views.get((shape, dtype))
     if view is None:
@@ -55,6 +65,6 @@ def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.nda
         flat = views.get("flat")
         if flat is None or flat.size < size:
             views.clear()
-            flat = views["flat"] = np.empty(size, dtype=np.uint8)
+            flat = views["flat"] = aligned_empty((size,), np.uint8)
         view = views[(shape, dtype)] = flat[:size].view(dtype).reshape(shape)
     return view
