@@ -54,8 +54,8 @@ def block_view(x: np.ndarray, n: int, b: int) -> np.ndarray:
 #: rows (features) per thread task: the strided message and output columns move in runs of this
 #: many words, which is what makes their transposition cheap
 CHUNK_ROWS = 128
-#: rows per pass through the FFTs: their limb evaluations (2 limbs x 16 rows x N/2 complex, 512 KiB
-#: at N = 2048) stay in a core's L2
+#: rows per pass through the FFTs: per-call overhead (AES set-up, numba and FFT dispatch) beats the
+#: cache here, so 64 rows (2 MiB of limb evaluations at N = 2048) measured faster than 16 or 32
 FFT_ROWS = 64
 
 #: (first row, end row) -> inverse-FFT'd limb products (limbs, rows, n/2) complex, for a finish kernel

@@ -1,7 +1,8 @@
 """Row-chunked parallelism for the client's crypto.
 
-The kernels, FFTs and AES release the GIL, so a small thread pool keeps both cores busy while
-chunks of ~ROWS rows stay cache-resident (a pass over a whole 2048 x 4096 matrix would spill to RAM).
+The kernels, FFTs and AES release the GIL, so a small thread pool keeps both cores busy; each caller
+picks the chunk size that suits its loop, and per-thread scratch buffers spare the loops their
+allocations.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from typing import Callable
 
 import numpy as np
 
-ROWS = 32
 #: byte alignment of every scratch buffer: a cache line, and what FFTW's plans assume of their arrays
 ALIGN = 64
 _pool: ThreadPoolExecutor | None = None
@@ -28,7 +28,7 @@ def workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
-def for_row_chunks(total: int, fn: Callable[[int, int], None], rows: int = ROWS) -> None:
+def for_row_chunks(total: int, fn: Callable[[int, int], None], rows: int) -> None:
     """Call ``fn(start, stop)`` over ``[0, total)`` in chunks, in parallel; re-raise the first error."""
     global _pool
     spans = [(i, min(i + rows, total)) for i in range(0, total, rows)]
