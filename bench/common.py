@@ -11,6 +11,11 @@ from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from cipherswarm.fhe_backend.allocator import retain_freed_memory  # noqa: E402
+
+#: the allocator policy of the cipherswarm command, so that buffers are measured as a node reuses them
+RETAINS_FREED_MEMORY = retain_freed_memory()
+
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 

@@ -54,6 +54,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from cipherswarm.fhe_backend.allocator import retain_freed_memory
+
+    retain_freed_memory()  # layer-sized buffers are reused instead of faulted in again per layer
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command if command in SUBCOMMANDS else None).parse_args(argv)
     try:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InvalidCiphertext, KeyMismatch, ParameterError, ShapeMismatch
-from .packing import pack, unpack, word_bytes
+from .packing import pack_into, unpack, unpack_pair, word_bytes
 from .params import SHARED_MASK, Params
 from .sampling import SEED_BYTES
 
@@ -42,6 +42,23 @@ def _params_from(values: tuple[int, ...]) -> Params:
         return Params.from_tuple(values)
     except ParameterError as exc:
         raise InvalidCiphertext(f"ciphertext carries invalid parameters: {exc}") from exc
+
+
+#: one packed field of a payload: (words, bits, high words or None, bit offset of the high words)
+Field = tuple[np.ndarray, int, "np.ndarray | None", int]
+
+
+def _serialise(prefix: bytes, *fields: Field) -> bytes:
+    """prefix followed by each field's packed words, assembled in one buffer: the payload is as large
+    as the layer, so every intermediate bytes object would be another full copy."""
+    sizes = [words.size * word_bytes(bits) for words, bits, _, _ in fields]
+    buf = np.empty(len(prefix) + sum(sizes), dtype=np.uint8)
+    buf[: len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
+    off = len(prefix)
+    for (words, bits, high, shift), size in zip(fields, sizes):
+        pack_into(buf[off : off + size], words, bits, high, shift)
+        off += size
+    return buf.tobytes()
 
 
 def _check_dims(tokens: int, d: int, blocks: int, n: int) -> None:
@@ -82,7 +99,7 @@ class Ciphertext:
 
     def to_bytes(self) -> bytes:
         head = _CT_HEAD.pack(CT_MAGIC, *self.params.to_tuple(), self.key_id, self.tokens, self.d, self.first_row, self.blocks)
-        return head + b"".join(self.seeds) + pack(self.words, self.params.log_q)
+        return _serialise(head + b"".join(self.seeds), (self.words, self.params.log_q, None, 64))
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> "Ciphertext":
@@ -101,7 +118,7 @@ class Ciphertext:
             raise InvalidCiphertext(f"ciphertext has {len(data)} bytes, expected {off + blocks * SEED_BYTES + body}")
         seeds = tuple(bytes(data[off + i * SEED_BYTES : off + (i + 1) * SEED_BYTES]) for i in range(blocks))
         off += blocks * SEED_BYTES
-        words = unpack(data[off:], params.log_q, blocks * d * params.n).reshape(blocks, d, params.n)
+        words = unpack(data[off:], params.log_q, blocks * d * params.n, params.n).reshape(blocks, d, params.n)
         return cls(params=params, key_id=key_id, tokens=tokens, first_row=first_row, seeds=seeds, words=words)
 
     # -- chunking: every split is exact, because everything is linear mod q -----------------------
@@ -167,10 +184,10 @@ class MatmulResult:
         p = self.params
         head = _OUT_HEAD.pack(OUT_MAGIC, *p.to_tuple(), self.key_id, self.tokens, self.d_out, self.blocks)
         if self.shared_mask:
-            return head + b"".join(self.seeds) + pack(self.b_words, p.out_bits_b)
+            return _serialise(head + b"".join(self.seeds), (self.b_words, p.out_bits_b, None, 64))
         if p.out_bits_a + p.out_bits_b <= 64:
-            return head + pack(self.a_words | (self.b_words << p.out_bits_a), p.out_bits_a + p.out_bits_b)
-        return head + pack(self.a_words, p.out_bits_a) + pack(self.b_words, p.out_bits_b)
+            return _serialise(head, (self.a_words, p.out_bits_a + p.out_bits_b, self.b_words, p.out_bits_a))
+        return _serialise(head, (self.a_words, p.out_bits_a, None, 64), (self.b_words, p.out_bits_b, None, 64))
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> "MatmulResult":
@@ -191,17 +208,15 @@ class MatmulResult:
             if len(body) < blocks * SEED_BYTES:
                 raise InvalidCiphertext("result truncated in its seeds")
             seeds = tuple(bytes(body[i * SEED_BYTES : (i + 1) * SEED_BYTES]) for i in range(blocks))
-            b = unpack(body[blocks * SEED_BYTES :], kb, count)
+            b = unpack(body[blocks * SEED_BYTES :], kb, count, p.n)
             return cls(params=p, key_id=key_id, tokens=tokens, a_words=None, b_words=b.reshape(shape), seeds=seeds)
         if ka + kb <= 64:
-            joint = unpack(body, ka + kb, count).view(np.uint64)
-            a = (joint & np.uint64((1 << ka) - 1)).view(np.int64)
-            b = (joint >> np.uint64(ka)).view(np.int64)
+            a, b = unpack_pair(body, ka + kb, count, p.n, ka)
         else:
             split = word_bytes(ka) * count
             if len(body) != split + word_bytes(kb) * count:
                 raise InvalidCiphertext("result payload has the wrong length")
-            a, b = unpack(body[:split], ka, count), unpack(body[split:], kb, count)
+            a, b = unpack(body[:split], ka, count, p.n), unpack(body[split:], kb, count, p.n)
         return cls(params=p, key_id=key_id, tokens=tokens, a_words=a.reshape(shape), b_words=b.reshape(shape))
 
     # -- re-aggregation of chunks ------------------------------------------------------------------
