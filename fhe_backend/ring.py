@@ -69,8 +69,8 @@ def _transform(f: np.ndarray, forward: bool) -> np.ndarray:
 
 
 LIMB_BITS = 26
-#: the finish kernels round with kernels.MAGIC, exact for values below 2^ROUND_BITS in magnitude
-ROUND_BITS = 51
+#: the kernels convert and round with kernels.MAGIC, exact for values below 2^ROUND_BITS in magnitude
+ROUND_BITS = kernels.ROUND_BITS
 
 #: every key satisfies max |s(zeta)| <= SECRET_EVAL_FACTOR * sqrt(N) over the evaluation points
 SECRET_EVAL_FACTOR = 12.0
@@ -137,6 +137,8 @@ class NegacyclicFFT:
 
         ``out``, if given, is a complex128 buffer of that shape (a thread's scratch) filled in place.
         """
+        if limb_bits > ROUND_BITS:
+            raise ValueError(f"limbs of {limb_bits} bits exceed the kernels' {ROUND_BITS}-bit conversions")
         shape = (limb_count(log_q, limb_bits), words.shape[0], self.half)
         f = aligned_empty(shape, np.complex128) if out is None else out
         kernels.fold_limbs(words, log_q, limb_bits, self.twist_re, self.twist_im, f.view(np.float64))
@@ -146,12 +148,13 @@ class NegacyclicFFT:
                  out: np.ndarray | None = None) -> np.ndarray:
         """Limb products ``limb_l(a_r) * other`` of each row, as inverse-FFT output for a finish kernel.
 
-        ``other`` holds evaluations broadcastable to (rows, n/2). Returns (limbs, rows, n/2)
+        ``other`` holds the n/2 evaluations of one polynomial (the secret), in any shape of that size. Returns (limbs, rows, n/2)
         complex128 that :func:`kernels.finish_encrypt` / :func:`kernels.finish_decrypt` untwist, round
         and recombine (through its float64 view).
         """
         f = self.evaluate(words, log_q, limb_bits, out)
-        f *= other
+        other = other.reshape(self.half)
+        kernels.mul_evals(f.view(np.float64), other.real.copy(), other.imag.copy())
         return self.inverse(f)
 
     @staticmethod
