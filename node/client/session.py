@@ -24,6 +24,7 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.kad_dht.kad_dht import DHTMode
 from multiaddr import Multiaddr
 
+from cipherswarm.fhe_backend import Ciphertext
 from cipherswarm.protocol import Range
 
 from ..discovery import AdvertWatcher
@@ -166,14 +167,19 @@ class SwarmSession:
         ct, spent = await trio.to_thread.run_sync(thread_timed, ENGINE.encrypt, key, x, limiter=crypto)
         self._counters.encrypt_s += spent
         jobs = []
+        # column chunks of the same blocks and rows send the same ciphertext: serialise it once
+        parts: dict[tuple[Range, Range], tuple[Ciphertext, bytes]] = {}
         for chunk in plan:
             if chunk.index in done:
                 continue
-            part = ct.select_blocks(chunk.blocks.start, chunk.blocks.stop)
-            if chunk.row_parts > 1:
-                part = part.select_rows(chunk.contraction.start, chunk.contraction.stop, parts=chunk.row_parts)
-            payload, spent = await trio.to_thread.run_sync(thread_timed, part.to_bytes, limiter=crypto)
-            self._counters.wire_s += spent
+            if (chunk.blocks, chunk.contraction) not in parts:
+                part = ct.select_blocks(chunk.blocks.start, chunk.blocks.stop)
+                if chunk.row_parts > 1:
+                    part = part.select_rows(chunk.contraction.start, chunk.contraction.stop, parts=chunk.row_parts)
+                payload, spent = await trio.to_thread.run_sync(thread_timed, part.to_bytes, limiter=crypto)
+                self._counters.wire_s += spent
+                parts[chunk.blocks, chunk.contraction] = part, payload
+            part, payload = parts[chunk.blocks, chunk.contraction]
             tokens = chunk.tokens(shape.n, shape.tokens)
             rows, cols = slice(tokens.start, tokens.stop), slice(chunk.contraction.start, chunk.contraction.stop)
             macs = part.blocks * shape.n * len(chunk.contraction) * len(chunk.output)
