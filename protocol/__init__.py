@@ -43,6 +43,7 @@ from .messages import (
     SignedReceipt,
     UsageReceipt,
     WeightSlice,
+    sha256,
 )
 from .receipts import countersign_receipt, sign_receipt, verify_countersignature, verify_receipt
 from .replay import ReplayWindow
@@ -104,6 +105,7 @@ __all__ = [
     "ok_reply",
     "read_frame",
     "seal",
+    "sha256",
     "sign_receipt",
     "verify_advert",
     "verify_countersignature",

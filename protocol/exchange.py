@@ -58,8 +58,10 @@ def _expect(header: Header, kind: type[M]) -> M:
     return header.message
 
 
-def _check_payload(message: MatmulRequest | MatmulReply, payload: bytes) -> None:
-    if len(payload) != message.payload_length or sha256(payload) != message.payload_sha256:
+def _check_payload(message: MatmulRequest | MatmulReply, payload: bytes, digest: bytes | None) -> None:
+    """`digest`: the payload's SHA-256 if the caller computed it (a node hashes layer-sized payloads
+    in a worker thread, where they do not stall its event loop), else None to compute it here."""
+    if len(payload) != message.payload_length or (sha256(payload) if digest is None else digest) != message.payload_sha256:
         raise BadSignature("payload does not match the header's digest")
 
 
@@ -71,16 +73,17 @@ def verify_request(
     lookup: LayerLookup,
     now_ms: int,
     min_price_per_gmac: int = 0,
+    payload_sha256: bytes | None = None,
 ) -> Verified[MatmulRequest]:
     """Provider side: check a request read from a stream whose remote peer is `peer`.
 
-    Raises MalformedFrame, BadSignature, ExpiredFrame, ReplayedFrame, Busy (replay window full),
+    `payload_sha256`: SHA-256 of frame.payload if already computed (see _check_payload). Raises MalformedFrame, BadSignature, ExpiredFrame, ReplayedFrame, Busy (replay window full),
     UnknownModel, ShapeMismatch or PaymentRequired. The nonce is used up once the request is
     authentic and fresh, even if a later check refuses it.
     """
     request = _expect(frame.header, MatmulRequest)
     signer = frame.header.verify(peer)
-    _check_payload(request, frame.payload)
+    _check_payload(request, frame.payload, payload_sha256)
     window.check_and_record(
         request.nonce, expires_at_ms=request.expires_at_ms, now_ms=now_ms, scope=frame.header.public_key
     )
@@ -101,12 +104,14 @@ def ok_reply(
     price_per_gmac: int,
     compute_time_us: int,
     now_ms: int,
+    payload_sha256: bytes | None = None,
 ) -> MatmulReply:
     """Provider side: the reply carrying `payload` (the encrypted result) and a receipt signed with
-    the provider's identity `key` for request.message.macs at `price_per_gmac`."""
+    the provider's identity `key` for request.message.macs at `price_per_gmac`. `payload_sha256`:
+    the payload's SHA-256 if already computed (see _check_payload)."""
     if price_per_gmac > request.message.price_per_gmac:
         raise ValueError("price_per_gmac must not exceed the request's offer")
-    reply_digest = sha256(payload)
+    reply_digest = sha256(payload) if payload_sha256 is None else payload_sha256
     receipt = UsageReceipt(
         provider=ID.from_pubkey(key.get_public_key()),
         client=request.signer,
@@ -142,8 +147,11 @@ def error_reply(exc: BaseException, frame: Frame | None = None) -> MatmulReply:
     )
 
 
-def verify_reply(frame: Frame, *, peer: ID, request: Sealed[MatmulRequest]) -> Verified[MatmulReply]:
-    """Client side: check the reply to `request` read from a stream to provider `peer`.
+def verify_reply(
+    frame: Frame, *, peer: ID, request: Sealed[MatmulRequest], payload_sha256: bytes | None = None
+) -> Verified[MatmulReply]:
+    """Client side: check the reply to `request` read from a stream to provider `peer`
+    (`payload_sha256`: SHA-256 of frame.payload if already computed, see _check_payload).
 
     An error reply is raised as the provider's typed error (with `remote` set). A successful one
     must name the request, match its payload, and carry a receipt signed by `peer` for this client,
@@ -152,7 +160,7 @@ def verify_reply(frame: Frame, *, peer: ID, request: Sealed[MatmulRequest]) -> V
     """
     reply = _expect(frame.header, MatmulReply)
     signer = frame.header.verify(peer)
-    _check_payload(reply, frame.payload)
+    _check_payload(reply, frame.payload, payload_sha256)
     sent = request.message
     names_request = (reply.request_id, reply.request_digest) == (sent.request_id, request.digest)
     if reply.error is not None:

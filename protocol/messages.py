@@ -182,8 +182,13 @@ class MatmulRequest:
         output_shape: tuple[int, int],
         price_per_gmac: int,
         mask_seeds: tuple[bytes, ...] = (),
+        payload_sha256: bytes | None = None,
     ) -> MatmulRequest:
-        """A request for `payload` with a fresh random id and nonce and the payload's digest."""
+        """A request for `payload` with a fresh random id and nonce and the payload's digest.
+
+        Pass `payload_sha256` when it is already known: hashing a layer-sized payload takes tens of
+        milliseconds, which a node spends once, in a worker thread, not on its event loop per attempt.
+        """
         _check_type("payload", payload, bytes)
         return cls(
             request_id=os.urandom(ID_SIZE),
@@ -198,7 +203,7 @@ class MatmulRequest:
             mask_seeds=mask_seeds,
             input_shape=input_shape,
             output_shape=output_shape,
-            payload_sha256=sha256(payload),
+            payload_sha256=sha256(payload) if payload_sha256 is None else payload_sha256,
             payload_length=len(payload),
             price_per_gmac=price_per_gmac,
         )

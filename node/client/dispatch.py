@@ -50,6 +50,7 @@ from cipherswarm.protocol import (
     WeightSlice,
     countersign_receipt,
     seal,
+    sha256,
     verify_reply,
 )
 
@@ -117,6 +118,7 @@ class ChunkJob:
     generation: int  # the channel's key generation of `key`
     ct: Ciphertext  # the chunk's ciphertext (its params are the chunk's)
     payload: bytes  # ct.to_bytes()
+    payload_sha256: bytes  # its digest, computed once in a worker thread (see serialise)
     x: torch.Tensor  # the chunk's plaintext operand, for the Freivalds check
     width: int  # output columns of the chunk
     deliver: Callable[[torch.Tensor], None]  # puts the verified product into the call's output
@@ -129,6 +131,13 @@ class ChunkJob:
     @property
     def params(self) -> Params:
         return self.ct.params
+
+
+def serialise(ct: Ciphertext) -> tuple[bytes, bytes]:
+    """Worker thread: the ciphertext's wire bytes and their SHA-256, which every request for them
+    carries; hashing a layer-sized payload takes tens of ms, too long for the event loop."""
+    payload = ct.to_bytes()
+    return payload, sha256(payload)
 
 
 def _open_result(job: ChunkJob, payload: bytes) -> tuple[torch.Tensor, tuple[float, float, float]]:
@@ -277,6 +286,7 @@ class Dispatcher:
         peer = state.peer
         request = MatmulRequest.for_payload(
             job.payload,
+            payload_sha256=job.payload_sha256,
             expires_at_ms=now_ms() + int(1000 * self._config.request_ttl_s),
             model_hash=job.need.model_hash,
             layer=job.layer,
@@ -311,7 +321,8 @@ class Dispatcher:
                 raise AttemptFailed(peer, FailureKind.CHEATED, f"invalid reply: {exc}") from None
             self._counters.bytes_sent += len(sealed.header) + len(job.payload)
             self._counters.bytes_received += len(frame.header.body) + len(frame.payload)
-            reply = self._check_reply(frame, peer, sealed)
+            digest = await trio.to_thread.run_sync(sha256, frame.payload, limiter=self.crypto)
+            reply = self._check_reply(frame, peer, sealed, digest)
             try:
                 y, (wire_s, decrypt_s, verify_s) = await trio.to_thread.run_sync(
                     _open_result, job, reply.payload, limiter=self.crypto)
@@ -327,10 +338,10 @@ class Dispatcher:
         finally:
             exchange.abandon()  # a no-op once acknowledged
 
-    def _check_reply(self, frame: Frame, peer: ID, sealed: Sealed[MatmulRequest]) -> Verified[MatmulReply]:
-        """protocol.verify_reply, with the provider's error replies classified."""
+    def _check_reply(self, frame: Frame, peer: ID, sealed: Sealed[MatmulRequest], digest: bytes) -> Verified[MatmulReply]:
+        """protocol.verify_reply (given the payload's SHA-256), with the provider's error replies classified."""
         try:
-            return verify_reply(frame, peer=peer, request=sealed)
+            return verify_reply(frame, peer=peer, request=sealed, payload_sha256=digest)
         except ProtocolError as exc:
             if not exc.remote:  # the reply itself failed a check: only the provider could have sent it
                 raise AttemptFailed(peer, FailureKind.CHEATED, f"invalid reply: {exc}") from None

@@ -35,7 +35,7 @@ from ..ledger import Ledger
 from ..types import Chunk, ClientStats
 from ..weights import Layer, ModelWeights
 from .config import ClientConfig
-from .dispatch import ChunkJob, Counters, Dispatcher, KeyExposed, thread_timed
+from .dispatch import ChunkJob, Counters, Dispatcher, KeyExposed, serialise, thread_timed
 from .keys import KeyRing, LayerChannel
 from .peers import Need, PeerTable
 from .router import CallShape, ChunkRouter
@@ -168,7 +168,7 @@ class SwarmSession:
         self._counters.encrypt_s += spent
         jobs = []
         # column chunks of the same blocks and rows send the same ciphertext: serialise it once
-        parts: dict[tuple[Range, Range], tuple[Ciphertext, bytes]] = {}
+        parts: dict[tuple[Range, Range], tuple[Ciphertext, tuple[bytes, bytes]]] = {}
         for chunk in plan:
             if chunk.index in done:
                 continue
@@ -176,10 +176,10 @@ class SwarmSession:
                 part = ct.select_blocks(chunk.blocks.start, chunk.blocks.stop)
                 if chunk.row_parts > 1:
                     part = part.select_rows(chunk.contraction.start, chunk.contraction.stop, parts=chunk.row_parts)
-                payload, spent = await trio.to_thread.run_sync(thread_timed, part.to_bytes, limiter=crypto)
+                wire, spent = await trio.to_thread.run_sync(thread_timed, serialise, part, limiter=crypto)
                 self._counters.wire_s += spent
-                parts[chunk.blocks, chunk.contraction] = part, payload
-            part, payload = parts[chunk.blocks, chunk.contraction]
+                parts[chunk.blocks, chunk.contraction] = part, wire
+            part, (payload, digest) = parts[chunk.blocks, chunk.contraction]
             tokens = chunk.tokens(shape.n, shape.tokens)
             rows, cols = slice(tokens.start, tokens.stop), slice(chunk.contraction.start, chunk.contraction.stop)
             macs = part.blocks * shape.n * len(chunk.contraction) * len(chunk.output)
@@ -192,6 +192,7 @@ class SwarmSession:
                 generation=generation,
                 ct=part,
                 payload=payload,
+                payload_sha256=digest,
                 x=x[rows, cols],
                 width=len(chunk.output),
                 deliver=partial(self._deliver, y, done, chunk, tokens),

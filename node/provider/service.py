@@ -50,6 +50,7 @@ from cipherswarm.protocol import (
     error_reply,
     ok_reply,
     seal,
+    sha256,
     verify_receipt_ack,
     verify_request,
 )
@@ -232,9 +233,13 @@ class Provider:
                 read_timeout_s=self.config.read_timeout_s,
                 frame_timeout_s=self.config.frame_timeout_s,
             )
+            # hashed in a worker thread: a layer-sized payload takes tens of ms, which on the event
+            # loop would stall every other stream this provider serves
+            digest = await trio.to_thread.run_sync(sha256, frame.payload)
             request = verify_request(
                 frame,
                 peer=peer,
+                payload_sha256=digest,
                 window=self._window,
                 lookup=self.weights.lookup,
                 now_ms=now_ms(),
@@ -242,7 +247,7 @@ class Provider:
             )
             remaining_s = (request.message.expires_at_ms - now_ms()) / 1000
             with trio.move_on_after(remaining_s) as scope:
-                payload, compute_us = await self._compute(request)
+                payload, reply_digest, compute_us = await self._compute(request)
             if scope.cancelled_caught:
                 raise DeadlineExceeded("computation", timeout_s=remaining_s)
         except ProtocolError as exc:
@@ -258,6 +263,7 @@ class Provider:
             price_per_gmac=self.config.price_per_gmac,
             compute_time_us=compute_us,
             now_ms=now_ms(),
+            payload_sha256=reply_digest,
         )
         await send_frame(stream, seal(reply, self._key), payload, timeout_s=self.config.frame_timeout_s)
         assert reply.receipt is not None  # ok_reply always signs one
@@ -285,18 +291,18 @@ class Provider:
 
     # -- the product ---------------------------------------------------------------------------
 
-    async def _compute(self, request: Verified[MatmulRequest]) -> tuple[bytes, int]:
-        """The encrypted result's bytes and the compute time in microseconds."""
+    async def _compute(self, request: Verified[MatmulRequest]) -> tuple[bytes, bytes, int]:
+        """The encrypted result's bytes, their SHA-256 and the compute time in microseconds."""
         msg = request.message
         ct, weights = await trio.to_thread.run_sync(self._prepare, msg, request.payload)
         if self.config.delay_s:
             await trio.sleep(self.config.delay_s)
         kind = (msg.layer, msg.weight_slice, msg.transpose, msg.input_shape)
-        payload, seconds = await trio.to_thread.run_sync(
+        payload, digest, seconds = await trio.to_thread.run_sync(
             partial(self._multiply, ct, weights, msg.transpose, kind), limiter=self._limiter, abandon_on_cancel=True
         )
         self._compute_s = 0.8 * self._compute_s + 0.2 * seconds
-        return payload, int(seconds * 1e6)
+        return payload, digest, int(seconds * 1e6)
 
     def _prepare(self, msg: MatmulRequest, payload: bytes) -> tuple[Ciphertext, PlainWeights]:
         """Worker thread: parse the ciphertext and check it, the parameters and the weights agree."""
@@ -325,10 +331,12 @@ class Provider:
             return full
         return PlainWeights(full.w[part.rows.start : part.rows.stop, part.cols.start : part.cols.stop])
 
-    def _multiply(self, ct: Ciphertext, weights: PlainWeights, transpose: bool, kind: object) -> tuple[bytes, float]:
-        """Worker thread, holding a slot: the product and its serialization, timed."""
+    def _multiply(self, ct: Ciphertext, weights: PlainWeights, transpose: bool, kind: object) -> tuple[bytes, bytes, float]:
+        """Worker thread, holding a slot: the product's serialization (timed) and its SHA-256."""
         start = time.perf_counter()
         result = self._matmul(ct, weights, transpose=transpose)
         if self._cheater is not None:
             result = self._cheater.result(kind, result)
-        return result.to_bytes(), time.perf_counter() - start
+        payload = result.to_bytes()
+        seconds = time.perf_counter() - start
+        return payload, sha256(payload), seconds

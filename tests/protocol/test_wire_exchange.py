@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any
 
 import pytest
@@ -296,3 +297,25 @@ class TestAdvert:
     def test_oversized_advert_refused_unread(self) -> None:
         with pytest.raises(FrameTooLarge):
             verify_advert(b"\x00" * (64 * 1024 + 1), now_ms=NOW_MS)
+
+
+def test_a_precomputed_payload_digest_is_the_one_checked() -> None:
+    """Nodes hash payloads in a worker thread and hand the digest over: every check then uses that
+    digest, so a digest of other bytes is refused exactly like a tampered payload."""
+    sha = hashlib.sha256
+    sealed, data = request_frame(payload_sha256=sha(PAYLOAD).digest())
+    assert sealed.message.payload_sha256 == sha(PAYLOAD).digest()
+    frame = decode_frame(data, limits=LIMITS)
+
+    def check(digest: bytes) -> Any:
+        return verify_request(frame, peer=CLIENT, window=ReplayWindow(), lookup=lookup, now_ms=NOW_MS, payload_sha256=digest)
+
+    with pytest.raises(BadSignature, match="digest"):
+        check(sha(PAYLOAD + b"x").digest())
+    verified = check(sha(PAYLOAD).digest())
+    reply = ok_reply(verified, REPLY_PAYLOAD, key=PROVIDER_KEY, price_per_gmac=800, compute_time_us=1, now_ms=NOW_MS,
+                     payload_sha256=sha(REPLY_PAYLOAD).digest())
+    reply_data = decode_frame(encode_frame(seal(reply, PROVIDER_KEY), REPLY_PAYLOAD), limits=LIMITS)
+    with pytest.raises(BadSignature, match="digest"):
+        verify_reply(reply_data, peer=PROVIDER, request=sealed, payload_sha256=sha(b"other").digest())
+    assert verify_reply(reply_data, peer=PROVIDER, request=sealed, payload_sha256=sha(REPLY_PAYLOAD).digest()).payload == REPLY_PAYLOAD
