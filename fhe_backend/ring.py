@@ -148,9 +148,9 @@ class NegacyclicFFT:
                  out: np.ndarray | None = None) -> np.ndarray:
         """Limb products ``limb_l(a_r) * other`` of each row, as inverse-FFT output for a finish kernel.
 
-        ``other`` holds the n/2 evaluations of one polynomial (the secret), in any shape of that size. Returns (limbs, rows, n/2)
-        complex128 that :func:`kernels.finish_encrypt` / :func:`kernels.finish_decrypt` untwist, round
-        and recombine (through its float64 view).
+        ``other`` holds the n/2 evaluations of one polynomial (the secret), in any shape of that
+        size. Returns (limbs, rows, n/2) complex128 that :func:`kernels.finish_encrypt` /
+        :func:`kernels.finish_decrypt` untwist, round and recombine (through its float64 view).
         """
         f = self.evaluate(words, log_q, limb_bits, out)
         other = other.reshape(self.half)
