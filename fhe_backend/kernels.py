@@ -199,24 +199,42 @@ def finish_decrypt(f, untwist_re, untwist_im, limb_bits, log_q, out_bits_a, out_
             out[i, j] = y + np.int64(r2 >= delta) - np.int64(r2 < -delta)
 
 
-#: columns per block of :func:`copy_blocked`: the strided side's rows stay in L1 and its pages in the TLB
+#: side of the square tiles of :func:`copy_blocked`: a tile's rows on either side stay in L1
 COPY_BLOCK = 8
 
 
 @njit(cache=True, nogil=True)
 def copy_blocked(src, dst):
-    """dst[i, j] = src[i, j] in blocks of COPY_BLOCK columns.
+    """dst[i, j] = src[i, j], tile by tile.
 
-    One side is a transposed view of a big (tokens x features) matrix, so its column j is one
-    contiguous run of that matrix's row. Sweeping a few columns for every row keeps those runs
-    cached while the other side is written or read along its rows.
+    One side is a transposed view of a big (tokens x features) matrix. Each COPY_BLOCK-square tile
+    goes through a small buffer, read along the rows of whichever side is row-major and written
+    along the rows of the other, so both sides move in runs of whole cache lines.
     """
     rows, cols = dst.shape
-    for j0 in range(0, cols, COPY_BLOCK):
-        j1 = min(j0 + COPY_BLOCK, cols)
-        for i in range(rows):
-            for j in range(j0, j1):
-                dst[i, j] = src[i, j]
+    b = COPY_BLOCK
+    tile = np.empty((b, b), dst.dtype)
+    src_by_rows = src.strides[1] <= src.strides[0]
+    full_rows, full_cols = rows - rows % b, cols - cols % b
+    for i0 in range(0, full_rows, b):
+        for j0 in range(0, full_cols, b):
+            if src_by_rows:
+                for i in range(b):
+                    for j in range(b):
+                        tile[i, j] = src[i0 + i, j0 + j]
+                for j in range(b):
+                    for i in range(b):
+                        dst[i0 + i, j0 + j] = tile[i, j]
+            else:
+                for j in range(b):
+                    for i in range(b):
+                        tile[i, j] = src[i0 + i, j0 + j]
+                for i in range(b):
+                    for j in range(b):
+                        dst[i0 + i, j0 + j] = tile[i, j]
+    for i in range(rows):  # the ragged edges
+        for j in range(full_cols if i < full_rows else 0, cols):
+            dst[i, j] = src[i, j]
 
 
 @njit(cache=True, nogil=True)
