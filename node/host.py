@@ -9,6 +9,9 @@ heartbeat is 1 s instead of 120 s, so a new peer joins the advert mesh within a 
 The DHT does not add connected peers to its routing table by itself, so a notifee queues every new
 connection and a task adds the peer (servers only: a peer that does not speak the DHT protocol is
 refused by the routing table's own check).
+
+Pubsub's inbound streams are served through `_PubsubStreams`, which ends them all before pubsub
+stops (its docstring says why).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
 from .logs import route_libp2p_logs
+from .streams import close_stream
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +138,50 @@ class _ConnectionQueue(INotifee):
         await trio.lowlevel.checkpoint()
 
 
+class _PubsubStreams:
+    """Serves inbound pubsub streams with pubsub's own handler, each under a cancel scope of ours,
+    so that the host's teardown can end every one of them before pubsub stops.
+
+    Pubsub's handler runs in the swarm's connection tasks, not in pubsub's nursery, and hands every
+    message and subscription it reads to a new pubsub task. Its guard (`manager.is_running`) still
+    holds for a moment after pubsub's task nursery has closed, so a message read in that moment
+    raises trio's "Nursery is closed to new arrivals" in the swarm, and the host's teardown fails
+    with it. Hanging up on every peer before pubsub stops does not close that window: a peer hung
+    up on early dials back in while the others are still being hung up on, and gossips at once.
+
+    Cancelling a handler may cancel a read mid-way and so break its connection (streams.py); that
+    is harmless here, as the host hangs up on every connection right after.
+    """
+
+    def __init__(self, pubsub: Pubsub) -> None:
+        self._pubsub = pubsub
+        self._running: set[trio.CancelScope] = set()
+        self._closed = False
+        self._all_returned = trio.Event()
+
+    async def handle(self, stream: INetStream) -> None:
+        """Stream handler of the pubsub protocols: pubsub's own until `close`, a reset after it."""
+        if self._closed:
+            await close_stream(stream, reset=True)
+            return
+        with trio.CancelScope() as scope:
+            self._running.add(scope)
+            try:
+                await self._pubsub.stream_handler(stream)
+            finally:
+                self._running.discard(scope)
+                if self._closed and not self._running:
+                    self._all_returned.set()
+
+    async def close(self) -> None:
+        """Refuse new pubsub streams, end the handlers running, and wait until all have returned."""
+        self._closed = True
+        for scope in self._running:
+            scope.cancel()
+        if self._running:
+            await self._all_returned.wait()
+
+
 async def _add_to_routing_table(dht: KadDHT, peer: ID) -> None:
     try:
         await dht.add_peer(peer)  # no timeout of ours: it would cancel stream I/O (streams.py)
@@ -179,6 +227,9 @@ async def open_host(
         heartbeat_interval=GOSSIP_HEARTBEAT_S,
     )
     pubsub = Pubsub(host, gossip)
+    pubsub_streams = _PubsubStreams(pubsub)
+    for protocol in pubsub.protocols:  # replaces the handlers Pubsub registered for itself
+        host.set_stream_handler(protocol, pubsub_streams.handle)
     dht = KadDHT(host, dht_mode)
     dht.strict_validation = True  # values only in namespaces with a validator: nobody parks arbitrary records on us
     send, receive = trio.open_memory_channel[ID](64)
@@ -195,7 +246,9 @@ async def open_host(
                     await _add_to_routing_table(dht, peer)
                 yield node
                 nursery.cancel_scope.cancel()
-            # Hang up before the services stop: a gossip message still arriving on an open stream
-            # after pubsub's task nursery closed makes libp2p raise "Nursery is closed to new arrivals".
+            # No gossip may reach pubsub once it starts stopping (_PubsubStreams).
+            await pubsub_streams.close()
+            # Hang up while the services still run, so that pubsub still handles each departure and
+            # peers stop reopening the pubsub streams that are now refused.
             for peer in list(host.get_network().connections):
                 await node.disconnect(peer)
