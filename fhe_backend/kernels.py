@@ -16,7 +16,7 @@ from numba.extending import intrinsic
 
 #: v + MAGIC holds round(v) in its low mantissa bits for |v| < 2^51 (1.5 * 2^52 keeps the exponent
 #: fixed): rounding to an integer becomes one add and one integer subtract, both vectorisable on
-#: AVX2, where float64 -> int64 conversion is not. ring.ROUND_BITS is the bound callers respect.
+#: AVX2, where float64 -> int64 conversion is not. ROUND_BITS below is the bound callers respect.
 MAGIC = 6755399441055744.0
 MAGIC_BITS = np.int64(0x4338000000000000)
 #: |v| below 2^ROUND_BITS is what the MAGIC trick converts exactly, either way
@@ -87,7 +87,7 @@ def fold_limbs(words, log_q, limb_bits, twist_re, twist_im, out):
     interleaved view of complex (limbs, r, n/2) with
     out[l, i, j] = (limb_l(w[i, j]) + 1j * limb_l(w[i, j + n/2])) * twist[j].
     One limb at a time over a row, so every loop is a plain vectorisable sweep. Limbs are at most
-    51 bits wide (ring.ROUND_BITS: wider ones could not be rounded back either).
+    ROUND_BITS wide (ring.evaluate refuses wider ones, which could not be rounded back either).
     """
     limbs, rows, n = out.shape
     half = n // 2
@@ -203,35 +203,34 @@ def finish_decrypt(f, untwist_re, untwist_im, limb_bits, log_q, out_bits_a, out_
 COPY_BLOCK = 8
 
 
-@njit(cache=True, nogil=True)
-def copy_blocked(src, dst):
+def copy_blocked(src: np.ndarray, dst: np.ndarray) -> None:
     """dst[i, j] = src[i, j], tile by tile.
 
     One side is a transposed view of a big (tokens x features) matrix. Each COPY_BLOCK-square tile
     goes through a small buffer, read along the rows of whichever side is row-major and written
-    along the rows of the other, so both sides move in runs of whole cache lines.
+    along the rows of the other, so both sides move in runs of whole cache lines. Copying src.T to
+    dst.T is the same copy, so the kernel only ever reads a row-major source.
     """
+    if src.strides[1] > src.strides[0]:
+        src, dst = src.T, dst.T
+    _copy_tiles(src, dst)
+
+
+@njit(cache=True, nogil=True)
+def _copy_tiles(src, dst):
+    """copy_blocked's kernel, for a source read along its rows."""
     rows, cols = dst.shape
     b = COPY_BLOCK
     tile = np.empty((b, b), dst.dtype)
-    src_by_rows = src.strides[1] <= src.strides[0]
     full_rows, full_cols = rows - rows % b, cols - cols % b
     for i0 in range(0, full_rows, b):
         for j0 in range(0, full_cols, b):
-            if src_by_rows:
-                for i in range(b):
-                    for j in range(b):
-                        tile[i, j] = src[i0 + i, j0 + j]
+            for i in range(b):
                 for j in range(b):
-                    for i in range(b):
-                        dst[i0 + i, j0 + j] = tile[i, j]
-            else:
-                for j in range(b):
-                    for i in range(b):
-                        tile[i, j] = src[i0 + i, j0 + j]
+                    tile[i, j] = src[i0 + i, j0 + j]
+            for j in range(b):
                 for i in range(b):
-                    for j in range(b):
-                        dst[i0 + i, j0 + j] = tile[i, j]
+                    dst[i0 + i, j0 + j] = tile[i, j]
     for i in range(rows):  # the ragged edges
         for j in range(full_cols if i < full_rows else 0, cols):
             dst[i, j] = src[i, j]
