@@ -277,16 +277,22 @@ def join_limbs_switch(prods, limb_bits, log_q, out_bits, out):
 
 
 @njit(cache=True, nogil=True)
-def freivalds_rows(x, wr_t, y, r_t, bad):
-    """bad[t] = any_k (y[t] @ r_t[k] != x[t] @ wr_t[k]) in wrapping uint64 arithmetic.
+def freivalds_rows(x, wr_t, y, r_t, y_bound, bad):
+    """bad[t] = any |y[t, j]| > y_bound, or any_k (y[t] @ r_t[k] != x[t] @ wr_t[k]) in wrapping uint64
+    arithmetic.
 
     x: (T, c) integers of any width (sign-extended, then read mod 2^64), wr_t: (m, c) uint64,
-    y: (T, w) uint64, r_t: (m, w) uint64: each check vector is contiguous,
+    y: (T, w) uint64 (int64 two's complement), r_t: (m, w) uint64: each check vector is contiguous,
     so every dot product is one vectorisable sweep over a row that stays in cache across the m checks.
+    The bound test is one more sweep: y + bound wraps above 2 bound exactly when |y| > bound.
     """
     m = r_t.shape[0]
+    span = np.uint64(2) * y_bound
     for t in range(x.shape[0]):
-        bad[t] = False
+        out = False
+        for j in range(y.shape[1]):
+            out |= y[t, j] + y_bound > span
+        bad[t] = out
         for k in range(m):
             acc = np.uint64(0)
             for j in range(y.shape[1]):
@@ -295,3 +301,25 @@ def freivalds_rows(x, wr_t, y, r_t, bad):
                 acc -= np.uint64(np.int64(x[t, j])) * wr_t[k, j]
             if acc != 0:
                 bad[t] = True
+
+
+@njit(cache=True, nogil=True)
+def sketch_columns(w, r_t, grid, out, c0, c1):
+    """out[b, k, j] = sum over rows i of block b of w[i, j] * r_t[k, i] for columns c0 <= j < c1,
+    wrapping mod 2^64: a Freivalds sketch read along w's contiguous rows.
+
+    w: (width, contraction) int8, rows being the checked product's output axis (a layer's W for
+    ``g @ W.T``, a transposed tile of it for ``x @ W``); r_t: (m, width) uint64; grid: the output
+    blocks' bounds; out: (blocks, m, contraction) uint64. The inner loop is an axpy over a
+    contiguous row: one vectorised multiply-add per weight and check vector (a dot product along
+    the other axis measured about 5x slower).
+    """
+    m = r_t.shape[0]
+    for b in range(grid.shape[0] - 1):
+        for k in range(m):
+            for j in range(c0, c1):
+                out[b, k, j] = 0
+            for i in range(grid[b], grid[b + 1]):
+                rk = r_t[k, i]
+                for j in range(c0, c1):
+                    out[b, k, j] += np.uint64(np.int64(w[i, j])) * rk

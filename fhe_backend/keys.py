@@ -58,6 +58,11 @@ class SecretKey:
             if _spectrally_bounded(ternary_eval(ring, s[None])[0], params.n):
                 return cls(params=params, s=s, key_id=os.urandom(KEY_ID_BYTES))
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of key material held: the secret and its evaluations (the FFT plan is shared)."""
+        return self.s.nbytes + self.secret_eval.nbytes
+
     def __repr__(self) -> str:
         return f"SecretKey(id={self.key_id.hex()}, n={self.params.n}, log_q={self.params.log_q})"
 

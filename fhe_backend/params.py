@@ -55,9 +55,13 @@ class WeightStats:
         if w.ndim != 2 or w.dtype.is_floating_point or w.dtype.is_complex or w.dtype == torch.bool:
             raise ParameterError(f"weights must be a 2-D integer tensor, got {tuple(w.shape)} {w.dtype}")
         axis = 1 if transpose else 0
-        w64 = w.to(torch.int64)
-        l1 = int(w64.abs().sum(dim=axis).max()) if w64.numel() else 0
-        l2sq = int((w64 * w64).sum(dim=axis).max()) if w64.numel() else 0
+        if not w.numel():
+            return cls(l1=1, l2sq=1)
+        # int8 weights (all quantized layers) widen only to int16 here (128^2 fits): a layer-sized
+        # int64 copy would cost a node 8 bytes per weight while it loads
+        absolute = w.to(torch.int16 if w.dtype == torch.int8 else torch.int64).abs()
+        l1 = int(absolute.sum(dim=axis, dtype=torch.int64).max())
+        l2sq = int((absolute * absolute).sum(dim=axis, dtype=torch.int64).max())
         return cls(l1=max(l1, 1), l2sq=max(l2sq, 1))
 
     def covers(self, other: "WeightStats") -> bool:

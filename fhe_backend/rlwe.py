@@ -23,7 +23,7 @@ class RlweBackend:
 
     def params_for(
         self,
-        w: "torch.Tensor | PlainWeights",
+        w: "torch.Tensor | PlainWeights | WeightStats",
         x_bits: int = 8,
         *,
         transpose: bool = False,
@@ -31,8 +31,13 @@ class RlweBackend:
         switch_output: bool = True,
         profile: str = "default",
     ) -> Params:
-        """``profile="shared-mask"`` halves the provider's work and output bytes (see shared_mask.py)."""
-        stats = w.stats(transpose) if isinstance(w, PlainWeights) else WeightStats.of(w, transpose=transpose)
+        """``profile="shared-mask"`` halves the provider's work and output bytes (see shared_mask.py).
+        ``w`` may be the norms alone (``WeightStats`` of the product's direction): a node that does
+        not hold a layer chooses its parameters from the layer's summary."""
+        if isinstance(w, WeightStats):
+            stats = w
+        else:
+            stats = w.stats(transpose) if isinstance(w, PlainWeights) else WeightStats.of(w, transpose=transpose)
         return choose_params(stats, x_bits, n=n, switch_output=switch_output, profile=profile)
 
     def keygen(

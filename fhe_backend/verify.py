@@ -1,12 +1,19 @@
-"""Freivalds verification of decrypted products: is ``y == x @ w`` without recomputing it?
+"""Freivalds verification of decrypted products from secret sketches: is ``y == x @ w`` without ``w``?
 
 For a secret random r (width x m, entries uniform in [0, 2^R)), check ``y @ r == x @ (w @ r)`` in
 wrapping uint64 arithmetic. If some row of e = y - x@w is non-zero, fix a non-zero entry e_i: two
 values r_i != r_i' that both pass would give e_i (r_i - r_i') = 0 mod 2^64 with
 |e_i (r_i - r_i')| < 2^63 (R is chosen from the bound on |e_i|), so e_i = 0, a contradiction. Each
 column of r therefore lets a wrong row pass with probability <= 2^-R, and m columns with <= 2^-(R m);
-we take R*m >= SOUNDNESS_BITS. The check costs m multiply-adds per value, against d_in for the
-product itself. ``w @ r`` is computed once per r; r comes from os.urandom and is rotated with the key.
+we take R*m >= SOUNDNESS_BITS. The check costs m multiply-adds per value, against the contraction
+length for the product itself. r comes from os.urandom and is rotated with the key.
+
+The verifier keeps the sketch ``w @ r``, not ``w``: m words per contraction row and column block,
+so a client checks a layer it does not hold. Chunks of a call may cover any contraction rows and
+any run of whole column blocks (``column_grid``): the sketch of a run is the sum of its blocks'
+sketches, and a row slice is the same rows of each. A bound check on every decoded value keeps the
+soundness argument's premise |e_i| < 2^(63 - R) true for any input, not just for what decryption
+can output.
 """
 
 from __future__ import annotations
@@ -23,44 +30,124 @@ from .params import Params
 from .parallel import for_row_chunks
 
 SOUNDNESS_BITS = 64
+#: Column blocks of a sketch: at least MIN_BLOCKS (so a call can still be cut into that many column
+#: chunks), one per BLOCK_COLUMNS columns of wider layers, at most MAX_BLOCKS. Each block costs
+#: 8 m bytes per contraction row, so a sketch costs about 8 m / BLOCK_COLUMNS bytes per weight.
+MIN_BLOCKS, MAX_BLOCKS, BLOCK_COLUMNS = 4, 16, 1024
+#: Contraction rows sketched at a time: the scratch of a transposed tile is _TILE_ROWS bytes per
+#: output column, whatever the layer's size.
+_TILE_ROWS = 256
+
+
+def column_grid(width: int) -> list[int]:
+    """The column block bounds of a layer output ``width`` wide: chunks cut columns only here."""
+    blocks = min(width, max(MIN_BLOCKS, min(MAX_BLOCKS, width // BLOCK_COLUMNS)))
+    return [width * i // blocks for i in range(blocks + 1)]
+
+
+def soundness_reps(y_bound: int) -> tuple[int, int]:
+    """(R, m): bits per check value and check vectors for decoded values bounded by ``y_bound``."""
+    err_bits = (2 * int(y_bound) + 1).bit_length()
+    r_bits = 63 - err_bits
+    if r_bits < 8:
+        raise ValueError(f"values up to {y_bound} leave too few bits for a sound check")
+    return r_bits, -(-SOUNDNESS_BITS // r_bits)
+
+
+def sketch_bytes(contraction: int, width: int, y_bound: int) -> int:
+    """Bytes a verifier of one layer and direction keeps: its sketches and its check vectors."""
+    _, m = soundness_reps(y_bound)
+    return 8 * m * ((len(column_grid(width)) - 1) * contraction + width)
+
+
+def _sketch(w: torch.Tensor, r_t: np.ndarray, grid: list[int]) -> np.ndarray:
+    """``w[:, block] @ r[block]`` mod 2^64 for each output block, as (blocks, m, contraction) uint64.
+
+    w is (contraction, width) int8, possibly a transposed view of the layer. The kernel reads rows of
+    output: the layer's own rows for a transposed product, and otherwise a transposed copy of
+    _TILE_ROWS contraction rows at a time, so the scratch stays a tile whatever the layer's size.
+    """
+    contraction = w.shape[0]
+    out = np.empty((len(grid) - 1, r_t.shape[0], contraction), dtype=np.uint64)
+    bounds = np.asarray(grid, dtype=np.int64)
+    rows_major = w.t().numpy()  # (width, contraction)
+    if rows_major.flags.c_contiguous:
+        for_row_chunks(contraction, lambda a, b: kernels.sketch_columns(rows_major, r_t, bounds, out, a, b), rows=_TILE_ROWS)
+        return out
+
+    def tile(a: int, b: int) -> None:
+        part = np.empty((rows_major.shape[0], b - a), dtype=rows_major.dtype)
+        kernels.copy_blocked(rows_major[:, a:b], part)
+        kernels.sketch_columns(part, r_t, bounds, out[:, :, a:b], 0, b - a)
+
+    for_row_chunks(contraction, tile, rows=_TILE_ROWS)
+    return out
 
 
 class FreivaldsVerifier:
-    """Checks products with one layer's weights (``x @ w``, or ``x @ w.T`` when ``transpose``)."""
+    """Checks products with one layer's weights (``x @ w``, or ``x @ w.T`` when ``transpose``).
+
+    Holds only secret sketches (see the module docstring): ``nbytes`` of them, about
+    8 m / BLOCK_COLUMNS bytes per weight, not the weights."""
 
     def __init__(self, weights: "torch.Tensor | PlainWeights", *, transpose: bool = False, y_bound: int) -> None:
         """``y_bound`` bounds |y| of any decoded value (honest or not), e.g. q / (2 delta) + 1."""
-        pw = PlainWeights.of(weights)
-        w = pw.i64.numpy().view(np.uint64)  # two's complement: wrapping products stay exact mod 2^64
-        self._w = w.T if transpose else w  # (contraction, width)
-        err_bits = (2 * int(y_bound) + 1).bit_length()
-        self.r_bits = 63 - err_bits
-        if self.r_bits < 8:
-            raise ValueError(f"values up to {y_bound} leave too few bits for a sound check")
-        self.reps = -(-SOUNDNESS_BITS // self.r_bits)
-        width = self._w.shape[1]
-        raw = np.frombuffer(os.urandom(8 * width * self.reps), dtype=np.uint64).reshape(width, self.reps)
+        w = PlainWeights.of(weights).w
+        if w.dtype != torch.int8:
+            raise ShapeMismatch(f"sketched weights must be int8 (the quantized layer), got {w.dtype}")
+        w = w.t() if transpose else w  # (contraction, width): a view
+        self.contraction, self.width = w.shape
+        self.y_bound = int(y_bound)
+        self.r_bits, self.reps = soundness_reps(self.y_bound)
+        self.grid = column_grid(self.width)
+        raw = np.frombuffer(os.urandom(8 * self.width * self.reps), dtype=np.uint64).reshape(self.width, self.reps)
         r = raw >> np.uint64(64 - self.r_bits)
-        # the kernel's layout: one contiguous row per check vector; (w @ r) mod 2^64 is computed once
-        self._r_t, self._wr_t = np.ascontiguousarray(r.T), np.ascontiguousarray((self._w @ r).T)
+        self._r_t = np.ascontiguousarray(r.T)  # (m, width): one contiguous row per check vector
+        self._s = _sketch(w, self._r_t, self.grid)  # (blocks, m, contraction)
 
     @classmethod
     def for_params(cls, weights: "torch.Tensor | PlainWeights", params: Params, *, transpose: bool = False) -> "FreivaldsVerifier":
         """A verifier for products decrypted under ``params``."""
         return cls(weights, transpose=transpose, y_bound=params.decoded_bound)
 
-    def check(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Raise :class:`VerificationFailed` unless ``y == x @ w`` (false accept <= 2^-64 per row)."""
+    @property
+    def nbytes(self) -> int:
+        """Bytes of secret state this verifier keeps."""
+        return self._s.nbytes + self._r_t.nbytes
+
+    def _columns(self, output: range | None) -> tuple[int, int]:
+        """The blocks [b0, b1) that ``output`` covers exactly; ShapeMismatch unless it is on the grid."""
+        if output is None:
+            return 0, len(self.grid) - 1
+        try:
+            return self.grid.index(output.start), self.grid.index(output.stop)
+        except ValueError:
+            raise ShapeMismatch(f"columns [{output.start}, {output.stop}) are not on the sketch's column grid {self.grid}") from None
+
+    def check(self, x: torch.Tensor, y: torch.Tensor, *, contraction: range | None = None, output: range | None = None) -> None:
+        """Raise :class:`VerificationFailed` unless ``y == x @ w[contraction, output]`` (false accept
+        <= 2^-64 per row). ``contraction``: the rows of the contraction axis x covers (default all);
+        ``output``: the output columns y covers, a run of whole column blocks (default all). Any
+        value of y beyond the bound the verifier was made for fails the row, whatever else holds."""
         xn = np.ascontiguousarray(x.numpy())  # any integer width: the kernel widens while it reads
         if xn.dtype.kind not in "iu":
             raise ShapeMismatch(f"x must be an integer tensor, got {x.dtype}")
         yn = np.ascontiguousarray(y.numpy(), dtype=np.int64).view(np.uint64)
         if xn.ndim != 2 or yn.ndim != 2 or xn.shape[0] != yn.shape[0]:
             raise ShapeMismatch(f"x {tuple(x.shape)} and y {tuple(y.shape)} do not pair up")
-        if xn.shape[1] != self._w.shape[0] or yn.shape[1] != self._w.shape[1]:
-            raise ShapeMismatch(f"x {tuple(x.shape)} / y {tuple(y.shape)} do not fit weights {self._w.shape}")
+        rows = contraction if contraction is not None else range(self.contraction)
+        b0, b1 = self._columns(output)
+        c0, c1 = self.grid[b0], self.grid[b1]
+        if not (0 <= rows.start <= rows.stop <= self.contraction) or xn.shape[1] != len(rows) or yn.shape[1] != c1 - c0:
+            raise ShapeMismatch(f"x {tuple(x.shape)} / y {tuple(y.shape)} do not fit rows [{rows.start}, {rows.stop}) "
+                                f"and columns [{c0}, {c1}) of weights {(self.contraction, self.width)}")
+        wr_t = self._s[b0, :, rows.start : rows.stop].copy()
+        for b in range(b0 + 1, b1):
+            wr_t += self._s[b, :, rows.start : rows.stop]  # wraps mod 2^64, as the check does
+        r_t = np.ascontiguousarray(self._r_t[:, c0:c1])
         flags = np.empty(xn.shape[0], dtype=np.bool_)
-        for_row_chunks(xn.shape[0], lambda a, b: kernels.freivalds_rows(xn[a:b], self._wr_t, yn[a:b], self._r_t, flags[a:b]), rows=256)
+        bound = np.uint64(self.y_bound)
+        for_row_chunks(xn.shape[0], lambda a, b: kernels.freivalds_rows(xn[a:b], wr_t, yn[a:b], r_t, bound, flags[a:b]), rows=256)
         bad = int(flags.sum())
         if bad:
             raise VerificationFailed(f"{bad} of {yn.shape[0]} rows of the decrypted product are wrong", bad_rows=bad)

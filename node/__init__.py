@@ -33,6 +33,7 @@ _EXPORTS = {
     "PeerView": ".types",
     "ProviderAdvert": ".types",
     "ProviderStats": ".types",
+    "ModelMismatchError": ".weights",
     "ModelWeights": ".weights",
     "WeightsError": ".weights",
     "load_model": ".weights",
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
     from .ledger import Ledger
     from .provider import Cheat, Provider, ProviderConfig
     from .types import ClientStats, PeerView, ProviderAdvert, ProviderStats
-    from .weights import ModelWeights, WeightsError, load_model
+    from .weights import ModelMismatchError, ModelWeights, WeightsError, load_model
 
 
 def __getattr__(name: str) -> Any:

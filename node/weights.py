@@ -20,6 +20,12 @@ of layers it holds.
 
 Layer keys: the wire carries the tensor name (`model.layers.0.self_attn.q_proj.weight`); `resolve`
 also accepts the module name (`model.layers.0.self_attn.q_proj`), which is what the trainer uses.
+
+What a node keeps: every layer's public summary (shape, digest, per-channel scales, the sums of
+Wq over each direction's contraction axis, the norms that choose parameters), a few bytes per
+output channel; and the int8 weights only of the layers it holds. A client holds none (`hold=()`):
+what it needs of a weight beyond the summary, it reads from the memory-mapped files one layer at a
+time (`ModelWeights.read`).
 """
 
 from __future__ import annotations
@@ -27,14 +33,14 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from cipherswarm.fhe_backend import PlainWeights
+from cipherswarm.fhe_backend import PlainWeights, WeightStats
 from cipherswarm.fhe_backend.quant import QuantizedWeight, quantize_weight
 from cipherswarm.protocol import LayerShape
 
@@ -45,6 +51,10 @@ _MODEL_HASH_DOMAIN = b"cipherswarm-model-v1\n"
 
 class WeightsError(Exception):
     """The model directory cannot be used; the message says why."""
+
+
+class ModelMismatchError(WeightsError):
+    """The model being trained is not the one the swarm serves (other weights, dtype or layers)."""
 
 
 def is_remote_layer(name: str, tensor_ndim: int, floating: bool) -> bool:
@@ -59,20 +69,48 @@ def is_remote_layer(name: str, tensor_ndim: int, floating: bool) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Layer:
-    """One remote layer: its tensor name, shape, digest and, if held, its int8 weights."""
+    """One remote layer: its public summary and, if held, its int8 weights."""
 
     name: str  # tensor name, e.g. "model.layers.0.mlp.up_proj.weight"
     shape: LayerShape  # d_in x d_out of the engine's W
     digest: bytes  # 32-byte quantization digest
+    scale: torch.Tensor  # (d_out,) float32: w ~= Wq * scale, per output channel
+    sums: tuple[torch.Tensor, torch.Tensor]  # int64 sums of Wq over the contraction: (d_out,) forward, (d_in,) transposed
+    stats: tuple[WeightStats, WeightStats]  # the norms that choose parameters: forward, transposed
     weight: QuantizedWeight | None  # None when this node does not hold the layer
+
+    @classmethod
+    def summarise(cls, name: str, quantized: QuantizedWeight, *, keep: bool) -> "Layer":
+        """The layer named `name` from its quantization, keeping the weights only if `keep`."""
+        q = quantized.q
+        d_in, d_out = q.shape
+        return cls(
+            name=name,
+            shape=LayerShape(d_in, d_out),
+            digest=bytes.fromhex(quantized.digest),
+            scale=quantized.scale.clone(),
+            sums=(q.sum(dim=0, dtype=torch.int64), q.sum(dim=1, dtype=torch.int64)),
+            stats=(WeightStats.of(q), WeightStats.of(q, transpose=True)),
+            weight=quantized if keep else None,
+        )
+
+    @property
+    def summary_bytes(self) -> int:
+        """Bytes of the summary's tensors."""
+        return self.scale.nbytes + sum(t.nbytes for t in self.sums)
 
 
 class ModelWeights:
-    """Every remote layer of one model, the subset held in memory, and the model's content hash."""
+    """Every remote layer of one model, the subset held in memory, and the model's content hash.
 
-    def __init__(self, layers: Sequence[Layer]) -> None:
+    `files` maps each tensor name to the safetensors file it was read from, so that `read` can
+    reload one layer; `conv1d` says whether W is stored as is (see the module docstring)."""
+
+    def __init__(self, layers: Sequence[Layer], *, files: dict[str, Path] | None = None, conv1d: bool = False) -> None:
         if not layers:
             raise WeightsError("the model has no remote layers (2-D Linear/Conv1D weights)")
+        self.files = dict(files or {})
+        self.conv1d = conv1d
         self.layers: dict[str, Layer] = {layer.name: layer for layer in sorted(layers, key=lambda l: l.name)}
         h = hashlib.sha256(_MODEL_HASH_DOMAIN)
         for layer in self.layers.values():
@@ -103,6 +141,32 @@ class ModelWeights:
             return None
         return layer.shape
 
+    def read(self, name: str) -> QuantizedWeight:
+        """The int8 weights of layer `name`, held or read again from its memory-mapped file (only
+        that tensor is read); WeightsError if the file no longer holds the weights of the digest."""
+        layer = self.resolve(name)
+        if layer.weight is not None:
+            return layer.weight
+        quantized = _quantize(self.tensor(layer.name), self.conv1d)
+        if bytes.fromhex(quantized.digest) != layer.digest:
+            path = self.files.get(layer.name)
+            raise WeightsError(f"{path} changed since it was loaded: {layer.name} no longer has digest {layer.digest.hex()[:16]}")
+        return quantized
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Layer `name`'s float weight as the checkpoint stores it (an `nn.Linear.weight` is
+        d_out x d_in), read from its memory-mapped file: only that tensor is read."""
+        layer = self.resolve(name)
+        path = self.files.get(layer.name)
+        if path is None:
+            raise WeightsError(f"{layer.name} is in no known file")
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(layer.name)
+
+    def summary_bytes(self) -> int:
+        """Bytes of every layer's summary (scales, sums): what a node keeps of layers it does not hold."""
+        return sum(layer.summary_bytes for layer in self.layers.values())
+
     def plain(self, name: str) -> PlainWeights:
         """The held layer's integer weights prepared once for many products (copies made on first use, norms)."""
         if name not in self._plain:
@@ -127,31 +191,63 @@ def _conv1d_layout(model_dir: Path) -> bool:
     return json.loads(config.read_text()).get("model_type") in CONV1D_MODEL_TYPES
 
 
-def _tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+_FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"})
+
+
+def _remote_tensors(model_dir: Path) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """(file, name, tensor) of each remote layer, read one at a time from the memory-mapped files;
+    other tensors (embeddings, norms, the head) are never read."""
     for path in _safetensors_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118  # safe_open is not a mapping
-                yield name, f.get_tensor(name)
+                info = f.get_slice(name)
+                if is_remote_layer(name, len(info.get_shape()), info.get_dtype() in _FLOAT_DTYPES):
+                    yield path, name, f.get_tensor(name)
 
 
-def load_model(model_dir: str | Path, *, layers: Sequence[str] = ()) -> ModelWeights:
-    """Quantize every remote layer of `model_dir`; keep in memory those matching a `layers` glob
-    (against tensor or module names; no patterns: all). Every layer is quantized either way, since
-    the model hash covers them all."""
+def _quantize(tensor: torch.Tensor, conv1d: bool) -> QuantizedWeight:
+    return quantize_weight(tensor if conv1d else tensor.t())
+
+
+def load_model(model_dir: str | Path, *, layers: Sequence[str] = (), hold: bool = True) -> ModelWeights:
+    """Quantize every remote layer of `model_dir`, one at a time; keep in memory the int8 weights of
+    those matching a `layers` glob (against tensor or module names; no patterns: all), or of none
+    when `hold` is False (a client). Every layer is quantized either way, since the model hash
+    covers them all."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise WeightsError(f"{model_dir} is not a directory")
     conv1d = _conv1d_layout(model_dir)
     found: list[Layer] = []
-    for name, tensor in _tensors(model_dir):
-        if not is_remote_layer(name, tensor.ndim, tensor.is_floating_point()):
-            continue
-        quantized = quantize_weight(tensor if conv1d else tensor.t())
-        d_in, d_out = quantized.q.shape
+    files: dict[str, Path] = {}
+    for path, name, tensor in _remote_tensors(model_dir):
         module = name.removesuffix(".weight")
-        keep = not layers or any(fnmatch.fnmatchcase(n, p) for p in layers for n in (name, module))
-        found.append(Layer(name, LayerShape(d_in, d_out), bytes.fromhex(quantized.digest), quantized if keep else None))
-    weights = ModelWeights(found)
-    if not weights.held:
+        keep = hold and (not layers or any(fnmatch.fnmatchcase(n, p) for p in layers for n in (name, module)))
+        found.append(Layer.summarise(name, _quantize(tensor, conv1d), keep=keep))
+        files[name] = path
+        del tensor
+    weights = ModelWeights(found, files=files, conv1d=conv1d)
+    if hold and not weights.held:
         raise WeightsError(f"no layer matches {list(layers)}; names look like {next(iter(weights.layers))}")
     return weights
+
+
+def check_digests(weights: ModelWeights, digests: Mapping[str, bytes]) -> None:
+    """ModelMismatchError unless each layer key of `digests` names a layer of `weights` with that
+    int8 digest: a trainer whose model differs from the served checkpoint (other weights, another
+    dtype, a different model) would otherwise train on products of weights it never had."""
+    wrong: list[str] = []
+    for key, digest in digests.items():
+        try:
+            layer = weights.resolve(key)
+        except KeyError:
+            wrong.append(f"{key} (not a remote layer of the served model)")
+            continue
+        if layer.digest != digest:
+            wrong.append(f"{key} (int8 digest {digest.hex()[:12]}, served {layer.digest.hex()[:12]})")
+    if wrong:
+        shown = "; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+        raise ModelMismatchError(
+            f"the model being trained differs from the model the providers serve in {len(wrong)} of {len(digests)} "
+            f"layers: {shown}. Load the trainer's model from the same checkpoint, in the checkpoint's own dtype "
+            "or float32 (load_remote_model does both)")

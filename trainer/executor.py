@@ -5,12 +5,16 @@ The trainer only ever asks one question of an executor::
     executor.matmul(layer_key, x_int, transpose=False)  ->  exact int64 x_int @ Wq
     executor.matmul(layer_key, g_int, transpose=True)   ->  exact int64 g_int @ Wq.T
 
-where ``Wq`` is the layer's public int8 weight (``LayerSpec.weight.q``, d_in x d_out) and the inputs
+where ``Wq`` is the layer's public int8 weight (``LayerSpec.weight.q``, d_in x d_out, named by
+``LayerSpec.digest``) and the inputs
 are signed ``n_bits`` integers (tokens x features, a CPU integer tensor: the quantizer's int8 or int16). How the product is obtained -
 encrypted to a provider in this process, in the clear, or over the network - is the executor's
 business. :class:`LocalExecutor` is the in-process implementation used by ``fhe="simulate"`` (clear
 backend) and ``fhe="execute"`` (RLWE backend, Freivalds-checked); ``fhe="remote"`` takes any object
 with the same ``matmul`` method, e.g. the node client built from :meth:`LoraTrainer.layer_specs`.
+An executor that knows its weights by digest also has ``check_layers({layer_key: digest})``: the
+trainer calls it before the first product, so a model that differs from the one the executor
+serves (other weights, another dtype) is refused before training, not found out by its losses.
 """
 
 from __future__ import annotations
@@ -43,13 +47,17 @@ class LayerSpec:
     """Everything public about one remote layer: what a provider holds and a client checks against."""
 
     key: str  # HF module name of the base layer, e.g. "model.layers.0.self_attn.q_proj"; its tensor is "<key>.weight"
-    weight: QuantizedWeight  # the shared int8 quantization (d_in x d_out); weight.digest names it
+    weight: QuantizedWeight | None  # the shared int8 quantization (d_in x d_out); None: it stays on disk
     n_bits: int  # activations and gradients are signed integers of this many bits
     backward: bool  # whether g @ Wq.T is ever requested (False for the first n_layers_to_skip_for_backprop)
+    digest: bytes = b""  # SHA-256 of the int8 quantization: names the weights providers must use
 
     @cached_property
     def plain(self) -> PlainWeights:
         """The integer weights prepared once for parameter choice, products and checks."""
+        if self.weight is None:
+            raise ValueError(f"{self.key}: the model was loaded without its base weights (load_remote_model); "
+                             "only fhe='remote' and fhe='disable' can run it")
         return PlainWeights(self.weight.q)
 
 

@@ -1,7 +1,8 @@
 """A ready fine-tune: LoRA on a Hugging Face causal LM and plain-text files, in any fhe mode.
 
 This is what ``cipherswarm train`` and ``cipherswarm testnet`` run, and what the examples call:
-load the model and tokenizer from a local directory, cut the text into fixed-length sequences, wrap
+load the model and tokenizer from a local directory (for ``fhe="remote"`` without its base
+weights, which stay on disk: ``thin.load_remote_model``), cut the text into fixed-length sequences, wrap
 the model with peft LoRA, build a :class:`LoraTrainer` and train for a number of optimizer steps,
 measuring held-out loss before and after. Defaults are the bundled tiny Shakespeare LLaMA and its
 fine-tuning set, so it runs offline out of the box.
@@ -28,9 +29,12 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from cipherswarm.node.weights import ModelWeights, load_model
+
 from .checkpoint import latest_checkpoint, load_state
 from .errors import TrainerError
 from .executor import MatmulExecutor
+from .thin import load_remote_model
 from .trainer import LoraTrainer, StepRecord, causal_lm_loss
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -99,12 +103,13 @@ def _batches(seqs: torch.Tensor, batch_size: int, generator: torch.Generator | N
     return [seqs[order[i : i + batch_size]] for i in range(0, len(seqs) - batch_size + 1, batch_size)]
 
 
-def build(config: FinetuneConfig, *, checkpoint_dir: Path | None = None,
-          save_steps: int | None = None) -> tuple[LoraTrainer, list[torch.Tensor], list[torch.Tensor]]:
+def build(config: FinetuneConfig, *, checkpoint_dir: Path | None = None, save_steps: int | None = None,
+          thin: ModelWeights | None = None) -> tuple[LoraTrainer, list[torch.Tensor], list[torch.Tensor]]:
     """The trainer (compiled) and its training and held-out micro-batches, all seeded by ``config.seed``.
 
     ``checkpoint_dir`` and ``save_steps`` go to the trainer (checkpoints every ``save_steps`` steps
-    and when the last step is done)."""
+    and when the last step is done). ``thin``: the model's layer summaries; the model is then
+    loaded without its base weights (``load_remote_model``), for ``fhe="remote"`` and "disable"."""
     for name in ("model_dir", "data_dir"):
         path = Path(getattr(config, name))
         if not path.is_dir():
@@ -114,7 +119,10 @@ def build(config: FinetuneConfig, *, checkpoint_dir: Path | None = None,
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
     tokenizer.model_max_length = 1 << 30  # whole files are tokenized at once, then cut into sequences
-    model = AutoModelForCausalLM.from_pretrained(config.model_dir, dtype=torch.float32)
+    if thin is None:
+        model = AutoModelForCausalLM.from_pretrained(config.model_dir, dtype=torch.float32)
+    else:
+        model, _ = load_remote_model(config.model_dir, thin)
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
                       target_modules=list(config.target_modules), task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
@@ -215,8 +223,12 @@ def finetune(
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs the checkpoint_dir of the run to continue")
     before = None if checkpoint_dir is None else open_run(checkpoint_dir, config, fhe, resume=resume)
+    thin = None
+    if fhe == "remote":  # the client holds no base weight: the executor's summaries if it has them
+        shared = getattr(executor, "weights", None)
+        thin = shared if isinstance(shared, ModelWeights) else load_model(config.model_dir, hold=False)
     trainer, train_batches, eval_batches = build(config, checkpoint_dir=checkpoint_dir,
-                                                 save_steps=None if checkpoint_dir is None else save_steps)
+                                                 save_steps=None if checkpoint_dir is None else save_steps, thin=thin)
     if on_trainer is not None:
         on_trainer(trainer)
     t0 = time.perf_counter()

@@ -2,7 +2,10 @@
 
 :class:`RemoteLinear` takes the place of a frozen ``nn.Linear`` or GPT-2 ``Conv1D`` inside a model.
 It keeps the very same weight and bias ``Parameter`` objects, so state-dict keys, peft's
-``base_layer.weight`` and ``save_pretrained`` see no difference. With no executor it calls the
+``base_layer.weight`` and ``save_pretrained`` see no difference. What it computes with is the
+layer's public summary (``node.weights.Layer``: int8 digest, per-channel scales, sums of Wq),
+computed here from the weight in memory, or, for a :class:`~.thin.ThinLinear` whose weight stays
+on disk, read from the checkpoint by ``load_remote_model``. With no executor it calls the
 original module (plain float, ``fhe="disable"``); with one, its autograd function quantizes the
 input per token, asks the executor for the exact integer product, and dequantizes; the backward
 pass does the same for ``g @ W.T``. The bias, being small and possibly trainable, is added here.
@@ -17,10 +20,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from cipherswarm.fhe_backend.quant import quantize_weight
+from cipherswarm.fhe_backend.quant import QuantizedWeight, quantize_weight
+from cipherswarm.node.weights import Layer
 
 from .executor import MatmulExecutor
 from .quantization import dequantize_product, quantize_per_token
+from .thin import is_thin, keep_placeholder
 
 BASE_LAYER_TYPES = (nn.Linear, Conv1D)
 
@@ -65,15 +70,28 @@ class RemoteLinear(nn.Module):
         object.__setattr__(self, "original", base)  # not a submodule: no duplicate state-dict keys
         self.context = context
         self.backward_enabled = True
-        w = base.weight.detach()
-        engine_w = w if isinstance(base, Conv1D) else w.t()  # the engine's w is (d_in, d_out)
-        self.in_features, self.out_features = engine_w.shape
-        self.quantized = quantize_weight(engine_w)
-        q = self.quantized.q.to(torch.int64)
+        self.thin = is_thin(base)
+        if self.thin:  # the weights stay on disk: the summary read from the same files
+            self.layer: Layer = base.remote_layer
+        else:
+            w = base.weight.detach()
+            engine_w = w if isinstance(base, Conv1D) else w.t()  # the engine's w is (d_in, d_out)
+            self.layer = Layer.summarise(key + ".weight", quantize_weight(engine_w), keep=True)
+        self.in_features, self.out_features = self.layer.shape.d_in, self.layer.shape.d_out
         # The zero-point term's factor sums Wq over each direction's contraction axis. float64, like
         # the scales, so that dequantization adds no rounding of its own before the final cast.
-        self._weight_sums = {False: q.sum(dim=0).to(torch.float64), True: q.sum(dim=1).to(torch.float64)}
-        self._scale = self.quantized.scale.to(torch.float64)
+        self._weight_sums = {t: s.to(torch.float64) for t, s in zip((False, True), self.layer.sums)}
+        self._scale = self.layer.scale.to(torch.float64)
+
+    @property
+    def quantized(self) -> QuantizedWeight | None:
+        """The layer's int8 weights, or None when they stay on disk."""
+        return self.layer.weight
+
+    def _apply(self, fn, recurse: bool = True) -> nn.Module:  # type: ignore[no-untyped-def]
+        if self.thin:
+            return keep_placeholder(self, fn, lambda f: super(RemoteLinear, self)._apply(f, recurse))
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         """Shown by ``print(model)``: which layer this is, so remote layers are easy to spot."""
@@ -84,6 +102,10 @@ class RemoteLinear(nn.Module):
         if ctx.trace is not None:
             ctx.trace.append((self.key, x.requires_grad))
         if ctx.executor is None:
+            if self.thin and ctx.trace is not None:
+                # tracing needs which layers run and whether their inputs need a gradient, not the
+                # values: a zero stand-in that depends on x spares reading every layer from disk
+                return (x[..., :1] * 0).expand(*x.shape[:-1], self.out_features)
             return self.original(x)
         y = _RemoteProduct.apply(x, self, ctx.executor)
         return y if self.bias is None else y + self.bias

@@ -231,6 +231,9 @@ class LoraTrainer:
         self._layers: dict[str, RemoteLinear] = {}
         self._specs: dict[str, LayerSpec] = {}
         self._local: dict[str, LocalExecutor] = {}
+        self._compiled = False
+        self._thin = False  # some remote layer's weights stay on disk (load_remote_model)
+        self._bound: object | None = None  # the remote executor whose weights were checked against ours
         self._records: list[StepRecord] = []
 
     # -- compile --------------------------------------------------------------------------------
@@ -238,7 +241,7 @@ class LoraTrainer:
     @property
     def compiled(self) -> bool:
         """True once ``compile()`` made keys, until ``save_and_clear_private_info`` drops them."""
-        return bool(self._local)
+        return self._compiled
 
     def compile(self, inputset: object, n_bits: int = 8, *, profile: str = "default") -> None:
         """Put remote layers in place, check the backprop skip on ``inputset``, choose parameters, make keys.
@@ -250,7 +253,7 @@ class LoraTrainer:
         (half the provider work and returned bytes; key material of about each layer's size).
         """
         n_bits = check_n_bits(n_bits)
-        self._local, self._specs = {}, {}  # until this call succeeds, encrypted modes are refused
+        self._local, self._specs, self._compiled, self._bound = {}, {}, False, None  # until this call succeeds, encrypted modes are refused
         base = self.model.get_base_model()
         unwrap_base_layers(base)
         self._context = RemoteContext(n_bits=n_bits)
@@ -260,12 +263,15 @@ class LoraTrainer:
         trace = self._trace(_first_batch(inputset))
         self._apply_backprop_skip(trace)
         # Built once: each spec prepares its integer weights once, shared by every executor made from it.
-        self._specs = {k: LayerSpec(k, layer.quantized, n_bits, layer.backward_enabled) for k, layer in self._layers.items()}
+        self._specs = {k: LayerSpec(k, layer.quantized, n_bits, layer.backward_enabled, layer.layer.digest)
+                       for k, layer in self._layers.items()}
         specs = self.layer_specs()
-        self._local = {
+        self._thin = any(layer.thin for layer in self._layers.values())
+        self._local = {} if self._thin else {  # a thin model's weights are on disk: no in-process provider
             "execute": LocalExecutor(specs, backend="rlwe", profile=profile),
             "simulate": LocalExecutor(specs, backend="clear", verify=False),
         }
+        self._compiled = True
         self._log({"event": "compile", "n_bits": n_bits, "profile": profile, "layers": len(specs),
                    "backward_layers": sum(s.backward for s in specs.values())})
 
@@ -325,6 +331,9 @@ class LoraTrainer:
         if not self.compiled:
             raise NotCompiledError(f"call compile(inputset, n_bits=...) before using fhe={fhe!r}")
         if fhe != "remote":
+            if self._thin:
+                raise ValueError(f"fhe={fhe!r} runs the products in this process, which needs the base weights in memory; "
+                                 "this model was loaded without them (load_remote_model): use fhe='remote' or 'disable'")
             return self._local[fhe]
         executor = executor if executor is not None else self.executor
         if executor is None:
@@ -332,6 +341,10 @@ class LoraTrainer:
                              "matmul(layer_key, x_int, *, transpose), e.g. a node client built from trainer.layer_specs()")
         if not callable(getattr(executor, "matmul", None)):
             raise TypeError(f"executor {type(executor).__name__} has no matmul(layer_key, x_int, *, transpose) method")
+        check = getattr(executor, "check_layers", None)
+        if check is not None and self._bound is not executor:
+            check({k: s.digest for k, s in self._specs.items()})  # one model on both sides, before any product
+            self._bound = executor
         return executor
 
     @contextlib.contextmanager
@@ -584,7 +597,7 @@ class LoraTrainer:
             clear = getattr(ex, "clear_private_info", None)
             if clear is not None:
                 clear()
-        self._local, self._specs, self._layers = {}, {}, {}
+        self._local, self._specs, self._layers, self._compiled, self._bound = {}, {}, {}, False, None
         unwrap_base_layers(self.model.get_base_model())
         self._log({"event": "saved_and_cleared", "path": str(path)})
 

@@ -12,7 +12,7 @@ any thread except the client's own.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from ..errors import ClientClosedError
 from ..identity import home_dir, load_identity
 from ..ledger import Ledger
 from ..types import ClientStats
-from ..weights import ModelWeights, load_model
+from ..weights import ModelWeights, check_digests, load_model
 from .config import ClientConfig
 from .session import SwarmSession, open_session
 
@@ -33,6 +33,14 @@ from .session import SwarmSession, open_session
 class SwarmClient:
     """Exact encrypted products of a model's base layers, computed by the swarm.
 
+    The client holds none of the model's base weights: `start` reads each remote layer of
+    `model_dir` once, one at a time, keeps its public summary (`ModelWeights` with `hold=False`) and
+    the secret Freivalds sketches its checks need, a few hundredths of a byte per weight.
+
+    `weights`: the model's summaries if already loaded (the trainer's thin model shares them);
+    default: loaded from `model_dir` by `start`.
+    `prepare`: open every layer's channels (keys and sketches) in `start` rather than at first use,
+    so that memory and start-up cost are paid, and errors seen, before training.
     `identity`: key file of the client (created if missing); None: a fresh key each run.
     `ledger`: SQLite file of receipts and permanent bans; default ~/.cipherswarm/client.sqlite.
     `min_providers`: providers to find before `__enter__` returns (within `config.wait_providers_s`).
@@ -42,6 +50,8 @@ class SwarmClient:
         self,
         *,
         model_dir: str | Path,
+        weights: ModelWeights | None = None,
+        prepare: bool = True,
         bootstrap: Sequence[str | Multiaddr] = (),
         x_bits: int = 8,
         identity: str | Path | None = None,
@@ -58,7 +68,8 @@ class SwarmClient:
         self.listen = Multiaddr(str(listen))
         self.min_providers = min_providers
         self.config = config
-        self.weights: ModelWeights | None = None
+        self.prepare = prepare
+        self.weights: ModelWeights | None = weights
         self._session: SwarmSession | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._stop: trio.Event | None = None
@@ -74,10 +85,11 @@ class SwarmClient:
         self.close()
 
     def start(self) -> None:
-        """Load the weights, start the host thread and wait until the providers are found."""
+        """Load the layers' summaries, start the host thread and wait until the providers are found."""
         if self._thread is not None:
             raise RuntimeError("the client is already started")
-        self.weights = load_model(self.model_dir)
+        if self.weights is None:
+            self.weights = load_model(self.model_dir, hold=False)
         self._thread = threading.Thread(target=self._thread_main, args=(self.weights,), name="cipherswarm-client", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -107,6 +119,8 @@ class SwarmClient:
                 config=self.config,
                 min_providers=self.min_providers,
             ) as session:
+                if self.prepare:
+                    await trio.to_thread.run_sync(session.keys.prepare, session.all_directions())
                 self._session, self._stop = session, trio.Event()
                 self._token = trio.lowlevel.current_trio_token()
                 self._ready.set()
@@ -128,6 +142,21 @@ class SwarmClient:
         """Exact int64 `x_int @ W` (`transpose=False`) or `x_int @ W.T` (`transpose=True`), W being
         the int8 quantization of the layer `layer_key` (its tensor or module name)."""
         return self._submit(lambda s: s.matmul(layer_key, x_int, transpose=transpose), run_async=True)
+
+    def check_layers(self, digests: Mapping[str, bytes]) -> None:
+        """Refuse to train unless every layer named in `digests` (layer key -> 32-byte int8 digest,
+        the trainer's) is the layer the providers serve: ModelMismatchError names those that differ."""
+        if self.weights is None:
+            raise ClientClosedError("the client is not started")
+        check_digests(self.weights, digests)
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes the client holds for the model's base layers: the layers' public summaries, and the
+        secret sketches and keys of every open channel."""
+        if self.weights is None:
+            raise ClientClosedError("the client is not started")
+        secrets = self._submit(lambda s: s.keys.state_bytes(), run_async=False)
+        return {"summaries": self.weights.summary_bytes(), "secrets": secrets}
 
     def stats(self) -> ClientStats:
         """Bytes, chunks per provider, failures, bans, MACs and price paid so far, and the peer table."""

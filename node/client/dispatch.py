@@ -35,6 +35,7 @@ from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 
 from cipherswarm.fhe_backend import Ciphertext, FheError, MatmulResult, Params, VerificationFailed
+from cipherswarm.fhe_backend.verify import FreivaldsVerifier
 from cipherswarm.protocol import (
     Busy,
     DeadlineExceeded,
@@ -108,14 +109,14 @@ def thread_timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
 
 @dataclass(eq=False)
 class ChunkJob:
-    """A chunk of one call, encrypted under one key generation, ready to send."""
+    """A chunk of one call, encrypted under one key, ready to send."""
 
     layer: str  # tensor name, as the wire carries it
     need: Need
     chunk: Chunk
     channel: LayerChannel
     key: Any  # the secret key the ciphertext was made under
-    generation: int  # the channel's key generation of `key`
+    checker: FreivaldsVerifier  # the channel's checker when `key` was current
     ct: Ciphertext  # the chunk's ciphertext (its params are the chunk's)
     payload: bytes  # ct.to_bytes()
     payload_sha256: bytes  # its digest, computed once in a worker thread (see serialise)
@@ -150,7 +151,8 @@ def _open_result(job: ChunkJob, payload: bytes) -> tuple[torch.Tensor, tuple[flo
     t1 = time.thread_time()
     y = ENGINE.decrypt(job.key, result)
     t2 = time.thread_time()
-    job.channel.checker(job.weight_slice, job.params, generation=job.generation).check(job.x, y)
+    c, o = job.chunk.contraction, job.chunk.output
+    job.checker.check(job.x, y, contraction=range(c.start, c.stop), output=range(o.start, o.stop))
     return y, (t1 - t0, t2 - t1, time.thread_time() - t2)
 
 

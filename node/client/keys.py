@@ -1,71 +1,105 @@
-"""The client's secrets, one channel per (layer, direction): parameters, secret key, checkers.
+"""The client's secrets, one channel per (layer, direction): parameters, secret key, checker.
 
-Parameters come from the same int8 weights providers hold (`params_for(W_q, x_bits,
-transpose=...)`), so they are exact for every slice of the layer. Freivalds checkers are made per
-weight slice and chunk parameters on first use, each with its own secret random vectors.
+Parameters come from the layer's public norms (`Layer.stats`, the same int8 weights providers
+hold), so they are exact for every slice of the layer. The Freivalds checker of a channel keeps
+secret sketches of the weights, not the weights (fhe_backend/verify.py): it is made from the
+layer read once from the memory-mapped checkpoint (`ModelWeights.read`), one layer at a time, and
+then serves every chunk of the layer, whatever its token blocks, contraction rows or column blocks.
 
 `rotate` replaces every secret key and drops every checker (their vectors are secrets too): a
 provider that returned a wrong result has learnt something about the key from whether it was
 accepted (fhe-scheme.md, "Verification"), so after a detected cheat nothing made under the old
-secrets is used again. Each rotation starts a new `generation`; work encrypted under an older one
-asks for checkers of its own generation, so a late checker of the old secrets can never serve
-the new key.
+secrets is used for new work. Work already encrypted under an older key keeps the checker it was
+sent with; the next call's checker is sketched afresh from the file.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable
 from typing import Any
 
 from cipherswarm.fhe_backend import Params
 from cipherswarm.fhe_backend.verify import FreivaldsVerifier
-from cipherswarm.protocol import WeightSlice
 
 from ..engine import ENGINE
-from ..weights import Layer
+from ..weights import Layer, ModelWeights
 
 
 class LayerChannel:
-    """One layer and direction: parameters fixed for the client's life, a key that may rotate."""
+    """One layer and direction: parameters fixed for the client's life, a key and a checker that rotate."""
 
-    def __init__(self, layer: Layer, *, x_bits: int, transpose: bool) -> None:
-        if layer.weight is None:
-            raise ValueError(f"{layer.name}: the client needs every layer's weights")
+    def __init__(self, layer: Layer, weights: ModelWeights, *, x_bits: int, transpose: bool) -> None:
         self.layer = layer
         self.transpose = transpose
-        self._q = layer.weight.q
-        self.params: Params = ENGINE.params_for(self._q, x_bits, transpose=transpose)
+        self._weights = weights
+        self.params: Params = ENGINE.params_for(layer.stats[transpose], x_bits)
         self.key: Any = ENGINE.keygen(self.params)
-        self.generation = 0
-        self._checkers: dict[tuple[int, WeightSlice, Params], FreivaldsVerifier] = {}
+        self._checker: FreivaldsVerifier | None = None
+        self._lock = threading.RLock()
 
-    def checker(self, part: WeightSlice, params: Params, *, generation: int) -> FreivaldsVerifier:
-        """The Freivalds checker for products with W[part] under `params` (a chunk's parameters).
-        Safe to call from worker threads: a race only computes a checker twice."""
-        key = (generation, part, params)
-        checker = self._checkers.get(key)
-        if checker is None:
-            w = self._q[part.rows.start : part.rows.stop, part.cols.start : part.cols.stop]
-            checker = self._checkers[key] = FreivaldsVerifier.for_params(w, params, transpose=self.transpose)
-        return checker
+    def checker(self) -> FreivaldsVerifier:
+        """The checker of the current key, sketched from the checkpoint on first use. Blocking
+        (reads and sketches one layer): call it from a worker thread."""
+        with self._lock:
+            if self._checker is None:
+                self.prepare(self._weights.read(self.layer.name).q)
+            assert self._checker is not None
+            return self._checker
+
+    def prepare(self, q: Any) -> None:
+        """Sketch the current key's checker from the layer's int8 weights `q`, already read."""
+        with self._lock:
+            self._checker = FreivaldsVerifier.for_params(q, self.params, transpose=self.transpose)
+
+    @property
+    def prepared(self) -> bool:
+        return self._checker is not None
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of secret state held for this channel: the checker's sketches and the key."""
+        key_bytes = int(getattr(self.key, "nbytes", 0))
+        return key_bytes + (self._checker.nbytes if self._checker is not None else 0)
 
     def rotate(self) -> None:
-        self.key = ENGINE.keygen(self.params)
-        self.generation += 1
-        self._checkers.clear()
+        with self._lock:
+            self.key = ENGINE.keygen(self.params)
+            self._checker = None
 
 
 class KeyRing:
     """Every channel the client has opened; channels are made on first use."""
 
-    def __init__(self, *, x_bits: int) -> None:
+    def __init__(self, weights: ModelWeights, *, x_bits: int) -> None:
+        self.weights = weights
         self.x_bits = x_bits
         self._channels: dict[tuple[str, bool], LayerChannel] = {}
 
     def channel(self, layer: Layer, *, transpose: bool) -> LayerChannel:
         key = (layer.name, transpose)
         if key not in self._channels:
-            self._channels[key] = LayerChannel(layer, x_bits=self.x_bits, transpose=transpose)
+            self._channels[key] = LayerChannel(layer, self.weights, x_bits=self.x_bits, transpose=transpose)
         return self._channels[key]
+
+    def prepare(self, directions: Iterable[tuple[str, bool]]) -> None:
+        """Open the channels of `directions` ((layer key, transpose) pairs) and sketch their checkers,
+        reading each layer once and holding one layer at a time. Blocking: call it from a worker thread."""
+        wanted: dict[str, list[bool]] = {}
+        for key, transpose in directions:
+            wanted.setdefault(self.weights.resolve(key).name, []).append(transpose)
+        for name, transposes in wanted.items():
+            channels = [self.channel(self.weights.layers[name], transpose=t) for t in transposes]
+            if all(ch.prepared for ch in channels):
+                continue
+            q = self.weights.read(name).q
+            for ch in channels:
+                ch.prepare(q)
+            del q
+
+    def state_bytes(self) -> int:
+        """Bytes of secret state of every open channel (sketches and keys)."""
+        return sum(ch.state_bytes for ch in self._channels.values())
 
     def rotate(self) -> None:
         for channel in self._channels.values():

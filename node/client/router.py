@@ -4,8 +4,10 @@ Plan: a call `x @ W` (tokens x contraction -> tokens x output) is cut along the 
 of fhe-scheme.md, "Chunking":
 
 - token blocks (`blocks`): each chunk a run of ring blocks; cuts input, output and work alike;
-- output columns (`columns`): each chunk all tokens against W's columns; cuts output and work, and
-  is the only split left when there are fewer blocks than providers (a call under N tokens);
+- output columns (`columns`): each chunk all tokens against a run of W's column blocks (the
+  checker's grid, `fhe_backend.verify.column_grid`: the client can check whole blocks only); cuts
+  output and work, and is the only split left when there are fewer blocks than providers (a call
+  under N tokens);
 - contraction rows (`rows`): each chunk a slice of the features; the client adds the partial
   products. Needed when one block's ciphertext exceeds a provider's payload limit.
 
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 import trio
 from libp2p.peer.id import ID
 
+from cipherswarm.fhe_backend.verify import column_grid
 from cipherswarm.protocol import Range
 
 from ..errors import NoProvidersError
@@ -91,6 +94,11 @@ class CallShape:
         return _ceil_div(self.tokens, self.n)
 
     @property
+    def column_grid(self) -> list[int]:
+        """Where output columns may be cut: the bounds of the checker's column blocks."""
+        return column_grid(self.output)
+
+    @property
     def block_bytes(self) -> int:
         """Input payload of one block with every feature (seeds and headers aside)."""
         return self.contraction * self.n * self.in_bytes
@@ -108,6 +116,7 @@ class ChunkRouter:
         """The chunks of a call for `providers` usable providers whose smallest payload limit is
         `max_payload`."""
         k = max(1, min(providers, self.config.max_chunks))
+        grid = shape.column_grid
         kind = self.config.split
         if kind == "auto":
             if shape.block_bytes > max_payload:
@@ -120,7 +129,7 @@ class ChunkRouter:
         if kind == "blocks":
             groups = max(k, _pieces_to_fit(shape.blocks, shape.block_bytes, max_payload))
         elif kind == "columns":
-            cols = min(k, shape.output)
+            cols = min(k, len(grid) - 1)
             groups = _pieces_to_fit(shape.blocks, shape.block_bytes, max_payload)
         else:
             feature_bytes = shape.n * shape.in_bytes  # one feature of one block
@@ -128,7 +137,8 @@ class ChunkRouter:
             part_bytes = _ceil_div(shape.contraction, rows) * feature_bytes  # the largest row part of one block
             groups = _pieces_to_fit(shape.blocks, part_bytes, max_payload)
         groups = min(shape.blocks, groups)
-        product = itertools.product(_ranges(shape.blocks, groups), _ranges(shape.contraction, rows), _ranges(shape.output, cols))
+        outputs = [Range(grid[a.start], grid[a.stop]) for a in _ranges(len(grid) - 1, cols)]
+        product = itertools.product(_ranges(shape.blocks, groups), _ranges(shape.contraction, rows), outputs)
         return [Chunk(i, b, c, o, row_parts=rows) for i, (b, c, o) in enumerate(product)]
 
     def score(self, state: PeerState, macs: int, payload: int = 0) -> float:

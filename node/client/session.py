@@ -57,8 +57,6 @@ class SwarmSession:
     def __init__(
         self, *, node: NodeHost, weights: ModelWeights, ledger: Ledger, x_bits: int, config: ClientConfig
     ) -> None:
-        if not weights.holds_all:
-            raise ValueError("the client checks every product, so it needs every layer: load the model without a layer filter")
         self.node = node
         self.weights = weights
         self.ledger = ledger
@@ -69,7 +67,7 @@ class SwarmSession:
             node, weights.model_hash, self.peers.update, lookup_interval_s=config.lookup_interval_s
         )
         self.router = ChunkRouter(self.peers, config, starved=self.watcher.request_lookup)
-        self.keys = KeyRing(x_bits=x_bits)
+        self.keys = KeyRing(weights, x_bits=x_bits)
         self._counters = Counters()
         self._calls = 0
         self._rotations = 0
@@ -101,6 +99,10 @@ class SwarmSession:
             bans=self.peers.bans(),
             peers=views,
         )
+
+    def all_directions(self) -> list[tuple[str, bool]]:
+        """(layer, transpose) of every product the trainer may ask: each layer forward and backward."""
+        return [(name, t) for name in self.weights.layers for t in (False, True)]
 
     async def wait_providers(self, count: int, timeout_s: float) -> None:
         """Wait until `count` providers of the model are known; NoProvidersError after `timeout_s`."""
@@ -162,8 +164,9 @@ class SwarmSession:
     ) -> None:
         """Encrypt under the current key and run every chunk not yet done. Raises KeyExposed (a
         cheat: rotate and call again) or a NodeError, unwrapped from the nursery's group."""
-        key, generation = channel.key, channel.generation
+        key = channel.key
         crypto = self.dispatcher.crypto
+        checker = await trio.to_thread.run_sync(channel.checker, limiter=crypto)  # sketched from the file after a rotation
         ct, spent = await trio.to_thread.run_sync(thread_timed, ENGINE.encrypt, key, x, limiter=crypto)
         self._counters.encrypt_s += spent
         jobs = []
@@ -189,7 +192,7 @@ class SwarmSession:
                 chunk=chunk,
                 channel=channel,
                 key=key,
-                generation=generation,
+                checker=checker,
                 ct=part,
                 payload=payload,
                 payload_sha256=digest,

@@ -1,0 +1,129 @@
+"""A client's model without its base weights: everything small loaded, every remote layer left on disk.
+
+``load_remote_model(model_dir)`` builds the Hugging Face model with its parameters on the meta
+device (accelerate's ``init_empty_weights``, buffers such as rotary tables built for real), reads
+from the safetensors files only the tensors the client computes with itself (embeddings, norms,
+the output head, biases) and puts a :class:`ThinLinear` in place of every remote layer. A
+``ThinLinear`` is an ``nn.Linear`` to peft and transformers (shape, dtype and device as usual), but
+its weight is a one-element placeholder: what the client needs of the layer is its public summary
+(``node.weights.Layer``: digest, scales, sums), read from the same files once, one layer at a time.
+
+In plain mode (``fhe="disable"``, or the model used outside a trainer) a ``ThinLinear`` reads its
+weight from the memory-mapped file for the product and again in the backward pass, so the full
+model still runs on a machine that cannot hold it, one layer at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from cipherswarm.node.weights import Layer, ModelWeights, WeightsError, load_model
+
+
+class _DiskProduct(torch.autograd.Function):
+    """x @ W.T with W read from disk in the forward pass and again in the backward pass: the graph
+    keeps no copy of W between them."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: "ThinLinear") -> torch.Tensor:  # type: ignore[override]
+        ctx.module = module
+        return x @ module.read_weight(x).t()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return g @ ctx.module.read_weight(g), None
+
+
+def keep_placeholder(module: nn.Module, fn: Callable, apply: Callable) -> nn.Module:
+    """``module._apply(fn)`` that leaves its placeholder weight alone: moving or casting a
+    one-element placeholder expanded to a layer's shape would allocate the whole layer."""
+    weight = module._parameters["weight"]
+    module._parameters["weight"] = None
+    try:
+        return apply(fn)
+    finally:
+        module._parameters["weight"] = weight
+
+
+class ThinLinear(nn.Linear):
+    """A frozen ``nn.Linear`` whose weight stays in the checkpoint (see the module docstring)."""
+
+    def __init__(self, layer: Layer, source: ModelWeights, *, bias: nn.Parameter | None, dtype: torch.dtype) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = layer.shape.d_in, layer.shape.d_out
+        placeholder = torch.zeros(1, dtype=dtype).expand(self.out_features, self.in_features)
+        self.weight = nn.Parameter(placeholder, requires_grad=False)
+        self.register_parameter("bias", bias)
+        self.remote_layer = layer  # the public summary RemoteLinear computes with
+        self.source = source
+
+    def read_weight(self, like: torch.Tensor) -> torch.Tensor:
+        """The layer's float weight (d_out x d_in) from disk, in ``like``'s dtype and device."""
+        return self.source.tensor(self.remote_layer.name).to(device=like.device, dtype=like.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _DiskProduct.apply(x, self)
+        return y if self.bias is None else y + self.bias
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> nn.Module:
+        return keep_placeholder(self, fn, lambda f: super(ThinLinear, self)._apply(f, recurse))
+
+
+def is_thin(module: nn.Module) -> bool:
+    """True for a layer whose weight is not in memory (a :class:`ThinLinear`)."""
+    return isinstance(module, ThinLinear)
+
+
+def load_remote_model(model_dir: str | Path, weights: ModelWeights | None = None, *,
+                      dtype: torch.dtype = torch.float32) -> tuple[nn.Module, ModelWeights]:
+    """The causal LM of ``model_dir`` with every remote layer a :class:`ThinLinear`, and the layers'
+    summaries (``weights``, loaded from the same files unless given: a ``SwarmClient`` shares its
+    own, so trainer and client compute with one reading of the checkpoint). Tensors the client
+    keeps are cast to ``dtype``. WeightsError if the files do not fit the config."""
+    model_dir = Path(model_dir)
+    if weights is None:
+        weights = load_model(model_dir, hold=False)
+    if weights.conv1d:
+        raise WeightsError(f"{model_dir}: thin loading supports nn.Linear models; GPT-2-style Conv1D layers need the full model")
+    config = AutoConfig.from_pretrained(model_dir)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    expected = dict(model.state_dict(keep_vars=True))
+    kept: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118  # safe_open is not a mapping
+                if name in weights.layers:
+                    continue
+                if name not in expected:
+                    unknown.append(name)
+                    continue
+                t = f.get_tensor(name)
+                kept[name] = t.to(dtype) if t.is_floating_point() else t
+    if unknown:
+        raise WeightsError(f"{model_dir}: tensors {unknown[:3]} do not belong to a {config.model_type} model of this config")
+    model.load_state_dict(kept, strict=False, assign=True)
+    for name, layer in weights.layers.items():
+        module_name = name.removesuffix(".weight")
+        parent_name, _, child = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, child, None)
+        if not isinstance(base, nn.Linear) or tuple(base.weight.shape) != (layer.shape.d_out, layer.shape.d_in):
+            raise WeightsError(f"{model_dir}: {name} {layer.shape} is not an nn.Linear of the model built from its config")
+        setattr(parent, child, ThinLinear(layer, weights, bias=base.bias, dtype=dtype))
+    model.tie_weights()
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise WeightsError(f"{model_dir}: the checkpoint lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    model.requires_grad_(False)
+    model.eval()
+    return model, weights
+
