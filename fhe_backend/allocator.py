@@ -34,3 +34,19 @@ def retain_freed_memory() -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def release_free_memory() -> bool:
+    """Hand the C heap's free pages back to the kernel (glibc ``malloc_trim``); False elsewhere.
+
+    Work that streams a checkpoint one layer at a time frees as much as it allocates, but glibc keeps
+    freed chunks that small long-lived objects pin between them: loading a model's summaries grew a
+    process by more than the model's weights before this was called at the end of it."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = (ctypes.c_size_t,)
+    return bool(trim(0))

@@ -41,6 +41,7 @@ import torch
 from safetensors import safe_open
 
 from cipherswarm.fhe_backend import PlainWeights, WeightStats
+from cipherswarm.fhe_backend.allocator import release_free_memory
 from cipherswarm.fhe_backend.quant import QuantizedWeight, quantize_weight
 from cipherswarm.protocol import LayerShape
 
@@ -227,6 +228,7 @@ def load_model(model_dir: str | Path, *, layers: Sequence[str] = (), hold: bool 
         files[name] = path
         del tensor
     weights = ModelWeights(found, files=files, conv1d=conv1d)
+    release_free_memory()  # the layers' transients, freed, but pinned in the heap
     if hold and not weights.held:
         raise WeightsError(f"no layer matches {list(layers)}; names look like {next(iter(weights.layers))}")
     return weights

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from cipherswarm.fhe_backend import Params
+from cipherswarm.fhe_backend.allocator import release_free_memory
 from cipherswarm.fhe_backend.verify import FreivaldsVerifier
 
 from ..engine import ENGINE
@@ -96,6 +97,7 @@ class KeyRing:
             for ch in channels:
                 ch.prepare(q)
             del q
+        release_free_memory()
 
     def state_bytes(self) -> int:
         """Bytes of secret state of every open channel (sketches and keys)."""

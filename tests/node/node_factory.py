@@ -12,7 +12,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -81,14 +81,21 @@ async def providers(weights: ModelWeights, configs: Sequence[dict[str, object]])
         yield started
 
 
+def thin(weights: ModelWeights) -> ModelWeights:
+    """The same model as a client holds it: summaries only, every weight left in the files."""
+    return ModelWeights([replace(layer, weight=None) for layer in weights.layers.values()],
+                        files=weights.files, conv1d=weights.conv1d)
+
+
 @asynccontextmanager
 async def session(
     weights: ModelWeights, bootstrap: Sequence[Multiaddr], *, ledger: Ledger | None = None, min_providers: int = 1,
     **config: object,
 ) -> AsyncIterator[SwarmSession]:
+    """A client of the model of `weights`, holding none of its weights (it reads them from the files)."""
     with Ledger() if ledger is None else nullcontext(ledger) as book:
         async with open_session(
-            weights=weights,
+            weights=thin(weights),
             key_pair=create_new_key_pair(),
             ledger=book,
             bootstrap=bootstrap,

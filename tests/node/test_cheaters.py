@@ -26,7 +26,9 @@ async def _detect_every_time(weights: ModelWeights, cheat: Cheat, trials: int, l
     # the cheater a chunk.
     async with providers(weights, [dict(slots=1), dict(slots=1, cheat=cheat)]) as (honest, cheater):
         async with session(weights, [honest.addr, cheater.addr], ledger=ledger, min_providers=2, split="blocks") as client:
-            n = client.keys.channel(weights.resolve(LAYER), transpose=False).params.n
+            assert not client.weights.held  # every check runs on sketches read from the files
+            channel = client.keys.channel(client.weights.resolve(LAYER), transpose=False)
+            n = channel.params.n
             tokens = 2 * n  # two ring blocks: two chunks of the same shape, so `stale` always has one to replay
             if cheat is Cheat.STALE:  # its first answer of a kind is honest: give it one to remember
                 x = random_operand(tokens, 128)
@@ -34,9 +36,10 @@ async def _detect_every_time(weights: ModelWeights, cheat: Cheat, trials: int, l
                 client.peers.forgive(cheater.node.peer_id)
             bad = cheater.node.peer_id.to_base58()
             for _ in range(trials):
-                before = client.stats()
+                before, old_sketch = client.stats(), channel.checker()
                 x = random_operand(tokens, 128)
                 assert torch.equal(await client.matmul(LAYER, x), reference(weights, LAYER, x, transpose=False))
+                assert channel.checker() is not old_sketch  # the rotation re-sketched the layer from the file
                 after = client.stats()
                 assert after.verification_failures == before.verification_failures + 1
                 assert after.key_rotations == before.key_rotations + 1
