@@ -76,6 +76,57 @@ class ThinLinear(nn.Linear):
         return keep_placeholder(self, fn, lambda f: super(ThinLinear, self)._apply(f, recurse))
 
 
+class _UpcastProduct(torch.autograd.Function):
+    """x @ W.T for a frozen W kept in a narrower dtype than x: W is widened UPCAST_ROWS rows at a time,
+    in the forward pass and again in the backward pass, never whole."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.weight = weight
+        return torch.cat([x @ weight[i : i + UPCAST_ROWS].to(x.dtype).t() for i in range(0, weight.shape[0], UPCAST_ROWS)], dim=-1)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        w = ctx.weight
+        out = g[..., :UPCAST_ROWS] @ w[:UPCAST_ROWS].to(g.dtype)
+        for i in range(UPCAST_ROWS, w.shape[0], UPCAST_ROWS):
+            out += g[..., i : i + UPCAST_ROWS] @ w[i : i + UPCAST_ROWS].to(g.dtype)
+        return out, None
+
+
+#: rows of a narrow frozen matrix widened at a time (an output head: 8192 x hidden floats)
+UPCAST_ROWS = 8192
+
+
+class UpcastLinear(nn.Linear):
+    """A frozen ``nn.Linear`` (the output head) whose weight stays in the checkpoint's narrower dtype:
+    half the memory of a float32 copy, products computed in the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _UpcastProduct.apply(x, self.weight)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class UpcastEmbedding(nn.Embedding):
+    """A frozen ``nn.Embedding`` kept in the checkpoint's narrower dtype; its rows come out in ``dtype``."""
+
+    compute_dtype: torch.dtype = torch.float32
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).to(self.compute_dtype)
+
+
+def _keep_narrow(model: nn.Module, dtype: torch.dtype) -> None:
+    """Give the input embeddings and the output head their Upcast classes when their weights are
+    narrower than ``dtype``: the client reads them, never trains them, so it keeps them as stored."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if isinstance(embed, nn.Embedding) and type(embed) is nn.Embedding and embed.weight.dtype.itemsize < dtype.itemsize:
+        embed.__class__ = UpcastEmbedding
+        embed.compute_dtype = dtype
+    if isinstance(head, nn.Linear) and type(head) is nn.Linear and head.weight.dtype.itemsize < dtype.itemsize:
+        head.__class__ = UpcastLinear
+
+
 def is_thin(module: nn.Module) -> bool:
     """True for a layer whose weight is not in memory (a :class:`ThinLinear`)."""
     return isinstance(module, ThinLinear)
@@ -96,6 +147,8 @@ def load_remote_model(model_dir: str | Path, weights: ModelWeights | None = None
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     expected = dict(model.state_dict(keep_vars=True))
+    frozen_reads = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    readonly = {name for name, t in expected.items() if id(t) in frozen_reads}  # may stay narrow (_keep_narrow)
     kept: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     for path in sorted(model_dir.glob("*.safetensors")):
@@ -107,7 +160,8 @@ def load_remote_model(model_dir: str | Path, weights: ModelWeights | None = None
                     unknown.append(name)
                     continue
                 t = f.get_tensor(name)
-                kept[name] = t.to(dtype) if t.is_floating_point() else t
+                narrow = name in readonly and t.is_floating_point() and t.dtype.itemsize < dtype.itemsize
+                kept[name] = t if narrow or not t.is_floating_point() else t.to(dtype)
     if unknown:
         raise WeightsError(f"{model_dir}: tensors {unknown[:3]} do not belong to a {config.model_type} model of this config")
     model.load_state_dict(kept, strict=False, assign=True)
@@ -120,6 +174,7 @@ def load_remote_model(model_dir: str | Path, weights: ModelWeights | None = None
             raise WeightsError(f"{model_dir}: {name} {layer.shape} is not an nn.Linear of the model built from its config")
         setattr(parent, child, ThinLinear(layer, weights, bias=base.bias, dtype=dtype))
     model.tie_weights()
+    _keep_narrow(model, dtype)
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:
         raise WeightsError(f"{model_dir}: the checkpoint lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}")

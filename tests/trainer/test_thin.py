@@ -128,3 +128,25 @@ def test_loading_grows_memory_by_under_a_tenth_of_the_base_weights(tmp_path: Pat
                          cwd=REPO, check=True)
     growth = json.loads(out.stdout.strip().splitlines()[-1])["growth"]
     assert growth < 0.1 * base_bytes, f"RSS grew by {growth / 1e6:.1f} MB for {base_bytes / 1e6:.0f} MB of base weights"
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_bfloat16_checkpoint_keeps_its_embeddings_and_head_narrow(tmp_path: Path, tied: bool) -> None:
+    """The client only reads them: stored as bfloat16 they stay so (half a float32 copy), and the
+    logits equal the float32 model's exactly (each weight widens exactly; the sums are the same)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                      vocab_size=9000, max_position_embeddings=64, tie_word_embeddings=tied)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path, safe_serialization=True)
+    full = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    thin, _ = load_remote_model(tmp_path)
+    assert thin.get_input_embeddings().weight.dtype == thin.get_output_embeddings().weight.dtype == torch.bfloat16
+    ids = torch.randint(0, 9000, (2, 12))
+    assert torch.equal(full(input_ids=ids).logits, thin(input_ids=ids).logits)
+    x = torch.randn(3, 64, dtype=torch.float32, requires_grad=True)
+    thin.get_output_embeddings()(x).square().sum().backward()
+    x_full = x.detach().clone().requires_grad_()
+    full.get_output_embeddings()(x_full).square().sum().backward()
+    assert torch.allclose(x.grad, x_full.grad, rtol=1e-5, atol=1e-5)
