@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cipherswarm.node.client.config import ClientConfig
-from cipherswarm.node.sim import LLAMA_3_8B, ClientSpec, Estimate, GpuAssumption, ModelShape, ProviderSpec, Swarm, Workload, simulate
+from cipherswarm.node.sim import LLAMA_3_8B, LLAMA_3_70B, ClientSpec, Estimate, GpuAssumption, ModelShape, ProviderSpec, Swarm, Workload, simulate
 from cipherswarm.node.sim.policy import ChunkFailed
 from cipherswarm.node.sim.report import render
 from cipherswarm.node.sim.swarm import MBIT
@@ -163,4 +163,22 @@ def run(args: argparse.Namespace) -> int:
         f"{replace(GPU, log_q=args.log_q).limb_gemms(args.profile)} limb GEMMs per product, not measured)")
     print(render(result, title=f"cipherswarm estimate: {result.workload.model.name}, {args.tokens:,} tokens, "
                                f"{len(result.swarm.providers)} providers, profile {args.profile}{rate}"))
+    print(client_memory_table(result.workload))
     return 0
+
+
+def client_memory_table(workload: Workload) -> str:
+    """The client's model state for the estimated model and for LLaMA-3-8B and -70B, bf16 checkpoints:
+    what a laptop needs to fine-tune a model it does not hold (activations aside)."""
+    models = [(workload.model.name, workload)]
+    for name, config in (("llama-3-8b", LLAMA_3_8B), ("llama-3-70b", LLAMA_3_70B)):
+        if name != workload.model.name:
+            models.append((name, replace(workload, model=ModelShape.from_config(config, name=name))))
+    lines = ["client memory, model state (bf16 checkpoint; activations aside; the client holds no base weight):"]
+    for name, w in models:
+        m = w.client_memory()
+        lines.append(
+            f"  {name}: {m['total'] / 1e9:.2f} GB = {m['total'] / m['checkpoint']:.3f} of its {m['checkpoint'] / 1e9:.1f} GB "
+            f"checkpoint (embeddings and head {m['frozen'] / 1e9:.2f} GB; per remote weight "
+            f"{(m['summaries'] + m['sketches'] + m['keys']) / m['remote_weights']:.3f} B of summaries, sketches and keys)")
+    return "\n".join(lines)

@@ -63,6 +63,11 @@ class SecretKey:
         """Bytes of key material held: the secret and its evaluations (the FFT plan is shared)."""
         return self.s.nbytes + self.secret_eval.nbytes
 
+    @staticmethod
+    def bytes_for(params: Params) -> int:
+        """``nbytes`` of a key for ``params``: N int64 coefficients and N/2 complex128 evaluations."""
+        return 8 * params.n + 16 * (params.n // 2)
+
     def __repr__(self) -> str:
         return f"SecretKey(id={self.key_id.hex()}, n={self.params.n}, log_q={self.params.log_q})"
 

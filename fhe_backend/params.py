@@ -38,6 +38,10 @@ DEFAULT, SHARED_MASK = 0, 1
 PROFILES = {"default": DEFAULT, "shared-mask": SHARED_MASK}
 
 
+#: rows of a weight matrix widened at a time when its norms are taken
+_SLAB_ROWS = 256
+
+
 @dataclass(frozen=True)
 class WeightStats:
     """The norms of a weight matrix that bound noise growth and output size.
@@ -54,14 +58,23 @@ class WeightStats:
         """Norms of ``w`` (d_in x d_out) for ``x @ w``, or of its rows for ``g @ w.T``."""
         if w.ndim != 2 or w.dtype.is_floating_point or w.dtype.is_complex or w.dtype == torch.bool:
             raise ParameterError(f"weights must be a 2-D integer tensor, got {tuple(w.shape)} {w.dtype}")
-        axis = 1 if transpose else 0
         if not w.numel():
             return cls(l1=1, l2sq=1)
-        # int8 weights (all quantized layers) widen only to int16 here (128^2 fits): a layer-sized
-        # int64 copy would cost a node 8 bytes per weight while it loads
-        absolute = w.to(torch.int16 if w.dtype == torch.int8 else torch.int64).abs()
-        l1 = int(absolute.sum(dim=axis, dtype=torch.int64).max())
-        l2sq = int((absolute * absolute).sum(dim=axis, dtype=torch.int64).max())
+        # A slab of rows at a time, widened to int64: a layer-sized int64 copy would cost a node
+        # 8 bytes per weight while it loads a checkpoint
+        l1_cols = torch.zeros(w.shape[1], dtype=torch.int64)
+        l2_cols = torch.zeros(w.shape[1], dtype=torch.int64)
+        l1 = l2sq = 0
+        for start in range(0, w.shape[0], _SLAB_ROWS):
+            absolute = w[start : start + _SLAB_ROWS].to(torch.int64, copy=True).abs_()  # never w itself
+            if transpose:  # per row of w
+                l1 = max(l1, int(absolute.sum(dim=1).max()))
+                l2sq = max(l2sq, int(absolute.mul_(absolute).sum(dim=1).max()))
+            else:  # per column of w, summed over the slabs
+                l1_cols += absolute.sum(dim=0)
+                l2_cols += absolute.mul_(absolute).sum(dim=0)
+        if not transpose:
+            l1, l2sq = int(l1_cols.max()), int(l2_cols.max())
         return cls(l1=max(l1, 1), l2sq=max(l2sq, 1))
 
     def covers(self, other: "WeightStats") -> bool:

@@ -27,7 +27,7 @@ class QuantizedWeight:
         """sha256 of shape and integer values: names the exact weights a provider must use."""
         h = hashlib.sha256()
         h.update(f"int8:{self.q.shape[0]}x{self.q.shape[1]}:".encode())
-        h.update(self.q.contiguous().numpy().tobytes())
+        h.update(self.q.contiguous().numpy().data)  # the buffer itself: no copy of a layer-sized array
         return h.hexdigest()
 
 
@@ -35,8 +35,10 @@ def quantize_weight(w: torch.Tensor) -> QuantizedWeight:
     """Quantize ``w`` (d_in x d_out, float) per output column to int8 with a symmetric scale."""
     if w.ndim != 2 or not w.is_floating_point():
         raise ValueError(f"weights must be a 2-D float tensor, got {w.dtype} {tuple(w.shape)}")
-    w32 = w.detach().to(torch.float32)
-    amax = w32.abs().amax(dim=0)
+    # one float32 working copy, scaled, rounded and clamped in place: nodes quantize whole
+    # checkpoints a layer at a time, and each temporary would be another 4 bytes per weight
+    w32 = w.detach().to(torch.float32, copy=True)
+    amax = torch.linalg.vector_norm(w32, ord=float("inf"), dim=0)
     scale = torch.where(amax > 0, amax / _QMAX, torch.ones_like(amax))
-    q = torch.round(w32 / scale).clamp(-_QMAX, _QMAX).to(torch.int8)
+    q = w32.div_(scale).round_().clamp_(-_QMAX, _QMAX).to(torch.int8)
     return QuantizedWeight(q=q.contiguous(), scale=scale)

@@ -90,7 +90,7 @@ class Layer:
             shape=LayerShape(d_in, d_out),
             digest=bytes.fromhex(quantized.digest),
             scale=quantized.scale.clone(),
-            sums=(q.sum(dim=0, dtype=torch.int64), q.sum(dim=1, dtype=torch.int64)),
+            sums=_sums(q),
             stats=(WeightStats.of(q), WeightStats.of(q, transpose=True)),
             weight=quantized if keep else None,
         )
@@ -99,6 +99,18 @@ class Layer:
     def summary_bytes(self) -> int:
         """Bytes of the summary's tensors."""
         return self.scale.nbytes + sum(t.nbytes for t in self.sums)
+
+
+def _sums(q: torch.Tensor, slab: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums of int8 ``q`` over its rows (d_out,) and over its columns (d_in,), as int64, a slab of
+    rows at a time (torch widens a whole tensor to sum it in int64: 8 bytes per weight)."""
+    columns = torch.zeros(q.shape[1], dtype=torch.int64)
+    rows = torch.empty(q.shape[0], dtype=torch.int64)
+    for start in range(0, q.shape[0], slab):
+        part = q[start : start + slab].to(torch.int64)
+        columns += part.sum(dim=0)
+        rows[start : start + slab] = part.sum(dim=1)
+    return columns, rows
 
 
 class ModelWeights:
@@ -161,8 +173,7 @@ class ModelWeights:
         path = self.files.get(layer.name)
         if path is None:
             raise WeightsError(f"{layer.name} is in no known file")
-        with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor(layer.name)
+        return _read(path, layer.name)
 
     def summary_bytes(self) -> int:
         """Bytes of every layer's summary (scales, sums): what a node keeps of layers it does not hold."""
@@ -195,15 +206,22 @@ def _conv1d_layout(model_dir: Path) -> bool:
 _FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"})
 
 
+def _read(path: Path, name: str) -> torch.Tensor:
+    """One tensor of a safetensors file, the file mapped only while it is read: a mapping kept open
+    across a shard keeps every page read so far resident, a gigabyte per shard."""
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(name).clone()
+
+
 def _remote_tensors(model_dir: Path) -> Iterator[tuple[Path, str, torch.Tensor]]:
-    """(file, name, tensor) of each remote layer, read one at a time from the memory-mapped files;
-    other tensors (embeddings, norms, the head) are never read."""
+    """(file, name, tensor) of each remote layer, read one at a time; other tensors (embeddings,
+    norms, the head) are never read."""
     for path in _safetensors_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118  # safe_open is not a mapping
-                info = f.get_slice(name)
-                if is_remote_layer(name, len(info.get_shape()), info.get_dtype() in _FLOAT_DTYPES):
-                    yield path, name, f.get_tensor(name)
+            names = [name for name in f.keys()  # noqa: SIM118  # safe_open is not a mapping
+                     if is_remote_layer(name, len(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype() in _FLOAT_DTYPES)]
+        for name in names:
+            yield path, name, _read(path, name)
 
 
 def _quantize(tensor: torch.Tensor, conv1d: bool) -> QuantizedWeight:
@@ -227,8 +245,8 @@ def load_model(model_dir: str | Path, *, layers: Sequence[str] = (), hold: bool 
         found.append(Layer.summarise(name, _quantize(tensor, conv1d), keep=keep))
         files[name] = path
         del tensor
+        release_free_memory()  # this layer's transients, freed but pinned in the heap by what was kept
     weights = ModelWeights(found, files=files, conv1d=conv1d)
-    release_free_memory()  # the layers' transients, freed, but pinned in the heap
     if hold and not weights.held:
         raise WeightsError(f"no layer matches {list(layers)}; names look like {next(iter(weights.layers))}")
     return weights

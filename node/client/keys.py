@@ -97,7 +97,7 @@ class KeyRing:
             for ch in channels:
                 ch.prepare(q)
             del q
-        release_free_memory()
+            release_free_memory()  # the layer's transients, before the next one
 
     def state_bytes(self) -> int:
         """Bytes of secret state of every open channel (sketches and keys)."""

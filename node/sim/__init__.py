@@ -8,6 +8,6 @@ and ``report`` (the printed breakdown). `cipherswarm estimate` is its command li
 
 from .run import Estimate, simulate
 from .swarm import ClientSpec, GpuAssumption, ProviderSpec, Swarm
-from .workload import LLAMA_3_8B, ModelShape, Workload
+from .workload import LLAMA_3_8B, LLAMA_3_70B, ModelShape, Workload
 
-__all__ = ["LLAMA_3_8B", "ClientSpec", "Estimate", "GpuAssumption", "ModelShape", "ProviderSpec", "Swarm", "Workload", "simulate"]
+__all__ = ["LLAMA_3_8B", "LLAMA_3_70B", "ClientSpec", "Estimate", "GpuAssumption", "ModelShape", "ProviderSpec", "Swarm", "Workload", "simulate"]

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cipherswarm.fhe_backend.keys import SecretKey
 from cipherswarm.fhe_backend.params import Params, WeightStats, choose_params
+from cipherswarm.fhe_backend.verify import sketch_bytes
 
 from ..weights import CONV1D_MODEL_TYPES, load_model
 
@@ -36,6 +38,12 @@ LLAMA_3_8B: dict[str, Any] = {
     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
 }
 """meta-llama/Meta-Llama-3-8B's config.json, the fields the workload reads."""
+
+LLAMA_3_70B: dict[str, Any] = {
+    "model_type": "llama", "num_hidden_layers": 80, "hidden_size": 8192, "intermediate_size": 28672,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
+}
+"""meta-llama/Meta-Llama-3-70B's config.json, the fields the workload reads."""
 
 INT8_MAX = 127
 
@@ -101,6 +109,7 @@ class ModelShape:
     vocab: int
     attn_width: int  # heads x head_dim: the width of attention scores' contraction
     weights_dir: Path | None = None  # safetensors beside the config: exact parameters per layer
+    tied: bool = False  # the output head is the input embedding
 
     @classmethod
     def from_config(cls, config: dict[str, Any], *, name: str = "model", weights_dir: Path | None = None) -> "ModelShape":
@@ -112,7 +121,7 @@ class ModelShape:
                 LinearLayer(f"transformer.h.{i}.attn.c_attn", h, 3 * h, 4 * i), LinearLayer(f"transformer.h.{i}.attn.c_proj", h, h, 4 * i + 1),
                 LinearLayer(f"transformer.h.{i}.mlp.c_fc", h, inner, 4 * i + 2),
                 LinearLayer(f"transformer.h.{i}.mlp.c_proj", inner, h, 4 * i + 3))]
-            return cls(name, tuple(layers), h, n, config["vocab_size"], h, weights_dir)
+            return cls(name, tuple(layers), h, n, config["vocab_size"], h, weights_dir, config.get("tie_word_embeddings", True))
         h, n, inter = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
         heads = config["num_attention_heads"]
         head_dim = config.get("head_dim") or h // heads
@@ -129,7 +138,8 @@ class ModelShape:
                 LinearLayer(f"{p}.mlp.gate_proj", h, inter, g + 2), LinearLayer(f"{p}.mlp.up_proj", h, inter, g + 2),
                 LinearLayer(f"{p}.mlp.down_proj", inter, h, g + 3),
             ]
-        return cls(name, tuple(layers), h, n, config["vocab_size"], heads * head_dim, weights_dir)
+        return cls(name, tuple(layers), h, n, config["vocab_size"], heads * head_dim, weights_dir,
+                   config.get("tie_word_embeddings", False))
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelShape":
@@ -170,19 +180,49 @@ class Workload:
 
     def _layer_params(self) -> dict[tuple[str, bool], Params]:
         """Parameters per (layer, transpose): from the real int8 weights when the directory has them."""
-        held = {}
+        summaries = {}
         if self.model.weights_dir is not None:
-            held = {layer.name.removesuffix(".weight"): layer.weight.q for layer in load_model(self.model.weights_dir).layers.values()}
+            summaries = {layer.name.removesuffix(".weight"): layer for layer in load_model(self.model.weights_dir, hold=False).layers.values()}
         out: dict[tuple[str, bool], Params] = {}
         for layer in self.model.layers:
             for transpose in (False, True):
-                q = held.get(layer.key)
-                if q is not None:
-                    stats = WeightStats.of(q, transpose=transpose)
+                summary = summaries.get(layer.key)
+                if summary is not None:
+                    stats = summary.stats[transpose]
                 else:
                     d = layer.d_out if transpose else layer.d_in
                     stats = WeightStats(l1=INT8_MAX * d, l2sq=INT8_MAX * INT8_MAX * d)
                 out[layer.key, transpose] = choose_params(stats, self.x_bits, profile=self.profile)
+        return out
+
+    def client_memory(self, dtype_bytes: int = 2) -> dict[str, int]:
+        """Bytes of model state a client holds to fine-tune this model remotely (activations aside),
+        by the client's own rules: the frozen embeddings and head as stored (``dtype_bytes`` each),
+        each remote layer's summary (node.weights.Layer), Freivalds sketches and a key per layer and
+        direction (fhe_backend.verify, fhe_backend.keys), and the LoRA weights with their gradients
+        and AdamW moments in float32. ``checkpoint`` is the whole checkpoint's size for comparison."""
+        params: dict[tuple[str, bool], Params] = self._params  # type: ignore[attr-defined]
+        m = self.model
+        frozen = m.vocab * m.hidden * (1 if m.tied else 2)
+        remote = sum(layer.d_in * layer.d_out for layer in m.layers)
+        sketches = keys = 0
+        for layer in m.layers:
+            for transpose in (False, True):
+                p = params[layer.key, transpose]
+                contraction, width = (layer.d_out, layer.d_in) if transpose else (layer.d_in, layer.d_out)
+                sketches += sketch_bytes(contraction, width, p.decoded_bound)
+                keys += SecretKey.bytes_for(p)
+        lora = sum(self.lora_r * (layer.d_in + layer.d_out) for layer in m.layers if layer.key.rsplit(".", 1)[-1] in self.lora_targets)
+        out = {
+            "frozen": frozen * dtype_bytes,
+            "summaries": sum(4 * layer.d_out + 8 * (layer.d_in + layer.d_out) for layer in m.layers),
+            "sketches": sketches,
+            "keys": keys,
+            "lora": 4 * 4 * lora,  # weights, gradients, two AdamW moments
+        }
+        out["total"] = sum(out.values())
+        out["checkpoint"] = (remote + frozen + (2 * m.n_layers + 1) * m.hidden) * dtype_bytes  # norms included
+        out["remote_weights"] = remote
         return out
 
     def products(self, tokens: int, *, backward: bool = True) -> list[Product]:

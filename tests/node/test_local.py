@@ -77,6 +77,26 @@ class TestWeights:
         with pytest.raises(KeyError, match="not a remote layer"):
             weights.resolve("model.embed_tokens")
 
+    def test_a_client_keeps_summaries_that_match_the_weights_and_reads_them_again(self, weights: ModelWeights, model_dir: Path) -> None:
+        """Sums and norms taken a slab at a time equal the whole-matrix int64 ones; a client holds no
+        weight, and reading one back gives the held quantization."""
+        from cipherswarm.fhe_backend import WeightStats
+
+        thin = load_model(model_dir, hold=False)
+        assert thin.model_hash == weights.model_hash and not thin.held
+        for layer in weights.layers.values():
+            q = layer.weight.q.long()  # type: ignore[union-attr]
+            summary = thin.layers[layer.name]
+            assert torch.equal(summary.sums[0], q.sum(0)) and torch.equal(summary.sums[1], q.sum(1))
+            for t, axis in ((False, 0), (True, 1)):
+                assert summary.stats[t] == WeightStats(int(q.abs().sum(axis).max()), int((q * q).sum(axis).max()))
+            assert torch.equal(thin.read(layer.name).q, layer.weight.q)  # type: ignore[union-attr]
+        wide = torch.randint(-5, 5, (600, 3), dtype=torch.int64)
+        kept = wide.clone()
+        WeightStats.of(wide)
+        WeightStats.of(wide, transpose=True)
+        assert torch.equal(wide, kept)  # the norms never work in the caller's tensor
+
     def test_conv1d_models_are_not_transposed(self, tmp_path: Path) -> None:
         from transformers import GPT2Config, GPT2LMHeadModel
 
