@@ -30,18 +30,22 @@ from .params import Params
 from .parallel import for_row_chunks
 
 SOUNDNESS_BITS = 64
-#: Column blocks of a sketch: at least MIN_BLOCKS (so a call can still be cut into that many column
-#: chunks), one per BLOCK_COLUMNS columns of wider layers, at most MAX_BLOCKS. Each block costs
-#: 8 m bytes per contraction row, so a sketch costs about 8 m / BLOCK_COLUMNS bytes per weight.
-MIN_BLOCKS, MAX_BLOCKS, BLOCK_COLUMNS = 4, 16, 1024
+#: Column blocks of a sketch: one per BLOCK_COLUMNS columns, at most MAX_BLOCKS. Each block costs
+#: 8 m bytes per contraction row, so a large layer's sketch costs about 8 m / BLOCK_COLUMNS bytes per
+#: weight (m = 2 at 8 bits: 0.016). A layer of at most SMALL_LAYER weights gets at least MIN_BLOCKS,
+#: so that a call of a small model can still be cut into that many column chunks, for at most
+#: 8 m MIN_BLOCKS SMALL_LAYER / width bytes in all.
+MIN_BLOCKS, MAX_BLOCKS, BLOCK_COLUMNS, SMALL_LAYER = 4, 16, 1024, 1 << 21
 #: Contraction rows sketched at a time: the scratch of a transposed tile is _TILE_ROWS bytes per
 #: output column, whatever the layer's size.
 _TILE_ROWS = 256
 
 
-def column_grid(width: int) -> list[int]:
-    """The column block bounds of a layer output ``width`` wide: chunks cut columns only here."""
-    blocks = min(width, max(MIN_BLOCKS, min(MAX_BLOCKS, width // BLOCK_COLUMNS)))
+def column_grid(contraction: int, width: int) -> list[int]:
+    """The column block bounds of a product ``contraction`` deep and ``width`` wide: chunks cut
+    output columns only here."""
+    least = MIN_BLOCKS if contraction * width <= SMALL_LAYER else 1
+    blocks = min(width, max(least, min(MAX_BLOCKS, width // BLOCK_COLUMNS)))
     return [width * i // blocks for i in range(blocks + 1)]
 
 
@@ -57,7 +61,7 @@ def soundness_reps(y_bound: int) -> tuple[int, int]:
 def sketch_bytes(contraction: int, width: int, y_bound: int) -> int:
     """Bytes a verifier of one layer and direction keeps: its sketches and its check vectors."""
     _, m = soundness_reps(y_bound)
-    return 8 * m * ((len(column_grid(width)) - 1) * contraction + width)
+    return 8 * m * ((len(column_grid(contraction, width)) - 1) * contraction + width)
 
 
 def _sketch(w: torch.Tensor, r_t: np.ndarray, grid: list[int]) -> np.ndarray:
@@ -99,7 +103,7 @@ class FreivaldsVerifier:
         self.contraction, self.width = w.shape
         self.y_bound = int(y_bound)
         self.r_bits, self.reps = soundness_reps(self.y_bound)
-        self.grid = column_grid(self.width)
+        self.grid = column_grid(self.contraction, self.width)
         raw = np.frombuffer(os.urandom(8 * self.width * self.reps), dtype=np.uint64).reshape(self.width, self.reps)
         r = raw >> np.uint64(64 - self.r_bits)
         self._r_t = np.ascontiguousarray(r.T)  # (m, width): one contiguous row per check vector

@@ -96,7 +96,7 @@ class CallShape:
     @property
     def column_grid(self) -> list[int]:
         """Where output columns may be cut: the bounds of the checker's column blocks."""
-        return column_grid(self.output)
+        return column_grid(self.contraction, self.output)
 
     @property
     def block_bytes(self) -> int:
