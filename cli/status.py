@@ -40,7 +40,7 @@ async def _status(args: argparse.Namespace) -> int:
     from cipherswarm.node.host import open_host
     from cipherswarm.node.identity import home_dir
 
-    model_hash = None if args.model is None else load_model(args.model).model_hash
+    model_hash = None if args.model is None else load_model(args.model, hold=False).model_hash
     with Ledger(args.ledger or home_dir() / "client.sqlite") as ledger:
         table = PeerTable(ledger=ledger)
         for peer in args.unban:
