@@ -136,6 +136,11 @@ def report(title: str, sizes: dict, tokens: int, columns: list[Column], steps: i
                        f" {med(r.remote_calls for r in records):.0f} products,"
                        f" {med(r.bytes_sent for r in records) / 1e6:.1f} MB out, {med(r.bytes_received for r in records) / 1e6:.1f} MB back")
         print(f"  {col.label:<{width}}{detail}")
+        if col.providers:  # a node client names every part of its CPU (StepRecord's docstring)
+            parts = {k: med((r.cpu_parts or {}).get(k, 0.0) for r in records) for k in records[0].cpu_parts or {}}
+            print(f"  {'':<{width}}client CPU parts (s): " + ", ".join(
+                f"{k} {v:.2f}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])) +
+                f"; unnamed {med(r.cpu_unnamed_s for r in records):.2f}")
     base = per_step[columns[0].label]
     for col in columns[1:]:
         t = per_step[col.label]

@@ -54,7 +54,7 @@ class SwarmView:
         for r in records[self.seen_steps :]:
             lines.append(f"step {r.step}/{self.steps}  loss {r.loss:.4f}  {r.tokens / r.wall_s:.0f} tokens/s  "
                          f"sent {human_bytes(stats.bytes_sent)}  received {human_bytes(stats.bytes_received)}  "
-                         f"bans {len(stats.bans)}")
+                         f"bans {len(stats.bans)}  client CPU {cpu_split(r)}")
             if self.on_step is not None:
                 self.on_step(r.step)
         self.seen_steps = len(records)
@@ -82,8 +82,17 @@ class SwarmView:
                 f"sent {human_bytes(st.bytes_sent)}   received {human_bytes(st.bytes_received)}   MACs {st.macs:.3g}   "
                 f"paid {st.paid}   retries {st.retries}   hedges {st.hedges}   verification failures "
                 f"{st.verification_failures}   key rotations {st.key_rotations}"))
+        if last is not None:
+            parts.append(Text(f"client CPU, last step: {cpu_split(last)}"))
         parts += [Text(n, style="yellow") for n in self.notes[-6:]]
         return Group(*parts)
+
+
+def cpu_split(record: Any, top: int = 6) -> str:
+    """A step's client CPU: the total, its largest measured parts and what no part claims."""
+    parts = sorted((record.cpu_parts or {}).items(), key=lambda kv: -kv[1])[:top]
+    named = "  ".join(f"{name} {seconds:.2f}" for name, seconds in parts)
+    return f"{record.cpu_s:.2f} s: {named}  unnamed {record.cpu_unnamed_s:.2f}"
 
 
 @contextlib.contextmanager

@@ -9,11 +9,22 @@ from typing import Any
 from cipherswarm.trainer.finetune import FinetuneResult
 
 
-def client_cpu(result: FinetuneResult) -> dict[str, float]:
-    """The client's CPU seconds over all steps, split into crypto and its own plaintext work."""
-    fields = {"total": "cpu_s", "encrypt": "cpu_encrypt_s", "decrypt": "cpu_decrypt_s", "verify": "cpu_verify_s",
-              "wire": "cpu_wire_s", "plaintext": "cpu_plain_s"}
-    return {name: round(sum(getattr(r, f) for r in result.records), 3) for name, f in fields.items()}
+def client_cpu(result: FinetuneResult) -> dict[str, Any]:
+    """The client's CPU seconds over all steps: the total, then each measured part (StepRecord's
+    docstring names them) largest first, then what no part claims, also as a share of the total."""
+    records = result.records
+    total = sum(r.cpu_s for r in records)
+    parts: dict[str, float] = {}
+    for r in records:
+        for name, seconds in (r.cpu_parts or {}).items():
+            parts[name] = parts.get(name, 0.0) + seconds
+    unnamed = sum(r.cpu_unnamed_s for r in records)
+    return {
+        "total": round(total, 3),
+        **{name: round(s, 3) for name, s in sorted(parts.items(), key=lambda kv: -kv[1])},
+        "unnamed": round(unnamed, 3),
+        "unnamed_share": round(unnamed / total, 4) if total else None,
+    }
 
 
 def report(result: FinetuneResult, *, swarm: Any = None, plain: FinetuneResult | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -38,8 +39,26 @@ def for_row_chunks(total: int, fn: Callable[[int, int], None], rows: int) -> Non
         return
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="cipherswarm-crypto")
-    for fut in [_pool.submit(fn, a, b) for a, b in spans]:
-        fut.result()
+    spent = 0.0
+    for fut in [_pool.submit(_timed, fn, a, b) for a, b in spans]:
+        spent += fut.result()
+    _helped.seconds = helper_seconds() + spent
+
+
+_helped = threading.local()
+
+
+def _timed(fn: Callable[[int, int], None], start: int, stop: int) -> float:
+    """Pool thread: ``fn(start, stop)`` and the CPU seconds it took this thread."""
+    t0 = time.thread_time()
+    fn(start, stop)
+    return time.thread_time() - t0
+
+
+def helper_seconds() -> float:
+    """CPU seconds the pool's threads have spent on chunks the calling thread handed them, so far:
+    ``time.thread_time`` of a caller misses them, and its crypto would otherwise go unnamed."""
+    return getattr(_helped, "seconds", 0.0)
 
 
 _scratch = threading.local()

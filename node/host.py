@@ -12,6 +12,21 @@ refused by the routing table's own check).
 
 Pubsub's inbound streams are served through `_PubsubStreams`, which ends them all before pubsub
 stops (its docstring says why).
+
+Bulk transfer. Payloads are tens of MB, and py-libp2p's stack costs its Python per message, not per
+byte: each 64 KiB yamux frame went out as two Noise messages (65,536 bytes do not fit in one
+65,519-byte Noise plaintext) and two socket sends, each Noise message was read with two `recv`
+calls, and every read of a stream sent a window update of its own. Measured on loopback, that cost the client
+8.5 ns of CPU per byte sent and 10.3 per byte received, against 0.3 for ChaCha20-Poly1305 itself. So,
+wire-compatible with any libp2p peer:
+- `_NoiseSession` replaces the Noise session after the handshake: reads take whatever the socket
+  holds (up to `READ_AHEAD`) and decrypt every whole Noise message in it; a write encrypts all its
+  Noise messages and hands them to the socket in one send;
+- yamux DATA frames carry up to `YAMUX_FRAME - 12` bytes (16 full Noise messages; the yamux spec
+  bounds a frame by the receive window only, which go-yamux and py-libp2p both check), and
+  streams.py writes a frame's worth at a time, so the reader's auto-tuning sees few, large reads.
+py-libp2p builds its yamux connections itself (muxer_opt names the protocol, not the class), so
+the receive window is left to its auto-tuning.
 """
 
 from __future__ import annotations
@@ -23,7 +38,7 @@ from dataclasses import dataclass
 
 import trio
 from libp2p import new_host
-from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee, IRawConnection, ISecureConn
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
@@ -34,15 +49,20 @@ from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_V10
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11 as GOSSIPSUB_V11
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.io.exceptions import ConnectionClosedError
+from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH, NoiseTransportReadWriter
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.security.secure_session import SecureSession
+from libp2p.stream_muxer.yamux import yamux as yamux_module
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
+from .cpu import TrioMeter
 from .logs import route_libp2p_logs
-from .streams import close_stream
+from .streams import YAMUX_FRAME, close_stream
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +70,10 @@ LOOPBACK = Multiaddr("/ip4/127.0.0.1/tcp/0")
 """Default listen address: loopback, on a free port."""
 DIAL_TIMEOUT_S = 10.0
 GOSSIP_HEARTBEAT_S = 1
+READ_AHEAD = 1 << 20
+"""Most bytes one socket read of a Noise session takes (module docstring, "Bulk transfer")."""
+# py-libp2p reads the frame size from this module constant at every write.
+yamux_module.MAX_MESSAGE_SIZE = YAMUX_FRAME
 
 
 @dataclass(eq=False)
@@ -60,6 +84,7 @@ class NodeHost:
     pubsub: Pubsub
     dht: KadDHT
     key_pair: KeyPair
+    cpu: TrioMeter  # the trio thread's CPU by part; its Noise sessions book "noise" to it
 
     @property
     def peer_id(self) -> ID:
@@ -195,11 +220,88 @@ async def _fill_routing_table(dht: KadDHT, peers: trio.MemoryReceiveChannel[ID])
             await _add_to_routing_table(dht, peer)
 
 
-def _new_host(key_pair: KeyPair, listen: Sequence[Multiaddr]) -> IHost:
-    noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
+class _NoiseSession(SecureSession):
+    """A Noise transport session that reads ahead and writes in one piece ("Bulk transfer" above).
+
+    Same wire format as libp2p's: 2-byte big-endian length, then ChaCha20-Poly1305 ciphertext of at
+    most MAX_PLAINTEXT_LENGTH bytes. Cancelling a read loses nothing: bytes are taken off the socket
+    and decrypted without a checkpoint in between, and plaintext stays buffered until a read takes it.
+    """
+
+    def __init__(self, session: SecureSession, meter: TrioMeter) -> None:
+        rw = session.conn
+        if not isinstance(rw, NoiseTransportReadWriter):
+            raise TypeError(f"not a Noise transport session: {type(rw).__name__}")
+        super().__init__(local_peer=session.local_peer, local_private_key=session.local_private_key,
+                         remote_peer=session.remote_peer, remote_permanent_pubkey=session.remote_permanent_pubkey,
+                         is_initiator=session.is_initiator, conn=rw)
+        self._raw: IRawConnection = rw.read_writer.read_write_closer  # type: ignore[assignment]
+        self._noise = rw.noise_state
+        self._meter = meter
+        self._cipher = bytearray()  # bytes read off the socket, not yet a whole Noise message
+        self._plain = bytearray()  # decrypted, not yet read
+
+    def _decrypt_whole(self) -> None:
+        """Move every whole Noise message of the read-ahead buffer into the plaintext buffer."""
+        buf, done = self._cipher, 0
+        with self._meter.section("noise"), memoryview(buf) as view:  # released before the buffer shrinks
+            while len(buf) - done >= 2:
+                size = (buf[done] << 8) | buf[done + 1]
+                if len(buf) - done - 2 < size:
+                    break
+                self._plain += self._noise.decrypt(bytes(view[done + 2 : done + 2 + size]))
+                done += 2 + size
+        del buf[:done]
+
+    async def read(self, n: int | None = None) -> bytes:
+        """`n` bytes (fewer only when the connection ends), or with `n` None whatever is decrypted."""
+        if n == 0:
+            return b""
+        while not self._plain if n is None else len(self._plain) < n:
+            data = await self._raw.read(READ_AHEAD)
+            if not data:
+                if self._plain:
+                    break
+                raise ConnectionClosedError("Connection closed")
+            self._cipher += data
+            self._decrypt_whole()
+        take = len(self._plain) if n is None else min(n, len(self._plain))
+        with memoryview(self._plain) as view:
+            out = bytes(view[:take])
+        del self._plain[:take]
+        return out
+
+    async def write(self, data: bytes) -> None:
+        out = bytearray()
+        with self._meter.section("noise"):
+            for start in range(0, max(len(data), 1), MAX_PLAINTEXT_LENGTH):
+                sealed = self._noise.encrypt(bytes(data[start : start + MAX_PLAINTEXT_LENGTH]))
+                out += len(sealed).to_bytes(2, "big")
+                out += sealed
+        await self._raw.write(out)  # type: ignore[arg-type]  # any bytes-like goes to the socket
+
+
+class _Noise(NoiseTransport):
+    """libp2p's Noise XX handshake, then a `_NoiseSession` for the connection."""
+
+    def __init__(self, key_pair: KeyPair, meter: TrioMeter) -> None:
+        super().__init__(key_pair, noise_privkey=new_x25519_key_pair().private_key)
+        self._meter = meter
+
+    def _session(self, conn: ISecureConn) -> ISecureConn:
+        return _NoiseSession(conn, self._meter) if isinstance(conn, SecureSession) else conn
+
+    async def secure_inbound(self, conn: IRawConnection) -> ISecureConn:
+        return self._session(await super().secure_inbound(conn))
+
+    async def secure_outbound(self, conn: IRawConnection, peer_id: ID) -> ISecureConn:
+        return self._session(await super().secure_outbound(conn, peer_id))
+
+
+def _new_host(key_pair: KeyPair, listen: Sequence[Multiaddr], meter: TrioMeter) -> IHost:
     return new_host(
         key_pair=key_pair,
-        sec_opt={NOISE_PROTOCOL_ID: noise},
+        sec_opt={NOISE_PROTOCOL_ID: _Noise(key_pair, meter)},
         muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
         connection_config=ConnectionConfig(max_connections_per_peer=1),
         listen_addrs=list(listen),
@@ -218,7 +320,8 @@ async def open_host(
     everything on exit. Providers run the DHT as servers, clients as clients."""
     if not logging.getLogger("libp2p").handlers:
         route_libp2p_logs()
-    host = _new_host(key_pair, listen)
+    cpu = TrioMeter()
+    host = _new_host(key_pair, listen, cpu)
     gossip = GossipSub(
         protocols=[GOSSIPSUB_V11, GOSSIPSUB_V10],
         degree=6,
@@ -239,7 +342,7 @@ async def open_host(
             await pubsub.wait_until_ready()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_fill_routing_table, dht, receive)
-                node = NodeHost(host, pubsub, dht, key_pair)
+                node = NodeHost(host, pubsub, dht, key_pair, cpu)
                 for peer in await node.connect_all(bootstrap):
                     # Now rather than through the queue, so that a provider's first DHT record already
                     # reaches its bootstrap peers.

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import trio
 from libp2p.abc import INetStream
+from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH
 
 from cipherswarm.protocol import DeadlineExceeded, Frame, Limits, Sealed, frame_prefix
 from cipherswarm.protocol.stream import read_exactly, read_frame
@@ -30,9 +31,12 @@ from cipherswarm.protocol.stream import read_exactly, read_frame
 from .errors import leaf_errors
 
 CLOSE_TIMEOUT_S = 2.0
-WRITE_PIECE = 256 * 1024
-"""Bytes per shielded write: one default yamux window, so a piece is a few yamux frames and a
-cancellation waits for at most that much to go out."""
+YAMUX_FRAME = 16 * MAX_PLAINTEXT_LENGTH
+"""Bytes of a full yamux DATA frame, its 12-byte header included: 16 whole Noise messages, about
+1 MiB (host.py sets yamux's frame size to it, and says why)."""
+WRITE_PIECE = YAMUX_FRAME - 12
+"""Bytes per shielded write: one full yamux frame, so a cancellation waits for at most that much
+to go out, and the peer's reader takes (and credits back) a piece per read rather than per 64 KiB."""
 
 
 async def send_bytes(stream: INetStream, data: bytes, *, timeout_s: float) -> None:

@@ -118,11 +118,17 @@ class ClientStats:
     failures_by_peer: dict[str, int] = field(default_factory=dict)
     bans: dict[str, str] = field(default_factory=dict)  # peer -> reason
     peers: tuple[PeerView, ...] = ()
-    # the client's CPU seconds in its crypto worker threads (what the trainer's per-step split reads)
+    # the client's CPU seconds in its crypto worker threads and the crypto pool's work for them
+    # (what the trainer's per-step split reads)
     encrypt_s: float = 0.0
     decrypt_s: float = 0.0
     verify_s: float = 0.0
-    wire_s: float = 0.0
+    wire_s: float = 0.0  # serialising ciphertexts and parsing results
+    hash_s: float = 0.0  # SHA-256 of request and reply payloads
+    # the trio thread's CPU seconds by part (node/cpu.py): noise (ChaCha20-Poly1305), streams
+    # (yamux, framing, sockets), signatures (ed25519), ledger (SQLite), discovery (gossip, DHT),
+    # client_tasks (routing, dispatching, bookkeeping), trio_scheduler (trio's own loop)
+    trio_cpu: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,13 +17,56 @@ bias of up to s_t / 2 per element that would otherwise add up coherently over th
 
 Per-token scales make every token's quantization independent of the others in its micro-batch, so
 the result does not depend on how tokens are batched.
+
+Both functions book their own CPU seconds (the calling thread's and torch's native threads', which
+run its parallel ops) into ``CPU_SECONDS``, and ``booked`` does the same for any other section of
+the training thread: the trainer's per-step split reads it, and nothing there has to be inferred.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+from cipherswarm.node.cpu import native_threads, thread_clock
+
+CPU_SECONDS: dict[str, float] = {"quantize": 0.0, "dequantize": 0.0, "executor": 0.0}
+"""Cumulative CPU seconds of the training thread's sections: quantize, dequantize, and the executor
+call in between (a remote executor's hand-off to its own threads, or a local executor's work)."""
+_torch_threads: list[int] = []  # native threads of the process: torch's OpenMP pool (refresh_threads)
+
+
+def refresh_threads() -> None:
+    """Re-read which native threads torch may run on (the OpenMP pool starts with the first
+    parallel op); the trainer calls this once per step."""
+    me = threading.get_native_id()
+    _torch_threads[:] = [t for t in native_threads() if t != me]
+
+
+def torch_cpu() -> float:
+    """CPU seconds so far of the calling thread plus torch's native threads."""
+    total = time.thread_time()
+    for tid in _torch_threads:
+        try:
+            total += thread_clock(tid)
+        except OSError:  # ended since the last refresh
+            pass
+    return total
+
+
+@contextmanager
+def booked(part: str) -> Iterator[None]:
+    """Add the CPU seconds of the enclosed training-thread code to ``CPU_SECONDS[part]``."""
+    t0 = torch_cpu()
+    try:
+        yield
+    finally:
+        CPU_SECONDS[part] = CPU_SECONDS.get(part, 0.0) + torch_cpu() - t0
 
 #: n_bits the encryption engine accepts for activations (fhe_backend.params.MAX_X_BITS)
 MIN_BITS, MAX_BITS = 2, 16
@@ -52,6 +95,11 @@ def quantize_per_token(x: torch.Tensor, n_bits: int, column_scale: torch.Tensor 
     place on one float64 copy: at 2048 tokens a pass over the activations costs about as much as
     the arithmetic, so passes and allocations are what to save.
     """
+    with booked("quantize"):
+        return _quantize(x, n_bits, column_scale)
+
+
+def _quantize(x: torch.Tensor, n_bits: int, column_scale: torch.Tensor | None) -> TokenQuantized:
     x64 = x.detach().to(torch.float64, copy=True)
     if column_scale is not None:
         x64.mul_(column_scale)
@@ -78,6 +126,7 @@ def dequantize_product(
     term's public factor); ``out_scale`` holds per-output weight scales still to apply (None when
     they were folded into ``x`` before quantization, as the backward pass does).
     """
-    out = y.to(torch.float64).mul_(xq.scale)
-    out.addr_(xq.offset.view(-1), weight_sums)  # + offset_t * weight_sums_k, the zero-point term
-    return out if out_scale is None else out.mul_(out_scale)
+    with booked("dequantize"):
+        out = y.to(torch.float64).mul_(xq.scale)
+        out.addr_(xq.offset.view(-1), weight_sums)  # + offset_t * weight_sums_k, the zero-point term
+        return out if out_scale is None else out.mul_(out_scale)

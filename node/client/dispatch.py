@@ -35,6 +35,7 @@ from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 
 from cipherswarm.fhe_backend import Ciphertext, FheError, MatmulResult, Params, VerificationFailed
+from cipherswarm.fhe_backend.parallel import helper_seconds
 from cipherswarm.fhe_backend.verify import FreivaldsVerifier
 from cipherswarm.protocol import (
     Busy,
@@ -98,13 +99,19 @@ class Counters:
     decrypt_s: float = 0.0
     verify_s: float = 0.0
     wire_s: float = 0.0  # serialising ciphertexts and parsing results
+    hash_s: float = 0.0  # SHA-256 of request and reply payloads
+
+
+def cpu_now() -> float:
+    """Worker thread: CPU seconds of this thread and of the crypto pool's work for it, so far."""
+    return time.thread_time() + helper_seconds()
 
 
 def thread_timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
-    """Worker thread: ``fn(*args)`` and the CPU seconds this thread spent in it."""
-    t0 = time.thread_time()
+    """Worker thread: ``fn(*args)`` and the CPU seconds it took, the crypto pool's share included."""
+    t0 = cpu_now()
     out = fn(*args)
-    return out, time.thread_time() - t0
+    return out, cpu_now() - t0
 
 
 @dataclass(eq=False)
@@ -134,26 +141,29 @@ class ChunkJob:
         return self.ct.params
 
 
-def serialise(ct: Ciphertext) -> tuple[bytes, bytes]:
+def serialise(ct: Ciphertext) -> tuple[tuple[bytes, bytes], float]:
     """Worker thread: the ciphertext's wire bytes and their SHA-256, which every request for them
-    carries; hashing a layer-sized payload takes tens of ms, too long for the event loop."""
+    carries (hashing a layer-sized payload takes tens of ms, too long for the event loop), and the
+    CPU seconds the hash took, so that serialising and hashing are booked apart."""
     payload = ct.to_bytes()
-    return payload, sha256(payload)
+    t0 = time.thread_time()
+    digest = sha256(payload)
+    return (payload, digest), time.thread_time() - t0
 
 
 def _open_result(job: ChunkJob, payload: bytes) -> tuple[torch.Tensor, tuple[float, float, float]]:
     """Worker thread: decrypt the provider's result and check it. FheError if it is wrong in any way.
-    Also returns the thread's CPU seconds spent parsing, decrypting and checking."""
-    t0 = time.thread_time()
+    Also returns the CPU seconds spent parsing, decrypting and checking (the crypto pool's included)."""
+    t0 = cpu_now()
     result = MatmulResult.from_bytes(payload)
     if (result.params, result.key_id, result.tokens, result.d_out) != (job.params, job.ct.key_id, job.ct.tokens, job.width):
         raise VerificationFailed("the result is not for this request's ciphertext, parameters or shape")
-    t1 = time.thread_time()
+    t1 = cpu_now()
     y = ENGINE.decrypt(job.key, result)
-    t2 = time.thread_time()
+    t2 = cpu_now()
     c, o = job.chunk.contraction, job.chunk.output
     job.checker.check(job.x, y, contraction=range(c.start, c.stop), output=range(o.start, o.stop))
-    return y, (t1 - t0, t2 - t1, time.thread_time() - t2)
+    return y, (t1 - t0, t2 - t1, cpu_now() - t2)
 
 
 class Dispatcher:
@@ -181,10 +191,16 @@ class Dispatcher:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the nursery that exchanges run in (exchange.py: they outlive cancelled attempts)."""
-        async with trio.open_nursery() as nursery:
-            self._background = nursery
-            task_status.started()
-            await trio.sleep_forever()
+        cpu = self._node.cpu
+        trio.lowlevel.add_instrument(cpu)  # the trio thread's CPU by part (cpu.py), for stats()
+        cpu.start()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._background = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            trio.lowlevel.remove_instrument(cpu)
 
     async def run_chunk(self, job: ChunkJob) -> None:
         """Retry races until the chunk is accepted. Raises KeyExposed, NoProvidersError or
@@ -300,7 +316,8 @@ class Dispatcher:
             output_shape=(job.x.shape[0], job.width),
             price_per_gmac=self._config.max_price_per_gmac,
         )
-        sealed = seal(request, self._key_pair.private_key)
+        with self._node.cpu.section("signatures"):
+            sealed = seal(request, self._key_pair.private_key)
         limits = Limits(max_payload_size=2 * job.ct.blocks * job.width * job.params.n * 8 + (1 << 16))
         timeout = self._router.attempt_timeout(state, job.need.macs, job.need.payload)
         exchange = Exchange(self._node, peer, sealed, job.payload, limits=limits, timeout_s=timeout,
@@ -323,8 +340,10 @@ class Dispatcher:
                 raise AttemptFailed(peer, FailureKind.CHEATED, f"invalid reply: {exc}") from None
             self._counters.bytes_sent += len(sealed.header) + len(job.payload)
             self._counters.bytes_received += len(frame.header.body) + len(frame.payload)
-            digest = await trio.to_thread.run_sync(sha256, frame.payload, limiter=self.crypto)
-            reply = self._check_reply(frame, peer, sealed, digest)
+            digest, spent = await trio.to_thread.run_sync(thread_timed, sha256, frame.payload, limiter=self.crypto)
+            self._counters.hash_s += spent
+            with self._node.cpu.section("signatures"):
+                reply = self._check_reply(frame, peer, sealed, digest)
             try:
                 y, (wire_s, decrypt_s, verify_s) = await trio.to_thread.run_sync(
                     _open_result, job, reply.payload, limiter=self.crypto)
@@ -357,8 +376,11 @@ class Dispatcher:
         job.accepted = True
         job.deliver(y)
         assert reply.message.receipt is not None  # verify_reply checked the receipt of an OK reply
-        acked = countersign_receipt(reply.message.receipt, self._key_pair.private_key)
-        self._ledger.record(acked, layer=job.layer)
+        cpu = self._node.cpu
+        with cpu.section("signatures"):
+            acked = countersign_receipt(reply.message.receipt, self._key_pair.private_key)
+        with cpu.section("ledger"):
+            self._ledger.record(acked, layer=job.layer)
         receipt = acked.receipt
         c = self._counters
         c.chunks += 1

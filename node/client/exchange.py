@@ -172,7 +172,9 @@ class Exchange:
         await self._decided.wait()
         if self._receipt is not None:
             try:
-                await send_frame(self._stream, seal(self._receipt, self._node.key_pair.private_key), timeout_s=ACK_TIMEOUT_S)
+                with self._node.cpu.section("signatures"):
+                    sealed = seal(self._receipt, self._node.key_pair.private_key)
+                await send_frame(self._stream, sealed, timeout_s=ACK_TIMEOUT_S)
             except Exception:  # noqa: BLE001  # the receipt is recorded either way; the ack is a courtesy
                 pass
 
