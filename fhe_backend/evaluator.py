@@ -5,12 +5,21 @@ B' = B @ W (mod q), by default as float64 GEMMs on signed limbs: a limb of ``lim
 a weight column with L1 norm ``l1`` stays below 2^53 when ``limb_bits - 1 + bitlen(l1) <= 52``, so
 BLAS is exact. The limb products are recombined mod q and rounded to the output bits (modulus switch).
 On a GPU the same product runs as int8 GEMMs on 8-bit limbs (method="int8", int8_limbs.py).
+
+Memory: a provider holds its layers as int8 and nothing else per weight, so the product works on
+tiles of ``rows`` contraction rows by ``cols`` output columns (:func:`plan_tiles`). Per tile it
+expands those rows of the mask, splits them into limbs, converts that tile of the weights to the
+GEMM's dtype, multiplies, and adds the tile's limb products into the output, wrapping mod 2^64
+(reduction mod q = 2^log_q is a ring map of the 64-bit words, so partial sums may wrap freely);
+the last contraction tile also reduces mod q and rounds. Every partial sum of a float64 GEMM is an
+integer below 2^53 (its L1 norm is below the column's), so the result is bit-identical to one
+product over the whole layer, and the working memory of a call stays below ``scratch_bytes`` beyond
+its input and output, whatever the layer's size.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import numpy as np
 import torch
@@ -28,9 +37,9 @@ from .sampling import expand_mask
 class PlainWeights:
     """Clear integer weights (d_in x d_out) prepared once for many products, with their norms.
 
-    ``w`` stays in the integer dtype it came in (int8 for quantized layers). The float64 copy the
-    provider's GEMMs read and the int64 copy that exact checks read are made on first use and kept:
-    a provider then holds 9 bytes per weight and a client 9, rather than 17 each.
+    ``w`` stays in the integer dtype it came in (int8 for quantized layers), and nothing wider is
+    kept: a node holds 1 byte per int8 weight. Products convert tiles as they go (:func:`matmul`);
+    :meth:`i64` makes a full copy on every call, for the rare exact products that want one.
     """
 
     w: torch.Tensor
@@ -44,14 +53,9 @@ class PlainWeights:
             raise ShapeMismatch(f"weights must be a 2-D integer tensor, got {w.dtype} {tuple(w.shape)}")
         self.w = w.contiguous()
 
-    @cached_property
-    def f64(self) -> torch.Tensor:
-        """float64 copy: exact for integers, what BLAS multiplies."""
-        return self.w.to(torch.float64)
-
-    @cached_property
     def i64(self) -> torch.Tensor:
-        """int64 view or copy: products that wrap mod 2^64 (Freivalds check, method="i64")."""
+        """int64 copy (a view when ``w`` is int64 already), made on each call and never kept: a
+        kept one would cost 8 bytes per weight for the life of the process."""
         return self.w.to(torch.int64)
 
     @classmethod
@@ -80,6 +84,46 @@ def provider_limb_bits(l1: int) -> int:
 #: them. "int8" = int8 GEMMs on 8-bit limbs by a device's GEMM (int8_limbs.py; int8 weights only).
 METHODS = ("f64", "i64", "int8")
 
+#: Working memory of one product beyond its input ciphertext and its output, in bytes: what a
+#: provider needs per compute slot on top of the layers it holds. At 128 MiB the float64 path is as
+#: fast as one untiled product over the whole layer (measured 13.1 s against 13.4 s at 2048 tokens
+#: x 4096 x 4096; 64 MiB took 15.0 s: every row tile costs a pass over the output), and two slots
+#: are small next to the 8-24 GB of a gaming GPU's host.
+SCRATCH_BYTES = 128 << 20
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """How one product is cut: ``rows`` contraction rows by ``cols`` output columns per GEMM, and
+    the bytes of working memory that costs (``scratch``), the largest a call allocates at once."""
+
+    rows: int
+    cols: int
+    scratch: int
+
+
+def plan_tiles(method: str, *, contraction: int, width: int, n: int, words: int, limbs: int, mask_rows: bool,
+               scratch_bytes: int = SCRATCH_BYTES) -> Tiles:
+    """The largest tiles whose buffers fit ``scratch_bytes`` (at least one row and one column).
+
+    ``words``: word matrices multiplied per block (2: A and B, 1: B alone); ``mask_rows``: whether
+    the tile's rows of A are expanded. Bytes per contraction row of a tile: the limbs of every word
+    and, for A, the expanded row plus AES's zero input (``sampling._zero_bytes``, kept by the
+    process and grown to up to twice the largest request); per output column: the GEMM's output
+    (and, for int8, the int64 sum of its contraction pieces); per weight of the tile: its copy in
+    the GEMM's dtype. For int8 these are what :func:`int8_limbs.limb_products` and the CPU's GEMM
+    allocate (int32 copies of both operands included). Contraction rows get up to 3/4 of the
+    budget first: the output is touched once per row tile, while columns only set the GEMM's shape.
+    """
+    row_b, col_b, cell = (5, 12, 5) if method == "int8" else (8, 8, 8)
+    row = row_b * words * limbs * n + (24 * n if mask_rows else 0)
+    col = col_b * words * limbs * n
+    rows = max(1, min(contraction, scratch_bytes * 3 // 4 // row))
+    cols = max(1, min(width, (scratch_bytes - rows * row) // (col + rows * cell)))
+    if cols == width:  # narrow outputs leave more room for rows
+        rows = max(1, min(contraction, (scratch_bytes - cols * col) // (row + cols * cell)))
+    return Tiles(rows=rows, cols=cols, scratch=rows * row + cols * col + rows * cols * cell)
+
 
 def matmul(
     ct: Ciphertext,
@@ -88,9 +132,11 @@ def matmul(
     transpose: bool = False,
     method: str = "f64",
     gemm: Int8Gemm = int8_limbs.cpu_int8_gemm,
+    scratch_bytes: int = SCRATCH_BYTES,
 ) -> MatmulResult:
-    """Encrypted ``x @ w`` (or ``x @ w.T`` when ``transpose``), without copying the weights (the
-    int8 method makes one int8 copy). ``gemm`` is the device GEMM of the int8 method."""
+    """Encrypted ``x @ w`` (or ``x @ w.T`` when ``transpose``), tile by tile (module docstring):
+    no copy of the weights, and at most about ``scratch_bytes`` of working memory beyond the input
+    and the output (:func:`plan_tiles`). ``gemm`` is the device GEMM of the int8 method."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     pw = PlainWeights.of(weights)
@@ -102,32 +148,55 @@ def matmul(
     p.for_weights(stats)
     if method == "f64":
         lb = provider_limb_bits(stats.l1)
-        left = pw.f64 if transpose else pw.f64.t()  # (width, contraction): a view, BLAS reads it transposed
     elif method == "int8":
+        int8_limbs.check_weights(pw.w)
         lb = int8_limbs.LIMB_BITS
-        left = int8_limbs.weights_int8(pw.w, transpose)
     else:
-        lb = 64  # one "limb": the whole word
-        left = pw.i64 if transpose else pw.i64.t()
+        lb = 64  # one "limb": the whole word, whose int64 product wraps mod 2^64, a multiple of q
     limbs = limb_count(p.log_q, lb)
     n = p.n
     shared = p.profile == SHARED_MASK  # the single mask per block needs no product: only B @ W
+    words = 1 if shared else 2
+    tiles = plan_tiles(method, contraction=contraction, width=width, n=n, words=words, limbs=limbs,
+                       mask_rows=not shared, scratch_bytes=scratch_bytes)
+    left = (pw.w if transpose else pw.w.t()).numpy()  # (width, contraction): a view of the held weights
     b_out = np.empty((ct.blocks, width, n), dtype=np.int64)
     a_out = None if shared else np.empty_like(b_out)
+    out_bits = [p.out_bits_b] if shared else [p.out_bits_a, p.out_bits_b]
+    # buffers of the largest tile, reused by every tile; edge tiles use their leading part
+    mask_buf = None if shared else np.empty(tiles.rows * n * 8 + 15, dtype=np.uint8)
+    if method != "int8":
+        z_buf = np.empty((tiles.rows, words, limbs, n), dtype=np.float64 if method == "f64" else np.int64)
+        w_buf = np.empty((tiles.cols, tiles.rows), dtype=z_buf.dtype)
+        prod_buf = np.empty((tiles.cols, words * limbs * n), dtype=z_buf.dtype)
     for blk in range(ct.blocks):
-        rows = [ct.words[blk]] if shared else [expand_mask(ct.seeds[blk], n=n, rows=ct.d, first_row=ct.first_row), ct.words[blk]]
-        if method == "int8":
-            prod = int8_limbs.limb_products(rows, left, p.log_q, gemm)  # (len(rows) * limbs, width, n)
-        else:
-            if method == "f64":
-                z = np.empty((len(rows) * limbs, ct.d, n), dtype=np.float64)
-                for i, words in enumerate(rows):
-                    kernels.split_limbs(words, p.log_q, lb, z[i * limbs : (i + 1) * limbs])
-            else:  # words as they are: the int64 product wraps mod 2^64, a multiple of q
-                z = np.stack(rows)
-            prod = torch.matmul(left, torch.from_numpy(z)).numpy()  # (len(rows) * limbs, width, n)
-        kernels.join_limbs_switch(prod[-limbs:], lb, p.log_q, p.out_bits_b, b_out[blk])
-        if a_out is not None:
-            kernels.join_limbs_switch(prod[:limbs], lb, p.log_q, p.out_bits_a, a_out[blk])
+        outs = [b_out[blk]] if shared else [a_out[blk], b_out[blk]]
+        for r0 in range(0, contraction, tiles.rows):
+            r1 = min(r0 + tiles.rows, contraction)
+            rows = [ct.words[blk, r0:r1]]
+            if not shared:
+                rows.insert(0, expand_mask(ct.seeds[blk], n=n, rows=r1 - r0, first_row=ct.first_row + r0, out=mask_buf))
+            if method != "int8":
+                z = z_buf[: r1 - r0]
+                for i, w in enumerate(rows):
+                    if method == "f64":
+                        kernels.split_limbs(w, p.log_q, lb, z[:, i].transpose(1, 0, 2))  # (limbs, rows, n) view
+                    else:
+                        z[:, i, 0] = w
+                z2 = torch.from_numpy(z.reshape(r1 - r0, words * limbs * n))
+            for c0 in range(0, width, tiles.cols):
+                c1 = min(c0 + tiles.cols, width)
+                if method == "int8":
+                    tile = np.ascontiguousarray(left[c0:c1, r0:r1], dtype=np.int8)
+                    prods = int8_limbs.limb_products(rows, tile, p.log_q, gemm)  # (words * limbs, cols, n)
+                else:
+                    w_tile = w_buf[: c1 - c0, : r1 - r0]
+                    np.copyto(w_tile, left[c0:c1, r0:r1])  # exact: the weights are integers below 2^53
+                    prod = prod_buf[: c1 - c0]
+                    torch.mm(torch.from_numpy(w_tile), z2, out=torch.from_numpy(prod))
+                    prods = prod.reshape(c1 - c0, words * limbs, n).transpose(1, 0, 2)
+                for i, out in enumerate(outs):
+                    kernels.join_limbs_switch(prods[i * limbs : (i + 1) * limbs], lb, p.log_q, out_bits[i], out[c0:c1],
+                                              r0 == 0, r1 == contraction)
     return MatmulResult(params=p, key_id=ct.key_id, tokens=ct.tokens, a_words=a_out, b_words=b_out,
                         seeds=ct.seeds if shared else ())

@@ -6,7 +6,9 @@ other precision. The ciphertext words (mod ``q = 2^log_q``, ``log_q <= 64``) are
 int32 accumulation, over contraction pieces short enough that int32 cannot overflow (``MAX_CHUNK``).
 The pieces are summed in int64, and :func:`kernels.join_limbs_switch` (the float64 path's own code)
 recombines the limbs with shifts mod 2^64, reduces mod q and applies the output modulus switch, so
-the result is bit-identical to ``evaluator.matmul(..., method="f64")``.
+the result is bit-identical to ``evaluator.matmul(..., method="f64")``. The evaluator calls
+:func:`limb_products` once per tile of contraction rows and output columns, so its buffers stay
+within the evaluator's scratch bound whatever the layer's size.
 
 Only the raw GEMM depends on the device (:data:`Int8Gemm`): :func:`cpu_int8_gemm` here,
 :func:`cuda_int8_gemm` through cuBLAS on a GPU. Splitting, chunking, accumulation and recombination
@@ -44,19 +46,16 @@ Int8Gemm = Callable[[np.ndarray, np.ndarray], np.ndarray]
 (m, n) host array accumulated in int32 (the callers keep k <= MAX_CHUNK, so it never wraps)."""
 
 
-def weights_int8(w: torch.Tensor, transpose: bool) -> np.ndarray:
-    """The (width, contraction) int8 left operand of ``x @ w`` (or of ``x @ w.T``), contiguous.
-
-    The int8 path multiplies the weights as they are, so anything outside [-128, 127] would be
-    silently wrapped: such weights are refused with :class:`InputRangeError` (the float64 path
-    takes them).
-    """
-    if w.numel() and (int(w.min()) < -_INT8_ABS_MAX or int(w.max()) > _INT8_ABS_MAX - 1):
+def check_weights(w: torch.Tensor) -> None:
+    """Refuse weights outside [-128, 127] with :class:`InputRangeError`: the int8 path multiplies
+    the weights as int8 tiles, so anything wider would be silently wrapped (the float64 path takes
+    them). int8 weights, every quantized layer, pass without a look."""
+    if w.dtype == torch.int8 or not w.numel():
+        return
+    if int(w.min()) < -_INT8_ABS_MAX or int(w.max()) > _INT8_ABS_MAX - 1:
         raise InputRangeError(
             f"the int8 product needs weights in [-128, 127], got [{int(w.min())}, {int(w.max())}]; use method='f64'"
         )
-    left = w if transpose else w.t()
-    return np.ascontiguousarray(left.to(torch.int8).numpy())
 
 
 def limb_products(rows: Sequence[np.ndarray], left: np.ndarray, log_q: int, gemm: Int8Gemm) -> np.ndarray:

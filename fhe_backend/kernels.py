@@ -255,10 +255,13 @@ def split_limbs(words, log_q, limb_bits, out):
 
 
 @njit(cache=True, nogil=True)
-def join_limbs_switch(prods, limb_bits, log_q, out_bits, out):
+def join_limbs_switch(prods, limb_bits, log_q, out_bits, out, first=True, last=True):
     """Sum rounded limb products << (limb_bits*l) mod 2^log_q, then round to the top out_bits bits.
 
-    prods: (limbs, r, c) float64 exact integers; out: (r, c) int64 in [0, 2^out_bits).
+    prods: (limbs, r, c) exact integers (float64, int32 or int64); out: (r, c) int64 in
+    [0, 2^out_bits). A product cut along its contraction comes in tiles: each adds its sum into
+    ``out`` mod 2^64 (``first``: ``out`` starts at 0; reduction mod 2^log_q is a ring map of the
+    64-bit words, so the partial sums may wrap), and the ``last`` reduces and rounds.
     """
     limbs, rows, cols = prods.shape
     drop = log_q - out_bits
@@ -267,13 +270,15 @@ def join_limbs_switch(prods, limb_bits, log_q, out_bits, out):
     half = np.int64(0) if drop == 0 else np.int64(1) << (drop - 1)
     for i in range(rows):
         for j in range(cols):
-            acc = np.int64(0)
+            acc = np.int64(0) if first else out[i, j]
             for l in range(limbs):
                 acc += np.int64(prods[l, i, j]) << (limb_bits * l)
-            acc &= qmask
-            if drop:  # round to nearest; unsigned so that acc + half cannot overflow
-                acc = np.int64((np.uint64(acc) + np.uint64(half)) >> np.uint64(drop))
-            out[i, j] = acc & omask
+            if last:
+                acc &= qmask
+                if drop:  # round to nearest; unsigned so that acc + half cannot overflow
+                    acc = np.int64((np.uint64(acc) + np.uint64(half)) >> np.uint64(drop))
+                acc &= omask
+            out[i, j] = acc
 
 
 @njit(cache=True, nogil=True)

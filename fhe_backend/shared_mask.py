@@ -37,6 +37,11 @@ from .ring import LIMB_BITS, NegacyclicFFT, limb_count, ternary_eval
 from .sampling import expand_mask, fresh_seed, ternary_secret
 
 
+#: Output columns of W^T S computed at a time: the float64 tile of weights costs 8 bytes per
+#: contraction row per column (about 30 MB at LLaMA-8B's 14336 rows).
+_Z_TILE_COLUMNS = 256
+
+
 def exact_limb_bits(n: int, z_bits: int) -> int:
     """Largest limb width (<= 26) whose summed limb products a_l * z_m stay exact in float64."""
     u = 2.0**-53
@@ -68,14 +73,20 @@ class SharedMaskKey:
         p = self.params
         if p.profile != SHARED_MASK:
             raise ParameterError("a SharedMaskKey needs shared-mask parameters (profile='shared-mask')")
-        contraction, _ = contraction_width(self.weights, self.transpose)
+        contraction, width = contraction_width(self.weights, self.transpose)
         if self.s.shape != (contraction, p.n):
             raise ValueError(f"secrets must have shape ({contraction}, {p.n})")
         p.for_weights(self.weights.stats(self.transpose))
         ring = NegacyclicFFT(p.n)
-        left = self.weights.f64 if self.transpose else self.weights.f64.t()  # (width, contraction)
-        # exact: |sum_j w_jk s_j[t]| <= L1 < 2^53
-        z = torch.round(left @ torch.from_numpy(self.s.astype(np.float64))).to(torch.int64).numpy()
+        w = self.weights.w
+        left = w if self.transpose else w.t()  # (width, contraction): a view
+        s = torch.from_numpy(self.s.astype(np.float64))
+        z = np.empty((width, p.n), dtype=np.int64)
+        # exact: |sum_j w_jk s_j[t]| <= L1 < 2^53; float64 weights a tile of columns at a time, so
+        # no layer-sized float64 copy exists even while the key is made
+        for c0 in range(0, width, _Z_TILE_COLUMNS):
+            tile = left[c0 : c0 + _Z_TILE_COLUMNS].to(torch.float64)
+            z[c0 : c0 + _Z_TILE_COLUMNS] = torch.round(tile @ s).to(torch.int64).numpy()
         z_bits = int(np.abs(z).max()).bit_length() + 1
         bits = exact_limb_bits(p.n, z_bits)
         object.__setattr__(self, "ring", ring)

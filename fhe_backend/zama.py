@@ -443,7 +443,7 @@ class ZamaGlweBackend:
             raise ShapeMismatch("weights have no output columns")
         ct.params.for_weights(pw.stats(transpose))
         key = _find_key(ct.key_id)
-        w64 = pw.i64.numpy()
+        w64 = pw.i64().numpy()
         clear = np.ascontiguousarray(w64.T if transpose else w64).view(np.uint64)
         inner = _native(self._fhext.matrix_multiplication, ct.inner, clear, key.inner,
                         error=InvalidCiphertext, what="the library refused the ciphertext")
