@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import platform
+from typing import Any
 
 #: mallopt parameters (glibc's malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -24,15 +25,23 @@ MMAP_THRESHOLD = 1 << 30
 TRIM_THRESHOLD = 1 << 31
 
 
+def _glibc(name: str, *argtypes: type) -> Any:
+    """glibc's function ``name`` with its argument types, or None where the C library is not glibc."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        fn = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = argtypes
+    return fn
+
+
 def retain_freed_memory() -> bool:
     """Ask glibc to keep freed large buffers for reuse; False where the C library is not glibc."""
-    if platform.libc_ver()[0] != "glibc":
+    mallopt = _glibc("mallopt", ctypes.c_int, ctypes.c_int)
+    if mallopt is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
@@ -41,12 +50,6 @@ def release_free_memory() -> bool:
 
     Work that streams a checkpoint one layer at a time frees as much as it allocates, but glibc keeps
     freed chunks that small long-lived objects pin between them: loading a model's summaries grew a
-    process by more than the model's weights before this was called at the end of it."""
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes = (ctypes.c_size_t,)
-    return bool(trim(0))
+    process by more than the model's weights before this was called after each layer."""
+    trim = _glibc("malloc_trim", ctypes.c_size_t)
+    return trim is not None and bool(trim(0))
