@@ -180,7 +180,7 @@ class ModelWeights:
         return sum(layer.summary_bytes for layer in self.layers.values())
 
     def plain(self, name: str) -> PlainWeights:
-        """The held layer's integer weights prepared once for many products (copies made on first use, norms)."""
+        """The held layer's integer weights prepared once for many products (their norms, computed on first use)."""
         if name not in self._plain:
             weight = self.layers[name].weight
             if weight is None:
