@@ -40,7 +40,9 @@ class SecretKey:
             raise ValueError("secret must be a ternary vector of length N")
         if len(self.key_id) != KEY_ID_BYTES:
             raise ValueError(f"key id must be {KEY_ID_BYTES} bytes")
-        self.s.setflags(write=False)
+        s8 = np.array(self.s, dtype=np.int8)  # ternary: one byte a coefficient is all a key needs to hold
+        s8.setflags(write=False)
+        object.__setattr__(self, "s", s8)
         ring = NegacyclicFFT(self.params.n)
         evals = ternary_eval(ring, self.s[None])[0]
         if not _spectrally_bounded(evals, self.params.n):
@@ -65,8 +67,8 @@ class SecretKey:
 
     @staticmethod
     def bytes_for(params: Params) -> int:
-        """``nbytes`` of a key for ``params``: N int64 coefficients and N/2 complex128 evaluations."""
-        return 8 * params.n + 16 * (params.n // 2)
+        """``nbytes`` of a key for ``params``: N int8 coefficients and N/2 complex128 evaluations."""
+        return params.n + 16 * (params.n // 2)
 
     def __repr__(self) -> str:
         return f"SecretKey(id={self.key_id.hex()}, n={self.params.n}, log_q={self.params.log_q})"
@@ -76,12 +78,12 @@ class SecretKey:
 
     def export_private(self) -> dict:
         """Key material for a local private checkpoint (never for the network)."""
-        return {"params": self.params.to_tuple(), "s": self.s.astype(np.int8).tobytes(), "key_id": self.key_id}
+        return {"params": self.params.to_tuple(), "s": self.s.tobytes(), "key_id": self.key_id}
 
     @classmethod
     def import_private(cls, blob: dict) -> "SecretKey":
         return cls(
             params=Params.from_tuple(tuple(blob["params"])),
-            s=np.frombuffer(blob["s"], dtype=np.int8).astype(np.int64),
+            s=np.frombuffer(blob["s"], dtype=np.int8),
             key_id=bytes(blob["key_id"]),
         )

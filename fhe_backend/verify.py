@@ -35,7 +35,7 @@ SOUNDNESS_BITS = 64
 #: weight (m = 2 at 8 bits: 0.016). A layer of at most SMALL_LAYER weights gets at least MIN_BLOCKS,
 #: so that a call of a small model can still be cut into that many column chunks, for at most
 #: 8 m MIN_BLOCKS SMALL_LAYER / width bytes in all.
-MIN_BLOCKS, MAX_BLOCKS, BLOCK_COLUMNS, SMALL_LAYER = 4, 16, 1024, 1 << 21
+MIN_BLOCKS, MAX_BLOCKS, BLOCK_COLUMNS, SMALL_LAYER = 4, 16, 1024, 1 << 18
 #: Contraction rows sketched at a time: the scratch of a transposed tile is _TILE_ROWS bytes per
 #: output column, whatever the layer's size.
 _TILE_ROWS = 256

@@ -76,7 +76,7 @@ class Layer:
     shape: LayerShape  # d_in x d_out of the engine's W
     digest: bytes  # 32-byte quantization digest
     scale: torch.Tensor  # (d_out,) float32: w ~= Wq * scale, per output channel
-    sums: tuple[torch.Tensor, torch.Tensor]  # int64 sums of Wq over the contraction: (d_out,) forward, (d_in,) transposed
+    sums: tuple[torch.Tensor, torch.Tensor]  # int32 sums of Wq over the contraction: (d_out,) forward, (d_in,) transposed
     stats: tuple[WeightStats, WeightStats]  # the norms that choose parameters: forward, transposed
     weight: QuantizedWeight | None  # None when this node does not hold the layer
 
@@ -102,15 +102,18 @@ class Layer:
 
 
 def _sums(q: torch.Tensor, slab: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums of int8 ``q`` over its rows (d_out,) and over its columns (d_in,), as int64, a slab of
-    rows at a time (torch widens a whole tensor to sum it in int64: 8 bytes per weight)."""
+    """Sums of int8 ``q`` over its rows (d_out,) and over its columns (d_in,), a slab of rows at a
+    time (torch widens a whole tensor to sum it in int64: 8 bytes per weight), kept as int32 (each
+    is at most 127 x 2^24 in magnitude for layers up to 2^24 wide)."""
     columns = torch.zeros(q.shape[1], dtype=torch.int64)
     rows = torch.empty(q.shape[0], dtype=torch.int64)
     for start in range(0, q.shape[0], slab):
         part = q[start : start + slab].to(torch.int64)
         columns += part.sum(dim=0)
         rows[start : start + slab] = part.sum(dim=1)
-    return columns, rows
+    if max(q.shape) >= 1 << 24:
+        raise WeightsError(f"a layer {tuple(q.shape)} is too wide for int32 sums")
+    return columns.to(torch.int32), rows.to(torch.int32)
 
 
 class ModelWeights:

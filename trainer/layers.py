@@ -24,7 +24,7 @@ from cipherswarm.fhe_backend.quant import QuantizedWeight, quantize_weight
 from cipherswarm.node.weights import Layer
 
 from .executor import MatmulExecutor
-from .quantization import dequantize_product, quantize_per_token
+from .quantization import booked, dequantize_product, quantize_per_token
 from .thin import is_thin, keep_placeholder
 
 BASE_LAYER_TYPES = (nn.Linear, Conv1D)
@@ -78,10 +78,6 @@ class RemoteLinear(nn.Module):
             engine_w = w if isinstance(base, Conv1D) else w.t()  # the engine's w is (d_in, d_out)
             self.layer = Layer.summarise(key + ".weight", quantize_weight(engine_w), keep=True)
         self.in_features, self.out_features = self.layer.shape.d_in, self.layer.shape.d_out
-        # The zero-point term's factor sums Wq over each direction's contraction axis. float64, like
-        # the scales, so that dequantization adds no rounding of its own before the final cast.
-        self._weight_sums = {t: s.to(torch.float64) for t, s in zip((False, True), self.layer.sums)}
-        self._scale = self.layer.scale.to(torch.float64)
 
     @property
     def quantized(self) -> QuantizedWeight | None:
@@ -115,17 +111,22 @@ class RemoteLinear(nn.Module):
         lead = t.shape[:-1]
         flat = t.detach().reshape(-1, t.shape[-1])  # tokens, features
         dev = t.device
-        scale = self._scale.to(dev)
+        # Scales and the zero-point term's factor (the sums of Wq over this direction's contraction)
+        # in float64, so that dequantization adds no rounding of its own before the final cast;
+        # widened per call, since a client keeps only the summary
+        scale = self.layer.scale.to(dev, torch.float64)
         # Backward, g @ W.T = sum_k g[t,k] c_k Wq[j,k]: the channel scales c_k sit on the contraction
         # axis, so they are folded into g before quantizing instead of applied to the output.
         xq = quantize_per_token(flat, self.context.n_bits, scale if transpose else None)
-        y = executor.matmul(self.key, xq.q.cpu(), transpose=transpose)
+        with booked("executor"):
+            y = executor.matmul(self.key, xq.q.cpu(), transpose=transpose)
         width = self.in_features if transpose else self.out_features
         if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or tuple(y.shape) != (flat.shape[0], width):
             got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
             raise TypeError(f"{type(executor).__name__}.matmul({self.key!r}, transpose={transpose}) must return "
                             f"an int64 tensor of shape {(flat.shape[0], width)}, got {got}")
-        out = dequantize_product(y.to(dev), xq, self._weight_sums[transpose].to(dev), None if transpose else scale)
+        sums = self.layer.sums[transpose].to(dev, torch.float64)
+        out = dequantize_product(y.to(dev), xq, sums, None if transpose else scale)
         return out.to(t.dtype).reshape(*lead, out.shape[-1])
 
 
