@@ -9,6 +9,7 @@ forward/backward per micro-batch -> clip and step -> evaluate -> log -> checkpoi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import time
@@ -28,7 +29,7 @@ from .checkpoint import capture_rng, checkpoint_folder, latest_checkpoint, load_
 from .errors import BackpropSkipError, NoLoraLayersError, NotCompiledError
 from .executor import ExecutorStatistics, LayerSpec, LocalExecutor, MatmulExecutor
 from .layers import RemoteContext, RemoteLinear, unwrap_base_layers, wrap_base_layers
-from .quantization import check_n_bits
+from .quantization import CPU_SECONDS, check_n_bits, refresh_threads, torch_cpu
 
 FHE_MODES = ("disable", "simulate", "execute", "remote")
 IGNORE_INDEX = -100
@@ -45,8 +46,18 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
 class StepRecord:
     """One optimizer step: what was learned and what it cost the client.
 
-    CPU seconds are ``time.process_time`` over the step (all threads of this process). The client's
-    own plaintext work is what remains after taking out its crypto and any in-process provider.
+    CPU seconds are ``time.process_time`` over the step (all threads of this process), less any
+    in-process provider. ``cpu_parts`` names them, each measured in the thread that spent it:
+
+    - quantize, dequantize: the per-token quantization around each product (trainer/quantization.py);
+    - local: the rest of the training thread and torch's threads: autograd, non-linear ops, loss,
+      optimizer;
+    - encrypt, decrypt, verify, serialise, hash: the executor's crypto, wire conversion and SHA-256;
+    - with a node client, its trio thread (node/cpu.py): noise, streams (yamux, framing, sockets),
+      signatures, ledger, discovery, client_tasks (routing, dispatching), trio_scheduler; and
+      handoff, the training thread's side of each call into it.
+
+    ``cpu_unnamed_s`` is what no part claims (``cpu_s`` less their sum): small when every part is named.
     """
 
     step: int  # optimizer steps done, this one included
@@ -61,12 +72,48 @@ class StepRecord:
     cpu_decrypt_s: float
     cpu_verify_s: float
     cpu_wire_s: float  # serialising ciphertexts and parsing results
-    cpu_plain_s: float  # everything else the client did: model, quantization, optimizer
+    cpu_plain_s: float  # the client's own plaintext work: quantize + dequantize + local (see above)
     provider_s: float  # CPU of a provider running in this process (0 when it runs elsewhere)
     remote_calls: int
     bytes_sent: int
     bytes_received: int
     eval: dict[str, float] | None = None
+    cpu_parts: dict[str, float] | None = None  # CPU seconds by part (above); None in old checkpoints
+    cpu_unnamed_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class _CpuSnapshot:
+    """Cumulative CPU figures at one moment, for a step's deltas (StepRecord's docstring)."""
+
+    process: float  # time.process_time
+    torch: float  # training thread + torch's native threads
+    trainer: dict[str, float]  # quantization.CPU_SECONDS
+    executor: ExecutorStatistics
+    node: dict[str, float] | None  # a node client's hash and trio-thread parts; None for other executors
+
+    @classmethod
+    def take(cls, executor: object) -> "_CpuSnapshot":
+        # No product is in flight between micro-batches: the two reads of the executor agree.
+        stats = getattr(executor, "statistics", None)
+        snap = stats() if stats is not None else None
+        trio_cpu = getattr(snap, "trio_cpu", None)
+        node = None if trio_cpu is None else {"hash": float(getattr(snap, "hash_s", 0.0)), **trio_cpu}
+        return cls(time.process_time(), torch_cpu(), dict(CPU_SECONDS), ExecutorStatistics.of(executor), node)
+
+    def parts_since(self, start: "_CpuSnapshot") -> tuple[float, ExecutorStatistics, dict[str, float]]:
+        """(process CPU, executor statistics, named parts) from ``start`` to this snapshot."""
+        st = self.executor - start.executor
+        trainer = {k: v - start.trainer.get(k, 0.0) for k, v in self.trainer.items()}
+        parts = {"quantize": trainer["quantize"], "dequantize": trainer["dequantize"],
+                 "local": self.torch - start.torch - trainer["quantize"] - trainer["dequantize"] - trainer["executor"],
+                 "encrypt": st.encrypt_s, "decrypt": st.decrypt_s, "verify": st.verify_s, "serialise": st.wire_s}
+        if self.node is not None:
+            before = start.node or {}
+            parts.update({k: v - before.get(k, 0.0) for k, v in self.node.items()})
+            parts["handoff"] = trainer["executor"]  # the training thread's side of the calls into the node's threads
+        # else: a local executor's work runs in the training thread, inside its own statistics
+        return self.process - start.process, st, parts
 
 
 def _check_int(name: str, value: object, low: int = 1) -> None:
@@ -424,12 +471,13 @@ class LoraTrainer:
         ga = self.gradient_accumulation_steps
         total = _length(run.loader)
         group: list[tuple[float, int]] = []  # (loss, tokens) of the micro-batches since the last step
-        start = (0.0, 0.0, ExecutorStatistics())  # wall, CPU and executor totals when the group began
+        start: tuple[float, _CpuSnapshot | None] = (0.0, None)  # wall clock and CPU figures when the group began
         with tqdm(total=total, initial=run.done, desc=f"epoch {run.epoch + 1}/{num_epochs}", unit="batch",
                   disable=not run.progress, dynamic_ncols=True) as bar:
             for batch in batches:
                 if not group:
-                    start = (time.perf_counter(), time.process_time(), ExecutorStatistics.of(run.executor))
+                    refresh_threads()
+                    start = (time.perf_counter(), _CpuSnapshot.take(run.executor))
                 group.append(self._micro_step(batch, run.device))
                 run.done += 1
                 bar.update(1)
@@ -467,7 +515,7 @@ class LoraTrainer:
         return float(loss.detach()), tokens
 
     def _finish_step(self, run: "_Run", group: list[tuple[float, int]],
-                     start: tuple[float, float, ExecutorStatistics], bar: tqdm) -> bool:
+                     start: tuple[float, _CpuSnapshot | None], bar: tqdm) -> bool:
         """Clip, step, record, evaluate, log and checkpoint as configured. True: ``max_steps`` reached."""
         ga = self.gradient_accumulation_steps
         if len(group) < ga:
@@ -485,15 +533,17 @@ class LoraTrainer:
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        wall0, cpu0, stats0 = start
-        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-        st = ExecutorStatistics.of(run.executor) - stats0
+        wall0, cpu0 = start
+        assert cpu0 is not None  # taken with the group's first micro-batch
+        wall = time.perf_counter() - wall0
+        cpu, st, parts = _CpuSnapshot.take(run.executor).parts_since(cpu0)
         record = StepRecord(
             step=self.global_step + 1, epoch=run.epoch, loss=sum(l for l, _ in group) / len(group), lr=lr,
             grad_norm=grad_norm, tokens=sum(t for _, t in group), wall_s=wall, cpu_s=cpu - st.provider_s,
             cpu_encrypt_s=st.encrypt_s, cpu_decrypt_s=st.decrypt_s, cpu_verify_s=st.verify_s, cpu_wire_s=st.wire_s,
-            cpu_plain_s=cpu - st.provider_s - st.crypto_s, provider_s=st.provider_s, remote_calls=st.calls,
-            bytes_sent=st.bytes_sent, bytes_received=st.bytes_received,
+            cpu_plain_s=parts["quantize"] + parts["dequantize"] + parts["local"], provider_s=st.provider_s,
+            remote_calls=st.calls, bytes_sent=st.bytes_sent, bytes_received=st.bytes_received,
+            cpu_parts={k: round(v, 6) for k, v in parts.items()}, cpu_unnamed_s=cpu - st.provider_s - sum(parts.values()),
         )
         if self.eval_loader is not None and record.step % self.eval_steps == 0:
             record = replace(record, eval=self.evaluate())
@@ -547,6 +597,7 @@ class LoraTrainer:
             "scheduler": None if self.lr_scheduler is None else self.lr_scheduler.state_dict(),
             "rng_epoch_start": run.epoch_rng, "rng_now": capture_rng(run.loader),
             "config": {"gradient_accumulation_steps": self.gradient_accumulation_steps},
+            "model_digest": self._model_digest(),
         }
         folder = save_checkpoint(checkpoint_folder(self.checkpoint_dir, self.global_step), self.model, state)
         run.saved_at = (run.epoch, run.done)
@@ -561,6 +612,10 @@ class LoraTrainer:
         else:
             folder = Path(where)  # type: ignore[arg-type]
         state = load_state(folder)
+        saved_model = state.get("model_digest")
+        if saved_model is not None and saved_model != self._model_digest():
+            raise ValueError(f"the checkpoint {folder} was trained against other base weights (its layers' int8 digests "
+                             "differ from this model's): resume with the model it was trained on")
         saved_ga = state["config"]["gradient_accumulation_steps"]
         if saved_ga != self.gradient_accumulation_steps:
             raise ValueError(f"the checkpoint used gradient_accumulation_steps={saved_ga}, this trainer "
@@ -576,6 +631,13 @@ class LoraTrainer:
         run.saved_at = (run.epoch, run.done)
         self._log({"event": "resume", "step": self.global_step, "path": str(folder)})
         return state["rng_now"]
+
+    def _model_digest(self) -> str:
+        """SHA-256 over every remote layer's key and int8 digest: binds a checkpoint to its base weights."""
+        h = hashlib.sha256()
+        for key in sorted(self._specs):
+            h.update(key.encode() + b"\x00" + self._specs[key].digest)
+        return h.hexdigest()
 
     def get_training_losses(self) -> list[float]:
         """Loss of every optimizer step so far (resumed steps included)."""

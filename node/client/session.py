@@ -94,6 +94,8 @@ class SwarmSession:
             decrypt_s=c.decrypt_s,
             verify_s=c.verify_s,
             wire_s=c.wire_s,
+            hash_s=c.hash_s,
+            trio_cpu=self.node.cpu.seconds(),
             chunks_by_peer={v.peer: v.chunks for v in views if v.chunks},
             failures_by_peer=dict(c.failures_by_peer),
             bans=self.peers.bans(),
@@ -179,8 +181,9 @@ class SwarmSession:
                 part = ct.select_blocks(chunk.blocks.start, chunk.blocks.stop)
                 if chunk.row_parts > 1:
                     part = part.select_rows(chunk.contraction.start, chunk.contraction.stop, parts=chunk.row_parts)
-                wire, spent = await trio.to_thread.run_sync(thread_timed, serialise, part, limiter=crypto)
-                self._counters.wire_s += spent
+                (wire, hashed), spent = await trio.to_thread.run_sync(thread_timed, serialise, part, limiter=crypto)
+                self._counters.wire_s += spent - hashed
+                self._counters.hash_s += hashed
                 parts[chunk.blocks, chunk.contraction] = part, wire
             part, (payload, digest) = parts[chunk.blocks, chunk.contraction]
             tokens = chunk.tokens(shape.n, shape.tokens)

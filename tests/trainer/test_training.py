@@ -96,6 +96,15 @@ class TestResume:
         resumed = self._run(tmp_path / "split", "execute", arch=LLAMA, epochs=1, resume=True, lora_seed=5)
         assert resumed.get_training_losses() == full.get_training_losses()
 
+    def test_a_checkpoint_of_other_base_weights_is_refused(self, tmp_path) -> None:
+        self._run(tmp_path, "simulate", max_steps=2)
+        other = make_trainer(GPT2, seed=1, checkpoint_dir=tmp_path / "ckpt",  # other base weights, same shapes
+                             training_args={"gradient_accumulation_steps": 2, "max_grad_norm": 1.0})
+        other.compile(token_data(1, 8))
+        with pytest.raises(ValueError, match="other base weights"):
+            other.train(torch.utils.data.DataLoader(token_data(5, 8), batch_size=1), fhe="simulate", resume_from_checkpoint=True,
+                        progress=False)
+
     def test_checkpoint_folder_holds_adapters_and_no_keys(self, tmp_path) -> None:
         trainer = self._run(tmp_path, "simulate", max_steps=2)
         folders = sorted((tmp_path / "ckpt").iterdir())
@@ -106,7 +115,7 @@ class TestResume:
         assert state["global_step"] == 2 and len(state["records"]) == 2
         # Plain training state only: nothing of the executor (keys, checkers) is ever written.
         assert set(state) == {"format", "global_step", "epoch", "batches_done", "records", "optimizer", "scheduler",
-                              "rng_epoch_start", "rng_now", "config"}
+                              "rng_epoch_start", "rng_now", "config", "model_digest"}
         assert trainer.global_step == 2
 
 
