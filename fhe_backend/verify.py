@@ -6,7 +6,8 @@ values r_i != r_i' that both pass would give e_i (r_i - r_i') = 0 mod 2^64 with
 |e_i (r_i - r_i')| < 2^63 (R is chosen from the bound on |e_i|), so e_i = 0, a contradiction. Each
 column of r therefore lets a wrong row pass with probability <= 2^-R, and m columns with <= 2^-(R m);
 we take R*m >= SOUNDNESS_BITS. The check costs m multiply-adds per value, against the contraction
-length for the product itself. r comes from os.urandom and is rotated with the key.
+length for the product itself. r is expanded by AES-256-CTR from a seed drawn from os.urandom,
+and is rotated with the key.
 
 The verifier keeps the sketch ``w @ r``, not ``w``: m words per contraction row and column block,
 so a client checks a layer it does not hold. Chunks of a call may cover any contraction rows and
@@ -28,6 +29,7 @@ from .errors import ShapeMismatch, VerificationFailed
 from .evaluator import PlainWeights
 from .params import Params
 from .parallel import for_row_chunks
+from .sampling import SEED_BYTES, aes_ctr_stream
 
 SOUNDNESS_BITS = 64
 #: Column blocks of a sketch: one per BLOCK_COLUMNS columns, at most MAX_BLOCKS. Each block costs
@@ -59,9 +61,9 @@ def soundness_reps(y_bound: int) -> tuple[int, int]:
 
 
 def sketch_bytes(contraction: int, width: int, y_bound: int) -> int:
-    """Bytes a verifier of one layer and direction keeps: its sketches and its check vectors."""
+    """Bytes a verifier of one layer and direction keeps: its sketches and the seed of its check vectors."""
     _, m = soundness_reps(y_bound)
-    return 8 * m * ((len(column_grid(contraction, width)) - 1) * contraction + width)
+    return 8 * m * (len(column_grid(contraction, width)) - 1) * contraction + SEED_BYTES
 
 
 def _sketch(w: torch.Tensor, r_t: np.ndarray, grid: list[int]) -> np.ndarray:
@@ -104,20 +106,31 @@ class FreivaldsVerifier:
         self.y_bound = int(y_bound)
         self.r_bits, self.reps = soundness_reps(self.y_bound)
         self.grid = column_grid(self.contraction, self.width)
-        raw = np.frombuffer(os.urandom(8 * self.width * self.reps), dtype=np.uint64).reshape(self.width, self.reps)
-        r = raw >> np.uint64(64 - self.r_bits)
-        self._r_t = np.ascontiguousarray(r.T)  # (m, width): one contiguous row per check vector
-        self._s = _sketch(w, self._r_t, self.grid)  # (blocks, m, contraction)
+        self._seed = os.urandom(SEED_BYTES)  # r, (m, width), is expanded from it where needed, never kept
+        self._s = _sketch(w, self._checks(0, self.width), self.grid)  # (blocks, m, contraction)
 
     @classmethod
     def for_params(cls, weights: "torch.Tensor | PlainWeights", params: Params, *, transpose: bool = False) -> "FreivaldsVerifier":
         """A verifier for products decrypted under ``params``."""
         return cls(weights, transpose=transpose, y_bound=params.decoded_bound)
 
+    def _checks(self, c0: int, c1: int) -> np.ndarray:
+        """Columns [c0, c1) of the check vectors r (m, c1 - c0): AES-256-CTR under the verifier's
+        secret seed, vector k being words k * width' ... of the stream (width' = width rounded up
+        to a whole 16-byte block), each word's top R bits."""
+        stride = self.width + self.width % 2
+        out = np.empty((self.reps, c1 - c0), dtype=np.uint64)
+        for k in range(self.reps):
+            start = k * stride + c0
+            skip = start % 2
+            words = aes_ctr_stream(self._seed, start // 2, 8 * (c1 - c0 + skip)).view("<u8")
+            out[k] = words[skip : skip + c1 - c0] >> np.uint64(64 - self.r_bits)
+        return out
+
     @property
     def nbytes(self) -> int:
         """Bytes of secret state this verifier keeps."""
-        return self._s.nbytes + self._r_t.nbytes
+        return self._s.nbytes + len(self._seed)
 
     def _columns(self, output: range | None) -> tuple[int, int]:
         """The blocks [b0, b1) that ``output`` covers exactly; ShapeMismatch unless it is on the grid."""
@@ -148,7 +161,7 @@ class FreivaldsVerifier:
         wr_t = self._s[b0, :, rows.start : rows.stop].copy()
         for b in range(b0 + 1, b1):
             wr_t += self._s[b, :, rows.start : rows.stop]  # wraps mod 2^64, as the check does
-        r_t = np.ascontiguousarray(self._r_t[:, c0:c1])
+        r_t = self._checks(c0, c1)
         flags = np.empty(xn.shape[0], dtype=np.bool_)
         bound = np.uint64(self.y_bound)
         for_row_chunks(xn.shape[0], lambda a, b: kernels.freivalds_rows(xn[a:b], wr_t, yn[a:b], r_t, bound, flags[a:b]), rows=256)
