@@ -215,7 +215,7 @@ class Workload:
         lora = sum(self.lora_r * (layer.d_in + layer.d_out) for layer in m.layers if layer.key.rsplit(".", 1)[-1] in self.lora_targets)
         out = {
             "frozen": frozen * dtype_bytes,
-            "summaries": sum(4 * layer.d_out + 8 * (layer.d_in + layer.d_out) for layer in m.layers),
+            "summaries": sum(4 * layer.d_out + 4 * (layer.d_in + layer.d_out) for layer in m.layers),  # float32 scales, int32 sums
             "sketches": sketches,
             "keys": keys,
             "lora": 4 * 4 * lora,  # weights, gradients, two AdamW moments

@@ -25,3 +25,17 @@ def test_all_benchmarks_run_in_one_command() -> None:
                 "bytes per value in / out", "training step swarm[3] / disable, 2048 tokens",
                 "one layer through 3 provider(s) on one machine"):
         assert row in summary, row
+
+
+@pytest.mark.slow
+def test_client_memory_runs_every_part(tmp_path: Path) -> None:
+    """bench/client_memory.py --quick: writes its checkpoint tensor by tensor, measures (a), (b) and (c)."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "client_memory.py"), "--quick", "--cache", str(tmp_path),
+                           "--tokens", "128"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    for part in ("(a) RSS after load + prepare", "(b) client-held state per remote base weight", "(c) one remote step"):
+        assert part in out, part
+    per_weight = float(out.split("(b) client-held state per remote base weight: ")[1].split(" B")[0])
+    assert 0 < per_weight <= 0.5

@@ -192,3 +192,17 @@ class TestEngineFields:
         assert resolve_device("cuda", gpu_gemm=cpu_int8_gemm) == "cuda"
         assert resolve_device("cuda", gpu_gemm=off_by_one) == "cpu"
         assert "failed its self-check (its int8 GEMM differs from the CPU's)" in caplog.text
+
+
+def test_the_estimates_client_memory_is_what_the_client_holds(weights: ModelWeights, model_dir: Path) -> None:
+    """cipherswarm estimate's accounting of summaries, sketches and keys equals the bytes a real client
+    holds for the same model once every channel is prepared."""
+    from cipherswarm.node.client.keys import KeyRing
+    from cipherswarm.node.sim import ModelShape, Workload
+
+    thin = load_model(model_dir, hold=False)
+    ring = KeyRing(thin, x_bits=8)
+    ring.prepare([(name, t) for name in thin.layers for t in (False, True)])
+    memory = Workload(ModelShape.load(model_dir), tokens=2048, micro_batch_tokens=2048, seq_len=64).client_memory()
+    assert memory["summaries"] == thin.summary_bytes()
+    assert memory["sketches"] + memory["keys"] == ring.state_bytes()
