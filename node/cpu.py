@@ -49,6 +49,16 @@ def thread_clock(tid: int) -> float:
     return time.clock_gettime((~tid << 3) | 6)
 
 
+_workers: set[int] = set()  # native ids of trio's worker threads (started below `threading`'s view)
+
+
+def mark_worker() -> None:
+    """Record the calling thread as one of trio's workers: the client's crypto runs there and is
+    timed there, so `native_threads` must not count it as torch's (trio starts its cached worker
+    threads without `threading`, so `threading.enumerate` does not list them)."""
+    _workers.add(threading.get_native_id())
+
+
 def native_threads() -> list[int]:
     """Threads of this process that Python did not start: torch's OpenMP pool, BLAS threads.
     The training thread's torch ops run on them too. Empty where /proc is not available."""
@@ -56,7 +66,7 @@ def native_threads() -> list[int]:
         tids = {int(t) for t in os.listdir("/proc/self/task")}
     except OSError:
         return []
-    return sorted(tids - {t.native_id for t in threading.enumerate() if t.native_id is not None})
+    return sorted(tids - {t.native_id for t in threading.enumerate() if t.native_id is not None} - _workers)
 
 
 class TrioMeter(trio.abc.Instrument):

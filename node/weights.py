@@ -33,7 +33,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,11 +231,13 @@ def _quantize(tensor: torch.Tensor, conv1d: bool) -> QuantizedWeight:
     return quantize_weight(tensor if conv1d else tensor.t())
 
 
-def load_model(model_dir: str | Path, *, layers: Sequence[str] = (), hold: bool = True) -> ModelWeights:
+def load_model(model_dir: str | Path, *, layers: Sequence[str] = (), hold: bool = True,
+               visit: Callable[[Layer, QuantizedWeight], None] | None = None) -> ModelWeights:
     """Quantize every remote layer of `model_dir`, one at a time; keep in memory the int8 weights of
     those matching a `layers` glob (against tensor or module names; no patterns: all), or of none
     when `hold` is False (a client). Every layer is quantized either way, since the model hash
-    covers them all."""
+    covers them all. `visit(layer, quantized)` sees each layer's int8 weights before they are
+    dropped: a client sketches its checkers in the same pass (`KeyRing.prepare_layer`)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise WeightsError(f"{model_dir} is not a directory")
@@ -245,9 +247,12 @@ def load_model(model_dir: str | Path, *, layers: Sequence[str] = (), hold: bool 
     for path, name, tensor in _remote_tensors(model_dir):
         module = name.removesuffix(".weight")
         keep = hold and (not layers or any(fnmatch.fnmatchcase(n, p) for p in layers for n in (name, module)))
-        found.append(Layer.summarise(name, _quantize(tensor, conv1d), keep=keep))
+        quantized = _quantize(tensor, conv1d)
+        found.append(Layer.summarise(name, quantized, keep=keep))
+        if visit is not None:
+            visit(found[-1], quantized)
         files[name] = path
-        del tensor
+        del tensor, quantized
         release_free_memory()  # this layer's transients, freed but pinned in the heap by what was kept
     weights = ModelWeights(found, files=files, conv1d=conv1d)
     if hold and not weights.held:

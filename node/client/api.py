@@ -27,6 +27,7 @@ from ..ledger import Ledger
 from ..types import ClientStats
 from ..weights import ModelWeights, check_digests, load_model
 from .config import ClientConfig
+from .keys import KeyRing
 from .session import SwarmSession, open_session
 
 
@@ -75,6 +76,7 @@ class SwarmClient:
         self._stop: trio.Event | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
+        self._keys: KeyRing | None = None  # channels opened while the model was read
         self._error: BaseException | None = None
 
     def __enter__(self) -> SwarmClient:
@@ -88,7 +90,10 @@ class SwarmClient:
         """Load the layers' summaries, start the host thread and wait until the providers are found."""
         if self._thread is not None:
             raise RuntimeError("the client is already started")
-        if self.weights is None:
+        if self.weights is None and self.prepare:  # one pass over the checkpoint: summaries and sketches
+            self._keys = KeyRing(x_bits=self.x_bits)
+            self.weights = load_model(self.model_dir, hold=False, visit=self._keys.prepare_layer)
+        elif self.weights is None:
             self.weights = load_model(self.model_dir, hold=False)
         self._thread = threading.Thread(target=self._thread_main, args=(self.weights,), name="cipherswarm-client", daemon=True)
         self._thread.start()
@@ -118,8 +123,9 @@ class SwarmClient:
                 listen=[self.listen],
                 config=self.config,
                 min_providers=self.min_providers,
+                keys=self._keys,
             ) as session:
-                if self.prepare:
+                if self.prepare and self._keys is None:  # the weights were given: read them again
                     await trio.to_thread.run_sync(session.keys.prepare, session.all_directions())
                 self._session, self._stop = session, trio.Event()
                 self._token = trio.lowlevel.current_trio_token()

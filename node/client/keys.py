@@ -21,6 +21,7 @@ from typing import Any
 
 from cipherswarm.fhe_backend import Params
 from cipherswarm.fhe_backend.allocator import release_free_memory
+from cipherswarm.fhe_backend.quant import QuantizedWeight
 from cipherswarm.fhe_backend.verify import FreivaldsVerifier
 
 from ..engine import ENGINE
@@ -30,10 +31,10 @@ from ..weights import Layer, ModelWeights
 class LayerChannel:
     """One layer and direction: parameters fixed for the client's life, a key and a checker that rotate."""
 
-    def __init__(self, layer: Layer, weights: ModelWeights, *, x_bits: int, transpose: bool) -> None:
+    def __init__(self, layer: Layer, ring: "KeyRing", *, x_bits: int, transpose: bool) -> None:
         self.layer = layer
         self.transpose = transpose
-        self._weights = weights
+        self._ring = ring  # whose weights the layer is read from again after a rotation
         self.params: Params = ENGINE.params_for(layer.stats[transpose], x_bits)
         self.key: Any = ENGINE.keygen(self.params)
         self._checker: FreivaldsVerifier | None = None
@@ -44,7 +45,9 @@ class LayerChannel:
         (reads and sketches one layer): call it from a worker thread."""
         with self._lock:
             if self._checker is None:
-                self.prepare(self._weights.read(self.layer.name).q)
+                if self._ring.weights is None:
+                    raise RuntimeError("the key ring has no model to read the layer from")
+                self.prepare(self._ring.weights.read(self.layer.name).q)
             assert self._checker is not None
             return self._checker
 
@@ -70,9 +73,10 @@ class LayerChannel:
 
 
 class KeyRing:
-    """Every channel the client has opened; channels are made on first use."""
+    """Every channel the client has opened; channels are made on first use, or while the model is
+    loaded (`prepare_layer` as `load_model`'s visitor: one pass over the checkpoint for both)."""
 
-    def __init__(self, weights: ModelWeights, *, x_bits: int) -> None:
+    def __init__(self, weights: ModelWeights | None = None, *, x_bits: int) -> None:
         self.weights = weights
         self.x_bits = x_bits
         self._channels: dict[tuple[str, bool], LayerChannel] = {}
@@ -80,12 +84,19 @@ class KeyRing:
     def channel(self, layer: Layer, *, transpose: bool) -> LayerChannel:
         key = (layer.name, transpose)
         if key not in self._channels:
-            self._channels[key] = LayerChannel(layer, self.weights, x_bits=self.x_bits, transpose=transpose)
+            self._channels[key] = LayerChannel(layer, self, x_bits=self.x_bits, transpose=transpose)
         return self._channels[key]
+
+    def prepare_layer(self, layer: Layer, quantized: QuantizedWeight) -> None:
+        """Open both channels of `layer` and sketch their checkers from its int8 weights, already read."""
+        for transpose in (False, True):
+            self.channel(layer, transpose=transpose).prepare(quantized.q)
 
     def prepare(self, directions: Iterable[tuple[str, bool]]) -> None:
         """Open the channels of `directions` ((layer key, transpose) pairs) and sketch their checkers,
         reading each layer once and holding one layer at a time. Blocking: call it from a worker thread."""
+        if self.weights is None:
+            raise RuntimeError("the key ring has no model to read the layers from")
         wanted: dict[str, list[bool]] = {}
         for key, transpose in directions:
             wanted.setdefault(self.weights.resolve(key).name, []).append(transpose)

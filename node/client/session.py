@@ -55,7 +55,8 @@ class SwarmSession:
     """A running client; made by `open_session`."""
 
     def __init__(
-        self, *, node: NodeHost, weights: ModelWeights, ledger: Ledger, x_bits: int, config: ClientConfig
+        self, *, node: NodeHost, weights: ModelWeights, ledger: Ledger, x_bits: int, config: ClientConfig,
+        keys: KeyRing | None = None,
     ) -> None:
         self.node = node
         self.weights = weights
@@ -67,7 +68,8 @@ class SwarmSession:
             node, weights.model_hash, self.peers.update, lookup_interval_s=config.lookup_interval_s
         )
         self.router = ChunkRouter(self.peers, config, starved=self.watcher.request_lookup)
-        self.keys = KeyRing(weights, x_bits=x_bits)
+        self.keys = keys if keys is not None else KeyRing(weights, x_bits=x_bits)  # keys: opened while loading
+        self.keys.weights = weights
         self._counters = Counters()
         self._calls = 0
         self._rotations = 0
@@ -236,11 +238,13 @@ async def open_session(
     listen: Sequence[Multiaddr] = (LOOPBACK,),
     config: ClientConfig = ClientConfig(),
     min_providers: int = 1,
+    keys: KeyRing | None = None,
 ) -> AsyncIterator[SwarmSession]:
     """A running client that knows at least `min_providers` providers of the model (waiting up to
-    `config.wait_providers_s`); everything stops when the block exits."""
+    `config.wait_providers_s`); everything stops when the block exits. `keys`: channels already
+    opened for `weights` (see `KeyRing.prepare_layer`)."""
     async with open_host(key_pair, listen=listen, dht_mode=DHTMode.CLIENT, bootstrap=bootstrap) as node:
-        session = SwarmSession(node=node, weights=weights, ledger=ledger, x_bits=x_bits, config=config)
+        session = SwarmSession(node=node, weights=weights, ledger=ledger, x_bits=x_bits, config=config, keys=keys)
         async with trio.open_nursery() as nursery:
             await nursery.start(session.dispatcher.run)
             await nursery.start(session.watcher.run)
