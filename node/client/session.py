@@ -125,11 +125,15 @@ class SwarmSession:
         d_in, d_out = layer.shape.d_in, layer.shape.d_out
         contraction, width = (d_out, d_in) if transpose else (d_in, d_out)
         x = _operand(x_int, contraction)
-        y = torch.zeros((x.shape[0], width), dtype=torch.int64)
         if x.shape[0] == 0:
-            return y
+            return torch.zeros((0, width), dtype=torch.int64)
         shape = CallShape(x.shape[0], channel.params.n, contraction, width, channel.params.in_bytes)
         plan = await self._plan(layer, shape)
+        # Chunks of one contraction part cover each output cell once (router.py), and each is
+        # copied in; only row chunks add up, into zeros. A layer-sized output is written once
+        # instead of zeroed, read and written again.
+        partial_sums = any(chunk.row_parts > 1 for chunk in plan)
+        y = (torch.zeros if partial_sums else torch.empty)((x.shape[0], width), dtype=torch.int64)
         done: set[int] = set()
         for _ in range(self.config.max_rotations + 1):
             exposed = False
@@ -220,10 +224,14 @@ class SwarmSession:
 
     @staticmethod
     def _deliver(y: torch.Tensor, done: set[int], chunk: Chunk, tokens: Range, part: torch.Tensor) -> None:
-        """Add one verified chunk product into the call's output (row chunks add up)."""
+        """Put one verified chunk product into the call's output (row chunks add up)."""
         if chunk.index in done:
             raise RuntimeError(f"chunk {chunk.index} delivered twice")
-        y[tokens.start : tokens.stop, chunk.output.start : chunk.output.stop] += part
+        target = y[tokens.start : tokens.stop, chunk.output.start : chunk.output.stop]
+        if chunk.row_parts > 1:
+            target.add_(part)
+        else:
+            target.copy_(part)
         done.add(chunk.index)
 
 
