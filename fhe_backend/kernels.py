@@ -328,3 +328,56 @@ def sketch_columns(w, r_t, grid, out, c0, c1):
                 rk = r_t[k, i]
                 for j in range(c0, c1):
                     out[b, k, j] += np.uint64(np.int64(w[i, j])) * rk
+
+
+@njit(cache=True, nogil=True)
+def quantize_rows(x, column_scale, n_bits, q, scale, offset, finite):
+    """Per-token affine quantization of rows of ``x`` (float32 or float64) times ``column_scale``
+    (float64, or empty for none) to ``n_bits``, in two sweeps per row and no temporary: the same
+    float64 operations, in the same order, as the torch reference (``trainer.quantization``):
+    v = x * c; lo, hi = min, max; s = (hi - lo) / levels (1 where not > 0); q = clamp(rint((v - lo)
+    / s), 0, levels) + qmin; offset = lo - qmin * s. ``finite[t]`` is False where any value is not.
+    """
+    levels = (1 << n_bits) - 1
+    qmin = -(1 << (n_bits - 1))
+    scaled = column_scale.shape[0] > 0
+    for t in range(x.shape[0]):
+        lo = np.inf
+        hi = -np.inf
+        ok = True
+        for j in range(x.shape[1]):
+            v = np.float64(x[t, j])
+            if scaled:
+                v = v * column_scale[j]
+            lo = min(lo, v)
+            hi = max(hi, v)
+            ok &= v - v == 0.0  # False for nan and +-inf, which min and max would pass over
+        finite[t] = ok
+        s = (hi - lo) / levels
+        if not s > 0:
+            s = 1.0
+        for j in range(x.shape[1]):
+            v = np.float64(x[t, j])
+            if scaled:
+                v = v * column_scale[j]
+            r = np.rint((v - lo) / s)
+            r = min(max(r, 0.0), np.float64(levels))
+            q[t, j] = np.int64(r) + qmin
+        scale[t] = s
+        offset[t] = lo - qmin * s
+
+
+@njit(cache=True, nogil=True)
+def dequantize_rows(y, scale, offset, weight_sums, out_scale, out):
+    """out[t, k] = (y[t, k] * scale[t] + offset[t] * weight_sums[k]) * out_scale[k] (the last factor
+    when out_scale is not empty), in float64, in one sweep: the torch reference's operations, each
+    rounded (torch may fuse the multiply-add: the two agree to a float64's last bit)."""
+    scaled = out_scale.shape[0] > 0
+    for t in range(y.shape[0]):
+        s = scale[t]
+        o = offset[t]
+        for k in range(y.shape[1]):
+            v = np.float64(y[t, k]) * s + o * weight_sums[k]
+            if scaled:
+                v = v * out_scale[k]
+            out[t, k] = v

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from cipherswarm.trainer import LayerSpec, LocalExecutor, quantize_per_token
+from cipherswarm.trainer import LayerSpec, LocalExecutor, dequantize_product, quantize_per_token
 from cipherswarm.trainer.layers import RemoteContext, RemoteLinear
 
 
@@ -93,3 +93,35 @@ def test_bias_and_leading_axes_are_kept() -> None:
     y = layer(x)
     assert y.shape == (3, 2, 4, 8) and y.dtype == x.dtype
     torch.testing.assert_close(y, base(x), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("n_bits", [2, 8, 16])
+def test_the_cpu_kernel_is_the_torch_reference_bit_for_bit(dtype: torch.dtype, n_bits: int) -> None:
+    """The fused CPU kernel computes the same float64 operations in the same order as torch's passes
+    (which other devices run): the same integers, scales and offsets. Dequantization agrees to the
+    last bit of a float64 (torch may fuse the zero-point term's multiply-add; the kernel does not)."""
+    from cipherswarm.trainer.quantization import _quantize_kernel, _quantize_torch
+
+    gen = torch.Generator().manual_seed(n_bits)
+    for column_scale in (None, torch.rand(300, dtype=torch.float64, generator=gen) + 0.5):
+        x = (torch.randn(70, 300, generator=gen) * 3).to(dtype)
+        x[5] = 1.25  # a constant row
+        a, b = _quantize_kernel(x, n_bits, column_scale), _quantize_torch(x, n_bits, column_scale)
+        assert a.q.dtype == b.q.dtype and torch.equal(a.q, b.q)
+        assert torch.equal(a.scale, b.scale) and torch.equal(a.offset, b.offset)
+    y = torch.randint(-2**40, 2**40, (70, 50), generator=gen)
+    sums = torch.randint(-5000, 5000, (50,), generator=gen).double()
+    for out_scale in (None, torch.rand(50, dtype=torch.float64, generator=gen)):
+        ref = y.to(torch.float64).mul_(a.scale)
+        ref.addr_(a.offset.view(-1), sums)
+        ref = ref if out_scale is None else ref.mul_(out_scale)
+        assert torch.allclose(dequantize_product(y, a, sums, out_scale), ref, rtol=4e-16, atol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_activations_are_refused_by_the_kernel(bad: float) -> None:
+    x = torch.randn(4, 16)
+    x[2, 7] = bad
+    with pytest.raises(ValueError, match="not finite"):
+        quantize_per_token(x, 8)
