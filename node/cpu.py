@@ -49,24 +49,25 @@ def thread_clock(tid: int) -> float:
     return time.clock_gettime((~tid << 3) | 6)
 
 
-_workers: set[int] = set()  # native ids of trio's worker threads (started below `threading`'s view)
-
-
-def mark_worker() -> None:
-    """Record the calling thread as one of trio's workers: the client's crypto runs there and is
-    timed there, so `native_threads` must not count it as torch's (trio starts its cached worker
-    threads without `threading`, so `threading.enumerate` does not list them)."""
-    _workers.add(threading.get_native_id())
+def _is_trio_worker(tid: int) -> bool:
+    """trio names its cached worker threads "Trio thread N" and starts them without `threading`."""
+    try:
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            return f.read().startswith("Trio thread")
+    except OSError:  # ended meanwhile
+        return True
 
 
 def native_threads() -> list[int]:
     """Threads of this process that Python did not start: torch's OpenMP pool, BLAS threads.
-    The training thread's torch ops run on them too. Empty where /proc is not available."""
+    The training thread's torch ops run on them too. Not trio's worker threads: the client's
+    crypto runs and is timed there. Empty where /proc is not available."""
     try:
         tids = {int(t) for t in os.listdir("/proc/self/task")}
     except OSError:
         return []
-    return sorted(tids - {t.native_id for t in threading.enumerate() if t.native_id is not None} - _workers)
+    python = {t.native_id for t in threading.enumerate() if t.native_id is not None}
+    return sorted(t for t in tids - python if not _is_trio_worker(t))
 
 
 class TrioMeter(trio.abc.Instrument):

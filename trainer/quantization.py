@@ -50,14 +50,19 @@ def refresh_threads() -> None:
     _torch_threads[:] = [t for t in native_threads() if t != me]
 
 
+_last_clock: dict[int, float] = {}  # each native thread's clock when last read
+
+
 def torch_cpu() -> float:
-    """CPU seconds so far of the calling thread plus torch's native threads."""
+    """CPU seconds so far of the calling thread plus torch's native threads. A thread that has ended
+    counts with its last reading, so the sum never goes back when one exits."""
     total = time.thread_time()
     for tid in _torch_threads:
         try:
-            total += thread_clock(tid)
+            _last_clock[tid] = thread_clock(tid)
         except OSError:  # ended since the last refresh
             pass
+        total += _last_clock.get(tid, 0.0)
     return total
 
 

@@ -56,7 +56,6 @@ from cipherswarm.protocol import (
     verify_reply,
 )
 
-from ..cpu import mark_worker
 from ..discovery import now_ms
 from ..engine import BACKEND, ENGINE, encode_params
 from ..errors import ChunkFailedError, NoProvidersError
@@ -105,7 +104,6 @@ class Counters:
 
 def cpu_now() -> float:
     """Worker thread: CPU seconds of this thread and of the crypto pool's work for it, so far."""
-    mark_worker()
     return time.thread_time() + helper_seconds()
 
 
