@@ -97,8 +97,14 @@ class Layer:
 
     @property
     def summary_bytes(self) -> int:
-        """Bytes of the summary's tensors."""
+        """Bytes of the summary's tensors, as held."""
         return self.scale.nbytes + sum(t.nbytes for t in self.sums)
+
+    @staticmethod
+    def summary_size(d_in: int, d_out: int) -> int:
+        """Bytes a summary of a d_in x d_out layer takes (float32 scales and int32 sums both ways),
+        for sizing without the layer (cipherswarm estimate)."""
+        return 4 * d_out + 4 * (d_out + d_in)
 
 
 def _sums(q: torch.Tensor, slab: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,8 +227,9 @@ def _remote_tensors(model_dir: Path) -> Iterator[tuple[Path, str, torch.Tensor]]
     norms, the head) are never read."""
     for path in _safetensors_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
-            names = [name for name in f.keys()  # noqa: SIM118  # safe_open is not a mapping
-                     if is_remote_layer(name, len(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype() in _FLOAT_DTYPES)]
+            infos = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118  # safe_open is not a mapping
+            names = [name for name, info in infos.items()
+                     if is_remote_layer(name, len(info.get_shape()), info.get_dtype() in _FLOAT_DTYPES)]
         for name in names:
             yield path, name, _read(path, name)
 

@@ -90,11 +90,10 @@ class SwarmClient:
         """Load the layers' summaries, start the host thread and wait until the providers are found."""
         if self._thread is not None:
             raise RuntimeError("the client is already started")
-        if self.weights is None and self.prepare:  # one pass over the checkpoint: summaries and sketches
-            self._keys = KeyRing(x_bits=self.x_bits)
-            self.weights = load_model(self.model_dir, hold=False, visit=self._keys.prepare_layer)
-        elif self.weights is None:
-            self.weights = load_model(self.model_dir, hold=False)
+        if self.weights is None:  # with prepare, one pass over the checkpoint: summaries and sketches
+            self._keys = KeyRing(x_bits=self.x_bits) if self.prepare else None
+            self.weights = load_model(self.model_dir, hold=False,
+                                      visit=None if self._keys is None else self._keys.prepare_layer)
         self._thread = threading.Thread(target=self._thread_main, args=(self.weights,), name="cipherswarm-client", daemon=True)
         self._thread.start()
         self._ready.wait()

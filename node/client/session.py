@@ -68,7 +68,7 @@ class SwarmSession:
             node, weights.model_hash, self.peers.update, lookup_interval_s=config.lookup_interval_s
         )
         self.router = ChunkRouter(self.peers, config, starved=self.watcher.request_lookup)
-        self.keys = keys if keys is not None else KeyRing(weights, x_bits=x_bits)  # keys: opened while loading
+        self.keys = keys if keys is not None else KeyRing(x_bits=x_bits)  # keys: opened while loading
         self.keys.weights = weights
         self._counters = Counters()
         self._calls = 0

@@ -31,7 +31,7 @@ from cipherswarm.fhe_backend.keys import SecretKey
 from cipherswarm.fhe_backend.params import Params, WeightStats, choose_params
 from cipherswarm.fhe_backend.verify import sketch_bytes
 
-from ..weights import CONV1D_MODEL_TYPES, load_model
+from ..weights import CONV1D_MODEL_TYPES, Layer, load_model
 
 LLAMA_3_8B: dict[str, Any] = {
     "model_type": "llama", "num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 14336,
@@ -215,7 +215,7 @@ class Workload:
         lora = sum(self.lora_r * (layer.d_in + layer.d_out) for layer in m.layers if layer.key.rsplit(".", 1)[-1] in self.lora_targets)
         out = {
             "frozen": frozen * dtype_bytes,
-            "summaries": sum(4 * layer.d_out + 4 * (layer.d_in + layer.d_out) for layer in m.layers),  # float32 scales, int32 sums
+            "summaries": sum(Layer.summary_size(layer.d_in, layer.d_out) for layer in m.layers),
             "sketches": sketches,
             "keys": keys,
             "lora": 4 * 4 * lora,  # weights, gradients, two AdamW moments
