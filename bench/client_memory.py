@@ -124,7 +124,7 @@ def measure_state(model_dir: str) -> dict:
 
     weights = load_model(model_dir, hold=False)
     trainer = _thin_trainer(Path(model_dir), weights)
-    ring = KeyRing(weights, x_bits=8)  # what SwarmClient(prepare=True) opens at start
+    ring = KeyRing(weights)  # what SwarmClient(prepare=True) opens at start
     ring.prepare([(name, t) for name in weights.layers for t in (False, True)])
     gc.collect()
     release_free_memory()

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import trio
 
+from cipherswarm.fhe_backend.quant import WEIGHT_BITS
+
 log = logging.getLogger("cipherswarm.provider")
 
 
@@ -39,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="compute device; cuda (extra gpu: cupy) runs int8 tensor-core GEMMs once a start-up "
                         "self-check matches the CPU, else falls back to cpu")
+    p.add_argument("--weight-bits", type=int, default=WEIGHT_BITS,
+                   help=f"bits the weights are quantized to (default {WEIGHT_BITS}); clients find providers of "
+                        "their own width only, since it is part of the model hash")
     p.add_argument("--advert-interval", type=float, default=10.0, help="seconds between adverts")
     p.add_argument("--log-level", default="INFO", help="log level of stderr output")
     p.add_argument("--log-file", type=Path, default=None, help="file for libp2p's own log records")
@@ -66,7 +71,7 @@ async def serve(args: argparse.Namespace) -> None:
     key_pair, created = load_identity(identity)
     if created:
         log.info("created identity %s", identity)
-    weights = load_model(args.model, layers=args.layers)
+    weights = load_model(args.model, layers=args.layers, weight_bits=args.weight_bits)
     log.info("model %s: holding %d of %d layers", weights.model_hash.hex()[:16], len(weights.held), len(weights.layers))
     config = ProviderConfig(
         price_per_gmac=args.price,

@@ -45,6 +45,10 @@ def report(result: FinetuneResult, *, swarm: Any = None, plain: FinetuneResult |
         "client_cpu_s": client_cpu(result),
         "bytes_sent": sum(r.bytes_sent for r in result.records),
         "bytes_received": sum(r.bytes_received for r in result.records),
+        "precision": {"forward_bits": result.config.forward_bits, "backward_bits": result.config.backward_bits,
+                      "weight_bits": result.config.weight_bits},
+        # the quantized model against the float one on the first training batch (trainer/accuracy.py)
+        "accuracy": None if result.trainer.accuracy is None else result.trainer.accuracy.as_dict(),
     }
     if swarm is not None:
         out.update({

@@ -14,10 +14,14 @@ from pathlib import Path
 
 import trio
 
+from cipherswarm.fhe_backend.quant import WEIGHT_BITS
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", nargs="*", default=[], metavar="MULTIADDR", help="peers to join the swarm through")
     p.add_argument("--model", type=Path, default=None, help="look up this model's providers in the DHT too")
+    p.add_argument("--weight-bits", type=int, default=WEIGHT_BITS,
+                   help=f"weight bits of the providers to look up (part of the model hash; default {WEIGHT_BITS})")
     p.add_argument("--ledger", type=Path, default=None, help="client ledger (default: ~/.cipherswarm/client.sqlite)")
     p.add_argument("--wait", type=float, default=3.0, help="seconds to listen for adverts")
     p.add_argument("--unban", nargs="*", default=[], metavar="PEER", help="lift the bans of these peer ids first")
@@ -40,7 +44,7 @@ async def _status(args: argparse.Namespace) -> int:
     from cipherswarm.node.host import open_host
     from cipherswarm.node.identity import home_dir
 
-    model_hash = None if args.model is None else load_model(args.model, hold=False).model_hash
+    model_hash = None if args.model is None else load_model(args.model, hold=False, weight_bits=args.weight_bits).model_hash
     with Ledger(args.ledger or home_dir() / "client.sqlite") as ledger:
         table = PeerTable(ledger=ledger)
         for peer in args.unban:

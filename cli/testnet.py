@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         config = FinetuneConfig(model_dir=args.model, data_dir=args.data, steps=args.steps, seed=args.seed)
         victim = next((p for p in providers[1:] if not p.cheat and not p.layers), None) if args.kill_one else None
         with SwarmClient(model_dir=args.model, bootstrap=[first.addr], identity=run_dir / "client.key",
-                         ledger=run_dir / "ledger.sqlite", x_bits=config.n_bits, min_providers=args.providers) as client:
+                         ledger=run_dir / "ledger.sqlite", precision=config.precision, min_providers=args.providers) as client:
             view = SwarmView(client=client, steps=args.steps, names={p.peer_id: f"p{p.index}" for p in providers})
 
             def on_step(step: int) -> None:

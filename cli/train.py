@@ -42,7 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
     p.add_argument("--lora-r", type=int, default=defaults.lora_r, help="LoRA rank")
     p.add_argument("--target-modules", nargs="+", default=list(defaults.target_modules), help="modules that get adapters")
-    p.add_argument("--n-bits", type=int, default=defaults.n_bits, help="activation bits of encrypted layers (2..16)")
+    p.add_argument("--forward-bits", type=int, default=defaults.forward_bits,
+                   help=f"bits of the activations sent forward (2..16, default {defaults.forward_bits})")
+    p.add_argument("--backward-bits", type=int, default=defaults.backward_bits,
+                   help=f"bits of the gradients sent backward (2..16, default {defaults.backward_bits})")
+    p.add_argument("--weight-bits", type=int, default=defaults.weight_bits,
+                   help=f"bits of the base weights (4..16, default {defaults.weight_bits}); the providers must "
+                        "serve the same (cipherswarm provider --weight-bits)")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--min-providers", type=int, default=1, help="providers to find before training starts")
     p.add_argument("--identity", type=Path, default=None, help="client key file, to keep one peer id across runs (default: a fresh key each run, so providers cannot link runs)")
@@ -67,11 +73,12 @@ def run(args: argparse.Namespace) -> int:
             return 2
     config = FinetuneConfig(model_dir=args.model, data_dir=args.data, steps=args.steps, seq_len=args.seq_len,
                             batch_size=args.batch_size, lr=args.lr, lora_r=args.lora_r,
-                            target_modules=tuple(args.target_modules), n_bits=args.n_bits, seed=args.seed)
+                            target_modules=tuple(args.target_modules), forward_bits=args.forward_bits,
+                            backward_bits=args.backward_bits, weight_bits=args.weight_bits, seed=args.seed)
     checkpoints = args.out / CHECKPOINTS
     open_run(checkpoints, config, "remote", resume=args.resume)  # a mismatch fails before joining the swarm
     try:
-        with SwarmClient(model_dir=args.model, bootstrap=args.bootstrap, x_bits=args.n_bits, identity=args.identity,
+        with SwarmClient(model_dir=args.model, bootstrap=args.bootstrap, precision=config.precision, identity=args.identity,
                          ledger=args.ledger, min_providers=args.min_providers) as client:
             result = finetune(config, fhe="remote", executor=client, checkpoint_dir=checkpoints,
                               save_steps=args.checkpoint_every, resume=args.resume)

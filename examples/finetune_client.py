@@ -23,7 +23,7 @@ def main() -> int:
     ap.add_argument("--out", default="runs/example-client/adapter")
     args = ap.parse_args()
     config = FinetuneConfig(steps=args.steps)
-    with SwarmClient(model_dir=config.model_dir, bootstrap=args.bootstrap, x_bits=config.n_bits) as client:
+    with SwarmClient(model_dir=config.model_dir, bootstrap=args.bootstrap, precision=config.precision) as client:
         result = finetune(config, fhe="remote", executor=client)
         stats = client.stats()
     print(f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}; held-out {result.eval_before:.4f} -> {result.eval_after:.4f}")

@@ -69,7 +69,7 @@ def sketch_bytes(contraction: int, width: int, y_bound: int) -> int:
 def _sketch(w: torch.Tensor, r_t: np.ndarray, grid: list[int]) -> np.ndarray:
     """``w[:, block] @ r[block]`` mod 2^64 for each output block, as (blocks, m, contraction) uint64.
 
-    w is (contraction, width) int8, possibly a transposed view of the layer. The kernel reads rows of
+    w is (contraction, width) int8 or int16, possibly a transposed view of the layer. The kernel reads rows of
     output: the layer's own rows for a transposed product, and otherwise a transposed copy of
     _TILE_ROWS contraction rows at a time, so the scratch stays a tile whatever the layer's size.
     """
@@ -99,8 +99,8 @@ class FreivaldsVerifier:
     def __init__(self, weights: "torch.Tensor | PlainWeights", *, transpose: bool = False, y_bound: int) -> None:
         """``y_bound`` bounds |y| of any decoded value (honest or not), e.g. q / (2 delta) + 1."""
         w = PlainWeights.of(weights).w
-        if w.dtype != torch.int8:
-            raise ShapeMismatch(f"sketched weights must be int8 (the quantized layer), got {w.dtype}")
+        if w.dtype not in (torch.int8, torch.int16):
+            raise ShapeMismatch(f"sketched weights must be int8 or int16 (the quantized layer), got {w.dtype}")
         w = w.t() if transpose else w  # (contraction, width): a view
         self.contraction, self.width = w.shape
         self.y_bound = int(y_bound)

@@ -9,8 +9,9 @@ Orientation: the engine multiplies `x @ W` with `W` of `d_in x d_out`. A torch `
 is `(d_out, d_in)`, so `W = weight.T`; GPT-2-style `Conv1D` layers (config `model_type` in
 CONV1D_MODEL_TYPES) already store `(d_in, d_out)`.
 
-Identity: each layer is quantized per output channel to int8 (`fhe_backend.quant.quantize_weight`,
-the one definition the trainer uses too) and named by that quantization's SHA-256 digest. The model
+Identity: each layer is quantized per output channel to `weight_bits`-bit integers
+(`fhe_backend.quant.quantize_weight`, the one definition the trainer uses too; 12 bits by default)
+and named by that quantization's SHA-256 digest, which covers the bit width. The model
 is named by
 
     model_hash = SHA-256("cipherswarm-model-v1\\n" || for each layer, by name: name || 0x00 || digest)
@@ -23,7 +24,7 @@ also accepts the module name (`model.layers.0.self_attn.q_proj`), which is what 
 
 What a node keeps: every layer's public summary (shape, digest, per-channel scales, the sums of
 Wq over each direction's contraction axis, the norms that choose parameters), a few bytes per
-output channel; and the int8 weights only of the layers it holds. A client holds none (`hold=()`):
+output channel; and the integer weights only of the layers it holds. A client holds none (`hold=()`):
 what it needs of a weight beyond the summary, it reads from the memory-mapped files one layer at a
 time (`ModelWeights.read`).
 """
@@ -42,7 +43,7 @@ from safetensors import safe_open
 
 from cipherswarm.fhe_backend import PlainWeights, WeightStats
 from cipherswarm.fhe_backend.allocator import release_free_memory
-from cipherswarm.fhe_backend.quant import QuantizedWeight, quantize_weight
+from cipherswarm.fhe_backend.quant import WEIGHT_BITS, QuantizedWeight, quantize_weight
 from cipherswarm.protocol import LayerShape
 
 CONV1D_MODEL_TYPES = frozenset({"gpt2"})
@@ -70,7 +71,7 @@ def is_remote_layer(name: str, tensor_ndim: int, floating: bool) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Layer:
-    """One remote layer: its public summary and, if held, its int8 weights."""
+    """One remote layer: its public summary and, if held, its integer weights."""
 
     name: str  # tensor name, e.g. "model.layers.0.mlp.up_proj.weight"
     shape: LayerShape  # d_in x d_out of the engine's W
@@ -108,16 +109,16 @@ class Layer:
 
 
 def _sums(q: torch.Tensor, slab: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums of int8 ``q`` over its rows (d_out,) and over its columns (d_in,), a slab of rows at a
+    """Sums of integer ``q`` over its rows (d_out,) and over its columns (d_in,), a slab of rows at a
     time (torch widens a whole tensor to sum it in int64: 8 bytes per weight), kept as int32 (each
-    is at most 127 x 2^24 in magnitude for layers up to 2^24 wide)."""
+    is at most max|q| x width in magnitude: 2^31 allows 2^24-wide int8 layers, 2^16-wide int16)."""
     columns = torch.zeros(q.shape[1], dtype=torch.int64)
     rows = torch.empty(q.shape[0], dtype=torch.int64)
     for start in range(0, q.shape[0], slab):
         part = q[start : start + slab].to(torch.int64)
         columns += part.sum(dim=0)
         rows[start : start + slab] = part.sum(dim=1)
-    if max(q.shape) >= 1 << 24:
+    if (1 << (8 * q.element_size() - 1)) * max(q.shape) >= 1 << 31:
         raise WeightsError(f"a layer {tuple(q.shape)} is too wide for int32 sums")
     return columns.to(torch.int32), rows.to(torch.int32)
 
@@ -126,13 +127,16 @@ class ModelWeights:
     """Every remote layer of one model, the subset held in memory, and the model's content hash.
 
     `files` maps each tensor name to the safetensors file it was read from, so that `read` can
-    reload one layer; `conv1d` says whether W is stored as is (see the module docstring)."""
+    reload one layer; `conv1d` says whether W is stored as is (see the module docstring);
+    `weight_bits` is the width every layer was quantized to."""
 
-    def __init__(self, layers: Sequence[Layer], *, files: dict[str, Path] | None = None, conv1d: bool = False) -> None:
+    def __init__(self, layers: Sequence[Layer], *, files: dict[str, Path] | None = None, conv1d: bool = False,
+                 weight_bits: int = WEIGHT_BITS) -> None:
         if not layers:
             raise WeightsError("the model has no remote layers (2-D Linear/Conv1D weights)")
         self.files = dict(files or {})
         self.conv1d = conv1d
+        self.weight_bits = weight_bits
         self.layers: dict[str, Layer] = {layer.name: layer for layer in sorted(layers, key=lambda l: l.name)}
         h = hashlib.sha256(_MODEL_HASH_DOMAIN)
         for layer in self.layers.values():
@@ -164,12 +168,12 @@ class ModelWeights:
         return layer.shape
 
     def read(self, name: str) -> QuantizedWeight:
-        """The int8 weights of layer `name`, held or read again from its memory-mapped file (only
+        """The integer weights of layer `name`, held or read again from its memory-mapped file (only
         that tensor is read); WeightsError if the file no longer holds the weights of the digest."""
         layer = self.resolve(name)
         if layer.weight is not None:
             return layer.weight
-        quantized = _quantize(self.tensor(layer.name), self.conv1d)
+        quantized = _quantize(self.tensor(layer.name), self.conv1d, self.weight_bits)
         if bytes.fromhex(quantized.digest) != layer.digest:
             path = self.files.get(layer.name)
             raise WeightsError(f"{path} changed since it was loaded: {layer.name} no longer has digest {layer.digest.hex()[:16]}")
@@ -234,16 +238,17 @@ def _remote_tensors(model_dir: Path) -> Iterator[tuple[Path, str, torch.Tensor]]
             yield path, name, _read(path, name)
 
 
-def _quantize(tensor: torch.Tensor, conv1d: bool) -> QuantizedWeight:
-    return quantize_weight(tensor if conv1d else tensor.t())
+def _quantize(tensor: torch.Tensor, conv1d: bool, bits: int) -> QuantizedWeight:
+    return quantize_weight(tensor if conv1d else tensor.t(), bits)
 
 
 def load_model(model_dir: str | Path, *, layers: Sequence[str] = (), hold: bool = True,
-               visit: Callable[[Layer, QuantizedWeight], None] | None = None) -> ModelWeights:
-    """Quantize every remote layer of `model_dir`, one at a time; keep in memory the int8 weights of
+               visit: Callable[[Layer, QuantizedWeight], None] | None = None,
+               weight_bits: int = WEIGHT_BITS) -> ModelWeights:
+    """Quantize every remote layer of `model_dir` to `weight_bits`, one at a time; keep in memory the weights of
     those matching a `layers` glob (against tensor or module names; no patterns: all), or of none
     when `hold` is False (a client). Every layer is quantized either way, since the model hash
-    covers them all. `visit(layer, quantized)` sees each layer's int8 weights before they are
+    covers them all. `visit(layer, quantized)` sees each layer's integer weights before they are
     dropped: a client sketches its checkers in the same pass (`KeyRing.prepare_layer`)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -254,14 +259,14 @@ def load_model(model_dir: str | Path, *, layers: Sequence[str] = (), hold: bool 
     for path, name, tensor in _remote_tensors(model_dir):
         module = name.removesuffix(".weight")
         keep = hold and (not layers or any(fnmatch.fnmatchcase(n, p) for p in layers for n in (name, module)))
-        quantized = _quantize(tensor, conv1d)
+        quantized = _quantize(tensor, conv1d, weight_bits)
         found.append(Layer.summarise(name, quantized, keep=keep))
         if visit is not None:
             visit(found[-1], quantized)
         files[name] = path
         del tensor, quantized
         release_free_memory()  # this layer's transients, freed but pinned in the heap by what was kept
-    weights = ModelWeights(found, files=files, conv1d=conv1d)
+    weights = ModelWeights(found, files=files, conv1d=conv1d, weight_bits=weight_bits)
     if hold and not weights.held:
         raise WeightsError(f"no layer matches {list(layers)}; names look like {next(iter(weights.layers))}")
     return weights
@@ -269,7 +274,7 @@ def load_model(model_dir: str | Path, *, layers: Sequence[str] = (), hold: bool 
 
 def check_digests(weights: ModelWeights, digests: Mapping[str, bytes]) -> None:
     """ModelMismatchError unless each layer key of `digests` names a layer of `weights` with that
-    int8 digest: a trainer whose model differs from the served checkpoint (other weights, another
+    quantization digest: a trainer whose model differs from the served checkpoint (other weights, another
     dtype, a different model) would otherwise train on products of weights it never had."""
     wrong: list[str] = []
     for key, digest in digests.items():
@@ -279,10 +284,10 @@ def check_digests(weights: ModelWeights, digests: Mapping[str, bytes]) -> None:
             wrong.append(f"{key} (not a remote layer of the served model)")
             continue
         if layer.digest != digest:
-            wrong.append(f"{key} (int8 digest {digest.hex()[:12]}, served {layer.digest.hex()[:12]})")
+            wrong.append(f"{key} (digest {digest.hex()[:12]}, served {layer.digest.hex()[:12]})")
     if wrong:
         shown = "; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else "")
         raise ModelMismatchError(
             f"the model being trained differs from the model the providers serve in {len(wrong)} of {len(digests)} "
             f"layers: {shown}. Load the trainer's model from the same checkpoint, in the checkpoint's own dtype "
-            "or float32 (load_remote_model does both)")
+            "or float32 (load_remote_model does both), and the same weight bits on both sides")

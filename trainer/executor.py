@@ -7,7 +7,7 @@ The trainer only ever asks one question of an executor::
 
 where ``Wq`` is the layer's public int8 weight (``LayerSpec.weight.q``, d_in x d_out, named by
 ``LayerSpec.digest``) and the inputs
-are signed ``n_bits`` integers (tokens x features, a CPU integer tensor: the quantizer's int8 or int16). How the product is obtained -
+are signed integers of ``LayerSpec.precision.x_bits(transpose)`` bits (tokens x features, a CPU integer tensor: the quantizer's int8 or int16). How the product is obtained -
 encrypted to a provider in this process, in the clear, or over the network - is the executor's
 business. :class:`LocalExecutor` is the in-process implementation used by ``fhe="simulate"`` (clear
 backend) and ``fhe="execute"`` (RLWE backend, Freivalds-checked); ``fhe="remote"`` takes any object
@@ -22,13 +22,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, fields
 from functools import cached_property
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 import torch
 
 from cipherswarm.fhe_backend import Ciphertext, MatmulResult, PlainWeights, get_backend
 from cipherswarm.fhe_backend.errors import VerificationFailed
-from cipherswarm.fhe_backend.quant import QuantizedWeight
+from cipherswarm.fhe_backend.clear import exact_matmul
+from cipherswarm.fhe_backend.quant import Precision, QuantizedWeight
 from cipherswarm.fhe_backend.verify import FreivaldsVerifier
 
 from .errors import NotCompiledError
@@ -47,10 +48,10 @@ class LayerSpec:
     """Everything public about one remote layer: what a provider holds and a client checks against."""
 
     key: str  # HF module name of the base layer, e.g. "model.layers.0.self_attn.q_proj"; its tensor is "<key>.weight"
-    weight: QuantizedWeight | None  # the shared int8 quantization (d_in x d_out); None: it stays on disk
-    n_bits: int  # activations and gradients are signed integers of this many bits
+    weight: QuantizedWeight | None  # the shared integer quantization (d_in x d_out); None: it stays on disk
+    precision: Precision  # bits of activations (forward), gradients (backward) and weights
     backward: bool  # whether g @ Wq.T is ever requested (False for the first n_layers_to_skip_for_backprop)
-    digest: bytes = b""  # SHA-256 of the int8 quantization: names the weights providers must use
+    digest: bytes = b""  # SHA-256 of the quantization: names the weights providers must use
 
     @cached_property
     def plain(self) -> PlainWeights:
@@ -160,10 +161,10 @@ class LocalExecutor:
         for key, spec in layers.items():
             for transpose in (False, True) if spec.backward else (False,):
                 if shared:
-                    params = self._backend.params_for(spec.plain, spec.n_bits, transpose=transpose, profile=profile)
+                    params = self._backend.params_for(spec.plain, spec.precision.x_bits(transpose), transpose=transpose, profile=profile)
                     secret = self._backend.keygen(params, weights=spec.plain, transpose=transpose)
                 else:
-                    params = self._backend.params_for(spec.plain, spec.n_bits, transpose=transpose)
+                    params = self._backend.params_for(spec.plain, spec.precision.x_bits(transpose), transpose=transpose)
                     secret = self._backend.keygen(params)
                 checker = FreivaldsVerifier.for_params(spec.plain, params, transpose=transpose) if verify else None
                 self._channels[key, transpose] = _Channel(secret, checker)
@@ -215,3 +216,16 @@ class LocalExecutor:
             bytes_sent=s.bytes_sent + sent, bytes_received=s.bytes_received + received,
         )
         return y
+
+
+class ReadingExecutor:
+    """The exact integer products in the clear, from weights read one layer at a time by ``read``
+    (a layer key -> its quantization): what ``simulate`` computes, for a model whose weights stay
+    on disk. ``compile()`` measures a thin model's accuracy with it, once, on the inputset."""
+
+    def __init__(self, read: Callable[[str], QuantizedWeight]) -> None:
+        self._read = read
+
+    def matmul(self, layer_key: str, x_int: torch.Tensor, *, transpose: bool) -> torch.Tensor:
+        q = self._read(layer_key).q
+        return exact_matmul(x_int, q.t() if transpose else q)

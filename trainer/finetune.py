@@ -29,6 +29,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from cipherswarm.fhe_backend.quant import Precision
 from cipherswarm.node.weights import ModelWeights, load_model
 
 from .checkpoint import latest_checkpoint, load_state
@@ -63,11 +64,18 @@ class FinetuneConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    n_bits: int = 8  # activation bits of the encrypted layers
+    forward_bits: int = Precision.forward_bits  # activation bits of the encrypted products
+    backward_bits: int = Precision.backward_bits  # gradient bits
+    weight_bits: int = Precision.weight_bits  # base weight bits: the providers' must be the same
     n_layers_to_skip_for_backprop: int = 1
     eval_batches: int = 2  # held-out micro-batches for the loss before and after
     seed: int = 0
     profile: str = "default"  # encryption profile of fhe="execute"
+
+    @property
+    def precision(self) -> Precision:
+        """The bit widths as one value (validated)."""
+        return Precision(self.forward_bits, self.backward_bits, self.weight_bits)
 
 
 @dataclass
@@ -145,7 +153,7 @@ def build(config: FinetuneConfig, *, checkpoint_dir: Path | None = None, save_st
         n_layers_to_skip_for_backprop=config.n_layers_to_skip_for_backprop,
         eval_loader=eval_batches, train_log_path=None, checkpoint_dir=checkpoint_dir, save_steps=save_steps,
     )
-    trainer.compile(train_batches[0], n_bits=config.n_bits, profile=config.profile)
+    trainer.compile(train_batches[0], precision=config.precision, profile=config.profile)
     return trainer, train_batches[:needed], eval_batches
 
 
@@ -226,7 +234,8 @@ def finetune(
     thin = None
     if fhe == "remote":  # the client holds no base weight: the executor's summaries if it has them
         shared = getattr(executor, "weights", None)
-        thin = shared if isinstance(shared, ModelWeights) else load_model(config.model_dir, hold=False)
+        thin = shared if isinstance(shared, ModelWeights) else load_model(config.model_dir, hold=False,
+                                                                            weight_bits=config.weight_bits)
     trainer, train_batches, eval_batches = build(config, checkpoint_dir=checkpoint_dir,
                                                  save_steps=None if checkpoint_dir is None else save_steps, thin=thin)
     if on_trainer is not None:

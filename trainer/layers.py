@@ -13,14 +13,14 @@ pass does the same for ``g @ W.T``. The bias, being small and possibly trainable
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from cipherswarm.fhe_backend.quant import QuantizedWeight, quantize_weight
+from cipherswarm.fhe_backend.quant import Precision, QuantizedWeight, quantize_weight
 from cipherswarm.node.weights import Layer
 
 from .executor import MatmulExecutor
@@ -35,8 +35,11 @@ class RemoteContext:
     """What every remote layer of one model shares: how products are computed right now."""
 
     executor: MatmulExecutor | None = None  # None: the original float module runs (fhe="disable")
-    n_bits: int = 8  # bits of the per-token quantized activations and gradients
+    precision: Precision = field(default_factory=Precision)  # bits of activations, gradients and weights
     trace: list[tuple[str, bool]] | None = None  # when a list: (layer key, input needs grad) per call
+    #: when a dict: per layer key, [sum of squared errors, sum of squares] of its outputs against the
+    #: float product of the same input (trainer.accuracy)
+    errors: dict[str, list[float]] | None = None
 
 
 class _RemoteProduct(torch.autograd.Function):
@@ -60,7 +63,7 @@ class _RemoteProduct(torch.autograd.Function):
 
 
 class RemoteLinear(nn.Module):
-    """A frozen base layer computed by an executor on int8 weights and ``n_bits`` activations."""
+    """A frozen base layer computed by an executor on integer weights and activations (``context.precision``)."""
 
     def __init__(self, base: nn.Module, key: str, context: RemoteContext) -> None:
         super().__init__()
@@ -71,17 +74,21 @@ class RemoteLinear(nn.Module):
         self.context = context
         self.backward_enabled = True
         self.thin = is_thin(base)
+        bits = context.precision.weight_bits
         if self.thin:  # the weights stay on disk: the summary read from the same files
+            if base.source.weight_bits != bits:
+                raise ValueError(f"the model was loaded with {base.source.weight_bits}-bit weights, the precision asks for "
+                                 f"{bits}: pass weight_bits={bits} to load_remote_model, or compile with the loaded width")
             self.layer: Layer = base.remote_layer
         else:
             w = base.weight.detach()
             engine_w = w if isinstance(base, Conv1D) else w.t()  # the engine's w is (d_in, d_out)
-            self.layer = Layer.summarise(key + ".weight", quantize_weight(engine_w), keep=True)
+            self.layer = Layer.summarise(key + ".weight", quantize_weight(engine_w, bits), keep=True)
         self.in_features, self.out_features = self.layer.shape.d_in, self.layer.shape.d_out
 
     @property
     def quantized(self) -> QuantizedWeight | None:
-        """The layer's int8 weights, or None when they stay on disk."""
+        """The layer's integer weights, or None when they stay on disk."""
         return self.layer.weight
 
     def _apply(self, fn, recurse: bool = True) -> nn.Module:  # type: ignore[no-untyped-def]
@@ -104,7 +111,19 @@ class RemoteLinear(nn.Module):
                 return (x[..., :1] * 0).expand(*x.shape[:-1], self.out_features)
             return self.original(x)
         y = _RemoteProduct.apply(x, self, ctx.executor)
-        return y if self.bias is None else y + self.bias
+        y = y if self.bias is None else y + self.bias
+        if ctx.errors is not None:
+            self._record_error(x, y, ctx.errors)
+        return y
+
+    def _record_error(self, x: torch.Tensor, y: torch.Tensor, errors: dict[str, list[float]]) -> None:
+        """Add this call's squared error against the float product of the same input (for a thin
+        layer, the weight read from disk) to ``errors[self.key]``."""
+        with torch.no_grad():
+            ref = self.original(x.detach()).double()
+            total = errors.setdefault(self.key, [0.0, 0.0])
+            total[0] += float((y.detach().double() - ref).square().sum())
+            total[1] += float(ref.square().sum())
 
     def remote_product(self, t: torch.Tensor, executor: MatmulExecutor, *, transpose: bool) -> torch.Tensor:
         """``t @ W`` (or ``t @ W.T``) from the executor's exact integers; ``t`` is (..., features)."""
@@ -117,7 +136,7 @@ class RemoteLinear(nn.Module):
         scale = self.layer.scale.to(dev, torch.float64)
         # Backward, g @ W.T = sum_k g[t,k] c_k Wq[j,k]: the channel scales c_k sit on the contraction
         # axis, so they are folded into g before quantizing instead of applied to the output.
-        xq = quantize_per_token(flat, self.context.n_bits, scale if transpose else None)
+        xq = quantize_per_token(flat, self.context.precision.x_bits(transpose), scale if transpose else None)
         with booked("executor"):
             y = executor.matmul(self.key, xq.q.cpu(), transpose=transpose)
         width = self.in_features if transpose else self.out_features

@@ -75,17 +75,6 @@ def booked(part: str) -> Iterator[None]:
     finally:
         CPU_SECONDS[part] = CPU_SECONDS.get(part, 0.0) + torch_cpu() - t0
 
-#: n_bits the encryption engine accepts for activations (fhe_backend.params.MAX_X_BITS)
-MIN_BITS, MAX_BITS = 2, 16
-
-
-def check_n_bits(n_bits: object) -> int:
-    """``n_bits`` as an int, or a ValueError that says the allowed range."""
-    if not isinstance(n_bits, int) or isinstance(n_bits, bool) or not MIN_BITS <= n_bits <= MAX_BITS:
-        raise ValueError(f"n_bits must be an int in [{MIN_BITS}, {MAX_BITS}] (8 or 16 are typical), got {n_bits!r}")
-    return n_bits
-
-
 @dataclass(frozen=True)
 class TokenQuantized:
     """Integer rows ``q`` with the float64 per-token affine map back: ``x ~= scale * q + offset``."""

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from cipherswarm.fhe_backend.quant import WEIGHT_BITS
 from cipherswarm.node.weights import Layer, ModelWeights, WeightsError, load_model
 
 
@@ -133,14 +134,15 @@ def is_thin(module: nn.Module) -> bool:
 
 
 def load_remote_model(model_dir: str | Path, weights: ModelWeights | None = None, *,
-                      dtype: torch.dtype = torch.float32) -> tuple[nn.Module, ModelWeights]:
+                      dtype: torch.dtype = torch.float32, weight_bits: int = WEIGHT_BITS) -> tuple[nn.Module, ModelWeights]:
     """The causal LM of ``model_dir`` with every remote layer a :class:`ThinLinear`, and the layers'
     summaries (``weights``, loaded from the same files unless given: a ``SwarmClient`` shares its
     own, so trainer and client compute with one reading of the checkpoint). Tensors the client
-    keeps are cast to ``dtype``. WeightsError if the files do not fit the config."""
+    keeps are cast to ``dtype``; ``weight_bits``: the quantization of summaries loaded here.
+    WeightsError if the files do not fit the config."""
     model_dir = Path(model_dir)
     if weights is None:
-        weights = load_model(model_dir, hold=False)
+        weights = load_model(model_dir, hold=False, weight_bits=weight_bits)
     if weights.conv1d:
         raise WeightsError(f"{model_dir}: thin loading supports nn.Linear models; GPT-2-style Conv1D layers need the full model")
     config = AutoConfig.from_pretrained(model_dir)

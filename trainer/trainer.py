@@ -25,11 +25,14 @@ from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from cipherswarm.fhe_backend.quant import MAX_X_BITS, MIN_X_BITS, Precision, check_bits
+
+from .accuracy import AccuracyReport, measure, warn_if_inaccurate
 from .checkpoint import capture_rng, checkpoint_folder, latest_checkpoint, load_state, restore_rng, save_checkpoint
 from .errors import BackpropSkipError, NoLoraLayersError, NotCompiledError
-from .executor import ExecutorStatistics, LayerSpec, LocalExecutor, MatmulExecutor
+from .executor import ExecutorStatistics, LayerSpec, LocalExecutor, MatmulExecutor, ReadingExecutor
 from .layers import RemoteContext, RemoteLinear, unwrap_base_layers, wrap_base_layers
-from .quantization import CPU_SECONDS, check_n_bits, refresh_threads, torch_cpu
+from .quantization import CPU_SECONDS, refresh_threads, torch_cpu
 
 FHE_MODES = ("disable", "simulate", "execute", "remote")
 IGNORE_INDEX = -100
@@ -282,6 +285,7 @@ class LoraTrainer:
         self._thin = False  # some remote layer's weights stay on disk (load_remote_model)
         self._bound: object | None = None  # the remote executor whose weights were checked against ours
         self._records: list[StepRecord] = []
+        self.accuracy: AccuracyReport | None = None  # measured by compile() on its inputset
 
     # -- compile --------------------------------------------------------------------------------
 
@@ -290,27 +294,40 @@ class LoraTrainer:
         """True once ``compile()`` made keys, until ``save_and_clear_private_info`` drops them."""
         return self._compiled
 
-    def compile(self, inputset: object, n_bits: int = 8, *, profile: str = "default") -> None:
-        """Put remote layers in place, check the backprop skip on ``inputset``, choose parameters, make keys.
+    def compile(self, inputset: object, n_bits: int | None = None, *, precision: Precision | None = None,
+                profile: str = "default", check_accuracy: bool = True) -> None:
+        """Put remote layers in place, check the backprop skip on ``inputset``, choose parameters, make
+        keys, and measure the quantized model's accuracy on ``inputset``.
 
-        Activations are quantized per token at run time, so ``inputset`` (one batch, or a loader
-        whose first batch is used) only traces which layers run, in what order, and which inputs
-        need a gradient. Parameters come from each layer's int8 weights and ``n_bits``.
+        Bit widths: ``precision`` (activations forward, gradients backward, weights), or Concrete ML's
+        ``n_bits`` for activations and gradients alike with the default weight bits; neither: the
+        defaults of :class:`~cipherswarm.fhe_backend.quant.Precision`, chosen on a real pretrained
+        model (trainer/README.md, Quantization). Activations are quantized per token at run time, so
+        ``inputset`` (one batch, or a loader whose first batch is used) traces which layers run, in
+        what order, and which inputs need a gradient; then, with ``check_accuracy``, the float and
+        the quantized forward of it are compared (:mod:`.accuracy`): ``self.accuracy`` holds the
+        figures, and an :class:`~.accuracy.AccuracyWarning` names what exceeds the thresholds.
         ``profile`` is the encryption profile of ``fhe="execute"``: "default", or "shared-mask"
         (half the provider work and returned bytes; key material of about each layer's size).
         """
-        n_bits = check_n_bits(n_bits)
+        if n_bits is not None and precision is not None:
+            raise ValueError("give n_bits or precision, not both")
+        if n_bits is not None:
+            check_bits("n_bits", n_bits, MIN_X_BITS, MAX_X_BITS)
+        precision = precision if precision is not None else Precision.of(n_bits)
         self._local, self._specs, self._compiled, self._bound = {}, {}, False, None  # until this call succeeds, encrypted modes are refused
+        self.accuracy = None
         base = self.model.get_base_model()
         unwrap_base_layers(base)
-        self._context = RemoteContext(n_bits=n_bits)
+        self._context = RemoteContext(precision=precision)
         self._layers = wrap_base_layers(base, self._context, remote_lm_head=self.remote_lm_head)
         if not self._layers:
             raise ValueError("the model has no frozen nn.Linear or Conv1D base layer to run remotely")
-        trace = self._trace(_first_batch(inputset))
+        batch = _first_batch(inputset)
+        trace = self._trace(batch)
         self._apply_backprop_skip(trace)
         # Built once: each spec prepares its integer weights once, shared by every executor made from it.
-        self._specs = {k: LayerSpec(k, layer.quantized, n_bits, layer.backward_enabled, layer.layer.digest)
+        self._specs = {k: LayerSpec(k, layer.quantized, precision, layer.backward_enabled, layer.layer.digest)
                        for k, layer in self._layers.items()}
         specs = self.layer_specs()
         self._thin = any(layer.thin for layer in self._layers.values())
@@ -318,9 +335,24 @@ class LoraTrainer:
             "execute": LocalExecutor(specs, backend="rlwe", profile=profile),
             "simulate": LocalExecutor(specs, backend="clear", verify=False),
         }
+        if check_accuracy:
+            self.accuracy = self._measure_accuracy(batch)
+            warn_if_inaccurate(self.accuracy)
         self._compiled = True
-        self._log({"event": "compile", "n_bits": n_bits, "profile": profile, "layers": len(specs),
-                   "backward_layers": sum(s.backward for s in specs.values())})
+        self._log({"event": "compile", "precision": asdict(precision), "profile": profile, "layers": len(specs),
+                   "backward_layers": sum(s.backward for s in specs.values()),
+                   "accuracy": None if self.accuracy is None else self.accuracy.as_dict()})
+
+    def _measure_accuracy(self, batch: object) -> AccuracyReport:
+        """The float and the quantized forward of ``batch`` compared (:mod:`.accuracy`); the quantized
+        products are ``simulate``'s, read from disk a layer at a time for a thin model."""
+        if self._thin:
+            sources = {k: layer.original.source for k, layer in self._layers.items()}
+            executor: MatmulExecutor = ReadingExecutor(lambda key: sources[key].read(key))
+        else:
+            executor = self._local["simulate"]
+        ids, mask, labels = split_batch(batch)
+        return measure(self.model, self._context, executor, ids, mask, labels, self.loss_fn or causal_lm_loss)
 
     def _trace(self, batch: object) -> list[tuple[str, bool]]:
         """(layer key, input needs grad) per remote-layer call of one plain forward, in order."""
@@ -365,7 +397,7 @@ class LoraTrainer:
     def layer_specs(self) -> dict[str, LayerSpec]:
         """Public description of every remote layer (weights, bits, directions), for building an executor."""
         if not self._specs:
-            raise NotCompiledError("call compile(inputset, n_bits=...) first")
+            raise NotCompiledError("call compile(inputset) first")
         return dict(self._specs)
 
     # -- modes ----------------------------------------------------------------------------------
@@ -376,7 +408,7 @@ class LoraTrainer:
         if fhe == "disable":
             return None
         if not self.compiled:
-            raise NotCompiledError(f"call compile(inputset, n_bits=...) before using fhe={fhe!r}")
+            raise NotCompiledError(f"call compile(inputset) before using fhe={fhe!r}")
         if fhe != "remote":
             if self._thin:
                 raise ValueError(f"fhe={fhe!r} runs the products in this process, which needs the base weights in memory; "

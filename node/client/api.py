@@ -21,6 +21,8 @@ import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from multiaddr import Multiaddr
 
+from cipherswarm.fhe_backend.quant import Precision
+
 from ..errors import ClientClosedError
 from ..identity import home_dir, load_identity
 from ..ledger import Ledger
@@ -40,6 +42,8 @@ class SwarmClient:
 
     `weights`: the model's summaries if already loaded (the trainer's thin model shares them);
     default: loaded from `model_dir` by `start`.
+    `precision`: bits of activations, gradients and weights; the weights' must be the providers'
+    (they are part of the model hash), and the activations' those the trainer quantizes to.
     `prepare`: open every layer's channels (keys and sketches) in `start` rather than at first use,
     so that memory and start-up cost are paid, and errors seen, before training.
     `identity`: key file of the client (created if missing); None: a fresh key each run.
@@ -54,16 +58,18 @@ class SwarmClient:
         weights: ModelWeights | None = None,
         prepare: bool = True,
         bootstrap: Sequence[str | Multiaddr] = (),
-        x_bits: int = 8,
+        precision: Precision = Precision(),
         identity: str | Path | None = None,
         ledger: str | Path | None = None,
         listen: str | Multiaddr = "/ip4/127.0.0.1/tcp/0",
         min_providers: int = 1,
         config: ClientConfig = ClientConfig(),
     ) -> None:
+        if weights is not None and weights.weight_bits != precision.weight_bits:
+            raise ValueError(f"the weights were loaded at {weights.weight_bits} bits, the precision asks for {precision.weight_bits}")
         self.model_dir = Path(model_dir)
         self.bootstrap = [Multiaddr(str(a)) for a in bootstrap]
-        self.x_bits = x_bits
+        self.precision = precision
         self.identity = None if identity is None else Path(identity)
         self.ledger_path = Path(ledger) if ledger is not None else home_dir() / "client.sqlite"
         self.listen = Multiaddr(str(listen))
@@ -91,8 +97,8 @@ class SwarmClient:
         if self._thread is not None:
             raise RuntimeError("the client is already started")
         if self.weights is None:  # with prepare, one pass over the checkpoint: summaries and sketches
-            self._keys = KeyRing(x_bits=self.x_bits) if self.prepare else None
-            self.weights = load_model(self.model_dir, hold=False,
+            self._keys = KeyRing(precision=self.precision) if self.prepare else None
+            self.weights = load_model(self.model_dir, hold=False, weight_bits=self.precision.weight_bits,
                                       visit=None if self._keys is None else self._keys.prepare_layer)
         self._thread = threading.Thread(target=self._thread_main, args=(self.weights,), name="cipherswarm-client", daemon=True)
         self._thread.start()
@@ -117,7 +123,7 @@ class SwarmClient:
                 weights=weights,
                 key_pair=key_pair,
                 ledger=ledger,
-                x_bits=self.x_bits,
+                precision=self.precision,
                 bootstrap=self.bootstrap,
                 listen=[self.listen],
                 config=self.config,

@@ -21,7 +21,7 @@ from typing import Any
 
 from cipherswarm.fhe_backend import Params
 from cipherswarm.fhe_backend.allocator import release_free_memory
-from cipherswarm.fhe_backend.quant import QuantizedWeight
+from cipherswarm.fhe_backend.quant import Precision, QuantizedWeight
 from cipherswarm.fhe_backend.verify import FreivaldsVerifier
 
 from ..engine import ENGINE
@@ -52,7 +52,7 @@ class LayerChannel:
             return self._checker
 
     def prepare(self, q: Any) -> None:
-        """Sketch the current key's checker from the layer's int8 weights `q`, already read."""
+        """Sketch the current key's checker from the layer's integer weights `q`, already read."""
         with self._lock:
             self._checker = FreivaldsVerifier.for_params(q, self.params, transpose=self.transpose)
 
@@ -76,19 +76,19 @@ class KeyRing:
     """Every channel the client has opened; channels are made on first use, or while the model is
     loaded (`prepare_layer` as `load_model`'s visitor: one pass over the checkpoint for both)."""
 
-    def __init__(self, weights: ModelWeights | None = None, *, x_bits: int) -> None:
+    def __init__(self, weights: ModelWeights | None = None, *, precision: Precision = Precision()) -> None:
         self.weights = weights
-        self.x_bits = x_bits
+        self.precision = precision
         self._channels: dict[tuple[str, bool], LayerChannel] = {}
 
     def channel(self, layer: Layer, *, transpose: bool) -> LayerChannel:
         key = (layer.name, transpose)
         if key not in self._channels:
-            self._channels[key] = LayerChannel(layer, self, x_bits=self.x_bits, transpose=transpose)
+            self._channels[key] = LayerChannel(layer, self, x_bits=self.precision.x_bits(transpose), transpose=transpose)
         return self._channels[key]
 
     def prepare_layer(self, layer: Layer, quantized: QuantizedWeight) -> None:
-        """Open both channels of `layer` and sketch their checkers from its int8 weights, already read."""
+        """Open both channels of `layer` and sketch their checkers from its integer weights, already read."""
         for transpose in (False, True):
             self.channel(layer, transpose=transpose).prepare(quantized.q)
 

@@ -25,6 +25,7 @@ from libp2p.kad_dht.kad_dht import DHTMode
 from multiaddr import Multiaddr
 
 from cipherswarm.fhe_backend import Ciphertext
+from cipherswarm.fhe_backend.quant import Precision
 from cipherswarm.protocol import Range
 
 from ..discovery import AdvertWatcher
@@ -55,7 +56,7 @@ class SwarmSession:
     """A running client; made by `open_session`."""
 
     def __init__(
-        self, *, node: NodeHost, weights: ModelWeights, ledger: Ledger, x_bits: int, config: ClientConfig,
+        self, *, node: NodeHost, weights: ModelWeights, ledger: Ledger, precision: Precision, config: ClientConfig,
         keys: KeyRing | None = None,
     ) -> None:
         self.node = node
@@ -68,7 +69,7 @@ class SwarmSession:
             node, weights.model_hash, self.peers.update, lookup_interval_s=config.lookup_interval_s
         )
         self.router = ChunkRouter(self.peers, config, starved=self.watcher.request_lookup)
-        self.keys = keys if keys is not None else KeyRing(x_bits=x_bits)  # keys: opened while loading
+        self.keys = keys if keys is not None else KeyRing(precision=precision)  # keys: opened while loading
         self.keys.weights = weights
         self._counters = Counters()
         self._calls = 0
@@ -241,7 +242,7 @@ async def open_session(
     weights: ModelWeights,
     key_pair: KeyPair,
     ledger: Ledger,
-    x_bits: int = 8,
+    precision: Precision = Precision(),
     bootstrap: Sequence[Multiaddr] = (),
     listen: Sequence[Multiaddr] = (LOOPBACK,),
     config: ClientConfig = ClientConfig(),
@@ -252,7 +253,7 @@ async def open_session(
     `config.wait_providers_s`); everything stops when the block exits. `keys`: channels already
     opened for `weights` (see `KeyRing.prepare_layer`)."""
     async with open_host(key_pair, listen=listen, dht_mode=DHTMode.CLIENT, bootstrap=bootstrap) as node:
-        session = SwarmSession(node=node, weights=weights, ledger=ledger, x_bits=x_bits, config=config, keys=keys)
+        session = SwarmSession(node=node, weights=weights, ledger=ledger, precision=precision, config=config, keys=keys)
         async with trio.open_nursery() as nursery:
             await nursery.start(session.dispatcher.run)
             await nursery.start(session.watcher.run)

@@ -129,6 +129,10 @@ class Provider:
         self.weights = weights
         self.config = config
         self.device = resolve_device(config.device)
+        if self.device == "cuda" and weights.weight_bits > 8:
+            log.warning("--device cuda multiplies 8-bit weights only (int8 tensor cores); these are %d-bit: "
+                        "computing on the CPU", weights.weight_bits)
+            self.device = "cpu"
         self._matmul = partial(matmul, method="int8", gemm=cuda_int8_gemm) if self.device == "cuda" else ENGINE.matmul
         self.macs_per_second = 0  # set by the benchmark in serve()
         self._key = key_pair.private_key

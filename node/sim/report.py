@@ -29,10 +29,10 @@ def assumptions(e: Estimate) -> list[str]:
     params = w.products(w.micro_batch_tokens)[0].params
     lines = [
         f"model {m.name}: {m.n_layers} blocks, hidden {m.hidden}, vocab {m.vocab}, {len(m.layers)} encrypted layers, "
-        f"parameters from {'its int8 weights' if m.weights_dir else 'the heaviest int8 weights of each shape (upper bound)'}",
+        f"parameters from {'its quantized weights' if m.weights_dir else 'the heaviest quantized weights of each shape (upper bound)'}",
         f"tokens {w.tokens:,} in micro-batches of {w.micro_batch_tokens:,} (sequences of {w.seq_len}), one optimizer step each; "
         f"{w.eval_batches} held-out micro-batch(es) before and after; backward skipped for the first "
-        f"{w.n_layers_to_skip_for_backprop} layer(s); {w.x_bits}-bit activations",
+        f"{w.n_layers_to_skip_for_backprop} layer(s); {w.precision}",
         f"encryption profile {w.profile}: N = {params.n} token slots per block, {params.in_bytes} B per input value, "
         f"{params.out_bytes} B per output value (first layer); {MESSAGE_OVERHEAD_BYTES} B per message of headers",
         "the trainer encrypts each layer's input on its own (q, k, v and gate, up are separate calls), calls in sequence",

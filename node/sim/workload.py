@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cipherswarm.fhe_backend.keys import SecretKey
+from cipherswarm.fhe_backend.quant import Precision
 from cipherswarm.fhe_backend.params import Params, WeightStats, choose_params
 from cipherswarm.fhe_backend.verify import sketch_bytes
 
@@ -44,9 +45,6 @@ LLAMA_3_70B: dict[str, Any] = {
     "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
 }
 """meta-llama/Meta-Llama-3-70B's config.json, the fields the workload reads."""
-
-INT8_MAX = 127
-
 
 @dataclass(frozen=True)
 class LinearLayer:
@@ -161,7 +159,7 @@ class Workload:
     micro_batch_tokens: int  # tokens per micro-batch (every call of a micro-batch has this many)
     seq_len: int  # tokens per sequence (attention spans one sequence)
     n_layers_to_skip_for_backprop: int = 1
-    x_bits: int = 8
+    precision: Precision = Precision()
     profile: str = "default"
     eval_batches: int = 0  # forward-only held-out micro-batches, evaluated before training and again after
     lora_r: int = 8
@@ -179,10 +177,13 @@ class Workload:
         return [self.micro_batch_tokens] * full + ([rest] if rest else [])
 
     def _layer_params(self) -> dict[tuple[str, bool], Params]:
-        """Parameters per (layer, transpose): from the real int8 weights when the directory has them."""
+        """Parameters per (layer, transpose): from the real quantized weights when the directory has them,
+        else from the heaviest weights of each shape (every one at the largest magnitude)."""
         summaries = {}
         if self.model.weights_dir is not None:
-            summaries = {layer.name.removesuffix(".weight"): layer for layer in load_model(self.model.weights_dir, hold=False).layers.values()}
+            summaries = {layer.name.removesuffix(".weight"): layer for layer in load_model(self.model.weights_dir, hold=False,
+                                                                                         weight_bits=self.precision.weight_bits).layers.values()}
+        qmax = (1 << (self.precision.weight_bits - 1)) - 1
         out: dict[tuple[str, bool], Params] = {}
         for layer in self.model.layers:
             for transpose in (False, True):
@@ -191,8 +192,8 @@ class Workload:
                     stats = summary.stats[transpose]
                 else:
                     d = layer.d_out if transpose else layer.d_in
-                    stats = WeightStats(l1=INT8_MAX * d, l2sq=INT8_MAX * INT8_MAX * d)
-                out[layer.key, transpose] = choose_params(stats, self.x_bits, profile=self.profile)
+                    stats = WeightStats(l1=qmax * d, l2sq=qmax * qmax * d)
+                out[layer.key, transpose] = choose_params(stats, self.precision.x_bits(transpose), profile=self.profile)
         return out
 
     def client_memory(self, dtype_bytes: int = 2) -> dict[str, int]:

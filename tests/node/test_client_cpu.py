@@ -67,7 +67,7 @@ def test_a_remote_step_names_its_cpu_and_the_parts_add_up(tmp_path: Path) -> Non
         provider.wait_addr(180)
         config = FinetuneConfig(steps=1, eval_batches=1)
         with SwarmClient(model_dir=BUNDLED_MODEL, bootstrap=[provider.addr], ledger=tmp_path / "ledger.sqlite",
-                         x_bits=config.n_bits) as client:
+                         precision=config.precision) as client:
             result = finetune(config, fhe="remote", executor=client, progress=False)
     finally:
         provider.stop()

@@ -201,7 +201,7 @@ def test_the_estimates_client_memory_is_what_the_client_holds(weights: ModelWeig
     from cipherswarm.node.sim import ModelShape, Workload
 
     thin = load_model(model_dir, hold=False)
-    ring = KeyRing(thin, x_bits=8)
+    ring = KeyRing(thin)
     ring.prepare([(name, t) for name in thin.layers for t in (False, True)])
     memory = Workload(ModelShape.load(model_dir), tokens=2048, micro_batch_tokens=2048, seq_len=64).client_memory()
     assert memory["summaries"] == thin.summary_bytes()

@@ -67,7 +67,7 @@ def test_workload_matches_what_the_trainer_sends(trainer_step: tuple[StepRecord,
     record, config = trainer_step
     tokens = config.batch_size * config.seq_len
     work = Workload(ModelShape.load(BUNDLED_MODEL), tokens=tokens, micro_batch_tokens=tokens, seq_len=config.seq_len,
-                    n_layers_to_skip_for_backprop=config.n_layers_to_skip_for_backprop, x_bits=config.n_bits)
+                    n_layers_to_skip_for_backprop=config.n_layers_to_skip_for_backprop, precision=config.precision)
     calls = work.products(tokens)
     assert len(calls) == record.remote_calls
     assert sum(p.bytes_in for p in calls) == record.bytes_sent

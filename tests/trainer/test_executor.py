@@ -6,15 +6,16 @@ import pytest
 import torch
 
 from cipherswarm.fhe_backend.errors import VerificationFailed
-from cipherswarm.fhe_backend.quant import quantize_weight
+from cipherswarm.fhe_backend.quant import Precision, quantize_weight
 from cipherswarm.trainer import ExecutorStatistics, LayerSpec, LocalExecutor, LoopbackProvider, MatmulExecutor, NotCompiledError
 
 
 def _specs(n_bits: int = 8) -> dict[str, LayerSpec]:
     g = torch.Generator().manual_seed(0)
+    p = Precision.of(n_bits)
     return {
-        "fwd_only": LayerSpec("fwd_only", quantize_weight(torch.randn(24, 40, generator=g)), n_bits, backward=False),
-        "both": LayerSpec("both", quantize_weight(torch.randn(40, 16, generator=g)), n_bits, backward=True),
+        "fwd_only": LayerSpec("fwd_only", quantize_weight(torch.randn(24, 40, generator=g), p.weight_bits), p, backward=False),
+        "both": LayerSpec("both", quantize_weight(torch.randn(40, 16, generator=g), p.weight_bits), p, backward=True),
     }
 
 

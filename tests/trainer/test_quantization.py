@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from cipherswarm.trainer import LayerSpec, LocalExecutor, dequantize_product, quantize_per_token
+from cipherswarm.trainer import LayerSpec, LocalExecutor, Precision, dequantize_product, quantize_per_token
 from cipherswarm.trainer.layers import RemoteContext, RemoteLinear
 
 
@@ -42,18 +42,18 @@ class TestQuantizePerToken:
             quantize_per_token(torch.tensor([[1.0, float("nan")]]), 8)
 
 
-def _remote(base: nn.Module, n_bits: int) -> RemoteLinear:
+def _remote(base: nn.Module, n_bits: int, weight_bits: int = 8) -> RemoteLinear:
     base.requires_grad_(False)
-    ctx = RemoteContext(n_bits=n_bits)
+    ctx = RemoteContext(precision=Precision(n_bits, n_bits, weight_bits))
     layer = RemoteLinear(base, "layer", ctx)
-    spec = LayerSpec("layer", layer.quantized, n_bits, backward=True)
+    spec = LayerSpec("layer", layer.quantized, ctx.precision, backward=True)
     ctx.executor = LocalExecutor({"layer": spec}, backend="clear", verify=False)
     return layer
 
 
-@pytest.mark.parametrize("n_bits", [8, 16])
+@pytest.mark.parametrize(("n_bits", "weight_bits"), [(8, 8), (16, 8), (8, 12), (14, 16)])
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-def test_layer_error_within_worst_case_bound(kind: str, n_bits: int) -> None:
+def test_layer_error_within_worst_case_bound(kind: str, n_bits: int, weight_bits: int) -> None:
     """|x^ W^ - x W| <= (s_t/2) sum_j |W_jk| + (c_k/2) sum_j |x_tj| + d s_t c_k / 4, for every t, k.
 
     s_t is token t's activation step, c_k column k's weight step (rounding errors of at most half a
@@ -63,7 +63,7 @@ def test_layer_error_within_worst_case_bound(kind: str, n_bits: int) -> None:
     d_in, d_out = 48, 24
     base = nn.Linear(d_in, d_out) if kind == "linear" else Conv1D(d_out, d_in)
     nn.init.normal_(base.weight, std=0.2)
-    layer = _remote(base, n_bits)
+    layer = _remote(base, n_bits, weight_bits)
     w = base.weight.detach().double()
     w = w if kind == "conv1d" else w.t()  # d_in, d_out
     x = (torch.randn(2, 5, d_in) * 3).requires_grad_(True)

@@ -10,7 +10,7 @@ from peft import PeftModel
 from trainer_factory import GPT2, LLAMA, base_model, make_trainer, token_data
 
 from cipherswarm.fhe_backend.quant import quantize_weight
-from cipherswarm.trainer import NotCompiledError, RemoteLinear, causal_lm_loss
+from cipherswarm.trainer import NotCompiledError, Precision, RemoteLinear, causal_lm_loss
 
 
 def _lora_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -26,13 +26,18 @@ def _sgd_trainer(arch, lr: float = 0.5, **kwargs):
 class TestAccumulation:
     @pytest.mark.parametrize("fhe", ["disable", "simulate"])
     def test_two_micro_batches_equal_one_double_batch(self, fhe: str) -> None:
-        """Per-token quantization makes batching irrelevant, so simulate must match too."""
+        """Per-token quantization makes batching irrelevant, so simulate must match too.
+
+        Exactly so only for bit-identical inputs: float32 ops on other batch shapes round differently
+        in the last bit, and on a grid of 2^14 levels such a difference flips a rounding now and then
+        (one step, 1e-4 of the range). 8-bit grids make a flip rare enough for this tolerance."""
         data = token_data(5, 8)
+        coarse = Precision(8, 8, 8)
         accumulated = _sgd_trainer(LLAMA, training_args={"gradient_accumulation_steps": 2})
-        accumulated.compile(data[:1])
+        accumulated.compile(data[:1], precision=coarse)
         accumulated.train(torch.utils.data.DataLoader(data, batch_size=1), fhe=fhe, progress=False)
         whole = _sgd_trainer(LLAMA)
-        whole.compile(data[:1])
+        whole.compile(data[:1], precision=coarse)
         # the same grouping as an explicit batch sampler: [0, 1], [2, 3], then the short group [4]
         whole.train(torch.utils.data.DataLoader(data, batch_sampler=[[0, 1], [2, 3], [4]]), fhe=fhe, progress=False)
         assert [r.tokens for r in accumulated.step_records] == [16, 16, 8]
