@@ -29,7 +29,7 @@ def assumptions(e: Estimate) -> list[str]:
     params = w.products(w.micro_batch_tokens)[0].params
     lines = [
         f"model {m.name}: {m.n_layers} blocks, hidden {m.hidden}, vocab {m.vocab}, {len(m.layers)} encrypted layers, "
-        f"parameters from {'its quantized weights' if m.weights_dir else 'the heaviest quantized weights of each shape (upper bound)'}",
+        f"parameters from {'its quantized weights' if m.weights_dir else 'Gaussian weight columns of each shape peaking at the largest integer'}",
         f"tokens {w.tokens:,} in micro-batches of {w.micro_batch_tokens:,} (sequences of {w.seq_len}), one optimizer step each; "
         f"{w.eval_batches} held-out micro-batch(es) before and after; backward skipped for the first "
         f"{w.n_layers_to_skip_for_backprop} layer(s); {w.precision}",

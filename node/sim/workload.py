@@ -16,13 +16,14 @@ What the trainer does (trainer/layers.py, trainer/trainer.py) and therefore what
 Payload bytes are the ciphertext words, as ``ExecutorStatistics`` counts them (headers aside):
 ``blocks * N * features * in_bytes`` sent and ``blocks * N * width * out_bytes`` received, with
 ``N``, ``in_bytes`` and ``out_bytes`` from the layer's real parameters (``choose_params``). When
-only a config is known (no weights), the parameters are those of the heaviest int8 weights of the
-shape (every |w| = 127): an upper bound on the bytes.
+only a config is known (no weights), the parameters are those of Gaussian weight columns of the
+shape that peak at the largest integer of the weight bits (``Workload._layer_params``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,7 +179,9 @@ class Workload:
 
     def _layer_params(self) -> dict[tuple[str, bool], Params]:
         """Parameters per (layer, transpose): from the real quantized weights when the directory has them,
-        else from the heaviest weights of each shape (every one at the largest magnitude)."""
+        else from Gaussian columns of each shape whose largest weight is the largest integer (what
+        per-channel quantization of a trained layer gives; every weight at that magnitude would not
+        fit 64-bit words at 12 bits and LLaMA widths, and no trained layer looks like that)."""
         summaries = {}
         if self.model.weights_dir is not None:
             summaries = {layer.name.removesuffix(".weight"): layer for layer in load_model(self.model.weights_dir, hold=False,
@@ -192,7 +195,8 @@ class Workload:
                     stats = summary.stats[transpose]
                 else:
                     d = layer.d_out if transpose else layer.d_in
-                    stats = WeightStats(l1=qmax * d, l2sq=qmax * qmax * d)
+                    rms = qmax / math.sqrt(2 * math.log(max(d, 2)))  # d Gaussian draws peak near sqrt(2 ln d) sigma
+                    stats = WeightStats(l1=math.ceil(d * rms * math.sqrt(2 / math.pi)), l2sq=math.ceil(d * rms * rms))
                 out[layer.key, transpose] = choose_params(stats, self.precision.x_bits(transpose), profile=self.profile)
         return out
 
