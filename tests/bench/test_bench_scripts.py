@@ -39,3 +39,17 @@ def test_client_memory_runs_every_part(tmp_path: Path) -> None:
         assert part in out, part
     per_weight = float(out.split("(b) client-held state per remote base weight: ")[1].split(" B")[0])
     assert 0 < per_weight <= 0.5
+
+
+@pytest.mark.slow
+def test_accuracy_bench_prints_its_table(tmp_path: Path) -> None:
+    """bench/accuracy.py --quick: converts the packaged GGUF, prints the table and a short fine-tune."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "accuracy.py"), "--quick", "--cache", str(tmp_path),
+                           "--finetune-steps", "2"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.strip().startswith(("8/8/8", "14/8/12"))]
+    assert [r[0] for r in rows] == ["8/8/8", "14/8/12"]
+    top1 = {r[0]: float(r[2].rstrip("%")) for r in rows}
+    assert top1["14/8/12"] > top1["8/8/8"]
+    assert "held-out loss  plain" in proc.stdout
