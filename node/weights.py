@@ -10,7 +10,7 @@ is `(d_out, d_in)`, so `W = weight.T`; GPT-2-style `Conv1D` layers (config `mode
 CONV1D_MODEL_TYPES) already store `(d_in, d_out)`.
 
 Identity: each layer is quantized per output channel to `weight_bits`-bit integers
-(`fhe_backend.quant.quantize_weight`, the one definition the trainer uses too; 12 bits by default)
+(`fhe_backend.quant.quantize_weight`, the one definition the trainer uses too; 11 bits by default)
 and named by that quantization's SHA-256 digest, which covers the bit width. The model
 is named by
 

@@ -180,8 +180,9 @@ class Workload:
     def _layer_params(self) -> dict[tuple[str, bool], Params]:
         """Parameters per (layer, transpose): from the real quantized weights when the directory has them,
         else from Gaussian columns of each shape whose largest weight is the largest integer (what
-        per-channel quantization of a trained layer gives; every weight at that magnitude would not
-        fit 64-bit words at 12 bits and LLaMA widths, and no trained layer looks like that)."""
+        per-channel quantization of a trained layer gives). No trained layer has every weight at the
+        largest magnitude: that bound overstates the modulus by several bits, and at 12-bit weights
+        and LLaMA widths it would not even fit 64-bit words."""
         summaries = {}
         if self.model.weights_dir is not None:
             summaries = {layer.name.removesuffix(".weight"): layer for layer in load_model(self.model.weights_dir, hold=False,

@@ -10,20 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_factory import LLAMA, base_model, token_data
+from trainer_factory import LLAMA, lora_trainer, base_model, token_data
 
 from cipherswarm.trainer import AccuracyWarning, LoraTrainer, Precision, causal_lm_loss
 from cipherswarm.trainer.thin import load_remote_model
 
 
 def _trainer(model: torch.nn.Module) -> LoraTrainer:
-    torch.manual_seed(3)
-    from peft import get_peft_model
-
-    peft = get_peft_model(model, LLAMA.lora())
-    opt = torch.optim.SGD([p for p in peft.parameters() if p.requires_grad], lr=0.1)
-    return LoraTrainer(model=peft, optimizer=opt, loss_fn=causal_lm_loss, n_layers_to_skip_for_backprop=LLAMA.skip,
-                       train_log_path=None)
+    return lora_trainer(model, LLAMA)
 
 
 def _compiled(precision: Precision, batch: torch.Tensor) -> LoraTrainer:
@@ -92,7 +86,7 @@ def test_a_thin_model_refuses_other_weight_bits(tmp_path: Path) -> None:
     base_model(LLAMA).save_pretrained(tmp_path, safe_serialization=True)
     thin_model, weights = load_remote_model(tmp_path, weight_bits=10)
     assert weights.weight_bits == 10
-    with pytest.raises(ValueError, match="loaded with 10-bit weights, the precision asks for 12"):
+    with pytest.raises(ValueError, match="loaded with 10-bit weights, the precision asks for 11"):
         _trainer(thin_model).compile(token_data(1, 8))
 
 

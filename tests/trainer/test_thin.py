@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_factory import LLAMA, VOCAB, base_model, token_data
+from trainer_factory import LLAMA, VOCAB, base_model, lora_trainer, token_data
 
 from cipherswarm.node import ModelMismatchError, SwarmClient, load_model
-from cipherswarm.trainer import LoraTrainer, RemoteLinear, causal_lm_loss
+from cipherswarm.trainer import LoraTrainer, RemoteLinear
 from cipherswarm.trainer.layers import module_key
 from cipherswarm.trainer.thin import ThinLinear, load_remote_model
 
@@ -29,13 +29,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _trainer(model: torch.nn.Module) -> LoraTrainer:
-    torch.manual_seed(3)
-    from peft import get_peft_model
-
-    peft = get_peft_model(model, LLAMA.lora())
-    opt = torch.optim.SGD([p for p in peft.parameters() if p.requires_grad], lr=0.1)
-    return LoraTrainer(model=peft, optimizer=opt, loss_fn=causal_lm_loss, n_layers_to_skip_for_backprop=LLAMA.skip,
-                       train_log_path=None)
+    return lora_trainer(model, LLAMA)
 
 
 def test_no_remote_weight_is_resident(saved: Path) -> None:

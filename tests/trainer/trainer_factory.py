@@ -10,7 +10,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from cipherswarm.trainer import LoraTrainer
+from cipherswarm.trainer import LoraTrainer, causal_lm_loss
 
 hf_logging.set_verbosity_error()  # tiny configs trip harmless warnings about GPT-2's special token ids
 
@@ -67,6 +67,15 @@ def make_trainer(arch: Arch, *, seed: int = 0, lr: float = 1e-2, **kwargs) -> Lo
     kwargs.setdefault("n_layers_to_skip_for_backprop", arch.skip)
     kwargs.setdefault("train_log_path", None)
     return LoraTrainer(model=model, optimizer=opt, **kwargs)
+
+
+def lora_trainer(model: torch.nn.Module, arch: Arch) -> LoraTrainer:
+    """A trainer with SGD (lr 0.1) and seeded LoRA over ``model``, a loaded or thin copy of ``arch``."""
+    torch.manual_seed(3)
+    peft = get_peft_model(model, arch.lora())
+    opt = torch.optim.SGD([p for p in peft.parameters() if p.requires_grad], lr=0.1)
+    return LoraTrainer(model=peft, optimizer=opt, loss_fn=causal_lm_loss, n_layers_to_skip_for_backprop=arch.skip,
+                       train_log_path=None)
 
 
 def token_data(n: int, tokens: int, seed: int = 1) -> torch.Tensor:
