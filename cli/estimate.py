@@ -21,7 +21,7 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
-from cipherswarm.fhe_backend.quant import Precision
+from cipherswarm.cli.train import add_precision_arguments, precision_of
 from cipherswarm.node.client.config import ClientConfig
 from cipherswarm.node.sim import LLAMA_3_8B, LLAMA_3_70B, ClientSpec, Estimate, GpuAssumption, ModelShape, ProviderSpec, Swarm, Workload, simulate
 from cipherswarm.node.sim.policy import ChunkFailed
@@ -49,9 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--profile", choices=["default", "shared-mask"], default="default",
                    help="encryption profile: default (8 B per output value, 2 ciphertext GEMMs) or shared-mask "
                         "(4 B, 1 GEMM) (default: default)")
-    for name, what, low, high in (("forward", "activations", 2, 16), ("backward", "gradients", 2, 16), ("weight", "base weights", 4, 16)):
-        default = getattr(Precision, f"{name}_bits")
-        g.add_argument(f"--{name}-bits", type=int, default=default, help=f"bits of the {what} ({low}..{high}, default {default})")
+    add_precision_arguments(g)
     g.add_argument("--max-steps", type=int, default=3,
                    help="steps simulated; the rest are taken at their mean (default 3; 0: all)")
     g = p.add_argument_group("providers")
@@ -147,7 +145,7 @@ def estimate(args: argparse.Namespace) -> Estimate:
     workload = Workload(load_model(args.model), tokens=args.tokens, micro_batch_tokens=args.micro_batch_tokens,
                         seq_len=args.seq_len, n_layers_to_skip_for_backprop=args.skip_backprop, profile=args.profile,
                         eval_batches=args.eval_batches,
-                        precision=Precision(args.forward_bits, args.backward_bits, args.weight_bits))
+                        precision=precision_of(args))
     config = ClientConfig(max_chunks=args.max_chunks, split=args.split, upload_slots=args.upload_slots,
                           hedge_min_s=args.hedge_min_s, timeout_min_s=args.timeout_min_s, request_ttl_s=args.request_ttl_s)
     return simulate(workload, build_swarm(args), config, max_steps=args.max_steps or None)

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cipherswarm.fhe_backend.quant import WEIGHT_BITS
+
 
 @dataclass
 class ProviderProcess:
@@ -81,6 +83,7 @@ def start_provider(
     layers: Sequence[str] = (),
     cheat: str | None = None,
     threads: int = 1,
+    weight_bits: int = WEIGHT_BITS,
 ) -> ProviderProcess:
     """Launch provider ``index`` (price 10 * (index + 1) per GMAC unless given) with its key and log in
     ``run_dir``; call ``wait_addr`` on the result before using it."""
@@ -88,7 +91,7 @@ def start_provider(
     log = run_dir / f"provider{index}.log"
     cmd = [sys.executable, "-m", "cipherswarm.cli", "provider", "--model", str(model),
            "--listen", "/ip4/127.0.0.1/tcp/0", "--identity", str(run_dir / f"provider{index}.key"),
-           "--price", str(price), "--log-file", str(log), "--advert-interval", "2"]
+           "--price", str(price), "--log-file", str(log), "--advert-interval", "2", "--weight-bits", str(weight_bits)]
     if bootstrap:
         cmd += ["--bootstrap", bootstrap]
     if layers:

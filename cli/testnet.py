@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from cipherswarm.cli.localswarm import ProviderProcess, start_provider
+from cipherswarm.cli.train import add_precision_arguments, precision_of
 from cipherswarm.trainer.finetune import BUNDLED_DATA, BUNDLED_MODEL
 
 
@@ -36,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kill-one", action="store_true", help="kill an honest provider halfway through training")
     p.add_argument("--seed", type=int, default=0, help="seed of the fine-tune (data order, LoRA init)")
     p.add_argument("--no-compare", action="store_true", help="skip the plaintext run of the same seed")
+    add_precision_arguments(p)
     p.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for each provider")
 
 
@@ -44,7 +46,8 @@ def start_testnet_provider(i: int, args: argparse.Namespace, bootstrap: str | No
     only the first two blocks."""
     cheat = args.cheat if i >= args.providers - args.malicious else None
     layers = ["*.0.*", "*.1.*"] if args.providers >= 3 and i == args.providers - 1 else []
-    return start_provider(i, model=args.model, run_dir=run_dir, bootstrap=bootstrap, layers=layers, cheat=cheat)
+    return start_provider(i, model=args.model, run_dir=run_dir, bootstrap=bootstrap, layers=layers, cheat=cheat,
+                          weight_bits=args.weight_bits)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,7 +83,10 @@ def run(args: argparse.Namespace) -> int:
             held = ", ".join(p.layers) if p.layers else "all layers"
             print(f"  provider {p.index}: {p.addr}  price {p.price}/GMAC  {held}  {role}")
 
-        config = FinetuneConfig(model_dir=args.model, data_dir=args.data, steps=args.steps, seed=args.seed)
+        precision = precision_of(args)
+        config = FinetuneConfig(model_dir=args.model, data_dir=args.data, steps=args.steps, seed=args.seed,
+                                forward_bits=precision.forward_bits, backward_bits=precision.backward_bits,
+                                weight_bits=precision.weight_bits)
         victim = next((p for p in providers[1:] if not p.cheat and not p.layers), None) if args.kill_one else None
         with SwarmClient(model_dir=args.model, bootstrap=[first.addr], identity=run_dir / "client.key",
                          ledger=run_dir / "ledger.sqlite", precision=config.precision, min_providers=args.providers) as client:

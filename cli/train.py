@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from cipherswarm.fhe_backend.quant import Precision
 from cipherswarm.trainer.finetune import BUNDLED_DATA, BUNDLED_MODEL, FinetuneConfig
 
 CHECKPOINTS = "checkpoints"  # under --out
@@ -27,6 +28,19 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def add_precision_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--forward-bits, --backward-bits and --weight-bits, defaulting to Precision's defaults."""
+    for name, what, low, high in (("forward", "activations sent forward", 2, 16), ("backward", "gradients sent backward", 2, 16),
+                                  ("weight", "base weights; providers must serve the same (provider --weight-bits)", 4, 16)):
+        default = getattr(Precision, f"{name}_bits")
+        p.add_argument(f"--{name}-bits", type=int, default=default, help=f"bits of the {what} ({low}..{high}, default {default})")
+
+
+def precision_of(args: argparse.Namespace) -> Precision:
+    """The Precision of --forward-bits, --backward-bits, --weight-bits (ValueError if out of range)."""
+    return Precision(args.forward_bits, args.backward_bits, args.weight_bits)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,13 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
     p.add_argument("--lora-r", type=int, default=defaults.lora_r, help="LoRA rank")
     p.add_argument("--target-modules", nargs="+", default=list(defaults.target_modules), help="modules that get adapters")
-    p.add_argument("--forward-bits", type=int, default=defaults.forward_bits,
-                   help=f"bits of the activations sent forward (2..16, default {defaults.forward_bits})")
-    p.add_argument("--backward-bits", type=int, default=defaults.backward_bits,
-                   help=f"bits of the gradients sent backward (2..16, default {defaults.backward_bits})")
-    p.add_argument("--weight-bits", type=int, default=defaults.weight_bits,
-                   help=f"bits of the base weights (4..16, default {defaults.weight_bits}); the providers must "
-                        "serve the same (cipherswarm provider --weight-bits)")
+    add_precision_arguments(p)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--min-providers", type=int, default=1, help="providers to find before training starts")
     p.add_argument("--identity", type=Path, default=None, help="client key file, to keep one peer id across runs (default: a fresh key each run, so providers cannot link runs)")
