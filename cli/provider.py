@@ -1,6 +1,6 @@
 """Serve encrypted matmuls of a model's base layers to the swarm.
 
-Loads a Hugging Face model directory (safetensors), quantizes each base linear layer to int8,
+Loads a Hugging Face model directory (safetensors), quantizes each base linear layer to --weight-bits integers,
 measures its own encrypted MAC/s, advertises itself (gossipsub and the DHT) and serves requests
 until interrupted. Prints its full multiaddr(s), one per line, once it is serving; logs go to
 stderr (libp2p's own to --log-file if given).

@@ -5,7 +5,7 @@ The trainer only ever asks one question of an executor::
     executor.matmul(layer_key, x_int, transpose=False)  ->  exact int64 x_int @ Wq
     executor.matmul(layer_key, g_int, transpose=True)   ->  exact int64 g_int @ Wq.T
 
-where ``Wq`` is the layer's public int8 weight (``LayerSpec.weight.q``, d_in x d_out, named by
+where ``Wq`` is the layer's public integer weight (``LayerSpec.weight.q``, d_in x d_out, named by
 ``LayerSpec.digest``) and the inputs
 are signed integers of ``LayerSpec.precision.x_bits(transpose)`` bits (tokens x features, a CPU integer tensor: the quantizer's int8 or int16). How the product is obtained -
 encrypted to a provider in this process, in the clear, or over the network - is the executor's

@@ -3,7 +3,7 @@
 :class:`RemoteLinear` takes the place of a frozen ``nn.Linear`` or GPT-2 ``Conv1D`` inside a model.
 It keeps the very same weight and bias ``Parameter`` objects, so state-dict keys, peft's
 ``base_layer.weight`` and ``save_pretrained`` see no difference. What it computes with is the
-layer's public summary (``node.weights.Layer``: int8 digest, per-channel scales, sums of Wq),
+layer's public summary (``node.weights.Layer``: quantization digest, per-channel scales, sums of Wq),
 computed here from the weight in memory, or, for a :class:`~.thin.ThinLinear` whose weight stays
 on disk, read from the checkpoint by ``load_remote_model``. With no executor it calls the
 original module (plain float, ``fhe="disable"``); with one, its autograd function quantizes the

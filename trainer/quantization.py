@@ -5,7 +5,7 @@ maps the row's range [lo_t, hi_t] onto the signed ``n_bits`` grid with a scale a
 
     x[t, j] ~= s_t * (q[t, j] - z_t),   q in [-2^(n-1), 2^(n-1) - 1],   s_t = (hi_t - lo_t) / (2^n - 1),
 
-and the weights are per-output-channel int8, ``W[j, k] ~= Wq[j, k] * c_k`` (fhe_backend.quant). Then
+and the weights are per-output-channel integers, ``W[j, k] ~= Wq[j, k] * c_k`` (fhe_backend.quant). Then
 
     (x @ W)[t, k] ~= s_t * c_k * ((q @ Wq)[t, k] - z_t * colsum(Wq)[k]).
 

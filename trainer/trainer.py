@@ -646,7 +646,7 @@ class LoraTrainer:
         state = load_state(folder)
         saved_model = state.get("model_digest")
         if saved_model is not None and saved_model != self._model_digest():
-            raise ValueError(f"the checkpoint {folder} was trained against other base weights (its layers' int8 digests "
+            raise ValueError(f"the checkpoint {folder} was trained against other base weights (its layers' quantization digests "
                              "differ from this model's): resume with the model it was trained on")
         saved_ga = state["config"]["gradient_accumulation_steps"]
         if saved_ga != self.gradient_accumulation_steps:
@@ -665,7 +665,7 @@ class LoraTrainer:
         return state["rng_now"]
 
     def _model_digest(self) -> str:
-        """SHA-256 over every remote layer's key and int8 digest: binds a checkpoint to its base weights."""
+        """SHA-256 over every remote layer's key and quantization digest: binds a checkpoint to its base weights."""
         h = hashlib.sha256()
         for key in sorted(self._specs):
             h.update(key.encode() + b"\x00" + self._specs[key].digest)

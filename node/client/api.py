@@ -151,11 +151,11 @@ class SwarmClient:
 
     def matmul(self, layer_key: str, x_int: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
         """Exact int64 `x_int @ W` (`transpose=False`) or `x_int @ W.T` (`transpose=True`), W being
-        the int8 quantization of the layer `layer_key` (its tensor or module name)."""
+        the quantization of the layer `layer_key` (its tensor or module name)."""
         return self._submit(lambda s: s.matmul(layer_key, x_int, transpose=transpose), run_async=True)
 
     def check_layers(self, digests: Mapping[str, bytes]) -> None:
-        """Refuse to train unless every layer named in `digests` (layer key -> 32-byte int8 digest,
+        """Refuse to train unless every layer named in `digests` (layer key -> 32-byte quantization digest,
         the trainer's) is the layer the providers serve: ModelMismatchError names those that differ."""
         if self.weights is None:
             raise ClientClosedError("the client is not started")

@@ -1,6 +1,6 @@
 """The client's secrets, one channel per (layer, direction): parameters, secret key, checker.
 
-Parameters come from the layer's public norms (`Layer.stats`, the same int8 weights providers
+Parameters come from the layer's public norms (`Layer.stats`, the same integer weights providers
 hold), so they are exact for every slice of the layer. The Freivalds checker of a channel keeps
 secret sketches of the weights, not the weights (fhe_backend/verify.py): it is made from the
 layer read once from the memory-mapped checkpoint (`ModelWeights.read`), one layer at a time, and
