@@ -13,13 +13,13 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.kad_dht.kad_dht import _encode_key
 
 from cipherswarm.fhe_backend.int8_limbs import cpu_int8_gemm
-from cipherswarm.fhe_backend.quant import quantize_weight
-from cipherswarm.node import IdentityError, Ledger, ModelWeights, WeightsError, load_identity, load_model
+from cipherswarm.fhe_backend.quant import WEIGHT_BITS, quantize_weight
+from cipherswarm.node import IdentityError, Ledger, ModelMismatchError, ModelWeights, WeightsError, load_identity, load_model
 from cipherswarm.node.discovery import model_key, now_ms, read_advert
 from cipherswarm.node.engine import decode_params, encode_params, ENGINE
 from cipherswarm.node.identity import peer_id_of
-from cipherswarm.node.provider import resolve_device
-from cipherswarm.node.weights import is_remote_layer
+from cipherswarm.node.provider import Provider, ProviderConfig, resolve_device
+from cipherswarm.node.weights import check_digests, is_remote_layer
 from cipherswarm.protocol import CapabilityAdvert, ProtocolError, UnsupportedParams, seal, sign_receipt
 from cipherswarm.protocol.messages import UsageReceipt
 
@@ -76,6 +76,17 @@ class TestWeights:
         assert weights.lookup(b"x" * 32, q.name) is None
         with pytest.raises(KeyError, match="not a remote layer"):
             weights.resolve("model.embed_tokens")
+
+    def test_weight_bits_name_the_model(self, weights: ModelWeights, model_dir: Path) -> None:
+        """The width is in every digest and so in the model hash: nodes of other widths never match."""
+        eight = load_model(model_dir, hold=False, weight_bits=8)
+        assert eight.weight_bits == 8 and weights.weight_bits == WEIGHT_BITS and eight.model_hash != weights.model_hash
+        layer = next(iter(weights.layers.values()))
+        assert layer.weight is not None and layer.weight.q.dtype == torch.int16
+        assert int(layer.weight.q.abs().max()) == (1 << (WEIGHT_BITS - 1)) - 1  # each column's largest weight
+        assert eight.read(layer.name).q.dtype == torch.int8 and eight.read(layer.name).bits == 8
+        with pytest.raises(ModelMismatchError, match="same weight bits on both sides"):
+            check_digests(weights, {name: summary.digest for name, summary in eight.layers.items()})
 
     def test_a_client_keeps_summaries_that_match_the_weights_and_reads_them_again(self, weights: ModelWeights, model_dir: Path) -> None:
         """Sums and norms taken a slab at a time equal the whole-matrix int64 ones; a client holds no
@@ -180,6 +191,18 @@ class TestEngineFields:
             pytest.skip("cupy is installed: whether cuda is used depends on the GPU")
         assert resolve_device("cuda") == "cpu"
         assert "pip install 'cipherswarm[gpu]'" in caplog.text
+
+    def test_gpu_providers_multiply_8_bit_weights_only(self, model_dir: Path, weights: ModelWeights,
+                                                       monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        """int8 tensor cores take int8 weights: a GPU whose self-check passed serves wider ones on the CPU."""
+        from cipherswarm.node.provider import service
+
+        monkeypatch.setattr(service, "resolve_device", lambda requested: requested)  # as if the self-check passed
+        cuda = ProviderConfig(device="cuda")
+        assert Provider(weights=weights, key_pair=create_new_key_pair(), config=cuda).device == "cpu"
+        assert f"these are {WEIGHT_BITS}-bit: computing on the CPU" in caplog.text
+        eight = load_model(model_dir, weight_bits=8)
+        assert Provider(weights=eight, key_pair=create_new_key_pair(), config=cuda).device == "cuda"
 
     def test_cuda_only_after_the_self_check(self, caplog: pytest.LogCaptureFixture) -> None:
         """A GEMM that reproduces the CPU (here the CPU's own, standing in for a GPU) is used; one
