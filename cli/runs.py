@@ -27,6 +27,13 @@ def client_cpu(result: FinetuneResult) -> dict[str, Any]:
     }
 
 
+def accuracy_line(result: FinetuneResult) -> str:
+    """One line for the terminal: the bit widths and how far they left the model from float."""
+    accuracy = result.trainer.accuracy
+    measured = "not measured" if accuracy is None else f"on the first batch {accuracy}"
+    return f"quantization ({result.config.precision}): {measured}"
+
+
 def report(result: FinetuneResult, *, swarm: Any = None, plain: FinetuneResult | None = None,
            extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """A JSON-able summary of ``result``; ``swarm`` is the node client's stats, ``plain`` a

@@ -52,7 +52,7 @@ def start_testnet_provider(i: int, args: argparse.Namespace, bootstrap: str | No
 
 def run(args: argparse.Namespace) -> int:
     from cipherswarm.cli.live import SwarmView, live
-    from cipherswarm.cli.runs import report, save
+    from cipherswarm.cli.runs import accuracy_line, report, save
     from cipherswarm.node import SwarmClient
     from cipherswarm.node.logs import route_libp2p_logs
     from cipherswarm.trainer.finetune import FinetuneConfig, finetune
@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
             swarm = client.stats()
         print(f"encrypted fine-tune: {len(result.losses)} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
               f"held-out {result.eval_before:.4f} -> {result.eval_after:.4f} ({result.wall_s:.0f} s)")
+        print(accuracy_line(result))
         plain = None
         if not args.no_compare:
             print("plaintext fine-tune of the same seed, for comparison ...", flush=True)

@@ -69,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cipherswarm.cli.runs import report, save
+    from cipherswarm.cli.runs import accuracy_line, report, save
     from cipherswarm.node import NoProvidersError, SwarmClient
     from cipherswarm.node.logs import configure_logging
     from cipherswarm.trainer.finetune import finetune, open_run
@@ -95,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{exc}", file=sys.stderr)
         return 1
     save(args.out, result, report(result, swarm=swarm, extra={"resumed_at_step": result.resumed_at}))
+    print(accuracy_line(result))
     if result.resumed_at:
         print(f"resumed at step {result.resumed_at} from {checkpoints}")
     print(f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, held-out {result.eval_before:.4f} -> "

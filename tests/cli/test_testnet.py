@@ -40,6 +40,7 @@ def test_testnet_bans_a_cheater_survives_a_crash_and_matches_simulate(tmp_path: 
     # compile()'s check of the quantized model on the first batch, at the default precision
     assert report["precision"] == {"forward_bits": 14, "backward_bits": 8, "weight_bits": 11}
     assert report["accuracy"]["top1_agreement"] >= 0.99 and 0 < report["accuracy"]["max_layer_error"] < 0.02
+    assert "quantization (14-bit activations, 8-bit gradients, 11-bit weights): on the first batch logits" in proc.stdout
     assert (out / "loss.png").stat().st_size > 10_000
     assert (out / "adapter" / "adapter_model.safetensors").exists()
 
