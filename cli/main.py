@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "status": ("status", "show the providers a client finds, their scores and bans"),
     "train": ("train", "fine-tune a model with LoRA as a client of a swarm (every base matmul encrypted)"),
     "testnet": ("testnet", "start a local swarm of providers and fine-tune the bundled model through it"),
+    "convert": ("convert", "convert a GGUF model file into a checkpoint folder providers and clients can load"),
     "estimate": ("estimate", "predict a fine-tune's wall time, bottleneck and price on a swarm, by simulation"),
 }
 

@@ -51,7 +51,7 @@ def test_testnet_refuses_all_malicious(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "honest provider" in proc.stderr
 
 
-@pytest.mark.parametrize("command", ["testnet", "train", "provider", "estimate", "status", "identity", "demo"])
+@pytest.mark.parametrize("command", ["testnet", "train", "provider", "estimate", "status", "identity", "demo", "convert"])
 def test_every_subcommand_has_help(command: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "cipherswarm.cli", command, "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "usage: cipherswarm " + command in proc.stdout

@@ -9,6 +9,8 @@ the median is 4), which the bundled tiny model lacks. bench/accuracy.py prints t
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -34,7 +36,13 @@ def _gguf() -> Path:
 
 @pytest.fixture(scope="module")
 def smollm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return convert_gguf(_gguf(), tmp_path_factory.mktemp("smollm") / "smollm2-135m")
+    """The packaged GGUF converted by the command a user runs."""
+    out = tmp_path_factory.mktemp("smollm") / "smollm2-135m"
+    proc = subprocess.run([sys.executable, "-m", "cipherswarm.cli", "convert", str(_gguf()), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and f"wrote {out}" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    return out
 
 
 def _held_out(model_dir: Path, sequences: int = 4, seq_len: int = 128) -> torch.Tensor:
