@@ -21,7 +21,7 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
-from cipherswarm.cli.train import add_precision_arguments, precision_of
+from cipherswarm.cli.bits import add_precision_arguments, precision_of
 from cipherswarm.node.client.config import ClientConfig
 from cipherswarm.node.sim import LLAMA_3_8B, LLAMA_3_70B, ClientSpec, Estimate, GpuAssumption, ModelShape, ProviderSpec, Swarm, Workload, simulate
 from cipherswarm.node.sim.policy import ChunkFailed

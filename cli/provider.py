@@ -20,7 +20,7 @@ from pathlib import Path
 
 import trio
 
-from cipherswarm.fhe_backend.quant import WEIGHT_BITS
+from cipherswarm.cli.bits import add_weight_bits
 
 log = logging.getLogger("cipherswarm.provider")
 
@@ -41,9 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="compute device; cuda (extra gpu: cupy) runs int8 tensor-core GEMMs once a start-up "
                         "self-check matches the CPU, else falls back to cpu")
-    p.add_argument("--weight-bits", type=int, default=WEIGHT_BITS,
-                   help=f"bits the weights are quantized to (default {WEIGHT_BITS}); clients find providers of "
-                        "their own width only, since it is part of the model hash")
+    add_weight_bits(p, "clients find providers of their own width only, since it is part of the model hash")
     p.add_argument("--advert-interval", type=float, default=10.0, help="seconds between adverts")
     p.add_argument("--log-level", default="INFO", help="log level of stderr output")
     p.add_argument("--log-file", type=Path, default=None, help="file for libp2p's own log records")

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import trio
 
-from cipherswarm.fhe_backend.quant import WEIGHT_BITS
+from cipherswarm.cli.bits import add_weight_bits
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", nargs="*", default=[], metavar="MULTIADDR", help="peers to join the swarm through")
     p.add_argument("--model", type=Path, default=None, help="look up this model's providers in the DHT too")
-    p.add_argument("--weight-bits", type=int, default=WEIGHT_BITS,
-                   help=f"weight bits of the providers to look up (part of the model hash; default {WEIGHT_BITS})")
+    add_weight_bits(p, "the providers looked up serve this width (it is part of the model hash)")
     p.add_argument("--ledger", type=Path, default=None, help="client ledger (default: ~/.cipherswarm/client.sqlite)")
     p.add_argument("--wait", type=float, default=3.0, help="seconds to listen for adverts")
     p.add_argument("--unban", nargs="*", default=[], metavar="PEER", help="lift the bans of these peer ids first")

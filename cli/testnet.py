@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from cipherswarm.cli.localswarm import ProviderProcess, start_provider
-from cipherswarm.cli.train import add_precision_arguments, precision_of
+from cipherswarm.cli.bits import add_precision_arguments, precision_of
 from cipherswarm.trainer.finetune import BUNDLED_DATA, BUNDLED_MODEL
 
 

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cipherswarm.fhe_backend.quant import Precision
+from cipherswarm.cli.bits import add_precision_arguments, precision_of
 from cipherswarm.trainer.finetune import BUNDLED_DATA, BUNDLED_MODEL, FinetuneConfig
 
 CHECKPOINTS = "checkpoints"  # under --out
@@ -28,19 +28,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
-
-
-def add_precision_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """--forward-bits, --backward-bits and --weight-bits, defaulting to Precision's defaults."""
-    for name, what, low, high in (("forward", "activations sent forward", 2, 16), ("backward", "gradients sent backward", 2, 16),
-                                  ("weight", "base weights; providers must serve the same (provider --weight-bits)", 4, 16)):
-        default = getattr(Precision, f"{name}_bits")
-        p.add_argument(f"--{name}-bits", type=int, default=default, help=f"bits of the {what} ({low}..{high}, default {default})")
-
-
-def precision_of(args: argparse.Namespace) -> Precision:
-    """The Precision of --forward-bits, --backward-bits, --weight-bits (ValueError if out of range)."""
-    return Precision(args.forward_bits, args.backward_bits, args.weight_bits)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
