@@ -57,6 +57,13 @@ def test_every_subcommand_has_help(command: str) -> None:
     assert proc.returncode == 0 and "usage: cipherswarm " + command in proc.stdout
 
 
+@pytest.mark.parametrize(("command", "flag"), [("provider", "--weight-bits"), ("train", "--forward-bits"),
+                                             ("testnet", "--backward-bits"), ("estimate", "--weight-bits")])
+def test_bit_widths_out_of_range_are_usage_errors(command: str, flag: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "cipherswarm.cli", command, flag, "1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"argument {flag}: must be in" in proc.stderr
+
+
 def test_bad_model_path_is_a_clear_error(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "cipherswarm.cli", "provider", "--model", str(tmp_path / "missing")],
                           capture_output=True, text=True, timeout=120)
