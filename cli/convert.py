@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cipherswarm.trainer.gguf import convert_gguf
+    from cipherswarm.node.gguf import convert_gguf
 
     out = convert_gguf(args.gguf, args.out)
     files = sorted(p.name for p in out.iterdir())

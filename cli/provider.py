@@ -26,7 +26,8 @@ log = logging.getLogger("cipherswarm.provider")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, type=Path, help="Hugging Face model directory (safetensors)")
+    p.add_argument("--model", required=True, type=Path,
+                   help="Hugging Face model directory (safetensors), or a .gguf file (converted once, node/README.md)")
     p.add_argument("--listen", default="/ip4/127.0.0.1/tcp/0", help="multiaddr to listen on (default: loopback, free port)")
     p.add_argument("--bootstrap", nargs="*", default=[], metavar="MULTIADDR", help="peers to join the swarm through")
     p.add_argument("--layers", nargs="*", default=[], metavar="PATTERN",
@@ -63,13 +64,14 @@ async def serve(args: argparse.Namespace) -> None:
     from multiaddr import Multiaddr
 
     from cipherswarm.node import Cheat, Ledger, Provider, ProviderConfig, default_identity_path, load_identity, load_model
+    from cipherswarm.node.gguf import model_dir
     from cipherswarm.node.host import open_host
 
     identity = args.identity or default_identity_path()
     key_pair, created = load_identity(identity)
     if created:
         log.info("created identity %s", identity)
-    weights = load_model(args.model, layers=args.layers, weight_bits=args.weight_bits)
+    weights = load_model(model_dir(args.model), layers=args.layers, weight_bits=args.weight_bits)
     log.info("model %s: holding %d of %d layers", weights.model_hash.hex()[:16], len(weights.held), len(weights.layers))
     config = ProviderConfig(
         price_per_gmac=args.price,

@@ -19,7 +19,8 @@ from cipherswarm.cli.bits import add_weight_bits
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", nargs="*", default=[], metavar="MULTIADDR", help="peers to join the swarm through")
-    p.add_argument("--model", type=Path, default=None, help="look up this model's providers in the DHT too")
+    p.add_argument("--model", type=Path, default=None,
+                   help="look up this model's providers in the DHT too (a folder or .gguf file)")
     add_weight_bits(p, "the providers looked up serve this width (it is part of the model hash)")
     p.add_argument("--ledger", type=Path, default=None, help="client ledger (default: ~/.cipherswarm/client.sqlite)")
     p.add_argument("--wait", type=float, default=3.0, help="seconds to listen for adverts")
@@ -38,12 +39,13 @@ async def _status(args: argparse.Namespace) -> int:
     from multiaddr import Multiaddr
 
     from cipherswarm.node import Ledger, load_model
+    from cipherswarm.node.gguf import model_dir
     from cipherswarm.node.client.peers import PeerTable
     from cipherswarm.node.discovery import AdvertWatcher
     from cipherswarm.node.host import open_host
     from cipherswarm.node.identity import home_dir
 
-    model_hash = None if args.model is None else load_model(args.model, hold=False, weight_bits=args.weight_bits).model_hash
+    model_hash = None if args.model is None else load_model(model_dir(args.model), hold=False, weight_bits=args.weight_bits).model_hash
     with Ledger(args.ledger or home_dir() / "client.sqlite") as ledger:
         table = PeerTable(ledger=ledger)
         for peer in args.unban:

@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--providers", type=int, default=3, help="provider processes to start (default 3)")
     p.add_argument("--steps", type=int, default=12, help="optimizer steps of the fine-tune (default 12)")
     p.add_argument("--out", type=Path, default=Path("runs/testnet"), help="output folder (default runs/testnet)")
-    p.add_argument("--model", type=Path, default=BUNDLED_MODEL, help="HF model directory (default: bundled tiny LLaMA)")
+    p.add_argument("--model", type=Path, default=BUNDLED_MODEL, help="HF model directory or .gguf file (default: bundled tiny LLaMA)")
     p.add_argument("--data", type=Path, default=BUNDLED_DATA, help="folder with train.txt and valid.txt")
     p.add_argument("--malicious", type=int, default=0, metavar="K", help="make the last K providers cheat")
     p.add_argument("--cheat", choices=["random", "flip", "stale", "wrong-weights"], default="flip",
@@ -55,14 +55,17 @@ def run(args: argparse.Namespace) -> int:
     from cipherswarm.cli.runs import accuracy_line, report, save
     from cipherswarm.node import SwarmClient
     from cipherswarm.node.logs import route_libp2p_logs
+    from cipherswarm.node.gguf import model_dir
     from cipherswarm.trainer.finetune import FinetuneConfig, finetune
 
     if args.providers < 1 or not 0 <= args.malicious < args.providers:
         print("need at least one provider, and at least one honest provider", file=sys.stderr)
         return 2
-    if not args.model.is_dir():
-        print(f"model directory {args.model} not found: pass --model DIR (a Hugging Face safetensors folder)", file=sys.stderr)
+    if not (args.model.is_dir() or args.model.suffix == ".gguf" and args.model.is_file()):
+        print(f"model {args.model} not found: pass --model DIR (a Hugging Face safetensors folder) or a .gguf file",
+              file=sys.stderr)
         return 2
+    args.model = model_dir(args.model)  # a .gguf file: its converted folder, which the providers load too
     run_dir = args.out / "swarm"
     run_dir.mkdir(parents=True, exist_ok=True)
     # the client's records (bans, retries, key rotations) go to a file: the live view shows them

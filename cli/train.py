@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     defaults = FinetuneConfig()
     p.add_argument("--bootstrap", nargs="+", required=True, metavar="MULTIADDR",
                    help="provider addresses to join the swarm through (as `cipherswarm provider` prints them)")
-    p.add_argument("--model", type=Path, default=BUNDLED_MODEL, help="HF model directory (default: bundled tiny LLaMA)")
+    p.add_argument("--model", type=Path, default=BUNDLED_MODEL, help="HF model directory or .gguf file (default: bundled tiny LLaMA)")
     p.add_argument("--data", type=Path, default=BUNDLED_DATA, help="folder with train.txt and valid.txt")
     p.add_argument("--out", type=Path, default=Path("runs/train"), help="output folder (default runs/train)")
     p.add_argument("--steps", type=int, default=defaults.steps, help=f"optimizer steps (default {defaults.steps})")
@@ -58,14 +58,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from cipherswarm.cli.runs import accuracy_line, report, save
     from cipherswarm.node import NoProvidersError, SwarmClient
+    from cipherswarm.node.gguf import model_dir
     from cipherswarm.node.logs import configure_logging
     from cipherswarm.trainer.finetune import finetune, open_run
 
     configure_logging("WARNING")
-    for name in ("model", "data"):
-        if not getattr(args, name).is_dir():
-            print(f"--{name} {getattr(args, name)} is not a directory", file=sys.stderr)
-            return 2
+    if not args.data.is_dir():
+        print(f"--data {args.data} is not a directory", file=sys.stderr)
+        return 2
+    args.model = model_dir(args.model)  # a .gguf file: its converted folder
     config = FinetuneConfig(model_dir=args.model, data_dir=args.data, steps=args.steps, seq_len=args.seq_len,
                             batch_size=args.batch_size, lr=args.lr, lora_r=args.lora_r,
                             target_modules=tuple(args.target_modules), forward_bits=args.forward_bits,

@@ -67,7 +67,7 @@ def test_bit_widths_out_of_range_are_usage_errors(command: str, flag: str) -> No
 def test_bad_model_path_is_a_clear_error(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "cipherswarm.cli", "provider", "--model", str(tmp_path / "missing")],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "is not a directory" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "is neither a model folder" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_port_in_use_is_a_clear_error() -> None:

