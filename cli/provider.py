@@ -61,13 +61,21 @@ async def _stop_on_sigterm(cancel_scope: trio.CancelScope) -> None:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    from cipherswarm.node import default_identity_path
+    from cipherswarm.node.identity import hold_identity
+
+    identity = args.identity or default_identity_path()
+    with hold_identity(identity):  # before anything slow: a second provider on one identity is refused at once
+        await _serve(args, identity)
+
+
+async def _serve(args: argparse.Namespace, identity: Path) -> None:
     from multiaddr import Multiaddr
 
-    from cipherswarm.node import Cheat, Ledger, Provider, ProviderConfig, default_identity_path, load_identity, load_model
+    from cipherswarm.node import Cheat, Ledger, Provider, ProviderConfig, load_identity, load_model
     from cipherswarm.node.gguf import model_dir
     from cipherswarm.node.host import open_host
 
-    identity = args.identity or default_identity_path()
     key_pair, created = load_identity(identity)
     if created:
         log.info("created identity %s", identity)

@@ -5,12 +5,21 @@ every frame, advert and receipt is signed with, so losing it loses the node's re
 leaking it lets anyone impersonate the node. The file holds libp2p's `PrivateKey` protobuf (the
 same bytes go-libp2p and js-libp2p store), is created with mode 0600, and is refused, as ssh
 refuses keys, when group or others may read it.
+
+One identity is one node: two nodes with one peer id would be one peer to everyone else (the DHT,
+gossipsub and `status` show one of them, and their adverts overwrite each other). A running node
+therefore holds its identity (`hold_identity`: an exclusive lock on `<file>.lock` that the kernel
+drops when the process ends, however it ends), and a second node given the same file is refused
+with the holder's pid and the fix.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from libp2p.crypto.ed25519 import Ed25519PrivateKey, create_new_key_pair
@@ -55,6 +64,26 @@ def load_identity(path: Path, *, create: bool = True) -> tuple[KeyPair, bool]:
     with os.fdopen(fd, "wb") as f:
         f.write(key_pair.private_key.serialize())
     return key_pair, True
+
+
+@contextmanager
+def hold_identity(path: Path) -> Iterator[None]:
+    """Hold the identity at `path` while the block runs; IdentityError if another process holds it."""
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise IdentityError(f"{path} is the identity of another running node (pid {holder}): one identity is one "
+                                "peer, so give this node its own with --identity FILE") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
 
 
 def _read(path: Path) -> KeyPair:

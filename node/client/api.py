@@ -11,6 +11,7 @@ any thread except the client's own.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from multiaddr import Multiaddr
 from cipherswarm.fhe_backend.quant import Precision
 
 from ..errors import ClientClosedError
-from ..identity import home_dir, load_identity
+from ..identity import hold_identity, home_dir, load_identity
 from ..ledger import Ledger
 from ..types import ClientStats
 from ..weights import ModelWeights, check_digests, load_model
@@ -117,6 +118,12 @@ class SwarmClient:
             self._ready.set()
 
     async def _main(self, weights: ModelWeights) -> None:
+        with contextlib.ExitStack() as held:
+            if self.identity is not None:
+                held.enter_context(hold_identity(self.identity))  # one running node per identity
+            await self._run(weights)
+
+    async def _run(self, weights: ModelWeights) -> None:
         key_pair = create_new_key_pair() if self.identity is None else load_identity(self.identity)[0]
         with Ledger(self.ledger_path) as ledger:
             async with open_session(

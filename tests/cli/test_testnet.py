@@ -70,6 +70,23 @@ def test_bad_model_path_is_a_clear_error(tmp_path: Path) -> None:
     assert proc.returncode == 1 and "is neither a model folder" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_second_provider_on_one_identity_is_refused(tmp_path: Path) -> None:
+    """Two providers started as the README shows would otherwise be one peer id to the swarm."""
+    from cipherswarm.cli.localswarm import start_provider
+    from cipherswarm.trainer.finetune import BUNDLED_MODEL
+
+    first = start_provider(0, model=BUNDLED_MODEL, run_dir=tmp_path)
+    try:
+        first.wait_addr(120)
+        proc = subprocess.run([sys.executable, "-m", "cipherswarm.cli", "provider", "--model", str(BUNDLED_MODEL),
+                               "--listen", "/ip4/127.0.0.1/tcp/0", "--identity", str(tmp_path / "provider0.key")],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        first.stop()
+    assert proc.returncode == 1 and "is the identity of another running node" in proc.stderr, proc.stderr[-2000:]
+    assert "--identity FILE" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_port_in_use_is_a_clear_error() -> None:
     """libp2p binds with SO_REUSEPORT: without the check a second provider would share the port."""
     import socket

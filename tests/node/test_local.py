@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from cipherswarm.fhe_backend.quant import WEIGHT_BITS, quantize_weight
 from cipherswarm.node import IdentityError, Ledger, ModelMismatchError, ModelWeights, WeightsError, load_identity, load_model
 from cipherswarm.node.discovery import model_key, now_ms, read_advert
 from cipherswarm.node.engine import decode_params, encode_params, ENGINE
-from cipherswarm.node.identity import peer_id_of
+from cipherswarm.node.identity import hold_identity, peer_id_of
 from cipherswarm.node.provider import Provider, ProviderConfig, resolve_device
 from cipherswarm.node.weights import check_digests, is_remote_layer
 from cipherswarm.protocol import CapabilityAdvert, ProtocolError, UnsupportedParams, seal, sign_receipt
@@ -39,6 +40,18 @@ class TestIdentity:
         path.chmod(mode)
         with pytest.raises(IdentityError, match="chmod 600"):
             load_identity(path)
+
+    def test_one_running_node_per_identity(self, tmp_path: Path) -> None:
+        """A held identity is refused with the holder's pid; released (or left by a dead process), it is free."""
+        path = tmp_path / "id.key"
+        load_identity(path)
+        with hold_identity(path):
+            with pytest.raises(IdentityError, match=rf"another running node \(pid {os.getpid()}\).*--identity FILE"):
+                with hold_identity(path):
+                    pass
+        (tmp_path / "id.key.lock").write_text("999999")  # a crashed node's file, not locked by anyone
+        with hold_identity(path):
+            assert (tmp_path / "id.key.lock").read_text() == str(os.getpid())
 
     def test_not_a_key_or_missing(self, tmp_path: Path) -> None:
         path = tmp_path / "id.key"
