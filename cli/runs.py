@@ -95,7 +95,18 @@ def save(out_dir: Path, result: FinetuneResult, summary: dict[str, Any], *, plai
     (out_dir / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
+def held_out_curve(result: FinetuneResult) -> tuple[list[int], list[float]]:
+    """(optimizer steps, held-out losses): before training (step 0), at the trainer's evaluations,
+    and after the last step."""
+    points = {0: result.eval_before}
+    points.update({r.step: r.eval["eval_loss"] for r in result.records if r.eval and "eval_loss" in r.eval})
+    points[len(result.losses)] = result.eval_after
+    steps = sorted(points)
+    return steps, [points[s] for s in steps]
+
+
 def plot_losses(path: Path, result: FinetuneResult, plain: FinetuneResult | None) -> None:
+    """Training loss per step and held-out loss where measured, encrypted and (if given) plaintext."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display is needed
@@ -103,11 +114,14 @@ def plot_losses(path: Path, result: FinetuneResult, plain: FinetuneResult | None
 
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = range(1, len(result.losses) + 1)
-    ax.plot(steps, result.losses, marker="o", label=f"encrypted (fhe={result.fhe})")
+    ax.plot(steps, result.losses, marker="o", color="tab:blue", alpha=0.6, label=f"training, encrypted (fhe={result.fhe})")
+    ax.plot(*held_out_curve(result), marker="s", color="tab:green", linewidth=2, label="held-out, encrypted")
     if plain is not None:
-        ax.plot(range(1, len(plain.losses) + 1), plain.losses, linestyle="--", marker="x", label="plaintext, same seed")
+        ax.plot(range(1, len(plain.losses) + 1), plain.losses, linestyle="--", marker="x", color="tab:orange", alpha=0.6,
+                label="training, plaintext, same seed")
+        ax.plot(*held_out_curve(plain), linestyle="--", marker="D", color="tab:red", label="held-out, plaintext")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
     ax.set_title(f"LoRA fine-tune of {Path(result.config.model_dir).name}")
     ax.grid(alpha=0.3)
     ax.legend()
