@@ -30,7 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=12, help="optimizer steps of the fine-tune (default 12)")
     p.add_argument("--out", type=Path, default=Path("runs/testnet"), help="output folder (default runs/testnet)")
     p.add_argument("--model", type=Path, default=BUNDLED_MODEL, help="HF model directory or .gguf file (default: bundled tiny LLaMA)")
-    p.add_argument("--data", type=Path, default=BUNDLED_DATA, help="folder with train.txt and valid.txt")
+    p.add_argument("--data", type=Path, default=BUNDLED_DATA,
+                   help="training data: a folder with train.txt or train.jsonl (and valid.*), or one .txt / .jsonl file "
+                        "(JSONL records: text, prompt/completion, or chat messages; trainer/README.md, Data)")
     p.add_argument("--malicious", type=int, default=0, metavar="K", help="make the last K providers cheat")
     p.add_argument("--cheat", choices=["random", "flip", "stale", "wrong-weights"], default="flip",
                    help="how malicious providers cheat (default: flip one value)")

@@ -35,7 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", nargs="+", required=True, metavar="MULTIADDR",
                    help="provider addresses to join the swarm through (as `cipherswarm provider` prints them)")
     p.add_argument("--model", type=Path, default=BUNDLED_MODEL, help="HF model directory or .gguf file (default: bundled tiny LLaMA)")
-    p.add_argument("--data", type=Path, default=BUNDLED_DATA, help="folder with train.txt and valid.txt")
+    p.add_argument("--data", type=Path, default=BUNDLED_DATA,
+                   help="training data: a folder with train.txt or train.jsonl (and valid.*), or one .txt / .jsonl file "
+                        "(JSONL records: text, prompt/completion, or chat messages; trainer/README.md, Data)")
     p.add_argument("--out", type=Path, default=Path("runs/train"), help="output folder (default runs/train)")
     p.add_argument("--steps", type=int, default=defaults.steps, help=f"optimizer steps (default {defaults.steps})")
     p.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per sequence")
@@ -63,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
     from cipherswarm.trainer.finetune import finetune, open_run
 
     configure_logging("WARNING")
-    if not args.data.is_dir():
-        print(f"--data {args.data} is not a directory", file=sys.stderr)
+    if not args.data.exists():
+        print(f"--data {args.data} does not exist", file=sys.stderr)
         return 2
     args.model = model_dir(args.model)  # a .gguf file: its converted folder
     config = FinetuneConfig(model_dir=args.model, data_dir=args.data, steps=args.steps, seq_len=args.seq_len,

@@ -25,7 +25,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cipherswarm.trainer import LoraTrainer, causal_lm_loss
-from cipherswarm.trainer.finetune import BUNDLED_DATA, BUNDLED_MODEL, text_sequences
+from cipherswarm.trainer.data import load_examples
+from cipherswarm.trainer.finetune import BUNDLED_DATA, BUNDLED_MODEL
 
 
 def main() -> int:
@@ -44,7 +45,7 @@ def main() -> int:
     peft_model.print_trainable_parameters()
 
     # 2. data: 128-token sequences, 16 per micro-batch (2048 tokens fill one encrypted block)
-    seqs = text_sequences(BUNDLED_DATA / "train.txt", tokenizer, 128)
+    seqs = load_examples(BUNDLED_DATA, tokenizer, 128)[0]["input_ids"]  # training examples, token ids
     dataloader = torch.utils.data.DataLoader(seqs[: 16 * args.steps], batch_size=16, shuffle=True)
     inputset = next(iter(dataloader))
 
@@ -55,7 +56,7 @@ def main() -> int:
                                training_args={"gradient_accumulation_steps": 1, "max_grad_norm": 1.0},
                                n_layers_to_skip_for_backprop=3, train_log_path=None, checkpoint_dir=args.checkpoints)
 
-    # 4. compile: parameters per layer from the int8 weights and 16-bit activations; keys stay here
+    # 4. compile: parameters per layer from the quantized weights and 16-bit activations; keys stay here
     lora_trainer.compile(inputset, n_bits=16)
 
     # 5. the simulation matches the encrypted computation exactly, so check on one batch first

@@ -33,6 +33,7 @@ from cipherswarm.fhe_backend.quant import Precision
 from cipherswarm.node.weights import ModelWeights, load_model
 
 from .checkpoint import latest_checkpoint, load_state
+from .data import Batch, DataError, load_examples
 from .errors import TrainerError
 from .executor import MatmulExecutor
 from .thin import load_remote_model
@@ -54,7 +55,7 @@ class FinetuneConfig:
     """Everything that decides a fine-tune's result (two runs with one config give the same losses)."""
 
     model_dir: Path = BUNDLED_MODEL  # HF causal LM directory (safetensors + tokenizer)
-    data_dir: Path = BUNDLED_DATA  # holds train.txt and valid.txt
+    data_dir: Path = BUNDLED_DATA  # a data folder or file (trainer/data.py): text, or JSONL text/prompt-completion/chat
     steps: int = 20  # optimizer steps
     seq_len: int = 128  # tokens per sequence
     batch_size: int = 16  # sequences per micro-batch: 16 x 128 tokens fill one 2048-token ring block
@@ -97,31 +98,25 @@ class FinetuneResult:
         return sum(r.tokens for r in self.records)
 
 
-def text_sequences(path: Path, tokenizer, seq_len: int) -> torch.Tensor:
-    """Token ids of a text file cut into consecutive (count, seq_len) sequences (the tail dropped)."""
-    ids = tokenizer(path.read_text(encoding="utf-8"), return_attention_mask=False)["input_ids"]
-    count = len(ids) // seq_len
-    if count == 0:
-        raise ValueError(f"{path} holds {len(ids)} tokens, fewer than one sequence of {seq_len}")
-    return torch.tensor(ids[: count * seq_len], dtype=torch.long).view(count, seq_len)
-
-
-def _batches(seqs: torch.Tensor, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
-    order = torch.randperm(len(seqs), generator=generator) if generator is not None else torch.arange(len(seqs))
-    return [seqs[order[i : i + batch_size]] for i in range(0, len(seqs) - batch_size + 1, batch_size)]
+def _batches(examples: Batch, batch_size: int, generator: torch.Generator | None) -> list[Batch]:
+    count = len(examples["input_ids"])
+    if count < batch_size:
+        raise DataError(f"{count} example(s) do not fill one micro-batch of {batch_size}: lower --batch-size")
+    order = torch.randperm(count, generator=generator) if generator is not None else torch.arange(count)
+    return [{k: v[order[i : i + batch_size]] for k, v in examples.items()} for i in range(0, count - batch_size + 1, batch_size)]
 
 
 def build(config: FinetuneConfig, *, checkpoint_dir: Path | None = None, save_steps: int | None = None,
-          thin: ModelWeights | None = None) -> tuple[LoraTrainer, list[torch.Tensor], list[torch.Tensor]]:
+          thin: ModelWeights | None = None) -> tuple[LoraTrainer, list[Batch], list[Batch]]:
     """The trainer (compiled) and its training and held-out micro-batches, all seeded by ``config.seed``.
 
     ``checkpoint_dir`` and ``save_steps`` go to the trainer (checkpoints every ``save_steps`` steps
     and when the last step is done). ``thin``: the model's layer summaries; the model is then
     loaded without its base weights (``load_remote_model``), for ``fhe="remote"`` and "disable"."""
-    for name in ("model_dir", "data_dir"):
-        path = Path(getattr(config, name))
-        if not path.is_dir():
-            raise FileNotFoundError(f"{name} {path} is not a directory")
+    if not Path(config.model_dir).is_dir():
+        raise FileNotFoundError(f"model_dir {config.model_dir} is not a directory")
+    if not Path(config.data_dir).exists():
+        raise FileNotFoundError(f"data_dir {config.data_dir} does not exist")
     torch.manual_seed(config.seed)
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -134,14 +129,13 @@ def build(config: FinetuneConfig, *, checkpoint_dir: Path | None = None, save_st
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
                       target_modules=list(config.target_modules), task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
-    train = text_sequences(Path(config.data_dir) / "train.txt", tokenizer, config.seq_len)
-    valid = text_sequences(Path(config.data_dir) / "valid.txt", tokenizer, config.seq_len)
+    train, valid = load_examples(config.data_dir, tokenizer, config.seq_len)
     gen = torch.Generator().manual_seed(config.seed)
     needed = config.steps * config.gradient_accumulation_steps
-    train_batches: list[torch.Tensor] = []
+    train_batches: list[Batch] = []
     while len(train_batches) < needed:  # as many shuffled epochs as the steps need
         train_batches += _batches(train, config.batch_size, gen)
-    eval_batches = _batches(valid, config.batch_size, None)[: config.eval_batches]
+    eval_batches = _batches(valid, min(config.batch_size, len(valid["input_ids"])), None)[: config.eval_batches]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     warmup = max(1, config.steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(

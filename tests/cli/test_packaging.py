@@ -1,4 +1,5 @@
-"""`pip install .` gives a working command: the wheel, installed on its own, runs a testnet."""
+"""`pip install .` gives a working command: the wheel, installed on its own, fine-tunes on a JSONL
+file through a local swarm, and the adapter it writes loads and generates with plain peft."""
 
 from __future__ import annotations
 
@@ -29,9 +30,23 @@ def test_the_wheel_alone_runs_a_testnet(tmp_path: Path) -> None:
                             "cipherswarm.node.sim, cipherswarm.trainer.thin; print(cipherswarm.cli.__file__)"],
                            capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     assert where.returncode == 0 and where.stdout.startswith(str(target)), where.stdout + where.stderr
-    out = tmp_path / "run"
+    out, data = tmp_path / "run", tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Who speaks in scene {i}? ", "completion": f"The master, in scene {i}."}) + "\n"
+                            for i in range(40)))
     run = subprocess.run([sys.executable, "-m", "cipherswarm.cli", "testnet", "--providers", "1", "--steps", "2",
-                          "--no-compare", "--out", str(out)], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+                          "--no-compare", "--data", str(data), "--out", str(out)],
+                         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 2 and report["model"].startswith(str(target))  # the bundled model shipped in the wheel
+
+    # the adapter is a plain peft adapter: loaded without cipherswarm, it generates
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(report["model"])
+    tuned = PeftModel.from_pretrained(base, out / "adapter")
+    tok = AutoTokenizer.from_pretrained(report["model"])
+    prompt = tok("Who speaks in scene 3? ", return_tensors="pt")
+    generated = tuned.generate(**prompt, min_new_tokens=5, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 5
