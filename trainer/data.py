@@ -138,6 +138,9 @@ def _chat(record: dict, tokenizer: Any, path: Path, line: int) -> tuple[list[int
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{path}:{line}: chat records need a tokenizer with a chat template; this model's has none "
                         "(use prompt/completion records)")
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"{path}:{line}: chat records need a fast tokenizer (token offsets tell the assistant's tokens "
+                        "apart); this model has only a slow one (use prompt/completion records)")
     messages = record["messages"]
     if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
         raise DataError(f"{path}:{line}: each message needs a \"role\" and a \"content\" string")
