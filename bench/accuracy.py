@@ -40,6 +40,7 @@ from cipherswarm.fhe_backend.quant import Precision  # noqa: E402
 from cipherswarm.node.sim import ModelShape, Workload  # noqa: E402
 from cipherswarm.node.weights import load_model  # noqa: E402
 from cipherswarm.trainer import AccuracyWarning, LoraTrainer, causal_lm_loss  # noqa: E402
+from cipherswarm.trainer.data import load_examples  # noqa: E402
 from cipherswarm.trainer.finetune import BUNDLED_DATA, FinetuneConfig, finetune  # noqa: E402
 from cipherswarm.node.gguf import convert_gguf  # noqa: E402
 
@@ -63,13 +64,13 @@ def packaged_model(cache: Path) -> Path:
 
 
 def held_out(model_dir: Path, sequences: int, seq_len: int) -> torch.Tensor:
-    """``sequences`` x ``seq_len`` tokens of the bundled held-out text."""
+    """The first ``sequences`` held-out sequences of ``seq_len`` tokens of the bundled data (valid.txt)."""
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.model_max_length = 1 << 30
-    ids = tok((BUNDLED_DATA / "valid.txt").read_text(), return_tensors="pt").input_ids[0]
-    if ids.numel() < sequences * seq_len:
-        sys.exit(f"the held-out text has {ids.numel()} tokens, fewer than {sequences} x {seq_len}")
-    return ids[: sequences * seq_len].view(sequences, seq_len)
+    ids = load_examples(BUNDLED_DATA, tok, seq_len)[1]["input_ids"]
+    if len(ids) < sequences:
+        sys.exit(f"the held-out text has {len(ids)} sequences of {seq_len} tokens, fewer than {sequences}")
+    return ids[:sequences]
 
 
 def bytes_per_token(shape: ModelShape, precision: Precision) -> tuple[float, int]:

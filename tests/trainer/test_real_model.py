@@ -20,6 +20,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cipherswarm.trainer import AccuracyWarning, LoraTrainer, Precision, causal_lm_loss
+from cipherswarm.trainer.data import load_examples
 from cipherswarm.trainer.finetune import BUNDLED_DATA
 from cipherswarm.node import WeightsError, load_model
 from cipherswarm.node.gguf import GgufError, convert_gguf, model_dir
@@ -49,8 +50,7 @@ def smollm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _held_out(model_dir: Path, sequences: int = 4, seq_len: int = 128) -> torch.Tensor:
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.model_max_length = 1 << 30
-    ids = tok((BUNDLED_DATA / "valid.txt").read_text(), return_tensors="pt").input_ids[0]
-    return ids[: sequences * seq_len].view(sequences, seq_len)
+    return load_examples(BUNDLED_DATA, tok, seq_len)[1]["input_ids"][:sequences]  # valid.txt's first sequences
 
 
 @pytest.mark.slow
