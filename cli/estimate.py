@@ -27,6 +27,7 @@ from cipherswarm.node.sim import LLAMA_3_8B, LLAMA_3_70B, ClientSpec, Estimate, 
 from cipherswarm.node.sim.policy import ChunkFailed
 from cipherswarm.node.sim.report import render
 from cipherswarm.node.sim.swarm import MBIT
+from cipherswarm.protocol import DEFAULT_MAX_PAYLOAD_SIZE
 
 TINY = Path(__file__).resolve().parents[1] / "trainer" / "assets" / "tiny-shakespeare-llama"
 GPU = GpuAssumption()
@@ -69,8 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--provider-down-mbit", type=float, default=300.0, help="provider downlink in Mbit/s (default 300)")
     g.add_argument("--rtt-ms", type=float, nargs=2, default=[20.0, 60.0], metavar=("MIN", "MAX"),
                    help="client-provider round trip in ms, uniform between MIN and MAX per provider (default 20 60)")
-    g.add_argument("--max-payload-mb", type=float, default=64 * 2**20 / 1e6,
-                   help="largest request a provider accepts, in MB (default 67.1: the provider's 64 MiB)")
+    g.add_argument("--max-payload-mb", type=float, default=DEFAULT_MAX_PAYLOAD_SIZE / 1e6,
+                   help=f"largest request a provider accepts, in MB (default {DEFAULT_MAX_PAYLOAD_SIZE / 1e6:.1f}: the provider's default)")
     g.add_argument("--slots", type=int, default=2, help="products a provider computes at once (default 2)")
     g.add_argument("--fail-prob", type=float, default=0.0, help="chance a request is silently lost, 0..1 (default 0)")
     g.add_argument("--mean-up-h", type=float, default=float("inf"),

@@ -21,6 +21,7 @@ from pathlib import Path
 import trio
 
 from cipherswarm.cli.bits import add_weight_bits
+from cipherswarm.protocol import DEFAULT_MAX_PAYLOAD_SIZE
 
 log = logging.getLogger("cipherswarm.provider")
 
@@ -35,7 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--price", type=int, default=0, help="asked price per 10^9 multiply-accumulates")
     p.add_argument("--slots", type=int, default=2, help="products computed at once")
     p.add_argument("--queue", type=int, default=2, help="requests waiting for a slot before BUSY replies")
-    p.add_argument("--max-payload", type=int, default=64 << 20, help="largest request payload in bytes")
+    p.add_argument("--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD_SIZE,
+                   help=f"largest request payload in bytes; (slots + queue) such requests may be held at once "
+                        f"(default {DEFAULT_MAX_PAYLOAD_SIZE}: one 4096-token block of an 8B model's widest layer)")
     p.add_argument("--identity", type=Path, default=None,
                    help="identity key file, created if missing (default: ~/.cipherswarm/identity.key)")
     p.add_argument("--ledger", type=Path, default=None, help="SQLite file for countersigned receipts (default: none)")

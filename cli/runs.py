@@ -50,8 +50,11 @@ def report(result: FinetuneResult, *, swarm: Any = None, plain: FinetuneResult |
         "eval_loss_before": result.eval_before,
         "eval_loss_after": result.eval_after,
         "client_cpu_s": client_cpu(result),
-        "bytes_sent": sum(r.bytes_sent for r in result.records),
-        "bytes_received": sum(r.bytes_received for r in result.records),
+        "bytes_sent": (sent := sum(r.bytes_sent for r in result.records)),
+        "bytes_received": (received := sum(r.bytes_received for r in result.records)),
+        # what the client's link carries per training token: the figure that sets a fine-tune's time
+        "bytes_sent_per_token": round(sent / tokens, 1) if tokens else None,
+        "bytes_received_per_token": round(received / tokens, 1) if tokens else None,
         "precision": {"forward_bits": result.config.forward_bits, "backward_bits": result.config.backward_bits,
                       "weight_bits": result.config.weight_bits},
         # the quantized model against the float one on the first training batch (trainer/accuracy.py)

@@ -33,7 +33,7 @@ from .exchange import (
     verify_reply,
     verify_request,
 )
-from .framing import MAX_HEADER_SIZE, Frame, FrameParser, Limits, decode_frame, encode_frame, frame_prefix, read_frame
+from .framing import DEFAULT_MAX_PAYLOAD_SIZE, MAX_HEADER_SIZE, Frame, FrameParser, Limits, decode_frame, encode_frame, frame_prefix, read_frame
 from .messages import (
     CapabilityAdvert,
     MatmulReply,
@@ -58,6 +58,7 @@ ADVERT_PROTOCOL_ID = "/cipherswarm/advert/1.0.0"
 """The stream protocol on which a provider hands out its current advert (README, "Adverts")."""
 
 __all__ = [
+    "DEFAULT_MAX_PAYLOAD_SIZE",
     "ADVERT_PROTOCOL_ID",
     "MAX_HEADER_SIZE",
     "PROTOCOL_ID",

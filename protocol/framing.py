@@ -22,6 +22,13 @@ MAX_HEADER_SIZE = 64 * 1024
 larger than this (evaluation keys, say) belongs in the payload."""
 
 
+DEFAULT_MAX_PAYLOAD_SIZE = 512 << 20
+"""The payload limit a provider advertises unless told otherwise. One 4096-token block of
+LLaMA-3-8B's widest contraction (14,336 features at 7 B per word, 411 MB) fits, so no call of such a
+model has to be cut into contraction rows, each of which returns a full-size output through the
+client's downlink. A provider holds up to (slots + queue) admitted requests of this size."""
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Limits:
     """A receiver's bounds on one frame."""

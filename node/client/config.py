@@ -29,7 +29,8 @@ class ClientConfig:
     lookup_interval_s: float = 15.0  # DHT lookups for new providers
     read_timeout_s: float = 10.0  # one read call of a reply
     crypto_threads: int = 2  # worker threads for encryption, decryption and checks
-    upload_slots: int = 4  # requests written at once; more would only split the uplink (exchange.py)
+    upload_slots: int = 4  # requests written at once, if together within upload_window_bytes (uploads.py) ...
+    upload_window_bytes: int = 8 << 20  # ... bigger ones are written one at a time: company would only delay each
     link_bps: float = 2.5e6  # bytes/s a request's payload is assumed to move at until measured (20 Mbit/s)
 
     def __post_init__(self) -> None:
@@ -39,5 +40,7 @@ class ClientConfig:
             raise ValueError(f"link_bps must be > 0, got {self.link_bps}")
         if min(self.max_chunks, self.max_attempts, self.crypto_threads, self.upload_slots) < 1 or self.max_rotations < 0:
             raise ValueError("max_chunks, max_attempts, crypto_threads and upload_slots must be >= 1, max_rotations >= 0")
+        if self.upload_window_bytes < 0:
+            raise ValueError(f"upload_window_bytes must be >= 0, got {self.upload_window_bytes}")
         if not 0 < self.request_ttl_s <= 120:
             raise ValueError("request_ttl_s must be in (0, 120]: providers refuse longer lifetimes")

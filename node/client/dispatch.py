@@ -67,6 +67,7 @@ from .exchange import Exchange, ExchangeExpired, wait_any
 from .keys import LayerChannel
 from .peers import Need, PeerState
 from .router import AttemptFailed, ChunkRouter, FailureKind
+from .uploads import Uploads
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ class Dispatcher:
         self._counters = counters
         self._key_pair: KeyPair = node.key_pair
         self.crypto = trio.CapacityLimiter(config.crypto_threads)
-        self._uploads = trio.Semaphore(config.upload_slots)  # requests being written at once (exchange.py)
+        self._uploads = Uploads(config.upload_slots, config.upload_window_bytes)  # uploads.py
         self._background: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -300,32 +301,36 @@ class Dispatcher:
         self, job: ChunkJob, state: PeerState, *, on_accept: Callable[[], None], started: trio.Event | None = None
     ) -> None:
         """One exchange with one provider; returns once the result is accepted (or a twin won).
-        `started` is set once its upload slot is taken (exchange.py)."""
+        `started` is set once the upload gate admits it (exchange.py)."""
         peer = state.peer
-        request = MatmulRequest.for_payload(
-            job.payload,
-            payload_sha256=job.payload_sha256,
-            expires_at_ms=now_ms() + int(1000 * self._config.request_ttl_s),
-            model_hash=job.need.model_hash,
-            layer=job.layer,
-            weight_slice=job.weight_slice,
-            transpose=job.channel.transpose,
-            backend=BACKEND,
-            backend_params=encode_params(job.params),
-            input_shape=tuple(job.x.shape),  # type: ignore[arg-type]  # 2-D by construction
-            output_shape=(job.x.shape[0], job.width),
-            price_per_gmac=self._config.max_price_per_gmac,
-        )
-        with self._node.cpu.section("signatures"):
-            sealed = seal(request, self._key_pair.private_key)
+        admitted: list[Sealed[MatmulRequest]] = []  # the request, made and signed when its upload is admitted
+
+        def make_request() -> Sealed[MatmulRequest]:
+            request = MatmulRequest.for_payload(
+                job.payload,
+                payload_sha256=job.payload_sha256,
+                expires_at_ms=now_ms() + int(1000 * self._config.request_ttl_s),
+                model_hash=job.need.model_hash,
+                layer=job.layer,
+                weight_slice=job.weight_slice,
+                transpose=job.channel.transpose,
+                backend=BACKEND,
+                backend_params=encode_params(job.params),
+                input_shape=tuple(job.x.shape),  # type: ignore[arg-type]  # 2-D by construction
+                output_shape=(job.x.shape[0], job.width),
+                price_per_gmac=self._config.max_price_per_gmac,
+            )
+            with self._node.cpu.section("signatures"):
+                admitted.append(seal(request, self._key_pair.private_key))
+            return admitted[-1]
+
         limits = Limits(max_payload_size=2 * job.ct.blocks * job.width * job.params.n * 8 + (1 << 16))
         timeout = self._router.attempt_timeout(state, job.need.macs, job.need.payload)
-        exchange = Exchange(self._node, peer, sealed, job.payload, limits=limits, timeout_s=timeout,
+        exchange = Exchange(self._node, peer, make_request, job.payload, limits=limits, timeout_s=timeout,
                             uploads=self._uploads, started=started)
         if self._background is None:
             raise RuntimeError("the dispatcher is not running: start Dispatcher.run in a nursery first")
         self._background.start_soon(exchange.run)
-        started = trio.current_time()
         try:
             try:
                 frame = await exchange.reply()
@@ -338,6 +343,7 @@ class Dispatcher:
                 raise AttemptFailed(peer, FailureKind.UNREACHABLE, str(exc) or type(exc).__name__) from None
             except ProtocolError as exc:  # a reply that does not even parse
                 raise AttemptFailed(peer, FailureKind.CHEATED, f"invalid reply: {exc}") from None
+            sealed = admitted[0]  # a reply comes only to a request that was sent
             self._counters.bytes_sent += len(sealed.header) + len(job.payload)
             self._counters.bytes_received += len(frame.header.body) + len(frame.payload)
             digest, spent = await trio.to_thread.run_sync(thread_timed, sha256, frame.payload, limiter=self.crypto)
@@ -354,7 +360,7 @@ class Dispatcher:
                 raise AttemptFailed(peer, FailureKind.CHEATED, f"wrong result: {exc}") from None
             if job.accepted:  # a hedge twin was accepted first
                 return
-            exchange.acknowledge(self._accept(job, reply, y, elapsed_s=trio.current_time() - started))
+            exchange.acknowledge(self._accept(job, reply, y, elapsed_s=exchange.replied_at - exchange.admitted_at))
             on_accept()
         finally:
             exchange.abandon()  # a no-op once acknowledged

@@ -14,19 +14,21 @@ its stream, a write like any other but one made whole, after which the stream's 
 fail at once and the Exchange ends. The attempt learns of the deadline from the watchdog at once,
 even while libp2p is still opening the stream (to a frozen peer that takes libp2p's own 10 s).
 
-Uploads take turns: an Exchange holds one of the client's upload slots from opening its stream
-until its request is written. On a home uplink, sending every chunk at once would only split the
-link so that all of them arrive late, past the providers' frame deadlines; in turns, the first
-chunks arrive early and their providers start computing while the rest are sent. The deadline
-(and the dispatcher's hedge clock, through `started`) counts from the moment the slot is taken:
-time queued behind our own uplink is not the provider's fault. It ends when the reply's first
+Uploads take turns: an Exchange is admitted by the client's upload gate (uploads.py: big payloads
+one at a time, a few small ones at once) before it opens its stream, and leaves it when its request
+is written. On a home uplink, sending every chunk at once would only split the link so that all of
+them arrive late, past the providers' frame deadlines; in turns, the first chunks arrive early and
+their providers start computing while the rest are sent. The request is made and signed when the
+Exchange is admitted, so its expiry counts from then, not from the queue. The deadline (and the
+dispatcher's hedge clock, through `started`) counts from that moment too: time queued behind our
+own uplink is not the provider's fault. It ends when the reply's first
 bytes arrive: from then on the reply is read at whatever rate the links allow, each read bounded
 by its own timeout and the whole frame by its size at MIN_REPLY_BPS.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 from libp2p.abc import INetStream
@@ -36,6 +38,7 @@ from cipherswarm.protocol import PROTOCOL_IDS, Frame, Limits, Sealed, SignedRece
 
 from ..host import NodeHost
 from ..streams import close_stream, request_reply, send_frame
+from .uploads import Uploads
 
 ACK_TIMEOUT_S = 5.0
 MIN_REPLY_BPS = 1e6  # slowest reply transfer tolerated, bytes/s (8 Mbit/s)
@@ -64,18 +67,18 @@ class Exchange:
         self,
         node: NodeHost,
         peer: ID,
-        sealed: Sealed,
+        request: Callable[[], Sealed],
         payload: bytes,
         *,
         limits: Limits,
         timeout_s: float,
-        uploads: trio.Semaphore | None = None,
+        uploads: Uploads | None = None,
         started: trio.Event | None = None,
         protocols: Sequence[str] = PROTOCOL_IDS,
     ) -> None:
         self._node = node
         self.peer = peer
-        self._sealed = sealed
+        self._request = request  # makes and signs the request once the upload is admitted
         self._payload = payload
         self._limits = limits
         self._timeout_s = timeout_s
@@ -92,6 +95,8 @@ class Exchange:
         self._stop = trio.Event()  # abandon(): reset the stream now
         self._abandon_queue = trio.CancelScope()  # cancels the wait for an upload slot
         self._expired = False
+        self.admitted_at = 0.0  # trio time the upload gate admitted it (the attempt's own clock starts)
+        self.replied_at = 0.0  # trio time the reply's first bytes arrived (the deadline's end)
 
     async def reply(self) -> Frame:
         """The reply frame, not yet verified; raises what the exchange failed with (libp2p and
@@ -131,20 +136,25 @@ class Exchange:
             if self._stream is not None:
                 await close_stream(self._stream)
 
+    def _reply_starts(self) -> None:
+        self.replied_at = trio.current_time()
+        self._replying.set()
+
     def _release_upload(self) -> None:
         if self._holds_upload:
             self._holds_upload = False
             assert self._uploads is not None
-            self._uploads.release()
+            self._uploads.release(len(self._payload))
 
     async def _take_upload_slot(self) -> bool:
-        """Wait for an upload slot (no deadline: the queue is our own uplink); False if abandoned."""
+        """Wait for the upload gate (no deadline: the queue is our own uplink); False if abandoned."""
         if self._uploads is not None:
             with self._abandon_queue:
-                await self._uploads.acquire()
+                await self._uploads.take(len(self._payload))
                 self._holds_upload = True
             if self._abandon_queue.cancelled_caught:
                 return False
+        self.admitted_at = trio.current_time()
         self.started.set()
         return True
 
@@ -152,6 +162,7 @@ class Exchange:
         try:
             if not await self._take_upload_slot():
                 return
+            sealed = self._request()
             self._stream = await self._node.host.new_stream(self.peer, self._protocols)
             if self._stop.is_set() or self._expired:  # too late: the request would be stale work
                 return
@@ -159,9 +170,9 @@ class Exchange:
             # reads' own timeouts bound a stalled or trickling reply.
             slack = self._timeout_s + 1.0
             frame = await request_reply(
-                self._stream, self._sealed, self._payload, limits=self._limits, read_timeout_s=slack,
+                self._stream, sealed, self._payload, limits=self._limits, read_timeout_s=slack,
                 frame_timeout_s=slack + self._limits.max_payload_size / MIN_REPLY_BPS,
-                on_sent=self._release_upload, on_reply=self._replying.set,
+                on_sent=self._release_upload, on_reply=self._reply_starts,
             )
         except Exception as exc:  # handed to the attempt, which classifies it
             self._deliver(ExchangeExpired() if self._expired else exc)

@@ -195,6 +195,9 @@ class PeerTable:
     # -- outcomes ------------------------------------------------------------------------------
 
     def on_success(self, peer: ID, *, elapsed_s: float, compute_s: float, macs: int, amount: int, payload: int = 0) -> None:
+        """A verified result. `elapsed_s`: from the request's upload starting to its reply's first
+        bytes (what an attempt's deadline bounds; the reply's own transfer would make a big output
+        look like a slow uplink)."""
         s = self._peers[peer]
         s.successes += 1
         s.chunks += 1

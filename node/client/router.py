@@ -3,18 +3,22 @@
 Plan: a call `x @ W` (tokens x contraction -> tokens x output) is cut along the three exact splits
 of fhe-scheme.md, "Chunking":
 
-- token blocks (`blocks`): each chunk a run of ring blocks; cuts input, output and work alike;
+- token blocks (`blocks`): each chunk a run of ring blocks; cuts input, output and work alike, and
+  moves no byte twice;
 - output columns (`columns`): each chunk all tokens against a run of W's column blocks (the
   checker's grid, `fhe_backend.verify.column_grid`: the client can check whole blocks only); cuts
-  output and work, and is the only split left when there are fewer blocks than providers (a call
-  under N tokens);
+  output and work, but sends the same input to every provider;
 - contraction rows (`rows`): each chunk a slice of the features; the client adds the partial
-  products. Needed when one block's ciphertext exceeds a provider's payload limit.
+  products, so every provider returns a full-size output. Needed when one block's ciphertext
+  exceeds a provider's payload limit.
 
-"auto" takes `rows` if one block does not fit the smallest payload limit among the holders,
-`blocks` if there are at least as many blocks as usable providers, `columns` otherwise; then
-adds block groups until every chunk's payload fits. The chunk count follows the number of usable
-providers (at most `max_chunks`), so every provider gets work and a slow one holds up one chunk.
+The client's link, not the providers, usually bounds a fine-tune, so "auto" chooses by the bytes a
+plan moves: `rows` only if one block does not fit the smallest payload limit among the holders,
+otherwise token `blocks`, and `columns` only when there are fewer blocks than usable providers and
+the time the extra providers save (compute divided among them) is more than the time the
+replicated input costs on the client's measured link (`plan_cost`). Then block groups are added
+until every chunk's payload fits. The chunk count follows the number of usable providers (at most
+`max_chunks`), so every provider gets work and a slow one holds up one chunk.
 
 Choice: the chunks are assigned when they are sent, not in the plan: each goes to the provider
 usable at that moment with the fewest of our requests in flight, the best score among those (score:
@@ -28,9 +32,13 @@ from __future__ import annotations
 
 import enum
 import itertools
+import logging
+import math
 import random
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 from libp2p.peer.id import ID
@@ -43,6 +51,7 @@ from ..types import Chunk
 from .config import ClientConfig
 from .peers import Need, PeerState, PeerTable
 
+log = logging.getLogger(__name__)
 
 class FailureKind(enum.Enum):
     TIMEOUT = "timeout"  # no reply within the attempt's deadline
@@ -88,6 +97,7 @@ class CallShape:
     contraction: int
     output: int
     in_bytes: int  # bytes per input word on the wire
+    out_bytes: int  # bytes per output value on the wire
 
     @property
     def blocks(self) -> int:
@@ -104,6 +114,35 @@ class CallShape:
         return self.contraction * self.n * self.in_bytes
 
 
+@dataclass(frozen=True, slots=True)
+class PlanCost:
+    """What a plan moves through the client's link and how long the router expects it to take."""
+
+    bytes_up: int  # ciphertext payloads, every chunk's own (replicated inputs counted each time)
+    bytes_down: int  # result payloads (row parts return full-size outputs each)
+    seconds: float  # both directions over the client's link, plus the compute waves
+
+    def describe(self) -> str:
+        return f"{self.bytes_up / 1e6:.2f} MB up, {self.bytes_down / 1e6:.2f} MB down, ~{self.seconds:.3f} s"
+
+
+def plan_cost(shape: CallShape, chunks: list[Chunk], *, providers: int, link_bps: float, rate: float) -> PlanCost:
+    """The bytes `chunks` move and a time model for comparing plans: every byte through one link of
+    `link_bps` (the client's; its uplink is what a replicated input costs, and a row split's extra
+    outputs cost its downlink), plus ceil(chunks / providers) waves of the largest chunk at `rate`
+    MAC/s. Not a prediction of the wall time (node/sim predicts that): just enough to tell whether
+    spreading one call over more providers is worth the bytes."""
+    up = down = 0
+    largest = 0
+    for c in chunks:
+        slots = len(c.blocks) * shape.n
+        up += slots * len(c.contraction) * shape.in_bytes
+        down += slots * len(c.output) * shape.out_bytes
+        largest = max(largest, slots * len(c.contraction) * len(c.output))
+    waves = _ceil_div(len(chunks), max(1, providers))
+    return PlanCost(up, down, (up + down) / link_bps + waves * largest / rate)
+
+
 class ChunkRouter:
     """Plans chunks and chooses providers; `on_failure` turns an attempt's failure into a penalty."""
 
@@ -112,19 +151,51 @@ class ChunkRouter:
         self.config = config
         self._starved = starved  # called when nobody holds a layer: ask discovery for a fresh lookup
 
-    def plan(self, shape: CallShape, *, providers: int, max_payload: int) -> list[Chunk]:
+    def plan(self, shape: CallShape, *, providers: int, max_payload: int, link_bps: float = math.inf,
+             rate: float = 1.0) -> list[Chunk]:
         """The chunks of a call for `providers` usable providers whose smallest payload limit is
-        `max_payload`."""
+        `max_payload`, over a client link of `link_bps` bytes/s to providers computing `rate` MAC/s
+        (with the default, an infinitely fast link, replicating costs nothing and "auto" spreads a
+        call as widely as it can)."""
         k = max(1, min(providers, self.config.max_chunks))
-        grid = shape.column_grid
         kind = self.config.split
-        if kind == "auto":
-            if shape.block_bytes > max_payload:
-                kind = "rows"
-            elif shape.blocks >= k:
-                kind = "blocks"
-            else:
-                kind = "columns"
+        if kind != "auto":
+            return self._layout(shape, kind, k, max_payload)
+        if shape.block_bytes > max_payload:  # as few row parts as fit: each returns a full-size output
+            return self._layout(shape, "rows", k, max_payload, spread_rows=False)
+        blocks = self._layout(shape, "blocks", k, max_payload)
+        if len(blocks) >= k or len(shape.column_grid) <= 2:
+            return blocks  # every provider has a block (or W has one column block): nothing to replicate for
+        columns = self._layout(shape, "columns", k, max_payload)
+        cost = partial(plan_cost, shape, providers=k, link_bps=link_bps, rate=rate)
+        return columns if cost(columns).seconds < cost(blocks).seconds else blocks
+
+    def plan_for(self, shape: CallShape, holders: list[PeerState], *, layer: str) -> list[Chunk]:
+        """`plan` for the holders of a layer: the usable ones now (all of them if none is), the
+        client's link as the fastest one measured to any of them (each measurement is a lower
+        bound: uploads share the link) and their mean rate. A chunk's payload stays within the
+        smallest limit among them and within what that link uploads in half a request's lifetime,
+        so that every request reaches its provider before it expires. The plan is logged with the
+        bytes it moves."""
+        usable = [s for s in holders if self.table.usable(s)] or holders
+        link = max(s.link_bps for s in usable)
+        rate = statistics.fmean(s.rate for s in usable)
+        in_time = int(link * self.config.request_ttl_s / 2)
+        chunks = self.plan(shape, providers=len(usable), link_bps=link, rate=rate,
+                           max_payload=min(in_time, *(s.advert.max_payload_size for s in usable)))
+        if log.isEnabledFor(logging.DEBUG):
+            cost = plan_cost(shape, chunks, providers=len(usable), link_bps=link, rate=rate)
+            log.debug("plan for %s (%d tokens, %d x %d): %d chunk(s) over %d token group(s), %d row part(s), "
+                      "%d column part(s); %s", layer, shape.tokens, shape.contraction, shape.output, len(chunks),
+                      len({c.blocks for c in chunks}), chunks[0].row_parts, len({c.output for c in chunks}),
+                      cost.describe())
+        return chunks
+
+    def _layout(self, shape: CallShape, kind: str, k: int, max_payload: int, *, spread_rows: bool = True) -> list[Chunk]:
+        """The chunks of one kind of split for `k` providers, block groups added until each fits.
+        Rows: `k` row parts when `spread_rows` (the split asked for by name), else only as many as
+        fit the payload limit, with the blocks spread instead (they cost no extra bytes)."""
+        grid = shape.column_grid
         groups = rows = cols = 1
         if kind == "blocks":
             groups = max(k, _pieces_to_fit(shape.blocks, shape.block_bytes, max_payload))
@@ -133,9 +204,11 @@ class ChunkRouter:
             groups = _pieces_to_fit(shape.blocks, shape.block_bytes, max_payload)
         else:
             feature_bytes = shape.n * shape.in_bytes  # one feature of one block
-            rows = min(shape.contraction, max(k, _pieces_to_fit(shape.contraction, feature_bytes, max_payload)))
+            rows = min(shape.contraction, max(k if spread_rows else 1, _pieces_to_fit(shape.contraction, feature_bytes, max_payload)))
             part_bytes = _ceil_div(shape.contraction, rows) * feature_bytes  # the largest row part of one block
             groups = _pieces_to_fit(shape.blocks, part_bytes, max_payload)
+            if not spread_rows:
+                groups = max(k // rows, groups)
         groups = min(shape.blocks, groups)
         outputs = [Range(grid[a.start], grid[a.stop]) for a in _ranges(len(grid) - 1, cols)]
         product = itertools.product(_ranges(shape.blocks, groups), _ranges(shape.contraction, rows), outputs)

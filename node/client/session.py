@@ -128,7 +128,8 @@ class SwarmSession:
         x = _operand(x_int, contraction)
         if x.shape[0] == 0:
             return torch.zeros((0, width), dtype=torch.int64)
-        shape = CallShape(x.shape[0], channel.params.n, contraction, width, channel.params.in_bytes)
+        p = channel.params
+        shape = CallShape(x.shape[0], p.n, contraction, width, p.in_bytes, p.out_bytes)
         plan = await self._plan(layer, shape)
         # Chunks of one contraction part cover each output cell once (router.py), and each is
         # copied in; only row chunks add up, into zeros. A layer-sized output is written once
@@ -158,8 +159,7 @@ class SwarmSession:
                 raise NoProvidersError(layer.name, known=len(self.peers), reason="none holds this layer")
             self.watcher.request_lookup()
             await self.peers.wait_change(1.0)
-        usable = [s for s in holders if self.peers.usable(s)] or holders
-        return self.router.plan(shape, providers=len(usable), max_payload=min(s.advert.max_payload_size for s in usable))
+        return self.router.plan_for(shape, holders, layer=layer.name)
 
     async def _round(
         self,

@@ -31,6 +31,7 @@ from cipherswarm.fhe_backend import Ciphertext, FheError, ParameterError, PlainW
 from cipherswarm.fhe_backend.evaluator import matmul
 from cipherswarm.fhe_backend.int8_limbs import Int8Gemm, cuda_int8_gemm, self_check
 from cipherswarm.protocol import (
+    DEFAULT_MAX_PAYLOAD_SIZE,
     PROTOCOL_IDS,
     Busy,
     CapabilityAdvert,
@@ -77,7 +78,7 @@ class ProviderConfig:
     price_per_gmac: int = 0  # asked price per 10^9 multiply-accumulates; cheaper offers get PAYMENT
     slots: int = 2  # products computed at once (worker threads)
     queue: int = 2  # further requests read and waiting for a slot; beyond that: BUSY
-    max_payload_size: int = 64 << 20  # largest request payload read, advertised to clients
+    max_payload_size: int = DEFAULT_MAX_PAYLOAD_SIZE  # largest request payload read, advertised to clients
     device: str = "cpu"  # requested device; see resolve_device
     advert_interval_s: float = 10.0  # re-advertise at least this often (adverts live 3 intervals)
     benchmark_s: float = 1.0  # length of the start-up self-benchmark

@@ -4,8 +4,8 @@ The chunk plan, provider choice, hedge delay, attempt timeout, bans and scores a
 a real ``PeerTable`` (on the simulator's clock, with an in-memory ledger) and a real ``ChunkRouter``
 decide, with the adverts the simulated providers would send. What is mirrored here is the control
 flow of ``session.matmul`` and ``dispatch.run_chunk``/``_race``/``_attempt``: encrypt the operand,
-serialise each chunk, send the chunks (``upload_slots`` requests written at once, each deadline and
-hedge clock starting when its upload slot is taken), race a hedge against a straggler, retry a failed
+serialise each chunk, send the chunks (admitted by the client's own ``UploadGate``, each deadline
+and hedge clock starting when its upload is admitted), race a hedge against a straggler, retry a failed
 chunk elsewhere (after a backoff where only providers that failed it are left), until each chunk
 is accepted. Every step's cost is a flow on the simulated resources (engine.py).
 """
@@ -24,6 +24,7 @@ from libp2p.peer.id import ID
 from ..client.config import ClientConfig
 from ..client.peers import Need, PeerState, PeerTable
 from ..client.router import CallShape, ChunkRouter
+from ..client.uploads import UploadGate
 from ..ledger import Ledger
 from ..types import Chunk, ProviderAdvert
 from .engine import FifoServers, Flow, Resource, Simulator
@@ -98,7 +99,7 @@ class Client:
         self.up = None if shared else Resource("client uplink", c.up_bps)
         self.down = None if shared else Resource("client downlink", c.down_bps)
         self.crypto = FifoServers(sim, config.crypto_threads)
-        self.uploads = FifoServers(sim, config.upload_slots)  # requests written at once (exchange.py)
+        self.uploads = UploadGate(config.upload_slots, config.upload_window_bytes)  # the client's own rule (uploads.py)
         self.nodes: dict[ID, Node] = {}
         for i, spec in enumerate(swarm.providers):
             device = self.cpu if shared else Resource(f"provider {i} device", spec.parallelism)
@@ -176,10 +177,9 @@ class Client:
         holders = self.table.holders(need)
         if not holders:
             raise ChunkFailed(f"no provider holds {product.layer.key}")
-        usable = [s for s in holders if self.table.usable(s)] or holders
         p = product.params
-        shape = CallShape(product.tokens, p.n, product.contraction, product.width, p.in_bytes)
-        plan = self.router.plan(shape, providers=len(usable), max_payload=min(s.advert.max_payload_size for s in usable))
+        shape = CallShape(product.tokens, p.n, product.contraction, product.width, p.in_bytes, p.out_bytes)
+        plan = self.router.plan_for(shape, holders, layer=product.layer.key)
         c = self.swarm.client
         values = product.padded_tokens * product.contraction
         self.crypto_work("encrypt", values * c.encrypt_ns * 1e-9, lambda: self._serialise(product, plan, 0, [], done))
@@ -317,23 +317,24 @@ class Attempt:
         self.compute_s = 0.0
         self.holds_upload = False
         self.replying = False
+        self.replied_at = 0.0
         self._on_started = on_started
 
     def start(self) -> None:
         self.client.tally.attempts += 1
         self.node.attempts.add(self)
-        self.client.uploads.acquire(self._upload_slot_taken)
+        self.client.uploads.request(self.run.payload, lambda: self.client.sim.after(0.0, self._upload_slot_taken))
 
     def _release_upload(self) -> None:
         if self.holds_upload:
             self.holds_upload = False
-            self.client.uploads.release()
+            self.client.uploads.release(self.run.payload)
 
     def _upload_slot_taken(self) -> None:
         """The exchange proper (exchange.py): its deadline counts from here, not from the queue."""
         client, node = self.client, self.node
         if self.ended:  # a twin won while this one queued
-            client.uploads.release()
+            client.uploads.release(self.run.payload)
             return
         self.holds_upload = True
         self.started = client.sim.now
@@ -386,6 +387,7 @@ class Attempt:
         if self.ended or not self.node.alive:
             return
         self.replying = True
+        self.replied_at = self.client.sim.now + self.node.spec.rtt_s / 2  # its first bytes reach the client
         self.client.tally.bytes_down += self.run.reply
 
         def received() -> None:
@@ -414,7 +416,7 @@ class Attempt:
             client.tally.chunks += 1
             client.tally.macs += run.macs
             client.tally.paid += amount
-            client.table.on_success(self.state.peer, elapsed_s=client.sim.now - self.started, compute_s=self.compute_s,
+            client.table.on_success(self.state.peer, elapsed_s=self.replied_at - self.started, compute_s=self.compute_s,
                                     macs=run.macs, amount=int(amount), payload=run.payload)
         self._end()
         run.attempt_ended(self, ok=True)

@@ -14,6 +14,7 @@ from typing import Any
 
 from cipherswarm.fhe_backend.int8_limbs import LIMB_BITS as INT8_LIMB_BITS
 from cipherswarm.fhe_backend.ring import limb_count
+from cipherswarm.protocol import DEFAULT_MAX_PAYLOAD_SIZE
 
 MBIT = 1e6 / 8
 """Bytes per second in one Mbit/s."""
@@ -54,7 +55,7 @@ class ProviderSpec:
     down_bps: float = 300 * MBIT
     rtt_s: float = 0.04  # round trip to the client
     slots: int = 2  # products computed at once
-    max_payload: int = 64 << 20
+    max_payload: int = DEFAULT_MAX_PAYLOAD_SIZE
     layers: tuple[str, ...] = ()  # globs over module names it holds; empty: all
     fail_prob: float = 0.0  # chance an attempt is silently lost (the client times out)
     mean_up_s: float = math.inf  # churn: mean time between departures (exponential)

@@ -54,8 +54,9 @@ async def test_stopped_provider_is_banned_with_backoff_and_served_again_after_it
             provider_process(model_dir, tmp_path) as steady,
             # Adverts live three intervals: the victim's must outlive its absence, or it would not be retried.
             provider_process(model_dir, tmp_path, "--advert-interval", "5", bootstrap=[steady.addr]) as victim,
-            # No hedging, short timeouts: an attempt on the stopped provider must time out.
-            session(weights, [steady.addr], ledger=ledger, min_providers=2, hedge_min_s=60, timeout_min_s=1.0,
+            # No hedging, short timeouts: an attempt on the stopped provider must time out. Column
+            # chunks: a one-block call then goes to both providers (by bytes it would go to one).
+            session(weights, [steady.addr], ledger=ledger, min_providers=2, split="columns", hedge_min_s=60, timeout_min_s=1.0,
                     timeout_factor=1.0, ban_base_s=BAN_BASE_S, ban_max_s=4 * BAN_BASE_S) as client,
             trio.open_nursery() as nursery,
         ):

@@ -8,6 +8,7 @@ import torch
 import trio
 
 from cipherswarm.node import ModelWeights
+from cipherswarm.node.client.uploads import Uploads
 
 from node_factory import providers, random_operand, reference, running_provider, session
 
@@ -17,7 +18,9 @@ LAYER = "model.layers.0.mlp.gate_proj"  # 64 -> 128
 async def test_slow_provider_is_hedged(weights: ModelWeights) -> None:
     with trio.fail_after(60):
         async with providers(weights, [{}, {}, dict(delay_s=20.0)]) as (fast, other, slow):
-            async with session(weights, [fast.addr], min_providers=3, hedge_min_s=0.3, hedge_factor=1.0) as client:
+            # Column chunks: each one-block call reaches all three (by bytes it would go to one).
+            async with session(weights, [fast.addr], min_providers=3, split="columns", hedge_min_s=0.3,
+                               hedge_factor=1.0) as client:
                 for _ in range(2):
                     x = random_operand(100, 64)
                     started = trio.current_time()
@@ -71,22 +74,22 @@ async def test_busy_backpressure_with_eight_clients(weights: ModelWeights) -> No
             assert sum(c.stats().busy for c in clients) == stats.busy
 
 
-class CountingSemaphore:
-    """A trio semaphore that records how many holders it had at once and how often it was taken."""
+class CountingUploads(Uploads):
+    """The client's upload gate, recording how many uploads it had at once and when each was admitted."""
 
-    def __init__(self, value: int) -> None:
-        self._semaphore = trio.Semaphore(value)
+    def __init__(self, slots: int) -> None:
+        super().__init__(slots, window_bytes=0)
         self.held = 0
         self.taken_at: list[float] = []
 
-    async def acquire(self) -> None:
-        await self._semaphore.acquire()
+    async def take(self, nbytes: int) -> None:
+        await super().take(nbytes)
         self.held += 1
         self.taken_at.append(trio.current_time())
 
-    def release(self) -> None:
+    def release(self, nbytes: int) -> None:
         self.held -= 1
-        self._semaphore.release()
+        super().release(nbytes)
 
 
 async def test_the_upload_slot_is_held_while_writing_not_while_computing(weights: ModelWeights) -> None:
@@ -96,7 +99,7 @@ async def test_the_upload_slot_is_held_while_writing_not_while_computing(weights
         async with providers(weights, [dict(delay_s=4.0), dict(delay_s=4.0)]) as (first, _):
             async with session(weights, [first.addr], min_providers=2, upload_slots=1, split="blocks",
                                hedge_min_s=60) as client:
-                client.dispatcher._uploads = uploads = CountingSemaphore(1)
+                client.dispatcher._uploads = uploads = CountingUploads(1)
                 x = random_operand(2 * 2048, 64)  # two ring blocks: one chunk per provider
                 started = trio.current_time()
                 assert torch.equal(await client.matmul(LAYER, x), reference(weights, LAYER, x, transpose=False))
@@ -111,7 +114,7 @@ async def test_a_silent_provider_gives_its_upload_slot_back(weights: ModelWeight
         async with providers(weights, [{}, {}, dict(delay_s=30.0)]) as (first, _, silent):
             async with session(weights, [first.addr], min_providers=3, upload_slots=1, split="blocks",
                                hedge_min_s=60, timeout_min_s=2.0, timeout_factor=1.0) as client:
-                client.dispatcher._uploads = uploads = CountingSemaphore(1)
+                client.dispatcher._uploads = uploads = CountingUploads(1)
                 x = random_operand(3 * 2048, 64)  # three ring blocks: one chunk per provider
                 assert torch.equal(await client.matmul(LAYER, x), reference(weights, LAYER, x, transpose=False))
                 stats = client.stats()

@@ -65,7 +65,8 @@ async def test_provider_killed_mid_call(weights: ModelWeights, model_dir: Path, 
         async with provider_process(model_dir, tmp_path, "--delay", "10", bootstrap=[two_providers[0]]) as victim:
             # Joined through the first provider only: the others are found through the DHT and gossip.
             started = trio.current_time()
-            async with session(weights, [two_providers[0]], min_providers=3, hedge_min_s=60) as client:
+            # Column chunks: the call reaches the victim too (by bytes it would go to one provider).
+            async with session(weights, [two_providers[0]], min_providers=3, hedge_min_s=60, split="columns") as client:
                 discovery_s = trio.current_time() - started
                 x = random_operand(100, 64)
                 result: list[torch.Tensor] = []
@@ -98,7 +99,8 @@ def _peer_id(client: object, addr: Multiaddr) -> object:
 async def test_cheat_flag_of_a_provider_process_is_caught(weights: ModelWeights, model_dir: Path, tmp_path: Path, two_providers: list[Multiaddr]) -> None:
     with trio.fail_after(120):
         async with provider_process(model_dir, tmp_path, "--cheat", "wrong-weights", "--slots", "1", bootstrap=[two_providers[0]]) as cheater:
-            async with session(weights, [cheater.addr, *two_providers], min_providers=3) as client:
+            # column chunks: every call reaches the cheater too (by bytes it would go to one provider)
+            async with session(weights, [cheater.addr, *two_providers], min_providers=3, split="columns") as client:
                 bad = _peer(cheater.addr)
                 for _ in range(3):
                     x = random_operand(100, 64)

@@ -13,7 +13,7 @@ from libp2p.peer.id import ID
 
 from cipherswarm.node import ClientConfig, Ledger, NoProvidersError, ProviderAdvert
 from cipherswarm.node.client.peers import Need, PeerTable
-from cipherswarm.node.client.router import AttemptFailed, CallShape, ChunkRouter, FailureKind
+from cipherswarm.node.client.router import AttemptFailed, CallShape, ChunkRouter, FailureKind, plan_cost
 from cipherswarm.node.discovery import now_ms
 
 MODEL = b"m" * 32
@@ -194,7 +194,7 @@ class TestPlan:
         ],
     )
     def test_plans_cover_the_product_exactly(self, split: str, tokens: int, providers: int, max_payload: int, kinds: tuple[int, int, int]) -> None:
-        shape = CallShape(tokens=tokens, n=2048, contraction=16, output=12, in_bytes=1)
+        shape = CallShape(tokens=tokens, n=2048, contraction=16, output=12, in_bytes=1, out_bytes=1)
         router = ChunkRouter(PeerTable(ledger=Ledger()), ClientConfig(split=split))  # type: ignore[arg-type]
         chunks = router.plan(shape, providers=providers, max_payload=max_payload)
         groups = len({c.blocks for c in chunks}), len({c.contraction for c in chunks}), len({c.output for c in chunks})
@@ -204,3 +204,44 @@ class TestPlan:
         if max_payload < 10**9:  # every chunk's input fits the payload limit
             assert max(len(c.blocks) * len(c.contraction) * shape.n * shape.in_bytes for c in chunks) <= max_payload
         assert [c.index for c in chunks] == list(range(len(chunks)))
+
+
+class TestPlanByBytes:
+    """auto chooses the split by the bytes it moves through the client's link."""
+
+    LAYER = dict(n=4096, contraction=4096, output=4096, in_bytes=7, out_bytes=10)  # a LLaMA-8B projection
+
+    def test_token_blocks_move_each_input_once_when_there_are_enough(self) -> None:
+        shape = CallShape(tokens=8 * 4096, **self.LAYER)
+        router = ChunkRouter(PeerTable(ledger=Ledger()), ClientConfig())
+        chunks = router.plan(shape, providers=3, max_payload=1 << 30)  # even on an infinitely fast link
+        cost = plan_cost(shape, chunks, providers=3, link_bps=1.0, rate=1.0)
+        assert len({c.output for c in chunks}) == 1 and chunks[0].row_parts == 1
+        assert cost.bytes_up == 8 * 4096 * 4096 * 7 and cost.bytes_down == 8 * 4096 * 4096 * 10
+
+    @pytest.mark.parametrize(("link_bps", "rate", "columns"), [
+        (6.25e6, 5e12, 1),  # a 50 Mbit/s uplink to GPUs: 2 more copies of 117 MB cost 37 s, save 9 ms
+        (1e12, 1e9, 3),  # a LAN to slow CPUs: 0.2 s more on the link saves 46 s of compute
+    ])
+    def test_one_block_is_replicated_only_when_that_buys_time(self, link_bps: float, rate: float, columns: int) -> None:
+        shape = CallShape(tokens=4096, **self.LAYER)
+        router = ChunkRouter(PeerTable(ledger=Ledger()), ClientConfig())
+        chunks = router.plan(shape, providers=3, max_payload=1 << 30, link_bps=link_bps, rate=rate)
+        assert len(chunks) == columns and len({c.output for c in chunks}) == columns
+        up = plan_cost(shape, chunks, providers=3, link_bps=link_bps, rate=rate).bytes_up
+        assert up == columns * 4096 * 4096 * 7
+
+    async def test_plan_for_reads_the_link_and_rate_the_table_measured(self) -> None:
+        table = PeerTable(ledger=Ledger())
+        router = ChunkRouter(table, ClientConfig())
+        ads = [dataclasses.replace(advert(), max_payload_size=1 << 30) for _ in range(3)]
+        for a in ads:
+            table.update(a)
+        shape = CallShape(tokens=4096, **self.LAYER)
+        for a in ads:
+            table.get(a.peer).link_bps, table.get(a.peer).rate = 1e12, 1e9
+        assert len(router.plan_for(shape, table.holders(NEED), layer="l")) == 3
+        for a in ads:  # measured a home uplink to GPUs
+            table.get(a.peer).link_bps = 6.25e6
+            table.get(a.peer).rate = 5e12
+        assert len(router.plan_for(shape, table.holders(NEED), layer="l")) == 1

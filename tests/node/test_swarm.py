@@ -43,8 +43,8 @@ async def test_discovers_three_providers_through_one(weights: ModelWeights) -> N
 @pytest.mark.parametrize(
     ("split", "tokens", "transpose"),
     [
-        ("auto", 100, False),  # fewer blocks than providers: output columns
-        ("auto", 100, True),
+        ("columns", 100, False),  # fewer blocks than providers: output columns (auto sends it whole: TestPlanByBytes)
+        ("columns", 100, True),
         ("blocks", 4500, False),  # three ring blocks of 2048 tokens
         ("rows", 300, False),  # contraction rows, added up by the client
         ("rows", 300, True),
@@ -69,7 +69,8 @@ async def test_one_verifiable_receipt_per_accepted_chunk(weights: ModelWeights, 
         async with running_provider(weights, price_per_gmac=7, ledger=provider_ledger) as paid:
             async with providers(weights, [{}, {}]) as free:
                 addrs = [paid.addr, *(r.addr for r in free)]
-                async with session(weights, addrs, ledger=ledger, min_providers=3) as client:
+                # column chunks: each call reaches all three (by bytes it would go to one)
+                async with session(weights, addrs, ledger=ledger, min_providers=3, split="columns") as client:
                     for transpose in (False, True):
                         layer = weights.resolve(LAYER)
                         x = random_operand(50, layer.shape.d_out if transpose else layer.shape.d_in)
@@ -97,7 +98,7 @@ async def test_provider_holding_some_layers_gets_only_those(weights: ModelWeight
     with trio.fail_after(60):
         # One slot each, so that a call of two chunks must use both providers when both hold the layer.
         async with running_provider(weights, slots=1) as full, running_provider(first_layer_only, slots=1, bootstrap=[full.addr]) as part:
-            async with session(weights, [full.addr], min_providers=2) as client:
+            async with session(weights, [full.addr], min_providers=2, split="columns") as client:
                 assert client.peers.get(part.node.peer_id).advert.layers == {l.digest for l in first_layer_only.held}
                 other = "model.layers.1.self_attn.q_proj.weight"
                 x = random_operand(20, 64)
