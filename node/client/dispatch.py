@@ -251,10 +251,10 @@ class Dispatcher:
         failed: list[AttemptFailed] = []
         running: dict[ID, float] = {}  # attempts not yet ended by themselves, and when they started
 
-        async def attempt(state: PeerState, done: trio.Event, started: trio.Event) -> None:
+        async def attempt(state: PeerState, done: trio.Event, started: trio.Event, replying: trio.Event) -> None:
             running[state.peer] = trio.current_time()
             try:
-                await self._attempt(job, state, on_accept=nursery.cancel_scope.cancel, started=started)
+                await self._attempt(job, state, on_accept=nursery.cancel_scope.cancel, started=started, replying=replying)
             except AttemptFailed as failure:
                 self._penalise(failure)
                 failed.append(failure)
@@ -266,18 +266,20 @@ class Dispatcher:
             del running[state.peer]  # not reached when cancelled by the winner
 
         async with trio.open_nursery() as nursery:
-            first_done, first_started = trio.Event(), trio.Event()
-            nursery.start_soon(attempt, first, first_done, first_started)
+            first_done, first_started, first_replying = trio.Event(), trio.Event(), trio.Event()
+            nursery.start_soon(attempt, first, first_done, first_started, first_replying)
             await wait_any(first_started, first_done)  # queued behind our own uploads: no hedge clock yet
+            # the hedge clock stops, like the deadline, when the reply starts: a big reply downloads
+            # at the client's link rate, and a twin would only share that link with it
             with trio.move_on_after(self._router.hedge_delay(first, job.need.macs, job.need.payload)):
-                await first_done.wait()
-            if not first_done.is_set():
+                await wait_any(first_done, first_replying)
+            if not first_done.is_set() and not first_replying.is_set():
                 hedge = self._router.pick(job.need, avoid={first.peer: 1})
                 if hedge is not None and hedge.peer != first.peer:
                     self._table.acquire(hedge.peer)
                     self._counters.hedges += 1
                     log.info("hedging a chunk of %s: %s is slow, also asking %s", job.layer, first.peer, hedge.peer)
-                    nursery.start_soon(attempt, hedge, trio.Event(), trio.Event())
+                    nursery.start_soon(attempt, hedge, trio.Event(), trio.Event(), trio.Event())
         now = trio.current_time()
         for peer, since in running.items():
             self._table.on_straggler(peer, now - since)
@@ -298,10 +300,12 @@ class Dispatcher:
         self._router.on_failure(failure)
 
     async def _attempt(
-        self, job: ChunkJob, state: PeerState, *, on_accept: Callable[[], None], started: trio.Event | None = None
+        self, job: ChunkJob, state: PeerState, *, on_accept: Callable[[], None], started: trio.Event | None = None,
+        replying: trio.Event | None = None,
     ) -> None:
         """One exchange with one provider; returns once the result is accepted (or a twin won).
-        `started` is set once the upload gate admits it (exchange.py)."""
+        `started` is set once the upload gate admits it, `replying` once the reply's first bytes
+        arrive (exchange.py)."""
         peer = state.peer
         admitted: list[Sealed[MatmulRequest]] = []  # the request, made and signed when its upload is admitted
 
@@ -327,7 +331,7 @@ class Dispatcher:
         limits = Limits(max_payload_size=2 * job.ct.blocks * job.width * job.params.n * 8 + (1 << 16))
         timeout = self._router.attempt_timeout(state, job.need.macs, job.need.payload)
         exchange = Exchange(self._node, peer, make_request, job.payload, limits=limits, timeout_s=timeout,
-                            uploads=self._uploads, started=started)
+                            uploads=self._uploads, started=started, replying=replying)
         if self._background is None:
             raise RuntimeError("the dispatcher is not running: start Dispatcher.run in a nursery first")
         self._background.start_soon(exchange.run)

@@ -21,9 +21,10 @@ them arrive late, past the providers' frame deadlines; in turns, the first chunk
 their providers start computing while the rest are sent. The request is made and signed when the
 Exchange is admitted, so its expiry counts from then, not from the queue. The deadline (and the
 dispatcher's hedge clock, through `started`) counts from that moment too: time queued behind our
-own uplink is not the provider's fault. It ends when the reply's first
-bytes arrive: from then on the reply is read at whatever rate the links allow, each read bounded
-by its own timeout and the whole frame by its size at MIN_REPLY_BPS.
+own uplink is not the provider's fault. It ends, and so does the hedge clock (through
+`replying`), when the reply's first bytes arrive: from then on the reply is read at whatever rate
+the links allow, each read bounded by its own timeout and the whole frame by its size at
+MIN_REPLY_BPS.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class Exchange:
         timeout_s: float,
         uploads: Uploads | None = None,
         started: trio.Event | None = None,
+        replying: trio.Event | None = None,
         protocols: Sequence[str] = PROTOCOL_IDS,
     ) -> None:
         self._node = node
@@ -85,7 +87,7 @@ class Exchange:
         self._uploads = uploads
         self._holds_upload = False
         self.started = trio.Event() if started is None else started  # an upload slot is taken: the deadline runs from here
-        self._replying = trio.Event()  # the reply's first bytes arrived: the deadline is met
+        self._replying = trio.Event() if replying is None else replying  # the reply's first bytes arrived: the deadline is met
         self._protocols = list(protocols)
         self._stream: INetStream | None = None
         self._reply: Frame | BaseException | None = None

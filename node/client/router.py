@@ -53,6 +53,9 @@ from .peers import Need, PeerState, PeerTable
 
 log = logging.getLogger(__name__)
 
+#: Providers whose score is within this factor of the best count as equals when choosing (`pick`).
+NEAR_BEST = 1.25
+
 class FailureKind(enum.Enum):
     TIMEOUT = "timeout"  # no reply within the attempt's deadline
     UNREACHABLE = "unreachable"  # dial failed, or the connection or stream broke
@@ -225,11 +228,20 @@ class ChunkRouter:
     def pick(self, need: Need, *, avoid: dict[ID, int]) -> PeerState | None:
         """The provider usable now with the fewest failures of this chunk (`avoid`: peer ->
         failures), then the fewest of our requests in flight (spread a call over providers before
-        stacking it on one), then the best score; None if none is usable."""
+        stacking it on one), then, among those scoring within `NEAR_BEST` of the best or not yet
+        measured (never served us), the one that served us the fewest chunks: every provider is
+        measured once instead of being judged by its advert and a seed (so a cheater among them is
+        met and caught even when each call is one chunk), and near-equals share the work. None if
+        none is usable."""
         ranked = self._affordable(self.table.available(need))
         if not ranked:
             return None
-        return min(ranked, key=lambda s: (avoid.get(s.peer, 0), s.in_flight, self.score(s, need.macs, need.payload)))
+        first = min((avoid.get(s.peer, 0), s.in_flight) for s in ranked)
+        ranked = [s for s in ranked if (avoid.get(s.peer, 0), s.in_flight) == first]
+        scores = {s.peer: self.score(s, need.macs, need.payload) for s in ranked}
+        best = min(scores.values())
+        near = [s for s in ranked if scores[s.peer] <= NEAR_BEST * best or s.chunks == 0]
+        return min(near, key=lambda s: (s.chunks, scores[s.peer]))
 
     async def choose(self, need: Need, *, avoid: dict[ID, int], layer: str) -> PeerState:
         """`pick`, waiting up to `wait_providers_s` for a provider to become usable (a freed

@@ -272,8 +272,8 @@ class ChunkRun:
         first.start()
 
     def _maybe_hedge(self, race: list["Attempt"], first: "Attempt") -> None:
-        if race is not self._race or self.accepted or first.ended:
-            return
+        if race is not self._race or self.accepted or first.ended or first.replying:
+            return  # as in dispatch._race: the hedge clock stops when the reply starts
         hedge = self.client.router.pick(self.need, avoid={first.state.peer: 1})
         if hedge is None or hedge.peer == first.state.peer:
             return

@@ -36,9 +36,10 @@ async def test_slow_provider_is_hedged(weights: ModelWeights) -> None:
 async def test_silent_provider_times_out_is_banned_and_the_call_completes_elsewhere(weights: ModelWeights) -> None:
     with trio.fail_after(60):
         async with providers(weights, [{}, dict(delay_s=30.0)]) as (good, silent):
-            # No hedging here, so that the attempt has to time out.
-            async with session(weights, [good.addr], min_providers=2, hedge_min_s=60, timeout_min_s=1.0,
-                               timeout_factor=1.0, ban_base_s=60) as client:
+            # No hedging here, so that the attempt has to time out. Column chunks: the call reaches
+            # both providers (by bytes it would go to one).
+            async with session(weights, [good.addr], min_providers=2, split="columns", hedge_min_s=60,
+                               timeout_min_s=1.0, timeout_factor=1.0, ban_base_s=60) as client:
                 x = random_operand(100, 64)
                 assert torch.equal(await client.matmul(LAYER, x), reference(weights, LAYER, x, transpose=False))
                 stats = client.stats()

@@ -160,6 +160,24 @@ class TestRouter:
         assert router.pick(NEED, avoid={fast.peer: 1}).peer == slow.peer
         assert router.pick(NEED, avoid={fast.peer: 1, slow.peer: 1}).peer == fast.peer  # dear: never
 
+    async def test_one_chunk_calls_try_every_provider_once_then_not_the_slow_one(self) -> None:
+        table = PeerTable(ledger=Ledger())
+        router = ChunkRouter(table, ClientConfig())
+        equals, slow = [advert() for _ in range(3)], advert()
+        for a in (*equals, slow):
+            table.update(a)
+        table.get(equals[1].peer).rate = 0.9e9  # a hair slower: still an equal
+        table.get(slow.peer).rate = 10**6
+        served = []
+        for _ in range(7):  # one call after another, one chunk each
+            state = router.pick(NEED, avoid={})
+            assert state is not None
+            table.on_success(state.peer, elapsed_s=0.02, compute_s=0.0, macs=0, amount=0)
+            served.append(state.peer)
+        # each is tried once (the slow one too: never measured, it is judged by a seed), then not the slow one
+        assert set(served[:4]) == {a.peer for a in (*equals, slow)}
+        assert served.count(slow.peer) == 1
+
     def test_retry_delay_doubles_with_jitter_up_to_a_cap(self) -> None:
         router = ChunkRouter(PeerTable(ledger=Ledger()), ClientConfig(retry_base_s=0.2, retry_max_s=1.0))
         for attempt, ceiling in [(1, 0.2), (2, 0.4), (3, 0.8), (6, 1.0)]:
