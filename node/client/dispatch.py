@@ -338,6 +338,7 @@ class Dispatcher:
         try:
             try:
                 frame = await exchange.reply()
+                reply_s = trio.current_time() - exchange.replied_at  # the reply's transfer, first byte to last
             except ExchangeExpired:
                 raise AttemptFailed(peer, FailureKind.TIMEOUT, f"no reply within {timeout:.1f} s") from None
             except DeadlineExceeded as exc:
@@ -364,7 +365,8 @@ class Dispatcher:
                 raise AttemptFailed(peer, FailureKind.CHEATED, f"wrong result: {exc}") from None
             if job.accepted:  # a hedge twin was accepted first
                 return
-            exchange.acknowledge(self._accept(job, reply, y, elapsed_s=exchange.replied_at - exchange.admitted_at))
+            exchange.acknowledge(self._accept(job, reply, y, elapsed_s=exchange.replied_at - exchange.admitted_at,
+                                              reply_s=reply_s))
             on_accept()
         finally:
             exchange.abandon()  # a no-op once acknowledged
@@ -380,7 +382,8 @@ class Dispatcher:
                 raise AttemptFailed(peer, FailureKind.BUSY, "busy", retry_after_s=exc.retry_after_ms / 1000) from None
             raise AttemptFailed(peer, FailureKind.REFUSED, f"{exc.code.name}: {exc}") from None
 
-    def _accept(self, job: ChunkJob, reply: Verified[MatmulReply], y: torch.Tensor, *, elapsed_s: float) -> SignedReceipt:
+    def _accept(self, job: ChunkJob, reply: Verified[MatmulReply], y: torch.Tensor, *, elapsed_s: float,
+                reply_s: float) -> SignedReceipt:
         """Deliver the verified product and record the countersigned receipt. Synchronous, so no
         other attempt can slip in between the check of `accepted` and this."""
         job.accepted = True
@@ -403,5 +406,7 @@ class Dispatcher:
             macs=job.need.macs,
             amount=receipt.amount,
             payload=len(job.payload),
+            reply=len(reply.payload),
+            reply_s=reply_s,
         )
         return acked

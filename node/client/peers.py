@@ -55,6 +55,7 @@ class PeerState:
     capacity: int  # requests we send it at once: the most free slots it ever advertised
     rate: float  # MAC/s of its computation, measured (seeded with the advertised figure)
     link_bps: float  # bytes/s a request's payload reaches it at, measured (seeded by the client's assumption)
+    reply_bps: float  # bytes/s its replies reach us at: its uplink, mostly (measured; seeded likewise)
     latency_s: float = INITIAL_LATENCY_S
     successes: int = 0
     failures: int = 0
@@ -131,7 +132,7 @@ class PeerTable:
         if state is None:
             state = self._peers[advert.peer] = PeerState(
                 advert=advert, capacity=max(1, advert.free_slots), rate=float(max(1, advert.macs_per_second)),
-                link_bps=self.link_bps,
+                link_bps=self.link_bps, reply_bps=self.link_bps,
             )
             record = self._records.get(advert.peer.to_base58())
             if record is not None:
@@ -194,10 +195,11 @@ class PeerTable:
 
     # -- outcomes ------------------------------------------------------------------------------
 
-    def on_success(self, peer: ID, *, elapsed_s: float, compute_s: float, macs: int, amount: int, payload: int = 0) -> None:
+    def on_success(self, peer: ID, *, elapsed_s: float, compute_s: float, macs: int, amount: int, payload: int = 0,
+                   reply: int = 0, reply_s: float = 0.0) -> None:
         """A verified result. `elapsed_s`: from the request's upload starting to its reply's first
         bytes (what an attempt's deadline bounds; the reply's own transfer would make a big output
-        look like a slow uplink)."""
+        look like a slow uplink); `reply_s`: from those first bytes to the last of its `reply` bytes."""
         s = self._peers[peer]
         s.successes += 1
         s.chunks += 1
@@ -209,6 +211,8 @@ class PeerTable:
         s.latency_s += EWMA * (transfer_s - s.latency_s)
         if payload >= LINK_SAMPLE_MIN_BYTES:
             s.link_bps += EWMA * (payload / max(transfer_s, 1e-3) - s.link_bps)
+        if reply >= LINK_SAMPLE_MIN_BYTES:
+            s.reply_bps += EWMA * (reply / max(reply_s, 1e-3) - s.reply_bps)
         if compute_s > 0:
             s.rate += EWMA * (macs / compute_s - s.rate)
         self._save(s)

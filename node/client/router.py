@@ -13,10 +13,11 @@ of fhe-scheme.md, "Chunking":
   exceeds a provider's payload limit.
 
 The client's link, not the providers, usually bounds a fine-tune, so "auto" chooses by the bytes a
-plan moves: `rows` only if one block does not fit the smallest payload limit among the holders,
-otherwise token `blocks`, and `columns` only when there are fewer blocks than usable providers and
-the time the extra providers save (compute divided among them) is more than the time the
-replicated input costs on the client's measured link (`plan_cost`). Then block groups are added
+plan moves: `rows` only if one block does not fit the smallest payload limit among the holders
+(as few parts as fit), otherwise token `blocks`, or blocks with the columns cut in 2, 4, ... or one
+part per provider, whichever `plan_cost` expects to finish first: the input copies cost time on
+the client's measured link, and what they buy is less compute and a smaller reply per provider
+(on home links, a provider's uplink returns a big output slowly). Then block groups are added
 until every chunk's payload fits. The chunk count follows the number of usable providers (at most
 `max_chunks`), so every provider gets work and a slow one holds up one chunk.
 
@@ -129,21 +130,26 @@ class PlanCost:
         return f"{self.bytes_up / 1e6:.2f} MB up, {self.bytes_down / 1e6:.2f} MB down, ~{self.seconds:.3f} s"
 
 
-def plan_cost(shape: CallShape, chunks: list[Chunk], *, providers: int, link_bps: float, rate: float) -> PlanCost:
+def plan_cost(shape: CallShape, chunks: list[Chunk], *, providers: int, link_bps: float, rate: float,
+              reply_bps: float = math.inf) -> PlanCost:
     """The bytes `chunks` move and a time model for comparing plans: every byte through one link of
     `link_bps` (the client's; its uplink is what a replicated input costs, and a row split's extra
-    outputs cost its downlink), plus ceil(chunks / providers) waves of the largest chunk at `rate`
-    MAC/s. Not a prediction of the wall time (node/sim predicts that): just enough to tell whether
+    outputs cost its downlink), plus ceil(chunks / providers) waves of the largest chunk, computed
+    at `rate` MAC/s and its reply sent at `reply_bps` (a provider's uplink: a home provider returns
+    a big output slowly, and cutting the output columns among more providers is what shortens
+    that). Not a prediction of the wall time (node/sim predicts that): just enough to tell whether
     spreading one call over more providers is worth the bytes."""
     up = down = 0
-    largest = 0
+    largest = largest_reply = 0
     for c in chunks:
         slots = len(c.blocks) * shape.n
         up += slots * len(c.contraction) * shape.in_bytes
-        down += slots * len(c.output) * shape.out_bytes
+        reply = slots * len(c.output) * shape.out_bytes
+        down += reply
         largest = max(largest, slots * len(c.contraction) * len(c.output))
+        largest_reply = max(largest_reply, reply)
     waves = _ceil_div(len(chunks), max(1, providers))
-    return PlanCost(up, down, (up + down) / link_bps + waves * largest / rate)
+    return PlanCost(up, down, (up + down) / link_bps + waves * (largest / rate + largest_reply / reply_bps))
 
 
 class ChunkRouter:
@@ -155,23 +161,25 @@ class ChunkRouter:
         self._starved = starved  # called when nobody holds a layer: ask discovery for a fresh lookup
 
     def plan(self, shape: CallShape, *, providers: int, max_payload: int, link_bps: float = math.inf,
-             rate: float = 1.0) -> list[Chunk]:
+             rate: float = 1.0, reply_bps: float = math.inf) -> list[Chunk]:
         """The chunks of a call for `providers` usable providers whose smallest payload limit is
         `max_payload`, over a client link of `link_bps` bytes/s to providers computing `rate` MAC/s
-        (with the default, an infinitely fast link, replicating costs nothing and "auto" spreads a
-        call as widely as it can)."""
+        and replying at `reply_bps` (with the default, an infinitely fast client link, replicating
+        costs nothing and "auto" spreads a call as widely as it can)."""
         k = max(1, min(providers, self.config.max_chunks))
         kind = self.config.split
         if kind != "auto":
             return self._layout(shape, kind, k, max_payload)
         if shape.block_bytes > max_payload:  # as few row parts as fit: each returns a full-size output
             return self._layout(shape, "rows", k, max_payload, spread_rows=False)
-        blocks = self._layout(shape, "blocks", k, max_payload)
-        if len(blocks) >= k or len(shape.column_grid) <= 2:
-            return blocks  # every provider has a block (or W has one column block): nothing to replicate for
-        columns = self._layout(shape, "columns", k, max_payload)
-        cost = partial(plan_cost, shape, providers=k, link_bps=link_bps, rate=rate)
-        return columns if cost(columns).seconds < cost(blocks).seconds else blocks
+        # token blocks, then cuts of the columns into powers of two and into one per provider (the
+        # input sent that many times)
+        widest = min(k, len(shape.column_grid) - 1)
+        cuts = sorted({c for c in (2**i for i in range(1, widest.bit_length())) if c <= widest} | {widest} - {1})
+        plans = [self._layout(shape, "blocks", k, max_payload)]
+        plans += [self._layout(shape, "columns", k, max_payload, cols=c) for c in cuts]
+        cost = partial(plan_cost, shape, providers=k, link_bps=link_bps, rate=rate, reply_bps=reply_bps)
+        return min(plans, key=lambda p: cost(p).seconds)  # the first of equals: fewest bytes
 
     def plan_for(self, shape: CallShape, holders: list[PeerState], *, layer: str) -> list[Chunk]:
         """`plan` for the holders of a layer: the usable ones now (all of them if none is), the
@@ -183,29 +191,34 @@ class ChunkRouter:
         usable = [s for s in holders if self.table.usable(s)] or holders
         link = max(s.link_bps for s in usable)
         rate = statistics.fmean(s.rate for s in usable)
+        reply_bps = statistics.fmean(s.reply_bps for s in usable)
         in_time = int(link * self.config.request_ttl_s / 2)
-        chunks = self.plan(shape, providers=len(usable), link_bps=link, rate=rate,
+        chunks = self.plan(shape, providers=len(usable), link_bps=link, rate=rate, reply_bps=reply_bps,
                            max_payload=min(in_time, *(s.advert.max_payload_size for s in usable)))
         if log.isEnabledFor(logging.DEBUG):
-            cost = plan_cost(shape, chunks, providers=len(usable), link_bps=link, rate=rate)
+            cost = plan_cost(shape, chunks, providers=len(usable), link_bps=link, rate=rate, reply_bps=reply_bps)
             log.debug("plan for %s (%d tokens, %d x %d): %d chunk(s) over %d token group(s), %d row part(s), "
                       "%d column part(s); %s", layer, shape.tokens, shape.contraction, shape.output, len(chunks),
                       len({c.blocks for c in chunks}), chunks[0].row_parts, len({c.output for c in chunks}),
                       cost.describe())
         return chunks
 
-    def _layout(self, shape: CallShape, kind: str, k: int, max_payload: int, *, spread_rows: bool = True) -> list[Chunk]:
+    def _layout(self, shape: CallShape, kind: str, k: int, max_payload: int, *, spread_rows: bool = True,
+                cols: int = 0) -> list[Chunk]:
         """The chunks of one kind of split for `k` providers, block groups added until each fits.
         Rows: `k` row parts when `spread_rows` (the split asked for by name), else only as many as
-        fit the payload limit, with the blocks spread instead (they cost no extra bytes)."""
+        fit the payload limit, with the blocks spread instead (they cost no extra bytes). Columns:
+        `cols` column parts (0: `k`), with the blocks spread over the providers left."""
         grid = shape.column_grid
-        groups = rows = cols = 1
+        groups = rows = 1
         if kind == "blocks":
+            cols = 1
             groups = max(k, _pieces_to_fit(shape.blocks, shape.block_bytes, max_payload))
         elif kind == "columns":
-            cols = min(k, len(grid) - 1)
-            groups = _pieces_to_fit(shape.blocks, shape.block_bytes, max_payload)
+            cols = min(cols or k, len(grid) - 1)
+            groups = max(k // cols, _pieces_to_fit(shape.blocks, shape.block_bytes, max_payload))
         else:
+            cols = 1
             feature_bytes = shape.n * shape.in_bytes  # one feature of one block
             rows = min(shape.contraction, max(k if spread_rows else 1, _pieces_to_fit(shape.contraction, feature_bytes, max_payload)))
             part_bytes = _ceil_div(shape.contraction, rows) * feature_bytes  # the largest row part of one block

@@ -318,6 +318,7 @@ class Attempt:
         self.holds_upload = False
         self.replying = False
         self.replied_at = 0.0
+        self.received_at = 0.0
         self._on_started = on_started
 
     def start(self) -> None:
@@ -392,6 +393,7 @@ class Attempt:
 
         def received() -> None:
             self.flow = None
+            self.received_at = self.client.sim.now + self.node.spec.rtt_s / 2
             self.client.sim.after(self.node.spec.rtt_s / 2, self._open)
 
         self.flow = self.client.transfer(self.run.reply, (self.node.up, self.client.down), received)
@@ -417,6 +419,7 @@ class Attempt:
             client.tally.macs += run.macs
             client.tally.paid += amount
             client.table.on_success(self.state.peer, elapsed_s=self.replied_at - self.started, compute_s=self.compute_s,
+                                    reply=run.reply, reply_s=self.received_at - self.replied_at,
                                     macs=run.macs, amount=int(amount), payload=run.payload)
         self._end()
         run.attempt_ended(self, ok=True)
