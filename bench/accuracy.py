@@ -77,9 +77,9 @@ def bytes_per_token(shape: ModelShape, precision: Precision) -> tuple[float, int
     """Ciphertext payload of one training step per token, sent and received, every remote product,
     in full ring blocks; and the largest ring degree N (a micro-batch of fewer tokens than a
     layer's N is padded to N: it pays for N)."""
-    work = Workload(shape, tokens=2048, micro_batch_tokens=2048, seq_len=128, precision=precision)
-    products = work.products(2048)
-    return sum((p.bytes_in + p.bytes_out) / p.padded_tokens for p in products), max(p.params.n for p in products)
+    work = Workload(shape, tokens=4096, micro_batch_tokens=4096, seq_len=128, precision=precision)
+    products = work.products(4096)  # whole blocks at N = 2048 and 4096 alike
+    return sum((p.bytes_in + p.bytes_out) / p.tokens for p in products), max(p.params.n for p in products)
 
 
 def accuracy_table(model_dir: Path, batch: torch.Tensor, settings: list[Precision]) -> None:

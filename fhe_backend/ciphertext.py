@@ -3,15 +3,22 @@
 Layout (all integers little-endian); see README.md for the byte-level table.
 
 ``Ciphertext``  (client -> provider), one block per N tokens:
-    magic "CSX1" | params: 11 x u64 | key_id: 8 B | tokens, d, first_row, blocks: 4 x u32
-    | seeds: blocks x 32 B | B words: blocks x d x N words of ceil(log_q/8) bytes (row-major)
+    magic "CSX2" | params: 11 x u64 | key_id: 8 B | tokens, d, first_row, blocks: 4 x u32
+    | seeds: blocks x 32 B | B words of ceil(log_q/8) bytes: the full blocks, blocks-1 x d x N
+      (row-major), then the last block's d x R, R = tokens - (blocks-1) N (its real tokens)
 
 ``MatmulResult`` (provider -> client):
-    magic "CSY1" | params: 11 x u64 | key_id: 8 B | tokens, d_out, blocks: 3 x u32
-    | default profile: blocks x d_out x N values; when out_bits_a + out_bits_b <= 64 each value is
-      one word A'' | B'' << out_bits_a of ceil((ka+kb)/8) bytes, otherwise all A'' then all B'' words
-    | shared-mask profile: seeds: blocks x 32 B | B'' words of ceil(out_bits_b/8) bytes
+    magic "CSY2" | params: 11 x u64 | key_id: 8 B | tokens, d_out, blocks: 3 x u32
+    | default profile, out_bits_a + out_bits_b <= 64: one word A'' | B'' << out_bits_a of
+      ceil((ka+kb)/8) bytes per value of the full blocks (blocks-1 x d_out x N), then of the last
+      block's real tokens (d_out x R), then that block's other A'' words (d_out x (N-R), ka bits);
+      wider: every A'' word (blocks x d_out x N), then the B'' words as the input's B words
+    | shared-mask profile: seeds: blocks x 32 B | B'' words of ceil(out_bits_b/8) bytes, as the
+      input's B words
 
+Only the real tokens' B words travel: coefficient t of a decryption reads B''[t] and the whole of
+A'' (a negacyclic product), so a padded token's B word is read by nobody; both sides hold zeros
+there. A micro-batch shorter than N pays its own tokens in B, not N (A'' still travels whole).
 Neither holds anything derived from the secret key but the public random ``key_id`` label.
 """
 
@@ -30,8 +37,8 @@ from .sampling import SEED_BYTES
 _PARAMS = struct.Struct("<" + "Q" * len(Params.FIELDS))
 _CT_HEAD = struct.Struct("<4s" + _PARAMS.format[1:] + "8sIIII")
 _OUT_HEAD = struct.Struct("<4s" + _PARAMS.format[1:] + "8sIII")
-CT_MAGIC = b"CSX1"
-OUT_MAGIC = b"CSY1"
+CT_MAGIC = b"CSX2"
+OUT_MAGIC = b"CSY2"
 #: largest feature dimension and token count a ciphertext may declare (bounds parsing work)
 MAX_DIM = 1 << 20
 MAX_TOKENS = 1 << 24
@@ -56,9 +63,34 @@ def _serialise(prefix: bytes, *fields: Field) -> bytes:
     buf[: len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
     off = len(prefix)
     for (words, bits, high, shift), size in zip(fields, sizes):
-        pack_into(buf[off : off + size], words, bits, high, shift)
+        if size:  # the full blocks of a one-block payload: none
+            pack_into(buf[off : off + size], words, bits, high, shift)
         off += size
     return buf.tobytes()
+
+
+def _real(tokens: int, blocks: int, n: int) -> int:
+    """Real tokens of the last block, R in [1, N]: its B words that travel."""
+    return tokens - (blocks - 1) * n
+
+
+def _b_fields(words: np.ndarray, bits: int, r: int) -> list[Field]:
+    """B words as they travel: the full blocks, then the last block's first ``r`` tokens."""
+    return [(words[:-1], bits, None, 64), (np.ascontiguousarray(words[-1, :, :r]), bits, None, 64)]
+
+
+def _b_words(data: memoryview, bits: int, shape: tuple[int, int, int], r: int) -> np.ndarray:
+    """Inverse of :func:`_b_fields`: (blocks, d, n) words, zero where nothing travelled."""
+    blocks, d, n = shape
+    words = (np.zeros if r < n else np.empty)(shape, dtype=np.int64)
+    full = (blocks - 1) * d * n
+    split = full * word_bytes(bits)
+    if len(data) != split + d * r * word_bytes(bits):
+        raise InvalidCiphertext(f"payload has {len(data)} bytes of words, expected {split + d * r * word_bytes(bits)}")
+    if full:
+        unpack(data[:split], bits, full, n, out=words[:-1].reshape(-1, n))
+    unpack(data[split:], bits, d * r, r, out=words[-1, :, :r])
+    return words
 
 
 def _check_dims(tokens: int, d: int, blocks: int, n: int) -> None:
@@ -99,7 +131,8 @@ class Ciphertext:
 
     def to_bytes(self) -> bytes:
         head = _CT_HEAD.pack(CT_MAGIC, *self.params.to_tuple(), self.key_id, self.tokens, self.d, self.first_row, self.blocks)
-        return _serialise(head + b"".join(self.seeds), (self.words, self.params.log_q, None, 64))
+        r = _real(self.tokens, self.blocks, self.params.n)
+        return _serialise(head + b"".join(self.seeds), *_b_fields(self.words, self.params.log_q, r))
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> "Ciphertext":
@@ -113,12 +146,13 @@ class Ciphertext:
         key_id, tokens, d, first_row, blocks = rest[len(Params.FIELDS) :]
         _check_dims(tokens, d, blocks, params.n)
         off = _CT_HEAD.size
-        body = blocks * d * params.n * word_bytes(params.log_q)
+        n = params.n
+        body = ((blocks - 1) * n + _real(tokens, blocks, n)) * d * word_bytes(params.log_q)
         if len(data) != off + blocks * SEED_BYTES + body:
             raise InvalidCiphertext(f"ciphertext has {len(data)} bytes, expected {off + blocks * SEED_BYTES + body}")
         seeds = tuple(bytes(data[off + i * SEED_BYTES : off + (i + 1) * SEED_BYTES]) for i in range(blocks))
         off += blocks * SEED_BYTES
-        words = unpack(data[off:], params.log_q, blocks * d * params.n, params.n).reshape(blocks, d, params.n)
+        words = _b_words(data[off:], params.log_q, (blocks, d, n), _real(tokens, blocks, n))
         return cls(params=params, key_id=key_id, tokens=tokens, first_row=first_row, seeds=seeds, words=words)
 
     # -- chunking: every split is exact, because everything is linear mod q -----------------------
@@ -183,11 +217,18 @@ class MatmulResult:
     def to_bytes(self) -> bytes:
         p = self.params
         head = _OUT_HEAD.pack(OUT_MAGIC, *p.to_tuple(), self.key_id, self.tokens, self.d_out, self.blocks)
+        r = _real(self.tokens, self.blocks, p.n)
         if self.shared_mask:
-            return _serialise(head + b"".join(self.seeds), (self.b_words, p.out_bits_b, None, 64))
-        if p.out_bits_a + p.out_bits_b <= 64:
-            return _serialise(head, (self.a_words, p.out_bits_a + p.out_bits_b, self.b_words, p.out_bits_a))
-        return _serialise(head, (self.a_words, p.out_bits_a, None, 64), (self.b_words, p.out_bits_b, None, 64))
+            return _serialise(head + b"".join(self.seeds), *_b_fields(self.b_words, p.out_bits_b, r))
+        a, b = self.a_words, self.b_words
+        assert a is not None  # a default-profile result (__post_init__)
+        ka, kb = p.out_bits_a, p.out_bits_b
+        if ka + kb <= 64:
+            last_a, last_b = a[-1], b[-1]
+            return _serialise(head, (a[:-1], ka + kb, b[:-1], ka),
+                              (np.ascontiguousarray(last_a[:, :r]), ka + kb, np.ascontiguousarray(last_b[:, :r]), ka),
+                              (np.ascontiguousarray(last_a[:, r:]), ka, None, 64))
+        return _serialise(head, (a, ka, None, 64), *_b_fields(b, kb, r))
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> "MatmulResult":
@@ -200,24 +241,37 @@ class MatmulResult:
         p = _params_from(tuple(rest[: len(Params.FIELDS)]))
         key_id, tokens, d_out, blocks = rest[len(Params.FIELDS) :]
         _check_dims(tokens, d_out, blocks, p.n)
-        count = blocks * d_out * p.n
-        shape = (blocks, d_out, p.n)
+        n = p.n
+        count = blocks * d_out * n
+        shape = (blocks, d_out, n)
+        r = _real(tokens, blocks, n)
         body = data[_OUT_HEAD.size :]
         ka, kb = p.out_bits_a, p.out_bits_b
         if p.profile == SHARED_MASK:
             if len(body) < blocks * SEED_BYTES:
                 raise InvalidCiphertext("result truncated in its seeds")
             seeds = tuple(bytes(body[i * SEED_BYTES : (i + 1) * SEED_BYTES]) for i in range(blocks))
-            b = unpack(body[blocks * SEED_BYTES :], kb, count, p.n)
-            return cls(params=p, key_id=key_id, tokens=tokens, a_words=None, b_words=b.reshape(shape), seeds=seeds)
-        if ka + kb <= 64:
-            a, b = unpack_pair(body, ka + kb, count, p.n, ka)
-        else:
+            b = _b_words(body[blocks * SEED_BYTES :], kb, shape, r)
+            return cls(params=p, key_id=key_id, tokens=tokens, a_words=None, b_words=b, seeds=seeds)
+        if ka + kb > 64:
             split = word_bytes(ka) * count
-            if len(body) != split + word_bytes(kb) * count:
+            if len(body) < split:
                 raise InvalidCiphertext("result payload has the wrong length")
-            a, b = unpack(body[:split], ka, count, p.n), unpack(body[split:], kb, count, p.n)
-        return cls(params=p, key_id=key_id, tokens=tokens, a_words=a.reshape(shape), b_words=b.reshape(shape))
+            a = unpack(body[:split], ka, count, n).reshape(shape)
+            return cls(params=p, key_id=key_id, tokens=tokens, a_words=a, b_words=_b_words(body[split:], kb, shape, r))
+        pair = word_bytes(ka + kb)
+        full, last = (blocks - 1) * d_out * n, d_out * r
+        if len(body) != (full + last) * pair + d_out * (n - r) * word_bytes(ka):
+            raise InvalidCiphertext("result payload has the wrong length")
+        a = np.empty(shape, dtype=np.int64)
+        b = (np.zeros if r < n else np.empty)(shape, dtype=np.int64)
+        if full:
+            unpack_pair(body[: full * pair], ka + kb, full, n, ka, out=(a[:-1].reshape(-1, n), b[:-1].reshape(-1, n)))
+        off = full * pair
+        unpack_pair(body[off : off + last * pair], ka + kb, last, r, ka, out=(a[-1, :, :r], b[-1, :, :r]))
+        if r < n:
+            unpack(body[off + last * pair :], ka, d_out * (n - r), n - r, out=a[-1, :, r:])
+        return cls(params=p, key_id=key_id, tokens=tokens, a_words=a, b_words=b)
 
     # -- re-aggregation of chunks ------------------------------------------------------------------
 

@@ -125,7 +125,15 @@ def encrypt(sk: SecretKey, x: torch.Tensor | np.ndarray) -> Ciphertext:
             return sk.ring.products(a, p.log_q, sk.secret_eval, out=evals)
 
         encrypt_rows(sk.ring, p, block_view(xm, n, b), products, out[b])
+    clear_padding(out, tokens)
     return Ciphertext(params=p, key_id=sk.key_id, tokens=tokens, first_row=0, seeds=seeds, words=out)
+
+
+def clear_padding(words: np.ndarray, tokens: int) -> None:
+    """Zero the last block's words past its real tokens: they never travel (ciphertext.py), and no
+    decryption reads them, so both ends hold zeros there (and the product's are zeros too)."""
+    n = words.shape[2]
+    words[-1, :, tokens - (words.shape[0] - 1) * n :] = 0
 
 
 def decrypt(sk: SecretKey, res: MatmulResult) -> torch.Tensor:

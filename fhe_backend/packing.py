@@ -125,15 +125,19 @@ def pack_into(out: np.ndarray, words: np.ndarray, bits: int, high: np.ndarray | 
     for_row_chunks(lo.shape[0], lambda r0, r1: _pack_rows(lo, hi, high_shift if high is not None else 64, nb, r0, r1, out), rows=per)
 
 
-def _unpack(data: bytes | memoryview, bits: int, count: int, n: int, split: int) -> tuple[np.ndarray, np.ndarray]:
+def _unpack(data: bytes | memoryview, bits: int, count: int, n: int, split: int,
+            out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     nb = word_bytes(bits)
     if len(data) != nb * count:
         raise InvalidCiphertext(f"payload holds {len(data)} bytes, expected {nb * count} for {count} {bits}-bit words")
     if count % n:
         raise InvalidCiphertext(f"{count} words do not fill rows of {n}")
     buf = np.frombuffer(data, dtype=np.uint8)
-    lo = np.empty((count // n, n), dtype=np.int64)
-    hi = lo if split == bits else np.empty_like(lo)
+    if out is not None:  # writable (count // n, n) int64 views, e.g. into a larger array
+        lo, hi = out
+    else:
+        lo = np.empty((count // n, n), dtype=np.int64)
+        hi = lo if split == bits else np.empty_like(lo)
     over: list[bool] = []
     per = max(1, CHUNK_WORDS // n)
     for_row_chunks(lo.shape[0], lambda r0, r1: over.append(_unpack_rows(buf, nb, bits, split, r0, r1, lo, hi)), rows=per)
@@ -142,15 +146,17 @@ def _unpack(data: bytes | memoryview, bits: int, count: int, n: int, split: int)
     return lo, hi
 
 
-def unpack(data: bytes | memoryview, bits: int, count: int, n: int) -> np.ndarray:
-    """Packed bytes -> (count // n, n) int64 words in [0, 2^bits).
+def unpack(data: bytes | memoryview, bits: int, count: int, n: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Packed bytes -> (count // n, n) int64 words in [0, 2^bits), written into ``out`` if given
+    (a writable view of that shape).
 
     InvalidCiphertext if the length is wrong or any word has bits set above ``bits``.
     """
-    return _unpack(data, bits, count, n, bits)[0]
+    return _unpack(data, bits, count, n, bits, None if out is None else (out, out))[0]
 
 
-def unpack_pair(data: bytes | memoryview, bits: int, count: int, n: int, split: int) -> tuple[np.ndarray, np.ndarray]:
-    """Packed joint words -> (word mod 2^split, word >> split), each (count // n, n) int64; errors as
-    :func:`unpack`."""
-    return _unpack(data, bits, count, n, split)
+def unpack_pair(data: bytes | memoryview, bits: int, count: int, n: int, split: int,
+                out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Packed joint words -> (word mod 2^split, word >> split), each (count // n, n) int64, written
+    into the views ``out`` if given; errors as :func:`unpack`."""
+    return _unpack(data, bits, count, n, split, out)

@@ -38,6 +38,14 @@ DEFAULT, SHARED_MASK = 0, 1
 PROFILES = {"default": DEFAULT, "shared-mask": SHARED_MASK}
 
 
+def wire_bytes(tokens: int, n: int, features: int, real_bytes: int, pad_bytes: int = 0) -> int:
+    """Bytes of the words of `tokens` tokens x `features` in ring blocks of `n`: `real_bytes` per
+    value of a real token, `pad_bytes` per value of a padding slot of the last block (ciphertext.py:
+    a padding token's B word never travels, the mask product's A'' word does)."""
+    slots = -(-tokens // n) * n
+    return features * (tokens * real_bytes + (slots - tokens) * pad_bytes)
+
+
 #: rows of a weight matrix widened at a time when its norms are taken
 _SLAB_ROWS = 256
 
@@ -162,8 +170,23 @@ class Params:
 
     @property
     def out_bytes(self) -> int:
-        """Bytes per output value on the wire (A' and B' words packed together)."""
-        return (self.out_bits_a + self.out_bits_b + 7) // 8
+        """Bytes per output value on the wire: A'' and B'' packed in one word when they fit 64 bits,
+        else a word each (ciphertext.py)."""
+        ka, kb = self.out_bits_a, self.out_bits_b
+        return (ka + kb + 7) // 8 if ka + kb <= 64 else (ka + 7) // 8 + (kb + 7) // 8
+
+    @property
+    def pad_bytes(self) -> int:
+        """Bytes per output value of a padding token: its A'' word alone (nothing in the shared mask)."""
+        return (self.out_bits_a + 7) // 8
+
+    def payload_bytes(self, tokens: int, features: int) -> int:
+        """Words a ciphertext of `tokens` x `features` puts on the wire: its real tokens' B words."""
+        return wire_bytes(tokens, self.n, features, self.in_bytes)
+
+    def result_bytes(self, tokens: int, width: int) -> int:
+        """Words the product of such a ciphertext puts on the wire (ciphertext.py has the layout)."""
+        return wire_bytes(tokens, self.n, width, self.out_bytes, self.pad_bytes)
 
     def for_weights(self, stats: WeightStats) -> None:
         """Raise :class:`ParameterError` unless these parameters are exact for weights with ``stats``."""

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .ciphertext import Ciphertext, MatmulResult
-from .encryptor import _as_int_matrix, block_view, check_range, decrypt_rows, encrypt_rows
+from .encryptor import _as_int_matrix, block_view, check_range, clear_padding, decrypt_rows, encrypt_rows
 from .errors import KeyMismatch, ParameterError
 from .evaluator import PlainWeights, contraction_width
 from .keys import KEY_ID_BYTES
@@ -128,6 +128,7 @@ def encrypt(sk: SharedMaskKey, x: torch.Tensor | np.ndarray) -> Ciphertext:
             return sk.ring.inverse(f)
 
         encrypt_rows(sk.ring, p, block_view(xm, n, b), products, out[b])
+    clear_padding(out, tokens)
     return Ciphertext(params=p, key_id=sk.key_id, tokens=tokens, first_row=0, seeds=seeds, words=out)
 
 

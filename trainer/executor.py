@@ -126,9 +126,9 @@ class _Channel:
 def _payload_bytes(obj: object) -> int:
     """Words a ciphertext or result puts on the wire, sized by its parameters (headers aside)."""
     if isinstance(obj, Ciphertext):
-        return obj.words.size * obj.params.in_bytes
+        return obj.params.payload_bytes(obj.tokens, obj.d)
     if isinstance(obj, MatmulResult):
-        return obj.b_words.size * obj.params.out_bytes
+        return obj.params.result_bytes(obj.tokens, obj.d_out)
     return 0  # the clear backend sends nothing anywhere
 
 

@@ -44,6 +44,7 @@ from functools import partial
 import trio
 from libp2p.peer.id import ID
 
+from cipherswarm.fhe_backend.params import wire_bytes
 from cipherswarm.fhe_backend.verify import column_grid
 from cipherswarm.protocol import Range
 
@@ -102,6 +103,7 @@ class CallShape:
     output: int
     in_bytes: int  # bytes per input word on the wire
     out_bytes: int  # bytes per output value on the wire
+    pad_bytes: int = 0  # bytes per output value of a padding token (Params.pad_bytes)
 
     @property
     def blocks(self) -> int:
@@ -143,8 +145,9 @@ def plan_cost(shape: CallShape, chunks: list[Chunk], *, providers: int, link_bps
     largest = largest_reply = 0
     for c in chunks:
         slots = len(c.blocks) * shape.n
-        up += slots * len(c.contraction) * shape.in_bytes
-        reply = slots * len(c.output) * shape.out_bytes
+        tokens = len(c.tokens(shape.n, shape.tokens))
+        up += wire_bytes(tokens, shape.n, len(c.contraction), shape.in_bytes)
+        reply = wire_bytes(tokens, shape.n, len(c.output), shape.out_bytes, shape.pad_bytes)
         down += reply
         largest = max(largest, slots * len(c.contraction) * len(c.output))
         largest_reply = max(largest_reply, reply)

@@ -129,7 +129,7 @@ class SwarmSession:
         if x.shape[0] == 0:
             return torch.zeros((0, width), dtype=torch.int64)
         p = channel.params
-        shape = CallShape(x.shape[0], p.n, contraction, width, p.in_bytes, p.out_bytes)
+        shape = CallShape(x.shape[0], p.n, contraction, width, p.in_bytes, p.out_bytes, p.pad_bytes)
         plan = await self._plan(layer, shape)
         # Chunks of one contraction part cover each output cell once (router.py), and each is
         # copied in; only row chunks add up, into zeros. A layer-sized output is written once

@@ -178,7 +178,7 @@ class Client:
         if not holders:
             raise ChunkFailed(f"no provider holds {product.layer.key}")
         p = product.params
-        shape = CallShape(product.tokens, p.n, product.contraction, product.width, p.in_bytes, p.out_bytes)
+        shape = CallShape(product.tokens, p.n, product.contraction, product.width, p.in_bytes, p.out_bytes, p.pad_bytes)
         plan = self.router.plan_for(shape, holders, layer=product.layer.key)
         c = self.swarm.client
         values = product.padded_tokens * product.contraction
@@ -216,8 +216,9 @@ class ChunkRun:
         self.blocks = len(chunk.blocks)
         slots = self.blocks * p.n
         self.values_out = slots * len(chunk.output)
-        self.payload = slots * len(chunk.contraction) * p.in_bytes + MESSAGE_OVERHEAD_BYTES
-        self.reply = self.values_out * p.out_bytes + MESSAGE_OVERHEAD_BYTES
+        tokens = len(chunk.tokens(p.n, product.tokens))
+        self.payload = p.payload_bytes(tokens, len(chunk.contraction)) + MESSAGE_OVERHEAD_BYTES
+        self.reply = p.result_bytes(tokens, len(chunk.output)) + MESSAGE_OVERHEAD_BYTES
         self.macs = slots * len(chunk.contraction) * len(chunk.output)
         self.need = Need(MODEL_HASH, layer_digest(product.layer.key), payload=self.payload, macs=self.macs)
         self.avoid: dict[ID, int] = {}

@@ -14,8 +14,9 @@ What the trainer does (trainer/layers.py, trainer/trainer.py) and therefore what
   LoRA; the client computes those in plaintext.
 
 Payload bytes are the ciphertext words, as ``ExecutorStatistics`` counts them (headers aside):
-``blocks * N * features * in_bytes`` sent and ``blocks * N * width * out_bytes`` received, with
-``N``, ``in_bytes`` and ``out_bytes`` from the layer's real parameters (``choose_params``). When
+``Params.payload_bytes`` sent (the real tokens' B words) and ``Params.result_bytes`` received (the
+real tokens' A'' and B'' words, and A'' alone for the padding of the last ring block), from the
+layer's real parameters (``choose_params``). When
 only a config is known (no weights), the parameters are those of Gaussian weight columns of the
 shape that peak at the largest integer of the weight bits (``Workload._layer_params``).
 """
@@ -90,11 +91,11 @@ class Product:
 
     @property
     def bytes_in(self) -> int:
-        return self.padded_tokens * self.contraction * self.params.in_bytes
+        return self.params.payload_bytes(self.tokens, self.contraction)
 
     @property
     def bytes_out(self) -> int:
-        return self.padded_tokens * self.width * self.params.out_bytes
+        return self.params.result_bytes(self.tokens, self.width)
 
 
 @dataclass(frozen=True)

@@ -52,3 +52,13 @@ def test_accuracy_bench_prints_its_table(tmp_path: Path) -> None:
     top1 = {r[0]: float(r[2].rstrip("%")) for r in rows}
     assert top1["14/8/11"] > top1["8/8/8"]
     assert "x the first row" in out and "held-out loss  plain" in out
+
+
+def test_bytes_bench_shows_what_short_micro_batches_save() -> None:
+    """bench/bytes.py on the bundled model: a full block costs what it did, a short one less than padded."""
+    out = _bench("bytes.py", "--model", "tiny", timeout=300)
+    rows = {int(r[0]): r for r in (line.split() for line in out.splitlines()) if r and r[0].isdigit()}
+    assert set(rows) == {64, 256, 1024, 2048, 4096, 8192}
+    assert rows[2048][4] == "1.00x" and rows[2048][6] == "0.0%"  # a whole block: nothing was padding
+    total, padded = float(rows[256][3]), float(rows[256][5])
+    assert total < padded and float(rows[256][6].rstrip("%")) > 50  # the padding's B words stay home

@@ -49,6 +49,55 @@ def roundtrip(x: torch.Tensor, w: torch.Tensor, *, transpose: bool = False, bits
     return be.decrypt(sk, out)
 
 
+class TestPaddingStaysHome:
+    """Only the real tokens' B words travel: a micro-batch shorter than N pays its own tokens in B."""
+
+    @pytest.mark.parametrize("profile", ["default", "shared-mask"])
+    @pytest.mark.parametrize("tokens", [1, 300, 2048 + 5, 2 * 2048])
+    def test_wire_bytes_follow_the_real_tokens_and_round_trip_exactly(self, profile: str, tokens: int) -> None:
+        w = rand_w(64, 16)
+        x = rand_x(tokens, 64)
+        params = be.params_for(w, 8, profile=profile)
+        sk = be.keygen(params, weights=w) if profile == "shared-mask" else be.keygen(params)
+        p = sk.params
+        ct = be.encrypt(sk, x)
+        wire = ct.to_bytes()
+        # magic, 11 parameters, key id, 4 u32 | a seed per block | the real tokens' B words
+        assert p.payload_bytes(tokens, 64) == -(-p.log_q // 8) * 64 * tokens
+        assert len(wire) == 4 + 88 + 8 + 16 + 32 * ct.blocks + p.payload_bytes(tokens, 64)
+        back = Ciphertext.from_bytes(wire)
+        assert np.array_equal(back.words, ct.words) and back.tokens == tokens
+        out = be.matmul(back, w)
+        seeds = 32 * ct.blocks if profile == "shared-mask" else 0
+        assert len(out.to_bytes()) == 4 + 88 + 8 + 12 + seeds + p.result_bytes(tokens, 16)
+        reply = MatmulResult.from_bytes(out.to_bytes())
+        assert np.array_equal(reply.b_words, out.b_words)
+        assert reply.a_words is None if profile == "shared-mask" else np.array_equal(reply.a_words, out.a_words)
+        assert torch.equal(be.decrypt(sk, reply), x @ w.long())
+
+    @pytest.mark.parametrize("tokens", [300, 2048])
+    def test_wide_words_travel_apart_and_round_trip_exactly(self, tokens: int) -> None:
+        """14-bit activations against 11-bit weights: A'' and B'' too wide for one word (the default)."""
+        w = torch.randint(-1023, 1024, (512, 16), dtype=torch.int16)
+        x = rand_x(tokens, 512, bits=14)
+        sk = be.keygen(be.params_for(w, 14))
+        p = sk.params
+        assert p.out_bits_a + p.out_bits_b > 64
+        out = be.matmul(Ciphertext.from_bytes(be.encrypt(sk, x).to_bytes()), w)
+        wire = out.to_bytes()
+        assert len(wire) == 4 + 88 + 8 + 12 + p.result_bytes(tokens, 16)
+        assert torch.equal(be.decrypt(sk, MatmulResult.from_bytes(wire)), x @ w.long())
+
+    def test_a_short_block_returns_a_whole_mask_product_and_its_own_tokens_of_b(self) -> None:
+        w = rand_w(64, 16)
+        sk = be.keygen(be.params_for(w, 8))
+        p = sk.params
+        short = be.matmul(be.encrypt(sk, rand_x(256, 64)), w).to_bytes()
+        assert p.out_bits_a + p.out_bits_b <= 64  # A'' and B'' share a word
+        pair, alone = -(-(p.out_bits_a + p.out_bits_b) // 8), -(-p.out_bits_a // 8)
+        assert len(short) == 4 + 88 + 8 + 12 + 16 * (256 * pair + (p.n - 256) * alone)
+
+
 class TestExactness:
     def test_quick_start(self) -> None:
         x = torch.randint(-128, 128, (300, 512))
@@ -230,12 +279,13 @@ class TestSecurityProperties:
     def test_wire_holds_no_key_material(self) -> None:
         w = rand_w(32, 4)
         sk = be.keygen(be.params_for(w, 8))
-        ct = be.encrypt(sk, torch.zeros(10, 32, dtype=torch.int64))
+        ct = be.encrypt(sk, torch.zeros(2000, 32, dtype=torch.int64))
         wire = ct.to_bytes() + be.matmul(ct, w).to_bytes()
         for enc in (sk.s.astype(np.int8), sk.s.astype("<i8"), (sk.s + 1).astype(np.uint8)):
             assert enc.tobytes()[:64] not in wire
-        # an encryption of zero is b = a*s + e: it looks uniform mod q, not like s
-        assert abs(float(ct.words.mean()) / sk.params.q - 0.5) < 0.01
+        # an encryption of zero is b = a*s + e: it looks uniform mod q, not like s (the padding
+        # tokens' words are zeros that never travel)
+        assert abs(float(ct.words[..., :2000].mean()) / sk.params.q - 0.5) < 0.01
         with pytest.raises(TypeError, match="never serialised"):
             pickle.dumps(sk)
         assert not any(isinstance(v, type(sk)) for v in vars(ct).values())
