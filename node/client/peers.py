@@ -55,7 +55,9 @@ class PeerState:
     capacity: int  # requests we send it at once: the most free slots it ever advertised
     rate: float  # MAC/s of its computation, measured (seeded with the advertised figure)
     link_bps: float  # bytes/s a request's payload reaches it at, measured (seeded by the client's assumption)
-    reply_bps: float  # bytes/s its replies reach us at: its uplink, mostly (measured; seeded likewise)
+    # bytes/s its replies reach us at: its uplink, mostly. Unknown (inf) until measured: no call
+    # is spread wider on an assumption (router.plan_cost)
+    reply_bps: float = math.inf
     latency_s: float = INITIAL_LATENCY_S
     successes: int = 0
     failures: int = 0
@@ -132,7 +134,7 @@ class PeerTable:
         if state is None:
             state = self._peers[advert.peer] = PeerState(
                 advert=advert, capacity=max(1, advert.free_slots), rate=float(max(1, advert.macs_per_second)),
-                link_bps=self.link_bps, reply_bps=self.link_bps,
+                link_bps=self.link_bps,
             )
             record = self._records.get(advert.peer.to_base58())
             if record is not None:
@@ -212,7 +214,8 @@ class PeerTable:
         if payload >= LINK_SAMPLE_MIN_BYTES:
             s.link_bps += EWMA * (payload / max(transfer_s, 1e-3) - s.link_bps)
         if reply >= LINK_SAMPLE_MIN_BYTES:
-            s.reply_bps += EWMA * (reply / max(reply_s, 1e-3) - s.reply_bps)
+            measured = reply / max(reply_s, 1e-3)
+            s.reply_bps = measured if math.isinf(s.reply_bps) else s.reply_bps + EWMA * (measured - s.reply_bps)
         if compute_s > 0:
             s.rate += EWMA * (macs / compute_s - s.rate)
         self._save(s)

@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 
 #: Providers whose score is within this factor of the best count as equals when choosing (`pick`).
 NEAR_BEST = 1.25
+#: A plan that moves more bytes is taken only if the cost model expects it to take at most this
+#: share of the time of the plan it would replace: its inputs (a link measured by some requests,
+#: a provider's rate that includes its per-request overhead) are estimates, and bytes are certain.
+SPREAD_GAIN = 0.75
 
 class FailureKind(enum.Enum):
     TIMEOUT = "timeout"  # no reply within the attempt's deadline
@@ -182,19 +186,24 @@ class ChunkRouter:
         plans = [self._layout(shape, "blocks", k, max_payload)]
         plans += [self._layout(shape, "columns", k, max_payload, cols=c) for c in cuts]
         cost = partial(plan_cost, shape, providers=k, link_bps=link_bps, rate=rate, reply_bps=reply_bps)
-        return min(plans, key=lambda p: cost(p).seconds)  # the first of equals: fewest bytes
+        best, best_s = plans[0], cost(plans[0]).seconds
+        for plan in plans[1:]:  # more bytes each: worth them only for a clear gain (the inputs are estimates)
+            if (seconds := cost(plan).seconds) < SPREAD_GAIN * best_s:
+                best, best_s = plan, seconds
+        return best
 
     def plan_for(self, shape: CallShape, holders: list[PeerState], *, layer: str) -> list[Chunk]:
         """`plan` for the holders of a layer: the usable ones now (all of them if none is), the
         client's link as the fastest one measured to any of them (each measurement is a lower
-        bound: uploads share the link) and their mean rate. A chunk's payload stays within the
+        bound: uploads share the link), their mean rate and the mean reply rate of those measured. A chunk's payload stays within the
         smallest limit among them and within what that link uploads in half a request's lifetime,
         so that every request reaches its provider before it expires. The plan is logged with the
         bytes it moves."""
         usable = [s for s in holders if self.table.usable(s)] or holders
         link = max(s.link_bps for s in usable)
         rate = statistics.fmean(s.rate for s in usable)
-        reply_bps = statistics.fmean(s.reply_bps for s in usable)
+        measured = [s.reply_bps for s in usable if math.isfinite(s.reply_bps)]
+        reply_bps = statistics.fmean(measured) if measured else math.inf  # unknown: not spread on a guess
         in_time = int(link * self.config.request_ttl_s / 2)
         chunks = self.plan(shape, providers=len(usable), link_bps=link, rate=rate, reply_bps=reply_bps,
                            max_payload=min(in_time, *(s.advert.max_payload_size for s in usable)))
