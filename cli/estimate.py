@@ -42,8 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "config.json path (default llama-3-8b)")
     g.add_argument("--tokens", type=int, default=100_000, help="training tokens in all (default 100000)")
     g.add_argument("--micro-batch-tokens", type=int, default=16 * 2048,
-                   help="tokens per micro-batch, one optimizer step each; 16 ring blocks of 2048 let the router split "
-                        "every call by blocks over 16 providers (default 32768)")
+                   help="tokens per micro-batch, one optimizer step each; at LLaMA widths and the default precision a "
+                        "ring block holds 4096 tokens, so 8 blocks give each call's blocks to 8 providers (default 32768)")
     g.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     g.add_argument("--eval-batches", type=int, default=0, help="held-out micro-batches evaluated before and after (default 0)")
     g.add_argument("--skip-backprop", type=int, default=1, help="n_layers_to_skip_for_backprop (default 1)")
