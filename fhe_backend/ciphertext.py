@@ -69,7 +69,7 @@ def _serialise(prefix: bytes, *fields: Field) -> bytes:
     return buf.tobytes()
 
 
-def _real(tokens: int, blocks: int, n: int) -> int:
+def last_block_tokens(tokens: int, blocks: int, n: int) -> int:
     """Real tokens of the last block, R in [1, N]: its B words that travel."""
     return tokens - (blocks - 1) * n
 
@@ -131,7 +131,7 @@ class Ciphertext:
 
     def to_bytes(self) -> bytes:
         head = _CT_HEAD.pack(CT_MAGIC, *self.params.to_tuple(), self.key_id, self.tokens, self.d, self.first_row, self.blocks)
-        r = _real(self.tokens, self.blocks, self.params.n)
+        r = last_block_tokens(self.tokens, self.blocks, self.params.n)
         return _serialise(head + b"".join(self.seeds), *_b_fields(self.words, self.params.log_q, r))
 
     @classmethod
@@ -146,13 +146,13 @@ class Ciphertext:
         key_id, tokens, d, first_row, blocks = rest[len(Params.FIELDS) :]
         _check_dims(tokens, d, blocks, params.n)
         off = _CT_HEAD.size
-        n = params.n
-        body = ((blocks - 1) * n + _real(tokens, blocks, n)) * d * word_bytes(params.log_q)
-        if len(data) != off + blocks * SEED_BYTES + body:
-            raise InvalidCiphertext(f"ciphertext has {len(data)} bytes, expected {off + blocks * SEED_BYTES + body}")
+        expected = off + blocks * SEED_BYTES + params.payload_bytes(tokens, d)
+        if len(data) != expected:
+            raise InvalidCiphertext(f"ciphertext has {len(data)} bytes, expected {expected}")
         seeds = tuple(bytes(data[off + i * SEED_BYTES : off + (i + 1) * SEED_BYTES]) for i in range(blocks))
         off += blocks * SEED_BYTES
-        words = _b_words(data[off:], params.log_q, (blocks, d, n), _real(tokens, blocks, n))
+        n = params.n
+        words = _b_words(data[off:], params.log_q, (blocks, d, n), last_block_tokens(tokens, blocks, n))
         return cls(params=params, key_id=key_id, tokens=tokens, first_row=first_row, seeds=seeds, words=words)
 
     # -- chunking: every split is exact, because everything is linear mod q -----------------------
@@ -217,7 +217,7 @@ class MatmulResult:
     def to_bytes(self) -> bytes:
         p = self.params
         head = _OUT_HEAD.pack(OUT_MAGIC, *p.to_tuple(), self.key_id, self.tokens, self.d_out, self.blocks)
-        r = _real(self.tokens, self.blocks, p.n)
+        r = last_block_tokens(self.tokens, self.blocks, p.n)
         if self.shared_mask:
             return _serialise(head + b"".join(self.seeds), *_b_fields(self.b_words, p.out_bits_b, r))
         a, b = self.a_words, self.b_words
@@ -244,7 +244,7 @@ class MatmulResult:
         n = p.n
         count = blocks * d_out * n
         shape = (blocks, d_out, n)
-        r = _real(tokens, blocks, n)
+        r = last_block_tokens(tokens, blocks, n)
         body = data[_OUT_HEAD.size :]
         ka, kb = p.out_bits_a, p.out_bits_b
         if p.profile == SHARED_MASK:

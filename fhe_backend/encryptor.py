@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from . import kernels
-from .ciphertext import Ciphertext, MatmulResult
+from .ciphertext import Ciphertext, MatmulResult, last_block_tokens
 from .errors import InputRangeError, KeyMismatch, ShapeMismatch
 from .keys import SecretKey
 from .parallel import for_row_chunks, scratch
@@ -132,8 +132,7 @@ def encrypt(sk: SecretKey, x: torch.Tensor | np.ndarray) -> Ciphertext:
 def clear_padding(words: np.ndarray, tokens: int) -> None:
     """Zero the last block's words past its real tokens: they never travel (ciphertext.py), and no
     decryption reads them, so both ends hold zeros there (and the product's are zeros too)."""
-    n = words.shape[2]
-    words[-1, :, tokens - (words.shape[0] - 1) * n :] = 0
+    words[-1, :, last_block_tokens(tokens, words.shape[0], words.shape[2]) :] = 0
 
 
 def decrypt(sk: SecretKey, res: MatmulResult) -> torch.Tensor:

@@ -307,9 +307,7 @@ class Dispatcher:
         `started` is set once the upload gate admits it, `replying` once the reply's first bytes
         arrive (exchange.py)."""
         peer = state.peer
-        admitted: list[Sealed[MatmulRequest]] = []  # the request, made and signed when its upload is admitted
-
-        def make_request() -> Sealed[MatmulRequest]:
+        def make_request() -> Sealed[MatmulRequest]:  # called by the exchange when its upload is admitted
             request = MatmulRequest.for_payload(
                 job.payload,
                 payload_sha256=job.payload_sha256,
@@ -325,8 +323,7 @@ class Dispatcher:
                 price_per_gmac=self._config.max_price_per_gmac,
             )
             with self._node.cpu.section("signatures"):
-                admitted.append(seal(request, self._key_pair.private_key))
-            return admitted[-1]
+                return seal(request, self._key_pair.private_key)
 
         limits = Limits(max_payload_size=2 * job.ct.blocks * job.width * job.params.n * 8 + (1 << 16))
         timeout = self._router.attempt_timeout(state, job.need.macs, job.need.payload)
@@ -348,7 +345,8 @@ class Dispatcher:
                 raise AttemptFailed(peer, FailureKind.UNREACHABLE, str(exc) or type(exc).__name__) from None
             except ProtocolError as exc:  # a reply that does not even parse
                 raise AttemptFailed(peer, FailureKind.CHEATED, f"invalid reply: {exc}") from None
-            sealed = admitted[0]  # a reply comes only to a request that was sent
+            sealed = exchange.sealed
+            assert sealed is not None  # a reply comes only to a request that was sent
             self._counters.bytes_sent += len(sealed.header) + len(job.payload)
             self._counters.bytes_received += len(frame.header.body) + len(frame.payload)
             digest, spent = await trio.to_thread.run_sync(thread_timed, sha256, frame.payload, limiter=self.crypto)

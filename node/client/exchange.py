@@ -81,6 +81,7 @@ class Exchange:
         self._node = node
         self.peer = peer
         self._request = request  # makes and signs the request once the upload is admitted
+        self.sealed: Sealed | None = None  # that request, once made
         self._payload = payload
         self._limits = limits
         self._timeout_s = timeout_s
@@ -164,7 +165,7 @@ class Exchange:
         try:
             if not await self._take_upload_slot():
                 return
-            sealed = self._request()
+            self.sealed = sealed = self._request()
             self._stream = await self._node.host.new_stream(self.peer, self._protocols)
             if self._stop.is_set() or self._expired:  # too late: the request would be stale work
                 return

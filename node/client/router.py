@@ -182,7 +182,7 @@ class ChunkRouter:
         # token blocks, then cuts of the columns into powers of two and into one per provider (the
         # input sent that many times)
         widest = min(k, len(shape.column_grid) - 1)
-        cuts = sorted({c for c in (2**i for i in range(1, widest.bit_length())) if c <= widest} | {widest} - {1})
+        cuts = sorted({2**i for i in range(1, widest.bit_length())} | {widest} - {1})
         plans = [self._layout(shape, "blocks", k, max_payload)]
         plans += [self._layout(shape, "columns", k, max_payload, cols=c) for c in cuts]
         cost = partial(plan_cost, shape, providers=k, link_bps=link_bps, rate=rate, reply_bps=reply_bps)
@@ -195,10 +195,10 @@ class ChunkRouter:
     def plan_for(self, shape: CallShape, holders: list[PeerState], *, layer: str) -> list[Chunk]:
         """`plan` for the holders of a layer: the usable ones now (all of them if none is), the
         client's link as the fastest one measured to any of them (each measurement is a lower
-        bound: uploads share the link), their mean rate and the mean reply rate of those measured. A chunk's payload stays within the
-        smallest limit among them and within what that link uploads in half a request's lifetime,
-        so that every request reaches its provider before it expires. The plan is logged with the
-        bytes it moves."""
+        bound: uploads share the link), their mean rate and the mean reply rate of those measured.
+        A chunk's payload stays within the smallest limit among them and within what that link
+        uploads in half a request's lifetime, so that every request reaches its provider before it
+        expires. The plan is logged with the bytes it moves."""
         usable = [s for s in holders if self.table.usable(s)] or holders
         link = max(s.link_bps for s in usable)
         rate = statistics.fmean(s.rate for s in usable)
