@@ -77,6 +77,11 @@ async def test_one_verifiable_receipt_per_accepted_chunk(weights: ModelWeights, 
                         assert torch.equal(await client.matmul(LAYER, x, transpose=transpose), reference(weights, LAYER, x, transpose=transpose))
                     stats = client.stats()
                     client_peer = client.node.peer_id
+                    # The paid provider gets its countersigned receipts back (the protocol's ack),
+                    # sent after each call returns: wait while both ends still run.
+                    with trio.fail_after(5):
+                        while len(provider_ledger.receipts()) < stats.chunks_by_peer[paid.node.peer_id.to_base58()]:
+                            await trio.sleep(0.05)
         receipts = ledger.receipts()
         assert len(receipts) == stats.chunks == 6
         assert len({r.receipt.request_id for r in receipts}) == 6
@@ -84,10 +89,6 @@ async def test_one_verifiable_receipt_per_accepted_chunk(weights: ModelWeights, 
             receipt = verify_receipt(signed, provider_key=_key_of(signed.receipt.provider), client_key=_key_of(client_peer))
             assert receipt.client == client_peer and receipt.completed_at_ms <= now_ms()
         assert ledger.total_amount() == stats.paid == sum(r.receipt.amount for r in receipts) > 0
-        # The paid provider got its countersigned receipts back (the protocol's ack).
-        with trio.fail_after(5):
-            while len(provider_ledger.receipts()) < stats.chunks_by_peer[paid.node.peer_id.to_base58()]:
-                await trio.sleep(0.05)
         assert {r.receipt_bytes for r in provider_ledger.receipts()} <= {r.receipt_bytes for r in receipts}
 
 
