@@ -1,7 +1,8 @@
 """Bytes per training token through the client's link, by micro-batch size.
 
-For each micro-batch size, one training micro-batch's remote products (every layer forward and, past
-the skipped ones, backward, from `node/sim/workload.py`, with each layer's real parameters) and the
+For each micro-batch size, one training micro-batch's remote products (every call forward and, past
+the skipped ones, backward, from `node/sim/workload.py`: one per group of layers reading the same
+input, with each group's real parameters) and the
 ciphertext words they move, per token: as the wire carries them now (a ring block's padding tokens
 send no B word and receive only their A'' word, `fhe_backend/ciphertext.py`) beside every slot of
 every block travelling, as before. The wire sizes are `Params.payload_bytes` / `result_bytes`,

@@ -1,7 +1,8 @@
 """Predict the wall time and price of an encrypted LoRA fine-tune on a swarm, by simulation.
 
 A discrete-event simulation (cipherswarm.node.sim) replays the trainer's sequence of encrypted
-layer calls with the client's own chunk router, peer table, hedging and retries, on a model of
+calls (one per group of layers that read the same input, e.g. LLaMA's q, k, v: the input is
+uploaded once) with the client's own chunk router, peer table, hedging and retries, on a model of
 the client's CPU and links and the providers' devices and links. It prints every assumption, the
 predicted wall time, tokens/s, price and what bounds the time (client uplink, downlink, crypto CPU,
 provider compute, latency). Nothing here is measured: the defaults are stated assumptions

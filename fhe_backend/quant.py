@@ -82,6 +82,20 @@ class QuantizedWeight:
         return h.hexdigest()
 
 
+def concat_columns(parts: "list[QuantizedWeight]") -> QuantizedWeight:
+    """The column concatenation ``[W_1 | W_2 | ...]`` of layers that read the same input: one
+    product ``x @ W`` gives every member's output, and ``g @ W.T`` the sum of their input gradients.
+    Its digest is the concatenation's own, so it names exactly what a provider multiplies by."""
+    if not parts:
+        raise ValueError("a group has at least one layer")
+    bits, d_in = parts[0].bits, parts[0].q.shape[0]
+    if any(p.bits != bits or p.q.shape[0] != d_in for p in parts):
+        raise ValueError("grouped layers need the same input width and weight bits")
+    if len(parts) == 1:
+        return parts[0]
+    return QuantizedWeight(q=torch.cat([p.q for p in parts], dim=1), scale=torch.cat([p.scale for p in parts]), bits=bits)
+
+
 def weight_dtype(bits: int) -> torch.dtype:
     """The narrowest storage of ``bits``-bit weights."""
     return torch.int8 if bits <= 8 else torch.int16

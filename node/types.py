@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
-from cipherswarm.protocol import CapabilityAdvert, Range, Verified, WeightSlice
+from cipherswarm.protocol import GROUP_PROTOCOL_ID, CapabilityAdvert, Range, Verified, WeightSlice
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +48,12 @@ class ProviderAdvert:
             expires_at_ms=a.expires_at_ms,
         )
 
-    def holds(self, model_hash: bytes, layer_digest: bytes) -> bool:
-        return model_hash in self.models and (self.layers is None or layer_digest in self.layers)
+    def holds(self, model_hash: bytes, layer_digests: tuple[bytes, ...]) -> bool:
+        """Whether it serves every one of the layers; more than one (a group: one request
+        concatenates them) needs protocol 1.1 as well."""
+        held = self.layers
+        return (model_hash in self.models and (held is None or all(d in held for d in layer_digests))
+                and (len(layer_digests) == 1 or GROUP_PROTOCOL_ID in self.protocols))
 
 
 @dataclass(frozen=True, slots=True)

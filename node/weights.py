@@ -22,6 +22,13 @@ of layers it holds.
 Layer keys: the wire carries the tensor name (`model.layers.0.self_attn.q_proj.weight`); `resolve`
 also accepts the module name (`model.layers.0.self_attn.q_proj`), which is what the trainer uses.
 
+Groups: layers that read the same input (q, k and v; gate and up) are multiplied as one layer, the
+column concatenation `W = [W_1 | W_2 | ...]` (`fhe_backend.quant.concat_columns`): one encrypted
+input and one call forward, and backward one product `g @ W.T`, the sum of the members' input
+gradients, so one download. A group's key joins its members' keys with `GROUP_SEPARATOR` (no
+module or tensor name contains it); `resolve` gives its summary, made once from the members'
+weights, whose digest is that of the concatenation.
+
 What a node keeps: every layer's public summary (shape, digest, per-channel scales, the sums of
 Wq over each direction's contraction axis, the norms that choose parameters), a few bytes per
 output channel; and the integer weights only of the layers it holds. A client holds none (`hold=()`):
@@ -43,12 +50,26 @@ from safetensors import safe_open
 
 from cipherswarm.fhe_backend import PlainWeights, WeightStats
 from cipherswarm.fhe_backend.allocator import release_free_memory
-from cipherswarm.fhe_backend.quant import WEIGHT_BITS, QuantizedWeight, quantize_weight
+from cipherswarm.fhe_backend.quant import WEIGHT_BITS, QuantizedWeight, concat_columns, quantize_weight
 from cipherswarm.protocol import LayerShape
 
 CONV1D_MODEL_TYPES = frozenset({"gpt2"})
 """Architectures whose linear layers are transformers' Conv1D, stored (d_in, d_out)."""
 _MODEL_HASH_DOMAIN = b"cipherswarm-model-v1\n"
+GROUP_SEPARATOR = "+"
+"""Joins the member keys of a group's key (see the module docstring)."""
+
+
+def group_key(keys: Sequence[str]) -> str:
+    """The key of the layers `keys`, in this column order, multiplied as one (a single key: itself)."""
+    if not keys or any(not k or GROUP_SEPARATOR in k for k in keys) or len(set(keys)) != len(keys):
+        raise ValueError(f"a group is distinct, non-empty layer keys without {GROUP_SEPARATOR!r}: {list(keys)}")
+    return GROUP_SEPARATOR.join(keys)
+
+
+def group_members(key: str) -> list[str]:
+    """The member keys of a group's key, in column order (a plain layer key: itself alone)."""
+    return key.split(GROUP_SEPARATOR)
 
 
 class WeightsError(Exception):
@@ -143,6 +164,7 @@ class ModelWeights:
             h.update(layer.name.encode() + b"\x00" + layer.digest)
         self.model_hash = h.digest()
         self._plain: dict[str, PlainWeights] = {}
+        self._groups: dict[str, Layer] = {}  # group summaries by their tensor-name key, made on first use
 
     @property
     def held(self) -> list[Layer]:
@@ -153,23 +175,44 @@ class ModelWeights:
         return all(layer.weight is not None for layer in self.layers.values())
 
     def resolve(self, key: str) -> Layer:
-        """The layer named by a tensor name or a module name; KeyError says which names exist."""
+        """The layer named by a tensor name or a module name, or the group they join into (module
+        docstring; its summary is made from the members' weights on first use); KeyError says
+        which names exist, WeightsError which members cannot be grouped."""
+        members = group_members(key)
+        if len(members) > 1:
+            name = group_key([self.resolve(m).name for m in members])
+            if name not in self._groups:
+                parts = [self.resolve(m) for m in members]
+                if len({p.shape.d_in for p in parts}) != 1:
+                    raise WeightsError(f"{name}: grouped layers must have the same input width")
+                self._groups[name] = Layer.summarise(name, self.read(name), keep=False)
+            return self._groups[name]
         layer = self.layers.get(key) or self.layers.get(key + ".weight")
         if layer is None:
             sample = ", ".join(list(self.layers)[:3])
             raise KeyError(f"{key!r} is not a remote layer of this model (names look like {sample}, ...)")
         return layer
 
-    def lookup(self, model_hash: bytes, name: str) -> LayerShape | None:
-        """protocol.LayerLookup: the shape of a layer this node holds, else None."""
-        layer = self.layers.get(name)
-        if model_hash != self.model_hash or layer is None or layer.weight is None:
+    def members(self, key: str) -> list[Layer]:
+        """The layers of a key: a group's members in column order, or the one layer."""
+        return [self.resolve(m) for m in group_members(key)]
+
+    def lookup(self, model_hash: bytes, names: Sequence[str]) -> LayerShape | None:
+        """protocol.LayerLookup: the shape of the column concatenation of `names` (tensor names),
+        when this node holds every one of them and they share an input width; else None."""
+        layers = [self.layers.get(name) for name in names]
+        if model_hash != self.model_hash or not layers or any(layer is None or layer.weight is None for layer in layers):
             return None
-        return layer.shape
+        if len({layer.shape.d_in for layer in layers}) != 1 or len(set(names)) != len(names):  # type: ignore[union-attr]
+            return None
+        return LayerShape(layers[0].shape.d_in, sum(layer.shape.d_out for layer in layers))  # type: ignore[union-attr]
 
     def read(self, name: str) -> QuantizedWeight:
-        """The integer weights of layer `name`, held or read again from its memory-mapped file (only
-        that tensor is read); WeightsError if the file no longer holds the weights of the digest."""
+        """The integer weights of layer `name` (of a group: its members' concatenated), held or read
+        again from the memory-mapped files (only those tensors are read); WeightsError if a file no
+        longer holds the weights of its digest."""
+        if GROUP_SEPARATOR in name:
+            return concat_columns([self.read(m) for m in group_members(name)])
         layer = self.resolve(name)
         if layer.weight is not None:
             return layer.weight

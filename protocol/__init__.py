@@ -49,9 +49,11 @@ from .receipts import countersign_receipt, sign_receipt, verify_countersignature
 from .replay import ReplayWindow
 from .shapes import LayerShape, check_shapes
 
-PROTOCOL_ID = "/cipherswarm/matmul/1.0.0"
-"""The stream protocol id this version speaks (README, "Versioning")."""
-PROTOCOL_IDS: tuple[str, ...] = (PROTOCOL_ID,)
+PROTOCOL_ID = "/cipherswarm/matmul/1.1.0"
+"""The newest stream protocol id this version speaks (README, "Versioning")."""
+GROUP_PROTOCOL_ID = PROTOCOL_ID
+"""The first version whose requests may concatenate layers (`MatmulRequest.group`)."""
+PROTOCOL_IDS: tuple[str, ...] = (PROTOCOL_ID, "/cipherswarm/matmul/1.0.0")
 """Every id served and proposed, newest first: register a handler for each, and pass them all to
 `new_stream`, so multistream-select settles on the newest version both peers speak."""
 ADVERT_PROTOCOL_ID = "/cipherswarm/advert/1.0.0"
@@ -60,6 +62,7 @@ ADVERT_PROTOCOL_ID = "/cipherswarm/advert/1.0.0"
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_SIZE",
     "ADVERT_PROTOCOL_ID",
+    "GROUP_PROTOCOL_ID",
     "MAX_HEADER_SIZE",
     "PROTOCOL_ID",
     "PROTOCOL_IDS",

@@ -83,7 +83,7 @@ class WeightSlice(_message.Message):
     def __init__(self, rows: _Optional[_Union[Range, _Mapping]] = ..., cols: _Optional[_Union[Range, _Mapping]] = ...) -> None: ...
 
 class MatmulRequest(_message.Message):
-    __slots__ = ("request_id", "nonce", "expires_at_ms", "model_hash", "layer", "weight_slice", "transpose", "backend", "backend_params", "mask_seeds", "input_shape", "output_shape", "payload_sha256", "payload_length", "price_per_gmac")
+    __slots__ = ("request_id", "nonce", "expires_at_ms", "model_hash", "layer", "weight_slice", "transpose", "backend", "backend_params", "mask_seeds", "input_shape", "output_shape", "payload_sha256", "payload_length", "price_per_gmac", "group")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_MS_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class MatmulRequest(_message.Message):
     PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_LENGTH_FIELD_NUMBER: _ClassVar[int]
     PRICE_PER_GMAC_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     request_id: bytes
     nonce: bytes
     expires_at_ms: int
@@ -114,7 +115,8 @@ class MatmulRequest(_message.Message):
     payload_sha256: bytes
     payload_length: int
     price_per_gmac: int
-    def __init__(self, request_id: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., expires_at_ms: _Optional[int] = ..., model_hash: _Optional[bytes] = ..., layer: _Optional[str] = ..., weight_slice: _Optional[_Union[WeightSlice, _Mapping]] = ..., transpose: bool = ..., backend: _Optional[str] = ..., backend_params: _Optional[bytes] = ..., mask_seeds: _Optional[_Iterable[bytes]] = ..., input_shape: _Optional[_Iterable[int]] = ..., output_shape: _Optional[_Iterable[int]] = ..., payload_sha256: _Optional[bytes] = ..., payload_length: _Optional[int] = ..., price_per_gmac: _Optional[int] = ...) -> None: ...
+    group: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., expires_at_ms: _Optional[int] = ..., model_hash: _Optional[bytes] = ..., layer: _Optional[str] = ..., weight_slice: _Optional[_Union[WeightSlice, _Mapping]] = ..., transpose: bool = ..., backend: _Optional[str] = ..., backend_params: _Optional[bytes] = ..., mask_seeds: _Optional[_Iterable[bytes]] = ..., input_shape: _Optional[_Iterable[int]] = ..., output_shape: _Optional[_Iterable[int]] = ..., payload_sha256: _Optional[bytes] = ..., payload_length: _Optional[int] = ..., price_per_gmac: _Optional[int] = ..., group: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message", "retry_after_ms", "limit")

@@ -38,8 +38,9 @@ from .signing import decode_public_key
 
 M = TypeVar("M", bound=Message)
 
-LayerLookup = Callable[[bytes, str], LayerShape | None]
-"""(model hash, layer name) -> the layer's shape, or None if the provider does not hold it."""
+LayerLookup = Callable[[bytes, tuple[str, ...]], LayerShape | None]
+"""(model hash, layer names) -> the shape of their column concatenation (one name: the layer's
+shape), or None if the provider does not hold them all or they differ in input width."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,9 +88,9 @@ def verify_request(
     window.check_and_record(
         request.nonce, expires_at_ms=request.expires_at_ms, now_ms=now_ms, scope=frame.header.public_key
     )
-    layer = lookup(request.model_hash, request.layer)
+    layer = lookup(request.model_hash, request.layers)
     if layer is None:
-        raise UnknownModel(request.model_hash, request.layer)
+        raise UnknownModel(request.model_hash, "+".join(request.layers))
     check_shapes(request, layer)
     if request.price_per_gmac < min_price_per_gmac:
         raise PaymentRequired(asked=min_price_per_gmac, offered=request.price_per_gmac)

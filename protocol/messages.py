@@ -27,6 +27,8 @@ ID_SIZE = 16
 DIGEST_SIZE = 32
 SEED_SIZE = 32
 MAX_LAYER_NAME = 256
+MAX_GROUP = 15
+"""Further layers one request may concatenate (`MatmulRequest.group`, 1.1): at most 16 in all."""
 MAX_BACKEND_NAME = 32
 MAX_DIM = 2**21
 """Largest matrix dimension. Keeps m * k * n below 2**63, so MAC counts fit any uint64."""
@@ -146,6 +148,7 @@ class MatmulRequest:
     payload_sha256: bytes
     payload_length: int
     price_per_gmac: int  # most the client pays per 10^9 multiply-accumulates
+    group: tuple[str, ...] = ()  # 1.1: further layers; W is the column concatenation [W_layer | W_group...]
 
     def __post_init__(self) -> None:
         _check_bytes("request_id", self.request_id, size=ID_SIZE)
@@ -165,6 +168,15 @@ class MatmulRequest:
         _check_bytes("payload_sha256", self.payload_sha256, size=DIGEST_SIZE)
         _check_uint("payload_length", self.payload_length)
         _check_uint("price_per_gmac", self.price_per_gmac)
+        _check_type("group", self.group, tuple)
+        _check_items("group", self.group, MAX_GROUP)
+        for name in self.group:
+            _check_text("group layer", name, MAX_LAYER_NAME)
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The layers whose column concatenation W is, in order: `layer`, then `group`."""
+        return (self.layer, *self.group)
 
     @classmethod
     def for_payload(
@@ -183,6 +195,7 @@ class MatmulRequest:
         price_per_gmac: int,
         mask_seeds: tuple[bytes, ...] = (),
         payload_sha256: bytes | None = None,
+        group: tuple[str, ...] = (),
     ) -> MatmulRequest:
         """A request for `payload` with a fresh random id and nonce and the payload's digest.
 
@@ -206,6 +219,7 @@ class MatmulRequest:
             payload_sha256=sha256(payload) if payload_sha256 is None else payload_sha256,
             payload_length=len(payload),
             price_per_gmac=price_per_gmac,
+            group=group,
         )
 
     @property
@@ -231,6 +245,7 @@ class MatmulRequest:
             payload_sha256=self.payload_sha256,
             payload_length=self.payload_length,
             price_per_gmac=self.price_per_gmac,
+            group=self.group,
         )
 
     @classmethod
@@ -251,6 +266,7 @@ class MatmulRequest:
             payload_sha256=msg.payload_sha256,
             payload_length=msg.payload_length,
             price_per_gmac=msg.price_per_gmac,
+            group=tuple(msg.group),
         )
 
 

@@ -9,19 +9,29 @@ on disk, read from the checkpoint by ``load_remote_model``. With no executor it 
 original module (plain float, ``fhe="disable"``); with one, its autograd function quantizes the
 input per token, asks the executor for the exact integer product, and dequantizes; the backward
 pass does the same for ``g @ W.T``. The bias, being small and possibly trainable, is added here.
+
+Layers that read the same input tensor (q, k and v; gate and up: :func:`find_groups` finds them in
+a traced forward) form a :class:`RemoteGroup`, computed as one layer ``[W_1 | W_2 | ...]``
+(node/weights.py, "Groups"): the first member's call computes every member's columns from one
+encrypted input, the others take theirs, and autograd hands the group's backward one gradient, the
+members' side by side, for one product ``g @ W.T`` that sums their input gradients. Forward, a
+group's outputs equal its members' own products bit for bit (a token's activation quantization does
+not depend on the layer); backward, each token's gradient row is quantized once over the
+whole group's width.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from cipherswarm.fhe_backend.quant import Precision, QuantizedWeight, quantize_weight
-from cipherswarm.node.weights import Layer
+from cipherswarm.fhe_backend.quant import Precision, QuantizedWeight, concat_columns, quantize_weight
+from cipherswarm.node.weights import Layer, group_key
 
 from .executor import MatmulExecutor
 from .quantization import booked, dequantize_product, quantize_per_token
@@ -30,13 +40,22 @@ from .thin import is_thin, keep_placeholder
 BASE_LAYER_TYPES = (nn.Linear, Conv1D)
 
 
+class Call(NamedTuple):
+    """One remote layer's call in a traced forward."""
+
+    key: str
+    needs_grad: bool  # its input needs a gradient, so autograd will ask for g @ W.T
+    shares_input: bool  # its input is the very tensor the previous call read
+
+
 @dataclass
 class RemoteContext:
     """What every remote layer of one model shares: how products are computed right now."""
 
     executor: MatmulExecutor | None = None  # None: the original float module runs (fhe="disable")
     precision: Precision = field(default_factory=Precision)  # bits of activations, gradients and weights
-    trace: list[tuple[str, bool]] | None = None  # when a list: (layer key, input needs grad) per call
+    trace: list[Call] | None = None  # when a list: every call of a forward, in order
+    last_input: torch.Tensor | None = None  # while tracing: the previous call's input
     #: when a dict: per layer key, [sum of squared errors, sum of squares] of its outputs against the
     #: float product of the same input (trainer.accuracy)
     errors: dict[str, list[float]] | None = None
@@ -46,20 +65,20 @@ class _RemoteProduct(torch.autograd.Function):
     """y = x @ W through the executor; dL/dx = g @ W.T through it too (W is frozen: no dL/dW)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: "RemoteLinear", executor: MatmulExecutor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, group: "RemoteGroup", executor: MatmulExecutor) -> torch.Tensor:  # type: ignore[override]
         # The backward pass runs with the forward's executor, even if the mode changed in between.
-        ctx.layer, ctx.executor = layer, executor
-        return layer.remote_product(x, executor, transpose=False)
+        ctx.group, ctx.executor = group, executor
+        return group.remote_product(x, executor, transpose=False)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
-        layer: RemoteLinear = ctx.layer
-        if not layer.backward_enabled:
+        group: RemoteGroup = ctx.group
+        if not group.backward_enabled:
             raise RuntimeError(
-                f"layer {layer.key!r} was compiled without a backward pass (n_layers_to_skip_for_backprop), "
+                f"layer {group.key!r} was compiled without a backward pass (n_layers_to_skip_for_backprop), "
                 "but its input needs a gradient here; compile() with inputs like the ones you train on"
             )
-        return layer.remote_product(g, ctx.executor, transpose=True), None, None
+        return group.remote_product(g, ctx.executor, transpose=True), None, None
 
 
 class RemoteLinear(nn.Module):
@@ -85,6 +104,7 @@ class RemoteLinear(nn.Module):
             engine_w = w if isinstance(base, Conv1D) else w.t()  # the engine's w is (d_in, d_out)
             self.layer = Layer.summarise(key + ".weight", quantize_weight(engine_w, bits), keep=True)
         self.in_features, self.out_features = self.layer.shape.d_in, self.layer.shape.d_out
+        self.group = RemoteGroup([self])  # until the trainer groups it with layers reading its input
 
     @property
     def quantized(self) -> QuantizedWeight | None:
@@ -103,14 +123,15 @@ class RemoteLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = self.context
         if ctx.trace is not None:
-            ctx.trace.append((self.key, x.requires_grad))
+            ctx.trace.append(Call(self.key, x.requires_grad, x is ctx.last_input))
+            ctx.last_input = x
         if ctx.executor is None:
             if self.thin and ctx.trace is not None:
                 # tracing needs which layers run and whether their inputs need a gradient, not the
                 # values: a zero stand-in that depends on x spares reading every layer from disk
                 return (x[..., :1] * 0).expand(*x.shape[:-1], self.out_features)
             return self.original(x)
-        y = _RemoteProduct.apply(x, self, ctx.executor)
+        y = self.group.output(self, x, ctx.executor)
         y = y if self.bias is None else y + self.bias
         if ctx.errors is not None:
             self._record_error(x, y, ctx.errors)
@@ -124,6 +145,53 @@ class RemoteLinear(nn.Module):
             total = errors.setdefault(self.key, [0.0, 0.0])
             total[0] += float((y.detach().double() - ref).square().sum())
             total[1] += float(ref.square().sum())
+
+
+class RemoteGroup:
+    """Remote layers that read the same input, computed as one layer ``[W_1 | W_2 | ...]`` (module
+    docstring); a layer alone is a group of one. Not a module: its members stay where they are."""
+
+    def __init__(self, members: list[RemoteLinear]) -> None:
+        self.members = members
+        self.key = group_key([m.key for m in members])  # what the executor is asked for
+        self.context = members[0].context
+        self.columns: dict[str, tuple[int, int]] = {}  # member key -> (first output column, width)
+        offset = 0
+        for m in members:
+            self.columns[m.key] = (offset, m.out_features)
+            offset += m.out_features
+        self.weight: QuantizedWeight | None = None  # the concatenated integer weights, when held
+        if len(members) == 1:
+            self.layer = members[0].layer
+            self.weight = members[0].quantized
+        elif all(m.thin for m in members):  # summarised by the checkpoint's reader, from disk
+            self.layer = members[0].original.source.resolve(self.key)
+        elif not any(m.thin for m in members):
+            self.weight = concat_columns([m.quantized for m in members])  # type: ignore[misc]  # held: not thin
+            self.layer = Layer.summarise(group_key([m.key + ".weight" for m in members]), self.weight, keep=False)
+        else:
+            raise ValueError(f"{self.key}: a group's layers are all on disk or all in memory")
+        self._pending: tuple[torch.Tensor, MatmulExecutor, torch.Tensor, set[str]] | None = None
+
+    @property
+    def backward_enabled(self) -> bool:
+        """Every member's backward is needed once one's is: they share the input."""
+        return all(m.backward_enabled for m in self.members)
+
+    def output(self, member: RemoteLinear, x: torch.Tensor, executor: MatmulExecutor) -> torch.Tensor:
+        """``member``'s product with ``x``: its columns of the group's product, computed by the first
+        member to ask and taken by the others with the same input. A member whose input is not the
+        one computed (a forward that runs otherwise than the traced one) gets a fresh product."""
+        if len(self.members) == 1:
+            return _RemoteProduct.apply(x, self, executor)
+        pending = self._pending
+        if pending is None or pending[0] is not x or pending[1] is not executor or member.key in pending[3]:
+            pending = (x, executor, _RemoteProduct.apply(x, self, executor), set())
+        pending[3].add(member.key)
+        # held until every member took its columns, and no longer: it keeps x and y alive
+        self._pending = None if len(pending[3]) == len(self.members) else pending
+        start, width = self.columns[member.key]
+        return pending[2].narrow(-1, start, width)
 
     def remote_product(self, t: torch.Tensor, executor: MatmulExecutor, *, transpose: bool) -> torch.Tensor:
         """``t @ W`` (or ``t @ W.T``) from the executor's exact integers; ``t`` is (..., features)."""
@@ -139,7 +207,7 @@ class RemoteLinear(nn.Module):
         xq = quantize_per_token(flat, self.context.precision.x_bits(transpose), scale if transpose else None)
         with booked("executor"):
             y = executor.matmul(self.key, xq.q.cpu(), transpose=transpose)
-        width = self.in_features if transpose else self.out_features
+        width = self.layer.shape.d_in if transpose else self.layer.shape.d_out
         if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or tuple(y.shape) != (flat.shape[0], width):
             got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
             raise TypeError(f"{type(executor).__name__}.matmul({self.key!r}, transpose={transpose}) must return "
@@ -147,6 +215,32 @@ class RemoteLinear(nn.Module):
         sums = self.layer.sums[transpose].to(dev, torch.float64)
         out = dequantize_product(y.to(dev), xq, sums, None if transpose else scale)
         return out.to(t.dtype).reshape(*lead, out.shape[-1])
+
+
+def find_groups(trace: list[Call]) -> list[list[str]]:
+    """The layers of a traced forward grouped by input: runs of consecutive calls on the very same
+    tensor, each layer in the run of its first call. A layer seen in two different runs (weights
+    shared across places) stays alone, as do the others of those runs."""
+    runs: list[list[str]] = []
+    for call in trace:
+        if runs and call.shares_input and call.key not in runs[-1]:
+            runs[-1].append(call.key)
+        else:
+            runs.append([call.key])
+    first: dict[str, list[str]] = {}
+    for run in runs:
+        for key in run:
+            first.setdefault(key, run)
+    conflicted = {key for run in runs for key in run if first[key] != run}
+    groups: list[list[str]] = []
+    seen: set[str] = set()
+    for run in runs:
+        members = [run] if not conflicted.intersection(run) else [[key] for key in run]
+        for group in members:
+            if group[0] not in seen:
+                groups.append(group)
+                seen.update(group)
+    return groups
 
 
 def _adapter_module_ids(model: nn.Module) -> set[int]:

@@ -31,7 +31,7 @@ from .accuracy import AccuracyReport, measure, warn_if_inaccurate
 from .checkpoint import capture_rng, checkpoint_folder, latest_checkpoint, load_state, restore_rng, save_checkpoint
 from .errors import BackpropSkipError, NoLoraLayersError, NotCompiledError
 from .executor import ExecutorStatistics, LayerSpec, LocalExecutor, MatmulExecutor, ReadingExecutor
-from .layers import RemoteContext, RemoteLinear, unwrap_base_layers, wrap_base_layers
+from .layers import Call, RemoteContext, RemoteGroup, RemoteLinear, find_groups, unwrap_base_layers, wrap_base_layers
 from .quantization import CPU_SECONDS, refresh_threads, torch_cpu
 
 FHE_MODES = ("disable", "simulate", "execute", "remote")
@@ -279,6 +279,7 @@ class LoraTrainer:
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         self._context = RemoteContext()
         self._layers: dict[str, RemoteLinear] = {}
+        self._groups: dict[str, RemoteGroup] = {}  # by group key: what the executor is asked for
         self._specs: dict[str, LayerSpec] = {}
         self._local: dict[str, LocalExecutor] = {}
         self._compiled = False
@@ -295,7 +296,7 @@ class LoraTrainer:
         return self._compiled
 
     def compile(self, inputset: object, n_bits: int | None = None, *, precision: Precision | None = None,
-                profile: str = "default", check_accuracy: bool = True) -> None:
+                profile: str = "default", check_accuracy: bool = True, group_layers: bool = True) -> None:
         """Put remote layers in place, check the backprop skip on ``inputset``, choose parameters, make
         keys, and measure the quantized model's accuracy on ``inputset``.
 
@@ -309,6 +310,9 @@ class LoraTrainer:
         figures, and an :class:`~.accuracy.AccuracyWarning` names what exceeds the thresholds.
         ``profile`` is the encryption profile of ``fhe="execute"``: "default", or "shared-mask"
         (half the provider work and returned bytes; key material of about each layer's size).
+        ``group_layers``: layers the trace finds reading the same input (q/k/v, gate/up) become one
+        call each way (layers.py): one upload forward, one download backward. False keeps every
+        layer a call of its own (each token's gradient then quantized per layer, not per group).
         """
         if n_bits is not None and precision is not None:
             raise ValueError("give n_bits or precision, not both")
@@ -326,9 +330,10 @@ class LoraTrainer:
         batch = _first_batch(inputset)
         trace = self._trace(batch)
         self._apply_backprop_skip(trace)
+        self._group(find_groups(trace) if group_layers else [])
         # Built once: each spec prepares its integer weights once, shared by every executor made from it.
-        self._specs = {k: LayerSpec(k, layer.quantized, precision, layer.backward_enabled, layer.layer.digest)
-                       for k, layer in self._layers.items()}
+        self._specs = {k: LayerSpec(k, group.weight, precision, group.backward_enabled, group.layer.digest)
+                       for k, group in self._groups.items()}
         specs = self.layer_specs()
         self._thin = any(layer.thin for layer in self._layers.values())
         self._local = {} if self._thin else {  # a thin model's weights are on disk: no in-process provider
@@ -339,23 +344,23 @@ class LoraTrainer:
             self.accuracy = self._measure_accuracy(batch)
             warn_if_inaccurate(self.accuracy)
         self._compiled = True
-        self._log({"event": "compile", "precision": asdict(precision), "profile": profile, "layers": len(specs),
-                   "backward_layers": sum(s.backward for s in specs.values()),
+        self._log({"event": "compile", "precision": asdict(precision), "profile": profile, "layers": len(self._layers), "calls": len(specs),
+                   "backward_layers": sum(len(g.members) for g in self._groups.values() if g.backward_enabled),
                    "accuracy": None if self.accuracy is None else self.accuracy.as_dict()})
 
     def _measure_accuracy(self, batch: object) -> AccuracyReport:
         """The float and the quantized forward of ``batch`` compared (:mod:`.accuracy`); the quantized
         products are ``simulate``'s, read from disk a layer at a time for a thin model."""
         if self._thin:
-            sources = {k: layer.original.source for k, layer in self._layers.items()}
+            sources = {g.key: g.members[0].original.source for g in self._groups.values()}
             executor: MatmulExecutor = ReadingExecutor(lambda key: sources[key].read(key))
         else:
             executor = self._local["simulate"]
         ids, mask, labels = split_batch(batch)
         return measure(self.model, self._context, executor, ids, mask, labels, self.loss_fn or causal_lm_loss)
 
-    def _trace(self, batch: object) -> list[tuple[str, bool]]:
-        """(layer key, input needs grad) per remote-layer call of one plain forward, in order."""
+    def _trace(self, batch: object) -> list[Call]:
+        """Every remote-layer call of one plain forward, in order."""
         ids, mask, _ = split_batch(batch)
         device = next(self.model.parameters()).device
         was_training = self.model.training
@@ -366,10 +371,24 @@ class LoraTrainer:
                 self.model(input_ids=ids.to(device), attention_mask=None if mask is None else mask.to(device))
             return self._context.trace
         finally:
-            self._context.trace = None
+            self._context.trace, self._context.last_input = None, None
             self.model.train(was_training)
 
-    def _apply_backprop_skip(self, trace: list[tuple[str, bool]]) -> None:
+    def _group(self, groups: list[list[str]]) -> None:
+        """One :class:`RemoteGroup` per run of layers reading the same input; layers that did not
+        run in the trace stay alone."""
+        of = {key: keys for keys in groups for key in keys}
+        self._groups = {}
+        for key in self._layers:  # module order
+            keys = of.get(key, [key])
+            if key != keys[0] and keys[0] in self._layers:
+                continue
+            group = RemoteGroup([self._layers[k] for k in keys])
+            for layer in group.members:
+                layer.group = group
+            self._groups[group.key] = group
+
+    def _apply_backprop_skip(self, trace: list[Call]) -> None:
         """Mark the first ``n_layers_to_skip_for_backprop`` layers (execution order) forward-only.
 
         Dropping the backward of a layer whose input depends on a LoRA weight would silently lose
@@ -377,7 +396,7 @@ class LoraTrainer:
         """
         order: list[str] = []
         needs_grad: dict[str, bool] = {}
-        for key, requires in trace:
+        for key, requires, _ in trace:
             if key not in needs_grad:
                 order.append(key)
             needs_grad[key] = needs_grad.get(key, False) or requires

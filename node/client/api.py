@@ -162,11 +162,17 @@ class SwarmClient:
         return self._submit(lambda s: s.matmul(layer_key, x_int, transpose=transpose), run_async=True)
 
     def check_layers(self, digests: Mapping[str, bytes]) -> None:
-        """Refuse to train unless every layer named in `digests` (layer key -> 32-byte quantization digest,
-        the trainer's) is the layer the providers serve: ModelMismatchError names those that differ."""
+        """Refuse to train unless every layer named in `digests` (layer or group key -> 32-byte
+        quantization digest, the trainer's) is the layer the providers serve: ModelMismatchError
+        names those that differ. With `prepare`, on a running client, the channels of exactly these
+        keys are then opened (a group's sketched from its members, read again) and every other one
+        closed, before training."""
         if self.weights is None:
             raise ClientClosedError("the client is not started")
         check_digests(self.weights, digests)
+        if self.prepare and self._session is not None:
+            directions = [(key, t) for key in digests for t in (False, True)]
+            self._submit(lambda s: trio.to_thread.run_sync(s.keys.keep_only, directions), run_async=True)
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes the client holds for the model's base layers: the layers' public summaries, and the

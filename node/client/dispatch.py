@@ -62,6 +62,7 @@ from ..errors import ChunkFailedError, NoProvidersError
 from ..host import NodeHost
 from ..ledger import Ledger
 from ..types import Chunk
+from ..weights import group_members
 from .config import ClientConfig
 from .exchange import Exchange, ExchangeExpired, wait_any
 from .keys import LayerChannel
@@ -119,7 +120,7 @@ def thread_timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
 class ChunkJob:
     """A chunk of one call, encrypted under one key, ready to send."""
 
-    layer: str  # tensor name, as the wire carries it
+    layer: str  # tensor name as the wire carries it, or a group's key of them (weights.py)
     need: Need
     chunk: Chunk
     channel: LayerChannel
@@ -307,13 +308,16 @@ class Dispatcher:
         `started` is set once the upload gate admits it, `replying` once the reply's first bytes
         arrive (exchange.py)."""
         peer = state.peer
+        names = group_members(job.layer)
+
         def make_request() -> Sealed[MatmulRequest]:  # called by the exchange when its upload is admitted
             request = MatmulRequest.for_payload(
                 job.payload,
                 payload_sha256=job.payload_sha256,
                 expires_at_ms=now_ms() + int(1000 * self._config.request_ttl_s),
                 model_hash=job.need.model_hash,
-                layer=job.layer,
+                layer=names[0],
+                group=tuple(names[1:]),
                 weight_slice=job.weight_slice,
                 transpose=job.channel.transpose,
                 backend=BACKEND,

@@ -94,14 +94,14 @@ class KeyRing:
 
     def prepare(self, directions: Iterable[tuple[str, bool]]) -> None:
         """Open the channels of `directions` ((layer key, transpose) pairs) and sketch their checkers,
-        reading each layer once and holding one layer at a time. Blocking: call it from a worker thread."""
+        reading each layer (or group) once and holding one at a time. Blocking: call it from a worker thread."""
         if self.weights is None:
             raise RuntimeError("the key ring has no model to read the layers from")
         wanted: dict[str, list[bool]] = {}
         for key, transpose in directions:
             wanted.setdefault(self.weights.resolve(key).name, []).append(transpose)
         for name, transposes in wanted.items():
-            channels = [self.channel(self.weights.layers[name], transpose=t) for t in transposes]
+            channels = [self.channel(self.weights.resolve(name), transpose=t) for t in transposes]
             if all(ch.prepared for ch in channels):
                 continue
             q = self.weights.read(name).q
@@ -109,6 +109,17 @@ class KeyRing:
                 ch.prepare(q)
             del q
             release_free_memory()  # the layer's transients, before the next one
+
+    def keep_only(self, directions: Iterable[tuple[str, bool]]) -> None:
+        """Prepare `directions` and close every other channel: the layers' own, once the trainer
+        calls their groups instead (weights.py, "Groups"). Blocking: call it from a worker thread."""
+        directions = list(directions)
+        self.prepare(directions)
+        assert self.weights is not None  # prepare checked it
+        wanted = {(self.weights.resolve(key).name, t) for key, t in directions}
+        for key in [k for k in self._channels if k not in wanted]:
+            del self._channels[key]
+        release_free_memory()
 
     def state_bytes(self) -> int:
         """Bytes of secret state of every open channel (sketches and keys)."""

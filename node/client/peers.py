@@ -42,7 +42,7 @@ class Need:
     """What a chunk needs of a provider."""
 
     model_hash: bytes
-    layer_digest: bytes
+    layer_digests: tuple[bytes, ...]  # the layer's, or every member's of a group
     payload: int  # request payload bytes
     macs: int  # work, as the provider computes it (padded to whole blocks)
 
@@ -156,7 +156,7 @@ class PeerTable:
         return [
             s for s in self._peers.values()
             if s.advert.expires_at_ms > wall
-            and s.advert.holds(need.model_hash, need.layer_digest)
+            and s.advert.holds(need.model_hash, need.layer_digests)
             and s.advert.max_payload_size >= need.payload
             and s.peer.to_base58() not in self._banned_forever
         ]

@@ -120,8 +120,9 @@ class SwarmSession:
 
     async def matmul(self, layer_key: str, x_int: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
         """Exact int64 `x_int @ W` (or `x_int @ W.T` when `transpose`) for the layer `layer_key`
-        (tensor or module name, weights.py), computed encrypted by the swarm and verified."""
+        (tensor or module name, or a group's key: weights.py), computed encrypted by the swarm and verified."""
         layer = self.weights.resolve(layer_key)
+        held = tuple(member.digest for member in self.weights.members(layer.name))  # what a provider must hold
         channel = self.keys.channel(layer, transpose=transpose)
         d_in, d_out = layer.shape.d_in, layer.shape.d_out
         contraction, width = (d_out, d_in) if transpose else (d_in, d_out)
@@ -130,7 +131,7 @@ class SwarmSession:
             return torch.zeros((0, width), dtype=torch.int64)
         p = channel.params
         shape = CallShape(x.shape[0], p.n, contraction, width, p.in_bytes, p.out_bytes, p.pad_bytes)
-        plan = await self._plan(layer, shape)
+        plan = await self._plan(layer, held, shape)
         # Chunks of one contraction part cover each output cell once (router.py), and each is
         # copied in; only row chunks add up, into zeros. A layer-sized output is written once
         # instead of zeroed, read and written again.
@@ -140,7 +141,7 @@ class SwarmSession:
         for _ in range(self.config.max_rotations + 1):
             exposed = False
             try:
-                await self._round(layer, channel, shape, plan, x, y, done)
+                await self._round(layer, held, channel, shape, plan, x, y, done)
             except KeyExposed as exc:
                 exposed = True
                 log.warning("%s; rotating every key and redoing %d chunk(s)", exc, len(plan) - len(done))
@@ -151,8 +152,8 @@ class SwarmSession:
             self._rotations += 1
         raise ProvidersCheatingError(layer.name, self.config.max_rotations)
 
-    async def _plan(self, layer: Layer, shape: CallShape) -> list[Chunk]:
-        need = Need(self.weights.model_hash, layer.digest, payload=0, macs=0)
+    async def _plan(self, layer: Layer, held: tuple[bytes, ...], shape: CallShape) -> list[Chunk]:
+        need = Need(self.weights.model_hash, held, payload=0, macs=0)
         deadline = trio.current_time() + self.config.wait_providers_s
         while not (holders := self.peers.holders(need)):
             if trio.current_time() >= deadline:
@@ -164,6 +165,7 @@ class SwarmSession:
     async def _round(
         self,
         layer: Layer,
+        held: tuple[bytes, ...],
         channel: LayerChannel,
         shape: CallShape,
         plan: list[Chunk],
@@ -198,7 +200,7 @@ class SwarmSession:
             macs = part.blocks * shape.n * len(chunk.contraction) * len(chunk.output)
             jobs.append(ChunkJob(
                 layer=layer.name,
-                need=Need(self.weights.model_hash, layer.digest, payload=len(payload), macs=macs),
+                need=Need(self.weights.model_hash, held, payload=len(payload), macs=macs),
                 chunk=chunk,
                 channel=channel,
                 key=key,

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 
+import torch
 import trio
 from libp2p.abc import INetStream
 from libp2p.crypto.keys import KeyPair
@@ -64,7 +65,7 @@ from ..host import NodeHost
 from ..ledger import DuplicateReceipt, Ledger
 from ..streams import close_stream, send_frame
 from ..types import ProviderStats
-from ..weights import ModelWeights
+from ..weights import ModelWeights, group_key
 from .benchmark import measure_macs_per_second
 from .cheat import Cheat, Cheater
 
@@ -273,7 +274,7 @@ class Provider:
         await send_frame(stream, seal(reply, self._key), payload, timeout_s=self.config.frame_timeout_s)
         assert reply.receipt is not None  # ok_reply always signs one
         self._bump(served=1, macs=request.message.macs, earned=reply.receipt.receipt.amount)
-        await self._await_ack(stream, peer, reply.receipt, request.message.layer)
+        await self._await_ack(stream, peer, reply.receipt, group_key(request.message.layers))
 
     async def _await_ack(self, stream: INetStream, peer: ID, issued: SignedReceipt, layer: str) -> None:
         try:
@@ -302,7 +303,7 @@ class Provider:
         ct, weights = await trio.to_thread.run_sync(self._prepare, msg, request.payload)
         if self.config.delay_s:
             await trio.sleep(self.config.delay_s)
-        kind = (msg.layer, msg.weight_slice, msg.transpose, msg.input_shape)
+        kind = (msg.layers, msg.weight_slice, msg.transpose, msg.input_shape)
         payload, digest, seconds = await trio.to_thread.run_sync(
             partial(self._multiply, ct, weights, msg.transpose, kind), limiter=self._limiter, abandon_on_cancel=True
         )
@@ -322,19 +323,28 @@ class Provider:
             raise UnsupportedParams("the ciphertext's parameters differ from the request's", backend=BACKEND)
         if (ct.tokens, ct.d) != msg.input_shape:
             raise ShapeMismatch("ciphertext does not match input_shape", expected=msg.input_shape, got=(ct.tokens, ct.d))
-        weights = self._slice(msg.layer, msg.weight_slice)
+        weights = self._slice(msg.layers, msg.weight_slice)
         try:
             params.for_weights(weights.stats(msg.transpose))
         except ParameterError as exc:
             raise UnsupportedParams(str(exc), backend=BACKEND) from None
         return ct, weights if self._cheater is None else self._cheater.weights(weights)
 
-    def _slice(self, layer: str, part: WeightSlice) -> PlainWeights:
-        full = self.weights.plain(layer)
-        d_in, d_out = full.w.shape
-        if (part.rows.start, part.rows.stop, part.cols.start, part.cols.stop) == (0, d_in, 0, d_out):
-            return full
-        return PlainWeights(full.w[part.rows.start : part.rows.stop, part.cols.start : part.cols.stop])
+    def _slice(self, layers: tuple[str, ...], part: WeightSlice) -> PlainWeights:
+        """W[rows, cols] of the layers' column concatenation (checked against its shape by
+        verify_request): a held layer whole is the prepared one, anything else a copy of the slice."""
+        rows = slice(part.rows.start, part.rows.stop)
+        pieces, offset = [], 0
+        for name in layers:
+            full = self.weights.plain(name)
+            d_in, d_out = full.w.shape
+            lo, hi = max(part.cols.start - offset, 0), min(part.cols.stop - offset, d_out)
+            if len(layers) == 1 and (rows.start, rows.stop, lo, hi) == (0, d_in, 0, d_out):
+                return full
+            if lo < hi:
+                pieces.append(full.w[rows, lo:hi])
+            offset += d_out
+        return PlainWeights(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
 
     def _multiply(self, ct: Ciphertext, weights: PlainWeights, transpose: bool, kind: object) -> tuple[bytes, bytes, float]:
         """Worker thread, holding a slot: the product's serialization (timed) and its SHA-256."""

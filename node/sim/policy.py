@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 from libp2p.peer.id import ID
 
+from cipherswarm.protocol import PROTOCOL_IDS
+
 from ..client.config import ClientConfig
 from ..client.peers import Need, PeerState, PeerTable
 from ..client.router import CallShape, ChunkRouter
@@ -41,6 +43,11 @@ class ChunkFailed(RuntimeError):
 
 def layer_digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
+
+
+def held_digests(product: Product) -> tuple[bytes, ...]:
+    """What a provider must hold to serve `product`: every member layer of its group (Need.layer_digests)."""
+    return tuple(layer_digest(m.key) for m in product.layer.members)
 
 
 @dataclass
@@ -83,7 +90,7 @@ class Node:
             held = frozenset(layer_digest(layer.key) for layer in model.layers
                              if any(fnmatch.fnmatchcase(layer.key, p) for p in self.spec.layers))
         return ProviderAdvert(
-            peer=self.peer, addrs=(), models=frozenset({MODEL_HASH}), layers=held, backends=("rlwe",), protocols=(),
+            peer=self.peer, addrs=(), models=frozenset({MODEL_HASH}), layers=held, backends=("rlwe",), protocols=PROTOCOL_IDS,
             device="sim", macs_per_second=int(self.spec.macs_per_s), price_per_gmac=int(self.spec.price_per_gmac),
             free_slots=self.spec.slots, max_payload_size=self.spec.max_payload, issued_at_ms=0, expires_at_ms=FAR_FUTURE_MS)
 
@@ -173,13 +180,13 @@ class Client:
         self.work("call overhead", c.call_overhead_s, 1.0, lambda: self._encrypt(product, done))
 
     def _encrypt(self, product: Product, done: Callable[[], None]) -> None:
-        need = Need(MODEL_HASH, layer_digest(product.layer.key), payload=0, macs=0)
+        need = Need(MODEL_HASH, held_digests(product), payload=0, macs=0)
         holders = self.table.holders(need)
         if not holders:
-            raise ChunkFailed(f"no provider holds {product.layer.key}")
+            raise ChunkFailed(f"no provider holds {product.key}")
         p = product.params
         shape = CallShape(product.tokens, p.n, product.contraction, product.width, p.in_bytes, p.out_bytes, p.pad_bytes)
-        plan = self.router.plan_for(shape, holders, layer=product.layer.key)
+        plan = self.router.plan_for(shape, holders, layer=product.key)
         c = self.swarm.client
         values = product.padded_tokens * product.contraction
         self.crypto_work("encrypt", values * c.encrypt_ns * 1e-9, lambda: self._serialise(product, plan, 0, [], done))
@@ -220,7 +227,7 @@ class ChunkRun:
         self.payload = p.payload_bytes(tokens, len(chunk.contraction)) + MESSAGE_OVERHEAD_BYTES
         self.reply = p.result_bytes(tokens, len(chunk.output)) + MESSAGE_OVERHEAD_BYTES
         self.macs = slots * len(chunk.contraction) * len(chunk.output)
-        self.need = Need(MODEL_HASH, layer_digest(product.layer.key), payload=self.payload, macs=self.macs)
+        self.need = Need(MODEL_HASH, held_digests(product), payload=self.payload, macs=self.macs)
         self.avoid: dict[ID, int] = {}
         self.failures = 0
         self.accepted = False
@@ -233,7 +240,7 @@ class ChunkRun:
     def next_attempt(self) -> None:
         cfg = self.client.config
         if self.failures >= cfg.max_attempts:
-            raise ChunkFailed(f"a chunk of {self.product.layer.key} failed {self.failures} attempts (at {self.client.sim.now:.0f} s)")
+            raise ChunkFailed(f"a chunk of {self.product.key} failed {self.failures} attempts (at {self.client.sim.now:.0f} s)")
         state = self.client.router.pick(self.need, avoid=self.avoid)
         if state is None:
             self.client.wait_change(self.need, self.next_attempt)

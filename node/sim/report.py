@@ -28,14 +28,17 @@ def assumptions(e: Estimate) -> list[str]:
     p0 = s.providers[0]
     params = w.products(w.micro_batch_tokens)[0].params
     lines = [
-        f"model {m.name}: {m.n_layers} blocks, hidden {m.hidden}, vocab {m.vocab}, {len(m.layers)} encrypted layers, "
-        f"parameters from {'its quantized weights' if m.weights_dir else 'Gaussian weight columns of each shape peaking at the largest integer'}",
+        f"model {m.name}: {m.n_layers} blocks, hidden {m.hidden}, vocab {m.vocab}, {len(m.layers)} encrypted layers in "
+        f"{len(m.groups)} groups, parameters per group from "
+        f"{'its quantized weights' if m.weights_dir else 'Gaussian weight columns of its shape peaking at the largest integer'}",
         f"tokens {w.tokens:,} in micro-batches of {w.micro_batch_tokens:,} (sequences of {w.seq_len}), one optimizer step each; "
         f"{w.eval_batches} held-out micro-batch(es) before and after; backward skipped for the first "
-        f"{w.n_layers_to_skip_for_backprop} layer(s); {w.precision}",
+        f"{w.n_layers_to_skip_for_backprop} layer(s) (and their groups); {w.precision}",
         f"encryption profile {w.profile}: N = {params.n} token slots per block, {params.in_bytes} B per input value, "
-        f"{params.out_bytes} B per output value (first layer); {MESSAGE_OVERHEAD_BYTES} B per message of headers",
-        "the trainer encrypts each layer's input on its own (q, k, v and gate, up are separate calls), calls in sequence",
+        f"{params.out_bytes} B per output value (first call); {MESSAGE_OVERHEAD_BYTES} B per message of headers",
+        "the trainer multiplies layers that read the same input as one (LLaMA's q, k, v and gate, up: their column concatenation): "
+        "one call per group forward, the input uploaded once, and one g @ W^T backward, one download of its input width; "
+        "calls in sequence",
         f"client: {c.cores:g} cores; encrypt {c.encrypt_ns:.2f}, decrypt {c.decrypt_ns:.2f}, verify {c.verify_ns:.2f} core-ns per value, "
         f"wire {c.wire_ns_per_byte:.3f} core-ns per byte, crypto jobs use {c.crypto_parallelism:.2f} cores, {cfg.crypto_threads} at once; "
         f"plaintext {c.plain_macs_per_s:.3g} MAC/s on {c.plain_parallelism:g} cores; overheads {1e3 * c.call_overhead_s:.2f} ms "

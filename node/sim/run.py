@@ -1,8 +1,9 @@
 """A fine-tune in simulated time: held-out loss before, the training steps, held-out loss after.
 
-Like the trainer, every layer call waits for the previous one (the model is sequential); inside a
-call the chunks run concurrently on the swarm. A training micro-batch is its forward calls, the
-client's plaintext work (attention, output head, LoRA, loss), then its backward calls.
+Like the trainer, every call (one per group of layers that read the same input, workload.py) waits
+for the previous one (the model is sequential); inside a call the chunks run concurrently on the
+swarm. A training micro-batch is its forward calls, the client's plaintext work (attention, output
+head, LoRA, loss), then its backward calls.
 
 Long runs are simulated for their first ``max_steps`` steps (and a short last micro-batch, if any);
 the remaining full steps are taken at the mean of the simulated ones, and the counters are scaled

@@ -2,23 +2,33 @@
 
 What the trainer does (trainer/layers.py, trainer/trainer.py) and therefore what is counted here:
 
-- every frozen base ``nn.Linear`` (LLaMA: q, k, v, o, gate, up, down; GPT-2: c_attn, c_proj,
-  c_fc, mlp.c_proj) is one executor call per micro-batch forward, with the micro-batch's tokens;
-- each call encrypts its own input under its own layer key: q, k and v (and gate and up) receive
-  the same activations but are encrypted and sent three (two) times, one call after the other;
-- the backward pass calls ``g @ W^T`` for every such layer in reverse order, except the first
-  ``n_layers_to_skip_for_backprop`` layers in execution order and any layer whose input needs no
-  gradient (autograd never calls it): those before the first LoRA target's output, e.g. q, k, v
-  of block 0 with LoRA on q and v;
+- the frozen base ``nn.Linear`` layers (LLaMA: q, k, v, o, gate, up, down; GPT-2: c_attn, c_proj,
+  c_fc, mlp.c_proj) that read the same input tensor are multiplied as ONE layer, the column
+  concatenation ``W = [W_1 | W_2 | ...]`` of its members (node/weights.py, "Groups"): LLaMA's q, k,
+  v are one group and gate, up another, o and down stay alone; every GPT-2 layer is alone (its
+  c_attn already holds q, k and v). A group of one is a plain layer;
+- forward, each group is one executor call per micro-batch with the micro-batch's tokens: the
+  client encrypts and uploads the input once (contraction ``d_in``) and receives every member's
+  output at once (width: the sum of the members' ``d_out``);
+- the backward pass calls ``g @ W^T`` once per group, in reverse order (contraction: the sum of the
+  members' ``d_out``, width ``d_in``: the provider sums the members' input gradients, so one download
+  of ``d_in`` values per token), for every group whose input needs a gradient (autograd never asks
+  the others: those before the first LoRA target's output, e.g. q, k, v of block 0 with LoRA on q
+  and v) and none of whose members is among the first ``n_layers_to_skip_for_backprop`` layers in
+  execution order (layers counted, not groups);
 - the output head stays on the client (``remote_lm_head=False``), as do attention scores, norms and
   LoRA; the client computes those in plaintext.
+
+A product's key is the group's key (``node.weights.group_key`` of its members' module names, in
+column order), what the client routes and logs by; ``Product.layer.members`` are the layers
+themselves.
 
 Payload bytes are the ciphertext words, as ``ExecutorStatistics`` counts them (headers aside):
 ``Params.payload_bytes`` sent (the real tokens' B words) and ``Params.result_bytes`` received (the
 real tokens' A'' and B'' words, and A'' alone for the padding of the last ring block), from the
-layer's real parameters (``choose_params``). When
-only a config is known (no weights), the parameters are those of Gaussian weight columns of the
-shape that peak at the largest integer of the weight bits (``Workload._layer_params``).
+group's real parameters (``choose_params`` of the concatenation's norms, ``ModelWeights.resolve``).
+When only a config is known (no weights), the parameters are those of Gaussian weight columns of
+the group's shape that peak at the largest integer of the weight bits (``Workload._layer_params``).
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +45,7 @@ from cipherswarm.fhe_backend.quant import Precision
 from cipherswarm.fhe_backend.params import Params, WeightStats, choose_params
 from cipherswarm.fhe_backend.verify import sketch_bytes
 
-from ..weights import CONV1D_MODEL_TYPES, Layer, load_model
+from ..weights import CONV1D_MODEL_TYPES, Layer, group_key, load_model
 
 LLAMA_3_8B: dict[str, Any] = {
     "model_type": "llama", "num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 14336,
@@ -55,17 +66,46 @@ class LinearLayer:
     key: str
     d_in: int
     d_out: int
-    group: int  # layers of one group read the same input (q, k, v; gate, up)
+    group: int  # layers of one group read the same input (q, k, v; gate, up) and are multiplied as one
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """The layers multiplied as one: the column concatenation of `members` (d_in x sum of d_out)."""
+
+    members: tuple[LinearLayer, ...]  # in column order, which is execution order
+    start: int  # index of the first member among the model's layers in execution order
+
+    def __post_init__(self) -> None:
+        if not self.members or len({m.d_in for m in self.members}) != 1 or len({m.group for m in self.members}) != 1:
+            raise ValueError(f"a group is one or more layers of one input width and group: {self.members}")
+
+    @property
+    def key(self) -> str:
+        """The key the client calls, routes and logs by: its members' keys joined (node/weights.py)."""
+        return group_key([m.key for m in self.members])
+
+    @property
+    def d_in(self) -> int:
+        return self.members[0].d_in
+
+    @property
+    def d_out(self) -> int:
+        return sum(m.d_out for m in self.members)
 
 
 @dataclass(frozen=True)
 class Product:
-    """One executor call: ``x @ W`` (forward) or ``g @ W^T`` (backward) of one layer."""
+    """One executor call: ``x @ W`` (forward) or ``g @ W^T`` (backward) of one group's concatenated W."""
 
-    layer: LinearLayer
+    layer: LayerGroup
     transpose: bool
     tokens: int
     params: Params
+
+    @property
+    def key(self) -> str:
+        return self.layer.key
 
     @property
     def contraction(self) -> int:
@@ -141,6 +181,23 @@ class ModelShape:
         return cls(name, tuple(layers), h, n, config["vocab_size"], heads * head_dim, weights_dir,
                    config.get("tie_word_embeddings", False))
 
+    @cached_property
+    def groups(self) -> tuple[LayerGroup, ...]:
+        """The layers as the trainer multiplies them, in execution order: each run of consecutive
+        layers of one ``group`` is one (a group's layers read one input, so they are adjacent)."""
+        out: list[LayerGroup] = []
+        run: list[LinearLayer] = []
+        for i, layer in enumerate(self.layers):
+            if run and layer.group != run[0].group:
+                out.append(LayerGroup(tuple(run), i - len(run)))
+                run = []
+            run.append(layer)
+        if run:
+            out.append(LayerGroup(tuple(run), len(self.layers) - len(run)))
+        if len({g.members[0].group for g in out}) != len(out):
+            raise ValueError(f"{self.name}: the layers of a group must be adjacent in execution order")
+        return tuple(out)
+
     @classmethod
     def load(cls, path: str | Path) -> "ModelShape":
         """A model directory (config.json, and weights if present) or a config.json file."""
@@ -179,44 +236,50 @@ class Workload:
         return [self.micro_batch_tokens] * full + ([rest] if rest else [])
 
     def _layer_params(self) -> dict[tuple[str, bool], Params]:
-        """Parameters per (layer, transpose): from the real quantized weights when the directory has them,
-        else from Gaussian columns of each shape whose largest weight is the largest integer (what
-        per-channel quantization of a trained layer gives). No trained layer has every weight at the
-        largest magnitude: that bound overstates the modulus by several bits, and at 12-bit weights
-        and LLaMA widths it would not even fit 64-bit words."""
-        summaries = {}
+        """Parameters per (group key, transpose), from the norms of the group's concatenated W: the
+        real quantized weights' when the directory has them (``ModelWeights.resolve`` of the group's
+        key), else those of Gaussian columns of the group's shape whose largest weight is the
+        largest integer (what per-channel quantization of a trained layer gives). No trained layer
+        has every weight at the largest magnitude: that bound overstates the modulus by several
+        bits, and at 12-bit weights and LLaMA widths it would not even fit 64-bit words."""
+        weights = None
         if self.model.weights_dir is not None:
-            summaries = {layer.name.removesuffix(".weight"): layer for layer in load_model(self.model.weights_dir, hold=False,
-                                                                                         weight_bits=self.precision.weight_bits).layers.values()}
+            weights = load_model(self.model.weights_dir, hold=False, weight_bits=self.precision.weight_bits)
         qmax = (1 << (self.precision.weight_bits - 1)) - 1
         out: dict[tuple[str, bool], Params] = {}
-        for layer in self.model.layers:
+        for group in self.model.groups:
+            summary = None
+            if weights is not None:
+                try:
+                    summary = weights.resolve(group.key)
+                except KeyError:
+                    summary = None
             for transpose in (False, True):
-                summary = summaries.get(layer.key)
                 if summary is not None:
                     stats = summary.stats[transpose]
                 else:
-                    d = layer.d_out if transpose else layer.d_in
+                    d = group.d_out if transpose else group.d_in  # the contraction
                     rms = qmax / math.sqrt(2 * math.log(max(d, 2)))  # d Gaussian draws peak near sqrt(2 ln d) sigma
                     stats = WeightStats(l1=math.ceil(d * rms * math.sqrt(2 / math.pi)), l2sq=math.ceil(d * rms * rms))
-                out[layer.key, transpose] = choose_params(stats, self.precision.x_bits(transpose), profile=self.profile)
+                out[group.key, transpose] = choose_params(stats, self.precision.x_bits(transpose), profile=self.profile)
         return out
 
     def client_memory(self, dtype_bytes: int = 2) -> dict[str, int]:
         """Bytes of model state a client holds to fine-tune this model remotely (activations aside),
         by the client's own rules: the frozen embeddings and head as stored (``dtype_bytes`` each),
-        each remote layer's summary (node.weights.Layer), Freivalds sketches and a key per layer and
-        direction (fhe_backend.verify, fhe_backend.keys), and the LoRA weights with their gradients
-        and AdamW moments in float32. ``checkpoint`` is the whole checkpoint's size for comparison."""
+        each remote layer's summary (node.weights.Layer), a Freivalds sketch and a key per group and
+        direction, of the group's contraction and width (fhe_backend.verify, fhe_backend.keys), and
+        the LoRA weights with their gradients and AdamW moments in float32. ``checkpoint`` is the
+        whole checkpoint's size for comparison."""
         params: dict[tuple[str, bool], Params] = self._params  # type: ignore[attr-defined]
         m = self.model
         frozen = m.vocab * m.hidden * (1 if m.tied else 2)
         remote = sum(layer.d_in * layer.d_out for layer in m.layers)
         sketches = keys = 0
-        for layer in m.layers:
+        for group in m.groups:
             for transpose in (False, True):
-                p = params[layer.key, transpose]
-                contraction, width = (layer.d_out, layer.d_in) if transpose else (layer.d_in, layer.d_out)
+                p = params[group.key, transpose]
+                contraction, width = (group.d_out, group.d_in) if transpose else (group.d_in, group.d_out)
                 sketches += sketch_bytes(contraction, width, p.decoded_bound)
                 keys += SecretKey.bytes_for(p)
         lora = sum(self.lora_r * (layer.d_in + layer.d_out) for layer in m.layers if layer.key.rsplit(".", 1)[-1] in self.lora_targets)
@@ -233,13 +296,15 @@ class Workload:
         return out
 
     def products(self, tokens: int, *, backward: bool = True) -> list[Product]:
-        """The calls of one micro-batch of `tokens`, in the order the trainer makes them."""
+        """The calls of one micro-batch of `tokens`, in the order the trainer makes them: one per
+        group forward, then one per group backward in reverse, past the skipped ones (module docstring)."""
         params: dict[tuple[str, bool], Params] = self._params  # type: ignore[attr-defined]
-        forward = [Product(layer, False, tokens, params[layer.key, False]) for layer in self.model.layers]
+        groups = self.model.groups
+        forward = [Product(g, False, tokens, params[g.key, False]) for g in groups]
         if not backward:
             return forward
-        skip = max(self.n_layers_to_skip_for_backprop, self.no_grad_prefix)
-        back = [Product(layer, True, tokens, params[layer.key, True]) for layer in reversed(self.model.layers[skip:])]
+        skip = max(self.n_layers_to_skip_for_backprop, self.no_grad_prefix)  # in layers: no member may be skipped
+        back = [Product(g, True, tokens, params[g.key, True]) for g in reversed(groups) if g.start >= skip]
         return forward + back
 
     @property

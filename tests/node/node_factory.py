@@ -40,7 +40,7 @@ def random_operand(tokens: int, features: int, bits: int = 8) -> torch.Tensor:
 
 
 def reference(weights: ModelWeights, layer: str, x: torch.Tensor, *, transpose: bool) -> torch.Tensor:
-    q = weights.resolve(layer).weight.q.long()  # type: ignore[union-attr]
+    q = weights.read(layer).q.long()  # a group: its members side by side
     return x @ (q.T if transpose else q)
 
 

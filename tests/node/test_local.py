@@ -20,8 +20,8 @@ from cipherswarm.node.discovery import model_key, now_ms, read_advert
 from cipherswarm.node.engine import decode_params, encode_params, ENGINE
 from cipherswarm.node.identity import hold_identity, peer_id_of
 from cipherswarm.node.provider import Provider, ProviderConfig, resolve_device
-from cipherswarm.node.weights import check_digests, is_remote_layer
-from cipherswarm.protocol import CapabilityAdvert, ProtocolError, UnsupportedParams, seal, sign_receipt
+from cipherswarm.node.weights import check_digests, group_key, is_remote_layer
+from cipherswarm.protocol import CapabilityAdvert, LayerShape, ProtocolError, UnsupportedParams, seal, sign_receipt
 from cipherswarm.protocol.messages import UsageReceipt
 
 
@@ -85,10 +85,35 @@ class TestWeights:
         assert q.digest.hex() == quantize_weight(tensors[q.name].t()).digest
         part = load_model(model_dir, layers=["model.layers.1.*"])
         assert part.model_hash == weights.model_hash and len(part.held) == 7 and not part.holds_all
-        assert part.lookup(weights.model_hash, q.name) is None and weights.lookup(weights.model_hash, q.name) == q.shape
-        assert weights.lookup(b"x" * 32, q.name) is None
+        assert part.lookup(weights.model_hash, (q.name,)) is None and weights.lookup(weights.model_hash, (q.name,)) == q.shape
+        assert weights.lookup(b"x" * 32, (q.name,)) is None
         with pytest.raises(KeyError, match="not a remote layer"):
             weights.resolve("model.embed_tokens")
+
+    def test_a_group_is_its_members_side_by_side(self, weights: ModelWeights, model_dir: Path) -> None:
+        """gate|up: the concatenation's shape, digest, sums and norms, the same on a client that
+        reads them from disk; lookups need every member held and one input width."""
+        from cipherswarm.fhe_backend import WeightStats
+
+        gate, up = "model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"
+        group = weights.resolve("model.layers.1.mlp.gate_proj+model.layers.1.mlp.up_proj")  # module names
+        assert group is weights.resolve(f"{gate}+{up}") and group.name == f"{gate}+{up}"
+        q = torch.cat([weights.read(gate).q, weights.read(up).q], dim=1).long()
+        assert group.shape == LayerShape(64, 256) and group.digest.hex() == weights.read(group.name).digest
+        assert torch.equal(weights.read(group.name).q.long(), q)
+        assert torch.equal(group.sums[0], q.sum(0)) and torch.equal(group.sums[1], q.sum(1))
+        assert group.stats[True] == WeightStats(int(q.abs().sum(1).max()), int((q * q).sum(1).max()))
+        thin = load_model(model_dir, hold=False)
+        assert thin.resolve(group.name).digest == group.digest and thin.resolve(group.name).stats == group.stats
+        assert weights.lookup(weights.model_hash, (gate, up)) == LayerShape(64, 256)
+        part = load_model(model_dir, layers=["model.layers.1.mlp.gate_proj"])
+        assert part.lookup(weights.model_hash, (gate, up)) is None  # up is not held
+        down = "model.layers.1.mlp.down_proj.weight"  # 128 -> 64: another input width
+        assert weights.lookup(weights.model_hash, (gate, down)) is None and weights.lookup(weights.model_hash, (gate, gate)) is None
+        with pytest.raises(WeightsError, match="same input width"):
+            weights.resolve(f"{gate}+{down}")
+        with pytest.raises(ValueError, match="distinct"):
+            group_key([gate, gate])
 
     def test_weight_bits_name_the_model(self, weights: ModelWeights, model_dir: Path) -> None:
         """The width is in every digest and so in the model hash: nodes of other widths never match."""
@@ -232,13 +257,14 @@ class TestEngineFields:
 
 def test_the_estimates_client_memory_is_what_the_client_holds(weights: ModelWeights, model_dir: Path) -> None:
     """cipherswarm estimate's accounting of summaries, sketches and keys equals the bytes a real client
-    holds for the same model once every channel is prepared."""
+    holds for the same model once every channel the trainer calls is prepared: one per group (q|k|v,
+    o, gate|up, down) and direction."""
     from cipherswarm.node.client.keys import KeyRing
     from cipherswarm.node.sim import ModelShape, Workload
 
     thin = load_model(model_dir, hold=False)
     ring = KeyRing(thin)
-    ring.prepare([(name, t) for name in thin.layers for t in (False, True)])
+    ring.keep_only([(g.key, t) for g in ModelShape.load(model_dir).groups for t in (False, True)])
     memory = Workload(ModelShape.load(model_dir), tokens=2048, micro_batch_tokens=2048, seq_len=64).client_memory()
     assert memory["summaries"] == thin.summary_bytes()
     assert memory["sketches"] + memory["keys"] == ring.state_bytes()

@@ -19,7 +19,7 @@ from cipherswarm.node.discovery import now_ms
 
 MODEL = b"m" * 32
 LAYER = b"l" * 32
-NEED = Need(MODEL, LAYER, payload=1000, macs=10**6)
+NEED = Need(MODEL, (LAYER,), payload=1000, macs=10**6)
 
 
 def advert(*, layers: frozenset[bytes] | None = None, free_slots: int = 2, price: int = 0, issued_ms: int | None = None) -> ProviderAdvert:
@@ -116,7 +116,7 @@ class TestPeerTable:
         table.update(holder)
         table.update(other)
         assert [s.peer for s in table.holders(NEED)] == [holder.peer]
-        assert table.holders(Need(MODEL, LAYER, payload=2 << 20, macs=1)) == []  # over its payload limit
+        assert table.holders(Need(MODEL, (LAYER,), payload=2 << 20, macs=1)) == []  # over its payload limit
         table.update(dataclasses.replace(holder, issued_at_ms=holder.issued_at_ms - 1, free_slots=7))
         assert table.get(holder.peer).advert == holder  # an older advert never replaces a newer one
         stale = PeerTable(ledger=Ledger(), wall_ms=lambda: now_ms() + 120_000)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from cipherswarm.cli.main import main
-from cipherswarm.node.sim import ClientSpec, ModelShape, ProviderSpec, Swarm, Workload, simulate
+from cipherswarm.fhe_backend.params import WeightStats, choose_params
+from cipherswarm.node.sim import LLAMA_3_8B, ClientSpec, ModelShape, ProviderSpec, Swarm, Workload, simulate
 from cipherswarm.node.sim.engine import FifoServers, Resource, Simulator
+from cipherswarm.node.sim.policy import ChunkFailed
+from cipherswarm.node.sim.workload import LinearLayer
+from cipherswarm.node.weights import load_model
 from cipherswarm.trainer.finetune import BUNDLED_MODEL, FinetuneConfig, build
 from cipherswarm.trainer.trainer import StepRecord
 
@@ -72,6 +78,147 @@ def test_workload_matches_what_the_trainer_sends(trainer_step: tuple[StepRecord,
     assert len(calls) == record.remote_calls
     assert sum(p.bytes_in for p in calls) == record.bytes_sent
     assert sum(p.bytes_out for p in calls) == record.bytes_received
+
+
+LLAMA_BLOCK = [  # LLaMA-3-8B's config: hidden 4096, 32 heads and 8 KV heads of 128, intermediate 14336
+    ("self_attn.q_proj", 4096, 4096), ("self_attn.k_proj", 4096, 1024), ("self_attn.v_proj", 4096, 1024),
+    ("self_attn.o_proj", 4096, 4096), ("mlp.gate_proj", 4096, 14336), ("mlp.up_proj", 4096, 14336),
+    ("mlp.down_proj", 14336, 4096),
+]
+
+
+def _llama_8b(tokens: int = 4096, **kw: object) -> Workload:
+    return Workload(ModelShape.from_config(LLAMA_3_8B, name="llama-3-8b"), tokens=tokens, micro_batch_tokens=tokens,
+                    seq_len=128, **kw)  # type: ignore[arg-type]
+
+
+def test_llama_layers_that_read_one_input_are_one_call_each_way() -> None:
+    tokens = 4096
+    work = _llama_8b(tokens)
+    calls = work.products(tokens)
+    forward = [p for p in calls if not p.transpose]
+    backward = [p for p in calls if p.transpose]
+    # q+k+v, o, gate+up, down: 4 calls per block (7 layers), 32 blocks
+    assert len(forward) == 4 * 32
+    assert [p.key for p in forward[:4]] == [
+        "model.layers.0.self_attn.q_proj+model.layers.0.self_attn.k_proj+model.layers.0.self_attn.v_proj",
+        "model.layers.0.self_attn.o_proj",
+        "model.layers.0.mlp.gate_proj+model.layers.0.mlp.up_proj",
+        "model.layers.0.mlp.down_proj",
+    ]
+    assert [m.key for m in forward[0].layer.members] == [f"model.layers.0.self_attn.{n}_proj" for n in "qkv"]
+    # forward: contraction d_in, width the members' summed d_out
+    assert [(p.contraction, p.width) for p in forward[:4]] == [
+        (4096, 4096 + 1024 + 1024), (4096, 4096), (4096, 2 * 14336), (14336, 4096)]
+    # the input goes up once per group: a block uploads three 4096-wide inputs and one 14336-wide, not six and one
+    assert sum(p.contraction for p in forward[:4]) == 3 * 4096 + 14336
+    qkv = forward[0]
+    assert tokens % qkv.params.n == 0  # whole blocks: no padding in the byte counts below
+    assert qkv.bytes_in == tokens * 4096 * qkv.params.in_bytes
+    assert qkv.bytes_out == tokens * 6144 * qkv.params.out_bytes
+    # backward in reverse, one g @ W^T per group; block 0's q+k+v input needs no gradient (LoRA on q and v)
+    assert len(backward) == 4 * 32 - 1
+    assert backward[0].key == "model.layers.31.mlp.down_proj"
+    assert [p.key for p in backward[-3:]] == [
+        "model.layers.0.mlp.down_proj", "model.layers.0.mlp.gate_proj+model.layers.0.mlp.up_proj", "model.layers.0.self_attn.o_proj"]
+    # contraction the summed d_out, width d_in: one download of the summed input gradients
+    assert [(p.contraction, p.width) for p in backward[-3:]] == [(4096, 14336), (2 * 14336, 4096), (4096, 4096)]
+    gate_up = backward[-2]
+    assert tokens % gate_up.params.n == 0
+    assert gate_up.bytes_out == tokens * 4096 * gate_up.params.out_bytes
+    assert gate_up.bytes_in == tokens * 2 * 14336 * gate_up.params.in_bytes
+    # grouping moves no MAC: the same layers, multiplied together
+    per_block = sum(d_in * d_out for _, d_in, d_out in LLAMA_BLOCK)
+    assert work.remote_macs(tokens, backward=False) == tokens * 32 * per_block
+    block0_back = sum(d_in * d_out for name, d_in, d_out in LLAMA_BLOCK if name[-6:] not in ("q_proj", "k_proj", "v_proj"))
+    assert work.remote_macs(tokens) == tokens * (2 * 32 * per_block - (per_block - block0_back))
+
+
+def test_a_groups_parameters_are_those_of_its_concatenated_shape() -> None:
+    """Config only: the Gaussian-column estimate of the group's own shape, each direction."""
+    work = _llama_8b()
+    forward = work.products(4096, backward=False)
+
+    def one_layer(d_out: int) -> tuple:  # type: ignore[type-arg]
+        """A plain layer of d_in 4096 behind a LoRA target, so that its input needs a gradient."""
+        layers = (LinearLayer("first.q_proj", 4096, 4096, 0), LinearLayer("w", 4096, d_out, 1))
+        w = Workload(ModelShape("m", layers, 4096, 1, 1, 1), tokens=4096, micro_batch_tokens=4096, seq_len=128,
+                     n_layers_to_skip_for_backprop=0)
+        calls = w.products(4096)
+        assert [(p.key, p.transpose) for p in calls] == [("first.q_proj", False), ("w", False), ("w", True)]
+        return calls[1], calls[2]
+
+    fwd_alone, back_alone = one_layer(2 * 14336)
+    _, back_gate = one_layer(14336)
+    back = next(p for p in work.products(4096) if p.transpose and p.key == "model.layers.0.mlp.gate_proj+model.layers.0.mlp.up_proj")
+    assert forward[2].params == fwd_alone.params
+    assert back.params == back_alone.params
+    assert back.params.w_l1 > back_gate.params.w_l1  # a backward contraction of 28672, not one member's 14336
+
+
+def test_a_groups_parameters_come_from_its_real_concatenated_weights() -> None:
+    """With weights, the parameters are chosen from the norms of [W_q | W_k | W_v] itself."""
+    work = Workload(ModelShape.load(BUNDLED_MODEL), tokens=2048, micro_batch_tokens=2048, seq_len=128)
+    weights = load_model(BUNDLED_MODEL, hold=False, weight_bits=work.precision.weight_bits)
+    names = [f"model.layers.1.self_attn.{n}_proj" for n in "qkv"]
+    q = torch.cat([weights.read(n).q for n in names], dim=1).to(torch.int64)
+    assert q.shape == (128, 3 * 128)
+    for transpose, norms_over in ((False, 0), (True, 1)):  # columns forward, rows of the concatenation backward
+        stats = WeightStats(l1=int(q.abs().sum(norms_over).max()), l2sq=int((q * q).sum(norms_over).max()))
+        expected = choose_params(stats, work.precision.x_bits(transpose), profile=work.profile)
+        product = next(p for p in work.products(2048) if p.transpose == transpose and p.key == "+".join(names))
+        assert product.params == expected
+
+
+@pytest.mark.parametrize(("skip", "targets", "backward_calls"), [
+    (1, ("q_proj", "v_proj"), 4 * 4 - 1),  # block 0's q+k+v: no input gradient (and q is skipped)
+    (4, ("q_proj", "v_proj"), 4 * 4 - 2),  # q, k, v, o skipped: two groups
+    (5, ("q_proj", "v_proj"), 4 * 4 - 3),  # gate is the 5th layer: gate+up goes with it, up included
+    (0, ("o_proj",), 4 * 4 - 2),  # LoRA on o alone: neither q+k+v's nor o's input needs a gradient
+])
+def test_backward_skips_a_group_when_any_member_is_skipped(skip: int, targets: tuple[str, ...], backward_calls: int) -> None:
+    work = Workload(ModelShape.load(BUNDLED_MODEL), tokens=2048, micro_batch_tokens=2048, seq_len=128,
+                    n_layers_to_skip_for_backprop=skip, lora_targets=targets)
+    assert sum(p.transpose for p in work.products(2048)) == backward_calls
+    assert sum(not p.transpose for p in work.products(2048)) == 4 * 4
+
+
+def test_client_memory_has_a_key_per_group_and_direction() -> None:
+    work = _llama_8b()
+    memory = work.client_memory()
+    # summaries stay per layer: float32 scales and int32 sums both ways (node.weights.Layer.summary_size)
+    assert memory["summaries"] == 32 * sum(4 * d_out + 4 * (d_out + d_in) for _, d_in, d_out in LLAMA_BLOCK)
+    # keys: N int8 coefficients and N/2 complex128 per key, one per group (4 a block) and direction
+    forward = {p.params.n for p in work.products(4096, backward=False)}
+    backward = {p.params.n for p in work.products(4096) if p.transpose}
+    assert len(forward) == len(backward) == 1
+    assert memory["keys"] == 32 * 4 * (9 * forward.pop() + 9 * backward.pop())
+    alone = tuple(replace(layer, group=i) for i, layer in enumerate(work.model.layers))
+    split = replace(work, model=replace(work.model, layers=alone))
+    assert len(split.products(4096, backward=False)) == 7 * 32  # one layer a group: as before grouping
+    per_layer = split.client_memory()
+    assert per_layer["summaries"] == memory["summaries"] and per_layer["keys"] > memory["keys"]
+
+
+def test_gpt2_layers_are_each_alone() -> None:
+    """GPT-2's c_attn already holds q, k and v: each of its four layers a block is its own call."""
+    config = {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "vocab_size": 50257}
+    work = Workload(ModelShape.from_config(config, name="gpt2"), tokens=1024, micro_batch_tokens=1024, seq_len=128,
+                    lora_targets=("c_attn",), n_layers_to_skip_for_backprop=0)
+    forward = work.products(1024, backward=False)
+    assert len(forward) == 4 * 12 and all("+" not in p.key for p in forward)
+    assert [(p.key, p.contraction, p.width) for p in forward[:4]] == [
+        ("transformer.h.0.attn.c_attn", 768, 3 * 768), ("transformer.h.0.attn.c_proj", 768, 768),
+        ("transformer.h.0.mlp.c_fc", 768, 4 * 768), ("transformer.h.0.mlp.c_proj", 4 * 768, 768)]
+    assert len(work.products(1024)) == 2 * 4 * 12 - 1  # block 0's c_attn input needs no gradient
+
+
+def test_a_provider_holding_part_of_a_group_cannot_serve_it() -> None:
+    work = Workload(ModelShape.load(BUNDLED_MODEL), tokens=2048, micro_batch_tokens=2048, seq_len=128)
+    spec = ProviderSpec(macs_per_s=2e9, rtt_s=0.02, layers=("*.q_proj", "*.k_proj", "*.o_proj", "*mlp*"))  # no v_proj
+    swarm = Swarm.uniform(2, spec, ClientSpec(up_bps=1e8, down_bps=1e8), seed=1)
+    with pytest.raises(ChunkFailed, match=r"no provider holds model\.layers\.0\.self_attn\.q_proj\+model\.layers\.0\.self_attn\.k_"):
+        simulate(work, swarm)
 
 
 def _tiny_swarm(**provider: object) -> tuple[Workload, Swarm]:

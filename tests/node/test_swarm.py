@@ -64,6 +64,45 @@ async def test_layer_split_across_three_is_exact(weights: ModelWeights, split: s
                 assert stats.verification_failures == stats.retries == 0
 
 
+QKV = "model.layers.1.self_attn.q_proj+model.layers.1.self_attn.k_proj+model.layers.1.self_attn.v_proj"
+
+
+@pytest.mark.parametrize(("split", "tokens", "transpose"), [("columns", 100, False), ("rows", 300, True), ("blocks", 4500, True)])
+async def test_a_group_is_one_exact_call_equal_to_its_members(weights: ModelWeights, split: str, tokens: int, transpose: bool) -> None:
+    """q, k and v as one layer [Wq | Wk | Wv] over libp2p: forward, the members' products side by
+    side; backward, their sum; each cut of the call (columns across members' boundaries, rows,
+    blocks) exact, and one upload per chunk."""
+    members = QKV.split("+")
+    with trio.fail_after(90):
+        async with providers(weights, [{}, {}, {}]) as running:
+            async with session(weights, [r.addr for r in running], min_providers=3, split=split) as client:
+                group = weights.resolve(QKV)
+                assert group.shape.d_out == sum(weights.resolve(m).shape.d_out for m in members)
+                x = random_operand(tokens, group.shape.d_out if transpose else group.shape.d_in)
+                y = await client.matmul(QKV, x, transpose=transpose)
+                if transpose:  # g @ [Wq | Wk | Wv].T = g_q Wq.T + g_k Wk.T + g_v Wv.T
+                    widths = [weights.resolve(m).shape.d_out for m in members]
+                    separate = sum(reference(weights, m, g, transpose=True) for m, g in zip(members, x.split(widths, dim=1)))
+                else:
+                    separate = torch.cat([reference(weights, m, x, transpose=False) for m in members], dim=1)
+                assert torch.equal(y, separate)
+                stats = client.stats()
+                assert stats.chunks == 3 and stats.verification_failures == stats.retries == 0
+
+
+async def test_a_group_goes_only_to_providers_holding_every_member(weights: ModelWeights, model_dir: Path) -> None:
+    from cipherswarm.node import load_model
+
+    q_and_k = load_model(model_dir, layers=["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj"])
+    with trio.fail_after(60):
+        async with running_provider(weights, slots=1) as full, running_provider(q_and_k, slots=1, bootstrap=[full.addr]) as part:
+            async with session(weights, [full.addr], min_providers=2, split="columns") as client:
+                x = random_operand(20, 64)
+                assert torch.equal(await client.matmul(QKV, x), reference(weights, QKV, x, transpose=False))
+                assert client.stats().chunks_by_peer == {full.node.peer_id.to_base58(): 1}
+                assert part.provider.statistics().served == 0
+
+
 async def test_one_verifiable_receipt_per_accepted_chunk(weights: ModelWeights, tmp_path: Path) -> None:
     with trio.fail_after(90), Ledger(tmp_path / "client.sqlite") as ledger, Ledger(tmp_path / "provider.sqlite") as provider_ledger:
         async with running_provider(weights, price_per_gmac=7, ledger=provider_ledger) as paid:

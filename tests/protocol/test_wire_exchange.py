@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from wire_factory import (
+    GROUP_NAMES,
     CLIENT,
     CLIENT_KEY,
     LAYER_NAME,
@@ -136,6 +137,30 @@ class TestProviderChecks:
     def test_transposed_slice_for_the_backward_pass(self) -> None:
         _, data = request_frame(transpose=True, input_shape=(4, 32), output_shape=(4, 16))
         assert accept(data).message.macs == 4 * 32 * 16
+
+    def test_a_group_is_the_concatenation_of_its_layers(self) -> None:
+        """1.1: W = [W_q | W_k | W_v] (48 + 16 + 16 columns): a slice reaching into k and v is
+        inside it, forward and transposed, and the group survives the round trip signed."""
+        cols = WeightSlice(rows=Range(0, 64), cols=Range(40, 80))
+        _, data = request_frame(group=GROUP_NAMES, weight_slice=cols, input_shape=(4, 64), output_shape=(4, 40))
+        request = accept(data).message
+        assert request.layers == (LAYER_NAME, *GROUP_NAMES) and request.macs == 4 * 64 * 40
+        _, data = request_frame(group=GROUP_NAMES, weight_slice=cols, transpose=True, input_shape=(4, 40), output_shape=(4, 64))
+        assert accept(data).message.group == GROUP_NAMES
+
+    @pytest.mark.parametrize(
+        "group, cols, error",
+        [
+            pytest.param(GROUP_NAMES[:1], Range(0, 64), UnknownModel, id="a subset not held as such"),
+            pytest.param(("model.layers.0.mlp.up_proj", *GROUP_NAMES), Range(0, 8), UnknownModel, id="a layer not held"),
+            pytest.param(GROUP_NAMES, Range(60, 81), ShapeMismatch, id="past the last member"),
+        ],
+    )
+    def test_a_group_the_provider_cannot_serve(self, group: tuple[str, ...], cols: Range, error: type) -> None:
+        _, data = request_frame(group=group, weight_slice=WeightSlice(rows=Range(0, 64), cols=cols),
+                                input_shape=(4, 64), output_shape=(4, len(cols)))
+        with pytest.raises(error):
+            accept(data)
 
     def test_offer_below_the_asked_price(self) -> None:
         _, data = request_frame(price_per_gmac=999)
@@ -319,3 +344,4 @@ def test_a_precomputed_payload_digest_is_the_one_checked() -> None:
     with pytest.raises(BadSignature, match="digest"):
         verify_reply(reply_data, peer=PROVIDER, request=sealed, payload_sha256=sha(b"other").digest())
     assert verify_reply(reply_data, peer=PROVIDER, request=sealed, payload_sha256=sha(REPLY_PAYLOAD).digest()).payload == REPLY_PAYLOAD
+

@@ -178,6 +178,10 @@ class TestValidation:
             ({"payload_length": True}, TypeError),
             ({"price_per_gmac": 2**64}, ValueError),
             ({"weight_slice": (Range(0, 1), Range(0, 1))}, TypeError),
+            ({"group": ["k"]}, TypeError),
+            ({"group": ("",)}, ValueError),
+            ({"group": ("x" * 257,)}, ValueError),
+            ({"group": tuple(f"l{i}" for i in range(16))}, ValueError),  # 17 layers in all
         ],
     )
     def test_request(self, change: dict[str, Any], error: type[Exception]) -> None:
@@ -242,6 +246,12 @@ def _request_proto(**fields: Any) -> pb.MatmulRequest:
     return request
 
 
+def _grouped_proto(further: int) -> pb.MatmulRequest:
+    request = make_request().to_proto()
+    request.group.extend(f"l{i}" for i in range(further))
+    return request
+
+
 def _reply_proto(**fields: Any) -> pb.MatmulReply:
     signed = sign_receipt(
         UsageReceipt(
@@ -287,6 +297,7 @@ class TestDecodeRefusals:
             ),
             pytest.param(_body(receipt=pb.SignedReceipt(receipt=b"\x0a\x01", provider_signature=b"s" * 64)), id="bad receipt"),
             pytest.param(b"\x0a\x02\x2a\x01\xff", id="invalid utf-8 in layer"),
+            pytest.param(_body(request=_grouped_proto(16)), id="a group of 17 layers"),
         ],
     )
     def test_refused_as_malformed(self, data: bytes) -> None:

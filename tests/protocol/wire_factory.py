@@ -44,8 +44,14 @@ PAYLOAD = bytes(range(32))
 REPLY_PAYLOAD = bytes(range(100, 140))
 
 
-def lookup(model_hash: bytes, layer: str) -> LayerShape | None:
-    return LAYER if (model_hash, layer) == (MODEL, LAYER_NAME) else None
+GROUP_NAMES = ("model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj")  # 1.1: q|k|v, each 64 x 16
+GROUP = LayerShape(64, 48 + 2 * 16)
+
+
+def lookup(model_hash: bytes, layers: tuple[str, ...]) -> LayerShape | None:
+    if model_hash != MODEL:
+        return None
+    return {(LAYER_NAME,): LAYER, (LAYER_NAME, *GROUP_NAMES): GROUP}.get(layers)
 
 
 def make_request(payload: bytes = PAYLOAD, **overrides: Any) -> MatmulRequest:

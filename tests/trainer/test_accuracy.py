@@ -12,6 +12,7 @@ import pytest
 import torch
 from trainer_factory import LLAMA, lora_trainer, base_model, token_data
 
+from cipherswarm.node.weights import group_members
 from cipherswarm.trainer import AccuracyWarning, LoraTrainer, Precision, causal_lm_loss
 from cipherswarm.trainer.thin import load_remote_model
 
@@ -35,7 +36,9 @@ def test_the_figures_are_those_of_the_quantized_forward() -> None:
     trainer = _compiled(Precision(8, 8, 8), batch)
     report = trainer.accuracy
     assert report is not None and report.tokens == batch.numel()
-    assert set(report.layers) == set(trainer.layer_specs())
+    # per layer, whether it was computed alone or as a member of a group (q/k/v, gate/up)
+    assert set(report.layers) == {k for key in trainer.layer_specs() for k in group_members(key)}
+    assert any(len(group_members(key)) == 3 for key in trainer.layer_specs())
     with torch.no_grad():
         plain = trainer.model(input_ids=batch).logits.double()
         with trainer.fhe_mode("simulate"):

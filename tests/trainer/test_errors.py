@@ -90,7 +90,7 @@ class TestArguments:
                 return reply(x_int.long(), w.t() if transpose else w)
 
         specs = compiled.layer_specs()
-        with pytest.raises(TypeError, match=r"Wrong.matmul\('model.layers.0.self_attn.q_proj', transpose=False\) must return"):
+        with pytest.raises(TypeError, match=r"Wrong.matmul\('model.layers.0.self_attn.q_proj\+model.layers.0.self_attn.k_proj\+model.layers.0.self_attn.v_proj', transpose=False\) must return"):
             compiled.train([token_data(1, 8)], fhe="remote", executor=Wrong(), progress=False)
 
     def test_resume_without_a_checkpoint(self, compiled: LoraTrainer, tmp_path) -> None:
