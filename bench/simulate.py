@@ -190,10 +190,12 @@ def main() -> int:
                                    layers=("*.0.*", "*.1.*") if i == 2 else ()) for i in range(3))
     swarm = Swarm(client=client, providers=providers, shared_cores=CORES,
                   loopback_s_per_byte=exchange["loopback_s_per_byte"])
-    cfg = FinetuneConfig()
+    cfg = FinetuneConfig()  # what the testnet trains with: its accumulation, the trainer's default micro-batches in flight
     tokens = cfg.batch_size * cfg.seq_len
-    work = Workload(shape, tokens=args.steps * tokens, micro_batch_tokens=tokens, seq_len=cfg.seq_len,
-                    n_layers_to_skip_for_backprop=cfg.n_layers_to_skip_for_backprop, eval_batches=cfg.eval_batches)
+    ga = cfg.gradient_accumulation_steps
+    work = Workload(shape, tokens=args.steps * ga * tokens, micro_batch_tokens=tokens, seq_len=cfg.seq_len,
+                    n_layers_to_skip_for_backprop=cfg.n_layers_to_skip_for_backprop, eval_batches=cfg.eval_batches,
+                    gradient_accumulation_steps=ga)
     sim = simulate(work, swarm)
     print(render(sim, title="  simulated testnet"))
     print("\n  predicted vs measured")

@@ -12,6 +12,7 @@ against the real testnet.
     cipherswarm estimate                                     # LLaMA-3-8B, 100k tokens, 100 consumer GPUs
     cipherswarm estimate --profile shared-mask --client-up-mbit 1000 --client-down-mbit 1000
     cipherswarm estimate --model tiny --tokens 20480 --micro-batch-tokens 2048 --providers 3
+    cipherswarm estimate --micro-batch-tokens 16384 --accumulation 2 --in-flight 2   # two half micro-batches at once
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cipherswarm.cli.bits import add_precision_arguments, precision_of
+from cipherswarm.cli.steps import add_step_arguments
 from cipherswarm.node.client.config import ClientConfig
 from cipherswarm.node.sim import LLAMA_3_8B, LLAMA_3_70B, ClientSpec, Estimate, GpuAssumption, ModelShape, ProviderSpec, Swarm, Workload, simulate
 from cipherswarm.node.sim.policy import ChunkFailed
@@ -43,8 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "config.json path (default llama-3-8b)")
     g.add_argument("--tokens", type=int, default=100_000, help="training tokens in all (default 100000)")
     g.add_argument("--micro-batch-tokens", type=int, default=16 * 2048,
-                   help="tokens per micro-batch, one optimizer step each; at LLaMA widths and the default precision a "
+                   help="tokens per micro-batch (--accumulation of them per optimizer step); at LLaMA widths and the default precision a "
                         "ring block holds 4096 tokens, so 8 blocks give each call's blocks to 8 providers (default 32768)")
+    add_step_arguments(g)  # the trainer's: the estimate runs its micro-batches the same way
     g.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     g.add_argument("--eval-batches", type=int, default=0, help="held-out micro-batches evaluated before and after (default 0)")
     g.add_argument("--skip-backprop", type=int, default=1, help="n_layers_to_skip_for_backprop (default 1)")
@@ -53,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(4 B, 1 GEMM) (default: default)")
     add_precision_arguments(g)
     g.add_argument("--max-steps", type=int, default=3,
-                   help="steps simulated; the rest are taken at their mean (default 3; 0: all)")
+                   help="optimizer steps simulated; the rest are taken at their mean (default 3; 0: all)")
     g = p.add_argument_group("providers")
     g.add_argument("--providers", type=int, default=100, help="number of providers (default 100)")
     g.add_argument("--gpu-int8-tops", type=float, default=GPU.int8_tops_dense,
@@ -146,8 +149,8 @@ def build_swarm(args: argparse.Namespace) -> Swarm:
 def estimate(args: argparse.Namespace) -> Estimate:
     workload = Workload(load_model(args.model), tokens=args.tokens, micro_batch_tokens=args.micro_batch_tokens,
                         seq_len=args.seq_len, n_layers_to_skip_for_backprop=args.skip_backprop, profile=args.profile,
-                        eval_batches=args.eval_batches,
-                        precision=precision_of(args))
+                        eval_batches=args.eval_batches, gradient_accumulation_steps=args.accumulation,
+                        micro_batches_in_flight=args.in_flight, precision=precision_of(args))
     config = ClientConfig(max_chunks=args.max_chunks, split=args.split, upload_slots=args.upload_slots,
                           hedge_min_s=args.hedge_min_s, timeout_min_s=args.timeout_min_s, request_ttl_s=args.request_ttl_s)
     return simulate(workload, build_swarm(args), config, max_steps=args.max_steps or None)

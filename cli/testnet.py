@@ -22,6 +22,7 @@ from pathlib import Path
 
 from cipherswarm.cli.localswarm import ProviderProcess, start_provider
 from cipherswarm.cli.bits import add_precision_arguments, precision_of
+from cipherswarm.cli.steps import add_step_arguments
 from cipherswarm.trainer.finetune import BUNDLED_DATA, BUNDLED_MODEL
 
 
@@ -38,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how malicious providers cheat (default: flip one value)")
     p.add_argument("--kill-one", action="store_true", help="kill an honest provider halfway through training")
     p.add_argument("--seed", type=int, default=0, help="seed of the fine-tune (data order, LoRA init)")
+    add_step_arguments(p)
     p.add_argument("--no-compare", action="store_true", help="skip the plaintext run of the same seed")
     add_precision_arguments(p)
     p.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for each provider")
@@ -91,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         precision = precision_of(args)
         config = FinetuneConfig(model_dir=args.model, data_dir=args.data, steps=args.steps, seed=args.seed,
                                 forward_bits=precision.forward_bits, backward_bits=precision.backward_bits,
-                                weight_bits=precision.weight_bits)
+                                weight_bits=precision.weight_bits, gradient_accumulation_steps=args.accumulation)
         victim = next((p for p in providers[1:] if not p.cheat and not p.layers), None) if args.kill_one else None
         with SwarmClient(model_dir=args.model, bootstrap=[first.addr], identity=run_dir / "client.key",
                          ledger=run_dir / "ledger.sqlite", precision=config.precision, min_providers=args.providers) as client:
@@ -105,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
 
             view.on_step = on_step
             with live(view):
-                result = finetune(config, fhe="remote", executor=client, progress=False, on_trainer=view.watch)
+                result = finetune(config, fhe="remote", executor=client, progress=False, on_trainer=view.watch,
+                                  in_flight=args.in_flight)
             swarm = client.stats()
         print(f"encrypted fine-tune: {len(result.losses)} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
               f"held-out {result.eval_before:.4f} -> {result.eval_after:.4f} ({result.wall_s:.0f} s)")

@@ -17,17 +17,10 @@ import sys
 from pathlib import Path
 
 from cipherswarm.cli.bits import add_precision_arguments, precision_of
+from cipherswarm.cli.steps import add_step_arguments, positive_int
 from cipherswarm.trainer.finetune import BUNDLED_DATA, BUNDLED_MODEL, FinetuneConfig
 
 CHECKPOINTS = "checkpoints"  # under --out
-
-
-def _positive_int(text: str) -> int:
-    """argparse type of counts: a usage error, not a traceback, for 0 or less."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=defaults.steps, help=f"optimizer steps (default {defaults.steps})")
     p.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per sequence")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="sequences per micro-batch")
+    add_step_arguments(p)
     p.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
     p.add_argument("--lora-r", type=int, default=defaults.lora_r, help="LoRA rank")
     p.add_argument("--target-modules", nargs="+", default=list(defaults.target_modules), help="modules that get adapters")
@@ -50,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-providers", type=int, default=1, help="providers to find before training starts")
     p.add_argument("--identity", type=Path, default=None, help="client key file, to keep one peer id across runs (default: a fresh key each run, so providers cannot link runs)")
     p.add_argument("--ledger", type=Path, default=None, help="SQLite ledger of receipts and bans")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=1, metavar="N",
+    p.add_argument("--checkpoint-every", type=positive_int, default=1, metavar="N",
                    help=f"checkpoint into --out/{CHECKPOINTS} every N optimizer steps and after the last (default 1)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (give the same training options); "
@@ -72,14 +66,15 @@ def run(args: argparse.Namespace) -> int:
     config = FinetuneConfig(model_dir=args.model, data_dir=args.data, steps=args.steps, seq_len=args.seq_len,
                             batch_size=args.batch_size, lr=args.lr, lora_r=args.lora_r,
                             target_modules=tuple(args.target_modules), forward_bits=args.forward_bits,
-                            backward_bits=args.backward_bits, weight_bits=args.weight_bits, seed=args.seed)
+                            backward_bits=args.backward_bits, weight_bits=args.weight_bits, seed=args.seed,
+                            gradient_accumulation_steps=args.accumulation)
     checkpoints = args.out / CHECKPOINTS
     open_run(checkpoints, config, "remote", resume=args.resume)  # a mismatch fails before joining the swarm
     try:
         with SwarmClient(model_dir=args.model, bootstrap=args.bootstrap, precision=config.precision, identity=args.identity,
                          ledger=args.ledger, min_providers=args.min_providers) as client:
             result = finetune(config, fhe="remote", executor=client, checkpoint_dir=checkpoints,
-                              save_steps=args.checkpoint_every, resume=args.resume)
+                              save_steps=args.checkpoint_every, resume=args.resume, in_flight=args.in_flight)
             swarm = client.stats()
     except NoProvidersError as exc:
         print(f"{exc}", file=sys.stderr)

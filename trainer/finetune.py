@@ -107,12 +107,14 @@ def _batches(examples: Batch, batch_size: int, generator: torch.Generator | None
 
 
 def build(config: FinetuneConfig, *, checkpoint_dir: Path | None = None, save_steps: int | None = None,
-          thin: ModelWeights | None = None) -> tuple[LoraTrainer, list[Batch], list[Batch]]:
+          thin: ModelWeights | None = None, in_flight: int = 2) -> tuple[LoraTrainer, list[Batch], list[Batch]]:
     """The trainer (compiled) and its training and held-out micro-batches, all seeded by ``config.seed``.
 
     ``checkpoint_dir`` and ``save_steps`` go to the trainer (checkpoints every ``save_steps`` steps
     and when the last step is done). ``thin``: the model's layer summaries; the model is then
-    loaded without its base weights (``load_remote_model``), for ``fhe="remote"`` and "disable"."""
+    loaded without its base weights (``load_remote_model``), for ``fhe="remote"`` and "disable".
+    ``in_flight``: micro-batches of one step at once (LoraTrainer's ``micro_batches_in_flight``;
+    the results do not depend on it, so it is not part of the config)."""
     if not Path(config.model_dir).is_dir():
         raise FileNotFoundError(f"model_dir {config.model_dir} is not a directory")
     if not Path(config.data_dir).exists():
@@ -146,6 +148,7 @@ def build(config: FinetuneConfig, *, checkpoint_dir: Path | None = None, save_st
                        "max_grad_norm": config.max_grad_norm},
         n_layers_to_skip_for_backprop=config.n_layers_to_skip_for_backprop,
         eval_loader=eval_batches, train_log_path=None, checkpoint_dir=checkpoint_dir, save_steps=save_steps,
+        micro_batches_in_flight=in_flight,
     )
     trainer.compile(train_batches[0], precision=config.precision, profile=config.profile)
     return trainer, train_batches[:needed], eval_batches
@@ -214,13 +217,15 @@ def finetune(
     checkpoint_dir: Path | None = None,
     save_steps: int = 1,
     resume: bool = False,
+    in_flight: int = 2,
 ) -> FinetuneResult:
     """Run ``config`` in mode ``fhe`` (``executor`` for "remote"); held-out loss is measured in the
     same mode before and after. ``on_trainer`` sees the trainer before training starts (live views).
 
     ``checkpoint_dir``: checkpoint there every ``save_steps`` optimizer steps and after the last;
     ``resume`` continues the run recorded there at its latest checkpoint (:class:`ResumeError` if
-    the folder belongs to another config), with the losses of an uninterrupted run.
+    the folder belongs to another config), with the losses of an uninterrupted run. ``in_flight``:
+    micro-batches of one optimizer step at once (same results; see ``build``).
     """
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs the checkpoint_dir of the run to continue")
@@ -231,7 +236,8 @@ def finetune(
         thin = shared if isinstance(shared, ModelWeights) else load_model(config.model_dir, hold=False,
                                                                             weight_bits=config.weight_bits)
     trainer, train_batches, eval_batches = build(config, checkpoint_dir=checkpoint_dir,
-                                                 save_steps=None if checkpoint_dir is None else save_steps, thin=thin)
+                                                 save_steps=None if checkpoint_dir is None else save_steps, thin=thin,
+                                                 in_flight=in_flight)
     if on_trainer is not None:
         on_trainer(trainer)
     t0 = time.perf_counter()

@@ -22,6 +22,7 @@ whole group's width.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -171,7 +172,8 @@ class RemoteGroup:
             self.layer = Layer.summarise(group_key([m.key + ".weight" for m in members]), self.weight, keep=False)
         else:
             raise ValueError(f"{self.key}: a group's layers are all on disk or all in memory")
-        self._pending: tuple[torch.Tensor, MatmulExecutor, torch.Tensor, set[str]] | None = None
+        # per thread: micro-batches in flight together (overlap.py) each have their own
+        self._local = threading.local()
 
     @property
     def backward_enabled(self) -> bool:
@@ -184,12 +186,12 @@ class RemoteGroup:
         one computed (a forward that runs otherwise than the traced one) gets a fresh product."""
         if len(self.members) == 1:
             return _RemoteProduct.apply(x, self, executor)
-        pending = self._pending
+        pending = getattr(self._local, "pending", None)
         if pending is None or pending[0] is not x or pending[1] is not executor or member.key in pending[3]:
             pending = (x, executor, _RemoteProduct.apply(x, self, executor), set())
         pending[3].add(member.key)
         # held until every member took its columns, and no longer: it keeps x and y alive
-        self._pending = None if len(pending[3]) == len(self.members) else pending
+        self._local.pending = None if len(pending[3]) == len(self.members) else pending
         start, width = self.columns[member.key]
         return pending[2].narrow(-1, start, width)
 
@@ -210,7 +212,7 @@ class RemoteGroup:
         width = self.layer.shape.d_in if transpose else self.layer.shape.d_out
         if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or tuple(y.shape) != (flat.shape[0], width):
             got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
-            raise TypeError(f"{type(executor).__name__}.matmul({self.key!r}, transpose={transpose}) must return "
+            raise TypeError(f"{type(getattr(executor, 'inner', executor)).__name__}.matmul({self.key!r}, transpose={transpose}) must return "
                             f"an int64 tensor of shape {(flat.shape[0], width)}, got {got}")
         sums = self.layer.sums[transpose].to(dev, torch.float64)
         out = dequantize_product(y.to(dev), xq, sums, None if transpose else scale)

@@ -51,19 +51,38 @@ def refresh_threads() -> None:
 
 
 _last_clock: dict[int, float] = {}  # each native thread's clock when last read
+_workers: dict[int, float] = {}  # micro-batch threads counted now (native id -> their clock when counting began)
+_retired = [0.0]  # CPU seconds of micro-batch threads no longer counted
 
 
 def torch_cpu() -> float:
-    """CPU seconds so far of the calling thread plus torch's native threads. A thread that has ended
+    """CPU seconds so far of the calling thread plus torch's native threads, plus what the training
+    step's micro-batch threads (:func:`counted_thread`) spent while counted. A thread that has ended
     counts with its last reading, so the sum never goes back when one exits."""
-    total = time.thread_time()
+    total = time.thread_time() + _retired[0]
     for tid in _torch_threads:
         try:
             _last_clock[tid] = thread_clock(tid)
         except OSError:  # ended since the last refresh
             pass
         total += _last_clock.get(tid, 0.0)
+    me = threading.get_native_id()
+    for tid, start in list(_workers.items()):  # registered and retired only within a turn (overlap.py)
+        if tid != me:
+            total += thread_clock(tid) - start
     return total
+
+
+@contextmanager
+def counted_thread() -> Iterator[None]:
+    """Count the calling thread, a micro-batch's (trainer/overlap.py), in every thread's
+    :func:`torch_cpu` while inside: the training thread's figures then include its work."""
+    tid = threading.get_native_id()
+    _workers[tid] = time.thread_time()
+    try:
+        yield
+    finally:
+        _retired[0] += time.thread_time() - _workers.pop(tid)
 
 
 @contextmanager

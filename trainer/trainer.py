@@ -14,6 +14,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -32,6 +33,7 @@ from .checkpoint import capture_rng, checkpoint_folder, latest_checkpoint, load_
 from .errors import BackpropSkipError, NoLoraLayersError, NotCompiledError
 from .executor import ExecutorStatistics, LayerSpec, LocalExecutor, MatmulExecutor, ReadingExecutor
 from .layers import Call, RemoteContext, RemoteGroup, RemoteLinear, find_groups, unwrap_base_layers, wrap_base_layers
+from .overlap import StepRunner
 from .quantization import CPU_SECONDS, refresh_threads, torch_cpu
 
 FHE_MODES = ("disable", "simulate", "execute", "remote")
@@ -230,7 +232,10 @@ class LoraTrainer:
 
     Arguments follow Concrete ML's ``LoraTrainer`` (1.8/1.9). Additions, keyword-only: ``save_steps``
     (checkpoint every that many optimizer steps; by default at each epoch end), ``remote_lm_head``
-    (run the output head remotely too) and ``executor`` (the default for ``fhe="remote"``).
+    (run the output head remotely too), ``executor`` (the default for ``fhe="remote"``) and
+    ``micro_batches_in_flight``: with gradient accumulation, how many micro-batches of one optimizer
+    step run at once, so that one's products travel while another computes (:mod:`.overlap`; the
+    results are those of one at a time, bit for bit; each one in flight holds its own activations).
     """
 
     def __init__(
@@ -251,6 +256,7 @@ class LoraTrainer:
         save_steps: int | None = None,
         remote_lm_head: bool = False,
         executor: MatmulExecutor | None = None,
+        micro_batches_in_flight: int = 2,
     ) -> None:
         if not isinstance(model, PeftModel):
             raise TypeError("model must be a peft PeftModel: wrap it with peft.get_peft_model(model, LoraConfig(...))")
@@ -261,6 +267,7 @@ class LoraTrainer:
         _check_int("eval_steps", eval_steps)
         if save_steps is not None:
             _check_int("save_steps", save_steps)
+        _check_int("micro_batches_in_flight", micro_batches_in_flight)
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
@@ -276,6 +283,7 @@ class LoraTrainer:
         self.save_steps = save_steps
         self.remote_lm_head = remote_lm_head
         self.executor = executor
+        self._steps = StepRunner(micro_batches_in_flight)
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         self._context = RemoteContext()
         self._layers: dict[str, RemoteLinear] = {}
@@ -521,22 +529,16 @@ class LoraTrainer:
         """
         ga = self.gradient_accumulation_steps
         total = _length(run.loader)
-        group: list[tuple[float, int]] = []  # (loss, tokens) of the micro-batches since the last step
-        start: tuple[float, _CpuSnapshot | None] = (0.0, None)  # wall clock and CPU figures when the group began
+        step: list[object] = []  # the micro-batches of the next optimizer step
         with tqdm(total=total, initial=run.done, desc=f"epoch {run.epoch + 1}/{num_epochs}", unit="batch",
                   disable=not run.progress, dynamic_ncols=True) as bar:
             for batch in batches:
-                if not group:
-                    refresh_threads()
-                    start = (time.perf_counter(), _CpuSnapshot.take(run.executor))
-                group.append(self._micro_step(batch, run.device))
-                run.done += 1
-                bar.update(1)
-                if len(group) == ga or run.done == total:
-                    if self._finish_step(run, group, start, bar):
+                step.append(batch)
+                if len(step) == ga or run.done + len(step) == total:
+                    if self._step(run, step, bar):
                         return True
-                    group = []
-            if group and self._finish_step(run, group, start, bar):
+                    step = []
+            if step and self._step(run, step, bar):
                 return True
         if self.checkpoint_dir is not None and self.save_steps is None and run.done:
             self._save(run)
@@ -558,12 +560,36 @@ class LoraTrainer:
         tokens = int(mask.sum()) if mask is not None else ids.numel()
         return loss, tokens
 
-    def _micro_step(self, batch: object, device: str | torch.device) -> tuple[float, int]:
+    def _step(self, run: "_Run", batches: list[object], bar: tqdm) -> bool:
+        """One optimizer step over ``batches``, its micro-batches ``micro_batches_in_flight`` at
+        once (:mod:`.overlap`), their gradients added up in order. True: ``max_steps`` reached."""
+        refresh_threads()
+        start = (time.perf_counter(), _CpuSnapshot.take(run.executor))
+
+        def taken(_: int) -> None:
+            run.done += 1
+            bar.update(1)
+
+        previous = self._context.executor
+        with self._steps.executor(previous) as turn_taking:
+            self._context.executor = turn_taking
+            try:
+                results = self._steps.run(batches, partial(self._micro_step, device=run.device), taken)
+            finally:
+                self._context.executor = previous
+        for _, _, grads in results:
+            for p, g in zip(self._trainable, grads):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad.add_(g)
+        return self._finish_step(run, [(loss, tokens) for loss, tokens, _ in results], start, bar)
+
+    def _micro_step(self, batch: object, device: str | torch.device) -> tuple[float, int, tuple[torch.Tensor | None, ...]]:
+        """One micro-batch: its loss, real tokens, and the gradients of its share of the step's loss."""
         loss, tokens = self._loss(batch, device)
         if not loss.requires_grad:
             raise RuntimeError("the loss does not depend on any trainable weight: are the LoRA adapters active?")
-        (loss / self.gradient_accumulation_steps).backward()
-        return float(loss.detach()), tokens
+        grads = torch.autograd.grad(loss / self.gradient_accumulation_steps, self._trainable, allow_unused=True)
+        return float(loss.detach()), tokens, grads
 
     def _finish_step(self, run: "_Run", group: list[tuple[float, int]],
                      start: tuple[float, _CpuSnapshot | None], bar: tqdm) -> bool:

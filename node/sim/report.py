@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .run import Estimate
 from .swarm import MBIT, MESSAGE_OVERHEAD_BYTES
+from .workload import Workload
 
 
 def duration(seconds: float) -> str:
@@ -21,6 +22,18 @@ def size(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def accumulation(w: Workload) -> str:
+    """How micro-batches make optimizer steps and how many run at once."""
+    ga = w.gradient_accumulation_steps
+    if ga == 1:
+        return (f"one optimizer step each (gradient accumulation 1: the micro-batches run one after another, "
+                f"micro_batches_in_flight {w.micro_batches_in_flight} has nothing to overlap)")
+    return (f"optimizer steps of {ga} micro-batches (gradient accumulation), {w.in_flight} of a step's micro-batches "
+            f"in flight at once (micro_batches_in_flight {w.micro_batches_in_flight}), sharing the client's CPU, crypto "
+            "threads, upload gate and links; the client's plaintext work one micro-batch at a time; the optimizer "
+            "update waits for all of a step's")
+
+
 def assumptions(e: Estimate) -> list[str]:
     """Every input the estimate rests on, one line each."""
     w, s, c, cfg = e.workload, e.swarm, e.swarm.client, e.config
@@ -31,14 +44,14 @@ def assumptions(e: Estimate) -> list[str]:
         f"model {m.name}: {m.n_layers} blocks, hidden {m.hidden}, vocab {m.vocab}, {len(m.layers)} encrypted layers in "
         f"{len(m.groups)} groups, parameters per group from "
         f"{'its quantized weights' if m.weights_dir else 'Gaussian weight columns of its shape peaking at the largest integer'}",
-        f"tokens {w.tokens:,} in micro-batches of {w.micro_batch_tokens:,} (sequences of {w.seq_len}), one optimizer step each; "
-        f"{w.eval_batches} held-out micro-batch(es) before and after; backward skipped for the first "
+        f"tokens {w.tokens:,} in micro-batches of {w.micro_batch_tokens:,} (sequences of {w.seq_len}); {accumulation(w)}; "
+        f"{w.eval_batches} held-out micro-batch(es) before and after, one at a time; backward skipped for the first "
         f"{w.n_layers_to_skip_for_backprop} layer(s) (and their groups); {w.precision}",
         f"encryption profile {w.profile}: N = {params.n} token slots per block, {params.in_bytes} B per input value, "
         f"{params.out_bytes} B per output value (first call); {MESSAGE_OVERHEAD_BYTES} B per message of headers",
         "the trainer multiplies layers that read the same input as one (LLaMA's q, k, v and gate, up: their column concatenation): "
         "one call per group forward, the input uploaded once, and one g @ W^T backward, one download of its input width; "
-        "calls in sequence",
+        "a micro-batch's calls in sequence",
         f"client: {c.cores:g} cores; encrypt {c.encrypt_ns:.2f}, decrypt {c.decrypt_ns:.2f}, verify {c.verify_ns:.2f} core-ns per value, "
         f"wire {c.wire_ns_per_byte:.3f} core-ns per byte, crypto jobs use {c.crypto_parallelism:.2f} cores, {cfg.crypto_threads} at once; "
         f"plaintext {c.plain_macs_per_s:.3g} MAC/s on {c.plain_parallelism:g} cores; overheads {1e3 * c.call_overhead_s:.2f} ms "
@@ -64,7 +77,8 @@ def assumptions(e: Estimate) -> list[str]:
     lines.append(f"scheduling: node/client's own router (split {cfg.split}, at most {cfg.max_chunks} chunks per call, hedge after "
                  f"{cfg.hedge_factor:g}x the expected time, at least {cfg.hedge_min_s:g} s), peer table and bans; seed {s.seed}")
     if e.scale != 1.0:
-        lines.append(f"{len(e.step_s)} of {e.steps_total} steps simulated; the rest at their mean, counters scaled x{e.scale:.2f}")
+        lines.append(f"{len(e.step_s)} of {e.steps_total} optimizer steps simulated; each of the rest at the mean time and "
+                     f"counters of the simulated full steps (x{e.scale:.2f} the simulated time)")
     return lines
 
 
@@ -76,7 +90,8 @@ def render(e: Estimate, *, title: str = "estimate") -> str:
     out += [
         "result:",
         f"  wall time                        {duration(e.wall_s)}  ({e.wall_s:,.1f} s)",
-        f"  per training step                {duration(sum(steps) / len(steps)) if steps else '-'} (mean of {len(steps)} simulated)",
+        f"  per optimizer step               {duration(sum(steps) / len(steps)) if steps else '-'} (mean of {len(steps)} simulated, "
+        f"{e.workload.gradient_accumulation_steps} micro-batch(es) each)",
         f"  held-out evaluation              {duration(e.eval_before_s)} before, {duration(e.eval_after_s)} after",
         f"  tokens/s                         {e.tokens_per_s:,.1f}",
         f"  price                            {t.paid:,.4g} ({t.paid * 1000 / e.workload.tokens:,.4g} per 1k tokens)",

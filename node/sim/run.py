@@ -1,26 +1,38 @@
-"""A fine-tune in simulated time: held-out loss before, the training steps, held-out loss after.
+"""A fine-tune in simulated time: held-out loss before, the optimizer steps, held-out loss after.
 
-Like the trainer, every call (one per group of layers that read the same input, workload.py) waits
-for the previous one (the model is sequential); inside a call the chunks run concurrently on the
-swarm. A training micro-batch is its forward calls, the client's plaintext work (attention, output
-head, LoRA, loss), then its backward calls.
+Like the trainer, a micro-batch's calls (one per group of layers that read the same input,
+workload.py) run one after another (the model is sequential); inside a call the chunks run
+concurrently on the swarm. A training micro-batch is its forward calls, the client's plaintext
+work (attention, output head, LoRA, loss), then its backward calls.
 
-Long runs are simulated for their first ``max_steps`` steps (and a short last micro-batch, if any);
-the remaining full steps are taken at the mean of the simulated ones, and the counters are scaled
-by the tokens left out. Steps are identical work, so this is exact without failures and an
+An optimizer step is ``gradient_accumulation_steps`` micro-batches (the last step may have fewer).
+As in the trainer (``LoraTrainer(micro_batches_in_flight=...)``), up to ``micro_batches_in_flight``
+of them run at once: they start in order, the next one of the step starts when one finishes, and
+the next step starts when every micro-batch of the step has finished (the optimizer update is a
+barrier). Concurrent micro-batches share everything as the real client's calls do (its CPU cores,
+crypto threads, upload gate, links, router, peer table, providers), and the client's plaintext work
+runs for one micro-batch at a time (the trainer's lock over its local torch work: a FIFO of one on
+top of the CPU cores that work uses). With one micro-batch a step (the default) nothing overlaps.
+Held-out micro-batches are forward-only and evaluated one after another, as before.
+
+Long runs are simulated for their first ``max_steps`` full optimizer steps (and a last, short step,
+if any); each remaining full step is taken at the mean time and counters (bytes, MACs, CPU, ...) of
+the simulated full steps. Steps are identical work, so this is exact without failures and an
 average with them.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
 
 from ..client.config import ClientConfig
 from .engine import Simulator
 from .policy import Client, Tally
 from .swarm import Swarm
-from .workload import Workload
+from .workload import Product, Workload
 
 SATURATED = 0.6  # a resource busy this share of the wall time or more is what bounds it
 
@@ -33,13 +45,14 @@ class Estimate:
     swarm: Swarm
     config: ClientConfig
     eval_before_s: float
-    step_s: list[float]  # simulated training steps (micro-batches), in order
+    step_s: list[float]  # simulated optimizer steps, in order: each from its first micro-batch's start to its last's end
     eval_after_s: float
     wall_s: float  # the whole run, extrapolated to every step
-    scale: float  # counters were multiplied by this for the steps not simulated
+    scale: float  # the whole run's time over the simulated time (1.0: every step was simulated)
     tally: Tally
-    steps_total: int
+    steps_total: int  # optimizer steps of the whole run
     demand_s: dict[str, float] = field(default_factory=dict)  # seconds each resource needs on its own
+    latency_s: float = 0.0  # round trips the wall time cannot hide: each phase's calls' over its micro-batches at once
 
     @property
     def tokens_per_s(self) -> float:
@@ -56,76 +69,141 @@ class Estimate:
         return f"the calls' sequence (no resource is saturated: the busiest, {name}, works {share:.0%} of the time)"
 
 
+@dataclass(frozen=True)
+class _Phase:
+    """Micro-batches run together: an optimizer step's (`train`), or one held-out micro-batch."""
+
+    train: bool
+    batches: list[int]  # tokens of each micro-batch, in the order they start
+    at_once: int  # micro-batches in flight at most
+
+
 def simulate(workload: Workload, swarm: Swarm, config: ClientConfig = ClientConfig(), *, max_steps: int | None = None) -> Estimate:
-    """Run the fine-tune of `workload` on `swarm` with the client's `config`."""
+    """Run the fine-tune of `workload` on `swarm` with the client's `config` (module docstring);
+    `max_steps` counts optimizer steps."""
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1 (None: every step), got {max_steps}")
     sim = Simulator()
     rng = random.Random(swarm.seed)  # simulation randomness (churn, losses, jitter), not a secret
     client = Client(sim, swarm, workload.model, config, rng)
     client.start_churn()
-    batches = workload.micro_batches
-    full = [t for t in batches if t == workload.micro_batch_tokens]
+    mbt, ga = workload.micro_batch_tokens, workload.gradient_accumulation_steps
+    steps = workload.optimizer_steps
+    full = [s for s in steps if s == [mbt] * ga]  # all but maybe the last
     if max_steps is not None and len(full) > max_steps:
-        run_batches = full[:max_steps] + [t for t in batches if t != workload.micro_batch_tokens]
+        run_steps = full[:max_steps] + [s for s in steps if s != [mbt] * ga]
     else:
-        run_batches = batches
+        run_steps = steps
+    evals = [_Phase(False, [mbt], 1)] * workload.eval_batches
+    plan = evals + [_Phase(True, s, workload.micro_batches_in_flight) for s in run_steps] + evals
     marks: list[float] = []
-    plan: list[tuple[str, int]] = [("eval", workload.micro_batch_tokens)] * workload.eval_batches
-    plan += [("step", t) for t in run_batches]
-    plan += [("eval", workload.micro_batch_tokens)] * workload.eval_batches
+    tallies: list[Tally] = []  # the counters at each mark
     c = swarm.client
+    plaintext = _Lock()  # the trainer's lock over the client's local torch work
 
-    def next_batch(i: int) -> None:
-        marks.append(sim.now)
-        if i == len(plan):
-            sim.stop()
-            return
-        kind, tokens = plan[i]
-        train = kind == "step"
+    def micro_batch(tokens: int, train: bool, done: Callable[[], None]) -> None:
+        """Forward calls one after another, the plaintext work (one micro-batch at a time), backward calls."""
         calls = workload.products(tokens, backward=train)
         forward = [p for p in calls if not p.transpose]
         backward = [p for p in calls if p.transpose]
         plain_s = workload.client_macs(tokens, backward=train) * c.plain_parallelism / c.plain_macs_per_s
 
-        def run_calls(todo: list, then) -> None:  # type: ignore[no-untyped-def]
+        def run_calls(todo: list[Product], then: Callable[[], None]) -> None:
             if not todo:
                 then()
                 return
             client.call(todo[0], lambda: run_calls(todo[1:], then))
 
-        def after_forward() -> None:
-            client.work("plaintext", plain_s, c.plain_parallelism, lambda: run_calls(backward, lambda: next_batch(i + 1)))
+        def local(release: Callable[[], None]) -> None:
+            def computed() -> None:
+                release()
+                run_calls(backward, done)
 
-        run_calls(forward, after_forward)
+            client.work("plaintext", plain_s, c.plain_parallelism, computed)
 
-    sim.after(0.0, lambda: next_batch(0))
+        run_calls(forward, lambda: plaintext.hold(local))
+
+    def next_phase(i: int) -> None:
+        marks.append(sim.now)
+        tallies.append(replace(client.tally, cpu_s=dict(client.tally.cpu_s)))
+        if i == len(plan):
+            sim.stop()
+            return
+        phase = plan[i]
+        waiting = list(phase.batches)
+        running = 0
+
+        def start() -> None:
+            nonlocal running
+            running += 1
+            micro_batch(waiting.pop(0), phase.train, finished)
+
+        def finished() -> None:
+            nonlocal running
+            running -= 1
+            if waiting:
+                start()
+            elif not running:
+                next_phase(i + 1)  # the optimizer update: every micro-batch of the step is done
+
+        for _ in range(min(phase.at_once, len(waiting))):
+            start()
+
+    sim.after(0.0, lambda: next_phase(0))
     sim.run()
     if len(marks) != len(plan) + 1:
         raise RuntimeError("the simulation stalled: a chunk waits for a provider that never becomes usable")
     durations = [b - a for a, b in zip(marks, marks[1:])]
+    # at most `at_once` calls are in flight in a phase, each at least its round trip: what the wall time holds of them
+    latency = [(b.latency_s - a.latency_s) / min(p.at_once, len(p.batches)) for p, a, b in zip(plan, tallies, tallies[1:])]
     e = workload.eval_batches
-    before, steps, after = sum(durations[:e]), durations[e : e + len(run_batches)], sum(durations[len(durations) - e :])
-    skipped = len(batches) - len(run_batches)
-    simulated_full = steps[: len(full[: len(run_batches)])] if skipped else steps
-    extra = skipped * (sum(simulated_full) / len(simulated_full)) if skipped else 0.0
+    before, step_s, after = sum(durations[:e]), durations[e : e + len(run_steps)], sum(durations[len(durations) - e :])
+    skipped = len(steps) - len(run_steps)
     wall = sim_wall = marks[-1]
-    wall += extra
-    scale = wall / sim_wall if sim_wall else 1.0
     tally = client.tally
-    if skipped:
-        tally = _scaled(tally, scale)
-    estimate = Estimate(workload, swarm, config, before, steps, after, wall, scale, tally, len(batches))
+    if skipped:  # the steps left out are full ones: each takes the mean time and counts of the simulated full steps
+        n = len(run_steps) - (len(steps) - len(full))  # = max_steps
+        k = skipped / n
+        wall += k * sum(step_s[:n])
+        tally = _plus(tally, tallies[e], tallies[e + n], k)
+        latency.append(k * sum(latency[e : e + n]))
+    scale = wall / sim_wall if sim_wall else 1.0
+    estimate = Estimate(workload, swarm, config, before, step_s, after, wall, scale, tally, len(steps), latency_s=sum(latency))
     estimate.demand_s = demands(estimate)
     return estimate
 
 
-def _scaled(t: Tally, k: float) -> Tally:
-    return Tally(
-        chunks=round(t.chunks * k), attempts=round(t.attempts * k), retries=round(t.retries * k), hedges=round(t.hedges * k),
-        timeouts=round(t.timeouts * k), unreachable=round(t.unreachable * k), bytes_up=t.bytes_up * k,
-        bytes_down=t.bytes_down * k, macs=t.macs * k, paid=t.paid * k, latency_s=t.latency_s * k,
-        cpu_s={kind: s * k for kind, s in t.cpu_s.items()}, provider_s=t.provider_s * k,
-        provider_core_s=t.provider_core_s * k,
-    )
+class _Lock:
+    """A FIFO lock: `hold(work)` runs `work(release)` once no other holder is left (at once if free)."""
+
+    def __init__(self) -> None:
+        self._held = False
+        self._queue: deque[Callable[[Callable[[], None]], None]] = deque()
+
+    def hold(self, work: Callable[[Callable[[], None]], None]) -> None:
+        if self._held:
+            self._queue.append(work)
+            return
+        self._held = True
+        work(self._release)
+
+    def _release(self) -> None:
+        if self._queue:
+            self._queue.popleft()(self._release)
+        else:
+            self._held = False
+
+
+def _plus(t: Tally, start: Tally, end: Tally, k: float) -> Tally:
+    """`t` plus `k` times what was counted from `start` to `end` (counts rounded)."""
+    out = {}
+    for f in fields(Tally):
+        if f.name == "cpu_s":
+            continue
+        now, delta = getattr(t, f.name), getattr(end, f.name) - getattr(start, f.name)
+        out[f.name] = now + (round(k * delta) if isinstance(now, int) else k * delta)
+    cpu = {kind: s + k * (end.cpu_s.get(kind, 0.0) - start.cpu_s.get(kind, 0.0)) for kind, s in t.cpu_s.items()}
+    return Tally(**out, cpu_s=cpu)
 
 
 def demands(e: Estimate) -> dict[str, float]:
@@ -144,5 +222,5 @@ def demands(e: Estimate) -> dict[str, float]:
     out["client CPU: encrypt+decrypt+verify+wire"] = crypto / min(cores, s.client.crypto_parallelism * e.config.crypto_threads)
     out["client CPU: plaintext and overheads"] = sum(
         t.cpu_s.get(k, 0.0) for k in ("plaintext", "call overhead", "exchange")) / cores
-    out["latency (one round trip per call)"] = t.latency_s
+    out["latency (one round trip per call)"] = e.latency_s
     return out

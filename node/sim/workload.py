@@ -223,10 +223,16 @@ class Workload:
     eval_batches: int = 0  # forward-only held-out micro-batches, evaluated before training and again after
     lora_r: int = 8
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (the trainer's training_args)
+    micro_batches_in_flight: int = 2  # micro-batches of one optimizer step run at once (LoraTrainer's argument)
 
     def __post_init__(self) -> None:
         if self.tokens < 1 or self.micro_batch_tokens < 1 or self.seq_len < 1:
             raise ValueError("tokens, micro_batch_tokens and seq_len must be >= 1")
+        for name in ("gradient_accumulation_steps", "micro_batches_in_flight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         object.__setattr__(self, "_params", self._layer_params())
 
     @property
@@ -234,6 +240,19 @@ class Workload:
         """Tokens of each training micro-batch (the last may be short)."""
         full, rest = divmod(self.tokens, self.micro_batch_tokens)
         return [self.micro_batch_tokens] * full + ([rest] if rest else [])
+
+    @property
+    def optimizer_steps(self) -> list[list[int]]:
+        """Tokens of each micro-batch, grouped by optimizer step: ``gradient_accumulation_steps``
+        micro-batches a step, in order; the last step may have fewer (the trainer steps on an
+        epoch's short last group) and its last micro-batch may be short."""
+        batches, ga = self.micro_batches, self.gradient_accumulation_steps
+        return [batches[i : i + ga] for i in range(0, len(batches), ga)]
+
+    @property
+    def in_flight(self) -> int:
+        """Micro-batches that actually run at once: no more than a step has."""
+        return min(self.micro_batches_in_flight, self.gradient_accumulation_steps)
 
     def _layer_params(self) -> dict[tuple[str, bool], Params]:
         """Parameters per (group key, transpose), from the norms of the group's concatenated W: the

@@ -9,9 +9,11 @@ import torch
 
 from cipherswarm.cli.main import main
 from cipherswarm.fhe_backend.params import WeightStats, choose_params
+from cipherswarm.node.client.config import ClientConfig
 from cipherswarm.node.sim import LLAMA_3_8B, ClientSpec, ModelShape, ProviderSpec, Swarm, Workload, simulate
 from cipherswarm.node.sim.engine import FifoServers, Resource, Simulator
 from cipherswarm.node.sim.policy import ChunkFailed
+from cipherswarm.node.sim.report import render
 from cipherswarm.node.sim.workload import LinearLayer
 from cipherswarm.node.weights import load_model
 from cipherswarm.trainer.finetune import BUNDLED_MODEL, FinetuneConfig, build
@@ -253,3 +255,142 @@ def test_estimate_cli_prints_the_breakdown(capsys: pytest.CaptureFixture[str]) -
     for needle in ("assumptions:", "wall time", "tokens/s", "price", "client uplink", "client downlink",
                    "client CPU: encrypt+decrypt+verify+wire", "provider compute", "latency", "bottleneck:"):
         assert needle in out
+
+
+# -- gradient accumulation: micro-batches of one optimizer step in flight at once ------------------
+
+
+def _accumulating(tokens: int, ga: int, in_flight: int, **client: object) -> Workload:
+    return Workload(ModelShape.load(BUNDLED_MODEL), tokens=tokens, micro_batch_tokens=2048, seq_len=128,
+                    gradient_accumulation_steps=ga, micro_batches_in_flight=in_flight)
+
+
+def _fast_swarm(**client: object) -> Swarm:
+    """Six providers and 1 GB/s links everywhere: a call's chunk waits on its provider, not on the client's link."""
+    spec = ProviderSpec(macs_per_s=2e9, rtt_s=0.02, up_bps=1e9, down_bps=1e9)
+    return Swarm.uniform(6, spec, ClientSpec(up_bps=1e9, down_bps=1e9, **client), seed=1)  # type: ignore[arg-type]
+
+
+def test_workload_groups_micro_batches_into_optimizer_steps() -> None:
+    work = _accumulating(5 * 2048 + 1000, 2, 2)
+    assert work.micro_batches == [2048] * 5 + [1000]
+    assert work.optimizer_steps == [[2048, 2048], [2048, 2048], [2048, 1000]]
+    assert _accumulating(5 * 2048, 2, 2).optimizer_steps == [[2048, 2048], [2048, 2048], [2048]]  # a short last step
+    assert _accumulating(3 * 2048, 1, 2).optimizer_steps == [[2048], [2048], [2048]]
+    assert (_accumulating(2048, 4, 8).in_flight, _accumulating(2048, 1, 2).in_flight) == (4, 1)
+    for bad in ({"gradient_accumulation_steps": 0}, {"micro_batches_in_flight": 0}):
+        with pytest.raises(ValueError, match="must be an integer >= 1"):
+            replace(_accumulating(2048, 1, 1), **bad)  # type: ignore[arg-type]
+
+
+def test_one_micro_batch_in_flight_is_the_sequential_run() -> None:
+    """accumulation 2, one at a time: each step is exactly its two micro-batches run one after another."""
+    tokens = 5 * 2048 + 1000
+    sequential = simulate(_accumulating(tokens, 1, 2), _fast_swarm())  # one micro-batch a step: nothing overlaps
+    grouped = simulate(_accumulating(tokens, 2, 1), _fast_swarm())
+    assert len(sequential.step_s) == sequential.steps_total == 6
+    assert len(grouped.step_s) == grouped.steps_total == 3
+    pairs = [sum(sequential.step_s[i : i + 2]) for i in range(0, 6, 2)]
+    assert grouped.step_s == pytest.approx(pairs, rel=1e-12, abs=0)
+    assert grouped.wall_s == sequential.wall_s
+    assert grouped.tally == sequential.tally
+
+
+def test_two_micro_batches_in_flight_overlap_their_calls() -> None:
+    """With the providers, not the client's link, bounding a call, two micro-batches at once nearly halve a step."""
+    tokens = 4 * 2048
+    one, two = (simulate(_accumulating(tokens, 2, k), _fast_swarm()) for k in (1, 2))
+    assert len(one.step_s) == len(two.step_s) == 2
+    for alone, overlapped in zip(one.step_s, two.step_s):
+        assert overlapped < 0.8 * alone  # clearly faster ...
+        assert overlapped >= 0.5 * alone  # ... and no better than perfect overlap
+    assert 0.5 * one.wall_s <= two.wall_s < 0.8 * one.wall_s
+    # the same work, whatever overlaps: every call, chunk, byte and MAC
+    assert (two.tally.bytes_up, two.tally.bytes_down, two.tally.macs, two.tally.chunks) == (
+        one.tally.bytes_up, one.tally.bytes_down, one.tally.macs, one.tally.chunks)
+    assert two.tally.macs == sum(p.macs for t in _accumulating(tokens, 2, 2).micro_batches
+                                 for p in _accumulating(tokens, 2, 2).products(t))
+    # two at once: at most two calls' round trips at a time, so the latency the wall time holds is halved
+    assert two.demand_s["latency (one round trip per call)"] == pytest.approx(one.demand_s["latency (one round trip per call)"] / 2)
+
+
+def test_bytes_and_macs_do_not_depend_on_micro_batches_in_flight() -> None:
+    """The same chunks whatever overlaps. Block chunks: with "auto" the router may spread a call's columns
+    over more providers when others are busy with a concurrent call (more bytes, the same MACs)."""
+    tokens = 4 * 2048 + 512
+    runs = [simulate(_accumulating(tokens, 4, k), _fast_swarm(), ClientConfig(split="blocks")) for k in (1, 2, 3, 4)]
+    assert [r.steps_total for r in runs] == [2] * 4
+    assert len({(r.tally.bytes_up, r.tally.bytes_down, r.tally.macs, r.tally.chunks) for r in runs}) == 1
+    work = _accumulating(tokens, 4, 1)
+    calls = [p for t in work.micro_batches for p in work.products(t)]
+    assert runs[0].tally.macs == sum(p.macs for p in calls)
+    assert runs[0].tally.chunks == len(calls)  # one block, one chunk a call
+    assert [r.wall_s for r in runs] == sorted((r.wall_s for r in runs), reverse=True)  # more at once, never slower here
+
+
+def test_plaintext_work_runs_for_one_micro_batch_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Instant links and providers, slow plaintext on 2 of 8 cores: the step is bound by the trainer's
+    plaintext lock, so two micro-batches at once gain nothing (without the lock they would run side by side)."""
+    from cipherswarm.node.sim import policy
+
+    spans: list[tuple[float, float]] = []
+    work_fn = policy.Client.work
+
+    def work(self: policy.Client, kind: str, core_s: float, parallelism: float, then):  # type: ignore[no-untyped-def]
+        if kind != "plaintext":
+            return work_fn(self, kind, core_s, parallelism, then)
+        start = self.sim.now
+
+        def done() -> None:
+            spans.append((start, self.sim.now))
+            then()
+
+        return work_fn(self, kind, core_s, parallelism, done)
+
+    monkeypatch.setattr(policy.Client, "work", work)
+    spec = ProviderSpec(macs_per_s=1e15, rtt_s=0.0, up_bps=1e15, down_bps=1e15)
+    swarm = Swarm.uniform(4, spec, ClientSpec(up_bps=1e15, down_bps=1e15, plain_macs_per_s=5e7, plain_parallelism=2.0), seed=1)
+    tokens = 4 * 2048
+    one = simulate(_accumulating(tokens, 4, 1), swarm)
+    one_spans, spans[:] = list(spans), []
+    four = simulate(_accumulating(tokens, 4, 4), swarm)
+    plain_s = _accumulating(tokens, 4, 4).client_macs(2048) * 2.0 / 5e7  # core-seconds on 2 cores
+    assert plain_s / 2.0 > 1.0  # seconds per micro-batch: far above everything else of a step
+    assert one.demand_s["client CPU: plaintext and overheads"] < 0.3 * one.wall_s  # 8 cores: the CPU is not what bounds it
+    assert four.wall_s == pytest.approx(one.wall_s, rel=0.01)
+    assert len(spans) == len(one_spans) == 4
+    spans.sort()
+    assert all(b[0] >= a[1] for a, b in zip(spans, spans[1:]))  # never two at once
+    assert all(end - start == pytest.approx(plain_s / 2.0) for start, end in spans)  # each alone on its 2 cores
+
+
+def test_max_steps_counts_optimizer_steps() -> None:
+    tokens = 6 * 2048 + 1000  # three full steps of two micro-batches, then one of a short micro-batch
+    full = simulate(_accumulating(tokens, 2, 2), _fast_swarm())
+    short = simulate(_accumulating(tokens, 2, 2), _fast_swarm(), max_steps=1)
+    assert full.steps_total == short.steps_total == 4 and len(full.step_s) == 4
+    assert len(short.step_s) == 2  # the first full step and the last, short one
+    assert short.scale > 1.0
+    assert short.wall_s == pytest.approx(full.wall_s, rel=0.05)
+    assert short.scale == pytest.approx(short.wall_s / (sum(short.step_s)))
+    # the two full steps left out count what the simulated one did: its MACs exactly (a short micro-batch pads to a block)
+    assert short.tally.macs == full.tally.macs == 7 * sum(p.macs for p in _accumulating(tokens, 2, 2).products(2048))
+    assert short.tally.chunks == full.tally.chunks
+    assert short.tally.bytes_up == pytest.approx(full.tally.bytes_up, rel=0.01)
+    assert "2 of 4 optimizer steps simulated" in render(short)
+    with pytest.raises(ValueError, match="max_steps must be >= 1"):
+        simulate(_accumulating(tokens, 2, 2), _fast_swarm(), max_steps=0)
+
+
+def test_estimate_cli_takes_accumulation_and_micro_batches_in_flight(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["estimate", "--model", "tiny", "--tokens", "8192", "--micro-batch-tokens", "2048", "--providers", "6"]
+    assert main(args + ["--accumulation", "2", "--in-flight", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer steps of 2 micro-batches (gradient accumulation), 2 of a step's micro-batches in flight at once" in out
+    assert "(mean of 2 simulated, 2 micro-batch(es) each)" in out
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "one optimizer step each (gradient accumulation 1" in out and "(mean of 3 simulated, 1 micro-batch(es) each)" in out
+    assert "3 of 4 optimizer steps simulated" in out  # --max-steps 3 counts optimizer steps
+    with pytest.raises(SystemExit):
+        main(args + ["--in-flight", "0"])

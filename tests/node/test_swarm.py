@@ -170,3 +170,30 @@ async def test_sync_client_from_torch_threads(weights: ModelWeights, model_dir: 
             exact, stats = await trio.to_thread.run_sync(train_step)
             assert exact
             assert stats.calls == 2 and stats.bytes_sent > 0 and stats.bytes_received > 0 and stats.macs > 0  # type: ignore[attr-defined]
+
+
+async def test_calls_from_several_threads_at_once(weights: ModelWeights, model_dir: Path, tmp_path: Path) -> None:
+    """Micro-batches in flight together (trainer/overlap.py) call the client from several threads at
+    once: every call exact, each its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls = [(QKV, False, 40), (QKV, True, 50), ("model.layers.0.mlp.down_proj", False, 60), ("model.layers.0.mlp.down_proj", True, 70)]
+    with trio.fail_after(120):
+        async with providers(weights, [{}, {}]) as running:
+            addrs = [str(r.addr) for r in running]
+
+            def several() -> tuple[list[bool], object]:
+                with SwarmClient(model_dir=model_dir, bootstrap=addrs, ledger=tmp_path / "c.sqlite", min_providers=2,
+                                 config=client_config()) as client:
+                    def one(call: tuple[str, bool, int]) -> bool:
+                        key, transpose, tokens = call
+                        layer = weights.resolve(key)
+                        x = random_operand(tokens, layer.shape.d_out if transpose else layer.shape.d_in)
+                        return torch.equal(client.matmul(key, x, transpose=transpose), reference(weights, key, x, transpose=transpose))
+
+                    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+                        return list(pool.map(one, calls)), client.stats()
+
+            exact, stats = await trio.to_thread.run_sync(several)
+            assert exact == [True] * len(calls)
+            assert stats.calls == len(calls) and stats.verification_failures == 0  # type: ignore[attr-defined]

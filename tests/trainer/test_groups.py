@@ -101,4 +101,4 @@ def test_a_member_called_on_another_input_gets_its_own_product() -> None:
     with torch.no_grad():
         assert torch.equal(first, same_again)
         assert torch.allclose(other, k.original(x), atol=0.05 * float(k.original(x).abs().max()))
-    assert q.group._pending is not None  # q's second product waits for k and v; nothing else is kept
+    assert q.group._local.pending is not None  # q's second product waits for k and v; nothing else is kept

@@ -44,7 +44,8 @@ class TestAccumulation:
                 local.matmul = lambda key, x, *, transpose: seen.append(x.clone()) or product(key, x, transpose=transpose)
             return trainer
 
-        accumulated = _sgd_trainer(LLAMA, training_args={"gradient_accumulation_steps": 2})
+        # one micro-batch at a time, so that the recorded operands come in order (overlap: TestOverlap)
+        accumulated = _sgd_trainer(LLAMA, training_args={"gradient_accumulation_steps": 2}, micro_batches_in_flight=1)
         accumulated.compile(data[:1], precision=coarse)
         recorded(accumulated, "accumulated").train(torch.utils.data.DataLoader(data, batch_size=1), fhe=fhe, progress=False)
         whole = _sgd_trainer(LLAMA)
