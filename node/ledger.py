@@ -8,6 +8,12 @@ The request id is the primary key, so a chunk can never be recorded, and paid fo
 Bans for cheating are permanent, so they live here too and survive restarts, as does each
 provider's measured record (successes, failures, latency, rate), which seeds the next session's
 scores and is what `cipherswarm status` shows.
+
+Durability: the file runs in WAL mode. Receipts and bans are written with synchronous=FULL: each is
+on disk (the WAL fsynced) when the call returns, so a power loss cannot take back a receipt that was
+countersigned or a ban that was decided. Track records are estimates refreshed all the time and
+written with synchronous=NORMAL (no fsync; a power loss may roll the latest back, never corrupt
+them). bench/ledger.py measures what the fsync costs per row.
 """
 
 from __future__ import annotations
@@ -69,10 +75,9 @@ class Ledger:
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = str(path)
-        self._db = sqlite3.connect(self.path, isolation_level=None)  # autocommit: each row is durable at once
-        # WAL with synchronous=NORMAL: a row per chunk costs no fsync, and a crash loses no committed row.
+        self._db = sqlite3.connect(self.path, isolation_level=None)  # autocommit: one transaction per row
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # receipts and bans: on disk when written (module docstring)
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
@@ -118,10 +123,19 @@ class Ledger:
         return dict(self._db.execute("SELECT peer, reason FROM bans"))
 
     def save_record(self, peer: str, record: TrackRecord) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?, ?)",
-            (peer, record.successes, record.failures, record.latency_s, record.rate),
-        )
+        """Store a provider's track record without waiting for the disk (module docstring)."""
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            self._db.execute(
+                "INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?, ?)",
+                (peer, record.successes, record.failures, record.latency_s, record.rate),
+            )
+        finally:
+            self._db.execute("PRAGMA synchronous=FULL")
+
+    def synchronous(self) -> int:
+        """SQLite's synchronous level in force for receipts and bans (2: FULL)."""
+        return int(self._db.execute("PRAGMA synchronous").fetchone()[0])
 
     def records(self) -> dict[str, TrackRecord]:
         return {peer: TrackRecord(*rest) for peer, *rest in self._db.execute("SELECT * FROM peers")}

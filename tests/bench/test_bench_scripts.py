@@ -54,6 +54,11 @@ def test_accuracy_bench_prints_its_table(tmp_path: Path) -> None:
     assert "x the first row" in out and "held-out loss  plain" in out
 
 
+def test_ledger_bench_measures_both_levels(tmp_path: Path) -> None:
+    out = _bench("ledger.py", "--rows", "20", "--dir", str(tmp_path), timeout=120)
+    assert "synchronous=FULL" in out and "FULL / NORMAL" in out
+
+
 def test_bytes_bench_shows_what_short_micro_batches_save() -> None:
     """bench/bytes.py on the bundled model: a full block costs what it did, a short one less than padded."""
     out = _bench("bytes.py", "--model", "tiny", timeout=300)

@@ -185,6 +185,31 @@ class TestLedger:
             assert [r.receipt.request_id for r in ledger.receipts()] == [b"a" * 16, b"b" * 16]
             assert ledger.total_amount() == 2 * 15
 
+    def test_receipts_and_bans_wait_for_the_disk(self, tmp_path: Path) -> None:
+        """synchronous=FULL (2) for receipts and bans, also after a track record was written
+        without waiting (NORMAL, 1): a power loss cannot take back what was countersigned or banned."""
+        from cipherswarm.node.ledger import TrackRecord
+
+        with Ledger(tmp_path / "l.sqlite") as ledger:
+            assert ledger.synchronous() == 2
+            modes = []
+            real = ledger._db  # the connection, to see the level each statement runs under
+
+            class Watch:
+                def execute(self, sql: str, *args: object) -> object:
+                    if sql.startswith("INSERT"):
+                        modes.append((sql.split()[2 if sql.startswith("INSERT INTO") else 4],
+                                      real.execute("PRAGMA synchronous").fetchone()[0]))
+                    return real.execute(sql, *args)
+
+            ledger._db = Watch()  # type: ignore[assignment]
+            ledger.save_record("p", TrackRecord(1, 0, 0.1, 1e9))
+            ledger.record(_signed_receipt(b"c" * 16), layer="l")  # type: ignore[arg-type]
+            ledger.ban("q", "cheated")
+            ledger._db = real
+            assert modes == [("peers", 1), ("receipts", 2), ("bans", 2)]
+            assert ledger.synchronous() == 2
+
 
 class TestAdverts:
     def _advert(self, key_pair: object, *, issued: int | None = None) -> bytes:
