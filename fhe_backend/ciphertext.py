@@ -19,7 +19,9 @@ Layout (all integers little-endian); see README.md for the byte-level table.
 Only the real tokens' B words travel: coefficient t of a decryption reads B''[t] and the whole of
 A'' (a negacyclic product), so a padded token's B word is read by nobody; both sides hold zeros
 there. A micro-batch shorter than N pays its own tokens in B, not N (A'' still travels whole).
-Neither holds anything derived from the secret key but the public random ``key_id`` label.
+Neither holds anything derived from the secret key but the ``key_id`` label, fresh per ciphertext
+(``keys.fresh_label``: random bytes and an HMAC tag of them under the key's secret id, so requests
+under one key cannot be linked by it); a result carries its ciphertext's label back.
 """
 
 from __future__ import annotations

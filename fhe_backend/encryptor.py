@@ -10,7 +10,7 @@ import torch
 from . import kernels
 from .ciphertext import Ciphertext, MatmulResult, last_block_tokens
 from .errors import InputRangeError, KeyMismatch, ShapeMismatch
-from .keys import SecretKey
+from .keys import SecretKey, check_label, fresh_label
 from .parallel import for_row_chunks, scratch
 from .params import Params
 from .ring import LIMB_BITS, NegacyclicFFT, limb_count
@@ -126,7 +126,7 @@ def encrypt(sk: SecretKey, x: torch.Tensor | np.ndarray) -> Ciphertext:
 
         encrypt_rows(sk.ring, p, block_view(xm, n, b), products, out[b])
     clear_padding(out, tokens)
-    return Ciphertext(params=p, key_id=sk.key_id, tokens=tokens, first_row=0, seeds=seeds, words=out)
+    return Ciphertext(params=p, key_id=fresh_label(sk.key_id), tokens=tokens, first_row=0, seeds=seeds, words=out)
 
 
 def clear_padding(words: np.ndarray, tokens: int) -> None:
@@ -142,8 +142,7 @@ def decrypt(sk: SecretKey, res: MatmulResult) -> torch.Tensor:
     every product is checked with :mod:`.verify` before use.
     """
     p, kp = res.params, sk.params
-    if res.key_id != sk.key_id:
-        raise KeyMismatch(f"result is for key {res.key_id.hex()}, this key is {sk.key_id.hex()}")
+    check_label(sk.key_id, res.key_id)
     if (p.n, p.log_q, p.delta) != (kp.n, kp.log_q, kp.delta):
         raise KeyMismatch("result parameters (N, q, delta) differ from the key's")
     blocks, d_out, n = res.a_words.shape

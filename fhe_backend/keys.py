@@ -7,16 +7,37 @@ cannot ride along in a message by accident.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import KeyMismatch
 from .params import Params
 from .ring import NegacyclicFFT, secret_eval_bound, ternary_eval
 from .sampling import ternary_secret
 
 KEY_ID_BYTES = 8
+_LABEL_NONCE = 4  # bytes of a label that are random; the rest is the tag
+
+
+def fresh_label(key_id: bytes) -> bytes:
+    """The public label of one ciphertext under the key ``key_id``: 4 random bytes and a 4-byte
+    HMAC-SHA256 tag of them keyed by the key's (secret) id. Every request carries a new one, so
+    providers cannot link a run's requests by label, while the key's holder still tells its own
+    results from another key's (:func:`label_matches`) before decrypting garbage."""
+    nonce = os.urandom(_LABEL_NONCE)
+    return nonce + hmac.new(key_id, nonce, hashlib.sha256).digest()[: KEY_ID_BYTES - _LABEL_NONCE]
+
+
+def check_label(key_id: bytes, label: bytes) -> None:
+    """KeyMismatch unless ``label`` was made by :func:`fresh_label` for the key ``key_id`` (a false
+    match has probability 2^-32, and a wrong result fails its product check anyway)."""
+    tag = hmac.new(key_id, label[:_LABEL_NONCE], hashlib.sha256).digest()[: KEY_ID_BYTES - _LABEL_NONCE]
+    if len(label) != KEY_ID_BYTES or not hmac.compare_digest(tag, label[_LABEL_NONCE:]):
+        raise KeyMismatch(f"the result (label {label.hex()}) was not encrypted under this key")
 
 
 def _spectrally_bounded(evals: np.ndarray, n: int) -> bool:
@@ -30,7 +51,7 @@ class SecretKey:
 
     params: Params
     s: np.ndarray = field(repr=False)
-    key_id: bytes  # public random label: lets decrypt refuse another key's ciphertext clearly
+    key_id: bytes  # random and kept secret: it keys the per-ciphertext labels (fresh_label)
 
     ring: NegacyclicFFT = field(init=False, repr=False)
     secret_eval: np.ndarray = field(init=False, repr=False)  # (n/2,) evaluations of s

@@ -30,7 +30,7 @@ from .ciphertext import Ciphertext, MatmulResult
 from .encryptor import _as_int_matrix, block_view, check_range, clear_padding, decrypt_rows, encrypt_rows
 from .errors import KeyMismatch, ParameterError
 from .evaluator import PlainWeights, contraction_width
-from .keys import KEY_ID_BYTES
+from .keys import KEY_ID_BYTES, check_label, fresh_label
 from .parallel import scratch
 from .params import SHARED_MASK, Params
 from .ring import LIMB_BITS, NegacyclicFFT, limb_count, ternary_eval
@@ -129,13 +129,12 @@ def encrypt(sk: SharedMaskKey, x: torch.Tensor | np.ndarray) -> Ciphertext:
 
         encrypt_rows(sk.ring, p, block_view(xm, n, b), products, out[b])
     clear_padding(out, tokens)
-    return Ciphertext(params=p, key_id=sk.key_id, tokens=tokens, first_row=0, seeds=seeds, words=out)
+    return Ciphertext(params=p, key_id=fresh_label(sk.key_id), tokens=tokens, first_row=0, seeds=seeds, words=out)
 
 
 def decrypt(sk: SharedMaskKey, res: MatmulResult) -> torch.Tensor:
     p, kp = res.params, sk.params
-    if res.key_id != sk.key_id:
-        raise KeyMismatch(f"result is for key {res.key_id.hex()}, this key is {sk.key_id.hex()}")
+    check_label(sk.key_id, res.key_id)
     if (p.n, p.log_q, p.delta, p.profile) != (kp.n, kp.log_q, kp.delta, kp.profile):
         raise KeyMismatch("result parameters (N, q, delta, profile) differ from the key's")
     if res.d_out != sk.z_eval.shape[1]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pickle
 
 import numpy as np
@@ -312,10 +314,27 @@ class TestSecurityProperties:
         out = be.matmul(be.encrypt(sk1, x), w)
         with pytest.raises(KeyMismatch):
             be.decrypt(sk2, out)
-        forged = MatmulResult(out.params, sk2.key_id, out.tokens, out.a_words, out.b_words)
+        # a provider that copies a label from another request under sk2 gets past the label check
+        other = be.encrypt(sk2, x).key_id
+        forged = MatmulResult(out.params, other, out.tokens, out.a_words, out.b_words)
         garbage = be.decrypt(sk2, forged)
         with pytest.raises(VerificationFailed):
             FreivaldsVerifier.for_params(w, params).check(x, garbage)
+
+    def test_labels_do_not_link_a_keys_ciphertexts(self) -> None:
+        """Each ciphertext carries a fresh label that only the key's holder can tell apart: the same
+        key's two requests share no label bytes an observer could match, and a random label is refused."""
+        w = rand_w(32, 8)
+        params = be.params_for(w, 8)
+        sk = be.keygen(params)
+        x = rand_x(20, 32)
+        labels = {be.encrypt(sk, x).key_id for _ in range(50)}
+        assert len(labels) == 50 and sk.key_id not in labels
+        assert len({label[:4] for label in labels}) == 50 and len({label[4:] for label in labels}) == 50
+        out = be.matmul(be.encrypt(sk, x), w)
+        torch.testing.assert_close(be.decrypt(sk, out), x.long() @ w.long(), rtol=0, atol=0)
+        with pytest.raises(KeyMismatch):
+            be.decrypt(sk, MatmulResult(out.params, os.urandom(8), out.tokens, out.a_words, out.b_words))
 
     def test_mask_expansion_known_answer(self) -> None:
         """AES-256-CTR under the seed, counter = first_row * n / 2, little-endian 64-bit words.

@@ -72,7 +72,8 @@ def test_decryption_garbage_under_another_key_is_refused() -> None:
     x = _x(20, 64)
     out = be.matmul(be.encrypt(be.keygen(params), x), w)
     other = be.keygen(params)
-    garbage = be.decrypt(other, type(out)(out.params, other.key_id, out.tokens, out.a_words, out.b_words))
+    label = be.encrypt(other, x).key_id  # a valid label under the other key, copied from another request
+    garbage = be.decrypt(other, type(out)(out.params, label, out.tokens, out.a_words, out.b_words))
     with pytest.raises(VerificationFailed):
         FreivaldsVerifier.for_params(w, params).check(x, garbage)
 
