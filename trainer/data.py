@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .errors import TrainerError
-from .trainer import IGNORE_INDEX
+from .batches import IGNORE_INDEX
 
 HELD_OUT_FRACTION = 10  # without a validation file, one example in this many is held out
 

@@ -37,7 +37,8 @@ from .data import Batch, DataError, load_examples
 from .errors import TrainerError
 from .executor import MatmulExecutor
 from .thin import load_remote_model
-from .trainer import LoraTrainer, StepRecord, causal_lm_loss
+from .batches import causal_lm_loss
+from .trainer import LoraTrainer, StepRecord
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_MODEL = ASSETS / "tiny-shakespeare-llama"

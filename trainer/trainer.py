@@ -9,7 +9,6 @@ forward/backward per micro-batch -> clip and step -> evaluate -> log -> checkpoi
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import time
@@ -19,32 +18,25 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from cipherswarm.fhe_backend.quant import MAX_X_BITS, MIN_X_BITS, Precision, check_bits
+from cipherswarm.fhe_backend.quant import Precision
 
-from .accuracy import AccuracyReport, measure, warn_if_inaccurate
+from .accuracy import AccuracyReport
 from .checkpoint import capture_rng, checkpoint_folder, latest_checkpoint, load_state, restore_rng, save_checkpoint
-from .errors import BackpropSkipError, NoLoraLayersError, NotCompiledError
-from .executor import ExecutorStatistics, LayerSpec, LocalExecutor, MatmulExecutor, ReadingExecutor
-from .layers import Call, RemoteContext, RemoteGroup, RemoteLinear, find_groups, unwrap_base_layers, wrap_base_layers
+from .errors import NoLoraLayersError
+from .executor import ExecutorStatistics, LayerSpec, LocalExecutor, MatmulExecutor
+from .layers import RemoteLinear
 from .overlap import StepRunner
 from .quantization import CPU_SECONDS, refresh_threads, torch_cpu
-
-FHE_MODES = ("disable", "simulate", "execute", "remote")
-IGNORE_INDEX = -100
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Mean next-token cross-entropy: logits at position t predict labels at t + 1."""
-    shift_logits = logits[..., :-1, :].contiguous()  # batch, tokens - 1, vocab
-    shift_labels = labels[..., 1:].contiguous()  # batch, tokens - 1
-    return F.cross_entropy(shift_logits.view(-1, shift_logits.size(-1)), shift_labels.view(-1), ignore_index=ignore_index)
+# The base layers' side (compile, modes, keys) is RemoteBaseLayers'; the batch helpers live with it
+# and are importable from here as before.
+from .batches import split_batch
+from .remote import RemoteBaseLayers, check_int
 
 
 @dataclass(frozen=True)
@@ -121,12 +113,6 @@ class _CpuSnapshot:
         return self.process - start.process, st, parts
 
 
-def _check_int(name: str, value: object, low: int = 1) -> None:
-    """A ValueError naming ``name`` unless ``value`` is an int >= ``low`` (bools are not counts)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-
-
 def _length(loader: Iterable) -> int | None:
     """Micro-batches per epoch, when the loader knows (an iterable-style DataLoader may not)."""
     try:
@@ -149,47 +135,10 @@ def _training_args(args: object) -> tuple[int, float | None]:
         def get(name: str, default: Any = None) -> Any:
             return getattr(args, name, default)
     steps, norm = get("gradient_accumulation_steps", 1), get("max_grad_norm", None)
-    _check_int("gradient_accumulation_steps", steps)
+    check_int("gradient_accumulation_steps", steps)
     if norm is not None and not (isinstance(norm, (int, float)) and norm > 0 and math.isfinite(norm)):
         raise ValueError(f"max_grad_norm must be a positive number or None, got {norm!r}")
     return steps, None if norm is None else float(norm)
-
-
-def split_batch(batch: object) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(input_ids, attention_mask, labels) from a batch.
-
-    Accepted: a tensor of token ids; a mapping with ``input_ids`` and optionally ``attention_mask``
-    and ``labels``; a tuple ``(input_ids, labels)`` or ``(input_ids, attention_mask, labels)``.
-    Missing labels are the inputs themselves (causal LM), with padded positions ignored.
-    """
-    mask = labels = None
-    if isinstance(batch, torch.Tensor):
-        ids = batch
-    elif isinstance(batch, Mapping):
-        if "input_ids" not in batch:
-            raise ValueError(f"a batch mapping needs 'input_ids', got keys {sorted(batch)}")
-        ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch.get("labels")
-    elif isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
-        ids, *rest = batch
-        mask, labels = (None, rest[0]) if len(rest) == 1 else rest
-    else:
-        raise TypeError("a batch must be a tensor of token ids, a mapping with 'input_ids', "
-                        f"or a tuple (input_ids, labels) / (input_ids, attention_mask, labels); got {type(batch).__name__}")
-    if not isinstance(ids, torch.Tensor) or ids.ndim != 2:
-        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise ValueError(f"input_ids must be a 2-D tensor (batch, tokens), got {shape}; a loader yields batches, not rows")
-    if mask is not None:
-        if mask.shape != ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids shape {tuple(ids.shape)}")
-        binary = (mask == 0) | (mask == 1)
-        if not bool(binary.all()):
-            bad = torch.unique(mask[~binary])[:5].tolist()
-            raise ValueError(f"attention_mask must hold only 0 and 1 (1 = real token), got values {bad}")
-    if labels is None:
-        labels = ids.clone()
-        if mask is not None:
-            labels[mask == 0] = IGNORE_INDEX
-    return ids, mask, labels
 
 
 @dataclass
@@ -206,16 +155,6 @@ class _Run:
     epoch_rng: dict | None = None  # RNG state at the start of this epoch (replays its data order)
     saved_at: tuple[int, int] | None = None  # (epoch, done) of the last checkpoint
     bytes_sent: int = 0  # by this call, for the progress bar
-
-
-def _first_batch(inputset: object) -> object:
-    """A tensor, mapping or tuple is one batch; any other iterable (a DataLoader) gives its first."""
-    if isinstance(inputset, (torch.Tensor, Mapping, tuple)):
-        return inputset
-    try:
-        return next(iter(inputset))  # type: ignore[call-overload]
-    except (TypeError, StopIteration):
-        raise ValueError("inputset must be a batch (tensor, mapping or tuple) or a non-empty iterable of batches") from None
 
 
 def human_bytes(n: float) -> str:
@@ -236,6 +175,10 @@ class LoraTrainer:
     ``micro_batches_in_flight``: with gradient accumulation, how many micro-batches of one optimizer
     step run at once, so that one's products travel while another computes (:mod:`.overlap`; the
     results are those of one at a time, bit for bit; each one in flight holds its own activations).
+
+    What concerns the base layers - ``compile``, ``layer_specs``, ``fhe_mode``, the keys - is done by
+    its :class:`~.remote.RemoteBaseLayers` (``trainer.remote``), the same that
+    :func:`~.remote.remote_base_layers` gives any other training loop.
     """
 
     def __init__(
@@ -262,18 +205,17 @@ class LoraTrainer:
             raise TypeError("model must be a peft PeftModel: wrap it with peft.get_peft_model(model, LoraConfig(...))")
         if not any(isinstance(m, LoraLayer) for m in model.modules()):
             raise NoLoraLayersError("the model has no LoRA layer; give peft.get_peft_model a LoraConfig with target_modules")
-        _check_int("n_layers_to_skip_for_backprop", n_layers_to_skip_for_backprop, low=0)
-        _check_int("logging_steps", logging_steps)
-        _check_int("eval_steps", eval_steps)
+        check_int("n_layers_to_skip_for_backprop", n_layers_to_skip_for_backprop, low=0)
+        check_int("logging_steps", logging_steps)
+        check_int("eval_steps", eval_steps)
         if save_steps is not None:
-            _check_int("save_steps", save_steps)
-        _check_int("micro_batches_in_flight", micro_batches_in_flight)
+            check_int("save_steps", save_steps)
+        check_int("micro_batches_in_flight", micro_batches_in_flight)
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.lr_scheduler = lr_scheduler
         self.gradient_accumulation_steps, self.max_grad_norm = _training_args(training_args)
-        self.n_layers_to_skip_for_backprop = n_layers_to_skip_for_backprop
         self.eval_loader = eval_loader
         self.eval_metric_fn = eval_metric_fn
         self.logging_steps = logging_steps
@@ -281,32 +223,72 @@ class LoraTrainer:
         self.train_log_path = None if train_log_path is None else Path(train_log_path)
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.save_steps = save_steps
-        self.remote_lm_head = remote_lm_head
-        self.executor = executor
         self._steps = StepRunner(micro_batches_in_flight)
         self._trainable = [p for p in model.parameters() if p.requires_grad]
-        self._context = RemoteContext()
-        self._layers: dict[str, RemoteLinear] = {}
-        self._groups: dict[str, RemoteGroup] = {}  # by group key: what the executor is asked for
-        self._specs: dict[str, LayerSpec] = {}
-        self._local: dict[str, LocalExecutor] = {}
-        self._compiled = False
-        self._thin = False  # some remote layer's weights stay on disk (load_remote_model)
-        self._bound: object | None = None  # the remote executor whose weights were checked against ours
+        # The base layers: remote layers, trace, specs, keys, modes (remote.py, shared with any other loop)
+        self._remote = RemoteBaseLayers(model, n_layers_to_skip_for_backprop=n_layers_to_skip_for_backprop,
+                                        remote_lm_head=remote_lm_head, executor=executor)
         self._records: list[StepRecord] = []
-        self.accuracy: AccuracyReport | None = None  # measured by compile() on its inputset
 
-    # -- compile --------------------------------------------------------------------------------
+    # -- the base layers (RemoteBaseLayers) --------------------------------------------------------
+
+    @property
+    def remote(self) -> RemoteBaseLayers:
+        """The model's base layers and their modes (remote.py): what ``compile`` and ``fhe_mode`` act on."""
+        return self._remote
+
+    @property
+    def executor(self) -> MatmulExecutor | None:
+        """The default executor of ``fhe="remote"``."""
+        return self._remote.executor
+
+    @executor.setter
+    def executor(self, executor: MatmulExecutor | None) -> None:
+        self._remote.executor = executor
+
+    @property
+    def n_layers_to_skip_for_backprop(self) -> int:
+        """Layers (execution order) that get no backward keys; read by ``compile()``."""
+        return self._remote.n_layers_to_skip_for_backprop
+
+    @n_layers_to_skip_for_backprop.setter
+    def n_layers_to_skip_for_backprop(self, n: int) -> None:
+        check_int("n_layers_to_skip_for_backprop", n, low=0)
+        self._remote.n_layers_to_skip_for_backprop = n
+
+    @property
+    def remote_lm_head(self) -> bool:
+        """Whether the output head runs remotely too; read by ``compile()``."""
+        return self._remote.remote_lm_head
+
+    @remote_lm_head.setter
+    def remote_lm_head(self, value: bool) -> None:
+        self._remote.remote_lm_head = value
+
+    @property
+    def accuracy(self) -> AccuracyReport | None:
+        """Measured by ``compile()`` on its inputset (None before, or with ``check_accuracy=False``)."""
+        return self._remote.accuracy
+
+    @property
+    def _local(self) -> dict[str, LocalExecutor]:
+        """The in-process executors of "simulate" and "execute" (tests wrap or watch them)."""
+        return self._remote.local_executors
+
+    @property
+    def _layers(self) -> dict[str, RemoteLinear]:
+        """The remote layers by key, in module order."""
+        return self._remote.layers
 
     @property
     def compiled(self) -> bool:
         """True once ``compile()`` made keys, until ``save_and_clear_private_info`` drops them."""
-        return self._compiled
+        return self._remote.compiled
 
     def compile(self, inputset: object, n_bits: int | None = None, *, precision: Precision | None = None,
                 profile: str = "default", check_accuracy: bool = True, group_layers: bool = True) -> None:
         """Put remote layers in place, check the backprop skip on ``inputset``, choose parameters, make
-        keys, and measure the quantized model's accuracy on ``inputset``.
+        keys, and measure the quantized model's accuracy on ``inputset`` (the loss by ``loss_fn``).
 
         Bit widths: ``precision`` (activations forward, gradients backward, weights), or Concrete ML's
         ``n_bits`` for activations and gradients alike with the default weight bits; neither: the
@@ -321,137 +303,17 @@ class LoraTrainer:
         ``group_layers``: layers the trace finds reading the same input (q/k/v, gate/up) become one
         call each way (layers.py): one upload forward, one download backward. False keeps every
         layer a call of its own (each token's gradient then quantized per layer, not per group).
+        :meth:`RemoteBaseLayers.compile` does it all (``self.remote``).
         """
-        if n_bits is not None and precision is not None:
-            raise ValueError("give n_bits or precision, not both")
-        if n_bits is not None:
-            check_bits("n_bits", n_bits, MIN_X_BITS, MAX_X_BITS)
-        precision = precision if precision is not None else Precision.of(n_bits)
-        self._local, self._specs, self._compiled, self._bound = {}, {}, False, None  # until this call succeeds, encrypted modes are refused
-        self.accuracy = None
-        base = self.model.get_base_model()
-        unwrap_base_layers(base)
-        self._context = RemoteContext(precision=precision)
-        self._layers = wrap_base_layers(base, self._context, remote_lm_head=self.remote_lm_head)
-        if not self._layers:
-            raise ValueError("the model has no frozen nn.Linear or Conv1D base layer to run remotely")
-        batch = _first_batch(inputset)
-        trace = self._trace(batch)
-        self._apply_backprop_skip(trace)
-        self._group(find_groups(trace) if group_layers else [])
-        # Built once: each spec prepares its integer weights once, shared by every executor made from it.
-        self._specs = {k: LayerSpec(k, group.weight, precision, group.backward_enabled, group.layer.digest)
-                       for k, group in self._groups.items()}
-        specs = self.layer_specs()
-        self._thin = any(layer.thin for layer in self._layers.values())
-        self._local = {} if self._thin else {  # a thin model's weights are on disk: no in-process provider
-            "execute": LocalExecutor(specs, backend="rlwe", profile=profile),
-            "simulate": LocalExecutor(specs, backend="clear", verify=False),
-        }
-        if check_accuracy:
-            self.accuracy = self._measure_accuracy(batch)
-            warn_if_inaccurate(self.accuracy)
-        self._compiled = True
-        self._log({"event": "compile", "precision": asdict(precision), "profile": profile, "layers": len(self._layers), "calls": len(specs),
-                   "backward_layers": sum(len(g.members) for g in self._groups.values() if g.backward_enabled),
-                   "accuracy": None if self.accuracy is None else self.accuracy.as_dict()})
-
-    def _measure_accuracy(self, batch: object) -> AccuracyReport:
-        """The float and the quantized forward of ``batch`` compared (:mod:`.accuracy`); the quantized
-        products are ``simulate``'s, read from disk a layer at a time for a thin model."""
-        if self._thin:
-            sources = {g.key: g.members[0].original.source for g in self._groups.values()}
-            executor: MatmulExecutor = ReadingExecutor(lambda key: sources[key].read(key))
-        else:
-            executor = self._local["simulate"]
-        ids, mask, labels = split_batch(batch)
-        return measure(self.model, self._context, executor, ids, mask, labels, self.loss_fn or causal_lm_loss)
-
-    def _trace(self, batch: object) -> list[Call]:
-        """Every remote-layer call of one plain forward, in order."""
-        ids, mask, _ = split_batch(batch)
-        device = next(self.model.parameters()).device
-        was_training = self.model.training
-        self._context.trace = []
-        try:
-            self.model.eval()  # no dropout: tracing must not consume random numbers
-            with torch.enable_grad():
-                self.model(input_ids=ids.to(device), attention_mask=None if mask is None else mask.to(device))
-            return self._context.trace
-        finally:
-            self._context.trace, self._context.last_input = None, None
-            self.model.train(was_training)
-
-    def _group(self, groups: list[list[str]]) -> None:
-        """One :class:`RemoteGroup` per run of layers reading the same input; layers that did not
-        run in the trace stay alone."""
-        of = {key: keys for keys in groups for key in keys}
-        self._groups = {}
-        for key in self._layers:  # module order
-            keys = of.get(key, [key])
-            if key != keys[0] and keys[0] in self._layers:
-                continue
-            group = RemoteGroup([self._layers[k] for k in keys])
-            for layer in group.members:
-                layer.group = group
-            self._groups[group.key] = group
-
-    def _apply_backprop_skip(self, trace: list[Call]) -> None:
-        """Mark the first ``n_layers_to_skip_for_backprop`` layers (execution order) forward-only.
-
-        Dropping the backward of a layer whose input depends on a LoRA weight would silently lose
-        gradient, so that is an error naming the layer and the largest valid value.
-        """
-        order: list[str] = []
-        needs_grad: dict[str, bool] = {}
-        for key, requires, _ in trace:
-            if key not in needs_grad:
-                order.append(key)
-            needs_grad[key] = needs_grad.get(key, False) or requires
-        n = self.n_layers_to_skip_for_backprop
-        max_skip = next((i for i, key in enumerate(order) if needs_grad[key]), len(order))
-        if n > max_skip:
-            layer = order[max_skip] if max_skip < len(order) else "(none)"
-            why = (f"the backward of {layer!r}, whose input depends on trainable weights" if max_skip < len(order)
-                   else f"more layers than the {len(order)} that ran")
-            raise BackpropSkipError(f"n_layers_to_skip_for_backprop={n} would skip {why}; use at most {max_skip}",
-                                    layer=layer, max_skip=max_skip)
-        for layer in self._layers.values():
-            layer.backward_enabled = True
-        for key in order[:n]:
-            self._layers[key].backward_enabled = False
+        self._remote.compile(inputset, n_bits, precision=precision, profile=profile, check_accuracy=check_accuracy,
+                             group_layers=group_layers, loss_fn=self.loss_fn)
+        self._log({"event": "compile", **self._remote.summary()})
 
     def layer_specs(self) -> dict[str, LayerSpec]:
         """Public description of every remote layer (weights, bits, directions), for building an executor."""
-        if not self._specs:
-            raise NotCompiledError("call compile(inputset) first")
-        return dict(self._specs)
+        return self._remote.layer_specs()
 
     # -- modes ----------------------------------------------------------------------------------
-
-    def _executor_for(self, fhe: str, executor: MatmulExecutor | None) -> MatmulExecutor | None:
-        if fhe not in FHE_MODES:
-            raise ValueError(f"fhe must be one of {FHE_MODES}, got {fhe!r}")
-        if fhe == "disable":
-            return None
-        if not self.compiled:
-            raise NotCompiledError(f"call compile(inputset) before using fhe={fhe!r}")
-        if fhe != "remote":
-            if self._thin:
-                raise ValueError(f"fhe={fhe!r} runs the products in this process, which needs the base weights in memory; "
-                                 "this model was loaded without them (load_remote_model): use fhe='remote' or 'disable'")
-            return self._local[fhe]
-        executor = executor if executor is not None else self.executor
-        if executor is None:
-            raise ValueError("fhe='remote' needs an executor: pass executor=... with a method "
-                             "matmul(layer_key, x_int, *, transpose), e.g. a node client built from trainer.layer_specs()")
-        if not callable(getattr(executor, "matmul", None)):
-            raise TypeError(f"executor {type(executor).__name__} has no matmul(layer_key, x_int, *, transpose) method")
-        check = getattr(executor, "check_layers", None)
-        if check is not None and self._bound is not executor:
-            check({k: s.digest for k, s in self._specs.items()})  # one model on both sides, before any product
-            self._bound = executor
-        return executor
 
     @contextlib.contextmanager
     def fhe_mode(self, fhe: str = "execute", executor: MatmulExecutor | None = None) -> Iterator[MatmulExecutor | None]:
@@ -459,13 +321,8 @@ class LoraTrainer:
 
         For inference or evaluation under encryption; ``train`` uses it too. Yields the executor.
         """
-        chosen = self._executor_for(fhe, executor)
-        previous = self._context.executor
-        self._context.executor = chosen
-        try:
+        with self._remote.mode(fhe, executor) as chosen:
             yield chosen
-        finally:
-            self._context.executor = previous
 
     # -- training -------------------------------------------------------------------------------
 
@@ -489,9 +346,9 @@ class LoraTrainer:
         folder, or True for the latest one in ``checkpoint_dir``. ``max_steps`` stops (and
         checkpoints) after that many optimizer steps in total.
         """
-        _check_int("num_epochs", num_epochs)
+        check_int("num_epochs", num_epochs)
         if max_steps is not None:
-            _check_int("max_steps", max_steps)
+            check_int("max_steps", max_steps)
         with self.fhe_mode(fhe, executor) as active:
             self.model.to(device)
             self.model.train()
@@ -570,13 +427,14 @@ class LoraTrainer:
             run.done += 1
             bar.update(1)
 
-        previous = self._context.executor
+        context = self._remote.context
+        previous = context.executor
         with self._steps.executor(previous) as turn_taking:
-            self._context.executor = turn_taking
+            context.executor = turn_taking
             try:
                 results = self._steps.run(batches, partial(self._micro_step, device=run.device), taken)
             finally:
-                self._context.executor = previous
+                context.executor = previous
         for _, _, grads in results:
             for p, g in zip(self._trainable, grads):
                 if g is not None:
@@ -711,10 +569,7 @@ class LoraTrainer:
 
     def _model_digest(self) -> str:
         """SHA-256 over every remote layer's key and quantization digest: binds a checkpoint to its base weights."""
-        h = hashlib.sha256()
-        for key in sorted(self._specs):
-            h.update(key.encode() + b"\x00" + self._specs[key].digest)
-        return h.hexdigest()
+        return self._remote.digest()
 
     def get_training_losses(self) -> list[float]:
         """Loss of every optimizer step so far (resumed steps included)."""
@@ -732,12 +587,7 @@ class LoraTrainer:
         and the model gets its original layers back; training again needs ``compile()``.
         """
         self.model.save_pretrained(path)
-        for ex in (*self._local.values(), self.executor):
-            clear = getattr(ex, "clear_private_info", None)
-            if clear is not None:
-                clear()
-        self._local, self._specs, self._layers, self._compiled, self._bound = {}, {}, {}, False, None
-        unwrap_base_layers(self.model.get_base_model())
+        self._remote.clear_private_info()
         self._log({"event": "saved_and_cleared", "path": str(path)})
 
     def _log(self, entry: dict[str, Any]) -> None:
