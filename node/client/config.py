@@ -12,7 +12,9 @@ Split = Literal["auto", "blocks", "columns", "rows"]
 class ClientConfig:
     split: Split = "auto"  # how a layer call is cut into chunks (router.py); "auto" picks per call
     max_chunks: int = 16  # most chunks one call is cut into
-    max_price_per_gmac: int = 2**32  # the offer; dearer providers are not used
+    # the most the user pays per 10^9 MACs: a request offers its provider's advertised price (never
+    # more than this), providers advertising more are not used, and a receipt above the advert is refused
+    max_price_per_gmac: int = 2**32
     price_weight_s: float = 0.0  # seconds a unit of price is worth when ranking providers
     request_ttl_s: float = 60.0  # lifetime of a request (providers refuse more than 120 s)
     hedge_factor: float = 3.0  # hedge a chunk once it takes this many times its expected time ...
@@ -40,6 +42,8 @@ class ClientConfig:
             raise ValueError(f"link_bps must be > 0, got {self.link_bps}")
         if min(self.max_chunks, self.max_attempts, self.crypto_threads, self.upload_slots) < 1 or self.max_rotations < 0:
             raise ValueError("max_chunks, max_attempts, crypto_threads and upload_slots must be >= 1, max_rotations >= 0")
+        if self.max_price_per_gmac < 0:
+            raise ValueError(f"max_price_per_gmac must be >= 0, got {self.max_price_per_gmac}")
         if self.upload_window_bytes < 0:
             raise ValueError(f"upload_window_bytes must be >= 0, got {self.upload_window_bytes}")
         if not 0 < self.request_ttl_s <= 120:

@@ -1,9 +1,12 @@
 """Sending chunks to providers: one attempt, hedged races, and retries until a chunk is accepted.
 
 An attempt (`_attempt`) is one exchange on one stream: a fresh request (new id and nonce) for the
-chunk's ciphertext, the provider's signed reply checked with `protocol.verify_reply`, the result
-decrypted and checked with Freivalds, then accepted: delivered into the call's output, its
-receipt countersigned, recorded in the ledger and sent back. The stream I/O itself runs in an
+chunk's ciphertext, offering the price of the provider's advert it acts on (capped by the user's
+`max_price_per_gmac`), the provider's signed reply checked with `protocol.verify_reply` and its
+receipt's price against that advert (`check_reply`), the result decrypted and checked with
+Freivalds, then accepted: delivered into the call's output, its receipt countersigned, recorded in
+the ledger and sent back. A receipt that charges more than the advert is a cheat like a wrong
+result: the provider is banned for good and nothing is paid. The stream I/O itself runs in an
 Exchange task of the dispatcher's own nursery, so that cancelling an attempt never cancels
 libp2p I/O (exchange.py says why). Every failure is classified (router.FailureKind) and turned
 into a penalty by the router.
@@ -151,6 +154,32 @@ def serialise(ct: Ciphertext) -> tuple[tuple[bytes, bytes], float]:
     t0 = time.thread_time()
     digest = sha256(payload)
     return (payload, digest), time.thread_time() - t0
+
+
+def offer(advert_price: int, config: ClientConfig) -> int:
+    """The price per GMAC a request offers a provider that advertised `advert_price`: that price,
+    never more than the most the user pays (such providers are not holders in the first place)."""
+    return min(advert_price, config.max_price_per_gmac)
+
+
+def check_reply(frame: Frame, *, peer: ID, request: Sealed[MatmulRequest], payload_sha256: bytes,
+                advert_price: int) -> Verified[MatmulReply]:
+    """`protocol.verify_reply` (given the payload's SHA-256), with the provider's error replies
+    classified, and a receipt charging more than `advert_price`, the price of the advert the
+    request acted on, refused even if within the request's offer. AttemptFailed otherwise."""
+    try:
+        reply = verify_reply(frame, peer=peer, request=request, payload_sha256=payload_sha256)
+    except ProtocolError as exc:
+        if not exc.remote:  # the reply itself failed a check: only the provider could have sent it
+            raise AttemptFailed(peer, FailureKind.CHEATED, f"invalid reply: {exc}") from None
+        if isinstance(exc, Busy):
+            raise AttemptFailed(peer, FailureKind.BUSY, "busy", retry_after_s=exc.retry_after_ms / 1000) from None
+        raise AttemptFailed(peer, FailureKind.REFUSED, f"{exc.code.name}: {exc}") from None
+    assert reply.message.receipt is not None  # verify_reply checked the receipt of an OK reply
+    charged = reply.message.receipt.receipt.price_per_gmac
+    if charged > advert_price:
+        raise AttemptFailed(peer, FailureKind.CHEATED, f"overbilled: receipt at {charged} per GMAC, advertised {advert_price}")
+    return reply
 
 
 def _open_result(job: ChunkJob, payload: bytes) -> tuple[torch.Tensor, tuple[float, float, float]]:
@@ -309,6 +338,8 @@ class Dispatcher:
         arrive (exchange.py)."""
         peer = state.peer
         names = group_members(job.layer)
+        advert = state.advert  # the advert this attempt acts on: its price is offered and the most a receipt may charge
+        price = offer(advert.price_per_gmac, self._config)
 
         def make_request() -> Sealed[MatmulRequest]:  # called by the exchange when its upload is admitted
             request = MatmulRequest.for_payload(
@@ -324,7 +355,7 @@ class Dispatcher:
                 backend_params=encode_params(job.params),
                 input_shape=tuple(job.x.shape),  # type: ignore[arg-type]  # 2-D by construction
                 output_shape=(job.x.shape[0], job.width),
-                price_per_gmac=self._config.max_price_per_gmac,
+                price_per_gmac=price,
             )
             with self._node.cpu.section("signatures"):
                 return seal(request, self._key_pair.private_key)
@@ -356,7 +387,8 @@ class Dispatcher:
             digest, spent = await trio.to_thread.run_sync(thread_timed, sha256, frame.payload, limiter=self.crypto)
             self._counters.hash_s += spent
             with self._node.cpu.section("signatures"):
-                reply = self._check_reply(frame, peer, sealed, digest)
+                reply = check_reply(frame, peer=peer, request=sealed, payload_sha256=digest,
+                                    advert_price=advert.price_per_gmac)
             try:
                 y, (wire_s, decrypt_s, verify_s) = await trio.to_thread.run_sync(
                     _open_result, job, reply.payload, limiter=self.crypto)
@@ -372,17 +404,6 @@ class Dispatcher:
             on_accept()
         finally:
             exchange.abandon()  # a no-op once acknowledged
-
-    def _check_reply(self, frame: Frame, peer: ID, sealed: Sealed[MatmulRequest], digest: bytes) -> Verified[MatmulReply]:
-        """protocol.verify_reply (given the payload's SHA-256), with the provider's error replies classified."""
-        try:
-            return verify_reply(frame, peer=peer, request=sealed, payload_sha256=digest)
-        except ProtocolError as exc:
-            if not exc.remote:  # the reply itself failed a check: only the provider could have sent it
-                raise AttemptFailed(peer, FailureKind.CHEATED, f"invalid reply: {exc}") from None
-            if isinstance(exc, Busy):
-                raise AttemptFailed(peer, FailureKind.BUSY, "busy", retry_after_s=exc.retry_after_ms / 1000) from None
-            raise AttemptFailed(peer, FailureKind.REFUSED, f"{exc.code.name}: {exc}") from None
 
     def _accept(self, job: ChunkJob, reply: Verified[MatmulReply], y: torch.Tensor, *, elapsed_s: float,
                 reply_s: float) -> SignedReceipt:

@@ -2,12 +2,21 @@
 
 Scores come from measurement, not from what a provider claims: each successful chunk updates a
 moving average of the provider's latency (reply time minus its reported compute time), of its
-rate (MACs over compute time) and of the link to it (request payload bytes over that same
-non-compute time); its advertised MAC/s only seeds the rate, and the client's assumed link rate
-seeds the link. The link term keeps deadlines sane on slow uplinks: a chunk's expected time is at
-least its payload's transfer time, not just the provider's compute. Reputation is the
-smoothed success ratio (successes + 1) / (successes + failures + 2). These records are kept in
-the ledger, so a provider starts the next session with the record it earned.
+rate (MACs over compute time; the first measurement replaces the seed outright) and of the link
+to it (request payload bytes over that same non-compute time); the client's assumed link rate
+seeds the link. Until a provider's rate is measured it is seeded with its advertised MAC/s capped
+by the median measured rate of the providers known (`unmeasured_rate`, a modest CPU's, while none
+is measured), and re-seeded as that median moves: an advert can lower its own seed but never raise
+it above what the swarm has shown, so a fresh identity claiming a fast device is not preferred
+over measured providers (router.pick still gives every never-served provider one chunk, after
+which its measurement decides). The link term keeps deadlines sane on slow uplinks: a chunk's
+expected time is at least its payload's transfer time, not just the provider's compute.
+Reputation is the smoothed success ratio (successes + 1) / (successes + failures + 2). These
+records are kept in the ledger, so a provider starts the next session with the record it earned
+(its rate only if it served: an unmeasured record holds nothing but a seed).
+
+Price: a provider whose advert asks more per GMAC than the user's maximum (`max_price_per_gmac`,
+from ClientConfig) is not a holder: nothing is planned for it or sent to it.
 
 Bans:
 - a provider that times out or cannot be reached is banned for `ban_base_s`, doubled with each
@@ -22,6 +31,7 @@ clock that adverts' expiry times are compared with.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -35,6 +45,10 @@ from ..types import PeerView, ProviderAdvert
 EWMA = 0.3  # weight of a new measurement in the moving averages
 INITIAL_LATENCY_S = 0.05
 LINK_SAMPLE_MIN_BYTES = 1 << 20  # smaller payloads measure latency, not the link
+#: MAC/s assumed of an unmeasured provider while no provider is measured (an advert below it is
+#: taken as is): a modest CPU's encrypted rate (one 2-core machine measured 5.7e9, a GPU ~5e12,
+#: bench/RESULTS.md). Low on purpose: a low seed only delays hedges and plans a first call wider.
+UNMEASURED_RATE = 1e9
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +67,7 @@ class PeerState:
 
     advert: ProviderAdvert
     capacity: int  # requests we send it at once: the most free slots it ever advertised
-    rate: float  # MAC/s of its computation, measured (seeded with the advertised figure)
+    rate: float  # MAC/s of its computation, measured once `measured`, else a seed (PeerTable.seed_rate)
     link_bps: float  # bytes/s a request's payload reaches it at, measured (seeded by the client's assumption)
     # bytes/s its replies reach us at: its uplink, mostly. Unknown (inf) until measured: no call
     # is spread wider on an assumption (router.plan_cost)
@@ -68,6 +82,7 @@ class PeerState:
     in_flight: int = 0
     busy_until: float = 0.0
     banned_until: float = 0.0
+    measured: bool = False  # `rate` comes from served chunks (this session's or the ledger's), not a seed
 
     @property
     def peer(self) -> ID:
@@ -94,6 +109,8 @@ class PeerTable:
         ban_base_s: float = 10.0,
         ban_max_s: float = 600.0,
         link_bps: float = 2.5e6,
+        max_price_per_gmac: int | None = None,
+        unmeasured_rate: float = UNMEASURED_RATE,
         clock: Callable[[], float] = trio.current_time,
         wall_ms: Callable[[], int] = now_ms,
     ) -> None:
@@ -104,6 +121,10 @@ class PeerTable:
         self.ban_base_s = ban_base_s
         self.ban_max_s = ban_max_s
         self.link_bps = link_bps
+        # the most the user pays per 10^9 MACs (None: any price); dearer providers are not holders.
+        # The session passes ClientConfig.max_price_per_gmac.
+        self.max_price_per_gmac = max_price_per_gmac
+        self.unmeasured_rate = unmeasured_rate
         self._clock = clock
         self._wall_ms = wall_ms
         self._changed = trio.Event()
@@ -133,29 +154,55 @@ class PeerTable:
         state = self._peers.get(advert.peer)
         if state is None:
             state = self._peers[advert.peer] = PeerState(
-                advert=advert, capacity=max(1, advert.free_slots), rate=float(max(1, advert.macs_per_second)),
-                link_bps=self.link_bps,
+                advert=advert, capacity=max(1, advert.free_slots), rate=self.seed_rate(advert), link_bps=self.link_bps,
             )
             record = self._records.get(advert.peer.to_base58())
             if record is not None:
-                state.successes, state.failures = record.successes, record.failures
-                state.latency_s, state.rate = record.latency_s, record.rate
+                state.successes, state.failures, state.latency_s = record.successes, record.failures, record.latency_s
+                if record.successes > 0 and record.rate > 0:  # measured by an earlier session (else only a seed)
+                    state.rate, state.measured = record.rate, True
         elif advert.issued_at_ms > state.advert.issued_at_ms:
             state.advert = advert
             state.capacity = max(state.capacity, advert.free_slots)
+            if not state.measured:
+                state.rate = self.seed_rate(advert)
         else:
             return
         self._notify()
+
+    def seed_rate(self, advert: ProviderAdvert) -> float:
+        """The rate assumed of a provider not yet measured: its advertised MAC/s, but at most the
+        median measured rate of the providers known (`unmeasured_rate` while none is measured).
+        An advert alone can never make a provider look faster than the swarm has been measured."""
+        return self._seed(advert, self._reference_rate())
+
+    def _reference_rate(self) -> float:
+        measured = [s.rate for s in self._peers.values() if s.measured and s.peer.to_base58() not in self._banned_forever]
+        return statistics.median(measured) if measured else self.unmeasured_rate
+
+    @staticmethod
+    def _seed(advert: ProviderAdvert, reference: float) -> float:
+        return float(min(max(1, advert.macs_per_second), reference))
+
+    def _reseed(self) -> None:
+        """Follow the measured median with the seeds of the providers not yet measured."""
+        reference = self._reference_rate()
+        for s in self._peers.values():
+            if not s.measured:
+                s.rate = self._seed(s.advert, reference)
 
     # -- who can be used -----------------------------------------------------------------------
 
     def holders(self, need: Need) -> list[PeerState]:
         """Providers that could serve `need` at all: live advert, layer held, payload accepted,
-        not banned for good (they may be busy or banned for a while)."""
+        price within `max_price_per_gmac`, not banned for good (they may be busy or banned for a
+        while). The one place that says who may be used: plans, choices and hedges all start here."""
         wall = self._wall_ms()
+        cap = self.max_price_per_gmac
         return [
             s for s in self._peers.values()
             if s.advert.expires_at_ms > wall
+            and (cap is None or s.advert.price_per_gmac <= cap)
             and s.advert.holds(need.model_hash, need.layer_digests)
             and s.advert.max_payload_size >= need.payload
             and s.peer.to_base58() not in self._banned_forever
@@ -216,8 +263,13 @@ class PeerTable:
         if reply >= LINK_SAMPLE_MIN_BYTES:
             measured = reply / max(reply_s, 1e-3)
             s.reply_bps = measured if math.isinf(s.reply_bps) else s.reply_bps + EWMA * (measured - s.reply_bps)
-        if compute_s > 0:
-            s.rate += EWMA * (macs / compute_s - s.rate)
+        if compute_s > 0 and macs > 0:
+            measured = macs / compute_s
+            if s.measured:
+                s.rate += EWMA * (measured - s.rate)
+            else:  # the seed was a guess: the first measurement replaces it, whatever the advert said
+                s.rate, s.measured = measured, True
+            self._reseed()
         self._save(s)
 
     def on_straggler(self, peer: ID, elapsed_s: float) -> None:

@@ -247,18 +247,17 @@ class ChunkRouter:
         cost = state.advert.price_per_gmac * macs / 1e9
         return state.expected_s(macs, payload) / state.reputation + self.config.price_weight_s * cost
 
-    def _affordable(self, states: list[PeerState]) -> list[PeerState]:
-        return [s for s in states if s.advert.price_per_gmac <= self.config.max_price_per_gmac]
-
     def pick(self, need: Need, *, avoid: dict[ID, int]) -> PeerState | None:
         """The provider usable now with the fewest failures of this chunk (`avoid`: peer ->
         failures), then the fewest of our requests in flight (spread a call over providers before
         stacking it on one), then, among those scoring within `NEAR_BEST` of the best or not yet
         measured (never served us), the one that served us the fewest chunks: every provider is
-        measured once instead of being judged by its advert and a seed (so a cheater among them is
-        met and caught even when each call is one chunk), and near-equals share the work. None if
-        none is usable."""
-        ranked = self._affordable(self.table.available(need))
+        measured once instead of being judged by a seed (so a cheater among them is met and caught
+        even when each call is one chunk), and near-equals share the work. The seed cannot be raised
+        by an advert (PeerTable.seed_rate), and the first measurement replaces it: a newcomer
+        claiming a fast device gets that one chunk, then what its measured rate earns. Providers
+        dearer than the user's maximum are not holders (PeerTable.holders). None if none is usable."""
+        ranked = self.table.available(need)
         if not ranked:
             return None
         first = min((avoid.get(s.peer, 0), s.in_flight) for s in ranked)
@@ -273,7 +272,7 @@ class ChunkRouter:
         slot, a BUSY hint or a ban running out, a new advert). NoProvidersError after that."""
         deadline = trio.current_time() + self.config.wait_providers_s
         while (state := self.pick(need, avoid=avoid)) is None:
-            holders = self._affordable(self.table.holders(need))
+            holders = self.table.holders(need)  # affordable ones only
             now = trio.current_time()
             if now >= deadline:
                 if holders:

@@ -64,7 +64,7 @@ class SwarmSession:
         self.ledger = ledger
         self.config = config
         self.peers = PeerTable(ledger=ledger, ban_base_s=config.ban_base_s, ban_max_s=config.ban_max_s,
-                               link_bps=config.link_bps)
+                               link_bps=config.link_bps, max_price_per_gmac=config.max_price_per_gmac)
         self.watcher = AdvertWatcher(
             node, weights.model_hash, self.peers.update, lookup_interval_s=config.lookup_interval_s
         )

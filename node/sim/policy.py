@@ -114,7 +114,7 @@ class Client:
             node = Node(sim, i, spec, device, *links)
             self.nodes[node.peer] = node
         self.table = PeerTable(ledger=Ledger(), ban_base_s=config.ban_base_s, ban_max_s=config.ban_max_s, link_bps=config.link_bps,
-                               clock=lambda: sim.now, wall_ms=lambda: 0)
+                               max_price_per_gmac=config.max_price_per_gmac, clock=lambda: sim.now, wall_ms=lambda: 0)
         for node in self.nodes.values():
             self.table.update(node.advert(model))
         self.router = ChunkRouter(self.table, config)

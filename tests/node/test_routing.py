@@ -22,7 +22,8 @@ LAYER = b"l" * 32
 NEED = Need(MODEL, (LAYER,), payload=1000, macs=10**6)
 
 
-def advert(*, layers: frozenset[bytes] | None = None, free_slots: int = 2, price: int = 0, issued_ms: int | None = None) -> ProviderAdvert:
+def advert(*, layers: frozenset[bytes] | None = None, free_slots: int = 2, price: int = 0, issued_ms: int | None = None,
+           macs_per_second: int = 10**9) -> ProviderAdvert:
     issued = now_ms() if issued_ms is None else issued_ms
     return ProviderAdvert(
         peer=ID.from_pubkey(create_new_key_pair().public_key),
@@ -32,7 +33,7 @@ def advert(*, layers: frozenset[bytes] | None = None, free_slots: int = 2, price
         backends=("rlwe",),
         protocols=("/cipherswarm/matmul/1.0.0",),
         device="cpu",
-        macs_per_second=10**9,
+        macs_per_second=macs_per_second,
         price_per_gmac=price,
         free_slots=free_slots,
         max_payload_size=1 << 20,
@@ -148,7 +149,7 @@ class TestRouter:
             await router.choose(NEED, avoid={}, layer="l")
 
     async def test_pick_spreads_then_prefers_score_and_avoids_failed(self) -> None:
-        table = PeerTable(ledger=Ledger())
+        table = PeerTable(ledger=Ledger(), max_price_per_gmac=100)
         router = ChunkRouter(table, ClientConfig(max_price_per_gmac=100))
         fast, slow, dear = advert(), advert(), advert(price=1000)
         for a in (fast, slow, dear):
@@ -178,6 +179,29 @@ class TestRouter:
         # each is tried once (the slow one too: never measured, it is judged by a seed), then not the slow one
         assert set(served[:4]) == {a.peer for a in (*equals, slow)}
         assert served.count(slow.peer) == 1
+
+    async def test_providers_dearer_than_the_users_maximum_are_not_holders(self, autojump_clock: trio.abc.Clock) -> None:
+        table = PeerTable(ledger=Ledger(), max_price_per_gmac=100)
+        router = ChunkRouter(table, ClientConfig(max_price_per_gmac=100, wait_providers_s=1))
+        cheap, at_limit, dear = advert(price=5), advert(price=100), advert(price=101)
+        for a in (cheap, at_limit, dear):
+            table.update(a)
+        assert {s.peer for s in table.holders(NEED)} == {cheap.peer, at_limit.peer}  # what plans are made for
+        picked = set()
+        for _ in range(6):  # pick and hold: every usable slot of the affordable two, then nothing
+            state = router.pick(NEED, avoid={})
+            if state is None:
+                break
+            table.acquire(state.peer)
+            picked.add(state.peer)
+        assert picked == {cheap.peer, at_limit.peer}
+        table.update(dataclasses.replace(cheap, price_per_gmac=1000, issued_at_ms=cheap.issued_at_ms + 1))
+        table.update(dataclasses.replace(at_limit, price_per_gmac=1000, issued_at_ms=at_limit.issued_at_ms + 1))
+        for a in (cheap, at_limit):
+            for _ in range(2):
+                table.release(a.peer)
+        with pytest.raises(NoProvidersError, match="affordable"):  # a price rise takes them out too
+            await router.choose(NEED, avoid={}, layer="l")
 
     def test_retry_delay_doubles_with_jitter_up_to_a_cap(self) -> None:
         router = ChunkRouter(PeerTable(ledger=Ledger()), ClientConfig(retry_base_s=0.2, retry_max_s=1.0))
@@ -268,3 +292,97 @@ class TestPlanByBytes:
         for a in ads:  # providers that reply at a tenth of that: halving each reply is worth a second copy
             table.get(a.peer).reply_bps = 6.25e5
         assert len(router.plan_for(shape, table.holders(NEED), layer="l")) == 2
+
+
+BIG = Need(MODEL, (LAYER,), payload=1000, macs=10**10)  # compute dominates: 10 s at 10^9 MAC/s
+
+
+class TestSeededRates:
+    """A provider's advert cannot make it look faster than the swarm has been measured."""
+
+    async def test_unmeasured_rates_are_capped_by_the_measured_median(self, tmp_path: Path) -> None:
+        with Ledger(tmp_path / "l.sqlite") as ledger:
+            table = PeerTable(ledger=ledger, unmeasured_rate=1e9)
+            honest, claims_more, claims_less = advert(), advert(macs_per_second=10**12), advert(macs_per_second=10**8)
+            for a in (honest, claims_more, claims_less):
+                table.update(a)
+            # nothing measured yet: a fixed conservative rate, or the advert's own if lower
+            assert [table.get(a.peer).rate for a in (honest, claims_more, claims_less)] == [1e9, 1e9, 1e8]
+            table.on_success(honest.peer, elapsed_s=1.1, compute_s=1.0, macs=3 * 10**9, amount=0)
+            assert table.get(honest.peer).rate == 3e9  # the first measurement replaces the seed
+            assert table.get(claims_more.peer).rate == 3e9  # re-seeded: the measured median, not 10^12
+            assert table.get(claims_less.peer).rate == 1e8
+            newer = dataclasses.replace(claims_more, macs_per_second=10**15, issued_at_ms=claims_more.issued_at_ms + 1)
+            table.update(newer)  # a louder advert changes nothing
+            assert table.get(claims_more.peer).rate == 3e9
+            table.on_failure(claims_more.peer)  # saves its record: a seed, never measured
+        with Ledger(tmp_path / "l.sqlite") as ledger:
+            table = PeerTable(ledger=ledger, unmeasured_rate=1e9)
+            table.update(newer)
+            table.update(honest)
+            assert table.get(honest.peer).rate == 3e9 and table.get(honest.peer).measured  # earned in the last session
+            assert table.get(newer.peer).failures == 1 and not table.get(newer.peer).measured
+            assert table.get(newer.peer).rate <= 3e9  # its saved seed is not taken for a measurement
+
+    async def test_a_sybil_claiming_100x_gets_one_probe_not_the_chunks_of_a_measured_provider(self) -> None:
+        # Before: the Sybil was seeded with its own advert (10^11 MAC/s) and a measurement moved that
+        # by only 30 %, so after its probe it still looked ~70x faster and took every chunk.
+        table = PeerTable(ledger=Ledger())
+        router = ChunkRouter(table, ClientConfig())
+        true_rate = {}
+        honest = advert(macs_per_second=10**9)
+        table.update(honest)
+        true_rate[honest.peer] = 1e9
+        for _ in range(3):  # already measured
+            table.on_success(honest.peer, elapsed_s=10.05, compute_s=10.0, macs=BIG.macs, amount=0)
+        sybil = advert(macs_per_second=10**11)
+        table.update(sybil)
+        true_rate[sybil.peer] = 0.5e9  # it computes at half the honest rate
+        assert table.get(sybil.peer).rate <= table.get(honest.peer).rate
+        assert router.score(table.get(sybil.peer), BIG.macs) >= router.score(table.get(honest.peer), BIG.macs) / 1.01
+        served = []
+        for _ in range(10):  # one-chunk calls, one after another
+            state = router.pick(BIG, avoid={})
+            assert state is not None
+            compute = BIG.macs / true_rate[state.peer]
+            table.on_success(state.peer, elapsed_s=compute + 0.05, compute_s=compute, macs=BIG.macs, amount=0)
+            served.append(state.peer)
+        assert served.count(sybil.peer) == 1  # its probe (router.pick's never-served rule), nothing after
+        assert table.get(sybil.peer).rate == pytest.approx(0.5e9)  # judged by what it did, not what it claimed
+
+    async def test_an_honest_fast_newcomer_is_measured_by_its_first_chunk_and_then_gets_the_work(self) -> None:
+        table = PeerTable(ledger=Ledger())
+        router = ChunkRouter(table, ClientConfig())
+        old, fast = advert(macs_per_second=10**9), advert(macs_per_second=10**10)
+        true_rate = {old.peer: 1e9, fast.peer: 1e10}
+        table.update(old)
+        table.on_success(old.peer, elapsed_s=10.05, compute_s=10.0, macs=BIG.macs, amount=0)
+        table.update(fast)
+        assert table.get(fast.peer).rate == 1e9  # seeded at the measured median, not its (true) claim
+        served = []
+        for _ in range(6):
+            state = router.pick(BIG, avoid={})
+            assert state is not None
+            compute = BIG.macs / true_rate[state.peer]
+            table.on_success(state.peer, elapsed_s=compute + 0.05, compute_s=compute, macs=BIG.macs, amount=0)
+            served.append(state.peer)
+        assert served == [fast.peer] * 6  # probed at once, then preferred on its measurement
+        assert table.get(fast.peer).rate == pytest.approx(1e10)
+
+    async def test_plans_use_seeds_not_claims(self) -> None:
+        # the plan's cost model reads the holders' mean rate: a claim of 10^15 MAC/s must not make
+        # compute look free (it would stop a slow swarm's call being spread over more providers)
+        shape = CallShape(tokens=4096, **TestPlanByBytes.LAYER)
+        plans = []
+        for claim in (10**9, 10**15):
+            table = PeerTable(ledger=Ledger())
+            router = ChunkRouter(table, ClientConfig())
+            ads = [dataclasses.replace(advert(macs_per_second=claim), max_payload_size=1 << 30) for _ in range(3)]
+            for a in ads:
+                table.update(a)
+            measured = ads[0].peer
+            table.on_success(measured, elapsed_s=1.0, compute_s=1.0, macs=10**9, amount=0)  # 10^9 MAC/s
+            for a in ads:
+                table.get(a.peer).link_bps = 1e12
+            plans.append(router.plan_for(shape, table.holders(NEED), layer="l"))
+        assert plans[0] == plans[1] and len(plans[0]) == 2  # a LAN to slow CPUs: worth a second copy
