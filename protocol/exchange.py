@@ -13,7 +13,7 @@ with one reply frame; after checking the result the client may send the counters
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 from libp2p.crypto.ed25519 import Ed25519PrivateKey
@@ -66,6 +66,56 @@ def _check_payload(message: MatmulRequest | MatmulReply, payload: bytes, digest:
         raise BadSignature("payload does not match the header's digest")
 
 
+def check_request_header(
+    header: Header,
+    *,
+    peer: ID,
+    window: ReplayWindow,
+    lookup: LayerLookup,
+    now_ms: int,
+    min_price_per_gmac: int = 0,
+    group: bytes | None = None,
+    check: Callable[[MatmulRequest], None] | None = None,
+) -> Verified[MatmulRequest]:
+    """Provider side, before a byte of the payload is read: check the header of a request read from
+    a stream whose remote peer is `peer`, cheapest first (README section 8).
+
+    The signature and the signer's binding to `peer` (BadSignature), the expiry (ExpiredFrame), the
+    model and layers held (UnknownModel), the slice and shapes (ShapeMismatch), the offered price
+    (PaymentRequired) and `check`, the receiver's own checks of what the header names (a provider's:
+    the backend and its parameters, UnsupportedParams); only then the nonce, which is recorded in
+    `window` under the signer's key and `group` (the sender's network address, or None) unless it
+    is a replay (ReplayedFrame) or over the key's, the group's or the window's share (Busy). A
+    request refused by any check before the nonce leaves nothing in the window. The result's
+    payload is empty: read it, then check_request_payload.
+    """
+    request = _expect(header, MatmulRequest)
+    signer = header.verify(peer)
+    check_expiry(request.expires_at_ms, now_ms=now_ms, max_ttl_ms=window.max_ttl_ms)
+    layer = lookup(request.model_hash, request.layers)
+    if layer is None:
+        raise UnknownModel(request.model_hash, "+".join(request.layers))
+    check_shapes(request, layer)
+    if request.price_per_gmac < min_price_per_gmac:
+        raise PaymentRequired(asked=min_price_per_gmac, offered=request.price_per_gmac)
+    if check is not None:
+        check(request)
+    window.check_and_record(
+        request.nonce, expires_at_ms=request.expires_at_ms, now_ms=now_ms, scope=header.public_key, group=group
+    )
+    return Verified(request, signer, header.digest, b"")
+
+
+def check_request_payload(
+    request: Verified[MatmulRequest], payload: bytes, *, payload_sha256: bytes | None = None
+) -> Verified[MatmulRequest]:
+    """Provider side: the request checked by check_request_header with its payload, once the payload
+    matches the header's length and SHA-256 (BadSignature otherwise; `payload_sha256`: the payload's
+    SHA-256 if already computed, see _check_payload). The nonce stays used up either way."""
+    _check_payload(request.message, payload, payload_sha256)
+    return replace(request, payload=payload)
+
+
 def verify_request(
     frame: Frame,
     *,
@@ -75,26 +125,22 @@ def verify_request(
     now_ms: int,
     min_price_per_gmac: int = 0,
     payload_sha256: bytes | None = None,
+    group: bytes | None = None,
+    check: Callable[[MatmulRequest], None] | None = None,
 ) -> Verified[MatmulRequest]:
-    """Provider side: check a request read from a stream whose remote peer is `peer`.
+    """Provider side: check a whole request frame read from a stream whose remote peer is `peer`:
+    check_request_header, then check_request_payload, in the order a provider reading the payload
+    only after the header runs them (README section 8).
 
-    `payload_sha256`: SHA-256 of frame.payload if already computed (see _check_payload). Raises MalformedFrame, BadSignature, ExpiredFrame, ReplayedFrame, Busy (replay window full),
-    UnknownModel, ShapeMismatch or PaymentRequired. The nonce is used up once the request is
-    authentic and fresh, even if a later check refuses it.
+    Raises MalformedFrame, BadSignature, ExpiredFrame, UnknownModel, ShapeMismatch, PaymentRequired,
+    what `check` raises, ReplayedFrame or Busy (replay window share full), then BadSignature for a
+    payload that does not match. The nonce is used up once every check before it passed, even if the payload then fails.
     """
-    request = _expect(frame.header, MatmulRequest)
-    signer = frame.header.verify(peer)
-    _check_payload(request, frame.payload, payload_sha256)
-    window.check_and_record(
-        request.nonce, expires_at_ms=request.expires_at_ms, now_ms=now_ms, scope=frame.header.public_key
+    request = check_request_header(
+        frame.header, peer=peer, window=window, lookup=lookup, now_ms=now_ms, min_price_per_gmac=min_price_per_gmac,
+        group=group, check=check,
     )
-    layer = lookup(request.model_hash, request.layers)
-    if layer is None:
-        raise UnknownModel(request.model_hash, "+".join(request.layers))
-    check_shapes(request, layer)
-    if request.price_per_gmac < min_price_per_gmac:
-        raise PaymentRequired(asked=min_price_per_gmac, offered=request.price_per_gmac)
-    return Verified(request, signer, frame.header.digest, frame.payload)
+    return check_request_payload(request, frame.payload, payload_sha256=payload_sha256)
 
 
 def ok_reply(
@@ -133,12 +179,14 @@ def ok_reply(
     )
 
 
-def error_reply(exc: BaseException, frame: Frame | None = None) -> MatmulReply:
-    """Provider side: the reply to a request that failed with `exc`. Pass the frame if one was read,
-    so the reply names the request; a non-ProtocolError is sent as a bare INTERNAL."""
+def error_reply(exc: BaseException, frame: Frame | Header | None = None) -> MatmulReply:
+    """Provider side: the reply to a request that failed with `exc`. Pass the frame, or its header
+    if only the header was read, so the reply names the request; a non-ProtocolError is sent as a
+    bare INTERNAL."""
     request_id = request_digest = b""
-    if frame is not None and isinstance(frame.header.message, MatmulRequest):
-        request_id, request_digest = frame.header.message.request_id, frame.header.digest
+    header = frame.header if isinstance(frame, Frame) else frame
+    if header is not None and isinstance(header.message, MatmulRequest):
+        request_id, request_digest = header.message.request_id, header.digest
     return MatmulReply(
         request_id=request_id,
         request_digest=request_digest,

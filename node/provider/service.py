@@ -1,16 +1,32 @@
 """The provider service: reads encrypted matmul requests, computes them, signs replies and receipts.
 
-One exchange per stream (protocol README, "Exchange"). Admission and memory: at most
-`slots + queue` requests are admitted at once; each is read whole (bounded by
-`max_payload_size`) before any work, waits for one of `slots` compute slots, and is computed in a
-worker thread so the host keeps serving. A request beyond that is answered BUSY at once, with a
-retry hint from the measured compute time, and its bytes are discarded unread, so a provider's
-memory stays below about `(slots + queue) * max_payload_size` whatever the load.
+One exchange per stream (protocol README, "Exchange"), read and checked in the order of the README's
+section 8, so that nothing unauthenticated holds anything scarce:
 
-Deadlines: every read and write has its own timeout, and the computation must finish before the
-request's own expiry (TIMEOUT otherwise; an abandoned computation keeps its slot until its thread
-ends, so the slot count stays honest). After the reply the provider waits a bounded time for the
-client's countersigned receipt and records it in its ledger.
+1. *Opening* (admission.py's `opening` pool, not a compute place): the length prefix and the signed
+   header are read under `header_timeout_s` from the stream's opening. At most `max_opening`
+   streams read their header at once (a new one evicts the oldest), `max_opening_per_peer` of one
+   peer id and `max_opening_per_address` of one address; over a share: BUSY.
+2. The header's checks, none of which needs the payload: signature and peer binding, expiry, model
+   and layers held, shapes, price, the backend's name and parameters; then the nonce is recorded
+   (per-key and per-address shares of the replay window). A refused request is answered at once
+   and its payload never read.
+3. *Admission* (the `places` pool): `slots + queue` places, at most `max_per_peer` (default: `slots`)
+   of one peer id and `max_per_address` of one address; over: BUSY, the payload unread.
+4. The payload is read at no less than `min_upload_rate` on average (after `header_timeout_s` of
+   grace from the stream's opening), hashed in a worker thread and checked against the header; the
+   ciphertext is parsed and checked against the parameters and the weights; the request waits for
+   one of `slots` compute slots and is computed in a worker thread, so the host keeps serving. The
+   computation must finish before the request's own expiry (TIMEOUT otherwise; an abandoned
+   computation keeps its slot until its thread ends, so the slot count stays honest).
+5. The reply is written, and the place given back *before* waiting for the client's countersigned
+   receipt: the wait (the `acks` pool, `max_ack_waiters`, the oldest dropped when full) holds no
+   place.
+
+A refused stream whose payload may still be coming is drained (read and discarded) for at most
+`header_timeout_s`, so that an honest client can finish its write and read the answer. Memory: the
+requests' own bytes stay below about `(slots + queue) * max_payload_size` whatever the load, as only
+admitted requests read their payload.
 """
 
 from __future__ import annotations
@@ -20,6 +36,7 @@ import logging
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
 import torch
 import trio
@@ -37,7 +54,8 @@ from cipherswarm.protocol import (
     Busy,
     CapabilityAdvert,
     DeadlineExceeded,
-    Frame,
+    FrameTooLarge,
+    Header,
     Limits,
     MalformedFrame,
     MatmulRequest,
@@ -54,10 +72,10 @@ from cipherswarm.protocol import (
     seal,
     sha256,
     verify_receipt_ack,
-    verify_request,
 )
+from cipherswarm.protocol.exchange import check_request_header, check_request_payload
 from cipherswarm.protocol.messages import MAX_ADVERT_LAYERS
-from cipherswarm.protocol.stream import READ_CHUNK, read_frame
+from cipherswarm.protocol.stream import READ_CHUNK, FrameHead, read_frame, read_header, read_payload
 
 from ..discovery import Advertiser, now_ms
 from ..engine import BACKEND, ENGINE, decode_params
@@ -66,6 +84,7 @@ from ..ledger import DuplicateReceipt, Ledger
 from ..streams import close_stream, send_frame
 from ..types import ProviderStats
 from ..weights import ModelWeights, group_key
+from .admission import Pool, address_key, remote_address
 from .benchmark import measure_macs_per_second
 from .cheat import Cheat, Cheater
 
@@ -84,9 +103,27 @@ class ProviderConfig:
     advert_interval_s: float = 10.0  # re-advertise at least this often (adverts live 3 intervals)
     benchmark_s: float = 1.0  # length of the start-up self-benchmark
     read_timeout_s: float = 10.0  # one read call of a stalled client
-    frame_timeout_s: float = 60.0  # one whole frame of a trickling client
-    ack_timeout_s: float = 30.0  # wait for the countersigned receipt after the reply
+    frame_timeout_s: float = 60.0  # most time from a stream's opening to its payload's last byte; also caps a reply's write
+    # Reading with hard limits (protocol README, section 2). An honest header (a few KiB) arrives in
+    # milliseconds; 5 s leaves room for a loaded host. 1 MB/s (8 Mbit/s) is the rate clients already
+    # demand of replies (client/exchange.py, MIN_REPLY_BPS), and a trickler has to send that much to
+    # keep a place; the old frame deadline (60 s for up to 512 MiB) asked up to 9 MB/s of large payloads.
+    header_timeout_s: float = 5.0  # a request's length prefix and header, from the stream's opening; also a refused stream's drain
+    min_upload_rate: float = 1e6  # bytes/s a payload must average, after header_timeout_s of grace from the stream's opening
+    # Admission (admission.py). Streams reading their header hold no compute place: they have their own pool.
+    max_opening: int = 64  # streams reading their header at once; one more evicts the oldest
+    max_opening_per_peer: int = 8  # ... from one peer id; more get BUSY
+    max_opening_per_address: int = 32  # ... from one address (IPv6: one /64); more get BUSY
+    max_per_peer: int | None = None  # admitted requests of one peer id at once (None: slots); more get BUSY
+    max_per_address: int | None = None  # ... from one address (None: slots + queue - 1, at least 1: never every place)
+    exempt_loopback: bool = True  # no per-address caps for loopback peers (every local process is 127.0.0.1)
+    ack_timeout_s: float = 30.0  # wait for the countersigned receipt after the reply (holding no place)
+    max_ack_waiters: int = 64  # replies waiting for their receipt at once; one more drops the oldest wait
     max_ttl_ms: int = 120_000  # longest request lifetime accepted
+    # Replay window (protocol/replay.py): nonces live until their request expires, at most max_ttl_ms.
+    replay_capacity: int = 65_536  # nonces remembered at once, about 20 MB; more: BUSY for everyone
+    replay_per_key: int = 4_096  # ... of one signing key (68 requests/s of 60 s lifetime); more: BUSY for that key
+    replay_per_address: int = 16_384  # ... from one address; more: BUSY for that address
     delay_s: float = 0.0  # extra time before each product: a slow link, for tests and the testnet
     cheat: Cheat | None = None  # misbehave on purpose (cheat.py), for tests and the testnet
 
@@ -95,6 +132,22 @@ class ProviderConfig:
             raise ValueError("slots must be >= 1 and queue >= 0")
         if self.advert_interval_s <= 0 or self.benchmark_s < 0 or self.delay_s < 0:
             raise ValueError("intervals and delays must not be negative")
+        if self.header_timeout_s <= 0 or self.min_upload_rate <= 0:
+            raise ValueError("header_timeout_s and min_upload_rate must be positive")
+        caps = (self.max_opening, self.max_opening_per_peer, self.max_opening_per_address, self.max_ack_waiters,
+                self.replay_capacity, self.replay_per_key, self.replay_per_address, self.peer_share, self.address_share)
+        if min(caps) < 1:
+            raise ValueError("every cap must be at least 1")
+
+    @property
+    def peer_share(self) -> int:
+        """Admitted requests one peer id may hold at once."""
+        return self.slots if self.max_per_peer is None else self.max_per_peer
+
+    @property
+    def address_share(self) -> int:
+        """Admitted requests one (non-exempt) address may hold at once."""
+        return max(1, self.slots + self.queue - 1) if self.max_per_address is None else self.max_per_address
 
 
 def resolve_device(requested: str, *, gpu_gemm: Int8Gemm = cuda_int8_gemm) -> str:
@@ -141,16 +194,25 @@ class Provider:
         self._ledger = ledger
         self._cheater = None if config.cheat is None else Cheater(config.cheat)
         self._layer_digests = () if weights.holds_all else tuple(layer.digest for layer in held)
-        self._window = ReplayWindow(max_ttl_ms=config.max_ttl_ms)
+        self.window = ReplayWindow(  # nonces of the requests that passed the header's checks
+            capacity=config.replay_capacity, max_ttl_ms=config.max_ttl_ms, per_scope=config.replay_per_key,
+            per_group=config.replay_per_address,
+        )
         self._limits = Limits(max_payload_size=config.max_payload_size)
         self._limiter = trio.CapacityLimiter(config.slots)
-        self._admitted = 0
+        # admission.py: streams reading their header, admitted requests, replies waiting for their ack
+        self.opening = Pool("opening", capacity=config.max_opening, per_peer=config.max_opening_per_peer,
+                            per_address=config.max_opening_per_address, evict_oldest=True)
+        self.places = Pool("places", capacity=config.slots + config.queue, per_peer=config.peer_share,
+                           per_address=config.address_share)
+        self.acks = Pool("acks", capacity=config.max_ack_waiters, evict_oldest=True)
+        self._draining = 0  # refused streams being drained
         self._compute_s = 0.1  # moving average of one product, for BUSY retry hints
         self._stats = ProviderStats()
         self._advertiser: Advertiser | None = None
 
     def statistics(self) -> ProviderStats:
-        return dataclasses.replace(self._stats, in_flight=self._admitted)
+        return dataclasses.replace(self._stats, in_flight=len(self.places))
 
     def _bump(self, **deltas: int) -> None:
         s = self._stats
@@ -182,36 +244,38 @@ class Provider:
             device=self.device,
             macs_per_second=self.macs_per_second,
             price_per_gmac=self.config.price_per_gmac,
-            free_slots=max(0, self.config.slots - self._admitted),
+            free_slots=max(0, self.config.slots - len(self.places)),
             max_payload_size=self.config.max_payload_size,
             issued_at_ms=issued,
             expires_at_ms=issued + int(3000 * self.config.advert_interval_s),
             layers=self._layer_digests,
         )
 
-    def _admission_changed(self, delta: int) -> None:
-        self._admitted += delta
-        if self._admitted > self._stats.peak_in_flight:
-            self._stats = dataclasses.replace(self._stats, peak_in_flight=self._admitted)
+    def _admission_changed(self) -> None:
+        admitted = len(self.places)
+        if admitted > self._stats.peak_in_flight:
+            self._stats = dataclasses.replace(self._stats, peak_in_flight=admitted)
         if self._advertiser is not None:
             self._advertiser.changed()
+
+    def _retry_ms(self) -> int:
+        """BUSY's retry hint: the measured compute time of the requests ahead."""
+        waiting = max(1, len(self.places) - self.config.slots + 1)
+        return max(50, int(1000 * self._compute_s * waiting / self.config.slots))
 
     # -- one stream ----------------------------------------------------------------------------
 
     async def _handle(self, stream: INetStream) -> None:
         """Stream handler. It runs in libp2p's connection nursery, where an exception would tear
         the whole connection down, so every failure ends here, logged, with the stream closed."""
+        opened = trio.current_time()
         peer = stream.muxed_conn.peer_id
+        address = address_key(remote_address(stream), exempt_loopback=self.config.exempt_loopback)
         self._bump(requests=1)
         try:
-            if self._admitted >= self.config.slots + self.config.queue:
-                await self._refuse_busy(stream)
-                return
-            self._admission_changed(+1)
-            try:
-                await self._exchange(stream, peer)
-            finally:
-                self._admission_changed(-1)
+            issued = await self._exchange(stream, peer, address, opened)
+            if issued is not None:
+                await self._await_ack(stream, peer, *issued)
         except (BaseLibp2pError, ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             # the client went away, reset the stream (a hedge it no longer needs), or stopped reading
             log.debug("exchange with %s ended: %s", peer, exc)
@@ -220,73 +284,168 @@ class Provider:
         finally:
             await close_stream(stream)
 
-    async def _refuse_busy(self, stream: INetStream) -> None:
-        self._bump(busy=1)
-        waiting = self._admitted - self.config.slots + 1
-        retry_ms = max(50, int(1000 * self._compute_s * waiting / self.config.slots))
-        reply = error_reply(Busy(retry_ms, "all slots taken"))
-        await send_frame(stream, seal(reply, self._key), timeout_s=self.config.read_timeout_s)
-        with trio.move_on_after(self.config.read_timeout_s):  # discard the request until the client hangs up
-            while await stream.read(READ_CHUNK):
-                pass
-
-    async def _exchange(self, stream: INetStream, peer: ID) -> None:
-        frame: Frame | None = None
+    async def _exchange(self, stream: INetStream, peer: ID, address: str | None, opened: float) -> tuple[SignedReceipt, str] | None:
+        """Read, check, admit, compute and answer one request (module docstring). The receipt issued
+        and the layer key, or None if the request was refused or failed (and answered if it could be)."""
+        head = await self._read_head(stream, peer, address)
+        if head is None:
+            return None
         try:
-            frame = await read_frame(
-                stream,
-                limits=self._limits,
-                read_timeout_s=self.config.read_timeout_s,
-                frame_timeout_s=self.config.frame_timeout_s,
-            )
-            # hashed in a worker thread: a layer-sized payload takes tens of ms, which on the event
-            # loop would stall every other stream this provider serves
-            digest = await trio.to_thread.run_sync(sha256, frame.payload)
-            request = verify_request(
-                frame,
+            request = check_request_header(
+                head.header,
                 peer=peer,
-                payload_sha256=digest,
-                window=self._window,
+                window=self.window,
                 lookup=self.weights.lookup,
                 now_ms=now_ms(),
                 min_price_per_gmac=self.config.price_per_gmac,
+                group=None if address is None else address.encode(),
+                check=self._check_backend,
             )
+        except ProtocolError as exc:
+            await self._refuse(stream, exc, head.header, then="drain" if head.payload_length else "close")
+            return None
+        place = self.places.enter(peer, address)
+        if place is None:
+            await self._refuse(stream, Busy(self._retry_ms(), "no place for this request"), head.header,
+                               then="drain" if head.payload_length else "close")
+            return None
+        self._admission_changed()
+        try:
+            return await self._serve(stream, request, head, opened)
+        finally:  # the place is given back before the wait for the ack
+            place.release()
+            self._admission_changed()
+
+    async def _read_head(self, stream: INetStream, peer: ID, address: str | None) -> FrameHead | None:
+        """The request's header, read in the opening pool under the header deadline; None if the
+        stream was refused, closed, too slow or evicted (answered where that makes sense)."""
+        ticket = self.opening.enter(peer, address)
+        if ticket is None:
+            await self._refuse(stream, Busy(self._retry_ms(), "too many streams opening"), None, then="drain")
+            return None
+        head: FrameHead | None = None
+        try:
+            with ticket.scope:
+                head = await read_header(stream, limits=self._limits, timeout_s=self.config.header_timeout_s)
+        except ProtocolError as exc:
+            if isinstance(exc, TruncatedFrame) and exc.is_clean_close:
+                return None
+            # a client sending an oversized request may be writing it still; a slow or garbled one
+            # gets no more time; one that hung up inside the header gets a reply it will not read
+            then = "drain" if isinstance(exc, FrameTooLarge) else "close" if isinstance(exc, TruncatedFrame) else "reset"
+            await self._refuse(stream, exc, None, then=then)
+            return None
+        finally:
+            ticket.release()
+        if head is None:  # evicted: the oldest of too many streams reading their header
+            await self._refuse(stream, Busy(self._retry_ms(), "too many streams opening"), None, then="reset")
+            return None
+        return head
+
+    async def _refuse(self, stream: INetStream, exc: ProtocolError, header: Header | None, *,
+                      then: Literal["close", "drain", "reset"]) -> None:
+        """Answer `exc`, then: `close` (the handler closes the stream: the client has sent all it
+        will), `drain` (the client may still be writing the request: see _drain) or `reset` (a
+        client too slow, garbled or evicted: stop its stream, so that nothing it still sends is
+        buffered for a stream nobody reads)."""
+        self._bump(**({"busy": 1} if isinstance(exc, Busy) else {"errors": 1}))
+        reply = error_reply(exc, header)
+        try:
+            await send_frame(stream, seal(reply, self._key), timeout_s=self.config.header_timeout_s)
+        except BaseException:  # the client went away or does not read: nothing more to do
+            await close_stream(stream, reset=True)
+            raise
+        if then == "reset" or (then == "drain" and not await self._drain(stream)):
+            # FIN first: py-libp2p's reader still hands out the reply buffered before the RST, as
+            # long as its side has not failed a write on the reset stream first
+            await close_stream(stream)
+            await close_stream(stream, reset=True)
+
+    async def _drain(self, stream: INetStream) -> bool:
+        """Discard what the client still sends until it hangs up, for at most header_timeout_s: an
+        honest client stops writing once it reads the refusal, but its write in flight must be
+        able to finish (py-libp2p's writer waits for window the reader gives back). At most
+        max_opening streams drain at once. False if the client did not hang up in time (or too
+        many drain): reset the stream then."""
+        if self._draining >= self.config.max_opening:
+            return False
+        self._draining += 1
+        try:
+            with trio.move_on_after(self.config.header_timeout_s):
+                while await stream.read(READ_CHUNK):
+                    pass
+                return True
+            return False
+        except (BaseLibp2pError, EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
+            return True  # the client hung up
+        finally:
+            self._draining -= 1
+
+    async def _serve(self, stream: INetStream, request: Verified[MatmulRequest], head: FrameHead,
+                     opened: float) -> tuple[SignedReceipt, str] | None:
+        """Holding a place: read the payload, check it, compute, reply."""
+        cfg = self.config
+        try:
+            expires_in_s = (request.message.expires_at_ms - now_ms()) / 1000
+            payload = await read_payload(
+                stream,
+                head,
+                min_rate=cfg.min_upload_rate,
+                grace_s=cfg.header_timeout_s,
+                read_timeout_s=cfg.read_timeout_s,
+                start=opened,
+                not_after=min(opened + cfg.frame_timeout_s, trio.current_time() + expires_in_s),
+            )
+            # hashed in a worker thread: a layer-sized payload takes tens of ms, which on the event
+            # loop would stall every other stream this provider serves
+            digest = await trio.to_thread.run_sync(sha256, payload)
+            request = check_request_payload(request, payload, payload_sha256=digest)
             remaining_s = (request.message.expires_at_ms - now_ms()) / 1000
             with trio.move_on_after(remaining_s) as scope:
-                payload, reply_digest, compute_us = await self._compute(request)
+                result, reply_digest, compute_us = await self._compute(request)
             if scope.cancelled_caught:
                 raise DeadlineExceeded("computation", timeout_s=remaining_s)
         except ProtocolError as exc:
-            if isinstance(exc, TruncatedFrame) and exc.is_clean_close:
-                return
-            self._bump(errors=1)
-            await send_frame(stream, seal(error_reply(exc, frame), self._key), timeout_s=self.config.read_timeout_s)
-            return
+            too_slow = isinstance(exc, DeadlineExceeded) and exc.what != "computation"  # sending its payload
+            await self._refuse(stream, exc, head.header, then="reset" if too_slow else "close")
+            return None
         reply = ok_reply(
             request,
-            payload,
+            result,
             key=self._key,
-            price_per_gmac=self.config.price_per_gmac,
+            price_per_gmac=cfg.price_per_gmac,
             compute_time_us=compute_us,
             now_ms=now_ms(),
             payload_sha256=reply_digest,
         )
-        await send_frame(stream, seal(reply, self._key), payload, timeout_s=self.config.frame_timeout_s)
+        # the client must read the reply at no less than the rate asked of its upload
+        write_s = min(cfg.frame_timeout_s, cfg.header_timeout_s + len(result) / cfg.min_upload_rate)
+        await send_frame(stream, seal(reply, self._key), result, timeout_s=write_s)
         assert reply.receipt is not None  # ok_reply always signs one
         self._bump(served=1, macs=request.message.macs, earned=reply.receipt.receipt.amount)
-        await self._await_ack(stream, peer, reply.receipt, group_key(request.message.layers))
+        return reply.receipt, group_key(request.message.layers)
 
     async def _await_ack(self, stream: INetStream, peer: ID, issued: SignedReceipt, layer: str) -> None:
+        """Wait (holding no place, in the bounded `acks` pool) for the countersigned receipt."""
+        ticket = self.acks.enter(peer, None)
+        if ticket is None:  # the pool evicts instead; kept for a pool configured otherwise
+            return
         try:
-            frame = await read_frame(
-                stream,
-                limits=Limits(max_payload_size=0),
-                read_timeout_s=self.config.ack_timeout_s,
-                frame_timeout_s=self.config.ack_timeout_s,
-            )
-            ack = verify_receipt_ack(frame, peer=peer, issued=issued)
+            with ticket.scope:
+                frame = await read_frame(
+                    stream,
+                    limits=Limits(max_payload_size=0),
+                    read_timeout_s=self.config.ack_timeout_s,
+                    frame_timeout_s=self.config.ack_timeout_s,
+                )
+                ack = verify_receipt_ack(frame, peer=peer, issued=issued)
         except ProtocolError as exc:  # no ack (the protocol makes it optional) or a bad one
             log.debug("no countersigned receipt from %s: %s", peer, exc)
+            return
+        finally:
+            ticket.release()
+        if ticket.scope.cancelled_caught:  # evicted: the oldest of too many waits
+            log.debug("stopped waiting for %s's countersigned receipt: too many waits", peer)
             return
         self._bump(acks=1)
         if self._ledger is not None:
@@ -296,6 +455,14 @@ class Provider:
                 log.warning("%s acknowledged request %s twice", peer, issued.receipt.request_id.hex())
 
     # -- the product ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_backend(msg: MatmulRequest) -> None:
+        """What the header alone says of the engine: its name, and parameters that decode. Whether
+        they fit the ciphertext and the weights is checked with the payload (_prepare)."""
+        if msg.backend != BACKEND:
+            raise UnsupportedParams("not served here", backend=msg.backend)
+        decode_params(msg.backend_params)
 
     async def _compute(self, request: Verified[MatmulRequest]) -> tuple[bytes, bytes, int]:
         """The encrypted result's bytes, their SHA-256 and the compute time in microseconds."""
@@ -332,7 +499,7 @@ class Provider:
 
     def _slice(self, layers: tuple[str, ...], part: WeightSlice) -> PlainWeights:
         """W[rows, cols] of the layers' column concatenation (checked against its shape by
-        verify_request): a held layer whole is the prepared one, anything else a copy of the slice."""
+        check_request_header): a held layer whole is the prepared one, anything else a copy of the slice."""
         rows = slice(part.rows.start, part.rows.stop)
         pieces, offset = [], 0
         for name in layers:

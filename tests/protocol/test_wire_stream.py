@@ -7,8 +7,9 @@ import trio
 import trio.testing
 from wire_factory import CLIENT, CLIENT_KEY, LIMITS, PAYLOAD, make_advert, request_frame
 
-from cipherswarm.protocol import DeadlineExceeded, FrameTooLarge, Limits, TruncatedFrame, seal
-from cipherswarm.protocol.stream import read_frame, write_frame
+from cipherswarm.protocol import DeadlineExceeded, FrameTooLarge, Limits, TruncatedFrame, decode_frame, seal
+from cipherswarm.protocol.framing import frame_prefix
+from cipherswarm.protocol.stream import FrameHead, read_frame, read_header, read_payload, write_frame
 from cipherswarm.protocol.varint import encode_uvarint
 
 
@@ -147,3 +148,138 @@ async def test_transport_failures_propagate_unchanged() -> None:
     with pytest.raises(ConnectionResetError):
         await read_frame(Reset(), limits=LIMITS)
 
+
+
+# --- a provider's two-step read: the header under a short deadline, then the payload at a minimum rate ---
+
+
+async def test_read_header_reads_no_byte_of_the_payload() -> None:
+    sender, receiver = pair(max_read=7)
+    sealed, data = request_frame()
+    await sender.write(data)
+    head = await read_header(receiver, limits=LIMITS, timeout_s=5)
+    assert head.header.message == sealed.message and head.header.verify(CLIENT) == CLIENT
+    assert (head.head_bytes, head.payload_length) == (len(frame_prefix(sealed, PAYLOAD)), len(PAYLOAD))
+    assert await read_payload(receiver, head, min_rate=1, grace_s=5) == PAYLOAD
+
+
+async def test_read_header_refuses_a_declared_payload_over_the_limit_before_it_comes() -> None:
+    sender, receiver = pair()
+    sealed, _ = request_frame(bytes(1000))
+    await sender.write(frame_prefix(sealed, bytes(1000)))  # the header, and none of its payload
+    with trio.fail_after(1), pytest.raises(FrameTooLarge) as caught:
+        await read_header(receiver, limits=Limits(max_payload_size=999), timeout_s=5)
+    assert caught.value.what == "payload"
+
+
+async def test_read_header_clean_close_and_truncation() -> None:
+    sender, receiver = pair()
+    await sender.stream.send_eof()  # type: ignore[attr-defined]
+    with pytest.raises(TruncatedFrame) as caught:
+        await read_header(receiver, limits=LIMITS, timeout_s=5)
+    assert caught.value.is_clean_close
+    sender, receiver = pair()
+    _, data = request_frame()
+    await sender.write(data[:30])
+    await sender.stream.send_eof()  # type: ignore[attr-defined]
+    with pytest.raises(TruncatedFrame) as caught:
+        await read_header(receiver, limits=LIMITS, timeout_s=5)
+    assert caught.value.received_bytes == 30 and not caught.value.is_clean_close
+
+
+async def test_trickled_header_hits_the_header_deadline(autojump_clock: trio.testing.MockClock) -> None:
+    """One byte a second: every read is prompt, the header is not: cut after the header deadline,
+    whatever the (much longer) frame deadline of a whole-frame read would be."""
+    sender, receiver = pair()
+    _, data = request_frame()
+
+    async def trickle() -> None:
+        for byte in data:
+            await sender.write(bytes([byte]))
+            await trio.sleep(1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trickle)
+        start = trio.current_time()
+        with pytest.raises(DeadlineExceeded) as caught:
+            await read_header(receiver, limits=LIMITS, timeout_s=5)
+        nursery.cancel_scope.cancel()
+    assert (caught.value.what, caught.value.timeout_s) == ("header", 5)
+    assert trio.current_time() - start == pytest.approx(5)
+
+
+def _head(size: int) -> FrameHead:
+    """What read_header gives for a request with a `size`-byte payload."""
+    _, data = request_frame(bytes(size))
+    return FrameHead(decode_frame(data, limits=Limits(max_payload_size=size)).header, len(data) - size, size)
+
+
+@pytest.mark.parametrize(("rate", "cut"), [(1000, False), (400, True)])
+async def test_payload_below_the_minimum_rate_is_cut(autojump_clock: trio.testing.MockClock, rate: int, cut: bool) -> None:
+    """Minimum rate 500 B/s after 2 s of grace, 5000 bytes sent in 100-byte pieces: 1000 B/s
+    passes; 400 B/s falls behind (5000 bytes would need 12.5 s, 12 s are allowed) and is cut,
+    though each of its reads is prompt."""
+    sender, receiver = pair()
+    head = _head(5000)
+
+    async def send() -> None:
+        for _ in range(50):
+            await trio.sleep(100 / rate)
+            await sender.write(bytes(100))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send)
+        start = trio.current_time()
+        if cut:
+            with pytest.raises(DeadlineExceeded) as caught:
+                await read_payload(receiver, head, min_rate=500, grace_s=2, read_timeout_s=5, start=start)
+            assert caught.value.what == "payload" and caught.value.timeout_s == pytest.approx(12)
+            assert trio.current_time() - start == pytest.approx(12)
+        else:
+            assert await read_payload(receiver, head, min_rate=500, grace_s=2, read_timeout_s=5) == bytes(5000)
+        nursery.cancel_scope.cancel()
+
+
+async def test_payload_rate_counts_from_the_given_start(autojump_clock: trio.testing.MockClock) -> None:
+    """The grace runs from `start` (the provider passes the stream's opening), and `not_after`
+    (the request's expiry) cuts even a fast enough sender."""
+    sender, receiver = pair()
+    head = _head(100)
+    start = trio.current_time()
+    await trio.sleep(4)  # the header took 4 of the 5 s of grace
+    with pytest.raises(DeadlineExceeded):
+        await read_payload(receiver, head, min_rate=1000, grace_s=5, start=start)
+    assert trio.current_time() - start == pytest.approx(5.1)
+    sender, receiver = pair()
+    start = trio.current_time()
+    with pytest.raises(DeadlineExceeded) as caught:
+        await read_payload(receiver, head, min_rate=1000, grace_s=5, start=start, not_after=start + 1)
+    assert caught.value.timeout_s == pytest.approx(1) and trio.current_time() - start == pytest.approx(1)
+
+
+async def test_stalled_payload_hits_the_read_deadline(autojump_clock: trio.testing.MockClock) -> None:
+    sender, receiver = pair()
+    head = _head(10 << 20)
+    with pytest.raises(DeadlineExceeded) as caught:
+        await read_payload(receiver, head, min_rate=1, grace_s=60, read_timeout_s=3)
+    assert (caught.value.what, caught.value.timeout_s) == ("read", 3)
+
+
+async def test_payload_ending_early_is_a_truncated_frame() -> None:
+    sender, receiver = pair()
+    head = _head(100)
+    await sender.write(bytes(40))
+    await sender.stream.send_eof()  # type: ignore[attr-defined]
+    with pytest.raises(TruncatedFrame) as caught:
+        await read_payload(receiver, head, min_rate=1, grace_s=5)
+    assert caught.value.received_bytes == head.head_bytes + 40 and not caught.value.is_clean_close
+
+
+async def test_large_payload_read_in_chunks_at_rate() -> None:
+    payload = bytes(range(256)) * (10 * 1024)  # 2.5 MiB, over READ_CHUNK twice
+    sender, receiver = pair()
+    sealed, _ = request_frame(payload)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write_frame, sender, sealed, payload)
+        head = await read_header(receiver, limits=Limits(max_payload_size=len(payload)), timeout_s=5)
+        assert await read_payload(receiver, head, min_rate=1e6, grace_s=5) == payload
