@@ -23,6 +23,9 @@ import trio
 from cipherswarm.cli.bits import add_weight_bits
 from cipherswarm.protocol import DEFAULT_MAX_PAYLOAD_SIZE
 
+CHEATS = ["random", "flip", "stale", "wrong-weights", "overbill"]
+"""node.provider.cheat.Cheat's values, written out: --help must not import the engine."""
+
 log = logging.getLogger("cipherswarm.provider")
 
 
@@ -50,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", help="log level of stderr output")
     p.add_argument("--log-file", type=Path, default=None, help="file for libp2p's own log records")
     # Hidden: for tests and the testnet's slow or malicious provider.
-    p.add_argument("--cheat", choices=["random", "flip", "stale", "wrong-weights"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--cheat", choices=CHEATS, default=None, help=argparse.SUPPRESS)
     p.add_argument("--delay", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--benchmark-seconds", type=float, default=1.0, help=argparse.SUPPRESS)
 

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from cipherswarm.cli.localswarm import ProviderProcess, start_provider
+from cipherswarm.cli.provider import CHEATS
 from cipherswarm.cli.bits import add_precision_arguments, precision_of
 from cipherswarm.cli.steps import add_step_arguments
 from cipherswarm.trainer.finetune import BUNDLED_DATA, BUNDLED_MODEL
@@ -35,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="training data: a folder with train.txt or train.jsonl (and valid.*), or one .txt / .jsonl file "
                         "(JSONL records: text, prompt/completion, or chat messages; trainer/README.md, Data)")
     p.add_argument("--malicious", type=int, default=0, metavar="K", help="make the last K providers cheat")
-    p.add_argument("--cheat", choices=["random", "flip", "stale", "wrong-weights"], default="flip",
+    p.add_argument("--cheat", choices=CHEATS, default="flip",
                    help="how malicious providers cheat (default: flip one value)")
     p.add_argument("--kill-one", action="store_true", help="kill an honest provider halfway through training")
     p.add_argument("--seed", type=int, default=0, help="seed of the fine-tune (data order, LoRA init)")

@@ -9,7 +9,8 @@ mode returns a well-formed, properly signed reply; only its content is wrong:
 - `stale`: the previous result for the same layer, slice and shapes, replayed (the first request of
   a kind is answered honestly and remembered);
 - `wrong-weights`: the product with other weights: the slice's first row negated (the same norms,
-  so the request's parameters still admit them).
+  so the request's parameters still admit them);
+- `overbill`: an honest result, but a receipt signed at twice the price it advertises (at least 2).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import enum
 from collections.abc import Hashable
 
 import numpy as np
+from libp2p.crypto.ed25519 import Ed25519PrivateKey
 
 from cipherswarm.fhe_backend import MatmulResult, PlainWeights
+from cipherswarm.protocol import MatmulReply, sign_receipt
 
 
 class Cheat(enum.Enum):
@@ -28,6 +31,7 @@ class Cheat(enum.Enum):
     FLIP = "flip"
     STALE = "stale"
     WRONG_WEIGHTS = "wrong-weights"
+    OVERBILL = "overbill"
 
 
 class Cheater:
@@ -43,6 +47,15 @@ class Cheater:
         other = weights.w.clone()
         other[0] = -other[0]  # same norms, so the layer's parameters still accept it
         return PlainWeights(other)
+
+    def reply(self, reply: MatmulReply, key: Ed25519PrivateKey) -> MatmulReply:
+        """The reply to send: for `overbill`, its receipt signed again (with the provider's `key`)
+        at twice its price."""
+        if self.mode is not Cheat.OVERBILL or reply.receipt is None:
+            return reply
+        receipt = reply.receipt.receipt
+        dearer = dataclasses.replace(receipt, price_per_gmac=2 * max(1, receipt.price_per_gmac))
+        return dataclasses.replace(reply, receipt=sign_receipt(dearer, key))
 
     def result(self, kind: Hashable, result: MatmulResult) -> MatmulResult:
         """The result to send for a request of `kind` (layer, slice, direction, shape)."""

@@ -418,6 +418,8 @@ class Provider:
             now_ms=now_ms(),
             payload_sha256=reply_digest,
         )
+        if self._cheater is not None:
+            reply = self._cheater.reply(reply, self._key)
         # the client must read the reply at no less than the rate asked of its upload
         write_s = min(cfg.frame_timeout_s, cfg.header_timeout_s + len(result) / cfg.min_upload_rate)
         await send_frame(stream, seal(reply, self._key), result, timeout_s=write_s)

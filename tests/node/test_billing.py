@@ -1,14 +1,12 @@
 """What the client pays: the advertised price, never more, and only providers it can afford.
 
 Real libp2p hosts on 127.0.0.1 (node_factory), except the first test, which checks the receipt
-rule on hand-made frames. The overbilling provider is a real provider whose receipt signing is
-steered by replacing `ok_reply` in its service module for its key only: the provider's cheat modes
-(provider/cheat.py) cannot reach the receipt without a hook in provider/service.py.
+rule on hand-made frames. The overbilling provider is a real provider in its `overbill` cheat
+mode (provider/cheat.py): honest results, receipts signed at twice its advertised price.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,10 +17,10 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
 import cipherswarm.node.client.dispatch as dispatch
-import cipherswarm.node.provider.service as service
 from cipherswarm.node import Ledger, ModelWeights, NoProvidersError
 from cipherswarm.node.client.config import ClientConfig
 from cipherswarm.node.client.router import AttemptFailed, FailureKind
+from cipherswarm.node.provider import Cheat
 from cipherswarm.protocol import (
     Limits,
     MatmulRequest,
@@ -33,7 +31,6 @@ from cipherswarm.protocol import (
     encode_frame,
     ok_reply,
     seal,
-    sign_receipt,
 )
 from cipherswarm.protocol.messages import sha256
 
@@ -91,20 +88,6 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[ID, MatmulReque
     yield seen
 
 
-def _overbill(monkeypatch: pytest.MonkeyPatch, cheat: ID, factor: int) -> None:
-    """The provider `cheat` signs its receipts at `factor` times its own (advertised) price."""
-    honest = service.ok_reply
-
-    def ok_reply(request: Any, payload: bytes, *, key: Any, price_per_gmac: int, **kwargs: Any) -> Any:
-        reply = honest(request, payload, key=key, price_per_gmac=price_per_gmac, **kwargs)
-        if ID.from_pubkey(key.get_public_key()) != cheat:
-            return reply
-        receipt = dataclasses.replace(reply.receipt.receipt, price_per_gmac=factor * price_per_gmac)
-        return dataclasses.replace(reply, receipt=sign_receipt(receipt, key))
-
-    monkeypatch.setattr(service, "ok_reply", ok_reply)
-
-
 async def _calls(client: Any, weights: ModelWeights, count: int) -> None:
     n = client.keys.channel(client.weights.resolve(LAYER), transpose=False).params.n
     for _ in range(count):
@@ -113,15 +96,13 @@ async def _calls(client: Any, weights: ModelWeights, count: int) -> None:
 
 
 async def test_overbilling_provider_is_refused_banned_and_not_paid(
-    weights: ModelWeights, monkeypatch: pytest.MonkeyPatch, sent: list[tuple[ID, MatmulRequest]]
+    weights: ModelWeights, sent: list[tuple[ID, MatmulRequest]]
 ) -> None:
     price = 2 * GMAC
     with trio.fail_after(TEST_S), Ledger() as ledger:
-        async with providers(weights, [dict(slots=1, price_per_gmac=price), dict(slots=1, price_per_gmac=price)]) as (
-            honest, cheat,
-        ):
-            bad = cheat.node.peer_id
-            _overbill(monkeypatch, bad, factor=2)  # advertises `price`, signs its receipts at twice that
+        async with providers(weights, [dict(slots=1, price_per_gmac=price),
+                                       dict(slots=1, price_per_gmac=price, cheat=Cheat.OVERBILL)]) as (honest, cheat):
+            bad = cheat.node.peer_id  # advertises `price`, signs its receipts at twice that
             async with session(weights, [honest.addr, cheat.addr], ledger=ledger, min_providers=2, split="blocks") as client:
                 await _calls(client, weights, 3)  # every result exact, through the honest provider
                 stats = client.stats()

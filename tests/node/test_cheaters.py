@@ -79,3 +79,16 @@ async def test_cheat_ban_survives_a_restart(weights: ModelWeights, tmp_path: Pat
                     stats = client.stats()
                     assert stats.verification_failures == 0
                     assert set(stats.chunks_by_peer) == {honest.node.peer_id.to_base58()}
+
+
+def test_every_cheat_mode_is_a_command_line_option() -> None:
+    """`provider --cheat` and `testnet --cheat` offer exactly the modes the provider knows."""
+    import argparse
+
+    from cipherswarm.cli import provider, testnet
+
+    for module in (provider, testnet):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        option = next(a for a in parser._actions if a.dest == "cheat")
+        assert option.choices == [c.value for c in Cheat]
