@@ -287,24 +287,9 @@ class LoraTrainer:
 
     def compile(self, inputset: object, n_bits: int | None = None, *, precision: Precision | None = None,
                 profile: str = "default", check_accuracy: bool = True, group_layers: bool = True) -> None:
-        """Put remote layers in place, check the backprop skip on ``inputset``, choose parameters, make
-        keys, and measure the quantized model's accuracy on ``inputset`` (the loss by ``loss_fn``).
-
-        Bit widths: ``precision`` (activations forward, gradients backward, weights), or Concrete ML's
-        ``n_bits`` for activations and gradients alike with the default weight bits; neither: the
-        defaults of :class:`~cipherswarm.fhe_backend.quant.Precision`, chosen on a real pretrained
-        model (trainer/README.md, Quantization). Activations are quantized per token at run time, so
-        ``inputset`` (one batch, or a loader whose first batch is used) traces which layers run, in
-        what order, and which inputs need a gradient; then, with ``check_accuracy``, the float and
-        the quantized forward of it are compared (:mod:`.accuracy`): ``self.accuracy`` holds the
-        figures, and an :class:`~.accuracy.AccuracyWarning` names what exceeds the thresholds.
-        ``profile`` is the encryption profile of ``fhe="execute"``: "default", or "shared-mask"
-        (half the provider work and returned bytes; key material of about each layer's size).
-        ``group_layers``: layers the trace finds reading the same input (q/k/v, gate/up) become one
-        call each way (layers.py): one upload forward, one download backward. False keeps every
-        layer a call of its own (each token's gradient then quantized per layer, not per group).
-        :meth:`RemoteBaseLayers.compile` does it all (``self.remote``).
-        """
+        """Put remote layers in place, choose parameters, make keys and measure the quantized model's
+        accuracy on ``inputset`` (the loss by this trainer's ``loss_fn``): :meth:`RemoteBaseLayers.compile`
+        (``self.remote``) does it all, and its docstring says what each argument does."""
         self._remote.compile(inputset, n_bits, precision=precision, profile=profile, check_accuracy=check_accuracy,
                              group_layers=group_layers, loss_fn=self.loss_fn)
         self._log({"event": "compile", **self._remote.summary()})

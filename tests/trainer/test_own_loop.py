@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import Trainer, TrainingArguments, default_data_collator
-from trainer_factory import LLAMA, base_model, make_trainer, peft_model, token_data
+from trainer_factory import LLAMA, make_trainer, peft_model, provider_process, token_data
 
 from cipherswarm.trainer import (
     LocalExecutor, NotCompiledError, RemoteBaseLayers, RemoteLinear, causal_lm_loss, remote_base_layers,
@@ -232,22 +232,11 @@ def test_hf_trainer_through_the_swarm_equals_simulate(tmp_path: Path) -> None:
     """fhe="remote" with the node client and a provider process on loopback (slow: libp2p, a process)."""
     from cipherswarm.node import SwarmClient
 
-    model_dir = tmp_path / "model"
-    base_model(LLAMA).save_pretrained(model_dir, safe_serialization=True)
-    command = [sys.executable, "-m", "cipherswarm.cli", "provider", "--model", str(model_dir),
-               "--identity", str(tmp_path / "provider.key"), "--benchmark-seconds", "0.1", "--advert-interval", "2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    with open(tmp_path / "provider.log", "wb") as log:
-        provider = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, env=env)
-    try:
-        addr = provider.stdout.readline().decode().strip()  # the provider prints its multiaddr once ready
-        assert addr, (tmp_path / "provider.log").read_text()[-2000:]
+    with provider_process(tmp_path) as (model_dir, addr):
         rows = _rows()
         simulate = _hf_trainer_run("simulate", rows, tmp_path)
         with SwarmClient(model_dir=model_dir, bootstrap=[addr], ledger=tmp_path / "client.sqlite") as client:
             remote = _hf_trainer_run("remote", rows, tmp_path, executor=client)
             assert remote[3].statistics().bytes_sent > 0
         assert remote[0] == simulate[0] and remote[1] == simulate[1]
-    finally:
-        provider.terminate()
-        provider.wait(10)
+

@@ -3,32 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from trainer_factory import LLAMA, base_model, make_trainer, token_data
-
-REPO = Path(__file__).resolve().parents[2]
+from trainer_factory import LLAMA, make_trainer, provider_process, token_data
 
 
 @pytest.mark.slow
 def test_remote_through_the_swarm_equals_simulate(tmp_path: Path) -> None:
     from cipherswarm.node import SwarmClient
 
-    model_dir = tmp_path / "model"
-    base_model(LLAMA).save_pretrained(model_dir, safe_serialization=True)
-    command = [sys.executable, "-m", "cipherswarm.cli", "provider", "--model", str(model_dir),
-               "--identity", str(tmp_path / "provider.key"), "--benchmark-seconds", "0.1", "--advert-interval", "2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    with open(tmp_path / "provider.log", "wb") as log:
-        provider = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=log, env=env)
-    try:
-        addr = provider.stdout.readline().decode().strip()  # the provider prints its multiaddr once ready
-        assert addr, (tmp_path / "provider.log").read_text()[-2000:]
+    with provider_process(tmp_path) as (model_dir, addr):
         data = token_data(4, 8)
         losses = {}
         for fhe in ("simulate", "remote"):
@@ -44,6 +30,3 @@ def test_remote_through_the_swarm_equals_simulate(tmp_path: Path) -> None:
                 calls = sum(1 + spec.backward for spec in trainer.layer_specs().values())
                 assert calls == 15 and all(r.remote_calls == calls and r.bytes_sent > 0 for r in trainer.step_records)
         assert losses["remote"] == losses["simulate"]
-    finally:
-        provider.terminate()
-        provider.wait(10)

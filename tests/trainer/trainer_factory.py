@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -85,3 +91,23 @@ def token_data(n: int, tokens: int, seed: int = 1) -> torch.Tensor:
 
 def lora_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+@contextlib.contextmanager
+def provider_process(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A `cipherswarm provider` process on loopback serving the tiny LLaMA saved under `tmp_path`:
+    (model folder, its multiaddr). Stopped on exit."""
+    model_dir = tmp_path / "model"
+    base_model(LLAMA).save_pretrained(model_dir, safe_serialization=True)
+    command = [sys.executable, "-m", "cipherswarm.cli", "provider", "--model", str(model_dir),
+               "--identity", str(tmp_path / "provider.key"), "--benchmark-seconds", "0.1", "--advert-interval", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    with open(tmp_path / "provider.log", "wb") as log:
+        provider = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, stderr=log, env=env)
+    try:
+        addr = provider.stdout.readline().decode().strip()  # the provider prints its multiaddr once ready
+        assert addr, (tmp_path / "provider.log").read_text()[-2000:]
+        yield model_dir, addr
+    finally:
+        provider.terminate()
+        provider.wait(10)
