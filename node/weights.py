@@ -180,9 +180,9 @@ class ModelWeights:
         which names exist, WeightsError which members cannot be grouped."""
         members = group_members(key)
         if len(members) > 1:
-            name = group_key([self.resolve(m).name for m in members])
+            parts = [self.resolve(m) for m in members]
+            name = group_key([p.name for p in parts])
             if name not in self._groups:
-                parts = [self.resolve(m) for m in members]
                 if len({p.shape.d_in for p in parts}) != 1:
                     raise WeightsError(f"{name}: grouped layers must have the same input width")
                 self._groups[name] = Layer.summarise(name, self.read(name), keep=False)
