@@ -282,14 +282,16 @@ def join_limbs_switch(prods, limb_bits, log_q, out_bits, out, first=True, last=T
 
 
 @njit(cache=True, nogil=True)
-def freivalds_rows(x, wr_t, y, r_t, y_bound, bad):
-    """bad[t] = any |y[t, j]| > y_bound, or any_k (y[t] @ r_t[k] != x[t] @ wr_t[k]) in wrapping uint64
-    arithmetic.
+def freivalds_rows(x, wr_t, y, r_t, bounds, y_bound, tol, bad):
+    """bad[t] = any |y[t, j]| > y_bound, or, for some column block g and check k,
+    |y[t, block g] @ r_t[k, block g] - x[t] @ wr_t[g, k]| > tol[g, k], the difference taken in
+    wrapping uint64 arithmetic and read as signed (tol = 0: the exact check, one block).
 
-    x: (T, c) integers of any width (sign-extended, then read mod 2^64), wr_t: (m, c) uint64,
-    y: (T, w) uint64 (int64 two's complement), r_t: (m, w) uint64: each check vector is contiguous,
-    so every dot product is one vectorisable sweep over a row that stays in cache across the m checks.
-    The bound test is one more sweep: y + bound wraps above 2 bound exactly when |y| > bound.
+    x: (T, c) integers of any width (sign-extended, then read mod 2^64), wr_t: (G, m, c) uint64,
+    y: (T, w) uint64 (int64 two's complement), r_t: (m, w) uint64, bounds: (G + 1,) the blocks'
+    columns in y, tol: (G, m) uint64: each check vector is contiguous, so every dot product is one
+    vectorisable sweep over a row that stays in cache across the m checks. Both bound tests read a
+    value v as signed with one comparison: v + b wraps above 2 b exactly when |v| > b.
     """
     m = r_t.shape[0]
     span = np.uint64(2) * y_bound
@@ -298,14 +300,15 @@ def freivalds_rows(x, wr_t, y, r_t, y_bound, bad):
         for j in range(y.shape[1]):
             out |= y[t, j] + y_bound > span
         bad[t] = out
-        for k in range(m):
-            acc = np.uint64(0)
-            for j in range(y.shape[1]):
-                acc += y[t, j] * r_t[k, j]
-            for j in range(x.shape[1]):
-                acc -= np.uint64(np.int64(x[t, j])) * wr_t[k, j]
-            if acc != 0:
-                bad[t] = True
+        for g in range(bounds.shape[0] - 1):
+            for k in range(m):
+                acc = np.uint64(0)
+                for j in range(bounds[g], bounds[g + 1]):
+                    acc += y[t, j] * r_t[k, j]
+                for j in range(x.shape[1]):
+                    acc -= np.uint64(np.int64(x[t, j])) * wr_t[g, k, j]
+                if acc + tol[g, k] > np.uint64(2) * tol[g, k]:
+                    bad[t] = True
 
 
 @njit(cache=True, nogil=True)

@@ -12,12 +12,23 @@ integer ``x @ w`` except with probability below ``2**-FAILURE_LOG2`` per value. 
 
 Both are asserted by :meth:`Params.__post_init__`, together with the 128-bit security table, so an
 insecure or inexact :class:`Params` cannot be constructed.
+
+The compact profile gives up exactness for fewer bytes each way: noise is left in the decoded
+value's low bits (as CKKS does) instead of being rounded away under a margin of ``TAIL`` standard
+deviations. ``delta`` is then set by the activations' own rounding, not by the weights' norms: the
+noise's standard deviation (fresh noise and output modulus switch together, :func:`noise_std`) is
+at most 1/COMPACT_NOISE_RATIO of the error ``x`` already carries from its rounding to integers,
+``sqrt(1/12) ||w[:,k]||_2`` (both scale with the column's norm). q only has to hold
+``delta * (2 max|y| + 1)`` plus the noise's tail bound, so about ``log2(4 TAIL ||w||_2)`` bits fewer
+travel per value in and out. The Freivalds check then accepts within a tolerance derived from
+the noise's tail bound (verify.py).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 
@@ -33,9 +44,19 @@ TAIL = math.sqrt(2.0 * math.log(2.0) * (FAILURE_LOG2 + 1))
 ETA = 24
 MAX_X_BITS = 16
 #: profiles: DEFAULT sends (A', B') back; SHARED_MASK uses one mask per block and a secret per input
-#: feature, so the provider computes and returns only B' (half the work and the output bytes)
-DEFAULT, SHARED_MASK = 0, 1
-PROFILES = {"default": DEFAULT, "shared-mask": SHARED_MASK}
+#: feature, so the provider computes and returns only B' (half the work and the output bytes);
+#: COMPACT is DEFAULT on the wire with approximate decoding (module docstring)
+DEFAULT, SHARED_MASK, COMPACT = 0, 1, 2
+PROFILES = {"default": DEFAULT, "shared-mask": SHARED_MASK, "compact": COMPACT}
+PROFILE_NAMES = {v: k for k, v in PROFILES.items()}
+#: compact profile: the noise's standard deviation is at most 1/COMPACT_NOISE_RATIO of an activation's
+#: rounding error's (uniform in [-1/2, 1/2]: sqrt(1/12)), i.e. 1/16 of its variance. COMPACT_DELTA
+#: leaves the fresh noise half of that variance and the output modulus switch the other half.
+COMPACT_NOISE_RATIO = 4
+COMPACT_DELTA = math.ceil(math.sqrt(2.0) * COMPACT_NOISE_RATIO * math.sqrt(ETA / 2.0) / math.sqrt(1.0 / 12.0))
+#: the compact profile reserves this many times the noise's tail bound in q, so that the wider
+#: output words of row chunks (Params.with_row_parts) still fit beside delta * y
+COMPACT_ROOM = 4
 
 
 def wire_bytes(tokens: int, n: int, features: int, real_bytes: int, pad_bytes: int = 0) -> int:
@@ -124,17 +145,18 @@ class Params:
         high_a = 0 if self.profile == SHARED_MASK else self.log_q
         if not low_a <= self.out_bits_a <= high_a or not 1 <= self.out_bits_b <= self.log_q:
             raise ParameterError("output bits must be in [1, log_q] (out_bits_a = 0 exactly for the shared-mask profile)")
-        if self.delta < 2:
-            raise ParameterError("delta must be >= 2")
-        if self.delta * (2 * self.y_max + 1) > self.q:
-            raise ParameterError(
-                f"inexact parameters: delta * (2*max|y| + 1) = {self.delta * (2 * self.y_max + 1)} exceeds q = 2^{self.log_q}"
-            )
+        if self.delta < (COMPACT_DELTA if self.compact else 2):
+            raise ParameterError(f"delta must be >= {COMPACT_DELTA if self.compact else 2}")
+        # exact: the noise is rounded away under delta/2, so delta * y alone must fit; compact: the
+        # noise stays in the value, so it must fit too
+        held = self.delta * (2 * self.y_max + 1) + (2 * math.ceil(self.noise_bound) if self.compact else 0)
+        if held > self.q:
+            raise ParameterError(f"inexact parameters: delta * (2*max|y| + 1) (+ noise) = {held} exceeds q = 2^{self.log_q}")
         if self.decoded_bound >= 1 << ROUND_BITS:
             raise ParameterError(f"delta = {self.delta} is too small for q = 2^{self.log_q}: decoded values would reach 2^{ROUND_BITS}")
-        if not self.noise_bound < self.delta / 2:
+        if not self._fits(self.out_bits_a, self.out_bits_b, self.row_parts):
             raise ParameterError(
-                f"inexact parameters: noise bound {self.noise_bound:.4g} is not below delta/2 = {self.delta / 2}"
+                f"inexact parameters: the noise (bound {self.noise_bound:.4g}) exceeds the {PROFILE_NAMES[self.profile]} profile's budget"
             )
 
     @property
@@ -147,21 +169,35 @@ class Params:
         return (1 << (self.x_bits - 1)) * self.w_l1
 
     @property
+    def compact(self) -> bool:
+        """Whether decoding is approximate (the compact profile): values carry noise in their low bits."""
+        return self.profile == COMPACT
+
+    def _fits(self, out_bits_a: int, out_bits_b: int, parts: int, *, one_limb: bool = False) -> bool:
+        return noise_fits(self.profile, self.n, self.log_q, self.eta, self.w_l2sq, self.delta, out_bits_a, out_bits_b, parts,
+                          one_limb=one_limb)
+
+    @property
+    def decoded_error(self) -> float:
+        """Bound on |decoded - x @ w| per value (failing with probability < 2**-FAILURE_LOG2): 0 when
+        exact; in the compact profile the noise over delta plus the decoding's rounding."""
+        return self.check_tolerance(self.w_l2sq, 1.0) if self.compact else 0.0
+
+    @property
     def decoded_bound(self) -> int:
         """Largest |y| that decryption can output at all (honest or not): bounds a cheater's error."""
         return self.q // (2 * self.delta) + 1
 
     @property
     def noise_bound(self) -> float:
-        """Bound on decryption noise (exact decryption) that fails with probability < 2**-FAILURE_LOG2."""
+        """Bound on decryption noise that fails with probability < 2**-FAILURE_LOG2."""
         return noise_bound(self.n, self.log_q, self.eta, self.w_l2sq, self.out_bits_a, self.out_bits_b, self.row_parts)
 
     @property
     def decrypt_one_limb(self) -> bool:
         """Whether decryption may take the faster one-limb product, its error still inside the budget."""
-        return 0 < self.out_bits_a and one_limb_fits(self.n, self.out_bits_a) and noise_bound(
-            self.n, self.log_q, self.eta, self.w_l2sq, self.out_bits_a, self.out_bits_b, self.row_parts, one_limb=True
-        ) < self.delta / 2
+        return 0 < self.out_bits_a and one_limb_fits(self.n, self.out_bits_a) and self._fits(
+            self.out_bits_a, self.out_bits_b, self.row_parts, one_limb=True)
 
     @property
     def in_bytes(self) -> int:
@@ -180,6 +216,14 @@ class Params:
         """Bytes per output value of a padding token: its A'' word alone (nothing in the shared mask)."""
         return (self.out_bits_a + 7) // 8
 
+    def check_tolerance(self, wr_l2sq: float, r_l1: float) -> float:
+        """Bound on |sum_k r_k (decoded_k - y_k)| over a row of a compact-profile product, for check
+        weights r >= 0 with sum ``r_l1`` and ``||w @ r||_2^2 = wr_l2sq`` (see :func:`noise_bound`):
+        the noise over delta plus each value's decoding rounding (at most 1/2)."""
+        bound = noise_bound(self.n, self.log_q, self.eta, wr_l2sq, self.out_bits_a, self.out_bits_b, self.row_parts,
+                            one_limb=self.decrypt_one_limb, weight=r_l1)
+        return bound / self.delta + 0.5 * r_l1
+
     def payload_bytes(self, tokens: int, features: int) -> int:
         """Words a ciphertext of `tokens` x `features` puts on the wire: its real tokens' B words."""
         return wire_bytes(tokens, self.n, features, self.in_bytes)
@@ -189,7 +233,7 @@ class Params:
         return wire_bytes(tokens, self.n, width, self.out_bytes, self.pad_bytes)
 
     def for_weights(self, stats: WeightStats) -> None:
-        """Raise :class:`ParameterError` unless these parameters are exact for weights with ``stats``."""
+        """Raise :class:`ParameterError` unless these parameters hold for weights with ``stats``."""
         if not WeightStats(self.w_l1, self.w_l2sq).covers(stats):
             raise ParameterError(
                 f"parameters were chosen for weights with column L1 <= {self.w_l1} and L2^2 <= {self.w_l2sq}; "
@@ -197,8 +241,9 @@ class Params:
             )
 
     def with_row_parts(self, parts: int) -> "Params":
-        """The same key material, with output bits that stay exact when ``parts`` row chunks are added."""
-        a, b = _min_out_bits(self.n, self.log_q, self.eta, self.w_l2sq, self.delta, parts, self.profile == SHARED_MASK)
+        """The same key material, with output bits that stay within the noise budget when ``parts``
+        row chunks are added."""
+        a, b = _min_out_bits(self.n, self.log_q, self.eta, self.w_l2sq, self.delta, parts, self.profile)
         return replace(self, row_parts=parts, out_bits_a=a, out_bits_b=b)
 
     # Wire form: a fixed tuple of ints, so every implementation encodes parameters the same way.
@@ -215,7 +260,8 @@ class Params:
 
 
 def noise_bound(
-    n: int, log_q: int, eta: int, w_l2sq: int, out_bits_a: int, out_bits_b: int, parts: int = 1, *, one_limb: bool = False
+    n: int, log_q: int, eta: int, w_l2sq: float, out_bits_a: int, out_bits_b: int, parts: int = 1, *,
+    one_limb: bool = False, weight: float = 1.0,
 ) -> float:
     """Tail bound on |noise| after matmul, output modulus switch and the sum of ``parts`` row chunks.
 
@@ -224,31 +270,73 @@ def noise_bound(
     across coefficients because A is uniform; eps * s sums <= n such terms per chunk (Hoeffding), plus
     a rounding bias of at most 1/2 per term. Rounding B' adds at most c_b per chunk. Decryption's
     one-limb float64 product A'' * s adds its worst-case error (ring.fft_product_error), scaled to q.
+
+    The same bound holds for a weighted sum of a row's values, ``sum_k r_k noise_k`` with r >= 0:
+    pass ``w_l2sq = ||w @ r||_2^2`` (the fresh noise is then ``sum_j e_j (w @ r)_j``, exactly) and
+    ``weight = sum_k r_k``, which scales every other term as if the columns' rounding errors were
+    equal, the worst case (two equal columns of w round alike).
     """
     switched_a = 0 < out_bits_a < log_q  # out_bits_a == 0: shared mask, no A' on the wire
     c_a = float(2 ** (log_q - out_bits_a - 1)) if switched_a else 0.0
     c_b = float(2 ** (log_q - out_bits_b - 1)) if out_bits_b < log_q else 0.0
     bias = 0.5 * n * parts if switched_a else 0.0
-    var = (eta / 2.0) * w_l2sq + parts * n * c_a * c_a
+    var = (eta / 2.0) * w_l2sq + parts * n * (c_a * weight) ** 2
     fft = fft_product_error(n, out_bits_a) * 2.0 ** (log_q - out_bits_a) if one_limb else 0.0
-    return TAIL * math.sqrt(var) + bias + parts * c_b + fft
+    return TAIL * math.sqrt(var) + (bias + parts * c_b + fft) * weight
 
 
-def _min_out_bits(n: int, log_q: int, eta: int, w_l2sq: int, delta: int, parts: int, shared: bool = False) -> tuple[int, int]:
-    """Output bits (ka, kb) whose noise stays below delta/2, best first by: fewest wire bytes, then
-    the one-limb decryption being admissible (half the client's decryption FFTs), then fewest bits.
-    The shared-mask profile returns no A' (ka = 0)."""
+def noise_std(n: int, log_q: int, eta: int, w_l2sq: int, out_bits_a: int, out_bits_b: int, parts: int = 1, *,
+              one_limb: bool = False) -> float:
+    """The decryption noise's standard deviation (what a value's accuracy sees; :func:`noise_bound` is
+    its tail), plus its deterministic terms: fresh noise (variance eta/2 per e_j), A''s rounding
+    (uniform in [-c_a, c_a], variance c_a^2 / 3, times the 2/3 of a ternary key's coefficients that
+    are not zero, n per value and chunk), B''s rounding (c_b^2 / 3 per chunk), and at most the
+    rounding bias and the one-limb product's error."""
+    switched_a = 0 < out_bits_a < log_q
+    c_a = float(2 ** (log_q - out_bits_a - 1)) if switched_a else 0.0
+    c_b = float(2 ** (log_q - out_bits_b - 1)) if out_bits_b < log_q else 0.0
+    var = (eta / 2.0) * w_l2sq + parts * n * (2.0 / 3.0) * c_a * c_a / 3.0 + parts * c_b * c_b / 3.0
+    bias = 0.5 * n * parts if switched_a else 0.0
+    fft = fft_product_error(n, out_bits_a) * 2.0 ** (log_q - out_bits_a) if one_limb else 0.0
+    return math.sqrt(var) + bias + fft
+
+
+def noise_fits(profile: int, n: int, log_q: int, eta: int, w_l2sq: int, delta: int, out_bits_a: int, out_bits_b: int,
+               parts: int, *, one_limb: bool = False) -> bool:
+    """Whether the noise stays within the profile's budget: below delta/2 with probability
+    1 - 2**-FAILURE_LOG2 (exact decoding), or, compact, a standard deviation of at most
+    1/COMPACT_NOISE_RATIO of the activations' rounding error's (module docstring)."""
+    if profile == COMPACT:
+        rounding = delta * math.sqrt(w_l2sq / 12.0)  # x's rounding error in the scaled product
+        return noise_std(n, log_q, eta, w_l2sq, out_bits_a, out_bits_b, parts, one_limb=one_limb) <= rounding / COMPACT_NOISE_RATIO
+    return noise_bound(n, log_q, eta, w_l2sq, out_bits_a, out_bits_b, parts, one_limb=one_limb) < delta / 2
+
+
+def _min_out_bits(n: int, log_q: int, eta: int, w_l2sq: int, delta: int, parts: int, profile: int) -> tuple[int, int]:
+    """Output bits (ka, kb) whose noise fits the profile's budget (:func:`noise_fits`), best first
+    by: fewest wire bytes, then the one-limb decryption being admissible (half the client's
+    decryption FFTs), then fewest bits. The shared-mask profile returns no A' (ka = 0)."""
     best: tuple[tuple[int, bool, int], tuple[int, int]] | None = None
     for kb in range(1, log_q + 1):
-        for ka in (0,) if shared else range(1, log_q + 1):
-            if noise_bound(n, log_q, eta, w_l2sq, ka, kb, parts) < delta / 2:
-                fast = 0 < ka and one_limb_fits(n, ka) and noise_bound(n, log_q, eta, w_l2sq, ka, kb, parts, one_limb=True) < delta / 2
+        for ka in (0,) if profile == SHARED_MASK else range(1, log_q + 1):
+            if noise_fits(profile, n, log_q, eta, w_l2sq, delta, ka, kb, parts):
+                fast = 0 < ka and one_limb_fits(n, ka) and noise_fits(profile, n, log_q, eta, w_l2sq, delta, ka, kb, parts, one_limb=True)
                 key = ((ka + kb + 7) // 8, not fast, ka + kb)
                 if best is None or key < best[0]:
                     best = (key, (ka, kb))
     if best is None:
-        raise ParameterError(f"no output modulus keeps {parts} row chunks exact; use fewer row chunks")
+        raise ParameterError(f"no output modulus keeps {parts} row chunks within the noise budget; use fewer row chunks")
     return best[1]
+
+
+def _compact_room(eta: int, w_l2sq: int, n: int, delta: int) -> int:
+    """Room to reserve in q beside delta * y for the compact profile's noise: COMPACT_ROOM times the
+    largest tail bound (:func:`noise_bound`) of any output bits that fit its budget, whose rounding
+    variance is then at most S^2 = (delta sqrt(w_l2sq / 12) / COMPACT_NOISE_RATIO)^2: n c_a^2 <= 4.5 S^2
+    and c_b <= sqrt(3) S; both sides of zero."""
+    s = delta * math.sqrt(w_l2sq / 12.0) / COMPACT_NOISE_RATIO
+    tail = TAIL * math.sqrt((eta / 2.0) * w_l2sq + 4.5 * s * s) + 0.5 * n + math.sqrt(3.0) * s
+    return 2 * math.ceil(COMPACT_ROOM * tail)
 
 
 def choose_params(
@@ -260,35 +348,47 @@ def choose_params(
     row_parts: int = 1,
     profile: str = "default",
 ) -> Params:
-    """Smallest secure, exact parameters for weights with ``stats`` and ``x_bits``-bit activations.
+    """Smallest secure parameters for weights with ``stats`` and ``x_bits``-bit activations: exact,
+    or approximate within the compact profile's noise (module docstring).
 
-    delta is first sized so the fresh noise takes at most a quarter of the decoding margin, q is the
-    next power of two that holds delta * (2 max|y| + 1), and delta then grows to fill q (free margin
-    for the output modulus switch). N is the smallest tabulated degree (>= ``n`` if given) whose
-    128-bit bound admits q.
+    Exact: delta is first sized so the fresh noise takes at most a quarter of the decoding margin.
+    Compact: delta starts at COMPACT_DELTA. q is the next power of two that holds
+    delta * (2 max|y| + 1) (plus the noise's room, compact: :func:`_compact_room`), and delta then
+    grows to fill q (free margin for the output modulus switch, or less noise per decoded value).
+    N is the smallest tabulated degree (>= ``n`` if given) whose 128-bit bound admits q.
     """
     if not isinstance(x_bits, int) or not 2 <= x_bits <= MAX_X_BITS:
         raise ParameterError(f"x_bits must be an int in [2, {MAX_X_BITS}], got {x_bits!r}")
+    if profile not in PROFILES:
+        raise ParameterError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    compact = PROFILES[profile] == COMPACT
     y_max = (1 << (x_bits - 1)) * stats.l1
-    fresh = TAIL * math.sqrt((ETA / 2.0) * stats.l2sq)
-    delta_min = max(2, math.floor(4 * fresh) + 1)
+    if compact:
+        delta_min = COMPACT_DELTA
+        room = partial(_compact_room, ETA, stats.l2sq)
+    else:  # the noise is rounded away: it takes no room beside delta * y
+        delta_min = max(2, math.floor(4 * TAIL * math.sqrt((ETA / 2.0) * stats.l2sq)) + 1)
+        room = lambda _n, _delta: 0  # noqa: E731
     log_q = math.ceil(math.log2(delta_min * (2 * y_max + 1)))
-    if log_q > WORD_BITS:
-        raise ParameterError(
-            f"this layer needs log2(q) = {log_q} > {WORD_BITS} for exact {x_bits}-bit activations "
-            f"(max |y| = {y_max}); lower x_bits or split the contraction rows"
-        )
-    ring_n = smallest_secure_n(log_q, min_n=n or 1024)
+    while True:
+        if log_q > WORD_BITS:
+            raise ParameterError(
+                f"this layer needs log2(q) = {log_q} > {WORD_BITS} for {x_bits}-bit activations "
+                f"(max |y| = {y_max}); lower x_bits or split the contraction rows"
+            )
+        ring_n = smallest_secure_n(log_q, min_n=n or 1024)
+        if delta_min * (2 * y_max + 1) + room(ring_n, delta_min) <= 1 << log_q:
+            break
+        log_q += 1
     if n is not None and ring_n != n:
         check_secure(n, log_q)  # raises with the table's explanation
     delta = (1 << log_q) // (2 * y_max + 1)
-    if profile not in PROFILES:
-        raise ParameterError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
-    shared = PROFILES[profile] == SHARED_MASK
+    while delta * (2 * y_max + 1) + room(ring_n, delta) > 1 << log_q:  # compact: a few steps down
+        delta = ((1 << log_q) - room(ring_n, delta)) // (2 * y_max + 1)
     if switch_output:
-        out_a, out_b = _min_out_bits(ring_n, log_q, ETA, stats.l2sq, delta, row_parts, shared)
+        out_a, out_b = _min_out_bits(ring_n, log_q, ETA, stats.l2sq, delta, row_parts, PROFILES[profile])
     else:
-        out_a, out_b = (0 if shared else log_q), log_q
+        out_a, out_b = (0 if PROFILES[profile] == SHARED_MASK else log_q), log_q
     return Params(
         n=ring_n, log_q=log_q, delta=delta, x_bits=x_bits, w_l1=stats.l1, w_l2sq=stats.l2sq,
         out_bits_a=out_a, out_bits_b=out_b, row_parts=row_parts, profile=PROFILES[profile],

@@ -15,10 +15,21 @@ any run of whole column blocks (``column_grid``): the sketch of a run is the sum
 sketches, and a row slice is the same rows of each. A bound check on every decoded value keeps the
 soundness argument's premise |e_i| < 2^(63 - R) true for any input, not just for what decryption
 can output.
+
+The compact profile decodes approximately (params.py), so an honest row is ``y = x @ w + e`` with a
+small noise e, and the check becomes ``|y @ r - x @ (w @ r)| <= T`` per column block and check
+vector, T being the noise's tail bound for that r (``Params.check_tolerance``: the fresh noise's
+exactly through ||w @ r||, the rest worst case), so an honest row fails with probability below
+2^-64. A cheat is then caught only when it is large against T: if row e has a largest error
+e_i, the passing r_i (the other entries fixed) lie in an interval of length 2T / |e_i|, so one
+check passes with probability at most (2T / |e_i| + 1) / 2^R, and COMPACT_REPS independent ones
+with that power. Blocks are checked one by one because T grows with the square root of the block's
+width; R leaves the block's sum of errors below 2^63, so the wrapping difference reads as signed.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -32,6 +43,9 @@ from .parallel import for_row_chunks
 from .sampling import SEED_BYTES, aes_ctr_stream
 
 SOUNDNESS_BITS = 64
+#: check vectors of the compact profile's tolerance check (module docstring): an error K times
+#: 2T / 2^R passes all of them with probability about K^-COMPACT_REPS
+COMPACT_REPS = 8
 #: Column blocks of a sketch: one per BLOCK_COLUMNS columns, at most MAX_BLOCKS. Each block costs
 #: 8 m bytes per contraction row, so a large layer's sketch costs about 8 m / BLOCK_COLUMNS bytes per
 #: weight (m = 2 at 8 bits: 0.016). A layer of at most SMALL_LAYER weights gets at least MIN_BLOCKS,
@@ -51,19 +65,25 @@ def column_grid(contraction: int, width: int) -> list[int]:
     return [width * i // blocks for i in range(blocks + 1)]
 
 
-def soundness_reps(y_bound: int) -> tuple[int, int]:
-    """(R, m): bits per check value and check vectors for decoded values bounded by ``y_bound``."""
-    err_bits = (2 * int(y_bound) + 1).bit_length()
+def soundness_reps(y_bound: int, block_width: int = 0) -> tuple[int, int]:
+    """(R, m): bits per check value and check vectors for decoded values bounded by ``y_bound``:
+    exact checks, or, with the widest column block ``block_width``, the compact profile's."""
+    err_bits = (2 * int(y_bound) + 1).bit_length() + int(block_width).bit_length()
     r_bits = 63 - err_bits
     if r_bits < 8:
         raise ValueError(f"values up to {y_bound} leave too few bits for a sound check")
-    return r_bits, -(-SOUNDNESS_BITS // r_bits)
+    return (r_bits, COMPACT_REPS) if block_width else (r_bits, -(-SOUNDNESS_BITS // r_bits))
 
 
-def sketch_bytes(contraction: int, width: int, y_bound: int) -> int:
+def _widest(grid: list[int]) -> int:
+    return max(b - a for a, b in zip(grid, grid[1:]))
+
+
+def sketch_bytes(contraction: int, width: int, params: Params) -> int:
     """Bytes a verifier of one layer and direction keeps: its sketches and the seed of its check vectors."""
-    _, m = soundness_reps(y_bound)
-    return 8 * m * (len(column_grid(contraction, width)) - 1) * contraction + SEED_BYTES
+    grid = column_grid(contraction, width)
+    _, m = soundness_reps(params.decoded_bound, _widest(grid) if params.compact else 0)
+    return 8 * m * (len(grid) - 1) * contraction + SEED_BYTES
 
 
 def _sketch(w: torch.Tensor, r_t: np.ndarray, grid: list[int]) -> np.ndarray:
@@ -96,23 +116,27 @@ class FreivaldsVerifier:
     Holds only secret sketches (see the module docstring): ``nbytes`` of them, about
     8 m / BLOCK_COLUMNS bytes per weight, not the weights."""
 
-    def __init__(self, weights: "torch.Tensor | PlainWeights", *, transpose: bool = False, y_bound: int) -> None:
-        """``y_bound`` bounds |y| of any decoded value (honest or not), e.g. q / (2 delta) + 1."""
+    def __init__(
+        self, weights: "torch.Tensor | PlainWeights", *, transpose: bool = False, y_bound: int, tolerate: Params | None = None
+    ) -> None:
+        """``y_bound`` bounds |y| of any decoded value (honest or not), e.g. q / (2 delta) + 1.
+        ``tolerate``: compact-profile parameters, whose noise the check then allows (module docstring)."""
         w = PlainWeights.of(weights).w
         if w.dtype not in (torch.int8, torch.int16):
             raise ShapeMismatch(f"sketched weights must be int8 or int16 (the quantized layer), got {w.dtype}")
         w = w.t() if transpose else w  # (contraction, width): a view
         self.contraction, self.width = w.shape
         self.y_bound = int(y_bound)
-        self.r_bits, self.reps = soundness_reps(self.y_bound)
         self.grid = column_grid(self.contraction, self.width)
+        self.tolerate = tolerate if tolerate is not None and tolerate.compact else None
+        self.r_bits, self.reps = soundness_reps(self.y_bound, _widest(self.grid) if self.tolerate else 0)
         self._seed = os.urandom(SEED_BYTES)  # r, (m, width), is expanded from it where needed, never kept
         self._s = _sketch(w, self._checks(0, self.width), self.grid)  # (blocks, m, contraction)
 
     @classmethod
     def for_params(cls, weights: "torch.Tensor | PlainWeights", params: Params, *, transpose: bool = False) -> "FreivaldsVerifier":
         """A verifier for products decrypted under ``params``."""
-        return cls(weights, transpose=transpose, y_bound=params.decoded_bound)
+        return cls(weights, transpose=transpose, y_bound=params.decoded_bound, tolerate=params)
 
     def _checks(self, c0: int, c1: int) -> np.ndarray:
         """Columns [c0, c1) of the check vectors r (m, c1 - c0): AES-256-CTR under the verifier's
@@ -158,13 +182,33 @@ class FreivaldsVerifier:
         if not (0 <= rows.start <= rows.stop <= self.contraction) or xn.shape[1] != len(rows) or yn.shape[1] != c1 - c0:
             raise ShapeMismatch(f"x {tuple(x.shape)} / y {tuple(y.shape)} do not fit rows [{rows.start}, {rows.stop}) "
                                 f"and columns [{c0}, {c1}) of weights {(self.contraction, self.width)}")
-        wr_t = self._s[b0, :, rows.start : rows.stop].copy()
-        for b in range(b0 + 1, b1):
-            wr_t += self._s[b, :, rows.start : rows.stop]  # wraps mod 2^64, as the check does
         r_t = self._checks(c0, c1)
+        if self.tolerate is None:  # exact: one check of the run's summed sketch
+            wr_t = self._s[b0, :, rows.start : rows.stop].copy()
+            for b in range(b0 + 1, b1):
+                wr_t += self._s[b, :, rows.start : rows.stop]  # wraps mod 2^64, as the check does
+            wr_t, bounds, tol = wr_t[None], np.array([0, c1 - c0], dtype=np.int64), np.zeros((1, self.reps), dtype=np.uint64)
+        else:
+            wr_t = np.ascontiguousarray(self._s[b0:b1, :, rows.start : rows.stop])
+            bounds = np.asarray(self.grid[b0 : b1 + 1], dtype=np.int64) - c0
+            tol = self._tolerances(wr_t, r_t, bounds)
         flags = np.empty(xn.shape[0], dtype=np.bool_)
         bound = np.uint64(self.y_bound)
-        for_row_chunks(xn.shape[0], lambda a, b: kernels.freivalds_rows(xn[a:b], wr_t, yn[a:b], r_t, bound, flags[a:b]), rows=256)
+        for_row_chunks(xn.shape[0], lambda a, b: kernels.freivalds_rows(xn[a:b], wr_t, yn[a:b], r_t, bounds, bound, tol, flags[a:b]), rows=256)
         bad = int(flags.sum())
         if bad:
             raise VerificationFailed(f"{bad} of {yn.shape[0]} rows of the decrypted product are wrong", bad_rows=bad)
+
+    def _tolerances(self, wr_t: np.ndarray, r_t: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+        """(blocks, m) uint64: each block's and check vector's T (``Params.check_tolerance``), rounded up.
+        The sketch's words are the exact signed values w @ r (R keeps them below 2^63)."""
+        assert self.tolerate is not None
+        wr = wr_t.view(np.int64).astype(np.float64)
+        r = r_t.astype(np.float64)
+        tol = np.empty(wr.shape[:2], dtype=np.uint64)
+        for g in range(wr.shape[0]):
+            for k in range(wr.shape[1]):
+                l2sq = float(np.dot(wr[g, k], wr[g, k])) * (1 + wr.shape[2] * 2.0**-52)  # covers the float64 sum's error
+                l1 = float(r[k, bounds[g] : bounds[g + 1]].sum())
+                tol[g, k] = math.ceil(self.tolerate.check_tolerance(l2sq, l1)) + 1
+        return tol

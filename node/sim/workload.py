@@ -299,7 +299,7 @@ class Workload:
             for transpose in (False, True):
                 p = params[group.key, transpose]
                 contraction, width = (group.d_out, group.d_in) if transpose else (group.d_in, group.d_out)
-                sketches += sketch_bytes(contraction, width, p.decoded_bound)
+                sketches += sketch_bytes(contraction, width, p)
                 keys += SecretKey.bytes_for(p)
         lora = sum(self.lora_r * (layer.d_in + layer.d_out) for layer in m.layers if layer.key.rsplit(".", 1)[-1] in self.lora_targets)
         out = {

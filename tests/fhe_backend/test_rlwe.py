@@ -25,7 +25,7 @@ from cipherswarm.fhe_backend import (
     get_backend,
 )
 from cipherswarm.fhe_backend.keys import SecretKey
-from cipherswarm.fhe_backend.params import Params, WeightStats, choose_params
+from cipherswarm.fhe_backend.params import COMPACT_DELTA, Params, WeightStats, choose_params
 from cipherswarm.fhe_backend.ring import secret_eval_bound
 from cipherswarm.fhe_backend.sampling import expand_mask
 from cipherswarm.fhe_backend.security import MAX_LOG_Q_128, check_secure
@@ -404,3 +404,61 @@ class TestSharedMask:
             Params(**{**fields, "out_bits_a": 5})
         with pytest.raises(ParameterError, match="unknown profile"):
             Params(**{**fields, "profile": 7})
+
+
+class TestCompact:
+    """The compact profile: fewer bytes each way, values off by noise below the activations' own
+    rounding error, bounded by ``Params.decoded_error``; the default wire form."""
+
+    def setup_method(self) -> None:
+        gen = torch.Generator().manual_seed(11)
+        self.w = torch.randint(-1023, 1024, (512, 96), generator=gen, dtype=torch.int16)
+        self.x = rand_x(2048 + 300, 512, bits=14, gen=gen)
+        self.params = be.params_for(self.w, 14, profile="compact")
+        self.sk = be.keygen(self.params)
+        self.ref = self.x @ self.w.long()
+
+    def _close(self, y: torch.Tensor, ref: torch.Tensor, bound: float) -> torch.Tensor:
+        err = (y - ref).double()
+        assert err.abs().max() <= bound
+        return err
+
+    def test_fewer_bytes_both_ways_than_the_exact_default(self) -> None:
+        stats = WeightStats(l1=4096 * 300, l2sq=4096 * 400**2)  # 11-bit weights at LLaMA-8B widths
+        for bits in (8, 14):
+            exact, compact = choose_params(stats, bits), choose_params(stats, bits, profile="compact")
+            assert compact.log_q <= exact.log_q - 12 and compact.n <= exact.n
+            assert compact.in_bytes < exact.in_bytes and compact.out_bytes < exact.out_bytes
+
+    @pytest.mark.parametrize("transpose", [False, True])
+    def test_noise_stays_below_the_activations_rounding_error(self, transpose: bool) -> None:
+        params = be.params_for(self.w, 14, transpose=transpose, profile="compact")
+        sk = be.keygen(params)
+        x = self.x[:, :96] if transpose else self.x
+        out = MatmulResult.from_bytes(be.matmul(Ciphertext.from_bytes(be.encrypt(sk, x).to_bytes()), self.w, transpose=transpose).to_bytes())
+        ref = x @ (self.w.T if transpose else self.w).long()
+        err = self._close(be.decrypt(sk, out), ref, params.decoded_error)
+        # the error a column carries from rounding its activations: sqrt(1/12) ||w[:, k]||_2
+        rounding = (1 / 12) ** 0.5 * float(params.w_l2sq) ** 0.5
+        assert 0 < err.std() < rounding / 2
+
+    def test_splits_add_up_within_the_bound(self) -> None:
+        ct = self.sk.params and be.encrypt(self.sk, self.x)
+        rows = [(0, 200), (200, 512)]
+        blocks = []
+        for a, b in ((0, 1), (1, 2)):
+            sub = ct.select_blocks(a, b)
+            cols = [MatmulResult.add([be.matmul(sub.select_rows(r0, r1, parts=2), self.w[r0:r1, c0:c1]) for r0, r1 in rows])
+                    for c0, c1 in ((0, 40), (40, 96))]
+            blocks.append(MatmulResult.concat_columns(cols))
+        merged = MatmulResult.concat_blocks(blocks)
+        self._close(be.decrypt(self.sk, merged), self.ref, self.params.with_row_parts(2).decoded_error)
+
+    def test_fields_validated(self) -> None:
+        fields = dict(zip(Params.FIELDS, self.params.to_tuple()))
+        with pytest.raises(ParameterError, match=f"delta must be >= {COMPACT_DELTA}"):
+            Params(**{**fields, "delta": COMPACT_DELTA - 1})
+        with pytest.raises(ParameterError, match="exceeds q"):
+            Params(**{**fields, "delta": fields["delta"] + 1})  # delta * y already fills q beside the noise
+        with pytest.raises(ParameterError, match="compact profile's budget"):
+            Params(**{**fields, "out_bits_b": fields["out_bits_b"] - 2})  # B'' rounding 4x the noise it was given

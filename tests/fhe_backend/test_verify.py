@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cipherswarm.fhe_backend import ShapeMismatch, VerificationFailed, get_backend
+from cipherswarm.fhe_backend.params import WeightStats, choose_params
 from cipherswarm.fhe_backend.verify import FreivaldsVerifier, column_grid, sketch_bytes
 
 GEN = torch.Generator().manual_seed(5)
@@ -79,19 +80,80 @@ def test_decryption_garbage_under_another_key_is_refused() -> None:
 
 
 def test_the_verifier_keeps_sketches_not_weights() -> None:
-    """A LLaMA-8B block's layers, both directions, cost under 0.04 bytes per weight of sketches;
-    small layers keep MIN_BLOCKS column blocks; the weights are not kept."""
-    y_bound = 2**28  # 8-bit activations at these widths
+    """A LLaMA-8B block's layers, both directions, cost under 0.04 bytes per weight of sketches
+    (0.13 for the compact profile's COMPACT_REPS check vectors); small layers keep MIN_BLOCKS column
+    blocks; the weights are not kept."""
+    stats = WeightStats(l1=4096 * 127, l2sq=4096 * 127**2)  # the largest 8-bit columns at these widths
     block = [(4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096), (4096, 14336), (4096, 14336), (14336, 4096)]
-    held = sum(sketch_bytes(*((o, i) if t else (i, o)), y_bound) for i, o in block for t in (False, True))
-    assert held / sum(i * o for i, o in block) < 0.04
+    for profile, per_weight in (("default", 0.04), ("compact", 0.13)):
+        params = choose_params(stats, 8, profile=profile)
+        held = sum(sketch_bytes(*((o, i) if t else (i, o)), params) for i, o in block for t in (False, True))
+        assert held / sum(i * o for i, o in block) < per_weight
     assert len(column_grid(64, 128)) - 1 == 4 and len(column_grid(4096, 4096)) - 1 == 4 and len(column_grid(4096, 1024)) - 1 == 1
     w = _w(512, 2048)
-    v = FreivaldsVerifier(w, y_bound=y_bound)
-    assert v.nbytes == sketch_bytes(512, 2048, y_bound)
+    params = get_backend("rlwe").params_for(w, 8)
+    v = FreivaldsVerifier.for_params(w, params)
+    assert v.nbytes == sketch_bytes(512, 2048, params)
     assert not any(isinstance(value, torch.Tensor) for value in vars(v).values())
 
 
 def test_weights_must_be_int8() -> None:
     with pytest.raises(ShapeMismatch, match="int8"):
         FreivaldsVerifier(torch.zeros(4, 4, dtype=torch.int64), y_bound=2**20)
+
+
+def _compact_product(w: torch.Tensor, x: torch.Tensor, *, transpose: bool = False):
+    be = get_backend("rlwe")
+    params = be.params_for(w, 8, transpose=transpose, profile="compact")
+    key = be.keygen(params)
+    y = be.decrypt(key, be.matmul(be.encrypt(key, x), w, transpose=transpose))
+    return params, y
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_compact_products_pass_the_tolerance_check_and_wrong_values_fail(transpose: bool) -> None:
+    """Honest compact products are off by at most the decoded-error bound and pass on every chunk
+    shape; a value moved by far more than the check's window fails its row."""
+    w = _w(300, 700)
+    mat = (w.T if transpose else w).long()
+    x = _x(64, mat.shape[0])
+    params, y = _compact_product(w, x, transpose=transpose)
+    exact = x.long() @ mat
+    assert params.compact and 0 < (y - exact).abs().max() <= params.decoded_error
+    v = FreivaldsVerifier.for_params(w, params, transpose=transpose)
+    assert v.tolerate is params and v.reps == 8
+    v.check(x, y)
+    with pytest.raises(VerificationFailed, match="wrong"):
+        FreivaldsVerifier(w, transpose=transpose, y_bound=params.decoded_bound).check(x, y)  # exact checks refuse the noise
+    g = v.grid
+    for rows in (range(0, mat.shape[0]), range(7, 123)):
+        part = x[:, rows.start : rows.stop]
+        sub = params.with_row_parts(2) if rows.stop - rows.start < mat.shape[0] else params
+        for b0, b1 in ((0, 1), (1, 3), (0, 4)):
+            cols = range(g[b0], g[b1])
+            yp = part.long() @ mat[rows.start : rows.stop, cols.start : cols.stop]
+            yp += torch.randint(-int(params.decoded_error), int(params.decoded_error) + 1, yp.shape, generator=GEN)
+            checker = FreivaldsVerifier.for_params(w, sub, transpose=transpose)
+            checker.check(part, yp, contraction=rows, output=cols)
+            window = 1000 * int(params.decoded_error) * (cols.stop - cols.start)
+            yp[5, -1] += window
+            with pytest.raises(VerificationFailed, match="1 of 64 rows"):
+                checker.check(part, yp, contraction=rows, output=cols)
+
+
+def test_compact_check_refuses_plausible_values_in_the_wrong_places() -> None:
+    """The tolerance is the noise's tail bound, not the values' size: a row whose values are all
+    honest but rotated by one column fails, as does a row off by a small constant everywhere."""
+    w = _w(256, 512)
+    x = _x(32, 256)
+    params, y = _compact_product(w, x)
+    v = FreivaldsVerifier.for_params(w, params)
+    v.check(x, y)
+    rotated = y.clone()
+    rotated[3] = torch.roll(rotated[3], 1)
+    with pytest.raises(VerificationFailed, match="1 of 32 rows"):
+        v.check(x, rotated)
+    shifted = y.clone()
+    shifted[9] += 4 * int(params.decoded_error)  # a bias of a few noise bounds on every value
+    with pytest.raises(VerificationFailed, match="1 of 32 rows"):
+        v.check(x, shifted)
