@@ -39,9 +39,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--price", type=int, default=0, help="asked price per 10^9 multiply-accumulates")
     p.add_argument("--slots", type=int, default=2, help="products computed at once")
     p.add_argument("--queue", type=int, default=2, help="requests waiting for a slot before BUSY replies")
-    p.add_argument("--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD_SIZE,
-                   help=f"largest request payload in bytes; (slots + queue) such requests may be held at once "
-                        f"(default {DEFAULT_MAX_PAYLOAD_SIZE}: one 4096-token block of an 8B model's widest layer)")
     p.add_argument("--identity", type=Path, default=None,
                    help="identity key file, created if missing (default: ~/.cipherswarm/identity.key)")
     p.add_argument("--ledger", type=Path, default=None, help="SQLite file for countersigned receipts (default: none)")
@@ -50,12 +47,71 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "self-check matches the CPU, else falls back to cpu")
     add_weight_bits(p, "clients find providers of their own width only, since it is part of the model hash")
     p.add_argument("--advert-interval", type=float, default=10.0, help="seconds between adverts")
+    _add_limits(p)
     p.add_argument("--log-level", default="INFO", help="log level of stderr output")
     p.add_argument("--log-file", type=Path, default=None, help="file for libp2p's own log records")
     # Hidden: for tests and the testnet's slow or malicious provider.
     p.add_argument("--cheat", choices=CHEATS, default=None, help=argparse.SUPPRESS)
     p.add_argument("--delay", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--benchmark-seconds", type=float, default=1.0, help=argparse.SUPPRESS)
+
+
+def _ms(seconds: str) -> int:
+    return round(1000 * float(seconds))
+
+
+#: flags of the two groups below whose value, when given, sets the ProviderConfig field named by
+#: their dest; left out, the field keeps its default (node/provider/service.py, node/README.md)
+CONFIG_FLAGS = ("max_reply_size", "max_output_elements", "min_contraction", "max_ttl_ms", "header_timeout_s",
+                "min_upload_rate", "max_opening", "max_opening_per_peer", "max_opening_per_address", "max_per_peer",
+                "max_per_address", "max_ack_waiters", "replay_capacity", "replay_per_key", "replay_per_address")
+
+
+def _add_limits(p: argparse.ArgumentParser) -> None:
+    """What one request may ask, and what unauthenticated or slow peers may hold: each flag bounds
+    memory or time that a hostile peer could otherwise make the provider spend."""
+    work = p.add_argument_group(
+        "per-request limits", "advertised to clients, checked on the signed header before the payload is read "
+                              "or anything allocated (unset: the defaults of node/README.md)")
+    work.add_argument("--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD_SIZE, metavar="BYTES",
+                      help=f"largest request payload; (slots + queue) such requests may be held at once "
+                           f"(default {DEFAULT_MAX_PAYLOAD_SIZE}: one 4096-token block of an 8B model's widest layer)")
+    work.add_argument("--max-reply-size", type=int, dest="max_reply_size", metavar="BYTES",
+                      help="largest reply payload: a request asking for more is refused (TOO_LARGE)")
+    work.add_argument("--max-output-elements", type=int, dest="max_output_elements", metavar="N",
+                      help="largest result computed, in elements (ring blocks x block tokens x columns; 16 bytes "
+                           "each while computed): bounds each compute slot's memory")
+    work.add_argument("--min-contraction", type=int, dest="min_contraction", metavar="FEATURES",
+                      help="fewest input features a request may contract over (unless the layer has fewer): "
+                           "thinner slices cost the sender little and this provider a full-width product")
+    work.add_argument("--max-ttl", type=_ms, dest="max_ttl_ms", metavar="SECONDS",
+                      help="longest request lifetime accepted; also how long each nonce is remembered")
+    peers = p.add_argument_group(
+        "admission", "how many streams and requests peers may hold, and how fast they must send (unset: the "
+                     "defaults of node/README.md; loopback peers are exempt from per-address caps)")
+    peers.add_argument("--header-timeout", type=float, dest="header_timeout_s", metavar="SECONDS",
+                       help="time from a stream's opening to its request's last header byte; also how long a "
+                            "refused stream is drained")
+    peers.add_argument("--min-upload-rate", type=float, dest="min_upload_rate", metavar="BYTES_PER_S",
+                       help="slowest average rate a request's payload may arrive at before TIMEOUT")
+    peers.add_argument("--max-opening", type=int, dest="max_opening", metavar="N",
+                       help="streams reading their header at once (unauthenticated); one more evicts the oldest")
+    peers.add_argument("--max-opening-per-peer", type=int, dest="max_opening_per_peer", metavar="N",
+                       help="... of them from one peer id; more get BUSY")
+    peers.add_argument("--max-opening-per-address", type=int, dest="max_opening_per_address", metavar="N",
+                       help="... of them from one address (IPv6: a /64); more get BUSY")
+    peers.add_argument("--max-per-peer", type=int, dest="max_per_peer", metavar="N",
+                       help="admitted requests (read, queued or computed) of one peer id (default: --slots)")
+    peers.add_argument("--max-per-address", type=int, dest="max_per_address", metavar="N",
+                       help="admitted requests from one address (default: every place but one)")
+    peers.add_argument("--max-ack-waiters", type=int, dest="max_ack_waiters", metavar="N",
+                       help="replies waiting for their countersigned receipt at once; one more drops the oldest")
+    peers.add_argument("--replay-capacity", type=int, dest="replay_capacity", metavar="N",
+                       help="nonces remembered at once (about 300 bytes each); when full, new requests get BUSY")
+    peers.add_argument("--replay-per-key", type=int, dest="replay_per_key", metavar="N",
+                       help="... of them from one signing key")
+    peers.add_argument("--replay-per-address", type=int, dest="replay_per_address", metavar="N",
+                       help="... of them from one address")
 
 
 async def _stop_on_sigterm(cancel_scope: trio.CancelScope) -> None:
@@ -87,17 +143,21 @@ async def _serve(args: argparse.Namespace, identity: Path) -> None:
         log.info("created identity %s", identity)
     weights = load_model(model_dir(args.model), layers=args.layers, weight_bits=args.weight_bits)
     log.info("model %s: holding %d of %d layers", weights.model_hash.hex()[:16], len(weights.held), len(weights.layers))
-    config = ProviderConfig(
-        price_per_gmac=args.price,
-        slots=args.slots,
-        queue=args.queue,
-        max_payload_size=args.max_payload,
-        device=args.device,
-        advert_interval_s=args.advert_interval,
-        benchmark_s=args.benchmark_seconds,
-        delay_s=args.delay,
-        cheat=None if args.cheat is None else Cheat(args.cheat),
-    )
+    try:
+        config = ProviderConfig(
+            price_per_gmac=args.price,
+            slots=args.slots,
+            queue=args.queue,
+            max_payload_size=args.max_payload,
+            device=args.device,
+            advert_interval_s=args.advert_interval,
+            benchmark_s=args.benchmark_seconds,
+            delay_s=args.delay,
+            cheat=None if args.cheat is None else Cheat(args.cheat),
+            **{name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name) is not None},
+        )
+    except ValueError as exc:  # a flag out of range: say which, not a traceback
+        raise SystemExit(f"cipherswarm provider: error: {exc}") from None
     ledger = None if args.ledger is None else Ledger(args.ledger)
     provider = Provider(weights=weights, key_pair=key_pair, config=config, ledger=ledger)
     bootstrap = [Multiaddr(a) for a in args.bootstrap]

@@ -44,6 +44,21 @@ OUT_MAGIC = b"CSY2"
 #: largest feature dimension and token count a ciphertext may declare (bounds parsing work)
 MAX_DIM = 1 << 20
 MAX_TOKENS = 1 << 24
+#: bytes of a serialized result's fixed header, before its seeds and words
+RESULT_HEAD_BYTES = _OUT_HEAD.size
+
+
+def ciphertext_size(params: Params, tokens: int, features: int) -> int:
+    """Bytes of a serialized Ciphertext of ``tokens`` x ``features``: its header, a seed per block,
+    the real tokens' B words. A receiver knows it from a request's header, before the payload."""
+    return _CT_HEAD.size + -(-tokens // params.n) * SEED_BYTES + params.payload_bytes(tokens, features)
+
+
+def result_size(params: Params, tokens: int, width: int) -> int:
+    """Bytes of the serialized product of such a ciphertext by ``width`` output columns: known
+    before anything is computed or allocated."""
+    seeds = -(-tokens // params.n) * SEED_BYTES if params.profile == SHARED_MASK else 0
+    return RESULT_HEAD_BYTES + seeds + params.result_bytes(tokens, width)
 
 
 def _params_from(values: tuple[int, ...]) -> Params:

@@ -28,9 +28,15 @@ from . import int8_limbs, kernels
 from .ciphertext import Ciphertext, MatmulResult
 from .errors import ShapeMismatch
 from .int8_limbs import Int8Gemm
-from .params import SHARED_MASK, WeightStats
+from .params import SHARED_MASK, Params, WeightStats
 from .ring import limb_count
 from .sampling import expand_mask
+
+def output_elements(params: Params, tokens: int, width: int) -> int:
+    """Output elements :func:`matmul` allocates for such a product, padding slots included: blocks x
+    n x width per word matrix (int64 A'' and B'' in the default profile, B'' alone with a shared
+    mask), held until the result is serialized."""
+    return -(-tokens // params.n) * params.n * width
 
 
 @dataclass(eq=False)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
-from cipherswarm.protocol import GROUP_PROTOCOL_ID, CapabilityAdvert, Range, Verified, WeightSlice
+from cipherswarm.protocol import DEFAULT_MAX_TTL_MS, GROUP_PROTOCOL_ID, CapabilityAdvert, Range, Verified, WeightSlice
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +27,11 @@ class ProviderAdvert:
     max_payload_size: int
     issued_at_ms: int
     expires_at_ms: int
+    # what one request may ask of it (protocol README, section 8); 0: not stated (an older provider)
+    max_reply_size: int = 0  # reply payload bytes
+    max_output_elements: int = 0  # result elements computed (ring blocks x n x width)
+    min_contraction: int = 0  # fewest contraction features per request, unless the layer has fewer
+    max_ttl_ms: int = 0  # longest request lifetime
 
     @classmethod
     def from_verified(cls, verified: Verified[CapabilityAdvert]) -> ProviderAdvert:
@@ -46,7 +51,16 @@ class ProviderAdvert:
             max_payload_size=a.max_payload_size,
             issued_at_ms=a.issued_at_ms,
             expires_at_ms=a.expires_at_ms,
+            max_reply_size=a.max_reply_size,
+            max_output_elements=a.max_output_elements,
+            min_contraction=a.min_contraction,
+            max_ttl_ms=a.max_ttl_ms,
         )
+
+    def accepts_ttl(self, ttl_ms: int) -> bool:
+        """Whether it takes requests living `ttl_ms`; one that does not state its limit is assumed
+        to take the protocol's default of 120 s."""
+        return ttl_ms <= (self.max_ttl_ms or DEFAULT_MAX_TTL_MS)
 
     def holds(self, model_hash: bytes, layer_digests: tuple[bytes, ...]) -> bool:
         """Whether it serves every one of the layers; more than one (a group: one request

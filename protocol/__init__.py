@@ -8,6 +8,7 @@ from .envelope import Header, Sealed, decode_header, seal
 from .errors import (
     BadSignature,
     Busy,
+    ContractionTooThin,
     DeadlineExceeded,
     ErrorCode,
     ExpiredFrame,
@@ -17,6 +18,7 @@ from .errors import (
     PaymentRequired,
     ProtocolError,
     ReplayedFrame,
+    ReplyTooLarge,
     ShapeMismatch,
     TruncatedFrame,
     UnknownModel,
@@ -46,7 +48,7 @@ from .messages import (
     sha256,
 )
 from .receipts import countersign_receipt, sign_receipt, verify_countersignature, verify_receipt
-from .replay import ReplayWindow
+from .replay import DEFAULT_MAX_TTL_MS, ReplayWindow
 from .shapes import LayerShape, check_shapes
 
 PROTOCOL_ID = "/cipherswarm/matmul/1.1.0"
@@ -61,6 +63,7 @@ ADVERT_PROTOCOL_ID = "/cipherswarm/advert/1.0.0"
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_SIZE",
+    "DEFAULT_MAX_TTL_MS",
     "ADVERT_PROTOCOL_ID",
     "GROUP_PROTOCOL_ID",
     "MAX_HEADER_SIZE",
@@ -69,6 +72,7 @@ __all__ = [
     "BadSignature",
     "Busy",
     "CapabilityAdvert",
+    "ContractionTooThin",
     "DeadlineExceeded",
     "ErrorCode",
     "ExpiredFrame",
@@ -89,6 +93,7 @@ __all__ = [
     "Range",
     "ReplayWindow",
     "ReplayedFrame",
+    "ReplyTooLarge",
     "Sealed",
     "ShapeMismatch",
     "SignedReceipt",

@@ -91,12 +91,21 @@ class FrameTooLarge(ProtocolError):
 
     code = ErrorCode.TOO_LARGE
 
-    def __init__(self, limit: int, got: int | None = None, *, what: str = "frame") -> None:
-        size = "" if got is None else f" of {got} bytes"
-        super().__init__(f"{what}{size} exceeds the limit of {limit} bytes")
+    def __init__(self, limit: int, got: int | None = None, *, what: str = "frame", unit: str = "bytes") -> None:
+        size = "" if got is None else f" of {got} {unit}"
+        super().__init__(f"{what}{size} exceeds the limit of {limit} {unit}")
         self.limit = limit
         self.got = got
         self.what = what
+
+
+class ReplyTooLarge(FrameTooLarge):
+    """A request whose reply would exceed what the provider advertises it sends (`what` "reply", in
+    bytes: max_reply_size) or computes (`what` "output", in output elements: max_output_elements);
+    refused from its header, before anything is allocated for it. Cut smaller chunks."""
+
+    def __init__(self, limit: int, got: int | None = None, *, what: str = "reply") -> None:
+        super().__init__(limit, got, what=what, unit="output elements" if what == "output" else "bytes")
 
 
 class BadSignature(ProtocolError):
@@ -176,6 +185,16 @@ class ShapeMismatch(ProtocolError):
         self.what = what
         self.expected = expected
         self.got = got
+
+
+class ContractionTooThin(ShapeMismatch):
+    """A request contracting over fewer features than the provider's advertised `min_contraction`
+    (and fewer than its layer has): a thin slice costs the sender a sliver of payload and the
+    provider a full-width product and reply, so it only amplifies."""
+
+    def __init__(self, *, minimum: int, got: int) -> None:
+        super().__init__("contraction below the minimum", expected=(minimum,), got=(got,))
+        self.minimum = minimum
 
 
 class UnsupportedParams(ProtocolError):

@@ -74,6 +74,7 @@ def check_request_header(
     lookup: LayerLookup,
     now_ms: int,
     min_price_per_gmac: int = 0,
+    min_contraction: int = 1,
     group: bytes | None = None,
     check: Callable[[MatmulRequest], None] | None = None,
 ) -> Verified[MatmulRequest]:
@@ -81,9 +82,10 @@ def check_request_header(
     a stream whose remote peer is `peer`, cheapest first (README section 8).
 
     The signature and the signer's binding to `peer` (BadSignature), the expiry (ExpiredFrame), the
-    model and layers held (UnknownModel), the slice and shapes (ShapeMismatch), the offered price
-    (PaymentRequired) and `check`, the receiver's own checks of what the header names (a provider's:
-    the backend and its parameters, UnsupportedParams); only then the nonce, which is recorded in
+    model and layers held (UnknownModel), the slice and shapes (ShapeMismatch; ContractionTooThin
+    below `min_contraction`), the offered price (PaymentRequired) and `check`, the receiver's own
+    checks of what the header names (a provider's: the backend and its parameters,
+    UnsupportedParams; the payload length and the reply's size, ShapeMismatch and ReplyTooLarge); only then the nonce, which is recorded in
     `window` under the signer's key and `group` (the sender's network address, or None) unless it
     is a replay (ReplayedFrame) or over the key's, the group's or the window's share (Busy). A
     request refused by any check before the nonce leaves nothing in the window. The result's
@@ -95,7 +97,7 @@ def check_request_header(
     layer = lookup(request.model_hash, request.layers)
     if layer is None:
         raise UnknownModel(request.model_hash, "+".join(request.layers))
-    check_shapes(request, layer)
+    check_shapes(request, layer, min_contraction=min_contraction)
     if request.price_per_gmac < min_price_per_gmac:
         raise PaymentRequired(asked=min_price_per_gmac, offered=request.price_per_gmac)
     if check is not None:
@@ -124,6 +126,7 @@ def verify_request(
     lookup: LayerLookup,
     now_ms: int,
     min_price_per_gmac: int = 0,
+    min_contraction: int = 1,
     payload_sha256: bytes | None = None,
     group: bytes | None = None,
     check: Callable[[MatmulRequest], None] | None = None,
@@ -138,7 +141,7 @@ def verify_request(
     """
     request = check_request_header(
         frame.header, peer=peer, window=window, lookup=lookup, now_ms=now_ms, min_price_per_gmac=min_price_per_gmac,
-        group=group, check=check,
+        min_contraction=min_contraction, group=group, check=check,
     )
     return check_request_payload(request, frame.payload, payload_sha256=payload_sha256)
 

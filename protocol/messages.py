@@ -477,6 +477,11 @@ class CapabilityAdvert:
     issued_at_ms: int  # a newer advert from the same provider replaces an older one
     expires_at_ms: int  # ignore the advert from then on
     layers: tuple[bytes, ...] = ()  # DIGEST_SIZE-byte digests of the layers held; empty: all of every model
+    # what one request may ask (README, section 8); 0: not stated, as in adverts from before these fields
+    max_reply_size: int = 0  # largest reply payload it sends, in bytes
+    max_output_elements: int = 0  # largest result it computes, in the engine's output elements
+    min_contraction: int = 0  # fewest contraction features per request, unless the layer has fewer
+    max_ttl_ms: int = 0  # longest request lifetime it accepts
 
     def __post_init__(self) -> None:
         _check_items("protocols", self.protocols, 16)
@@ -507,6 +512,8 @@ class CapabilityAdvert:
         _check_items("layers", self.layers, MAX_ADVERT_LAYERS)
         for layer in self.layers:
             _check_bytes("layer digest", layer, size=DIGEST_SIZE)
+        for name in ("max_reply_size", "max_output_elements", "min_contraction", "max_ttl_ms"):
+            _check_uint(name, getattr(self, name))
 
     def to_proto(self) -> pb.CapabilityAdvert:
         return pb.CapabilityAdvert(
@@ -522,6 +529,10 @@ class CapabilityAdvert:
             issued_at_ms=self.issued_at_ms,
             expires_at_ms=self.expires_at_ms,
             layers=self.layers,
+            max_reply_size=self.max_reply_size,
+            max_output_elements=self.max_output_elements,
+            min_contraction=self.min_contraction,
+            max_ttl_ms=self.max_ttl_ms,
         )
 
     @classmethod
@@ -539,6 +550,10 @@ class CapabilityAdvert:
             issued_at_ms=msg.issued_at_ms,
             expires_at_ms=msg.expires_at_ms,
             layers=tuple(msg.layers),
+            max_reply_size=msg.max_reply_size,
+            max_output_elements=msg.max_output_elements,
+            min_contraction=msg.min_contraction,
+            max_ttl_ms=msg.max_ttl_ms,
         )
 
 

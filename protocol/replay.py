@@ -24,6 +24,11 @@ import heapq
 from .errors import Busy, ExpiredFrame, ReplayedFrame
 
 
+DEFAULT_MAX_TTL_MS = 120_000
+"""The longest request lifetime a provider accepts unless it says otherwise (README section 8; its
+advert's `max_ttl_ms`)."""
+
+
 def check_expiry(expires_at_ms: int, *, now_ms: int, max_ttl_ms: int) -> None:
     """Raise ExpiredFrame unless now_ms < expires_at_ms <= now_ms + max_ttl_ms."""
     not_after_ms = now_ms + max_ttl_ms
@@ -43,7 +48,7 @@ class ReplayWindow:
     """
 
     def __init__(
-        self, *, capacity: int = 65_536, max_ttl_ms: int = 120_000, per_scope: int = 4_096, per_group: int = 16_384
+        self, *, capacity: int = 65_536, max_ttl_ms: int = DEFAULT_MAX_TTL_MS, per_scope: int = 4_096, per_group: int = 16_384
     ) -> None:
         if capacity <= 0 or per_scope <= 0 or per_group <= 0:
             raise ValueError("capacity, per_scope and per_group must be positive")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import ShapeMismatch
+from .errors import ContractionTooThin, ShapeMismatch
 from .messages import MAX_DIM, MatmulRequest
 
 
@@ -32,8 +32,10 @@ class LayerShape:
                 raise ValueError(f"{name} must be in [1, {MAX_DIM}], got {value}")
 
 
-def check_shapes(request: MatmulRequest, layer: LayerShape) -> None:
-    """Raise ShapeMismatch unless the slice lies inside the layer and the shapes fit the slice."""
+def check_shapes(request: MatmulRequest, layer: LayerShape, *, min_contraction: int = 1) -> None:
+    """Raise ShapeMismatch unless the slice lies inside the layer and the shapes fit the slice, and
+    ContractionTooThin (a ShapeMismatch) if it contracts over fewer than `min_contraction` features
+    while the layer has more: a whole contraction is always allowed."""
     rows, cols = request.weight_slice.rows, request.weight_slice.cols
     if rows.stop > layer.d_in or cols.stop > layer.d_out:
         raise ShapeMismatch(
@@ -47,3 +49,6 @@ def check_shapes(request: MatmulRequest, layer: LayerShape) -> None:
         raise ShapeMismatch(
             "output shape does not fit the input and the weight slice", expected=(m, n), got=request.output_shape
         )
+    full = layer.d_out if request.transpose else layer.d_in
+    if k < min(min_contraction, full):
+        raise ContractionTooThin(minimum=min(min_contraction, full), got=k)

@@ -22,7 +22,9 @@ class ClientConfig:
     timeout_factor: float = 20.0  # give up on an attempt after this many times its expected time ...
     timeout_min_s: float = 10.0  # ... but never before this
     max_attempts: int = 8  # attempts per chunk before the call fails
-    max_rotations: int = 4  # key rotations per call (each after a detected cheat)
+    # key rotations one provider identity may cause in a call (each after a wrong result of its). A
+    # cheater is banned for good, so many identities cost a rotation each and never end the call
+    max_rotations_per_peer: int = 1
     retry_base_s: float = 0.2  # backoff before asking a provider that already failed this chunk again
     retry_max_s: float = 5.0
     ban_base_s: float = 10.0  # first ban of a provider that timed out or was unreachable ...
@@ -40,8 +42,8 @@ class ClientConfig:
             raise ValueError(f"split must be auto, blocks, columns or rows, got {self.split!r}")
         if not self.link_bps > 0:
             raise ValueError(f"link_bps must be > 0, got {self.link_bps}")
-        if min(self.max_chunks, self.max_attempts, self.crypto_threads, self.upload_slots) < 1 or self.max_rotations < 0:
-            raise ValueError("max_chunks, max_attempts, crypto_threads and upload_slots must be >= 1, max_rotations >= 0")
+        if min(self.max_chunks, self.max_attempts, self.crypto_threads, self.upload_slots) < 1 or self.max_rotations_per_peer < 0:
+            raise ValueError("max_chunks, max_attempts, crypto_threads and upload_slots must be >= 1, max_rotations_per_peer >= 0")
         if self.max_price_per_gmac < 0:
             raise ValueError(f"max_price_per_gmac must be >= 0, got {self.max_price_per_gmac}")
         if self.upload_window_bytes < 0:

@@ -8,13 +8,14 @@ Freivalds, then accepted: delivered into the call's output, its receipt counters
 the ledger and sent back. A receipt that charges more than the advert is a cheat like a wrong
 result: the provider is banned for good and nothing is paid. The stream I/O itself runs in an
 Exchange task of the dispatcher's own nursery, so that cancelling an attempt never cancels
-libp2p I/O (exchange.py says why). Every failure is classified (router.FailureKind) and turned
-into a penalty by the router.
+libp2p I/O (exchange.py says why). Every failure is classified (router.FailureKind).
 
-A race (`_race`) runs an attempt at the best provider and, if it has not answered within the
-router's hedge delay, a second one at the next best; the first accepted result cancels the other
-(trio's race-and-cancel). A chunk (`run_chunk`) retries races until one is accepted or its
-attempts run out.
+What to do is never decided here: the chunk's decisions (decisions.py, shared with the simulator)
+say whom to send it to, when to wait, back off, hedge or give up, and turn each failure into a
+penalty; this module does the sending, waiting and sleeping they ask for. A race (`_race`) runs an
+attempt at the provider chosen and, if it has not started replying within the hedge delay, a
+second one at the hedge chosen; the first accepted result cancels the other (trio's
+race-and-cancel). A chunk (`run_chunk`) runs races until one is accepted.
 
 Exactly once: a chunk's result is delivered by the first attempt that passes verification, and
 that attempt alone records and countersigns its receipt; a slower twin that also passes is
@@ -61,27 +62,28 @@ from cipherswarm.protocol import (
 
 from ..discovery import now_ms
 from ..engine import BACKEND, ENGINE, encode_params
-from ..errors import ChunkFailedError, NoProvidersError
 from ..host import NodeHost
 from ..ledger import Ledger
 from ..types import Chunk
 from ..weights import group_members
 from .config import ClientConfig
+from .decisions import Backoff, ChunkDecisions, Send, Wait
 from .exchange import Exchange, ExchangeExpired, wait_any
 from .keys import LayerChannel
-from .peers import Need, PeerState
-from .router import AttemptFailed, ChunkRouter, FailureKind
+from .peers import Need, PeerState, PeerTable
+from .router import AttemptFailed, FailureKind
 from .uploads import Uploads
 
 log = logging.getLogger(__name__)
 
 
 class KeyExposed(Exception):
-    """A provider returned a wrong result (it is banned by now): the keys in use must be rotated."""
+    """A provider returned a wrong result for `chunk` (it is banned by now): the keys in use must be rotated."""
 
-    def __init__(self, peer: ID, reason: str) -> None:
+    def __init__(self, peer: ID, reason: str, chunk: Chunk) -> None:
         super().__init__(f"{peer} returned a wrong result: {reason}")
         self.peer = peer
+        self.chunk = chunk
 
 
 @dataclass
@@ -124,8 +126,7 @@ class ChunkJob:
     """A chunk of one call, encrypted under one key, ready to send."""
 
     layer: str  # tensor name as the wire carries it, or a group's key of them (weights.py)
-    need: Need
-    chunk: Chunk
+    decisions: ChunkDecisions  # whom to send it to, and what its outcomes mean (decisions.py)
     channel: LayerChannel
     key: Any  # the secret key the ciphertext was made under
     checker: FreivaldsVerifier  # the channel's checker when `key` was current
@@ -135,7 +136,14 @@ class ChunkJob:
     x: torch.Tensor  # the chunk's plaintext operand, for the Freivalds check
     width: int  # output columns of the chunk
     deliver: Callable[[torch.Tensor], None]  # puts the verified product into the call's output
-    accepted: bool = False
+
+    @property
+    def chunk(self) -> Chunk:
+        return self.decisions.chunk
+
+    @property
+    def need(self) -> Need:
+        return self.decisions.need
 
     @property
     def weight_slice(self) -> WeightSlice:
@@ -198,20 +206,19 @@ def _open_result(job: ChunkJob, payload: bytes) -> tuple[torch.Tensor, tuple[flo
 
 
 class Dispatcher:
-    """Runs chunks against the providers in the peer table."""
+    """Runs chunks against the providers in the peer table, as their decisions say."""
 
     def __init__(
         self,
         *,
         node: NodeHost,
-        router: ChunkRouter,
+        table: PeerTable,
         ledger: Ledger,
         config: ClientConfig,
         counters: Counters,
     ) -> None:
         self._node = node
-        self._router = router
-        self._table = router.table
+        self._table = table
         self._ledger = ledger
         self._config = config
         self._counters = counters
@@ -234,51 +241,25 @@ class Dispatcher:
             trio.lowlevel.remove_instrument(cpu)
 
     async def run_chunk(self, job: ChunkJob) -> None:
-        """Retry races until the chunk is accepted. Raises KeyExposed, NoProvidersError or
-        ChunkFailedError.
+        """Run races until the chunk is accepted, sending, waiting and backing off as its decisions
+        say. Raises KeyExposed, NoProvidersError or ChunkFailedError."""
+        decisions = job.decisions
+        while not decisions.accepted:
+            match decisions.next():
+                case Wait(seconds):
+                    await self._table.wait_change(seconds)
+                case Backoff(seconds):
+                    await trio.sleep(seconds)
+                case Send(state, retry):
+                    if retry:
+                        self._counters.retries += 1
+                    await self._race(job, state)
+                    decisions.race_over()
 
-        BUSY replies do not use up attempts (the provider's retry hint paces them), but a chunk
-        that finds every provider busy for `wait_providers_s` fails with NoProvidersError."""
-        avoid: dict[ID, int] = {}  # providers that failed this chunk, and how often
-        failures: list[str] = []
-        busy_since: float | None = None
-        while not job.accepted:
-            if len(failures) >= self._config.max_attempts:
-                raise ChunkFailedError(job.layer, failures)
-            if busy_since is not None and trio.current_time() - busy_since > self._config.wait_providers_s:
-                raise NoProvidersError(job.layer, known=len(self._table), reason="all stayed busy")
-            try:
-                state = await self._take(job, avoid)
-            except NoProvidersError as exc:
-                if not failures:
-                    raise
-                raise NoProvidersError(job.layer, known=exc.known, reason=f"{exc.reason}, after: {'; '.join(failures[-3:])}") from None
-            if failures:
-                self._counters.retries += 1
-            outcome = await self._race(job, state)
-            if outcome and all(f.kind is FailureKind.BUSY for f in outcome):
-                busy_since = trio.current_time() if busy_since is None else busy_since
-                continue
-            busy_since = None
-            for failure in outcome:
-                avoid[failure.peer] = avoid.get(failure.peer, 0) + 1
-                failures.append(str(failure))
-
-    async def _take(self, job: ChunkJob, avoid: dict[ID, int]) -> PeerState:
-        """The provider for the next attempt, with one of its slots taken (the attempt releases it).
-        Taking the slot right after choosing, with no checkpoint between, keeps concurrent chunks
-        from all choosing the same free slot."""
-        state = await self._router.choose(job.need, avoid=avoid, layer=job.layer)
-        if state.peer in avoid:  # only providers that already failed this chunk are left: back off
-            await trio.sleep(self._router.retry_delay(avoid[state.peer]))
-            state = await self._router.choose(job.need, avoid=avoid, layer=job.layer)
-        self._table.acquire(state.peer)
-        return state
-
-    async def _race(self, job: ChunkJob, first: PeerState) -> list[AttemptFailed]:
-        """Attempts at `first` and, if it straggles, at a hedge; the failures of those that failed.
-        Each attempt starts with its provider's slot taken and releases it."""
-        failed: list[AttemptFailed] = []
+    async def _race(self, job: ChunkJob, first: PeerState) -> None:
+        """An attempt at `first` and, if it straggles, at a hedge, until one is accepted or both
+        ended. Each attempt starts with its provider's slot taken and gives it back."""
+        decisions = job.decisions
         running: dict[ID, float] = {}  # attempts not yet ended by themselves, and when they started
 
         async def attempt(state: PeerState, done: trio.Event, started: trio.Event, replying: trio.Event) -> None:
@@ -286,12 +267,11 @@ class Dispatcher:
             try:
                 await self._attempt(job, state, on_accept=nursery.cancel_scope.cancel, started=started, replying=replying)
             except AttemptFailed as failure:
-                self._penalise(failure)
-                failed.append(failure)
-                if failure.kind is FailureKind.CHEATED:
-                    raise KeyExposed(failure.peer, failure.reason) from None
+                self._count(failure)
+                if decisions.failed(failure):
+                    raise KeyExposed(failure.peer, failure.reason, job.chunk) from None
             finally:
-                self._table.release(state.peer)
+                decisions.released(state.peer)
                 done.set()
             del running[state.peer]  # not reached when cancelled by the winner
 
@@ -301,21 +281,20 @@ class Dispatcher:
             await wait_any(first_started, first_done)  # queued behind our own uploads: no hedge clock yet
             # the hedge clock stops, like the deadline, when the reply starts: a big reply downloads
             # at the client's link rate, and a twin would only share that link with it
-            with trio.move_on_after(self._router.hedge_delay(first, job.need.macs, job.need.payload)):
+            with trio.move_on_after(decisions.hedge_after(first)):
                 await wait_any(first_done, first_replying)
             if not first_done.is_set() and not first_replying.is_set():
-                hedge = self._router.pick(job.need, avoid={first.peer: 1})
-                if hedge is not None and hedge.peer != first.peer:
-                    self._table.acquire(hedge.peer)
+                hedge = decisions.hedge(first)
+                if hedge is not None:
                     self._counters.hedges += 1
                     log.info("hedging a chunk of %s: %s is slow, also asking %s", job.layer, first.peer, hedge.peer)
                     nursery.start_soon(attempt, hedge, trio.Event(), trio.Event(), trio.Event())
         now = trio.current_time()
         for peer, since in running.items():
-            self._table.on_straggler(peer, now - since)
-        return failed
+            decisions.straggled(peer, now - since)
 
-    def _penalise(self, failure: AttemptFailed) -> None:
+    def _count(self, failure: AttemptFailed) -> None:
+        """Count a failed attempt in the client's statistics (its penalty is the decisions')."""
         log.debug("attempt failed: %s", failure)
         name = failure.peer.to_base58()
         self._counters.failures_by_peer[name] = self._counters.failures_by_peer.get(name, 0) + 1
@@ -327,7 +306,6 @@ class Dispatcher:
             case FailureKind.CHEATED:
                 self._counters.verification_failures += 1
                 log.warning("banning %s for good: %s", failure.peer, failure.reason)
-        self._router.on_failure(failure)
 
     async def _attempt(
         self, job: ChunkJob, state: PeerState, *, on_accept: Callable[[], None], started: trio.Event | None = None,
@@ -361,7 +339,7 @@ class Dispatcher:
                 return seal(request, self._key_pair.private_key)
 
         limits = Limits(max_payload_size=2 * job.ct.blocks * job.width * job.params.n * 8 + (1 << 16))
-        timeout = self._router.attempt_timeout(state, job.need.macs, job.need.payload)
+        timeout = job.decisions.timeout(state)
         exchange = Exchange(self._node, peer, make_request, job.payload, limits=limits, timeout_s=timeout,
                             uploads=self._uploads, started=started, replying=replying)
         if self._background is None:
@@ -397,7 +375,7 @@ class Dispatcher:
                 self._counters.verify_s += verify_s
             except FheError as exc:
                 raise AttemptFailed(peer, FailureKind.CHEATED, f"wrong result: {exc}") from None
-            if job.accepted:  # a hedge twin was accepted first
+            if job.decisions.accepted:  # a hedge twin was accepted first
                 return
             exchange.acknowledge(self._accept(job, reply, y, elapsed_s=exchange.replied_at - exchange.admitted_at,
                                               reply_s=reply_s))
@@ -409,7 +387,6 @@ class Dispatcher:
                 reply_s: float) -> SignedReceipt:
         """Deliver the verified product and record the countersigned receipt. Synchronous, so no
         other attempt can slip in between the check of `accepted` and this."""
-        job.accepted = True
         job.deliver(y)
         assert reply.message.receipt is not None  # verify_reply checked the receipt of an OK reply
         cpu = self._node.cpu
@@ -422,7 +399,7 @@ class Dispatcher:
         c.chunks += 1
         c.macs += receipt.macs
         c.paid += receipt.amount
-        self._table.on_success(
+        job.decisions.accept(
             reply.signer,
             elapsed_s=elapsed_s,
             compute_s=reply.message.compute_time_us / 1e6,

@@ -41,6 +41,7 @@ from libp2p.peer.id import ID
 from ..discovery import now_ms
 from ..ledger import Ledger, TrackRecord
 from ..types import PeerView, ProviderAdvert
+from .config import ClientConfig
 
 EWMA = 0.3  # weight of a new measurement in the moving averages
 INITIAL_LATENCY_S = 0.05
@@ -110,6 +111,7 @@ class PeerTable:
         ban_max_s: float = 600.0,
         link_bps: float = 2.5e6,
         max_price_per_gmac: int | None = None,
+        request_ttl_s: float | None = None,
         unmeasured_rate: float = UNMEASURED_RATE,
         clock: Callable[[], float] = trio.current_time,
         wall_ms: Callable[[], int] = now_ms,
@@ -124,10 +126,20 @@ class PeerTable:
         # the most the user pays per 10^9 MACs (None: any price); dearer providers are not holders.
         # The session passes ClientConfig.max_price_per_gmac.
         self.max_price_per_gmac = max_price_per_gmac
+        # the lifetime of the client's requests (None: not checked); a provider advertising a shorter
+        # max_ttl would refuse every one of them (EXPIRED), so it is not a holder
+        self.request_ttl_ms = None if request_ttl_s is None else int(1000 * request_ttl_s)
         self.unmeasured_rate = unmeasured_rate
         self._clock = clock
         self._wall_ms = wall_ms
         self._changed = trio.Event()
+
+    @classmethod
+    def for_client(cls, config: ClientConfig, ledger: Ledger, **clocks: Callable[[], float] | Callable[[], int]) -> PeerTable:
+        """The table a client with `config` keeps (the session's, and the simulator's on its clocks:
+        `clock` and `wall_ms`)."""
+        return cls(ledger=ledger, ban_base_s=config.ban_base_s, ban_max_s=config.ban_max_s, link_bps=config.link_bps,
+                   max_price_per_gmac=config.max_price_per_gmac, request_ttl_s=config.request_ttl_s, **clocks)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
         return len(self._peers)
@@ -195,7 +207,7 @@ class PeerTable:
 
     def holders(self, need: Need) -> list[PeerState]:
         """Providers that could serve `need` at all: live advert, layer held, payload accepted,
-        price within `max_price_per_gmac`, not banned for good (they may be busy or banned for a
+        price within `max_price_per_gmac`, the requests' lifetime accepted, not banned for good (they may be busy or banned for a
         while). The one place that says who may be used: plans, choices and hedges all start here."""
         wall = self._wall_ms()
         cap = self.max_price_per_gmac
@@ -205,6 +217,7 @@ class PeerTable:
             and (cap is None or s.advert.price_per_gmac <= cap)
             and s.advert.holds(need.model_hash, need.layer_digests)
             and s.advert.max_payload_size >= need.payload
+            and (self.request_ttl_ms is None or s.advert.accepts_ttl(self.request_ttl_ms))
             and s.peer.to_base58() not in self._banned_forever
         ]
 

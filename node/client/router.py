@@ -12,6 +12,11 @@ of fhe-scheme.md, "Chunking":
   products, so every provider returns a full-size output. Needed when one block's ciphertext
   exceeds a provider's payload limit.
 
+Every chunk stays within what the providers it may be sent to advertise (`ChunkLimits`, the
+strictest of their adverts): its payload, its reply's bytes and output elements (more block groups,
+and column cuts where one block's output is too big), and a contraction of at least their
+`min_contraction` features (fewer row parts), so that no honest chunk is refused for its size.
+
 The client's link, not the providers, usually bounds a fine-tune, so "auto" chooses by the bytes a
 plan moves: `rows` only if one block does not fit the smallest payload limit among the holders
 (as few parts as fit), otherwise token `blocks`, or blocks with the columns cut in 2, 4, ... or one
@@ -26,7 +31,7 @@ usable at that moment with the fewest of our requests in flight, the best score 
 expected time over reputation, plus price). That spreads a call over all providers, gives faster
 ones more when there are more chunks than providers, respects each provider's slots, and lets
 retries and hedges go elsewhere. A provider that already failed this chunk is chosen again only when no other is usable,
-after an exponential backoff (`retry_delay`).
+after an exponential backoff (decisions.py, which waits, backs off and hedges around `pick`).
 """
 
 from __future__ import annotations
@@ -35,21 +40,19 @@ import enum
 import itertools
 import logging
 import math
-import random
 import statistics
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-import trio
 from libp2p.peer.id import ID
 
+from cipherswarm.fhe_backend.ciphertext import RESULT_HEAD_BYTES
 from cipherswarm.fhe_backend.params import wire_bytes
+from cipherswarm.fhe_backend.sampling import SEED_BYTES
 from cipherswarm.fhe_backend.verify import column_grid
 from cipherswarm.protocol import Range
 
-from ..errors import NoProvidersError
-from ..types import Chunk
+from ..types import Chunk, ProviderAdvert
 from .config import ClientConfig
 from .peers import Need, PeerState, PeerTable
 
@@ -125,6 +128,61 @@ class CallShape:
 
 
 @dataclass(frozen=True, slots=True)
+class ChunkLimits:
+    """What every chunk of a plan must respect: the strictest advert among the providers it may be
+    sent to, since any chunk may go to any of them (None: no provider states that limit)."""
+
+    max_payload: int  # request payload bytes
+    max_reply: int | None = None  # reply payload bytes
+    max_output: int | None = None  # result elements the provider computes: ring blocks x n x width
+    min_contraction: int = 1  # contraction features per chunk, unless the layer has fewer
+
+    @classmethod
+    def of(cls, adverts: list[ProviderAdvert], *, max_payload: int) -> ChunkLimits:
+        """The strictest limits of `adverts`, the payload also within `max_payload`."""
+        def smallest(values: list[int]) -> int | None:
+            return min((v for v in values if v), default=None)  # 0: not stated
+        return cls(max_payload=min(max_payload, *(a.max_payload_size for a in adverts)),
+                   max_reply=smallest([a.max_reply_size for a in adverts]),
+                   max_output=smallest([a.max_output_elements for a in adverts]),
+                   min_contraction=max([1, *(a.min_contraction for a in adverts)]))
+
+    def contraction_floor(self, shape: CallShape) -> int:
+        """The fewest features a chunk may contract over: a whole contraction is always allowed."""
+        return min(self.min_contraction, shape.contraction)
+
+    @staticmethod
+    def reply_bound(shape: CallShape, blocks: int, width: int, row_parts: int) -> int:
+        """At least the reply payload of a chunk of `blocks` ring blocks by `width` output columns:
+        the result's header, a seed per block (shared-mask profile) and a whole value for every
+        slot. A row part's output words are wider (Params.with_row_parts), at most two input words."""
+        per_value = shape.out_bytes if row_parts == 1 else max(shape.out_bytes, 2 * shape.in_bytes)
+        return RESULT_HEAD_BYTES + blocks * (SEED_BYTES + shape.n * width * per_value)
+
+    def most_blocks(self, shape: CallShape, width: int, row_parts: int) -> int:
+        """The most ring blocks one chunk of `width` output columns may hold within the reply and
+        output limits (0: not even one)."""
+        most = shape.blocks
+        if self.max_output is not None:
+            most = min(most, self.max_output // (shape.n * width))
+        if self.max_reply is not None:
+            one = self.reply_bound(shape, 1, width, row_parts) - RESULT_HEAD_BYTES
+            most = min(most, max(0, self.max_reply - RESULT_HEAD_BYTES) // one)
+        return most
+
+    def columns_to_fit(self, shape: CallShape, row_parts: int) -> int:
+        """The fewest column parts (on the checker's grid) whose widest part fits one block's reply
+        and output (every part, if even a single grid block does not fit: the best there is)."""
+        grid = shape.column_grid
+        cells = len(grid) - 1
+        for parts in range(1, cells):
+            widest = max(grid[r.stop] - grid[r.start] for r in _ranges(cells, parts))
+            if self.most_blocks(shape, widest, row_parts) >= 1:
+                return parts
+        return cells
+
+
+@dataclass(frozen=True, slots=True)
 class PlanCost:
     """What a plan moves through the client's link and how long the router expects it to take."""
 
@@ -162,29 +220,31 @@ def plan_cost(shape: CallShape, chunks: list[Chunk], *, providers: int, link_bps
 class ChunkRouter:
     """Plans chunks and chooses providers; `on_failure` turns an attempt's failure into a penalty."""
 
-    def __init__(self, table: PeerTable, config: ClientConfig, *, starved: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, table: PeerTable, config: ClientConfig) -> None:
         self.table = table
         self.config = config
-        self._starved = starved  # called when nobody holds a layer: ask discovery for a fresh lookup
 
     def plan(self, shape: CallShape, *, providers: int, max_payload: int, link_bps: float = math.inf,
-             rate: float = 1.0, reply_bps: float = math.inf) -> list[Chunk]:
+             rate: float = 1.0, reply_bps: float = math.inf, max_reply: int | None = None,
+             max_output: int | None = None, min_contraction: int = 1) -> list[Chunk]:
         """The chunks of a call for `providers` usable providers whose smallest payload limit is
-        `max_payload`, over a client link of `link_bps` bytes/s to providers computing `rate` MAC/s
-        and replying at `reply_bps` (with the default, an infinitely fast client link, replicating
-        costs nothing and "auto" spreads a call as widely as it can)."""
+        `max_payload` (and reply, output and contraction limits, ChunkLimits), over a client link
+        of `link_bps` bytes/s to providers computing `rate` MAC/s and replying at `reply_bps` (with
+        the default, an infinitely fast client link, replicating costs nothing and "auto" spreads a
+        call as widely as it can)."""
+        limits = ChunkLimits(max_payload, max_reply, max_output, min_contraction)
         k = max(1, min(providers, self.config.max_chunks))
         kind = self.config.split
         if kind != "auto":
-            return self._layout(shape, kind, k, max_payload)
+            return self._layout(shape, kind, k, limits)
         if shape.block_bytes > max_payload:  # as few row parts as fit: each returns a full-size output
-            return self._layout(shape, "rows", k, max_payload, spread_rows=False)
+            return self._layout(shape, "rows", k, limits, spread_rows=False)
         # token blocks, then cuts of the columns into powers of two and into one per provider (the
         # input sent that many times)
         widest = min(k, len(shape.column_grid) - 1)
         cuts = sorted({2**i for i in range(1, widest.bit_length())} | {widest} - {1})
-        plans = [self._layout(shape, "blocks", k, max_payload)]
-        plans += [self._layout(shape, "columns", k, max_payload, cols=c) for c in cuts]
+        plans = [self._layout(shape, "blocks", k, limits)]
+        plans += [self._layout(shape, "columns", k, limits, cols=c) for c in cuts]
         cost = partial(plan_cost, shape, providers=k, link_bps=link_bps, rate=rate, reply_bps=reply_bps)
         best, best_s = plans[0], cost(plans[0]).seconds
         for plan in plans[1:]:  # more bytes each: worth them only for a clear gain (the inputs are estimates)
@@ -196,17 +256,18 @@ class ChunkRouter:
         """`plan` for the holders of a layer: the usable ones now (all of them if none is), the
         client's link as the fastest one measured to any of them (each measurement is a lower
         bound: uploads share the link), their mean rate and the mean reply rate of those measured.
-        A chunk's payload stays within the smallest limit among them and within what that link
-        uploads in half a request's lifetime, so that every request reaches its provider before it
-        expires. The plan is logged with the bytes it moves."""
+        A chunk stays within the strictest of their adverts (ChunkLimits) and its payload within what
+        that link uploads in half a request's lifetime, so that every request reaches its provider
+        before it expires. The plan is logged with the bytes it moves."""
         usable = [s for s in holders if self.table.usable(s)] or holders
         link = max(s.link_bps for s in usable)
         rate = statistics.fmean(s.rate for s in usable)
         measured = [s.reply_bps for s in usable if math.isfinite(s.reply_bps)]
         reply_bps = statistics.fmean(measured) if measured else math.inf  # unknown: not spread on a guess
-        in_time = int(link * self.config.request_ttl_s / 2)
+        limits = ChunkLimits.of([s.advert for s in usable], max_payload=int(link * self.config.request_ttl_s / 2))
         chunks = self.plan(shape, providers=len(usable), link_bps=link, rate=rate, reply_bps=reply_bps,
-                           max_payload=min(in_time, *(s.advert.max_payload_size for s in usable)))
+                           max_payload=limits.max_payload, max_reply=limits.max_reply, max_output=limits.max_output,
+                           min_contraction=limits.min_contraction)
         if log.isEnabledFor(logging.DEBUG):
             cost = plan_cost(shape, chunks, providers=len(usable), link_bps=link, rate=rate, reply_bps=reply_bps)
             log.debug("plan for %s (%d tokens, %d x %d): %d chunk(s) over %d token group(s), %d row part(s), "
@@ -215,28 +276,33 @@ class ChunkRouter:
                       cost.describe())
         return chunks
 
-    def _layout(self, shape: CallShape, kind: str, k: int, max_payload: int, *, spread_rows: bool = True,
+    def _layout(self, shape: CallShape, kind: str, k: int, limits: ChunkLimits, *, spread_rows: bool = True,
                 cols: int = 0) -> list[Chunk]:
         """The chunks of one kind of split for `k` providers, block groups added until each fits.
         Rows: `k` row parts when `spread_rows` (the split asked for by name), else only as many as
-        fit the payload limit, with the blocks spread instead (they cost no extra bytes). Columns:
-        `cols` column parts (0: `k`), with the blocks spread over the providers left."""
+        fit the payload limit, with the blocks spread instead (they cost no extra bytes); never
+        thinner than the contraction floor. Columns: `cols` column parts (0: `k`), with the blocks
+        spread over the providers left. Any kind cuts the columns too where one block's reply or
+        output would exceed the limits."""
         grid = shape.column_grid
+        max_payload = limits.max_payload
         groups = rows = 1
-        if kind == "blocks":
-            cols = 1
-            groups = max(k, _pieces_to_fit(shape.blocks, shape.block_bytes, max_payload))
-        elif kind == "columns":
-            cols = min(cols or k, len(grid) - 1)
-            groups = max(k // cols, _pieces_to_fit(shape.blocks, shape.block_bytes, max_payload))
-        else:
-            cols = 1
+        if kind == "rows":
             feature_bytes = shape.n * shape.in_bytes  # one feature of one block
-            rows = min(shape.contraction, max(k if spread_rows else 1, _pieces_to_fit(shape.contraction, feature_bytes, max_payload)))
+            rows = max(k if spread_rows else 1, _pieces_to_fit(shape.contraction, feature_bytes, max_payload))
+            rows = min(rows, shape.contraction // limits.contraction_floor(shape))
             part_bytes = _ceil_div(shape.contraction, rows) * feature_bytes  # the largest row part of one block
             groups = _pieces_to_fit(shape.blocks, part_bytes, max_payload)
+        fit = limits.columns_to_fit(shape, rows)
+        if kind == "rows":
+            cols = fit
             if not spread_rows:
-                groups = max(k // rows, groups)
+                groups = max(k // (rows * cols), groups)
+        else:
+            cols = min(max(fit, 1 if kind == "blocks" else cols or k), len(grid) - 1)
+            groups = max(k // cols, _pieces_to_fit(shape.blocks, shape.block_bytes, max_payload))
+        widest = max(grid[r.stop] - grid[r.start] for r in _ranges(len(grid) - 1, cols))
+        groups = max(groups, _ceil_div(shape.blocks, max(1, limits.most_blocks(shape, widest, rows))))
         groups = min(shape.blocks, groups)
         outputs = [Range(grid[a.start], grid[a.stop]) for a in _ranges(len(grid) - 1, cols)]
         product = itertools.product(_ranges(shape.blocks, groups), _ranges(shape.contraction, rows), outputs)
@@ -267,35 +333,12 @@ class ChunkRouter:
         near = [s for s in ranked if scores[s.peer] <= NEAR_BEST * best or s.chunks == 0]
         return min(near, key=lambda s: (s.chunks, scores[s.peer]))
 
-    async def choose(self, need: Need, *, avoid: dict[ID, int], layer: str) -> PeerState:
-        """`pick`, waiting up to `wait_providers_s` for a provider to become usable (a freed
-        slot, a BUSY hint or a ban running out, a new advert). NoProvidersError after that."""
-        deadline = trio.current_time() + self.config.wait_providers_s
-        while (state := self.pick(need, avoid=avoid)) is None:
-            holders = self.table.holders(need)  # affordable ones only
-            now = trio.current_time()
-            if now >= deadline:
-                if holders:
-                    reason = "all are busy or banned: " + ", ".join(self.table.describe(s) for s in holders)
-                else:
-                    reason = "none holds this layer at an affordable price"
-                raise NoProvidersError(layer, known=len(self.table), reason=reason)
-            if not holders:
-                self._starved()
-            await self.table.wait_change(min(self.table.ready_in(need), deadline - now))
-        return state
-
     def hedge_delay(self, state: PeerState, macs: int, payload: int = 0) -> float:
         return max(self.config.hedge_min_s, self.config.hedge_factor * state.expected_s(macs, payload))
 
     def attempt_timeout(self, state: PeerState, macs: int, payload: int = 0) -> float:
         limit = max(self.config.timeout_min_s, self.config.timeout_factor * state.expected_s(macs, payload))
         return min(self.config.request_ttl_s, limit)
-
-    def retry_delay(self, attempt: int) -> float:
-        """Backoff before the `attempt`-th retry at a provider that already failed: doubling, capped,
-        with jitter so that many clients do not retry in step."""
-        return min(self.config.retry_max_s, self.config.retry_base_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
     def on_failure(self, failure: AttemptFailed) -> None:
         """Penalise the provider of a failed attempt (peers.py says what each penalty is)."""

@@ -8,12 +8,17 @@ yields a `SwarmSession`; `SwarmSession.matmul` is one layer call:
    it (token blocks, contraction rows) and send the chunks concurrently (dispatch.py);
 3. each verified chunk product is added into the output where it belongs, exactly once;
 4. if a provider returned a wrong result, it is banned, every key is rotated, and the chunks not
-   yet delivered are encrypted again under the new keys and sent again, up to `max_rotations`.
+   yet delivered are encrypted again under the new keys and sent again: each cheating identity
+   costs a rotation, and the call goes on while honest holders are left (decisions.py).
+
+What is sent where, and when a call rotates or gives up, is decided by the call's decisions
+(decisions.py), which the simulator runs too; `journal` sees every decision.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -30,12 +35,13 @@ from cipherswarm.protocol import Range
 
 from ..discovery import AdvertWatcher
 from ..engine import ENGINE
-from ..errors import NodeError, NoProvidersError, ProvidersCheatingError, leaf_errors
+from ..errors import NodeError, NoProvidersError, leaf_errors
 from ..host import LOOPBACK, NodeHost, open_host
 from ..ledger import Ledger
 from ..types import Chunk, ClientStats
 from ..weights import Layer, ModelWeights
 from .config import ClientConfig
+from .decisions import CallDecisions, Journal
 from .dispatch import ChunkJob, Counters, Dispatcher, KeyExposed, serialise, thread_timed
 from .keys import KeyRing, LayerChannel
 from .peers import Need, PeerTable
@@ -63,18 +69,19 @@ class SwarmSession:
         self.weights = weights
         self.ledger = ledger
         self.config = config
-        self.peers = PeerTable(ledger=ledger, ban_base_s=config.ban_base_s, ban_max_s=config.ban_max_s,
-                               link_bps=config.link_bps, max_price_per_gmac=config.max_price_per_gmac)
+        self.peers = PeerTable.for_client(config, ledger)
         self.watcher = AdvertWatcher(
             node, weights.model_hash, self.peers.update, lookup_interval_s=config.lookup_interval_s
         )
-        self.router = ChunkRouter(self.peers, config, starved=self.watcher.request_lookup)
+        self.router = ChunkRouter(self.peers, config)
         self.keys = keys if keys is not None else KeyRing(precision=precision)  # keys: opened while loading
         self.keys.weights = weights
         self._counters = Counters()
         self._calls = 0
         self._rotations = 0
-        self.dispatcher = Dispatcher(node=node, router=self.router, ledger=ledger, config=config, counters=self._counters)
+        self._rng = random.Random()  # backoff jitter: not a secret
+        self.journal: Journal = lambda decision: None  # sees every decision about a chunk (decisions.py)
+        self.dispatcher = Dispatcher(node=node, table=self.peers, ledger=ledger, config=config, counters=self._counters)
 
     def stats(self) -> ClientStats:
         """A snapshot of the client's cumulative figures and its peer table."""
@@ -132,25 +139,24 @@ class SwarmSession:
         p = channel.params
         shape = CallShape(x.shape[0], p.n, contraction, width, p.in_bytes, p.out_bytes, p.pad_bytes)
         plan = await self._plan(layer, held, shape)
+        call = CallDecisions(self.router, plan, layer=layer.name, clock=trio.current_time, rng=self._rng,
+                             starved=self.watcher.request_lookup, journal=lambda decision: self.journal(decision))
         # Chunks of one contraction part cover each output cell once (router.py), and each is
         # copied in; only row chunks add up, into zeros. A layer-sized output is written once
         # instead of zeroed, read and written again.
         partial_sums = any(chunk.row_parts > 1 for chunk in plan)
         y = (torch.zeros if partial_sums else torch.empty)((x.shape[0], width), dtype=torch.int64)
-        done: set[int] = set()
-        for _ in range(self.config.max_rotations + 1):
-            exposed = False
+        while True:
             try:
-                await self._round(layer, held, channel, shape, plan, x, y, done)
+                await self._round(call, held, channel, shape, x, y)
             except KeyExposed as exc:
-                exposed = True
-                log.warning("%s; rotating every key and redoing %d chunk(s)", exc, len(plan) - len(done))
-            if not exposed:
-                self._calls += 1
-                return y
-            self.keys.rotate()
-            self._rotations += 1
-        raise ProvidersCheatingError(layer.name, self.config.max_rotations)
+                call.rotate(exc.chunk, exc.peer)  # ProvidersCheatingError if this identity may cause no more
+                log.warning("%s; rotating every key and redoing %d chunk(s)", exc, len(call.pending()))
+                self.keys.rotate()
+                self._rotations += 1
+                continue
+            self._calls += 1
+            return y
 
     async def _plan(self, layer: Layer, held: tuple[bytes, ...], shape: CallShape) -> list[Chunk]:
         need = Need(self.weights.model_hash, held, payload=0, macs=0)
@@ -164,16 +170,14 @@ class SwarmSession:
 
     async def _round(
         self,
-        layer: Layer,
+        call: CallDecisions,
         held: tuple[bytes, ...],
         channel: LayerChannel,
         shape: CallShape,
-        plan: list[Chunk],
         x: torch.Tensor,
         y: torch.Tensor,
-        done: set[int],
     ) -> None:
-        """Encrypt under the current key and run every chunk not yet done. Raises KeyExposed (a
+        """Encrypt under the current key and run every chunk not yet accepted. Raises KeyExposed (a
         cheat: rotate and call again) or a NodeError, unwrapped from the nursery's group."""
         key = channel.key
         crypto = self.dispatcher.crypto
@@ -183,9 +187,7 @@ class SwarmSession:
         jobs = []
         # column chunks of the same blocks and rows send the same ciphertext: serialise it once
         parts: dict[tuple[Range, Range], tuple[Ciphertext, tuple[bytes, bytes]]] = {}
-        for chunk in plan:
-            if chunk.index in done:
-                continue
+        for chunk in call.pending():
             if (chunk.blocks, chunk.contraction) not in parts:
                 part = ct.select_blocks(chunk.blocks.start, chunk.blocks.stop)
                 if chunk.row_parts > 1:
@@ -199,9 +201,8 @@ class SwarmSession:
             rows, cols = slice(tokens.start, tokens.stop), slice(chunk.contraction.start, chunk.contraction.stop)
             macs = part.blocks * shape.n * len(chunk.contraction) * len(chunk.output)
             jobs.append(ChunkJob(
-                layer=layer.name,
-                need=Need(self.weights.model_hash, held, payload=len(payload), macs=macs),
-                chunk=chunk,
+                layer=call.layer,
+                decisions=call.chunk(chunk, Need(self.weights.model_hash, held, payload=len(payload), macs=macs)),
                 channel=channel,
                 key=key,
                 checker=checker,
@@ -210,7 +211,7 @@ class SwarmSession:
                 payload_sha256=digest,
                 x=x[rows, cols],
                 width=len(chunk.output),
-                deliver=partial(self._deliver, y, done, chunk, tokens),
+                deliver=partial(self._deliver, y, call.done, chunk, tokens),
             ))
         try:
             async with trio.open_nursery() as nursery:
@@ -227,7 +228,8 @@ class SwarmSession:
 
     @staticmethod
     def _deliver(y: torch.Tensor, done: set[int], chunk: Chunk, tokens: Range, part: torch.Tensor) -> None:
-        """Put one verified chunk product into the call's output (row chunks add up)."""
+        """Put one verified chunk product into the call's output (row chunks add up); `done`, the
+        chunks accepted before, is where its acceptance is recorded next (ChunkDecisions.accept)."""
         if chunk.index in done:
             raise RuntimeError(f"chunk {chunk.index} delivered twice")
         target = y[tokens.start : tokens.stop, chunk.output.start : chunk.output.stop]
@@ -235,7 +237,6 @@ class SwarmSession:
             target.add_(part)
         else:
             target.copy_(part)
-        done.add(chunk.index)
 
 
 @asynccontextmanager

@@ -8,9 +8,12 @@ section 8, so that nothing unauthenticated holds anything scarce:
    streams read their header at once (a new one evicts the oldest), `max_opening_per_peer` of one
    peer id and `max_opening_per_address` of one address; over a share: BUSY.
 2. The header's checks, none of which needs the payload: signature and peer binding, expiry, model
-   and layers held, shapes, price, the backend's name and parameters; then the nonce is recorded
-   (per-key and per-address shares of the replay window). A refused request is answered at once
-   and its payload never read.
+   and layers held, shapes and a contraction of at least `min_contraction` features, price, the
+   backend's name and parameters, a `payload_length` that is exactly the ciphertext the shape
+   needs, and a reply within `max_output_elements` and `max_reply_size` (what the product would
+   allocate and send, known from the header: refused before anything is allocated); then the nonce
+   is recorded (per-key and per-address shares of the replay window). A refused request is answered
+   at once and its payload never read.
 3. *Admission* (the `places` pool): `slots + queue` places, at most `max_per_peer` (default: `slots`)
    of one peer id and `max_per_address` of one address; over: BUSY, the payload unread.
 4. The payload is read at no less than `min_upload_rate` on average (after `header_timeout_s` of
@@ -26,7 +29,8 @@ section 8, so that nothing unauthenticated holds anything scarce:
 A refused stream whose payload may still be coming is drained (read and discarded) for at most
 `header_timeout_s`, so that an honest client can finish its write and read the answer. Memory: the
 requests' own bytes stay below about `(slots + queue) * max_payload_size` whatever the load, as only
-admitted requests read their payload.
+admitted requests read their payload, and each product's output below about `16 *
+max_output_elements + 2 * max_reply_size` (its int64 words, their serialization and the reply's bytes).
 """
 
 from __future__ import annotations
@@ -46,10 +50,12 @@ from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 
 from cipherswarm.fhe_backend import Ciphertext, FheError, ParameterError, PlainWeights
-from cipherswarm.fhe_backend.evaluator import matmul
+from cipherswarm.fhe_backend.ciphertext import ciphertext_size, result_size
+from cipherswarm.fhe_backend.evaluator import matmul, output_elements
 from cipherswarm.fhe_backend.int8_limbs import Int8Gemm, cuda_int8_gemm, self_check
 from cipherswarm.protocol import (
     DEFAULT_MAX_PAYLOAD_SIZE,
+    DEFAULT_MAX_TTL_MS,
     PROTOCOL_IDS,
     Busy,
     CapabilityAdvert,
@@ -61,6 +67,7 @@ from cipherswarm.protocol import (
     MatmulRequest,
     ProtocolError,
     ReplayWindow,
+    ReplyTooLarge,
     ShapeMismatch,
     SignedReceipt,
     TruncatedFrame,
@@ -119,7 +126,17 @@ class ProviderConfig:
     exempt_loopback: bool = True  # no per-address caps for loopback peers (every local process is 127.0.0.1)
     ack_timeout_s: float = 30.0  # wait for the countersigned receipt after the reply (holding no place)
     max_ack_waiters: int = 64  # replies waiting for their receipt at once; one more drops the oldest wait
-    max_ttl_ms: int = 120_000  # longest request lifetime accepted
+    max_ttl_ms: int = DEFAULT_MAX_TTL_MS  # longest request lifetime accepted, advertised
+    # What one request may ask (protocol README, section 8), advertised and checked from the header,
+    # before the payload is read or anything allocated. One 2048-token block of LLaMA-3-8B's widest
+    # layer (14,336 columns, 29.4 M elements) fits; the router cuts columns where a block does not.
+    max_output_elements: int = 1 << 25  # result elements computed (blocks x n x width): 16 B each while computed, 512 MiB
+    max_reply_size: int = 1 << 28  # reply payload bytes sent: 256 MiB, 8 B per element of the largest output
+    # A request contracting over fewer features (unless its layer has fewer) is refused: a thin slice
+    # costs its sender a sliver of payload and this provider a full-width product and reply. 1024
+    # keeps a reply within ~17x its payload per token at 14,336 columns, and the router's row parts
+    # of real models hold thousands of features.
+    min_contraction: int = 1024
     # Replay window (protocol/replay.py): nonces live until their request expires, at most max_ttl_ms.
     replay_capacity: int = 65_536  # nonces remembered at once, about 20 MB; more: BUSY for everyone
     replay_per_key: int = 4_096  # ... of one signing key (68 requests/s of 60 s lifetime); more: BUSY for that key
@@ -135,7 +152,8 @@ class ProviderConfig:
         if self.header_timeout_s <= 0 or self.min_upload_rate <= 0:
             raise ValueError("header_timeout_s and min_upload_rate must be positive")
         caps = (self.max_opening, self.max_opening_per_peer, self.max_opening_per_address, self.max_ack_waiters,
-                self.replay_capacity, self.replay_per_key, self.replay_per_address, self.peer_share, self.address_share)
+                self.replay_capacity, self.replay_per_key, self.replay_per_address, self.peer_share, self.address_share,
+                self.max_ttl_ms, self.max_output_elements, self.max_reply_size, self.min_contraction)
         if min(caps) < 1:
             raise ValueError("every cap must be at least 1")
 
@@ -249,6 +267,10 @@ class Provider:
             issued_at_ms=issued,
             expires_at_ms=issued + int(3000 * self.config.advert_interval_s),
             layers=self._layer_digests,
+            max_reply_size=self.config.max_reply_size,
+            max_output_elements=self.config.max_output_elements,
+            min_contraction=self.config.min_contraction,
+            max_ttl_ms=self.config.max_ttl_ms,
         )
 
     def _admission_changed(self) -> None:
@@ -298,8 +320,9 @@ class Provider:
                 lookup=self.weights.lookup,
                 now_ms=now_ms(),
                 min_price_per_gmac=self.config.price_per_gmac,
+                min_contraction=self.config.min_contraction,
                 group=None if address is None else address.encode(),
-                check=self._check_backend,
+                check=self._check_request,
             )
         except ProtocolError as exc:
             await self._refuse(stream, exc, head.header, then="drain" if head.payload_length else "close")
@@ -458,13 +481,26 @@ class Provider:
 
     # -- the product ---------------------------------------------------------------------------
 
-    @staticmethod
-    def _check_backend(msg: MatmulRequest) -> None:
-        """What the header alone says of the engine: its name, and parameters that decode. Whether
-        they fit the ciphertext and the weights is checked with the payload (_prepare)."""
+    def _check_request(self, msg: MatmulRequest) -> None:
+        """What the header alone says of the engine and of the work asked: the engine's name,
+        parameters that decode, a `payload_length` that is exactly the ciphertext the input shape
+        needs under them (any other payload cannot parse: ShapeMismatch before it is read), and a
+        product whose output and reply stay within the advertised limits (ReplyTooLarge before
+        anything is allocated for it). Whether the parameters fit the ciphertext and the weights
+        is checked with the payload (_prepare)."""
         if msg.backend != BACKEND:
             raise UnsupportedParams("not served here", backend=msg.backend)
-        decode_params(msg.backend_params)
+        params = decode_params(msg.backend_params)
+        (tokens, features), width = msg.input_shape, msg.output_shape[1]
+        expected = ciphertext_size(params, tokens, features)
+        if msg.payload_length != expected:
+            raise ShapeMismatch("payload_length does not fit input_shape under backend_params",
+                                expected=(expected,), got=(msg.payload_length,))
+        cfg = self.config
+        if (elements := output_elements(params, tokens, width)) > cfg.max_output_elements:
+            raise ReplyTooLarge(cfg.max_output_elements, elements, what="output")
+        if (size := result_size(params, tokens, width)) > cfg.max_reply_size:
+            raise ReplyTooLarge(cfg.max_reply_size, size)
 
     async def _compute(self, request: Verified[MatmulRequest]) -> tuple[bytes, bytes, int]:
         """The encrypted result's bytes, their SHA-256 and the compute time in microseconds."""

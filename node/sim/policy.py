@@ -1,13 +1,15 @@
 """The client's scheduling, replayed in simulated time with the client's own code.
 
-The chunk plan, provider choice, hedge delay, attempt timeout, bans and scores are not re-implemented:
-a real ``PeerTable`` (on the simulator's clock, with an in-memory ledger) and a real ``ChunkRouter``
-decide, with the adverts the simulated providers would send. What is mirrored here is the control
-flow of ``session.matmul`` and ``dispatch.run_chunk``/``_race``/``_attempt``: encrypt the operand,
-serialise each chunk, send the chunks (admitted by the client's own ``UploadGate``, each deadline
-and hedge clock starting when its upload is admitted), race a hedge against a straggler, retry a failed
-chunk elsewhere (after a backoff where only providers that failed it are left), until each chunk
-is accepted. Every step's cost is a flow on the simulated resources (engine.py).
+Nothing the client decides is re-implemented: a real ``PeerTable`` (on the simulator's clock, with
+an in-memory ledger), a real ``ChunkRouter`` and the client's own decisions (``CallDecisions`` and
+``ChunkDecisions``, client/decisions.py: whom to send a chunk to, when to wait, back off, hedge,
+penalise, accept, rotate the keys or give up) decide, with the adverts the simulated providers would
+send and the simulation's own clock and seeded generator. What is here is what the real client
+does with those decisions, as events: encrypt the operand, serialise each chunk, send the chunks
+(admitted by the client's own ``UploadGate``, each deadline and hedge clock starting when its upload
+is admitted), race a hedge against a straggler, and after a wrong result encrypt the chunks not
+yet accepted again and send them again. Every step's cost is a flow on the simulated resources
+(engine.py).
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from libp2p.peer.id import ID
 from cipherswarm.protocol import PROTOCOL_IDS
 
 from ..client.config import ClientConfig
+from ..client.decisions import Backoff, CallDecisions, Journal, Send, Wait
 from ..client.peers import Need, PeerState, PeerTable
-from ..client.router import CallShape, ChunkRouter
+from ..client.router import AttemptFailed, CallShape, ChunkRouter, FailureKind
 from ..client.uploads import UploadGate
+from ..errors import NodeError
 from ..ledger import Ledger
 from ..types import Chunk, ProviderAdvert
 from .engine import FifoServers, Flow, Resource, Simulator
@@ -38,7 +42,7 @@ FAR_FUTURE_MS = 1 << 62
 
 
 class ChunkFailed(RuntimeError):
-    """A chunk ran out of attempts or of usable providers: the real call would raise too."""
+    """A chunk ran out of attempts or of usable providers, or a call of rotations: the real call would raise too."""
 
 
 def layer_digest(key: str) -> bytes:
@@ -60,6 +64,7 @@ class Tally:
     hedges: int = 0
     timeouts: int = 0
     unreachable: int = 0
+    rotations: int = 0  # key rotations after wrong results
     bytes_up: float = 0.0
     bytes_down: float = 0.0
     macs: float = 0.0
@@ -96,10 +101,12 @@ class Node:
 
 
 class Client:
-    """The simulated client: resources, the real table and router, and the layer calls it makes."""
+    """The simulated client: resources, the real table and router, and the layer calls it makes.
+    `journal` sees every decision about a chunk, as the real client's `SwarmSession.journal` does."""
 
-    def __init__(self, sim: Simulator, swarm: Swarm, model: ModelShape, config: ClientConfig, rng: random.Random) -> None:
-        self.sim, self.swarm, self.config, self.rng = sim, swarm, config, rng
+    def __init__(self, sim: Simulator, swarm: Swarm, model: ModelShape, config: ClientConfig, rng: random.Random,
+                 *, journal: Journal = lambda decision: None) -> None:
+        self.sim, self.swarm, self.config, self.rng, self.journal = sim, swarm, config, rng, journal
         c = swarm.client
         shared = swarm.shared_cores
         self.cpu = Resource("machine CPU" if shared else "client CPU", shared or c.cores)
@@ -113,8 +120,7 @@ class Client:
             links = (None, None) if shared else (Resource(f"provider {i} uplink", spec.up_bps), Resource(f"provider {i} downlink", spec.down_bps))
             node = Node(sim, i, spec, device, *links)
             self.nodes[node.peer] = node
-        self.table = PeerTable(ledger=Ledger(), ban_base_s=config.ban_base_s, ban_max_s=config.ban_max_s, link_bps=config.link_bps,
-                               max_price_per_gmac=config.max_price_per_gmac, clock=lambda: sim.now, wall_ms=lambda: 0)
+        self.table = PeerTable.for_client(config, Ledger(), clock=lambda: sim.now, wall_ms=lambda: 0)
         for node in self.nodes.values():
             self.table.update(node.advert(model))
         self.router = ChunkRouter(self.table, config)
@@ -150,7 +156,7 @@ class Client:
     def _depart(self, node: Node) -> None:
         node.alive = False
         for attempt in list(node.attempts):
-            attempt.fail("unreachable")
+            attempt.fail(FailureKind.UNREACHABLE, "gone")
         self.sim.after(self.rng.expovariate(1 / node.spec.mean_down_s), lambda: self._return(node))
 
     def _return(self, node: Node) -> None:
@@ -160,65 +166,89 @@ class Client:
 
     # -- waiting for a usable provider (PeerTable.wait_change) ------------------------------
 
-    def wait_change(self, need: Need, retry: Callable[[], None]) -> None:
-        if not self.table.holders(need):  # the real client gives up after wait_providers_s
-            raise ChunkFailed(f"no provider accepts a chunk of {need.payload / 1e6:.1f} MB (a payload limit below it)")
-        self._waiting.append(retry)
-        ready = self.table.ready_in(need)
-        if math.isfinite(ready):
-            self.sim.after(ready, self.changed)
+    def wait(self, seconds: float, then: Callable[[], None]) -> None:
+        """Call `then` once the peer table changes (a slot freed, a provider back) or after `seconds`."""
+        woken = False
+
+        def wake() -> None:
+            nonlocal woken
+            if not woken:
+                woken = True
+                then()
+
+        self._waiting.append(wake)
+        self.sim.after(seconds, wake)
 
     def changed(self) -> None:
         waiting, self._waiting = self._waiting, []
-        for retry in waiting:
-            self.sim.after(0.0, retry)
+        for wake in waiting:
+            self.sim.after(0.0, wake)
 
     # -- one layer call (session.matmul) ----------------------------------------------------
 
     def call(self, product: Product, done: Callable[[], None]) -> None:
         c = self.swarm.client
-        self.work("call overhead", c.call_overhead_s, 1.0, lambda: self._encrypt(product, done))
+        self.work("call overhead", c.call_overhead_s, 1.0, lambda: self._plan(product, done))
 
-    def _encrypt(self, product: Product, done: Callable[[], None]) -> None:
+    def _plan(self, product: Product, done: Callable[[], None]) -> None:
         need = Need(MODEL_HASH, held_digests(product), payload=0, macs=0)
         holders = self.table.holders(need)
         if not holders:
             raise ChunkFailed(f"no provider holds {product.key}")
         p = product.params
         shape = CallShape(product.tokens, p.n, product.contraction, product.width, p.in_bytes, p.out_bytes, p.pad_bytes)
-        plan = self.router.plan_for(shape, holders, layer=product.key)
-        c = self.swarm.client
-        values = product.padded_tokens * product.contraction
-        self.crypto_work("encrypt", values * c.encrypt_ns * 1e-9, lambda: self._serialise(product, plan, 0, [], done))
+        CallRun(self, product, self.router.plan_for(shape, holders, layer=product.key), done).round()
 
-    def _serialise(self, product: Product, plan: list[Chunk], i: int, runs: list["ChunkRun"], done: Callable[[], None]) -> None:
-        """Chunks are cut and serialised one after the other, then all sent at once."""
-        if i == len(plan):
-            pending = {run.chunk.index for run in runs}
-            first_rtts: list[float] = []
 
-            def accepted(run: ChunkRun) -> None:
-                pending.discard(run.chunk.index)
-                if not pending:
-                    self.tally.latency_s += max(first_rtts, default=0.0)
-                    done()
+class CallRun:
+    """One layer call (session.matmul): rounds of its chunks not yet accepted, each round under fresh keys."""
 
+    def __init__(self, client: Client, product: Product, plan: list[Chunk], done: Callable[[], None]) -> None:
+        self.client, self.product, self.done = client, product, done
+        self.decisions = CallDecisions(client.router, plan, layer=product.key, clock=lambda: client.sim.now,
+                                       rng=client.rng, journal=client.journal)
+        self.runs: list[ChunkRun] = []
+        self.first_rtts: list[float] = []  # each chunk's first provider's round trip
+
+    def round(self) -> None:
+        """Encrypt the operand, then serialise the pending chunks one after the other and send them all."""
+        c = self.client.swarm.client
+        values = self.product.padded_tokens * self.product.contraction
+        self.client.crypto_work("encrypt", values * c.encrypt_ns * 1e-9, lambda: self._serialise(self.decisions.pending(), []))
+
+    def _serialise(self, todo: list[Chunk], runs: list["ChunkRun"]) -> None:
+        if len(runs) == len(todo):
+            self.runs = runs
             for run in runs:
-                run.on_accepted = accepted
-                run.first_rtts = first_rtts
                 run.next_attempt()
             return
-        run = ChunkRun(self, product, plan[i])
+        run = ChunkRun(self, todo[len(runs)])
         runs.append(run)
-        self.crypto_work("wire", run.payload * self.swarm.client.wire_ns_per_byte * 1e-9,
-                         lambda: self._serialise(product, plan, i + 1, runs, done))
+        self.client.crypto_work("wire", run.payload * self.client.swarm.client.wire_ns_per_byte * 1e-9,
+                                lambda: self._serialise(todo, runs))
 
+    def accepted(self) -> None:
+        if not self.decisions.pending():
+            self.client.tally.latency_s += max(self.first_rtts, default=0.0)
+            self.done()
 
+    def exposed(self, chunk: Chunk, peer: ID) -> None:
+        """A wrong result: every attempt of the round stops, the keys rotate, the pending chunks go again."""
+        try:
+            self.decisions.rotate(chunk, peer)
+        except NodeError as exc:
+            raise ChunkFailed(f"{exc} (at {self.client.sim.now:.0f} s)") from None
+        self.client.tally.rotations += 1
+        for run in self.runs:
+            run.cancel()
+        self.runs = []
+        self.round()
 class ChunkRun:
-    """One chunk until accepted (dispatch.run_chunk): races of an attempt and maybe a hedge."""
+    """One chunk of a round until accepted (dispatch.run_chunk): races of an attempt and maybe a hedge."""
 
-    def __init__(self, client: Client, product: Product, chunk: Chunk) -> None:
-        self.client, self.product, self.chunk = client, product, chunk
+    def __init__(self, call: CallRun, chunk: Chunk) -> None:
+        self.call, self.client, self.product, self.chunk = call, call.client, call.product, chunk
+        product = self.product
         p = product.params.with_row_parts(chunk.row_parts) if chunk.row_parts > 1 else product.params
         self.blocks = len(chunk.blocks)
         slots = self.blocks * p.n
@@ -227,89 +257,76 @@ class ChunkRun:
         self.payload = p.payload_bytes(tokens, len(chunk.contraction)) + MESSAGE_OVERHEAD_BYTES
         self.reply = p.result_bytes(tokens, len(chunk.output)) + MESSAGE_OVERHEAD_BYTES
         self.macs = slots * len(chunk.contraction) * len(chunk.output)
-        self.need = Need(MODEL_HASH, held_digests(product), payload=self.payload, macs=self.macs)
-        self.avoid: dict[ID, int] = {}
-        self.failures = 0
-        self.accepted = False
-        self.on_accepted: Callable[[ChunkRun], None] = lambda run: None
-        self.first_rtts: list[float] = []
+        self.decisions = call.decisions.chunk(chunk, Need(MODEL_HASH, held_digests(product), payload=self.payload, macs=self.macs))
+        self.cancelled = False  # its round was called off (a wrong result elsewhere)
         self._raced = False
         self._race: list[Attempt] = []
-        self._race_failed: list[Attempt] = []
 
     def next_attempt(self) -> None:
-        cfg = self.client.config
-        if self.failures >= cfg.max_attempts:
-            raise ChunkFailed(f"a chunk of {self.product.key} failed {self.failures} attempts (at {self.client.sim.now:.0f} s)")
-        state = self.client.router.pick(self.need, avoid=self.avoid)
-        if state is None:
-            self.client.wait_change(self.need, self.next_attempt)
+        if self.cancelled:
             return
-        if state.peer in self.avoid:  # only providers that failed it are left: back off first
-            n = self.avoid[state.peer]
-            # ChunkRouter.retry_delay's formula, drawn from the simulation's own generator
-            delay = min(cfg.retry_max_s, cfg.retry_base_s * 2 ** (n - 1)) * self.client.rng.uniform(0.5, 1.0)
-            self.avoid_backoff(delay)
-            return
-        self._start_race(state)
+        try:
+            step = self.decisions.next()
+        except NodeError as exc:
+            raise ChunkFailed(f"{exc} (at {self.client.sim.now:.0f} s)") from None
+        match step:
+            case Wait(seconds):
+                self.client.wait(seconds, self.next_attempt)
+            case Backoff(seconds):
+                self.client.sim.after(seconds, self.next_attempt)
+            case Send(state, retry):
+                self._start_race(state, retry)
 
-    def avoid_backoff(self, delay: float) -> None:
-        def again() -> None:
-            state = self.client.router.pick(self.need, avoid=self.avoid)
-            if state is None:
-                self.client.wait_change(self.need, self.next_attempt)
-            else:
-                self._start_race(state)
-
-        self.client.sim.after(delay, again)
-
-    def _start_race(self, state: PeerState) -> None:
+    def _start_race(self, state: PeerState, retry: bool) -> None:
         client = self.client
-        client.table.acquire(state.peer)
-        if self.failures:
+        if retry:
             client.tally.retries += 1
         if not self._raced:
             self._raced = True
-            self.first_rtts.append(client.nodes[state.peer].spec.rtt_s)
-        self._race, self._race_failed = [], []
-        hedge_at = client.router.hedge_delay(state, self.macs, self.payload)
+            self.call.first_rtts.append(client.nodes[state.peer].spec.rtt_s)
+        race: list[Attempt] = []
+        self._race = race
         # the hedge clock starts when the first attempt gets its upload slot, as in dispatch._race
-        first = Attempt(self, state, on_started=lambda race=self._race: client.sim.after(
-            hedge_at, lambda: self._maybe_hedge(race, first)))
-        self._race.append(first)
+        first = Attempt(self, state, on_started=lambda: client.sim.after(
+            self.decisions.hedge_after(state), lambda: self._maybe_hedge(race, first)))
+        race.append(first)
         first.start()
 
     def _maybe_hedge(self, race: list["Attempt"], first: "Attempt") -> None:
-        if race is not self._race or self.accepted or first.ended or first.replying:
+        if race is not self._race or self.cancelled or self.decisions.accepted or first.ended or first.replying:
             return  # as in dispatch._race: the hedge clock stops when the reply starts
-        hedge = self.client.router.pick(self.need, avoid={first.state.peer: 1})
-        if hedge is None or hedge.peer == first.state.peer:
+        hedge = self.decisions.hedge(first.state)
+        if hedge is None:
             return
-        self.client.table.acquire(hedge.peer)
         self.client.tally.hedges += 1
         attempt = Attempt(self, hedge)
         race.append(attempt)
         attempt.start()
 
-    def attempt_ended(self, attempt: "Attempt", *, ok: bool) -> None:
-        if ok:
-            if self.accepted:
-                return  # a twin won first
-            self.accepted = True
-            now = self.client.sim.now
-            for other in self._race:
-                if other is not attempt and not other.ended:
-                    self.client.table.on_straggler(other.state.peer, now - other.started)
-                    other.cancel()
-            self.on_accepted(self)
+    def attempt_accepted(self, attempt: "Attempt") -> None:
+        """`attempt` was accepted (ChunkDecisions.accept): its twin, if still running, straggled."""
+        now = self.client.sim.now
+        for other in self._race:
+            if other is not attempt and not other.ended:
+                self.decisions.straggled(other.state.peer, now - other.started)
+                other.cancel()
+        self.call.accepted()
+
+    def attempt_failed(self, attempt: "Attempt", *, exposed: bool) -> None:
+        """`attempt` failed and was penalised (ChunkDecisions.failed); `exposed`: a wrong result."""
+        if exposed:
+            self.call.exposed(self.chunk, attempt.state.peer)
             return
-        self._race_failed.append(attempt)
-        if self.accepted or any(not a.ended for a in self._race):
+        if self.cancelled or self.decisions.accepted or any(not a.ended for a in self._race):
             return
-        for failed in self._race_failed:
-            self.avoid[failed.state.peer] = self.avoid.get(failed.state.peer, 0) + 1
-            self.failures += 1
+        self.decisions.race_over()
         self.next_attempt()
+
+    def cancel(self) -> None:
+        """Its round is called off: stop its attempts; its waits and backoffs come to nothing."""
+        self.cancelled = True
+        for attempt in self._race:
+            attempt.cancel()
 
 
 class Attempt:
@@ -327,6 +344,7 @@ class Attempt:
         self.replying = False
         self.replied_at = 0.0
         self.received_at = 0.0
+        self.timeout = run.decisions.timeout(state)  # chosen as the attempt starts, counted from its upload
         self._on_started = on_started
 
     def start(self) -> None:
@@ -348,11 +366,11 @@ class Attempt:
         self.holds_upload = True
         self.started = client.sim.now
         self._on_started()
-        timeout = client.router.attempt_timeout(self.state, self.run.macs, self.run.payload)
         # the deadline ends when the reply starts (exchange.py): from then on it is read at the links' pace
-        client.sim.after(timeout, lambda: None if self.replying else self.fail("timeout"))
+        client.sim.after(self.timeout, lambda: None if self.replying else self.fail(
+            FailureKind.TIMEOUT, f"no reply within {self.timeout:.1f} s"))
         if not node.alive:  # the dial is refused after a round trip
-            client.sim.after(node.spec.rtt_s, lambda: self.fail("unreachable"))
+            client.sim.after(node.spec.rtt_s, lambda: self.fail(FailureKind.UNREACHABLE, "gone"))
             return
         c = client.swarm.client
         self.flow = client.work("exchange", c.exchange_overhead_s, 1.0, self._send)
@@ -414,37 +432,42 @@ class Attempt:
         values = self.run.values_out
         self.client.crypto_work("wire", wire, lambda: self.client.crypto_work(
             "decrypt", values * c.decrypt_ns * 1e-9, lambda: self.client.crypto_work(
-                "verify", values * c.verify_ns * 1e-9, self._accept)))
+                "verify", values * c.verify_ns * 1e-9, self._checked)))
 
-    def _accept(self) -> None:
+    def _checked(self) -> None:
+        """Decrypted and checked: a cheater's result fails the check, anyone else's is accepted."""
         if self.ended:
+            return
+        if self.node.spec.cheats:
+            self.fail(FailureKind.CHEATED, "wrong result")
             return
         run, client = self.run, self.client
-        if not run.accepted:
-            spec = self.node.spec
-            amount = run.macs * spec.price_per_gmac / 1e9
-            client.tally.chunks += 1
-            client.tally.macs += run.macs
-            client.tally.paid += amount
-            client.table.on_success(self.state.peer, elapsed_s=self.replied_at - self.started, compute_s=self.compute_s,
-                                    reply=run.reply, reply_s=self.received_at - self.replied_at,
-                                    macs=run.macs, amount=int(amount), payload=run.payload)
+        if run.decisions.accepted:  # a twin was accepted first
+            self._end()
+            return
+        amount = run.macs * self.node.spec.price_per_gmac / 1e9
+        client.tally.chunks += 1
+        client.tally.macs += run.macs
+        client.tally.paid += amount
+        run.decisions.accept(self.state.peer, elapsed_s=self.replied_at - self.started, compute_s=self.compute_s,
+                             reply=run.reply, reply_s=self.received_at - self.replied_at,
+                             macs=run.macs, amount=int(amount), payload=run.payload)
         self._end()
-        run.attempt_ended(self, ok=True)
+        run.attempt_accepted(self)
 
-    def fail(self, kind: str) -> None:
+    def fail(self, kind: FailureKind, reason: str) -> None:
         if self.ended:
             return
-        if kind == "timeout":
+        if kind is FailureKind.TIMEOUT:
             self.client.tally.timeouts += 1
-        else:
+        elif kind is FailureKind.UNREACHABLE:
             self.client.tally.unreachable += 1
-        self.client.router.table.on_timeout(self.state.peer)  # both kinds: FailureKind.TIMEOUT | UNREACHABLE
+        exposed = self.run.decisions.failed(AttemptFailed(self.state.peer, kind, reason))
         self._end()
-        self.run.attempt_ended(self, ok=False)
+        self.run.attempt_failed(self, exposed=exposed)
 
     def cancel(self) -> None:
-        """A twin was accepted: stop this attempt's transfers (the provider may still compute)."""
+        """A twin was accepted, or the round called off: stop this attempt's transfers (the provider may still compute)."""
         self._end()
 
     def _end(self) -> None:
@@ -456,5 +479,5 @@ class Attempt:
             self.client.sim.flows.cancel(self.flow)
             self.flow = None
         self.node.attempts.discard(self)
-        self.client.table.release(self.state.peer)
+        self.run.decisions.released(self.state.peer)
         self.client.changed()

@@ -66,14 +66,15 @@ def assumptions(e: Estimate) -> list[str]:
     groups: dict[tuple, list[float]] = {}  # providers alike but for their RTT, and their RTTs
     for p in s.providers:
         key = (p.macs_per_s, p.parallelism, p.price_per_gmac, p.up_bps, p.down_bps, p.slots, p.layers,
-               p.fail_prob, p.mean_up_s, p.mean_down_s)
+               p.fail_prob, p.cheats, p.mean_up_s, p.mean_down_s)
         groups.setdefault(key, []).append(p.rtt_s)
-    for (rate, par, price, up, down, slots, layers, fail, mean_up, mean_down), rtts in groups.items():
+    for (rate, par, price, up, down, slots, layers, fail, cheats, mean_up, mean_down), rtts in groups.items():
         rtt = f"{1e3 * min(rtts):.0f}" + (f"-{1e3 * max(rtts):.0f}" if max(rtts) > min(rtts) else "")
         link = "" if s.shared_cores else f", {up / MBIT:,.0f}/{down / MBIT:,.0f} Mbit/s up/down, RTT {rtt} ms"
         churn = f", leaves every {duration(mean_up)} for {duration(mean_down)} on average" if mean_up != float("inf") else ""
         lines.append(f"{len(rtts)} provider(s): {rate:.3g} encrypted MAC/s per product on {par:.3g} core(s)/device(s), {slots} slots, "
-                     f"price {price:.4g} per GMAC{link}, layers {', '.join(layers) or 'all'}, loses {100 * fail:g}% of requests{churn}")
+                     f"price {price:.4g} per GMAC{link}, layers {', '.join(layers) or 'all'}, loses {100 * fail:g}% of requests{churn}"
+                     + (", returns wrong results" if cheats else ""))
     lines.append(f"scheduling: node/client's own router (split {cfg.split}, at most {cfg.max_chunks} chunks per call, hedge after "
                  f"{cfg.hedge_factor:g}x the expected time, at least {cfg.hedge_min_s:g} s), peer table and bans; seed {s.seed}")
     if e.scale != 1.0:

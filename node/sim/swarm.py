@@ -58,6 +58,7 @@ class ProviderSpec:
     max_payload: int = DEFAULT_MAX_PAYLOAD_SIZE
     layers: tuple[str, ...] = ()  # globs over module names it holds; empty: all
     fail_prob: float = 0.0  # chance an attempt is silently lost (the client times out)
+    cheats: bool = False  # every result it returns is wrong (the client's check fails: ban, key rotation)
     mean_up_s: float = math.inf  # churn: mean time between departures (exponential)
     mean_down_s: float = 600.0  # churn: mean time away once gone (exponential)
 
@@ -100,7 +101,7 @@ class GpuAssumption:
     """How a consumer GPU's encrypted MAC/s follows from its int8 tensor-core peak (not measured here).
 
     A product multiplies each ciphertext matrix by W as int8 limb GEMMs: ``ceil(log_q / 8)`` limbs
-    per matrix, two matrices (A and B) in the default profile, one (B) with the shared mask. The
+    per matrix, two matrices (A and B) in the default and compact profiles, one (B) with the shared mask. The
     encrypted rate is the int8 MAC peak times an achieved fraction over the limb GEMMs per product.
     """
 
@@ -111,7 +112,7 @@ class GpuAssumption:
     usd_per_hour: float = 0.20  # what renting such a GPU costs, for the price per GMAC
 
     def limb_gemms(self, profile: str) -> int:
-        return (2 if profile == "default" else 1) * limb_count(self.log_q, INT8_LIMB_BITS)
+        return (1 if profile == "shared-mask" else 2) * limb_count(self.log_q, INT8_LIMB_BITS)
 
     def macs_per_s(self, profile: str) -> float:
         return self.int8_tops_dense * 1e12 / 2 * self.efficiency / self.limb_gemms(profile)

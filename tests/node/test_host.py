@@ -34,6 +34,7 @@ from cipherswarm.protocol import (
     ProtocolError,
     Range,
     ReplayedFrame,
+    ShapeMismatch,
     UnknownModel,
     UnsupportedParams,
     WeightSlice,
@@ -120,10 +121,10 @@ async def test_providers_hand_out_their_advert(weights: ModelWeights) -> None:
             assert seen[0].price_per_gmac == 3 and seen[0].addrs == tuple(provider.node.transport_addrs())
 
 
-def _request(weights: ModelWeights, x: torch.Tensor, **changes: object) -> tuple[MatmulRequest, bytes]:
+def _request(weights: ModelWeights, x: torch.Tensor, *, payload: bytes | None = None, **changes: object) -> tuple[MatmulRequest, bytes]:
     layer = weights.resolve(LAYER)
     params = ENGINE.params_for(layer.weight.q, 8)  # type: ignore[union-attr]
-    payload = ENGINE.encrypt(ENGINE.keygen(params), x).to_bytes()
+    payload = ENGINE.encrypt(ENGINE.keygen(params), x).to_bytes() if payload is None else payload
     fields: dict[str, object] = dict(
         expires_at_ms=now_ms() + 30_000, model_hash=weights.model_hash, layer=layer.name,
         weight_slice=WeightSlice(rows=Range(0, 64), cols=Range(0, 64)), transpose=False, backend=BACKEND,
@@ -176,9 +177,13 @@ async def test_provider_refuses_a_replay_and_mismatched_parameters(weights: Mode
                 await _ask(node, provider.node.peer_id, request, payload)
             other = ENGINE.params_for(torch.full((64, 64), 127), 8)  # heavier weights' parameters
             mismatched, payload = _request(weights, x, backend_params=encode_params(other))
-            with pytest.raises(UnsupportedParams):
+            with pytest.raises(ShapeMismatch, match="payload_length"):  # not the ciphertext these parameters make
                 await _ask(node, provider.node.peer_id, mismatched, payload)
-            assert provider.provider.statistics().errors == 2
+            under_other = ENGINE.encrypt(ENGINE.keygen(other), x).to_bytes()
+            mismatched, payload = _request(weights, x, backend_params=encode_params(other), payload=under_other)
+            with pytest.raises(UnsupportedParams):  # a well-formed ciphertext, under parameters these weights break
+                await _ask(node, provider.node.peer_id, mismatched, payload)
+            assert provider.provider.statistics().errors == 3
 
 
 async def test_provider_at_capacity_answers_busy_before_reading(weights: ModelWeights) -> None:

@@ -6,10 +6,14 @@ import pytest
 
 from cipherswarm.protocol import (
     BadSignature,
+    ContractionTooThin,
     ErrorCode,
     FrameTooLarge,
     InternalError,
+    MalformedFrame,
     ProtocolError,
+    ReplyTooLarge,
+    ShapeMismatch,
     TruncatedFrame,
     WireError,
 )
@@ -22,12 +26,26 @@ CLASSES = [
 ]
 
 
+#: refinements of a code's class that carry fields of their own, sent under that code
+REFINEMENTS = {TruncatedFrame: MalformedFrame, ReplyTooLarge: FrameTooLarge, ContractionTooThin: ShapeMismatch}
+
+
 def test_every_specified_code_has_its_own_class() -> None:
-    # TruncatedFrame is the one refinement: a MalformedFrame that carries byte counts.
-    top_level = {cls.code: cls for cls in CLASSES if cls is not TruncatedFrame}
-    assert len(top_level) == len(CLASSES) - 1
+    top_level = {cls.code: cls for cls in CLASSES if cls not in REFINEMENTS}
+    assert len(top_level) == len(CLASSES) - len(REFINEMENTS)
     assert set(top_level) == set(ErrorCode) - {ErrorCode.UNSPECIFIED}
-    assert issubclass(TruncatedFrame, top_level[ErrorCode.BAD_FRAME])
+    for refinement, parent in REFINEMENTS.items():
+        assert top_level[refinement.code] is parent and issubclass(refinement, parent)
+
+
+def test_refused_replies_report_their_limit_and_unit() -> None:
+    """The bound a request's reply or output exceeded travels in `limit`, in its own unit."""
+    output = ReplyTooLarge(1 << 25, 1 << 27, what="output")
+    assert "134217728 output elements exceeds the limit of 33554432 output elements" in output.message
+    assert WireError.from_exception(output) == WireError(code=ErrorCode.TOO_LARGE, message=output.message, limit=1 << 25)
+    assert "bytes" in ReplyTooLarge(100, 200).message
+    thin = ContractionTooThin(minimum=64, got=1)
+    assert WireError.from_exception(thin).code is ErrorCode.SHAPE_MISMATCH and (thin.expected, thin.got) == ((64,), (1,))
 
 
 @pytest.mark.parametrize("code", [code for code in ErrorCode if code is not ErrorCode.UNSPECIFIED], ids=str)
