@@ -14,7 +14,8 @@ encrypted mode returns - with the float model on held-out text: relative L2 erro
 next-token top-1 agreement and the relative change of the loss. Bytes per token are the ciphertext
 payload of one training step (forward and backward, both ways) from each layer's real parameters
 (node/sim/workload.py, the client's own parameter choice), against the all-8-bit setting. Then the
-default setting fine-tunes LoRA for ``--finetune-steps`` steps in ``simulate`` (bit-identical to
+default setting's forward runs encrypted in each encryption profile (exact default, approximate
+compact) against the float model. Then the default setting fine-tunes LoRA for ``--finetune-steps`` steps in ``simulate`` (bit-identical to
 ``execute`` and ``remote``) beside the same fine-tune in plain float, and compares held-out losses.
 """
 
@@ -39,7 +40,7 @@ from cipherswarm.fhe_backend import get_backend  # noqa: E402
 from cipherswarm.fhe_backend.quant import Precision  # noqa: E402
 from cipherswarm.node.sim import ModelShape, Workload  # noqa: E402
 from cipherswarm.node.weights import load_model  # noqa: E402
-from cipherswarm.trainer import AccuracyWarning, LoraTrainer, causal_lm_loss  # noqa: E402
+from cipherswarm.trainer import AccuracyWarning, LoraTrainer, causal_lm_loss, remote_base_layers  # noqa: E402
 from cipherswarm.trainer.data import load_examples  # noqa: E402
 from cipherswarm.trainer.finetune import BUNDLED_DATA, FinetuneConfig, finetune  # noqa: E402
 from cipherswarm.node.gguf import convert_gguf  # noqa: E402
@@ -109,6 +110,39 @@ def accuracy_table(model_dir: Path, batch: torch.Tensor, settings: list[Precisio
               f"{a.loss_rel_change:>+8.2%} {a.worst_layers[0][1]:>12.2%} {b / 1e3:>10.1f} {b / base - 1:>+9.1%} {n:>6}{mark}", flush=True)
 
 
+def profile_table(model_dir: Path, batch: torch.Tensor, profiles: tuple[str, ...] = ("default", "compact")) -> None:
+    """The default precision's model forward actually encrypted (``execute``, every remote product
+    through the rlwe backend) in each encryption profile, against the float model: the compact
+    profile's noise on top of quantization, and its bytes per token."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    peft.eval()
+    shape = ModelShape.load(model_dir)
+    with torch.no_grad():
+        ref = peft(batch).logits.float()
+    ref_loss = causal_lm_loss(ref, batch)
+    print(f"\nencrypted forward ({Precision()}), {batch.numel()} held-out tokens, per profile:")
+    print(f"  {'profile':<12} {'logits err':>10} {'top-1':>8} {'loss':>8} {'kB/token':>10} {'B in/out per value (largest layer)':>36}")
+    base = None
+    for profile in profiles:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AccuracyWarning)
+            remote = remote_base_layers(peft, batch, fhe="execute", profile=profile, check_accuracy=False)
+        with torch.no_grad():
+            logits = peft(batch).logits.float()
+        remote.clear_private_info()
+        err = float((logits - ref).norm() / ref.norm())
+        top1 = float((logits.argmax(-1) == ref.argmax(-1)).float().mean())
+        loss = float(causal_lm_loss(logits, batch) / ref_loss - 1)
+        work = Workload(shape, tokens=4096, micro_batch_tokens=4096, seq_len=128, precision=Precision(), profile=profile)
+        products = work.products(4096)
+        b = sum((p.bytes_in + p.bytes_out) / p.tokens for p in products)
+        widest = max(products, key=lambda p: p.params.log_q).params
+        base = base or b
+        print(f"  {profile:<12} {err:>10.2%} {top1:>8.2%} {loss:>+8.2%} {b / 1e3:>10.1f} "
+              f"{f'{widest.in_bytes} / {widest.out_bytes} ({b / base - 1:+.1%} bytes)':>36}", flush=True)
+
+
 def provider_cost(model_dir: Path, settings: list[Precision]) -> None:
     """A provider's CPU product of one real layer (block 0's down_proj, 2048 tokens) per setting,
     measured side by side: wider weights and activations mean a wider modulus and more limbs."""
@@ -151,7 +185,9 @@ def main() -> None:
     torch.manual_seed(0)
     model_dir = args.model or packaged_model(args.cache)
     sequences, steps = (2, min(args.finetune_steps, 3)) if args.quick else (args.sequences, args.finetune_steps)
-    accuracy_table(model_dir, held_out(model_dir, sequences, args.seq_len), QUICK if args.quick else SETTINGS)
+    batch = held_out(model_dir, sequences, args.seq_len)
+    accuracy_table(model_dir, batch, QUICK if args.quick else SETTINGS)
+    profile_table(model_dir, batch)
     provider_cost(model_dir, QUICK)
     if steps:
         finetune_gap(model_dir, steps, 4, 64)

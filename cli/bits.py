@@ -1,11 +1,13 @@
-"""The bit-width options every subcommand that quantizes shares: --forward-bits, --backward-bits and
---weight-bits, defaulting to ``Precision``'s defaults and refused by argparse when out of range."""
+"""The options every subcommand that quantizes and encrypts shares: --forward-bits, --backward-bits
+and --weight-bits, defaulting to ``Precision``'s defaults and refused by argparse when out of range;
+and --profile, the encryption profile."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
 
+from cipherswarm.fhe_backend.params import PROFILES
 from cipherswarm.fhe_backend.quant import MAX_WEIGHT_BITS, MAX_X_BITS, MIN_WEIGHT_BITS, MIN_X_BITS, Precision
 
 
@@ -38,3 +40,18 @@ def add_precision_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup
 def precision_of(args: argparse.Namespace) -> Precision:
     """The Precision of the parsed --forward-bits, --backward-bits and --weight-bits."""
     return Precision(args.forward_bits, args.backward_bits, args.weight_bits)
+
+
+PROFILE_HELP = {
+    "default": "exact products; about 7 B per value sent and 8-11 B returned",
+    "compact": "about 30%% fewer bytes each way; products carry noise below the activations' own rounding "
+               "error, checked within its bound (bench/RESULTS.md: top-1 99.2%% against 99.6%% on SmolLM2-135M)",
+    "shared-mask": "exact, half the providers' work and the returned bytes, but key material of about the "
+                   "layer's size per layer in client memory (needs the weights; not for a thin client)",
+}
+
+
+def add_profile_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup, choices: tuple[str, ...] = tuple(PROFILES)) -> None:
+    """--profile, among ``choices`` (what this subcommand can run)."""
+    p.add_argument("--profile", choices=choices, default="default",
+                   help="encryption profile (default: default): " + "; ".join(f"{c}: {PROFILE_HELP[c]}" for c in choices))

@@ -10,7 +10,7 @@ provider compute, latency). Nothing here is measured: the defaults are stated as
 against the real testnet.
 
     cipherswarm estimate                                     # LLaMA-3-8B, 100k tokens, 100 consumer GPUs
-    cipherswarm estimate --profile shared-mask --client-up-mbit 1000 --client-down-mbit 1000
+    cipherswarm estimate --profile compact --client-up-mbit 1000 --client-down-mbit 1000
     cipherswarm estimate --model tiny --tokens 20480 --micro-batch-tokens 2048 --providers 3
     cipherswarm estimate --micro-batch-tokens 16384 --accumulation 2 --in-flight 2   # two half micro-batches at once
 """
@@ -23,7 +23,7 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
-from cipherswarm.cli.bits import add_precision_arguments, precision_of
+from cipherswarm.cli.bits import add_precision_arguments, add_profile_argument, precision_of
 from cipherswarm.cli.steps import add_step_arguments
 from cipherswarm.node.client.config import ClientConfig
 from cipherswarm.node.sim import LLAMA_3_8B, LLAMA_3_70B, ClientSpec, Estimate, GpuAssumption, ModelShape, ProviderSpec, Swarm, Workload, simulate
@@ -51,9 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     g.add_argument("--eval-batches", type=int, default=0, help="held-out micro-batches evaluated before and after (default 0)")
     g.add_argument("--skip-backprop", type=int, default=1, help="n_layers_to_skip_for_backprop (default 1)")
-    g.add_argument("--profile", choices=["default", "shared-mask"], default="default",
-                   help="encryption profile: default (8 B per output value, 2 ciphertext GEMMs) or shared-mask "
-                        "(4 B, 1 GEMM) (default: default)")
+    add_profile_argument(g)
     add_precision_arguments(g)
     g.add_argument("--max-steps", type=int, default=3,
                    help="optimizer steps simulated; the rest are taken at their mean (default 3; 0: all)")

@@ -338,8 +338,9 @@ def quantize_rows(x, column_scale, n_bits, q, scale, offset, finite):
     """Per-token affine quantization of rows of ``x`` (float32 or float64) times ``column_scale``
     (float64, or empty for none) to ``n_bits``, in two sweeps per row and no temporary: the same
     float64 operations, in the same order, as the torch reference (``trainer.quantization``):
-    v = x * c; lo, hi = min, max; s = (hi - lo) / levels (1 where not > 0); q = clamp(rint((v - lo)
-    / s), 0, levels) + qmin; offset = lo - qmin * s. ``finite[t]`` is False where any value is not.
+    v = x * c; lo, hi = min, max; s = (hi - lo) / levels; q = clamp(rint((v - lo) / s), 0, levels)
+    + qmin (dividing by 1 where s is not > 0: a constant row, all qmin); offset = lo - qmin * s.
+    ``finite[t]`` is False where any value is not.
     """
     levels = (1 << n_bits) - 1
     qmin = -(1 << (n_bits - 1))
@@ -358,12 +359,13 @@ def quantize_rows(x, column_scale, n_bits, q, scale, offset, finite):
         finite[t] = ok
         s = (hi - lo) / levels
         if not s > 0:
-            s = 1.0
+            s = 0.0
+        div = s if s > 0 else 1.0
         for j in range(x.shape[1]):
             v = np.float64(x[t, j])
             if scaled:
                 v = v * column_scale[j]
-            r = np.rint((v - lo) / s)
+            r = np.rint((v - lo) / div)
             r = min(max(r, 0.0), np.float64(levels))
             q[t, j] = np.int64(r) + qmin
         scale[t] = s

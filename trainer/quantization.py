@@ -99,14 +99,16 @@ class TokenQuantized:
     """Integer rows ``q`` with the float64 per-token affine map back: ``x ~= scale * q + offset``."""
 
     q: torch.Tensor  # (tokens, features) in the signed n_bits range, int8 up to 8 bits, else int16
-    scale: torch.Tensor  # (tokens, 1) float64, > 0
+    scale: torch.Tensor  # (tokens, 1) float64, > 0; 0 for a constant row (below)
     offset: torch.Tensor  # (tokens, 1) float64, equals -scale * zero_point
 
 
 def quantize_per_token(x: torch.Tensor, n_bits: int, column_scale: torch.Tensor | None = None) -> TokenQuantized:
     """Quantize each row of ``x * column_scale`` (tokens x features) to ``n_bits`` over its own [min, max].
 
-    A constant row gets scale 1 and reproduces exactly (all of it lands in the offset). Works in
+    A constant row (e.g. the zero gradient of a token no loss reads) gets scale 0 and reproduces
+    exactly: all of it lands in the offset, so its product's value is multiplied by 0 and an
+    approximate product's noise (the compact profile) cannot reach it. Works in
     place on one float64 copy: at 2048 tokens a pass over the activations costs about as much as
     the arithmetic, so passes and allocations are what to save.
     """
@@ -152,10 +154,11 @@ def _quantize_torch(x: torch.Tensor, n_bits: int, column_scale: torch.Tensor | N
     levels = (1 << n_bits) - 1
     qmin = -(1 << (n_bits - 1))
     scale = (hi - lo) / levels
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = torch.where(scale > 0, scale, torch.zeros_like(scale))
     # the narrowest dtype that holds n_bits: encryption and verification read these rows once or
     # twice each, transposed, so int8 moves an eighth of int64's bytes through memory
-    q = x64.sub_(lo).div_(scale).round_().clamp_(0, levels).add_(qmin).to(torch.int8 if n_bits <= 8 else torch.int16)
+    div = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = x64.sub_(lo).div_(div).round_().clamp_(0, levels).add_(qmin).to(torch.int8 if n_bits <= 8 else torch.int16)
     return TokenQuantized(q=q, scale=scale, offset=lo - qmin * scale)
 
 

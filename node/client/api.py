@@ -45,6 +45,8 @@ class SwarmClient:
     default: loaded from `model_dir` by `start`.
     `precision`: bits of activations, gradients and weights; the weights' must be the providers'
     (they are part of the model hash), and the activations' those the trainer quantizes to.
+    `profile`: the encryption profile, "default" (exact) or "compact" (about 30% fewer bytes each
+    way, products approximate within a bound the checks enforce: fhe_backend/params.py).
     `prepare`: open every layer's channels (keys and sketches) in `start` rather than at first use,
     so that memory and start-up cost are paid, and errors seen, before training.
     `identity`: key file of the client (created if missing); None: a fresh key each run.
@@ -60,6 +62,7 @@ class SwarmClient:
         prepare: bool = True,
         bootstrap: Sequence[str | Multiaddr] = (),
         precision: Precision = Precision(),
+        profile: str = "default",
         identity: str | Path | None = None,
         ledger: str | Path | None = None,
         listen: str | Multiaddr = "/ip4/127.0.0.1/tcp/0",
@@ -71,6 +74,7 @@ class SwarmClient:
         self.model_dir = Path(model_dir)
         self.bootstrap = [Multiaddr(str(a)) for a in bootstrap]
         self.precision = precision
+        self.keys = KeyRing(precision=precision, profile=profile)  # ValueError now for a profile it cannot run
         self.identity = None if identity is None else Path(identity)
         self.ledger_path = Path(ledger) if ledger is not None else home_dir() / "client.sqlite"
         self.listen = Multiaddr(str(listen))
@@ -83,7 +87,7 @@ class SwarmClient:
         self._stop: trio.Event | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
-        self._keys: KeyRing | None = None  # channels opened while the model was read
+        self._prepared = False  # channels opened while the model was read
         self._error: BaseException | None = None
 
     def __enter__(self) -> SwarmClient:
@@ -98,9 +102,9 @@ class SwarmClient:
         if self._thread is not None:
             raise RuntimeError("the client is already started")
         if self.weights is None:  # with prepare, one pass over the checkpoint: summaries and sketches
-            self._keys = KeyRing(precision=self.precision) if self.prepare else None
             self.weights = load_model(self.model_dir, hold=False, weight_bits=self.precision.weight_bits,
-                                      visit=None if self._keys is None else self._keys.prepare_layer)
+                                      visit=self.keys.prepare_layer if self.prepare else None)
+            self._prepared = self.prepare
         self._thread = threading.Thread(target=self._thread_main, args=(self.weights,), name="cipherswarm-client", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -135,9 +139,9 @@ class SwarmClient:
                 listen=[self.listen],
                 config=self.config,
                 min_providers=self.min_providers,
-                keys=self._keys,
+                keys=self.keys,
             ) as session:
-                if self.prepare and self._keys is None:  # the weights were given: read them again
+                if self.prepare and not self._prepared:  # the weights were given: read them again
                     await trio.to_thread.run_sync(session.keys.prepare, session.all_directions())
                 self._session, self._stop = session, trio.Event()
                 self._token = trio.lowlevel.current_trio_token()

@@ -25,6 +25,9 @@ from cipherswarm.fhe_backend.quant import Precision, QuantizedWeight
 from cipherswarm.fhe_backend.verify import FreivaldsVerifier
 
 from ..engine import ENGINE
+
+#: encryption profiles a client of the swarm can use (the shared mask needs the layer's weights at keygen)
+CLIENT_PROFILES = ("default", "compact")
 from ..weights import Layer, ModelWeights
 
 
@@ -35,7 +38,7 @@ class LayerChannel:
         self.layer = layer
         self.transpose = transpose
         self._ring = ring  # whose weights the layer is read from again after a rotation
-        self.params: Params = ENGINE.params_for(layer.stats[transpose], x_bits)
+        self.params: Params = ENGINE.params_for(layer.stats[transpose], x_bits, profile=ring.profile)
         self.key: Any = ENGINE.keygen(self.params)
         self._checker: FreivaldsVerifier | None = None
         self._lock = threading.RLock()
@@ -74,11 +77,18 @@ class LayerChannel:
 
 class KeyRing:
     """Every channel the client has opened; channels are made on first use, or while the model is
-    loaded (`prepare_layer` as `load_model`'s visitor: one pass over the checkpoint for both)."""
+    loaded (`prepare_layer` as `load_model`'s visitor: one pass over the checkpoint for both).
 
-    def __init__(self, weights: ModelWeights | None = None, *, precision: Precision = Precision()) -> None:
+    `profile`: the encryption profile of every channel, "default" (exact) or "compact" (fewer bytes
+    each way, approximate: fhe_backend/params.py). The shared-mask profile binds a key to the
+    layer's weights, which this client never holds, so it is refused here."""
+
+    def __init__(self, weights: ModelWeights | None = None, *, precision: Precision = Precision(), profile: str = "default") -> None:
+        if profile not in CLIENT_PROFILES:
+            raise ValueError(f"profile {profile!r} cannot run on the swarm; choose one of {', '.join(CLIENT_PROFILES)}")
         self.weights = weights
         self.precision = precision
+        self.profile = profile
         self._channels: dict[tuple[str, bool], LayerChannel] = {}
 
     def channel(self, layer: Layer, *, transpose: bool) -> LayerChannel:
