@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cipherswarm.trainer.finetune import FinetuneResult
+from cipherswarm.trainer.finetune import SAMPLE_TOKENS, SAMPLES_EXECUTOR, FinetuneResult
 
 
 def client_cpu(result: FinetuneResult) -> dict[str, Any]:
@@ -41,6 +41,7 @@ def report(result: FinetuneResult, *, swarm: Any = None, plain: FinetuneResult |
     tokens = result.tokens
     out: dict[str, Any] = {
         "model": str(result.config.model_dir),
+        "task": result.task,
         "fhe": result.fhe,
         "steps": len(result.losses),
         "tokens": tokens,
@@ -60,6 +61,12 @@ def report(result: FinetuneResult, *, swarm: Any = None, plain: FinetuneResult |
         # the quantized model against the float one on the first training batch (trainer/accuracy.py)
         "accuracy": None if result.trainer.accuracy is None else result.trainer.accuracy.as_dict(),
     }
+    if result.samples is not None:
+        out["samples"] = {
+            # generated in plaintext in this process from the same weights: what the adapter changed
+            "fhe": SAMPLES_EXECUTOR, "decoding": "greedy", "max_new_tokens": SAMPLE_TOKENS,
+            "adapter": "before: as initialised (the base model's output); after: as trained", "items": result.samples,
+        }
     if swarm is not None:
         out.update({
             "provider_macs": swarm.macs,
@@ -88,6 +95,17 @@ def report(result: FinetuneResult, *, swarm: Any = None, plain: FinetuneResult |
         out["privacy_overhead_x"] = round(result.wall_s / plain.wall_s, 1) if plain.wall_s else None
     out.update(extra or {})
     return out
+
+
+def sample_lines(result: FinetuneResult) -> list[str]:
+    """The greedy samples before and after fine-tuning, for the terminal (none for an encoder)."""
+    if not result.samples:
+        return []
+    lines = [f"greedy samples, {SAMPLE_TOKENS} new tokens at most (fhe={SAMPLES_EXECUTOR}: plaintext here, "
+             "the LoRA adapter before and after fine-tuning):"]
+    for item in result.samples:
+        lines += [f"  prompt: {item['prompt']!r}", f"    before: {item['before']!r}", f"    after:  {item['after']!r}"]
+    return lines
 
 
 def save(out_dir: Path, result: FinetuneResult, summary: dict[str, Any], *, plain: FinetuneResult | None = None) -> None:

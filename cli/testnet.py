@@ -22,8 +22,10 @@ from pathlib import Path
 
 from cipherswarm.cli.localswarm import ProviderProcess, start_provider
 from cipherswarm.cli.provider import CHEATS
-from cipherswarm.cli.bits import add_precision_arguments, precision_of
+from cipherswarm.cli.bits import add_precision_arguments, add_profile_argument, precision_of
+from cipherswarm.cli.train import DATA_HELP
 from cipherswarm.cli.steps import add_step_arguments
+from cipherswarm.node.client.keys import CLIENT_PROFILES
 from cipherswarm.trainer.finetune import BUNDLED_DATA, BUNDLED_MODEL
 
 
@@ -32,9 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=12, help="optimizer steps of the fine-tune (default 12)")
     p.add_argument("--out", type=Path, default=Path("runs/testnet"), help="output folder (default runs/testnet)")
     p.add_argument("--model", type=Path, default=BUNDLED_MODEL, help="HF model directory or .gguf file (default: bundled tiny LLaMA)")
-    p.add_argument("--data", type=Path, default=BUNDLED_DATA,
-                   help="training data: a folder with train.txt or train.jsonl (and valid.*), or one .txt / .jsonl file "
-                        "(JSONL records: text, prompt/completion, or chat messages; trainer/README.md, Data)")
+    p.add_argument("--data", type=Path, default=BUNDLED_DATA, help=DATA_HELP)
     p.add_argument("--malicious", type=int, default=0, metavar="K", help="make the last K providers cheat")
     p.add_argument("--cheat", choices=CHEATS, default="flip",
                    help="how malicious providers cheat (default: flip one value)")
@@ -43,6 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_step_arguments(p)
     p.add_argument("--no-compare", action="store_true", help="skip the plaintext run of the same seed")
     add_precision_arguments(p)
+    add_profile_argument(p, CLIENT_PROFILES)
     p.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for each provider")
 
 
@@ -57,11 +58,12 @@ def start_testnet_provider(i: int, args: argparse.Namespace, bootstrap: str | No
 
 def run(args: argparse.Namespace) -> int:
     from cipherswarm.cli.live import SwarmView, live
-    from cipherswarm.cli.runs import accuracy_line, report, save
+    from cipherswarm.cli.runs import accuracy_line, report, sample_lines, save
     from cipherswarm.node import SwarmClient
     from cipherswarm.node.logs import route_libp2p_logs
     from cipherswarm.node.gguf import model_dir
     from cipherswarm.trainer.finetune import FinetuneConfig, finetune
+    from cipherswarm.trainer.tasks import task_of
 
     if args.providers < 1 or not 0 <= args.malicious < args.providers:
         print("need at least one provider, and at least one honest provider", file=sys.stderr)
@@ -71,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     args.model = model_dir(args.model)  # a .gguf file: its converted folder, which the providers load too
+    task_of(args.model)  # an unsupported model is refused before any provider starts
     run_dir = args.out / "swarm"
     run_dir.mkdir(parents=True, exist_ok=True)
     # the client's records (bans, retries, key rotations) go to a file: the live view shows them
@@ -94,10 +97,12 @@ def run(args: argparse.Namespace) -> int:
         precision = precision_of(args)
         config = FinetuneConfig(model_dir=args.model, data_dir=args.data, steps=args.steps, seed=args.seed,
                                 forward_bits=precision.forward_bits, backward_bits=precision.backward_bits,
-                                weight_bits=precision.weight_bits, gradient_accumulation_steps=args.accumulation)
+                                weight_bits=precision.weight_bits, gradient_accumulation_steps=args.accumulation,
+                                profile=args.profile)
         victim = next((p for p in providers[1:] if not p.cheat and not p.layers), None) if args.kill_one else None
         with SwarmClient(model_dir=args.model, bootstrap=[first.addr], identity=run_dir / "client.key",
-                         ledger=run_dir / "ledger.sqlite", precision=config.precision, min_providers=args.providers) as client:
+                         ledger=run_dir / "ledger.sqlite", precision=config.precision, profile=config.profile,
+                         min_providers=args.providers) as client:
             view = SwarmView(client=client, steps=args.steps, names={p.peer_id: f"p{p.index}" for p in providers})
 
             def on_step(step: int) -> None:
@@ -128,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"final loss, encrypted vs plaintext: {summary['final_loss_difference_pct']}% apart")
         for peer, reason in swarm.bans.items():
             print(f"banned {view.names.get(peer, peer)}: {reason}")
+        for line in sample_lines(result):
+            print(line)
         print(f"wrote {args.out / 'adapter'}, {args.out / 'loss.png'}, {args.out / 'report.json'}")
         return 0
     except KeyboardInterrupt:

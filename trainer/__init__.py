@@ -22,7 +22,7 @@ See README.md for the modes and the executor seam that ``fhe="remote"`` plugs in
 from cipherswarm.fhe_backend.quant import Precision
 
 from .accuracy import AccuracyReport, AccuracyWarning
-from .batches import causal_lm_loss, split_batch
+from .batches import causal_lm_loss, mean_pooled_contrastive_loss, model_output, split_batch
 from .errors import BackpropSkipError, NoLoraLayersError, NotCompiledError, TrainerError
 from .executor import ExecutorStatistics, LayerSpec, LocalExecutor, LoopbackProvider, MatmulExecutor
 from .layers import RemoteLinear
@@ -31,7 +31,8 @@ from .remote import FHE_MODES, ModeSwitch, RemoteBaseLayers, remote_base_layers
 from .trainer import LoraTrainer, StepRecord
 
 __all__ = [
-    "LoraTrainer", "Precision", "AccuracyReport", "AccuracyWarning", "causal_lm_loss", "split_batch", "StepRecord", "FHE_MODES",
+    "LoraTrainer", "Precision", "AccuracyReport", "AccuracyWarning", "causal_lm_loss", "mean_pooled_contrastive_loss",
+    "model_output", "split_batch", "StepRecord", "FHE_MODES",
     "remote_base_layers", "RemoteBaseLayers", "ModeSwitch",
     "MatmulExecutor", "LayerSpec", "LocalExecutor", "LoopbackProvider", "ExecutorStatistics",
     "RemoteLinear", "quantize_per_token", "dequantize_product",

@@ -1,15 +1,77 @@
 """What a training batch is and the loss it is trained on: the shapes every loop here accepts
-(:func:`split_batch`), the first batch of an inputset, and the causal-LM loss."""
+(:func:`split_batch`), the first batch of an inputset, the tensor a loss reads from a model's
+output (:func:`model_output`), and the two losses built in: the causal-LM loss and, for sentence
+encoders, the mean-pooled contrastive loss."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 """Label of positions that count for no loss (padding), as Hugging Face models use it."""
+
+
+#: cosine similarities are multiplied by this before the contrastive softmax (sentence-transformers'
+#: MultipleNegativesRankingLoss uses the same): similarities live in [-1, 1], too flat a softmax otherwise
+CONTRASTIVE_SCALE = 20.0
+
+
+def model_output(out: object) -> torch.Tensor:
+    """The tensor a loss reads from what a model returned: the tensor itself, or of a Hugging Face
+    ``ModelOutput`` (or tuple) its ``logits`` where it has them (language models, classifiers),
+    else its ``last_hidden_state`` (bare encoders), else its first element."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(out, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"the model returned {type(out).__name__} with neither logits nor last_hidden_state; "
+                    "pass a loss_fn that reads it, or loss_fn=None for the model's own loss")
+
+
+def batch_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor,
+               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """The loss of one batch: ``loss_fn(model_output(model(ids, mask)), labels)``, or with
+    ``loss_fn=None`` the model's own (``model(..., labels=labels).loss``)."""
+    if loss_fn is None:
+        loss = getattr(model(input_ids=ids, attention_mask=mask, labels=labels), "loss", None)
+        if loss is None:
+            raise ValueError("the model returned no loss; pass loss_fn=causal_lm_loss (or your own)")
+        return loss
+    return loss_fn(model_output(model(input_ids=ids, attention_mask=mask)), labels)
+
+
+def mean_pool(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """One vector per row: the mean of ``hidden`` (rows, tokens, features) over the row's real
+    tokens (labels other than ``ignore_index``), as sentence-transformers pools MiniLM and its kin."""
+    weights = (labels != ignore_index).to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+def mean_pooled_contrastive_loss(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The loss of a sentence-embedding model on pairs, with in-batch negatives.
+
+    The batch holds 2B rows: B anchors, then their B positives in the same order; ``labels`` mark
+    real tokens (anything but ``ignore_index``; padding: ``ignore_index``). Each row is mean-pooled
+    (:func:`mean_pool`), and each anchor has to pick its own positive among all B by cosine
+    similarity (times :data:`CONTRASTIVE_SCALE`, softmax, cross-entropy): sentence-transformers'
+    MultipleNegativesRankingLoss, which all-MiniLM-L6-v2 was trained with. The other pairs'
+    positives are the negatives, so larger batches make a harder task; no labels are needed
+    beyond the pairing itself.
+    """
+    rows = hidden.shape[0]
+    if rows % 2 or rows < 4:
+        raise ValueError(f"a contrastive batch holds B anchors then B positives with B >= 2, got {rows} rows")
+    pooled = F.normalize(mean_pool(hidden, labels, ignore_index), dim=-1)
+    anchors, positives = pooled[: rows // 2], pooled[rows // 2 :]
+    scores = anchors @ positives.T * CONTRASTIVE_SCALE
+    return F.cross_entropy(scores, torch.arange(rows // 2, device=scores.device))
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:

@@ -60,6 +60,10 @@ class RemoteContext:
     #: when a dict: per layer key, [sum of squared errors, sum of squares] of its outputs against the
     #: float product of the same input (trainer.accuracy)
     errors: dict[str, list[float]] | None = None
+    #: when a dict (a float forward of compile()): per layer key, a zero scalar that requires a
+    #: gradient, added to the layer's output, so that whether the loss reads the layer is whether
+    #: the loss's gradient reaches the scalar
+    probes: dict[str, torch.Tensor] | None = None
 
 
 class _RemoteProduct(torch.autograd.Function):
@@ -127,11 +131,15 @@ class RemoteLinear(nn.Module):
             ctx.trace.append(Call(self.key, x.requires_grad, x is ctx.last_input))
             ctx.last_input = x
         if ctx.executor is None:
-            if self.thin and ctx.trace is not None:
-                # tracing needs which layers run and whether their inputs need a gradient, not the
-                # values: a zero stand-in that depends on x spares reading every layer from disk
-                return (x[..., :1] * 0).expand(*x.shape[:-1], self.out_features)
-            return self.original(x)
+            if self.thin and (ctx.trace is not None or ctx.probes is not None):
+                # tracing needs which layers run and what depends on what, not the values: a zero
+                # stand-in that depends on x spares reading every layer from disk
+                y = (x[..., :1] * 0).expand(*x.shape[:-1], self.out_features)
+            else:
+                y = self.original(x)
+            if ctx.probes is not None:
+                y = y + ctx.probes.setdefault(self.key, torch.zeros((), dtype=y.dtype, device=y.device, requires_grad=True))
+            return y
         y = self.group.output(self, x, ctx.executor)
         y = y if self.bias is None else y + self.bias
         if ctx.errors is not None:
@@ -289,9 +297,10 @@ def wrap_base_layers(model: nn.Module, context: RemoteContext, *, remote_lm_head
     return layers
 
 
-def unwrap_base_layers(model: nn.Module) -> None:
-    """Put the original modules back in place of every :class:`RemoteLinear`."""
+def unwrap_base_layers(model: nn.Module, keys: set[str] | None = None) -> None:
+    """Put the original modules back in place of every :class:`RemoteLinear` (of those whose key is
+    in ``keys``, when given)."""
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
-            if isinstance(child, RemoteLinear):
+            if isinstance(child, RemoteLinear) and (keys is None or child.key in keys):
                 setattr(parent, child_name, child.original)

@@ -27,7 +27,7 @@ run the base layers there::
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from types import TracebackType
 from typing import Any
@@ -40,7 +40,7 @@ from cipherswarm.fhe_backend.quant import MAX_X_BITS, MIN_X_BITS, Precision, che
 from .accuracy import AccuracyReport, measure, warn_if_inaccurate
 from .errors import BackpropSkipError, NotCompiledError
 from .executor import ExecutorStatistics, LayerSpec, LocalExecutor, MatmulExecutor, ReadingExecutor
-from .batches import causal_lm_loss, first_batch, split_batch
+from .batches import batch_loss, causal_lm_loss, first_batch, split_batch
 from .layers import Call, RemoteContext, RemoteGroup, RemoteLinear, find_groups, unwrap_base_layers, wrap_base_layers
 
 FHE_MODES = ("disable", "simulate", "execute", "remote")
@@ -147,7 +147,10 @@ class RemoteBaseLayers:
         ``group_layers``: layers the trace finds reading the same input (q/k/v, gate/up) become one
         call each way (layers.py): one upload forward, one download backward. False keeps every
         layer a call of its own (each token's gradient then quantized per layer, not per group).
-        The mode afterwards is ``disable``.
+        A layer whose output the loss does not read on ``inputset`` (``loss_fn``; without one, no
+        output of the model) - BERT's pooler under a mean-pooled loss, a layer that does not run -
+        stays a float module of the client: it gets no key and is never sent out. The mode
+        afterwards is ``disable``.
         """
         if n_bits is not None and precision is not None:
             raise ValueError("give n_bits or precision, not both")
@@ -165,8 +168,16 @@ class RemoteBaseLayers:
             raise ValueError("the model has no frozen nn.Linear or Conv1D base layer to run remotely")
         batch = first_batch(inputset)
         trace = self._trace(batch)
-        self._apply_backprop_skip(trace)
-        self._group(find_groups(trace) if group_layers else [])
+        unread = self._unread(batch, loss_fn)
+        if unread:  # they stay float modules, computed here if they run at all: nothing of theirs is sent out
+            unwrap_base_layers(base, unread)
+            self.layers = {k: layer for k, layer in self.layers.items() if k not in unread}
+            if not self.layers:
+                raise ValueError("the loss reads no frozen nn.Linear or Conv1D base layer: there is nothing to run remotely")
+        self._apply_backprop_skip([call for call in trace if call.key not in unread])
+        # grouped on the whole trace (whether a call reads its predecessor's input), then the unread left out
+        groups = [[k for k in keys if k not in unread] for keys in find_groups(trace)] if group_layers else []
+        self._group([keys for keys in groups if keys])
         # Built once: each spec prepares its integer weights once, shared by every executor made from it.
         self._specs = {k: LayerSpec(k, group.weight, precision, group.backward_enabled, group.layer.digest)
                        for k, group in self.groups.items()}
@@ -214,6 +225,35 @@ class RemoteBaseLayers:
         finally:
             self.context.trace, self.context.last_input = None, None
             self.model.train(was_training)
+
+    def _unread(self, batch: object, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None) -> set[str]:
+        """The remote layers whose output the loss (``loss_fn``; without one, any output of the
+        model) does not read in a float forward of ``batch``: BERT's pooler under a mean-pooled
+        loss, or a layer that does not run at all (peft's frozen copy of a ``modules_to_save``
+        layer). Found by adding a zero that requires a gradient to each layer's output
+        (``RemoteContext.probes``) and asking which of them the loss's gradient reaches: unread
+        layers need no key and no call, so their inputs never leave the client."""
+        ids, mask, labels = split_batch(batch)
+        device = next(self.model.parameters()).device
+        ids, labels, mask = ids.to(device), labels.to(device), None if mask is None else mask.to(device)
+        was_training = self.model.training
+        probes: dict[str, torch.Tensor] = {}
+        self.context.probes = probes
+        try:
+            self.model.eval()  # no dropout: it must not consume random numbers
+            with torch.enable_grad():
+                if loss_fn is None:
+                    target = sum((t.float().sum() for t in _tensors(self.model(input_ids=ids, attention_mask=mask))
+                                  if t.requires_grad), torch.zeros(()))
+                else:
+                    target = batch_loss(self.model, ids, mask, labels, loss_fn)
+                keys = list(probes)
+                grads = (torch.autograd.grad(target, [probes[k] for k in keys], allow_unused=True)
+                         if target.requires_grad else [None] * len(keys))
+        finally:
+            self.context.probes = None
+            self.model.train(was_training)
+        return {key for key in self.layers if key not in probes} | {key for key, grad in zip(keys, grads) if grad is None}
 
     def _group(self, groups: list[list[str]]) -> None:
         """One :class:`RemoteGroup` per run of layers reading the same input; layers that did not
@@ -332,6 +372,18 @@ class RemoteBaseLayers:
         self._compiled, self._bound, self._fhe = False, None, "disable"
         self.context.executor = None
         unwrap_base_layers(self.base_model)
+
+
+def _tensors(out: object) -> list[torch.Tensor]:
+    """Every floating tensor in a model's output (a tensor, or a ModelOutput / tuple / dict of them,
+    nested); caches and other objects aside."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in _tensors(item)]
+    return []
 
 
 def remote_base_layers(

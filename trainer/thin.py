@@ -133,9 +133,22 @@ def is_thin(module: nn.Module) -> bool:
     return isinstance(module, ThinLinear)
 
 
+def _saved_inside_hint(model: nn.Module, unknown: list[str]) -> str:
+    """What to do when a checkpoint stores the model under its base-model prefix (``bert.encoder...``,
+    a task model around it) while the model built has no prefix: the providers serve the file's
+    names, so the names of the model trained must be the same."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix or not any(name.startswith(prefix + ".") for name in unknown):
+        return ""
+    return (f": the checkpoint holds the model inside a task model (names under {prefix + '.'!r}); save the bare "
+            "model on its own (AutoModel.from_pretrained(dir).save_pretrained(new_dir)), serve and train that")
+
+
 def load_remote_model(model_dir: str | Path, weights: ModelWeights | None = None, *,
-                      dtype: torch.dtype = torch.float32, weight_bits: int = WEIGHT_BITS) -> tuple[nn.Module, ModelWeights]:
-    """The causal LM of ``model_dir`` with every remote layer a :class:`ThinLinear`, and the layers'
+                      dtype: torch.dtype = torch.float32, weight_bits: int = WEIGHT_BITS,
+                      auto_class: type = AutoModelForCausalLM) -> tuple[nn.Module, ModelWeights]:
+    """The model of ``model_dir`` (built by ``auto_class``: a causal LM by default, ``AutoModel``
+    for a bare encoder) with every remote layer a :class:`ThinLinear`, and the layers'
     summaries (``weights``, loaded from the same files unless given: a ``SwarmClient`` shares its
     own, so trainer and client compute with one reading of the checkpoint). Tensors the client
     keeps are cast to ``dtype``; ``weight_bits``: the quantization of summaries loaded here.
@@ -147,8 +160,9 @@ def load_remote_model(model_dir: str | Path, weights: ModelWeights | None = None
         raise WeightsError(f"{model_dir}: thin loading supports nn.Linear models; GPT-2-style Conv1D layers need the full model")
     config = AutoConfig.from_pretrained(model_dir)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = auto_class.from_config(config, dtype=dtype)
     expected = dict(model.state_dict(keep_vars=True))
+    rebuilt = {name for name, _ in model.named_buffers()}  # built from the config (position ids), not read
     frozen_reads = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
     readonly = {name for name, t in expected.items() if id(t) in frozen_reads}  # may stay narrow (_keep_narrow)
     kept: dict[str, torch.Tensor] = {}
@@ -159,13 +173,16 @@ def load_remote_model(model_dir: str | Path, weights: ModelWeights | None = None
                 if name in weights.layers:
                     continue
                 if name not in expected:
-                    unknown.append(name)
+                    if name not in rebuilt:
+                        unknown.append(name)
                     continue
                 t = f.get_tensor(name)
                 narrow = name in readonly and t.is_floating_point() and t.dtype.itemsize < dtype.itemsize
                 kept[name] = t if narrow or not t.is_floating_point() else t.to(dtype)
+    unknown += [name for name in weights.layers if name not in expected]
     if unknown:
-        raise WeightsError(f"{model_dir}: tensors {unknown[:3]} do not belong to a {config.model_type} model of this config")
+        raise WeightsError(f"{model_dir}: tensors {unknown[:3]} do not belong to a {type(model).__name__} of this "
+                           f"config{_saved_inside_hint(model, unknown)}")
     model.load_state_dict(kept, strict=False, assign=True)
     for name, layer in weights.layers.items():
         module_name = name.removesuffix(".weight")

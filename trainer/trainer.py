@@ -35,7 +35,7 @@ from .overlap import StepRunner
 from .quantization import CPU_SECONDS, refresh_threads, torch_cpu
 # The base layers' side (compile, modes, keys) is RemoteBaseLayers'; the batch helpers live with it
 # and are importable from here as before.
-from .batches import split_batch
+from .batches import batch_loss, split_batch
 from .remote import RemoteBaseLayers, check_int
 
 
@@ -391,14 +391,7 @@ class LoraTrainer:
         ids, mask, labels = split_batch(batch)
         ids, labels = ids.to(device), labels.to(device)
         mask = None if mask is None else mask.to(device)
-        if self.loss_fn is None:
-            out = self.model(input_ids=ids, attention_mask=mask, labels=labels)
-            loss = getattr(out, "loss", None)
-            if loss is None:
-                raise ValueError("the model returned no loss; pass loss_fn=causal_lm_loss (or your own)")
-        else:
-            out = self.model(input_ids=ids, attention_mask=mask)
-            loss = self.loss_fn(out if isinstance(out, torch.Tensor) else out.logits, labels)
+        loss = batch_loss(self.model, ids, mask, labels, self.loss_fn)
         tokens = int(mask.sum()) if mask is not None else ids.numel()
         return loss, tokens
 

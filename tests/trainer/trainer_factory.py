@@ -94,11 +94,12 @@ def lora_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def provider_process(tmp_path: Path) -> Iterator[tuple[Path, str]]:
-    """A `cipherswarm provider` process on loopback serving the tiny LLaMA saved under `tmp_path`:
-    (model folder, its multiaddr). Stopped on exit."""
-    model_dir = tmp_path / "model"
-    base_model(LLAMA).save_pretrained(model_dir, safe_serialization=True)
+def provider_process(tmp_path: Path, model_dir: Path | None = None) -> Iterator[tuple[Path, str]]:
+    """A `cipherswarm provider` process on loopback serving `model_dir` (by default the tiny LLaMA,
+    saved under `tmp_path`): (model folder, its multiaddr). Stopped on exit."""
+    if model_dir is None:
+        model_dir = tmp_path / "model"
+        base_model(LLAMA).save_pretrained(model_dir, safe_serialization=True)
     command = [sys.executable, "-m", "cipherswarm.cli", "provider", "--model", str(model_dir),
                "--identity", str(tmp_path / "provider.key"), "--benchmark-seconds", "0.1", "--advert-interval", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
