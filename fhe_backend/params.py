@@ -219,9 +219,11 @@ class Params:
     def check_tolerance(self, wr_l2sq: float, r_l1: float) -> float:
         """Bound on |sum_k r_k (decoded_k - y_k)| over a row of a compact-profile product, for check
         weights r >= 0 with sum ``r_l1`` and ``||w @ r||_2^2 = wr_l2sq`` (see :func:`noise_bound`):
-        the noise over delta plus each value's decoding rounding (at most 1/2)."""
+        the noise over delta plus each value's decoding rounding (at most 1/2). The one-limb
+        decryption's error is always counted: a row chunk's wider output words (with_row_parts)
+        may take the one-limb path where these parameters' own do not, and its error is no larger."""
         bound = noise_bound(self.n, self.log_q, self.eta, wr_l2sq, self.out_bits_a, self.out_bits_b, self.row_parts,
-                            one_limb=self.decrypt_one_limb, weight=r_l1)
+                            one_limb=self.out_bits_a > 0, weight=r_l1)
         return bound / self.delta + 0.5 * r_l1
 
     def payload_bytes(self, tokens: int, features: int) -> int:

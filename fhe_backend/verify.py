@@ -37,10 +37,10 @@ import torch
 
 from . import kernels
 from .errors import ShapeMismatch, VerificationFailed
-from .evaluator import PlainWeights
 from .params import Params
 from .parallel import for_row_chunks
 from .sampling import SEED_BYTES, aes_ctr_stream
+from .weights import PlainWeights
 
 SOUNDNESS_BITS = 64
 #: check vectors of the compact profile's tolerance check (module docstring): an error K times
@@ -165,11 +165,14 @@ class FreivaldsVerifier:
         except ValueError:
             raise ShapeMismatch(f"columns [{output.start}, {output.stop}) are not on the sketch's column grid {self.grid}") from None
 
-    def check(self, x: torch.Tensor, y: torch.Tensor, *, contraction: range | None = None, output: range | None = None) -> None:
+    def check(self, x: torch.Tensor, y: torch.Tensor, *, contraction: range | None = None, output: range | None = None,
+              params: Params | None = None) -> None:
         """Raise :class:`VerificationFailed` unless ``y == x @ w[contraction, output]`` (false accept
         <= 2^-64 per row). ``contraction``: the rows of the contraction axis x covers (default all);
         ``output``: the output columns y covers, a run of whole column blocks (default all). Any
-        value of y beyond the bound the verifier was made for fails the row, whatever else holds."""
+        value of y beyond the bound the verifier was made for fails the row, whatever else holds.
+        ``params``: those y was decrypted under, when not the verifier's own (a compact-profile row
+        chunk's, ``Params.with_row_parts``: its noise, not the whole product's, is what is allowed)."""
         xn = np.ascontiguousarray(x.numpy())  # any integer width: the kernel widens while it reads
         if xn.dtype.kind not in "iu":
             raise ShapeMismatch(f"x must be an integer tensor, got {x.dtype}")
@@ -191,7 +194,7 @@ class FreivaldsVerifier:
         else:
             wr_t = np.ascontiguousarray(self._s[b0:b1, :, rows.start : rows.stop])
             bounds = np.asarray(self.grid[b0 : b1 + 1], dtype=np.int64) - c0
-            tol = self._tolerances(wr_t, r_t, bounds)
+            tol = self._tolerances(wr_t, r_t, bounds, params if params is not None else self.tolerate)
         flags = np.empty(xn.shape[0], dtype=np.bool_)
         bound = np.uint64(self.y_bound)
         for_row_chunks(xn.shape[0], lambda a, b: kernels.freivalds_rows(xn[a:b], wr_t, yn[a:b], r_t, bounds, bound, tol, flags[a:b]), rows=256)
@@ -199,10 +202,9 @@ class FreivaldsVerifier:
         if bad:
             raise VerificationFailed(f"{bad} of {yn.shape[0]} rows of the decrypted product are wrong", bad_rows=bad)
 
-    def _tolerances(self, wr_t: np.ndarray, r_t: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    def _tolerances(self, wr_t: np.ndarray, r_t: np.ndarray, bounds: np.ndarray, params: Params) -> np.ndarray:
         """(blocks, m) uint64: each block's and check vector's T (``Params.check_tolerance``), rounded up.
         The sketch's words are the exact signed values w @ r (R keeps them below 2^63)."""
-        assert self.tolerate is not None
         wr = wr_t.view(np.int64).astype(np.float64)
         r = r_t.astype(np.float64)
         tol = np.empty(wr.shape[:2], dtype=np.uint64)
@@ -210,5 +212,5 @@ class FreivaldsVerifier:
             for k in range(wr.shape[1]):
                 l2sq = float(np.dot(wr[g, k], wr[g, k])) * (1 + wr.shape[2] * 2.0**-52)  # covers the float64 sum's error
                 l1 = float(r[k, bounds[g] : bounds[g + 1]].sum())
-                tol[g, k] = math.ceil(self.tolerate.check_tolerance(l2sq, l1)) + 1
+                tol[g, k] = math.ceil(params.check_tolerance(l2sq, l1)) + 1
         return tol

@@ -201,7 +201,7 @@ def _open_result(job: ChunkJob, payload: bytes) -> tuple[torch.Tensor, tuple[flo
     y = ENGINE.decrypt(job.key, result)
     t2 = cpu_now()
     c, o = job.chunk.contraction, job.chunk.output
-    job.checker.check(job.x, y, contraction=range(c.start, c.stop), output=range(o.start, o.stop))
+    job.checker.check(job.x, y, contraction=range(c.start, c.stop), output=range(o.start, o.stop), params=result.params)
     return y, (t1 - t0, t2 - t1, cpu_now() - t2)
 
 

@@ -22,6 +22,7 @@ from multiaddr import Multiaddr
 
 from cipherswarm.node import ClientConfig, Ledger, ModelWeights, NodeHost, Provider, ProviderConfig, open_host
 from cipherswarm.node.client import SwarmSession, open_session
+from cipherswarm.node.client.keys import KeyRing
 
 REPO = Path(__file__).resolve().parents[2]
 PROCESS_START_S = 60.0  # a provider process imports torch, quantizes, benchmarks: generous on 2 busy cores
@@ -90,9 +91,10 @@ def thin(weights: ModelWeights) -> ModelWeights:
 @asynccontextmanager
 async def session(
     weights: ModelWeights, bootstrap: Sequence[Multiaddr], *, ledger: Ledger | None = None, min_providers: int = 1,
-    **config: object,
+    profile: str = "default", **config: object,
 ) -> AsyncIterator[SwarmSession]:
-    """A client of the model of `weights`, holding none of its weights (it reads them from the files)."""
+    """A client of the model of `weights`, holding none of its weights (it reads them from the files),
+    encrypting in `profile`."""
     with Ledger() if ledger is None else nullcontext(ledger) as book:
         async with open_session(
             weights=thin(weights),
@@ -101,6 +103,7 @@ async def session(
             bootstrap=bootstrap,
             config=client_config(**config),
             min_providers=min_providers,
+            keys=KeyRing(profile=profile),
         ) as client:
             yield client
 

@@ -67,6 +67,28 @@ async def test_layer_split_across_three_is_exact(weights: ModelWeights, split: s
                 assert stats.verification_failures == stats.retries == 0
 
 
+@pytest.mark.parametrize(("split", "tokens", "transpose"), [("columns", 100, False), ("rows", 300, True), ("blocks", 4500, False)])
+async def test_compact_profile_over_the_swarm_stays_within_its_bound(weights: ModelWeights, split: str, tokens: int,
+                                                                     transpose: bool) -> None:
+    """The compact profile through real providers: each cut of a call verified within its noise
+    (row chunks against their own wider words' bound) and off by no more than the decoded-error
+    bound per value (per row chunk added up)."""
+    with trio.fail_after(90):
+        async with providers(weights, [THIN_ROWS] * 3) as running:
+            async with session(weights, [r.addr for r in running], min_providers=3, split=split, profile="compact") as client:
+                layer = weights.resolve(LAYER)
+                x = random_operand(tokens, layer.shape.d_out if transpose else layer.shape.d_in)
+                y = await client.matmul(LAYER, x, transpose=transpose)
+                params = client.keys.channel(layer, transpose=transpose).params
+                assert params.compact
+                parts = 3 if split == "rows" else 1
+                bound = parts * (params.with_row_parts(parts) if parts > 1 else params).decoded_error
+                err = (y - reference(weights, LAYER, x, transpose=transpose)).abs()
+                assert 0 < err.max() <= bound
+                stats = client.stats()
+                assert stats.chunks == 3 and stats.verification_failures == stats.retries == 0
+
+
 QKV = "model.layers.1.self_attn.q_proj+model.layers.1.self_attn.k_proj+model.layers.1.self_attn.v_proj"
 
 
