@@ -37,7 +37,8 @@ from multiaddr import Multiaddr
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import random_llama  # noqa: E402
 
-from cipherswarm.fhe_backend.evaluator import SCRATCH_BYTES, ciphertext_bytes, output_elements, result_bytes  # noqa: E402
+from cipherswarm.fhe_backend.ciphertext import ciphertext_size, result_size  # noqa: E402
+from cipherswarm.fhe_backend.evaluator import SCRATCH_BYTES, output_elements  # noqa: E402
 from cipherswarm.node import ProviderAdvert, load_model, open_host  # noqa: E402
 from cipherswarm.node.discovery import now_ms, read_advert  # noqa: E402
 from cipherswarm.node.engine import BACKEND, ENGINE, decode_params, encode_params  # noqa: E402
@@ -123,7 +124,7 @@ async def run(model_dir: Path, work: Path) -> None:
                         weight_slice=WeightSlice(rows=Range(0, rows), cols=Range(0, d_out)), transpose=False,
                         backend=BACKEND, backend_params=encode_params(params), input_shape=(tokens, rows),
                         output_shape=(tokens, d_out), price_per_gmac=0)
-                    return dataclasses.replace(request, payload_length=ciphertext_bytes(params, tokens, rows)), b""
+                    return dataclasses.replace(request, payload_length=ciphertext_size(params, tokens, rows)), b""
 
                 full_tokens = (advert.max_payload_size - 4096) // (d_in * params.in_bytes)
                 fit_tokens = advert.max_output_elements // (params.n * d_out) * params.n
@@ -147,7 +148,7 @@ async def run(model_dir: Path, work: Path) -> None:
                     Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
                     answer, got = await send(node, peer, request, payload, advert)
                     growth = vm(proc.pid, "VmHWM") - settled
-                    print(f"  {label:<28} {request.payload_length:>12} {result_bytes(params, m, n_out):>15} "
+                    print(f"  {label:<28} {request.payload_length:>12} {result_size(params, m, n_out):>15} "
                           f"{output_elements(params, m, n_out):>15} {answer:>15} {got:>11} {growth:>13} {bound:>12} "
                           f"{growth / bound:>12.4f}")
         finally:

@@ -22,7 +22,7 @@ from .errors import (
     ShapeMismatch,
     VerificationFailed,
 )
-from .evaluator import PlainWeights
+from .weights import PlainWeights
 from .keys import SecretKey
 from .params import Params, WeightStats, choose_params
 

@@ -16,8 +16,8 @@ import torch
 
 from .encryptor import _as_int_matrix, check_range
 from .errors import InvalidCiphertext, ShapeMismatch
-from .evaluator import PlainWeights, contraction_width
 from .params import Params, WeightStats, choose_params
+from .weights import PlainWeights, contraction_width
 
 _HEAD = struct.Struct("<4s" + "Q" * len(Params.FIELDS) + "II")
 _MAGIC = b"CSC1"

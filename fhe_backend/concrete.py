@@ -42,8 +42,8 @@ import torch
 
 from .encryptor import _as_int_matrix, check_range
 from .errors import BackendUnavailable, InvalidCiphertext, KeyMismatch, ParameterError, ShapeMismatch
-from .evaluator import PlainWeights
 from .params import MAX_X_BITS
+from .weights import PlainWeights
 
 INSTALL_HINT = "pip install 'cipherswarm[concrete]'"
 

@@ -13,7 +13,7 @@ within the evaluator's scratch bound whatever the layer's size.
 Only the raw GEMM depends on the device (:data:`Int8Gemm`): :func:`cpu_int8_gemm` here,
 :func:`cuda_int8_gemm` through cuBLAS on a GPU. Splitting, chunking, accumulation and recombination
 are this module's code on both, so the CPU tests cover the limb arithmetic a GPU provider runs, and
-:func:`self_check` compares a device's GEMM with the CPU before a provider serves with it.
+``selfcheck.self_check`` compares a device's GEMM with the CPU before a provider serves with it.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def limb_products(rows: Sequence[np.ndarray], left: np.ndarray, log_q: int, gemm
 
 def cpu_int8_gemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The CPU's :data:`Int8Gemm` (torch int32 matmul, which wraps as int32 hardware does): the
-    reference the tests and :func:`self_check` hold every device to."""
+    reference the tests and ``selfcheck.self_check`` hold every device to."""
     return torch.matmul(torch.from_numpy(a).to(torch.int32), torch.from_numpy(b).to(torch.int32)).numpy()
 
 
@@ -149,38 +149,3 @@ def cuda_int8_gemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     :class:`BackendUnavailable` when cupy is missing; cupy's CUDA errors when there is no GPU."""
     cupy = _cupy()
     return cupy.asnumpy(cublas_int8_gemm(cupy.asarray(a), cupy.asarray(b)))
-
-
-def self_check(gemm: Int8Gemm, *, seed: int = 0) -> str | None:
-    """None if ``gemm`` is exact, else why not: a provider runs this before it serves on a device.
-
-    Two checks, both bit for bit against the CPU: the raw GEMM on random int8 operands with every
-    extreme value and odd sizes (a wrong int32 anywhere shows), then a whole encrypted product of
-    each profile and transpose by method="int8" against method="f64", with unrounded outputs so
-    that no error can hide below the output modulus switch. Any exception counts as a failure.
-    """
-    from .evaluator import matmul  # the evaluator imports this module
-    from .rlwe import RlweBackend
-
-    try:
-        rng = np.random.default_rng(seed)
-        a = rng.integers(-128, 128, (37, 70), dtype=np.int8)
-        b = rng.integers(-128, 128, (70, 1030), dtype=np.int8)
-        a[0], b[:, 0] = -128, -128
-        if not np.array_equal(np.asarray(gemm(a, b)), cpu_int8_gemm(a, b)):
-            return "its int8 GEMM differs from the CPU's"
-        be = RlweBackend()
-        gen = torch.Generator().manual_seed(seed)
-        w = torch.randint(-128, 128, (70, 37), generator=gen, dtype=torch.int8)
-        for profile in ("default", "shared-mask"):
-            for transpose in (False, True):
-                params = be.params_for(w, 8, transpose=transpose, switch_output=False, profile=profile)
-                sk = be.keygen(params, weights=w, transpose=transpose)
-                ct = be.encrypt(sk, torch.randint(-128, 128, (params.n, w.shape[1] if transpose else w.shape[0]), generator=gen))
-                got = matmul(ct, w, transpose=transpose, method="int8", gemm=gemm)
-                ref = matmul(ct, w, transpose=transpose, method="f64")
-                if not (np.array_equal(got.b_words, ref.b_words) and (ref.a_words is None or np.array_equal(got.a_words, ref.a_words))):
-                    return f"its encrypted product ({profile} profile, transpose={transpose}) differs from the CPU's"
-    except Exception as exc:  # noqa: BLE001 - whatever the device raises, the provider falls back
-        return f"{type(exc).__name__}: {exc}"
-    return None

@@ -6,12 +6,13 @@ import torch
 
 from .ciphertext import Ciphertext, MatmulResult
 from .encryptor import decrypt, encrypt
-from .evaluator import PlainWeights, matmul
+from .evaluator import matmul
 from .keys import SecretKey
 from . import shared_mask
 from .errors import ParameterError
 from .params import SHARED_MASK, Params, WeightStats, choose_params
 from .shared_mask import SharedMaskKey
+from .weights import PlainWeights
 
 
 class RlweBackend:

@@ -29,12 +29,12 @@ import torch
 from .ciphertext import Ciphertext, MatmulResult
 from .encryptor import _as_int_matrix, block_view, check_range, clear_padding, decrypt_rows, encrypt_rows
 from .errors import KeyMismatch, ParameterError
-from .evaluator import PlainWeights, contraction_width
 from .keys import KEY_ID_BYTES, check_label, fresh_label
 from .parallel import scratch
 from .params import SHARED_MASK, Params
 from .ring import LIMB_BITS, NegacyclicFFT, limb_count, ternary_eval
 from .sampling import expand_mask, fresh_seed, ternary_secret
+from .weights import PlainWeights, contraction_width
 
 
 #: Output columns of W^T S computed at a time: the float64 tile of weights costs 8 bytes per

@@ -52,8 +52,8 @@ import torch
 
 from .encryptor import _as_int_matrix, check_range
 from .errors import BackendUnavailable, InvalidCiphertext, KeyMismatch, ParameterError, ShapeMismatch
-from .evaluator import PlainWeights, contraction_width
 from .params import MAX_X_BITS, WeightStats
+from .weights import PlainWeights, contraction_width
 
 INSTALL_HINT = "pip install 'cipherswarm[zama]'"
 

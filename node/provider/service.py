@@ -52,7 +52,8 @@ from libp2p.peer.id import ID
 from cipherswarm.fhe_backend import Ciphertext, FheError, ParameterError, PlainWeights
 from cipherswarm.fhe_backend.ciphertext import ciphertext_size, result_size
 from cipherswarm.fhe_backend.evaluator import matmul, output_elements
-from cipherswarm.fhe_backend.int8_limbs import Int8Gemm, cuda_int8_gemm, self_check
+from cipherswarm.fhe_backend.int8_limbs import Int8Gemm, cuda_int8_gemm
+from cipherswarm.fhe_backend.selfcheck import self_check
 from cipherswarm.protocol import (
     DEFAULT_MAX_PAYLOAD_SIZE,
     DEFAULT_MAX_TTL_MS,

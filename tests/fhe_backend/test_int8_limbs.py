@@ -12,7 +12,8 @@ import torch
 from cipherswarm.fhe_backend import BackendUnavailable, InputRangeError, MatmulResult, get_backend
 from cipherswarm.fhe_backend import int8_limbs
 from cipherswarm.fhe_backend.evaluator import matmul
-from cipherswarm.fhe_backend.int8_limbs import LIMB_BITS, MAX_CHUNK, cpu_int8_gemm, cuda_device, limb_products, self_check
+from cipherswarm.fhe_backend.int8_limbs import LIMB_BITS, MAX_CHUNK, cpu_int8_gemm, cuda_device, limb_products
+from cipherswarm.fhe_backend.selfcheck import self_check
 from cipherswarm.fhe_backend.kernels import join_limbs_switch, split_limbs
 from cipherswarm.fhe_backend.params import Params
 
