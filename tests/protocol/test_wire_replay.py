@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -34,8 +36,57 @@ from cipherswarm.protocol import (
     seal,
 )
 from cipherswarm.protocol.exchange import check_request_header, check_request_payload
+from cipherswarm.protocol.replay import DEFAULT_MAX_TTL_MS
 
 NONCE = b"n" * 16
+
+
+@dataclass
+class Reference:
+    """The window's rules applied to an unbounded record of accepted nonces: the outcome each check
+    must have, so that a property test can hold every refusal to its exact error."""
+
+    capacity: int
+    max_ttl_ms: int
+    per_scope: int
+    per_group: int
+    live: dict[tuple[bytes, bytes], tuple[int, bytes | None]] = field(default_factory=dict)  # -> (expiry, group)
+
+    def check(self, nonce: bytes, *, expires_at_ms: int, now_ms: int, scope: bytes = b"",
+              group: bytes | None = None) -> tuple[type[ProtocolError], int | None] | None:
+        """None if the nonce must be accepted (and records it), else the error and, for Busy, the
+        retry hint: when the oldest live nonce of the full share or window expires."""
+        if not now_ms < expires_at_ms <= now_ms + self.max_ttl_ms:
+            return ExpiredFrame, None
+        self.live = {key: held for key, held in self.live.items() if held[0] > now_ms}
+        if (scope, nonce) in self.live:
+            return ReplayedFrame, None
+        shares = (
+            ([e for (s, _), (e, _) in self.live.items() if s == scope], self.per_scope),
+            ([e for e, g in self.live.values() if group is not None and g == group], self.per_group),
+            ([e for e, _ in self.live.values()], self.capacity),
+        )
+        for expiries, limit in shares:
+            if len(expiries) >= limit:
+                return Busy, min(expiries) - now_ms
+        self.live[(scope, nonce)] = (expires_at_ms, group)
+        return None
+
+
+def check_against(reference: Reference, window: ReplayWindow, nonce: bytes, *, expires_at_ms: int, now_ms: int,
+                  scope: bytes = b"", group: bytes | None = None) -> None:
+    """``window.check_and_record`` has exactly the outcome ``reference`` gives for the same call."""
+    expected = reference.check(nonce, expires_at_ms=expires_at_ms, now_ms=now_ms, scope=scope, group=group)
+    try:
+        window.check_and_record(nonce, expires_at_ms=expires_at_ms, now_ms=now_ms, scope=scope, group=group)
+    except ProtocolError as exc:
+        assert expected is not None, f"refused with {exc!r}, should be accepted"
+        assert type(exc) is expected[0], f"refused with {exc!r}, should be {expected[0].__name__}"
+        if isinstance(exc, Busy):
+            assert exc.retry_after_ms == expected[1]
+    else:
+        assert expected is None, f"accepted, should be refused with {expected[0].__name__}"
+    assert len(reference.live) <= len(window) <= window.capacity  # expired nonces are forgotten lazily
 
 
 class TestReplayWindow:
@@ -45,11 +96,15 @@ class TestReplayWindow:
         with pytest.raises(ReplayedFrame) as caught:
             window.check_and_record(NONCE, expires_at_ms=NOW_MS + 10, now_ms=NOW_MS + 5)
         assert caught.value.nonce == NONCE
+        assert len(window) == 1
 
     def test_scopes_are_separate(self) -> None:
         window = ReplayWindow()
         window.check_and_record(NONCE, expires_at_ms=NOW_MS + 10, now_ms=NOW_MS, scope=b"a")
         window.check_and_record(NONCE, expires_at_ms=NOW_MS + 10, now_ms=NOW_MS, scope=b"b")
+        assert (len(window), window.held(scope=b"a"), window.held(scope=b"b")) == (2, 1, 1)
+        with pytest.raises(ReplayedFrame):  # each scope still remembers it
+            window.check_and_record(NONCE, expires_at_ms=NOW_MS + 10, now_ms=NOW_MS, scope=b"a")
 
     @pytest.mark.parametrize("expires_at_ms", [NOW_MS - 1, NOW_MS, NOW_MS + 1001])
     def test_expiry_outside_the_window_refused(self, expires_at_ms: int) -> None:
@@ -80,7 +135,10 @@ class TestReplayWindow:
         assert caught.value.retry_after_ms == 40
         with pytest.raises(ReplayedFrame):
             window.check_and_record(b"b" * 16, expires_at_ms=NOW_MS + 50, now_ms=NOW_MS + 10)
-        window.check_and_record(b"c" * 16, expires_at_ms=NOW_MS + 200, now_ms=NOW_MS + 50)
+        window.check_and_record(b"c" * 16, expires_at_ms=NOW_MS + 200, now_ms=NOW_MS + 50)  # b has expired
+        assert len(window) == 2
+        with pytest.raises(ReplayedFrame):
+            window.check_and_record(b"c" * 16, expires_at_ms=NOW_MS + 200, now_ms=NOW_MS + 60)
 
     @pytest.mark.parametrize("kwargs", [{"capacity": 0}, {"max_ttl_ms": 0}])
     def test_bounds_validated(self, kwargs: dict[str, int]) -> None:
@@ -93,21 +151,13 @@ class TestReplayWindow:
             max_size=200,
         )
     )
-    def test_never_accepts_a_live_nonce_twice_and_stays_bounded(self, steps: list[tuple[int, int, int]]) -> None:
+    def test_every_outcome_is_the_references_and_memory_stays_bounded(self, steps: list[tuple[int, int, int]]) -> None:
         window = ReplayWindow(capacity=4, max_ttl_ms=30)
-        accepted: dict[bytes, int] = {}  # unbounded reference: nonce -> expiry of its accepted frame
+        reference = Reference(capacity=4, max_ttl_ms=30, per_scope=4, per_group=4)
         now = NOW_MS
         for nonce_index, offset, step in steps:
             now += step
-            nonce = bytes([nonce_index]) * 16
-            try:
-                window.check_and_record(nonce, expires_at_ms=now + offset, now_ms=now)
-            except (ExpiredFrame, ReplayedFrame, Busy):
-                pass
-            else:
-                assert accepted.get(nonce, now) <= now, "a nonce was accepted while its frame was live"
-                accepted[nonce] = now + offset
-            assert len(window) <= window.capacity
+            check_against(reference, window, bytes([nonce_index]) * 16, expires_at_ms=now + offset, now_ms=now)
 
 
 class TestShares:
@@ -160,31 +210,17 @@ class TestShares:
             max_size=300,
         )
     )
-    def test_shares_never_exceeded_and_no_live_nonce_accepted_twice(self, steps: list[tuple[int, int, int, int]]) -> None:
+    def test_every_outcome_is_the_references_and_shares_are_never_exceeded(self, steps: list[tuple[int, int, int, int]]) -> None:
         window = ReplayWindow(capacity=6, max_ttl_ms=30, per_scope=3, per_group=4)
-        accepted: dict[tuple[bytes, bytes], int] = {}  # unbounded reference: (scope, nonce) -> expiry
+        reference = Reference(capacity=6, max_ttl_ms=30, per_scope=3, per_group=4)
         now = NOW_MS
         for scope_index, nonce_index, offset, step in steps:
             now += step
-            scope, nonce, group = bytes([scope_index]), bytes([nonce_index]) * 16, bytes([scope_index // 2])
-            live = {k: e for k, e in accepted.items() if e > now}
-            try:
-                window.check_and_record(nonce, expires_at_ms=now + offset, now_ms=now, scope=scope, group=group)
-            except ReplayedFrame:
-                assert (scope, nonce) in live
-            except Busy:
-                in_scope = sum(1 for (s, _) in live if s == scope)
-                in_group = sum(1 for (s, _) in live if s[0] // 2 == scope_index // 2)
-                assert in_scope >= 3 or in_group >= 4 or len(live) >= 6
-            except ExpiredFrame:
-                pass
-            else:
-                assert (scope, nonce) not in live, "a nonce was accepted while its frame was live"
-                accepted[(scope, nonce)] = now + offset
-            live = {k: e for k, e in accepted.items() if e > now}
-            assert len(live) <= len(window) <= 6  # expired nonces are forgotten lazily, on the next check
+            scope, group = bytes([scope_index]), bytes([scope_index // 2])
+            check_against(reference, window, bytes([nonce_index]) * 16, expires_at_ms=now + offset, now_ms=now,
+                          scope=scope, group=group)
             for s in range(4):
-                assert sum(1 for (k, _) in live if k == bytes([s])) <= window.held(scope=bytes([s])) <= 3
+                assert sum(1 for (k, _) in reference.live if k == bytes([s])) <= window.held(scope=bytes([s])) <= 3
             for g in range(2):
                 assert window.held(group=bytes([g])) <= 4
 
@@ -211,7 +247,9 @@ class TestOnlyRequestsPassingTheCheapChecksUseANonce:
                 check_request_header(decode_frame(data, limits=LIMITS).header, peer=CLIENT, window=window,
                                      lookup=lookup, now_ms=NOW_MS, min_price_per_gmac=100)
         assert len(window) == 0
-        accept(request_frame()[1], window=window)  # an acceptable request still finds room
+        sealed, data = request_frame()  # an acceptable request still finds room
+        assert accept(data, window=window).message == sealed.message
+        assert len(window) == 1
 
     def test_a_bad_signature_leaves_the_window_empty(self) -> None:
         window = ReplayWindow(capacity=1)
@@ -221,6 +259,9 @@ class TestOnlyRequestsPassingTheCheapChecksUseANonce:
             check_request_header(decode_frame(forged, limits=LIMITS).header, peer=CLIENT, window=window,
                                  lookup=lookup, now_ms=NOW_MS)
         assert len(window) == 0
+        assert check_request_header(decode_frame(request_frame()[1], limits=LIMITS).header, peer=CLIENT, window=window,
+                                    lookup=lookup, now_ms=NOW_MS).signer == CLIENT
+        assert len(window) == 1
 
     def test_the_header_is_checked_and_the_nonce_used_before_the_payload(self) -> None:
         window = ReplayWindow()
@@ -238,11 +279,12 @@ class TestOnlyRequestsPassingTheCheapChecksUseANonce:
         window = ReplayWindow(capacity=8, per_scope=2)
         for _ in range(2):
             accept(request_frame()[1], window=window)
-        with pytest.raises(Busy):
+        with pytest.raises(Busy, match="key's share"):
             accept(request_frame()[1], window=window)
-        other = make_request()
-        check_request_header(decode_frame(encode_frame(seal(other, OTHER_KEY), PAYLOAD), limits=LIMITS).header,
-                             peer=seal(other, OTHER_KEY).signer, window=window, lookup=lookup, now_ms=NOW_MS)
+        other = seal(make_request(), OTHER_KEY)
+        checked = check_request_header(decode_frame(encode_frame(other, PAYLOAD), limits=LIMITS).header,
+                                       peer=other.signer, window=window, lookup=lookup, now_ms=NOW_MS)
+        assert (checked.signer, checked.message) == (other.signer, other.message)
         assert len(window) == 3
 
 
@@ -257,14 +299,16 @@ class TestThroughVerifyRequest:
 
     @pytest.mark.parametrize("now_ms", [NOW_MS + 30_000, NOW_MS + 60_000])
     def test_expired_frame_refused(self, now_ms: int) -> None:
-        _, data = request_frame()
-        with pytest.raises(ExpiredFrame):
+        sealed, data = request_frame()
+        with pytest.raises(ExpiredFrame) as caught:
             accept(data, now_ms=now_ms)
+        assert (caught.value.expires_at_ms, caught.value.now_ms) == (sealed.message.expires_at_ms, now_ms)
 
     def test_frame_expiring_too_far_ahead_refused(self) -> None:
         _, data = request_frame(expires_at_ms=NOW_MS + 10 * 60_000)
-        with pytest.raises(ExpiredFrame):
+        with pytest.raises(ExpiredFrame) as caught:
             accept(data)
+        assert (caught.value.expires_at_ms, caught.value.not_after_ms) == (NOW_MS + 10 * 60_000, NOW_MS + DEFAULT_MAX_TTL_MS)
 
     def test_forged_frame_does_not_use_up_the_nonce(self) -> None:
         window = ReplayWindow()
@@ -272,7 +316,11 @@ class TestThroughVerifyRequest:
         forged = seal(sealed.message, OTHER_KEY)  # same nonce, someone else's signature
         with pytest.raises(BadSignature):
             accept(encode_frame(forged, PAYLOAD), window=window)
-        accept(data, window=window)
+        assert len(window) == 0
+        verified = accept(data, window=window)
+        assert (verified.message, verified.signer, verified.payload) == (sealed.message, CLIENT, PAYLOAD)
+        with pytest.raises(ReplayedFrame):  # the genuine frame used it
+            accept(data, window=window, now_ms=NOW_MS + 1)
 
     def test_fresh_requests_differ_in_nonce_and_id(self) -> None:
         first, second = make_request(), make_request()
