@@ -67,7 +67,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="encrypted MAC/s of one provider, instead of deriving it from the GPU flags")
     g.add_argument("--usd-per-gpu-hour", type=float, default=GPU.usd_per_hour,
                    help=f"rental price of one provider GPU in USD per hour, sets the price per GMAC (default {GPU.usd_per_hour:g})")
-    g.add_argument("--price-per-gmac", type=float, default=None, help="price per GMAC instead of deriving it from --usd-per-gpu-hour")
+    g.add_argument("--price-per-gmac", type=float, default=None,
+                   help="price per GMAC instead of deriving it, in USD, from --usd-per-gpu-hour; "
+                        "give the providers' --price to get the price in their unit, the unit of receipts, `cipherswarm "
+                        "ledger` and `cipherswarm train --max-price/--budget`")
     g.add_argument("--provider-up-mbit", type=float, default=50.0, help="provider uplink in Mbit/s (default 50)")
     g.add_argument("--provider-down-mbit", type=float, default=300.0, help="provider downlink in Mbit/s (default 300)")
     g.add_argument("--rtt-ms", type=float, nargs=2, default=[20.0, 60.0], metavar=("MIN", "MAX"),

@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "testnet": ("testnet", "start a local swarm of providers and fine-tune the bundled model through it"),
     "convert": ("convert", "convert a GGUF model file into a checkpoint folder providers and clients can load"),
     "estimate": ("estimate", "predict a fine-tune's wall time, bottleneck and price on a swarm, by simulation"),
+    "ledger": ("ledger", "earnings and spend from countersigned receipts; export them, or verify an export offline"),
 }
 
 

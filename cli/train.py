@@ -3,6 +3,7 @@ by providers found from the bootstrap addresses; LoRA weights and the optimizer 
 
     cipherswarm train --bootstrap /ip4/127.0.0.1/tcp/4001/p2p/12D3KooW... --steps 50 --out runs/mine
     cipherswarm train --bootstrap ... --steps 50 --out runs/mine --resume    # after a crash: same options
+    cipherswarm train --bootstrap ... --steps 50 --out runs/mine --max-price 200 --budget 5000
 
 Writes ``adapter/`` (peft LoRA weights), ``loss.png`` (training and held-out loss) and
 ``report.json`` (with greedy samples of a few held-out prompts before and after) into --out, prints
@@ -11,17 +12,32 @@ continues the run there at its last checkpoint, with the losses an uninterrupted
 had. The defaults fine-tune the bundled tiny Shakespeare LLaMA on its bundled fine-tuning set.
 --model may be a causal LM or a sentence encoder (BERT-style, trained on anchor/positive pairs;
 trainer/tasks.py); any other model is refused before the swarm is joined.
+
+Prices are in the unit providers advertise (`cipherswarm provider --price`, per 10^9 MACs); a
+receipt charges macs x price / 10^9, rounded up, and `cipherswarm ledger` sums them. --max-price
+leaves out providers asking more; --budget caps what this invocation pays, held-out evaluations
+included: after each optimizer step, the next step's cost is taken as the dearest step so far (plus
+the evaluation after training, before the last step), and if it would take the spending past the
+budget the run stops there, checkpointed, with exit code 3, saying what was spent and how to go on
+(--resume with a new --budget for the next sitting). The first step's cost is only known once it is
+paid: `cipherswarm estimate --price-per-gmac P`, with P the providers' price, predicts a run's price
+in the same unit.
+
+Exit codes: 0 done, 1 failure, 2 bad command line, 3 stopped by --budget (checkpoint saved).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from cipherswarm.cli.bits import add_precision_arguments, add_profile_argument, precision_of
 from cipherswarm.cli.steps import add_step_arguments, positive_int
+from cipherswarm.node.client.config import ClientConfig
 from cipherswarm.node.client.keys import CLIENT_PROFILES
+from cipherswarm.trainer.errors import TrainingStopped
 from cipherswarm.trainer.finetune import BUNDLED_DATA, BUNDLED_MODEL, FinetuneConfig
 
 DATA_HELP = ("training data: a .txt, .jsonl or .parquet file, a folder saved by datasets' save_to_disk, or a folder with "
@@ -29,6 +45,48 @@ DATA_HELP = ("training data: a .txt, .jsonl or .parquet file, a folder saved by 
              "sentence encoder (trainer/README.md, Data)")
 
 CHECKPOINTS = "checkpoints"  # under --out
+BUDGET_STOP = 3  # exit code: stopped by --budget, checkpointed (1 is a failure, 2 a bad command line)
+
+
+def amount(text: str) -> int:
+    """argparse type of prices and budgets: whole units, 0 or more."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+class Budget:
+    """The ``on_step`` of a run with --budget: stops it before the optimizer step that would take
+    what this sitting paid (``paid()``, the sum of its countersigned receipts) past ``limit``.
+
+    A step's cost is not known before it is paid, so the next one is taken to cost as much as the
+    dearest this sitting paid; before the last step the held-out evaluation after training is added
+    (the one before, if this sitting paid it, or else a step's cost). The first step is only refused
+    if the evaluation before it already spent the budget."""
+
+    def __init__(self, limit: int, steps: int, paid: Callable[[], int]) -> None:
+        self.limit, self.steps, self.paid = limit, steps, paid
+        self.spent = 0
+        self.step_cost = 0  # the dearest step of this sitting
+        self.next_cost = 0  # what the step refused would have cost, as estimated
+        self._evaluation: int | None = None  # the held-out evaluation before, if this sitting paid for it
+        self._started = False
+
+    def __call__(self, done: int) -> str | None:
+        paid = self.paid()
+        if not self._started:  # before this sitting's first step
+            self._started = True
+            self._evaluation = paid or None
+            self.spent = paid
+            return f"the held-out evaluation before training cost {paid:,}" if paid > self.limit else None
+        self.step_cost = max(self.step_cost, paid - self.spent)
+        self.spent = paid
+        last = done + 1 == self.steps
+        self.next_cost = self.step_cost + ((self._evaluation or self.step_cost) if last else 0)
+        if paid + self.next_cost <= self.limit:
+            return None
+        return f"step {done + 1}{' and the evaluation after it' if last else ''} would cost about {self.next_cost:,}"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,6 +112,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ledger", type=Path, default=None, help="SQLite ledger of receipts and bans")
     p.add_argument("--checkpoint-every", type=positive_int, default=1, metavar="N",
                    help=f"checkpoint into --out/{CHECKPOINTS} every N optimizer steps and after the last (default 1)")
+    p.add_argument("--max-price", type=amount, default=None, metavar="PRICE",
+                   help="the most to pay per 10^9 MACs, in the providers' unit (their --price): dearer providers are "
+                        "not used, and requests never offer more (default: no limit)")
+    p.add_argument("--budget", type=amount, default=None, metavar="AMOUNT",
+                   help="the most this invocation pays, in the unit of the receipts (`cipherswarm ledger`, `cipherswarm "
+                        f"estimate --price-per-gmac`): stop, checkpointed, with exit code {BUDGET_STOP} before the step "
+                        "that would exceed it; go on with --resume and a new --budget (default: no limit)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (give the same training options); "
                         "without it, an --out holding checkpoints is refused")
@@ -81,15 +146,24 @@ def run(args: argparse.Namespace) -> int:
                             gradient_accumulation_steps=args.accumulation, profile=args.profile)
     checkpoints = args.out / CHECKPOINTS
     open_run(checkpoints, config, "remote", resume=args.resume)  # a mismatch fails before joining the swarm
+    client_config = ClientConfig() if args.max_price is None else ClientConfig(max_price_per_gmac=args.max_price)
+    budget = None
     try:
         with SwarmClient(model_dir=args.model, bootstrap=args.bootstrap, precision=config.precision, profile=config.profile,
-                         identity=args.identity, ledger=args.ledger, min_providers=args.min_providers) as client:
+                         identity=args.identity, ledger=args.ledger, min_providers=args.min_providers,
+                         config=client_config) as client:
+            budget = None if args.budget is None else Budget(args.budget, config.steps, lambda: client.stats().paid)
             result = finetune(config, fhe="remote", executor=client, checkpoint_dir=checkpoints,
-                              save_steps=args.checkpoint_every, resume=args.resume, in_flight=args.in_flight)
+                              save_steps=args.checkpoint_every, resume=args.resume, in_flight=args.in_flight,
+                              on_step=budget)
             swarm = client.stats()
     except NoProvidersError as exc:
         print(f"{exc}", file=sys.stderr)
         return 1
+    except TrainingStopped as stop:
+        assert budget is not None  # the only on_step given
+        print(budget_message(stop, budget, args.out, config.steps), file=sys.stderr)
+        return BUDGET_STOP
     save(args.out, result, report(result, swarm=swarm, extra={"resumed_at_step": result.resumed_at}))
     print(accuracy_line(result))
     for line in sample_lines(result):
@@ -99,3 +173,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, held-out {result.eval_before:.4f} -> "
           f"{result.eval_after:.4f}; wrote {args.out / 'adapter'}, {args.out / 'loss.png'}, {args.out / 'report.json'}")
     return 0
+
+
+def budget_message(stop: TrainingStopped, budget: Budget, out: Path, steps: int) -> str:
+    """What a run stopped by --budget spent, where it stands, and the command line to go on."""
+    where = f"checkpoint {stop.checkpoint}" if stop.checkpoint is not None else f"no step done yet; {out / CHECKPOINTS} holds the run"
+    return (f"stopped by --budget {budget.limit:,} after step {stop.step} of {steps}: {stop.reason}, and this invocation "
+            f"spent {budget.spent:,} (receipts in its ledger; `cipherswarm ledger`).\n{where}.\n"
+            f"to go on: the same command with --resume --budget AMOUNT (what the next invocation may spend; about "
+            f"{budget.next_cost or budget.spent:,} for the next step)")

@@ -23,7 +23,7 @@ from cipherswarm.fhe_backend.quant import Precision
 
 from .accuracy import AccuracyReport, AccuracyWarning
 from .batches import causal_lm_loss, mean_pooled_contrastive_loss, model_output, split_batch
-from .errors import BackpropSkipError, NoLoraLayersError, NotCompiledError, TrainerError
+from .errors import BackpropSkipError, NoLoraLayersError, NotCompiledError, TrainerError, TrainingStopped
 from .executor import ExecutorStatistics, LayerSpec, LocalExecutor, LoopbackProvider, MatmulExecutor
 from .layers import RemoteLinear
 from .quantization import dequantize_product, quantize_per_token
@@ -36,5 +36,5 @@ __all__ = [
     "remote_base_layers", "RemoteBaseLayers", "ModeSwitch",
     "MatmulExecutor", "LayerSpec", "LocalExecutor", "LoopbackProvider", "ExecutorStatistics",
     "RemoteLinear", "quantize_per_token", "dequantize_product",
-    "TrainerError", "NotCompiledError", "NoLoraLayersError", "BackpropSkipError",
+    "TrainerError", "NotCompiledError", "NoLoraLayersError", "BackpropSkipError", "TrainingStopped",
 ]

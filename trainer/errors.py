@@ -6,6 +6,8 @@ mark the states and model shapes that need a different call, and carry the facts
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class TrainerError(Exception):
     """Base class of the trainer's own errors."""
@@ -26,3 +28,13 @@ class BackpropSkipError(TrainerError, ValueError):
         super().__init__(message)
         self.layer = layer  # the first skipped layer whose input depends on trainable weights
         self.max_skip = max_skip  # the largest value that drops no needed gradient
+
+
+class TrainingStopped(TrainerError):
+    """Training was stopped between optimizer steps by the caller's ``stop_when`` (a spending limit,
+    say), not by a failure: ``checkpoint`` (taken at ``step``; None without a ``checkpoint_dir``) is
+    what a resumed run continues from."""
+
+    def __init__(self, reason: str, *, step: int, checkpoint: "Path | None") -> None:
+        super().__init__(reason)
+        self.reason, self.step, self.checkpoint = reason, step, checkpoint

@@ -38,7 +38,7 @@ from cipherswarm.node.weights import ModelWeights, load_model
 
 from .checkpoint import latest_checkpoint, load_state
 from .data import Batch, DataError, load_examples
-from .errors import TrainerError
+from .errors import TrainerError, TrainingStopped
 from .executor import MatmulExecutor
 from .thin import load_remote_model
 from .batches import IGNORE_INDEX
@@ -53,6 +53,11 @@ SAMPLE_PROMPTS = 3  # held-out examples whose greedy continuation is shown befor
 SAMPLE_TOKENS = 24  # new tokens of each
 TEXT_PROMPT_TOKENS = 16  # a text example's prompt: its first tokens (other kinds: all before the first learned token)
 SAMPLES_EXECUTOR = "disable"  # samples are generated in plaintext here: the encrypted path adds nothing to what they show
+
+
+StepHook = Callable[[int], str | None]
+"""Asked with the optimizer steps done, once before a sitting's first step and after each step but
+the last: a reason to stop the run there (:class:`TrainingStopped`), or None to go on."""
 
 
 class ResumeError(TrainerError, ValueError):
@@ -297,6 +302,7 @@ def finetune(
     save_steps: int = 1,
     resume: bool = False,
     in_flight: int = 2,
+    on_step: StepHook | None = None,
 ) -> FinetuneResult:
     """Run ``config`` in mode ``fhe`` (``executor`` for "remote"); held-out loss is measured in the
     same mode before and after, and a causal LM's greedy samples (:func:`samples`, plaintext here)
@@ -306,6 +312,11 @@ def finetune(
     ``resume`` continues the run recorded there at its latest checkpoint (:class:`ResumeError` if
     the folder belongs to another config), with the losses of an uninterrupted run. ``in_flight``:
     micro-batches of one optimizer step at once (same results; see ``build``).
+
+    ``on_step`` (:data:`StepHook`) is asked before this sitting's first step, once the held-out loss
+    before is known, and after every step but the last; a reason it returns ends the run there with
+    :class:`TrainingStopped`, after a checkpoint of that step (``checkpoint_dir`` given), without the
+    evaluation after or the samples: it is how ``cipherswarm train --budget`` stops before overspending.
     """
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs the checkpoint_dir of the run to continue")
@@ -330,11 +341,13 @@ def finetune(
         if checkpoint_dir is not None:
             _write_run(checkpoint_dir, config, fhe, before)
     resume_from = _latest(checkpoint_dir) if resume and checkpoint_dir is not None else None
+    resumed_at = 0 if resume_from is None else int(load_state(resume_from)["global_step"])
+    if on_step is not None and (reason := on_step(resumed_at)) is not None:
+        raise TrainingStopped(reason, step=resumed_at, checkpoint=resume_from)
     trainer.train(train_batches, num_epochs=1, fhe=fhe, executor=executor, max_steps=config.steps, progress=progress,
-                  resume_from_checkpoint=resume_from)
+                  resume_from_checkpoint=resume_from, stop_when=on_step)
     after = trainer.evaluate(eval_batches, fhe=fhe, executor=executor)["eval_loss"]
     records = list(trainer.step_records)
-    resumed_at = 0 if resume_from is None else int(load_state(resume_from)["global_step"])
     wall = time.perf_counter() - t0 + sum(r.wall_s for r in records[:resumed_at])
     shown = [{"prompt": tokenizer.decode(prompt, skip_special_tokens=True), "before": old, "after": new}
              for prompt, old, new in zip(prompts, samples_before, samples(trainer, tokenizer, prompts))]

@@ -28,7 +28,7 @@ from cipherswarm.fhe_backend.quant import Precision
 
 from .accuracy import AccuracyReport
 from .checkpoint import capture_rng, checkpoint_folder, latest_checkpoint, load_state, restore_rng, save_checkpoint
-from .errors import NoLoraLayersError
+from .errors import NoLoraLayersError, TrainingStopped
 from .executor import ExecutorStatistics, LayerSpec, LocalExecutor, MatmulExecutor
 from .layers import RemoteLinear
 from .overlap import StepRunner
@@ -155,6 +155,7 @@ class _Run:
     epoch_rng: dict | None = None  # RNG state at the start of this epoch (replays its data order)
     saved_at: tuple[int, int] | None = None  # (epoch, done) of the last checkpoint
     bytes_sent: int = 0  # by this call, for the progress bar
+    stop_when: Callable[[int], str | None] | None = None  # asked after each step but the last (train)
 
 
 def human_bytes(n: float) -> str:
@@ -322,6 +323,7 @@ class LoraTrainer:
         resume_from_checkpoint: str | Path | bool | None = None,
         max_steps: int | None = None,
         progress: bool = True,
+        stop_when: Callable[[int], str | None] | None = None,
     ) -> None:
         """Train for ``num_epochs`` epochs (in total, counting those a resumed checkpoint already did).
 
@@ -329,7 +331,10 @@ class LoraTrainer:
         "execute" (encrypted, products by an in-process provider, checked), "remote" (``executor``,
         or the constructor's, computes the products). ``resume_from_checkpoint``: a checkpoint
         folder, or True for the latest one in ``checkpoint_dir``. ``max_steps`` stops (and
-        checkpoints) after that many optimizer steps in total.
+        checkpoints) after that many optimizer steps in total. ``stop_when`` is asked, with the
+        steps done, after every optimizer step but the last: a reason it returns ends training
+        there with :class:`TrainingStopped`, after a checkpoint of that step (with a
+        ``checkpoint_dir``, whatever ``save_steps`` says), so a stopped run loses nothing.
         """
         check_int("num_epochs", num_epochs)
         if max_steps is not None:
@@ -337,7 +342,8 @@ class LoraTrainer:
         with self.fhe_mode(fhe, executor) as active:
             self.model.to(device)
             self.model.train()
-            run = _Run(loader=train_loader, executor=active, device=device, max_steps=max_steps, progress=progress)
+            run = _Run(loader=train_loader, executor=active, device=device, max_steps=max_steps, progress=progress,
+                       stop_when=stop_when)
             now_rng = self._resume(resume_from_checkpoint, run) if resume_from_checkpoint else None
             if max_steps is not None and self.global_step >= max_steps:
                 return
@@ -469,6 +475,13 @@ class LoraTrainer:
         stop = run.max_steps is not None and record.step >= run.max_steps
         if self.checkpoint_dir is not None and (stop or (self.save_steps is not None and record.step % self.save_steps == 0)):
             self._save(run)
+        reason = None if stop or run.stop_when is None else run.stop_when(self.global_step)
+        if reason is not None:
+            checkpoint = None
+            if self.checkpoint_dir is not None:
+                self._save(run)  # once per position: a no-op when save_steps just took it
+                checkpoint = checkpoint_folder(self.checkpoint_dir, self.global_step)
+            raise TrainingStopped(reason, step=self.global_step, checkpoint=checkpoint)
         return stop
 
     # -- evaluation -----------------------------------------------------------------------------
