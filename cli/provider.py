@@ -64,7 +64,8 @@ def _ms(seconds: str) -> int:
 #: their dest; left out, the field keeps its default (node/provider/service.py, node/README.md)
 CONFIG_FLAGS = ("max_reply_size", "max_output_elements", "min_contraction", "max_ttl_ms", "header_timeout_s",
                 "min_upload_rate", "max_opening", "max_opening_per_peer", "max_opening_per_address", "max_per_peer",
-                "max_per_address", "max_ack_waiters", "replay_capacity", "replay_per_key", "replay_per_address")
+                "max_per_address", "max_ack_waiters", "max_unacked", "max_unacked_gmacs", "replay_capacity",
+                "replay_per_key", "replay_per_address")
 
 
 def _add_limits(p: argparse.ArgumentParser) -> None:
@@ -106,6 +107,11 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
                        help="admitted requests from one address (default: every place but one)")
     peers.add_argument("--max-ack-waiters", type=int, dest="max_ack_waiters", metavar="N",
                        help="replies waiting for their countersigned receipt at once; one more drops the oldest")
+    peers.add_argument("--max-unacked", type=int, dest="max_unacked", metavar="N",
+                       help="requests of one peer id admitted and not yet acknowledged by a countersigned receipt "
+                            "(held until the receipt or 30 s after the reply; advertised); more get BUSY")
+    peers.add_argument("--max-unacked-gmacs", type=int, dest="max_unacked_gmacs", metavar="GMACS",
+                       help="... their multiply-accumulates, in 10^9 (advertised); more get BUSY")
     peers.add_argument("--replay-capacity", type=int, dest="replay_capacity", metavar="N",
                        help="nonces remembered at once (about 300 bytes each); when full, new requests get BUSY")
     peers.add_argument("--replay-per-key", type=int, dest="replay_per_key", metavar="N",

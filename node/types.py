@@ -32,6 +32,7 @@ class ProviderAdvert:
     max_output_elements: int = 0  # result elements computed (ring blocks x n x width)
     min_contraction: int = 0  # fewest contraction features per request, unless the layer has fewer
     max_ttl_ms: int = 0  # longest request lifetime
+    max_unacked: int = 0  # requests it gives one client before their receipts are countersigned; 0: not stated
 
     @classmethod
     def from_verified(cls, verified: Verified[CapabilityAdvert]) -> ProviderAdvert:
@@ -55,6 +56,7 @@ class ProviderAdvert:
             max_output_elements=a.max_output_elements,
             min_contraction=a.min_contraction,
             max_ttl_ms=a.max_ttl_ms,
+            max_unacked=a.max_unacked,
         )
 
     def accepts_ttl(self, ttl_ms: int) -> bool:

@@ -181,7 +181,7 @@ class SignedReceipt(_message.Message):
     def __init__(self, receipt: _Optional[bytes] = ..., provider_signature: _Optional[bytes] = ..., client_signature: _Optional[bytes] = ...) -> None: ...
 
 class CapabilityAdvert(_message.Message):
-    __slots__ = ("protocols", "addrs", "models", "backends", "device", "macs_per_second", "price_per_gmac", "free_slots", "max_payload_size", "issued_at_ms", "expires_at_ms", "layers", "max_reply_size", "max_output_elements", "min_contraction", "max_ttl_ms")
+    __slots__ = ("protocols", "addrs", "models", "backends", "device", "macs_per_second", "price_per_gmac", "free_slots", "max_payload_size", "issued_at_ms", "expires_at_ms", "layers", "max_reply_size", "max_output_elements", "min_contraction", "max_ttl_ms", "max_unacked", "max_unacked_gmacs")
     PROTOCOLS_FIELD_NUMBER: _ClassVar[int]
     ADDRS_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +198,8 @@ class CapabilityAdvert(_message.Message):
     MAX_OUTPUT_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     MIN_CONTRACTION_FIELD_NUMBER: _ClassVar[int]
     MAX_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_UNACKED_FIELD_NUMBER: _ClassVar[int]
+    MAX_UNACKED_GMACS_FIELD_NUMBER: _ClassVar[int]
     protocols: _containers.RepeatedScalarFieldContainer[str]
     addrs: _containers.RepeatedScalarFieldContainer[bytes]
     models: _containers.RepeatedScalarFieldContainer[bytes]
@@ -214,4 +216,6 @@ class CapabilityAdvert(_message.Message):
     max_output_elements: int
     min_contraction: int
     max_ttl_ms: int
-    def __init__(self, protocols: _Optional[_Iterable[str]] = ..., addrs: _Optional[_Iterable[bytes]] = ..., models: _Optional[_Iterable[bytes]] = ..., backends: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., macs_per_second: _Optional[int] = ..., price_per_gmac: _Optional[int] = ..., free_slots: _Optional[int] = ..., max_payload_size: _Optional[int] = ..., issued_at_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., layers: _Optional[_Iterable[bytes]] = ..., max_reply_size: _Optional[int] = ..., max_output_elements: _Optional[int] = ..., min_contraction: _Optional[int] = ..., max_ttl_ms: _Optional[int] = ...) -> None: ...
+    max_unacked: int
+    max_unacked_gmacs: int
+    def __init__(self, protocols: _Optional[_Iterable[str]] = ..., addrs: _Optional[_Iterable[bytes]] = ..., models: _Optional[_Iterable[bytes]] = ..., backends: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., macs_per_second: _Optional[int] = ..., price_per_gmac: _Optional[int] = ..., free_slots: _Optional[int] = ..., max_payload_size: _Optional[int] = ..., issued_at_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., layers: _Optional[_Iterable[bytes]] = ..., max_reply_size: _Optional[int] = ..., max_output_elements: _Optional[int] = ..., min_contraction: _Optional[int] = ..., max_ttl_ms: _Optional[int] = ..., max_unacked: _Optional[int] = ..., max_unacked_gmacs: _Optional[int] = ...) -> None: ...

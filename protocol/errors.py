@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from .envelope import Header
 
 MAX_ERROR_MESSAGE = 1024
 """Bytes of UTF-8 in `Error.message`; longer messages are cut when sent and refused when read."""
@@ -97,6 +100,16 @@ class FrameTooLarge(ProtocolError):
         self.limit = limit
         self.got = got
         self.what = what
+
+
+class PayloadTooLarge(FrameTooLarge):
+    """A frame whose decoded header declares a payload over the receiver's limit, refused after the
+    header: `header` (not verified) lets a provider's refusal name the request (README section 6,
+    `MatmulReply.request_id`)."""
+
+    def __init__(self, limit: int, got: int, *, header: Header) -> None:
+        super().__init__(limit, got, what="payload")
+        self.header = header
 
 
 class ReplyTooLarge(FrameTooLarge):

@@ -482,6 +482,9 @@ class CapabilityAdvert:
     max_output_elements: int = 0  # largest result it computes, in the engine's output elements
     min_contraction: int = 0  # fewest contraction features per request, unless the layer has fewer
     max_ttl_ms: int = 0  # longest request lifetime it accepts
+    # its credit per client identity (README, section 8); 0: not stated
+    max_unacked: int = 0  # requests admitted and not yet acknowledged by a countersigned receipt
+    max_unacked_gmacs: int = 0  # their multiply-accumulates, in 10^9
 
     def __post_init__(self) -> None:
         _check_items("protocols", self.protocols, 16)
@@ -512,7 +515,8 @@ class CapabilityAdvert:
         _check_items("layers", self.layers, MAX_ADVERT_LAYERS)
         for layer in self.layers:
             _check_bytes("layer digest", layer, size=DIGEST_SIZE)
-        for name in ("max_reply_size", "max_output_elements", "min_contraction", "max_ttl_ms"):
+        for name in ("max_reply_size", "max_output_elements", "min_contraction", "max_ttl_ms", "max_unacked",
+                     "max_unacked_gmacs"):
             _check_uint(name, getattr(self, name))
 
     def to_proto(self) -> pb.CapabilityAdvert:
@@ -533,6 +537,8 @@ class CapabilityAdvert:
             max_output_elements=self.max_output_elements,
             min_contraction=self.min_contraction,
             max_ttl_ms=self.max_ttl_ms,
+            max_unacked=self.max_unacked,
+            max_unacked_gmacs=self.max_unacked_gmacs,
         )
 
     @classmethod
@@ -554,6 +560,8 @@ class CapabilityAdvert:
             max_output_elements=msg.max_output_elements,
             min_contraction=msg.min_contraction,
             max_ttl_ms=msg.max_ttl_ms,
+            max_unacked=msg.max_unacked,
+            max_unacked_gmacs=msg.max_unacked_gmacs,
         )
 
 

@@ -25,7 +25,7 @@ from typing import Protocol
 import trio
 
 from .envelope import Header, Sealed, decode_header
-from .errors import DeadlineExceeded, FrameTooLarge, TruncatedFrame
+from .errors import DeadlineExceeded, FrameTooLarge, PayloadTooLarge, TruncatedFrame
 from .framing import Frame, FrameParser, Limits, frame_prefix
 from .messages import payload_length
 from .varint import uvarint_reader
@@ -97,8 +97,8 @@ class FrameHead:
 async def read_header(stream: ReadStream, *, limits: Limits, timeout_s: float) -> FrameHead:
     """Read the length prefix and the header of a frame, all within `timeout_s` (a peer trickling
     its header, or stalling, gets DeadlineExceeded("header") after that long), and not a byte of the
-    payload. Raises FrameTooLarge as soon as the prefix, or the payload length the header declares,
-    exceeds `limits`; MalformedFrame; TruncatedFrame (`is_clean_close` if nothing came at all). The
+    payload. Raises FrameTooLarge as soon as the prefix exceeds `limits`, PayloadTooLarge (carrying
+    the header) as soon as the payload length the header declares does; MalformedFrame; TruncatedFrame (`is_clean_close` if nothing came at all). The
     header is decoded, not verified."""
     received = 0
 
@@ -126,7 +126,7 @@ async def read_header(stream: ReadStream, *, limits: Limits, timeout_s: float) -
         raise DeadlineExceeded("header", timeout_s=timeout_s) from None
     size = payload_length(header.message)
     if size > limits.max_payload_size:
-        raise FrameTooLarge(limits.max_payload_size, size, what="payload")
+        raise PayloadTooLarge(limits.max_payload_size, size, header=header)
     return FrameHead(header, received, size)
 
 

@@ -67,7 +67,7 @@ class PeerState:
     """One provider as the client sees it. Mutable: the table updates it in place."""
 
     advert: ProviderAdvert
-    capacity: int  # requests we send it at once: the most free slots it ever advertised
+    capacity: int  # requests we send it at once: the most free slots it ever advertised, within its credit
     rate: float  # MAC/s of its computation, measured once `measured`, else a seed (PeerTable.seed_rate)
     link_bps: float  # bytes/s a request's payload reaches it at, measured (seeded by the client's assumption)
     # bytes/s its replies reach us at: its uplink, mostly. Unknown (inf) until measured: no call
@@ -166,7 +166,7 @@ class PeerTable:
         state = self._peers.get(advert.peer)
         if state is None:
             state = self._peers[advert.peer] = PeerState(
-                advert=advert, capacity=max(1, advert.free_slots), rate=self.seed_rate(advert), link_bps=self.link_bps,
+                advert=advert, capacity=_capacity(advert, advert.free_slots), rate=self.seed_rate(advert), link_bps=self.link_bps,
             )
             record = self._records.get(advert.peer.to_base58())
             if record is not None:
@@ -175,7 +175,7 @@ class PeerTable:
                     state.rate, state.measured = record.rate, True
         elif advert.issued_at_ms > state.advert.issued_at_ms:
             state.advert = advert
-            state.capacity = max(state.capacity, advert.free_slots)
+            state.capacity = _capacity(advert, max(state.capacity, advert.free_slots))
             if not state.measured:
                 state.rate = self.seed_rate(advert)
         else:
@@ -350,6 +350,13 @@ class PeerTable:
     @staticmethod
     def _sorted(states: Iterable[PeerState]) -> list[PeerState]:
         return sorted(states, key=lambda s: s.peer.to_base58())
+
+
+def _capacity(advert: ProviderAdvert, slots: int) -> int:
+    """Requests to send a provider at once: `slots`, at least 1, and fewer than its advertised credit
+    (unacknowledged requests per client) so that a receipt still on its way never makes it BUSY."""
+    credit = advert.max_unacked - 1 if advert.max_unacked else slots
+    return max(1, min(slots, credit))
 
 
 def _view(s: PeerState, banned: str) -> PeerView:

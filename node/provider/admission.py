@@ -7,9 +7,14 @@ stage can starve another:
   deadline), never holding a compute place. When it is full a new stream evicts the oldest one: an
   honest header arrives in milliseconds, so the oldest opener is the one trickling.
 - *places*: authenticated requests whose payload is read, queued or computed, `slots + queue` of
-  them; a newcomer over a share is refused (BUSY).
+  them; a newcomer over a share is refused (BUSY). When all are taken, a newcomer takes the place
+  of a request whose payload lags behind the minimum rate (service.py, LAG_SLACK_S) (an honest upload
+  runs ahead of it), else it is refused: authenticated tricklers cannot keep every place.
 - *acks*: replies sent, waiting for the countersigned receipt. When full, the oldest waiter is
   dropped: an ack is a courtesy the provider can lose.
+
+Beside the pools, a `Credit` bounds the work each client identity has been given and not yet
+acknowledged with a countersigned receipt, so that a client that never pays gets little.
 
 Each pool caps the holders of one peer id and of one network address (an IPv4 address, or an IPv6
 /64, the block one subscriber usually gets). Loopback addresses can be exempted: every local peer
@@ -21,7 +26,9 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-from collections import Counter
+import math
+from collections import Counter, deque
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -113,19 +120,23 @@ class Pool:
     def held_at(self, address: str) -> int:
         return self._addresses[address]
 
-    def enter(self, peer: ID, address: str | None) -> Ticket | None:
-        """A ticket for `peer` connected from `address` (an address_key), or None if refused."""
+    def enter(self, peer: ID, address: str | None, *, evictable: Callable[[Ticket], bool] | None = None) -> Ticket | None:
+        """A ticket for `peer` connected from `address` (an address_key), or None if refused. Over
+        the capacity, the oldest ticket is evicted if `evict_oldest`, else the oldest one that
+        `evictable` accepts, if any."""
         over_share = (self.per_peer is not None and self._peers[peer] >= self.per_peer) or (
             address is not None and self.per_address is not None and self._addresses[address] >= self.per_address
         )
-        if over_share or (len(self._tickets) >= self.capacity and not self.evict_oldest):
+        victim = None
+        if not over_share and len(self._tickets) >= self.capacity:
+            victim = next((t for t in self._tickets.values() if self.evict_oldest or (evictable and evictable(t))), None)
+        if over_share or (len(self._tickets) >= self.capacity and victim is None):
             self.refusals += 1
             return None
-        if len(self._tickets) >= self.capacity:
-            oldest = next(iter(self._tickets.values()))
-            self._release(oldest._id)
-            oldest.evicted = True
-            oldest.scope.cancel()
+        if victim is not None:
+            self._release(victim._id)
+            victim.evicted = True
+            victim.scope.cancel()
             self.evictions += 1
         ticket = Ticket(self, next(self._ids), peer, address)
         self._tickets[ticket._id] = ticket
@@ -145,3 +156,68 @@ class Pool:
             self._addresses[ticket.address] -= 1
             if not self._addresses[ticket.address]:
                 del self._addresses[ticket.address]
+
+
+class Credit:
+    """Work a provider has done for each client identity that the client has not acknowledged yet
+    (protocol README, section 8, "Credit"): at most `count` requests and `macs` multiply-accumulates
+    per peer id, counted from admission until the countersigned receipt arrives, or, if it never
+    does, until `hold_s` after the reply was sent (its receipt's deadline). A client that never
+    countersigns thus gets at most `count` requests (and `macs` of work) per `hold_s`, whoever
+    else is served. A request is always within the credit when its peer has nothing outstanding,
+    so one request larger than `macs` can still be served.
+
+    Memory: one entry per admitted or unacknowledged request, each dropped at its deadline; the
+    deadlines are kept in a queue in the order they were set (all are `hold_s` from then)."""
+
+    def __init__(self, *, count: int, macs: int, hold_s: float) -> None:
+        if count < 1 or macs < 1 or hold_s <= 0:
+            raise ValueError("credit: count, macs and hold_s must be positive")
+        self.count = count
+        self.macs = macs
+        self.hold_s = hold_s
+        self.refusals = 0  # requests refused for want of credit so far
+        self._held: dict[ID, dict[int, tuple[int, float]]] = {}  # peer -> {entry: (macs, deadline or inf)}
+        self._deadlines: deque[tuple[float, ID, int]] = deque()  # (when, peer, entry), oldest first
+        self._ids = itertools.count()
+
+    def outstanding(self, peer: ID) -> tuple[int, int]:
+        """(requests, multiply-accumulates) of `peer` not yet acknowledged."""
+        held = self._held.get(peer, {})
+        return len(held), sum(macs for macs, _ in held.values())
+
+    def take(self, peer: ID, macs: int, *, now: float) -> int | None:
+        """An entry for a request of `macs` by `peer`, or None if it is over its credit."""
+        self._expire(now)
+        count, owed = self.outstanding(peer)
+        if count and (count >= self.count or owed + macs > self.macs):
+            self.refusals += 1
+            return None
+        entry = next(self._ids)
+        self._held.setdefault(peer, {})[entry] = (macs, math.inf)
+        return entry
+
+    def retry_s(self, peer: ID, *, now: float) -> float:
+        """Seconds until `peer`'s first unacknowledged reply reaches its deadline (inf while all its
+        requests are still being computed, 0 if it has none)."""
+        return min((deadline for _, deadline in self._held.get(peer, {}).values()), default=now) - now
+
+    def settle(self, peer: ID, entry: int, *, now: float) -> None:
+        """The reply carrying the receipt for `entry` was sent: hold it until `hold_s` from now."""
+        held = self._held.get(peer, {})
+        if entry in held:
+            held[entry] = (held[entry][0], now + self.hold_s)
+            self._deadlines.append((now + self.hold_s, peer, entry))
+
+    def release(self, peer: ID, entry: int) -> None:
+        """`entry` is acknowledged, or no receipt was issued for it (idempotent)."""
+        held = self._held.get(peer)
+        if held is not None:
+            held.pop(entry, None)
+            if not held:
+                del self._held[peer]
+
+    def _expire(self, now: float) -> None:
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, peer, entry = self._deadlines.popleft()
+            self.release(peer, entry)

@@ -14,7 +14,11 @@ section 8, so that nothing unauthenticated holds anything scarce:
    allocate and send, known from the header: refused before anything is allocated); then the nonce
    is recorded (per-key and per-address shares of the replay window). A refused request is answered
    at once and its payload never read.
-3. *Admission* (the `places` pool): `slots + queue` places, at most `max_per_peer` (default: `slots`)
+3. *Admission*: first the peer's credit (admission.py's `Credit`, advertised): at most
+   `max_unacked` requests and `max_unacked_gmacs` of work admitted and not yet acknowledged by a
+   countersigned receipt (held until the receipt, or `ack_timeout_s` after the reply); over: BUSY,
+   with the time until its oldest receipt's deadline, the payload unread. Then a place (the
+   `places` pool): `slots + queue` places, at most `max_per_peer` (default: `slots`)
    of one peer id and `max_per_address` of one address; over: BUSY, the payload unread.
 4. The payload is read at no less than `min_upload_rate` on average (after `header_timeout_s` of
    grace from the stream's opening), hashed in a worker thread and checked against the header; the
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -55,6 +60,7 @@ from cipherswarm.fhe_backend.evaluator import matmul, output_elements
 from cipherswarm.fhe_backend.int8_limbs import Int8Gemm, cuda_int8_gemm
 from cipherswarm.fhe_backend.selfcheck import self_check
 from cipherswarm.protocol import (
+    ADVERT_PROTOCOL_ID,
     DEFAULT_MAX_PAYLOAD_SIZE,
     DEFAULT_MAX_TTL_MS,
     PROTOCOL_IDS,
@@ -66,6 +72,7 @@ from cipherswarm.protocol import (
     Limits,
     MalformedFrame,
     MatmulRequest,
+    PayloadTooLarge,
     ProtocolError,
     ReplayWindow,
     ReplyTooLarge,
@@ -92,11 +99,35 @@ from ..ledger import DuplicateReceipt, Ledger
 from ..streams import close_stream, send_frame
 from ..types import ProviderStats
 from ..weights import ModelWeights, group_key
-from .admission import Pool, address_key, remote_address
+from .admission import Credit, Pool, Ticket, address_key, remote_address
 from .benchmark import measure_macs_per_second
 from .cheat import Cheat, Cheater
 
 log = logging.getLogger(__name__)
+
+#: how far (in seconds of the minimum rate, counted from admission) an admitted request's payload
+#: may lag before its place can go to a newcomer: an honest client writes its payload right after
+#: its header, faster than the minimum rate, so its first read (up to 1 MiB, what its stream has
+#: buffered) is ahead at once; 0.1 s absorbs a busy event loop and leaves a trickler little time
+LAG_SLACK_S = 0.1
+#: peers benched at once for a lagging upload (a few dozen bytes each)
+MAX_LAGGARDS = 4_096
+
+
+class _Upload:
+    """An admitted request's stream while its payload is read, counting the bytes received."""
+
+    __slots__ = ("_stream", "admitted", "received")
+
+    def __init__(self, stream: INetStream, admitted: float) -> None:
+        self._stream = stream
+        self.admitted = admitted
+        self.received = 0
+
+    async def read(self, n: int) -> bytes:
+        data = await self._stream.read(n)
+        self.received += len(data)
+        return data
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,6 +157,12 @@ class ProviderConfig:
     max_per_address: int | None = None  # ... from one address (None: slots + queue - 1, at least 1: never every place)
     exempt_loopback: bool = True  # no per-address caps for loopback peers (every local process is 127.0.0.1)
     ack_timeout_s: float = 30.0  # wait for the countersigned receipt after the reply (holding no place)
+    # Credit (admission.Credit), advertised: work given to one peer id and not yet acknowledged by a
+    # countersigned receipt, from admission until the receipt or ack_timeout_s after the reply. An
+    # honest client holds at most `slots` requests here and acknowledges each within seconds; 16 of
+    # an 8B model's widest one-block calls are ~2,000 GMACs.
+    max_unacked: int = 16  # requests of one peer id admitted and not yet acknowledged; more get BUSY
+    max_unacked_gmacs: int = 4_096  # ... their multiply-accumulates, in 10^9; more get BUSY (unless none are outstanding)
     max_ack_waiters: int = 64  # replies waiting for their receipt at once; one more drops the oldest wait
     max_ttl_ms: int = DEFAULT_MAX_TTL_MS  # longest request lifetime accepted, advertised
     # What one request may ask (protocol README, section 8), advertised and checked from the header,
@@ -154,7 +191,8 @@ class ProviderConfig:
             raise ValueError("header_timeout_s and min_upload_rate must be positive")
         caps = (self.max_opening, self.max_opening_per_peer, self.max_opening_per_address, self.max_ack_waiters,
                 self.replay_capacity, self.replay_per_key, self.replay_per_address, self.peer_share, self.address_share,
-                self.max_ttl_ms, self.max_output_elements, self.max_reply_size, self.min_contraction)
+                self.max_ttl_ms, self.max_output_elements, self.max_reply_size, self.min_contraction,
+                self.max_unacked, self.max_unacked_gmacs)
         if min(caps) < 1:
             raise ValueError("every cap must be at least 1")
 
@@ -225,6 +263,9 @@ class Provider:
         self.places = Pool("places", capacity=config.slots + config.queue, per_peer=config.peer_share,
                            per_address=config.address_share)
         self.acks = Pool("acks", capacity=config.max_ack_waiters, evict_oldest=True)
+        self.credit = Credit(count=config.max_unacked, macs=config.max_unacked_gmacs * 10**9, hold_s=config.ack_timeout_s)
+        self._uploads: dict[Ticket, _Upload] = {}  # admitted requests reading their payload
+        self._laggards: dict[ID, float] = {}  # peer -> until when it is benched (_bench), earliest first
         self._draining = 0  # refused streams being drained
         self._compute_s = 0.1  # moving average of one product, for BUSY retry hints
         self._stats = ProviderStats()
@@ -256,7 +297,7 @@ class Provider:
     def _advert(self, node: NodeHost) -> CapabilityAdvert:
         issued = now_ms()
         return CapabilityAdvert(
-            protocols=PROTOCOL_IDS,
+            protocols=(*PROTOCOL_IDS, ADVERT_PROTOCOL_ID),
             addrs=tuple(addr.to_bytes() for addr in node.transport_addrs()),
             models=(self.weights.model_hash,),
             backends=(BACKEND,),
@@ -272,6 +313,8 @@ class Provider:
             max_output_elements=self.config.max_output_elements,
             min_contraction=self.config.min_contraction,
             max_ttl_ms=self.config.max_ttl_ms,
+            max_unacked=self.config.max_unacked,
+            max_unacked_gmacs=self.config.max_unacked_gmacs,
         )
 
     def _admission_changed(self) -> None:
@@ -307,9 +350,11 @@ class Provider:
         finally:
             await close_stream(stream)
 
-    async def _exchange(self, stream: INetStream, peer: ID, address: str | None, opened: float) -> tuple[SignedReceipt, str] | None:
-        """Read, check, admit, compute and answer one request (module docstring). The receipt issued
-        and the layer key, or None if the request was refused or failed (and answered if it could be)."""
+    async def _exchange(self, stream: INetStream, peer: ID, address: str | None,
+                        opened: float) -> tuple[SignedReceipt, str, int] | None:
+        """Read, check, admit, compute and answer one request (module docstring). The receipt issued,
+        the layer key and the request's credit entry (settled: held until the receipt's deadline),
+        or None if the request was refused or failed (and answered if it could be)."""
         head = await self._read_head(stream, peer, address)
         if head is None:
             return None
@@ -328,17 +373,34 @@ class Provider:
         except ProtocolError as exc:
             await self._refuse(stream, exc, head.header, then="drain" if head.payload_length else "close")
             return None
-        place = self.places.enter(peer, address)
+        then: Literal["close", "drain"] = "drain" if head.payload_length else "close"
+        if (benched_s := self._laggards.get(peer, -math.inf) - trio.current_time()) > 0:
+            await self._refuse(stream, Busy(math.ceil(1000 * benched_s), "an upload of this peer lagged"), head.header,
+                               then=then)
+            return None
+        entry = self.credit.take(peer, request.message.macs, now=trio.current_time())
+        if entry is None:
+            wait_s = self.credit.retry_s(peer, now=trio.current_time())
+            retry_ms = self._retry_ms() if wait_s == math.inf else max(50, math.ceil(1000 * wait_s))
+            await self._refuse(stream, Busy(retry_ms, "too many unacknowledged replies"), head.header, then=then)
+            return None
+        place = self.places.enter(peer, address, evictable=self._lagging)
         if place is None:
-            await self._refuse(stream, Busy(self._retry_ms(), "no place for this request"), head.header,
-                               then="drain" if head.payload_length else "close")
+            self.credit.release(peer, entry)
+            await self._refuse(stream, Busy(self._retry_ms(), "no place for this request"), head.header, then=then)
             return None
         self._admission_changed()
+        issued = None
         try:
-            return await self._serve(stream, request, head, opened)
-        finally:  # the place is given back before the wait for the ack
+            issued = await self._serve(stream, request, head, opened, place)
+        finally:  # the place is given back before the wait for the ack; the credit once acknowledged
             place.release()
             self._admission_changed()
+            if issued is None:
+                self.credit.release(peer, entry)
+            else:
+                self.credit.settle(peer, entry, now=trio.current_time())
+        return None if issued is None else (*issued, entry)
 
     async def _read_head(self, stream: INetStream, peer: ID, address: str | None) -> FrameHead | None:
         """The request's header, read in the opening pool under the header deadline; None if the
@@ -357,7 +419,7 @@ class Provider:
             # a client sending an oversized request may be writing it still; a slow or garbled one
             # gets no more time; one that hung up inside the header gets a reply it will not read
             then = "drain" if isinstance(exc, FrameTooLarge) else "close" if isinstance(exc, TruncatedFrame) else "reset"
-            await self._refuse(stream, exc, None, then=then)
+            await self._refuse(stream, exc, exc.header if isinstance(exc, PayloadTooLarge) else None, then=then)
             return None
         finally:
             ticket.release()
@@ -405,21 +467,46 @@ class Provider:
         finally:
             self._draining -= 1
 
+    def _bench(self, peer: ID) -> None:
+        """`peer`'s upload lagged (its place was given away, or it missed the minimum rate): its next
+        requests get BUSY at admission for header_timeout_s, so that identities trickling payloads
+        cannot keep taking turns at the places. At most MAX_LAGGARDS peers are benched, the
+        earliest dropped first."""
+        now = trio.current_time()
+        self._laggards.pop(peer, None)
+        self._laggards[peer] = now + self.config.header_timeout_s
+        while len(self._laggards) > MAX_LAGGARDS:
+            del self._laggards[next(iter(self._laggards))]
+
+    def _lagging(self, place: Ticket) -> bool:
+        """Whether an admitted request's payload lags more than LAG_SLACK_S behind the minimum rate,
+        counted from its admission: its place may go to a newcomer (admission.py, `places`)."""
+        upload = self._uploads.get(place)
+        return upload is not None and upload.received < self.config.min_upload_rate * (
+            trio.current_time() - upload.admitted - LAG_SLACK_S)
+
     async def _serve(self, stream: INetStream, request: Verified[MatmulRequest], head: FrameHead,
-                     opened: float) -> tuple[SignedReceipt, str] | None:
-        """Holding a place: read the payload, check it, compute, reply."""
+                     opened: float, place: Ticket) -> tuple[SignedReceipt, str] | None:
+        """Holding `place`: read the payload (the place evictable while it lags), check it, compute, reply."""
         cfg = self.config
         try:
             expires_in_s = (request.message.expires_at_ms - now_ms()) / 1000
-            payload = await read_payload(
-                stream,
-                head,
-                min_rate=cfg.min_upload_rate,
-                grace_s=cfg.header_timeout_s,
-                read_timeout_s=cfg.read_timeout_s,
-                start=opened,
-                not_after=min(opened + cfg.frame_timeout_s, trio.current_time() + expires_in_s),
-            )
+            upload = self._uploads[place] = _Upload(stream, trio.current_time())
+            try:
+                with place.scope:
+                    payload = await read_payload(
+                        upload,
+                        head,
+                        min_rate=cfg.min_upload_rate,
+                        grace_s=cfg.header_timeout_s,
+                        read_timeout_s=cfg.read_timeout_s,
+                        start=opened,
+                        not_after=min(opened + cfg.frame_timeout_s, trio.current_time() + expires_in_s),
+                    )
+            finally:
+                del self._uploads[place]
+            if place.evicted:
+                raise Busy(self._retry_ms(), "place given to a faster upload")
             # hashed in a worker thread: a layer-sized payload takes tens of ms, which on the event
             # loop would stall every other stream this provider serves
             digest = await trio.to_thread.run_sync(sha256, payload)
@@ -430,7 +517,10 @@ class Provider:
             if scope.cancelled_caught:
                 raise DeadlineExceeded("computation", timeout_s=remaining_s)
         except ProtocolError as exc:
-            too_slow = isinstance(exc, DeadlineExceeded) and exc.what != "computation"  # sending its payload
+            # too slow sending its payload: stop reading it, and bench the peer
+            too_slow = isinstance(exc, Busy) or (isinstance(exc, DeadlineExceeded) and exc.what != "computation")
+            if too_slow:
+                self._bench(request.signer)
             await self._refuse(stream, exc, head.header, then="reset" if too_slow else "close")
             return None
         reply = ok_reply(
@@ -451,8 +541,9 @@ class Provider:
         self._bump(served=1, macs=request.message.macs, earned=reply.receipt.receipt.amount)
         return reply.receipt, group_key(request.message.layers)
 
-    async def _await_ack(self, stream: INetStream, peer: ID, issued: SignedReceipt, layer: str) -> None:
-        """Wait (holding no place, in the bounded `acks` pool) for the countersigned receipt."""
+    async def _await_ack(self, stream: INetStream, peer: ID, issued: SignedReceipt, layer: str, entry: int) -> None:
+        """Wait (holding no place, in the bounded `acks` pool) for the countersigned receipt; a valid
+        one gives the request's credit `entry` back."""
         ticket = self.acks.enter(peer, None)
         if ticket is None:  # the pool evicts instead; kept for a pool configured otherwise
             return
@@ -474,6 +565,7 @@ class Provider:
             log.debug("stopped waiting for %s's countersigned receipt: too many waits", peer)
             return
         self._bump(acks=1)
+        self.credit.release(peer, entry)
         if self._ledger is not None:
             try:
                 self._ledger.record(ack, layer=layer)
@@ -483,14 +575,16 @@ class Provider:
     # -- the product ---------------------------------------------------------------------------
 
     def _check_request(self, msg: MatmulRequest) -> None:
-        """What the header alone says of the engine and of the work asked: the engine's name,
-        parameters that decode, a `payload_length` that is exactly the ciphertext the input shape
+        """What the header alone says of the engine and of the work asked: the engine's name, no
+        `mask_seeds` (the engine's payload carries its own: MalformedFrame), parameters that decode, a `payload_length` that is exactly the ciphertext the input shape
         needs under them (any other payload cannot parse: ShapeMismatch before it is read), and a
         product whose output and reply stay within the advertised limits (ReplyTooLarge before
         anything is allocated for it). Whether the parameters fit the ciphertext and the weights
         is checked with the payload (_prepare)."""
         if msg.backend != BACKEND:
             raise UnsupportedParams("not served here", backend=msg.backend)
+        if msg.mask_seeds:  # README section 6: only for engines whose payload does not carry its seeds
+            raise MalformedFrame(f"mask_seeds must be empty: a {BACKEND} payload carries its seeds")
         params = decode_params(msg.backend_params)
         (tokens, features), width = msg.input_shape, msg.output_shape[1]
         expected = ciphertext_size(params, tokens, features)

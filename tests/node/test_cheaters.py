@@ -17,6 +17,7 @@ from cipherswarm.node import Cheat, Ledger, ModelWeights
 from node_factory import providers, random_operand, reference, session
 
 LAYER = "model.layers.1.mlp.down_proj"  # 128 -> 64
+UNLIMITED_CREDIT = dict(max_unacked=1 << 20, max_unacked_gmacs=1 << 40)
 DEFAULT_TRIALS = 6
 SLOW_TRIALS = 200
 #: Seconds allowed for SLOW_TRIALS of each mode: about 2.5x the longest time measured on 2 shared
@@ -28,7 +29,11 @@ SLOW_CAP_S = {Cheat.RANDOM: 180, Cheat.FLIP: 270, Cheat.STALE: 400, Cheat.WRONG_
 async def _detect_every_time(weights: ModelWeights, cheat: Cheat, trials: int, ledger: Ledger) -> None:
     # One slot each: the two chunks of every call go one to each provider, so each trial sends
     # the cheater a chunk.
-    async with providers(weights, [dict(slots=1), dict(slots=1, cheat=cheat)]) as (honest, cheater):
+    # The cheater's results are never countersigned, so its credit for this client (max_unacked
+    # requests for 30 s each) would run out within a few trials and it would take no more chunks;
+    # the honest one's could too while countersignatures are on their way. The credit is not what
+    # is tested here.
+    async with providers(weights, [dict(slots=1, **UNLIMITED_CREDIT), dict(slots=1, cheat=cheat, **UNLIMITED_CREDIT)]) as (honest, cheater):
         async with session(weights, [honest.addr, cheater.addr], ledger=ledger, min_providers=2, split="blocks") as client:
             assert not client.weights.held  # every check runs on sketches read from the files
             channel = client.keys.channel(client.weights.resolve(LAYER), transpose=False)

@@ -11,6 +11,7 @@ from cipherswarm.protocol import (
     FrameTooLarge,
     InternalError,
     MalformedFrame,
+    PayloadTooLarge,
     ProtocolError,
     ReplyTooLarge,
     ShapeMismatch,
@@ -27,7 +28,8 @@ CLASSES = [
 
 
 #: refinements of a code's class that carry fields of their own, sent under that code
-REFINEMENTS = {TruncatedFrame: MalformedFrame, ReplyTooLarge: FrameTooLarge, ContractionTooThin: ShapeMismatch}
+REFINEMENTS = {TruncatedFrame: MalformedFrame, ReplyTooLarge: FrameTooLarge, PayloadTooLarge: FrameTooLarge,
+               ContractionTooThin: ShapeMismatch}
 
 
 def test_every_specified_code_has_its_own_class() -> None:
