@@ -37,6 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from cipherswarm.fhe_backend.errors import ParameterError  # noqa: E402
 from cipherswarm.fhe_backend import get_backend  # noqa: E402
+from cipherswarm.fhe_backend.params import Params  # noqa: E402
 from cipherswarm.fhe_backend.quant import Precision  # noqa: E402
 from cipherswarm.node.sim import ModelShape, Workload  # noqa: E402
 from cipherswarm.node.weights import load_model  # noqa: E402
@@ -74,13 +75,14 @@ def held_out(model_dir: Path, sequences: int, seq_len: int) -> torch.Tensor:
     return ids[:sequences]
 
 
-def bytes_per_token(shape: ModelShape, precision: Precision) -> tuple[float, int]:
+def bytes_per_token(shape: ModelShape, precision: Precision, profile: str = "default") -> tuple[float, Params]:
     """Ciphertext payload of one training step per token, sent and received, every remote product,
-    in full ring blocks; and the largest ring degree N (a micro-batch of fewer tokens than a
-    layer's N is padded to N: it pays for N)."""
-    work = Workload(shape, tokens=4096, micro_batch_tokens=4096, seq_len=128, precision=precision)
+    in full ring blocks; and the parameters of the widest modulus, whose ring degree N is the
+    largest (N grows with q; a micro-batch of fewer tokens than a layer's N is padded to N: it
+    pays for N)."""
+    work = Workload(shape, tokens=4096, micro_batch_tokens=4096, seq_len=128, precision=precision, profile=profile)
     products = work.products(4096)  # whole blocks at N = 2048 and 4096 alike
-    return sum((p.bytes_in + p.bytes_out) / p.tokens for p in products), max(p.params.n for p in products)
+    return sum((p.bytes_in + p.bytes_out) / p.tokens for p in products), max((p.params for p in products), key=lambda q: q.log_q)
 
 
 def accuracy_table(model_dir: Path, batch: torch.Tensor, settings: list[Precision]) -> None:
@@ -104,7 +106,8 @@ def accuracy_table(model_dir: Path, batch: torch.Tensor, settings: list[Precisio
             continue
         a = trainer.accuracy
         assert a is not None and a.top1_agreement is not None
-        b, n = bytes_per_token(shape, p)
+        b, widest = bytes_per_token(shape, p)
+        n = widest.n
         mark = "  (default)" if p == Precision() else ""
         print(f"  {label:<36} {a.logits_rel_error:>10.2%} {a.top1_agreement:>8.2%} "
               f"{a.loss_rel_change:>+8.2%} {a.worst_layers[0][1]:>12.2%} {b / 1e3:>10.1f} {b / base - 1:>+9.1%} {n:>6}{mark}", flush=True)
@@ -134,10 +137,7 @@ def profile_table(model_dir: Path, batch: torch.Tensor, profiles: tuple[str, ...
         err = float((logits - ref).norm() / ref.norm())
         top1 = float((logits.argmax(-1) == ref.argmax(-1)).float().mean())
         loss = float(causal_lm_loss(logits, batch) / ref_loss - 1)
-        work = Workload(shape, tokens=4096, micro_batch_tokens=4096, seq_len=128, precision=Precision(), profile=profile)
-        products = work.products(4096)
-        b = sum((p.bytes_in + p.bytes_out) / p.tokens for p in products)
-        widest = max(products, key=lambda p: p.params.log_q).params
+        b, widest = bytes_per_token(shape, Precision(), profile)
         base = base or b
         print(f"  {profile:<12} {err:>10.2%} {top1:>8.2%} {loss:>+8.2%} {b / 1e3:>10.1f} "
               f"{f'{widest.in_bytes} / {widest.out_bytes} ({b / base - 1:+.1%} bytes)':>36}", flush=True)

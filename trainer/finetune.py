@@ -43,7 +43,7 @@ from .executor import MatmulExecutor
 from .thin import load_remote_model
 from .batches import IGNORE_INDEX
 from .tasks import UnsupportedModelError, task_of
-from .trainer import LoraTrainer, StepRecord
+from .trainer import LoraTrainer, StepHook, StepRecord
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_MODEL = ASSETS / "tiny-shakespeare-llama"
@@ -53,11 +53,6 @@ SAMPLE_PROMPTS = 3  # held-out examples whose greedy continuation is shown befor
 SAMPLE_TOKENS = 24  # new tokens of each
 TEXT_PROMPT_TOKENS = 16  # a text example's prompt: its first tokens (other kinds: all before the first learned token)
 SAMPLES_EXECUTOR = "disable"  # samples are generated in plaintext here: the encrypted path adds nothing to what they show
-
-
-StepHook = Callable[[int], str | None]
-"""Asked with the optimizer steps done, once before a sitting's first step and after each step but
-the last: a reason to stop the run there (:class:`TrainingStopped`), or None to go on."""
 
 
 class ResumeError(TrainerError, ValueError):

@@ -141,6 +141,11 @@ def _training_args(args: object) -> tuple[int, float | None]:
     return steps, None if norm is None else float(norm)
 
 
+StepHook = Callable[[int], str | None]
+"""Asked with the optimizer steps done: a reason to stop training there (:class:`TrainingStopped`),
+or None to go on (``LoraTrainer.train(stop_when=...)``)."""
+
+
 @dataclass
 class _Run:
     """State of one ``train`` call that checkpoints must capture or steps must see."""
@@ -155,7 +160,7 @@ class _Run:
     epoch_rng: dict | None = None  # RNG state at the start of this epoch (replays its data order)
     saved_at: tuple[int, int] | None = None  # (epoch, done) of the last checkpoint
     bytes_sent: int = 0  # by this call, for the progress bar
-    stop_when: Callable[[int], str | None] | None = None  # asked after each step but the last (train)
+    stop_when: StepHook | None = None  # asked after each step but the last (train)
 
 
 def human_bytes(n: float) -> str:
@@ -323,7 +328,7 @@ class LoraTrainer:
         resume_from_checkpoint: str | Path | bool | None = None,
         max_steps: int | None = None,
         progress: bool = True,
-        stop_when: Callable[[int], str | None] | None = None,
+        stop_when: StepHook | None = None,
     ) -> None:
         """Train for ``num_epochs`` epochs (in total, counting those a resumed checkpoint already did).
 
