@@ -17,7 +17,7 @@ from pathlib import Path
 
 from libp2p.crypto.ed25519 import create_new_key_pair
 
-from cipherswarm.node.identity import peer_id_of
+from cipherswarm.node.identity import peer_id_of, signing_key
 from cipherswarm.node.ledger import Ledger, TrackRecord
 from cipherswarm.protocol import UsageReceipt, countersign_receipt, sign_receipt
 
@@ -27,10 +27,10 @@ def receipts(n: int) -> list:
     provider, client = create_new_key_pair(), create_new_key_pair()
     out = []
     for _ in range(n):
-        receipt = UsageReceipt(provider=peer_id_of(provider), client=peer_id_of(client), request_id=os.urandom(16),
+        receipt = UsageReceipt(provider=peer_id_of(provider).to_bytes(), client=peer_id_of(client).to_bytes(), request_id=os.urandom(16),
                                request_digest=os.urandom(32), reply_digest=os.urandom(32), macs=2048 * 4096 * 4096,
                                price_per_gmac=5, completed_at_ms=int(time.time() * 1000))
-        out.append(countersign_receipt(sign_receipt(receipt, provider.private_key), client.private_key))
+        out.append(countersign_receipt(sign_receipt(receipt, signing_key(provider)), signing_key(client)))
     return out
 
 

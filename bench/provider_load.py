@@ -50,10 +50,10 @@ from cipherswarm.fhe_backend.ciphertext import ciphertext_size
 from cipherswarm.node import ModelWeights, NodeHost, load_model, open_host
 from cipherswarm.node.discovery import now_ms
 from cipherswarm.node.engine import BACKEND, ENGINE, decode_params, encode_params
-from cipherswarm.node.streams import close_stream, request_reply
+from cipherswarm.node.identity import signing_key
+from cipherswarm.node.streams import close_stream, read_frame, request_reply
 from cipherswarm.protocol import PROTOCOL_IDS, Limits, MatmulReply, MatmulRequest, ProtocolError, Range, WeightSlice, seal
 from cipherswarm.protocol.framing import frame_prefix
-from cipherswarm.protocol.stream import read_frame
 
 LAYER = "model.layers.0.mlp.up_proj"
 REPLY_LIMITS = Limits(max_payload_size=1 << 24)
@@ -123,7 +123,7 @@ async def _answer(node: NodeHost, peer: ID, request: MatmulRequest, payload: byt
     if isinstance(stream, str):
         return stream
     try:
-        frame = await request_reply(stream, seal(request, node.key_pair.private_key), payload, limits=REPLY_LIMITS,
+        frame = await request_reply(stream, seal(request, signing_key(node.key_pair)), payload, limits=REPLY_LIMITS,
                                     read_timeout_s=30, frame_timeout_s=60)
     except (ProtocolError, trio.TooSlowError) as exc:
         return f"no reply ({type(exc).__name__})"
@@ -177,7 +177,7 @@ async def run_load(nodes: list[NodeHost], peer: ID, requests: Requests, load: Lo
     async def trickler(node: NodeHost, kind: str) -> None:
         while True:
             request = requests.valid()
-            sealed = seal(request, node.key_pair.private_key)
+            sealed = seal(request, signing_key(node.key_pair))
             whole = frame_prefix(sealed, requests.payload)
             first, then = (whole, requests.payload) if kind == "payload" else (b"", whole)
             load.outcomes[kind][await _trickle(node, peer, first, then, load.trickle_interval_s)] += 1

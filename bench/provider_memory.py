@@ -42,12 +42,12 @@ from cipherswarm.fhe_backend.evaluator import SCRATCH_BYTES, output_elements  # 
 from cipherswarm.node import ProviderAdvert, load_model, open_host  # noqa: E402
 from cipherswarm.node.discovery import now_ms, read_advert  # noqa: E402
 from cipherswarm.node.engine import BACKEND, ENGINE, decode_params, encode_params  # noqa: E402
-from cipherswarm.node.streams import close_stream, request_reply  # noqa: E402
+from cipherswarm.node.identity import signing_key  # noqa: E402
+from cipherswarm.node.streams import close_stream, read_frame, request_reply  # noqa: E402
 from cipherswarm.protocol import (  # noqa: E402
     ADVERT_PROTOCOL_ID, PROTOCOL_IDS, Limits, MatmulRequest, ProtocolError, Range, WeightSlice, seal, verify_reply,
 )
 from cipherswarm.protocol.messages import MAX_DIM  # noqa: E402
-from cipherswarm.protocol.stream import read_frame  # noqa: E402
 from cipherswarm.protocol.varint import encode_uvarint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,14 +78,14 @@ async def send(node, peer: ID, request: MatmulRequest, payload: bytes, advert: P
     """The answer's code name ("OK") and the reply's payload bytes; an empty `payload` sends the header only."""
     stream = await node.host.new_stream(peer, list(PROTOCOL_IDS))
     try:
-        sealed = seal(request, node.key_pair.private_key)
+        sealed = seal(request, signing_key(node.key_pair))
         limits = Limits(max_payload_size=advert.max_reply_size)
         if len(payload) == request.payload_length:
             frame = await request_reply(stream, sealed, payload, limits=limits, read_timeout_s=110, frame_timeout_s=300)
         else:  # the header alone: the provider must answer it before any payload
             await stream.write(encode_uvarint(len(sealed.header)) + sealed.header)
             frame = await read_frame(stream, limits=limits, read_timeout_s=10, frame_timeout_s=10)
-        verify_reply(frame, peer=peer, request=sealed)
+        verify_reply(frame, peer=peer.to_bytes(), request=sealed)
         return "OK", len(frame.payload)
     except ProtocolError as exc:
         return exc.code.name, 0

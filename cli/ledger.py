@@ -127,10 +127,13 @@ def _table(path: Path, result: Tally) -> str:
 
 def _exported(signed: SignedReceipt) -> dict[str, Any]:
     """One receipt as exported: decoded fields for reading, then what the signatures are checked with."""
+    from libp2p.peer.id import ID  # the receipt names peers by their multihash bytes
+
     r = signed.receipt
-    keys = [peer.extract_public_key() for peer in (r.provider, r.client)]
+    provider, client = ID(r.provider), ID(r.client)
+    keys = [peer.extract_public_key() for peer in (provider, client)]
     return {
-        "request_id": r.request_id.hex(), "provider": r.provider.to_base58(), "client": r.client.to_base58(),
+        "request_id": r.request_id.hex(), "provider": provider.to_base58(), "client": client.to_base58(),
         "macs": r.macs, "price_per_gmac": r.price_per_gmac, "amount": r.amount, "completed_at_ms": r.completed_at_ms,
         "receipt": signed.receipt_bytes.hex(), "provider_signature": signed.provider_signature.hex(),
         "client_signature": signed.client_signature.hex(),

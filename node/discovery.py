@@ -39,6 +39,7 @@ from libp2p.peer.id import ID
 
 from cipherswarm.protocol import ADVERT_PROTOCOL_ID, MAX_HEADER_SIZE, CapabilityAdvert, ProtocolError, seal, verify_advert
 
+from .identity import signing_key
 from .streams import close_stream, read_to_end, send_bytes
 from .types import ProviderAdvert
 
@@ -94,7 +95,7 @@ class Advertiser:
 
     def envelope(self) -> bytes:
         """The current advert, sealed: the bytes gossiped and handed out."""
-        return seal(self._advert(), self._node.key_pair.private_key).header
+        return seal(self._advert(), signing_key(self._node.key_pair)).header
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._node.host.set_stream_handler(ADVERT_PROTOCOL_ID, self._hand_out)

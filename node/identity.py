@@ -11,6 +11,10 @@ gossipsub and `status` show one of them, and their adverts overwrite each other)
 therefore holds its identity (`hold_identity`: an exclusive lock on `<file>.lock` that the kernel
 drops when the process ends, however it ends), and a second node given the same file is refused
 with the holder's pid and the fix.
+
+The protocol signs with `cryptography`'s Ed25519 and names peers by their multihash bytes; libp2p
+holds the same key as its own type. `signing_key` converts the one into the other (the same RFC
+8032 seed, so the same public key and peer id) at this boundary, so the protocol needs no libp2p.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from libp2p.crypto.ed25519 import Ed25519PrivateKey, create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.serialization import deserialize_private_key
@@ -45,6 +50,15 @@ def default_identity_path() -> Path:
 
 def peer_id_of(key_pair: KeyPair) -> ID:
     return ID.from_pubkey(key_pair.public_key)
+
+
+def signing_key(key_pair: KeyPair) -> ed25519.Ed25519PrivateKey:
+    """The identity's key as the protocol signs with it. TypeError for a key other than Ed25519,
+    which no frame may be signed with (protocol README, "Signatures")."""
+    private_key = key_pair.private_key
+    if not isinstance(private_key, Ed25519PrivateKey):
+        raise TypeError(f"a {private_key.get_type().name} identity cannot sign frames: Ed25519 only")
+    return ed25519.Ed25519PrivateKey.from_private_bytes(private_key.to_bytes())  # PyNaCl keeps the 32-byte seed
 
 
 def load_identity(path: Path, *, create: bool = True) -> tuple[KeyPair, bool]:

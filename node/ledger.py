@@ -26,10 +26,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from libp2p.crypto.ed25519 import Ed25519PublicKey
 from libp2p.peer.id import ID
 
 from cipherswarm.protocol import BadSignature, SignedReceipt, UsageReceipt, verify_receipt
+from cipherswarm.protocol.signing import peer_key
 
 from .errors import NodeError
 
@@ -103,20 +103,12 @@ class Tally:
         return sum(b.amount for b in self.balances if b.role == role)
 
 
-def _key_of(peer: ID) -> Ed25519PublicKey:
-    """The Ed25519 key a peer id embeds (identity multihash); BadSignature for any other kind of id."""
-    key = peer.extract_public_key()
-    if not isinstance(key, Ed25519PublicKey):
-        raise BadSignature(f"peer id {peer} does not embed an Ed25519 key")
-    return key
-
-
 def verify_countersigned(signed: SignedReceipt) -> UsageReceipt:
     """The receipt if both its provider's signature and its client's countersignature hold, under
     the keys its two peer ids embed: what a third party can check with nothing but the receipt.
     BadSignature otherwise (also for a receipt that was never countersigned)."""
     receipt = signed.receipt
-    return verify_receipt(signed, provider_key=_key_of(receipt.provider), client_key=_key_of(receipt.client))
+    return verify_receipt(signed, provider_key=peer_key(receipt.provider), client_key=peer_key(receipt.client))
 
 
 def tally(receipts: Iterable[SignedReceipt]) -> Tally:
@@ -138,7 +130,7 @@ def tally(receipts: Iterable[SignedReceipt]) -> Tally:
             continue
         seen.add(receipt.request_id)
         for role, peer in (("provider", receipt.provider), ("client", receipt.client)):
-            row = sums.setdefault((role, peer.to_base58()), [0, 0, 0])
+            row = sums.setdefault((role, ID(peer).to_base58()), [0, 0, 0])
             row[0] += 1
             row[1] += receipt.macs
             row[2] += receipt.amount
@@ -198,7 +190,7 @@ class Ledger:
         try:
             self._db.execute(
                 "INSERT INTO receipts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (r.request_id, str(r.provider), str(r.client), layer, r.macs, r.price_per_gmac, r.amount,
+                (r.request_id, ID(r.provider).to_base58(), ID(r.client).to_base58(), layer, r.macs, r.price_per_gmac, r.amount,
                  r.completed_at_ms, signed.receipt_bytes, signed.provider_signature, signed.client_signature),
             )
         except sqlite3.IntegrityError:

@@ -1,7 +1,10 @@
 """cipherswarm wire layer: schemas, framing, signatures, freshness, limits and typed errors.
 
-README.md beside this file is the wire specification. This package is synchronous and knows no
-torch; `cipherswarm.protocol.stream` adds frame reading and writing over trio streams.
+README.md beside this file is the wire specification. This package is a synchronous, sans-I/O core:
+bytes in, records or typed errors out, the clock passed in. It imports neither trio, libp2p nor
+torch (tests/test_layering.py checks): keys are `cryptography` Ed25519 keys and peer ids their libp2p
+multihash bytes, converted at the node's boundary (node/identity.py), and frames are read from and
+written to streams by the node (node/streams.py).
 """
 
 from .envelope import Header, Sealed, decode_header, seal
@@ -36,7 +39,7 @@ from .exchange import (
     verify_reply,
     verify_request,
 )
-from .framing import DEFAULT_MAX_PAYLOAD_SIZE, MAX_HEADER_SIZE, Frame, FrameParser, Limits, decode_frame, encode_frame, frame_prefix, read_frame
+from .framing import DEFAULT_MAX_PAYLOAD_SIZE, MAX_HEADER_SIZE, Frame, FrameParser, Limits, decode_frame, encode_frame, frame_prefix, read_frame_sync
 from .messages import (
     CapabilityAdvert,
     MatmulReply,
@@ -114,7 +117,7 @@ __all__ = [
     "error_reply",
     "frame_prefix",
     "ok_reply",
-    "read_frame",
+    "read_frame_sync",
     "seal",
     "sha256",
     "sign_receipt",

@@ -12,14 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.message import DecodeError
-from libp2p.crypto.ed25519 import Ed25519PrivateKey
-from libp2p.peer.id import ID
 
 from . import cipherswarm_matmul_v1_pb2 as pb
 from .errors import MalformedFrame
 from .messages import Message, decode_body, encode_body, sha256
-from .signing import HEADER_DOMAIN, decode_public_key, encode_public_key, require_peer, sign, verify
+from .signing import HEADER_DOMAIN, decode_public_key, encode_public_key, peer_id, require_peer, sign, verify
 
 M = TypeVar("M", bound=Message)
 
@@ -31,7 +30,7 @@ class Sealed(Generic[M]):
     message: M
     header: bytes  # the serialized Envelope, as sent after the length prefix
     digest: bytes  # SHA-256 of the Body bytes, what replies and receipts refer to
-    signer: ID  # the sealing key's peer id
+    signer: bytes  # the sealing key's peer id
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -47,7 +46,7 @@ class Header:
     def digest(self) -> bytes:
         return sha256(self.body)
 
-    def verify(self, peer: ID | None = None) -> ID:
+    def verify(self, peer: bytes | None = None) -> bytes:
         """Check the signature, and that it is `peer`'s if given; return the signer's peer id.
 
         On a stream, pass the stream's remote peer (authenticated by the Noise handshake): a frame
@@ -58,19 +57,15 @@ class Header:
         if peer is not None:
             require_peer(key, peer)
         verify(key, HEADER_DOMAIN, self.body, self.signature)
-        return ID.from_pubkey(key)
+        return peer_id(key)
 
 
 def seal(message: M, key: Ed25519PrivateKey) -> Sealed[M]:
     body = encode_body(message)
     signature = sign(key, HEADER_DOMAIN, body)  # refuses any key but Ed25519
-    public_key = key.get_public_key()
-    envelope = pb.Envelope(
-        public_key=encode_public_key(public_key),  # type: ignore[arg-type]  # Ed25519, as above
-        body=body,
-        signature=signature,
-    )
-    return Sealed(message, envelope.SerializeToString(), sha256(body), ID.from_pubkey(public_key))
+    public_key = key.public_key()
+    envelope = pb.Envelope(public_key=encode_public_key(public_key), body=body, signature=signature)
+    return Sealed(message, envelope.SerializeToString(), sha256(body), peer_id(public_key))
 
 
 def decode_header(data: bytes) -> Header:

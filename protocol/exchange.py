@@ -16,8 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
-from libp2p.crypto.ed25519 import Ed25519PrivateKey
-from libp2p.peer.id import ID
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .envelope import Header, Sealed, decode_header
 from .errors import BadSignature, FrameTooLarge, MalformedFrame, PaymentRequired, UnknownModel, WireError
@@ -34,7 +33,7 @@ from .messages import (
 from .receipts import sign_receipt, verify_countersignature, verify_receipt
 from .replay import ReplayWindow, check_expiry
 from .shapes import LayerShape, check_shapes
-from .signing import decode_public_key
+from .signing import decode_public_key, peer_id
 
 M = TypeVar("M", bound=Message)
 
@@ -48,7 +47,7 @@ class Verified(Generic[M]):
     """A message whose signature, signer and payload have been checked."""
 
     message: M
-    signer: ID  # the peer whose identity key signed the header
+    signer: bytes  # the peer id whose identity key signed the header
     digest: bytes  # SHA-256 of the header's Body bytes
     payload: bytes
 
@@ -69,7 +68,7 @@ def _check_payload(message: MatmulRequest | MatmulReply, payload: bytes, digest:
 def check_request_header(
     header: Header,
     *,
-    peer: ID,
+    peer: bytes,
     window: ReplayWindow,
     lookup: LayerLookup,
     now_ms: int,
@@ -121,7 +120,7 @@ def check_request_payload(
 def verify_request(
     frame: Frame,
     *,
-    peer: ID,
+    peer: bytes,
     window: ReplayWindow,
     lookup: LayerLookup,
     now_ms: int,
@@ -163,7 +162,7 @@ def ok_reply(
         raise ValueError("price_per_gmac must not exceed the request's offer")
     reply_digest = sha256(payload) if payload_sha256 is None else payload_sha256
     receipt = UsageReceipt(
-        provider=ID.from_pubkey(key.get_public_key()),
+        provider=peer_id(key.public_key()),
         client=request.signer,
         request_id=request.message.request_id,
         request_digest=request.digest,
@@ -200,7 +199,7 @@ def error_reply(exc: BaseException, frame: Frame | Header | None = None) -> Matm
 
 
 def verify_reply(
-    frame: Frame, *, peer: ID, request: Sealed[MatmulRequest], payload_sha256: bytes | None = None
+    frame: Frame, *, peer: bytes, request: Sealed[MatmulRequest], payload_sha256: bytes | None = None
 ) -> Verified[MatmulReply]:
     """Client side: check the reply to `request` read from a stream to provider `peer`
     (`payload_sha256`: SHA-256 of frame.payload if already computed, see _check_payload).
@@ -231,7 +230,7 @@ def verify_reply(
     return Verified(reply, signer, frame.header.digest, frame.payload)
 
 
-def verify_receipt_ack(frame: Frame, *, peer: ID, issued: SignedReceipt) -> SignedReceipt:
+def verify_receipt_ack(frame: Frame, *, peer: bytes, issued: SignedReceipt) -> SignedReceipt:
     """Provider side: check the countersigned receipt a client sent back for the receipt `issued`."""
     ack = _expect(frame.header, SignedReceipt)
     frame.header.verify(peer)

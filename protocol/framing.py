@@ -1,7 +1,8 @@
 """Frames: uvarint(header length) || header || payload, read with hard limits.
 
 The parser is sans-I/O (`FrameParser` says how many bytes it wants next and is fed them), so the
-same code drives a blocking `read_exactly` here and a trio stream in stream.py. Every size a peer
+same code drives a blocking `read_exactly` here (`read_frame_sync`) and a libp2p stream under trio
+deadlines in the node (node/streams.py, `read_frame`). Every size a peer
 declares is checked against the receiver's `Limits` before a byte of it is read or allocated: a peer
 cannot make the reader hold more than max_header_size + max_payload_size bytes per frame.
 """
@@ -87,7 +88,7 @@ class FrameParser:
         return None
 
 
-def read_frame(read_exactly: Callable[[int], bytes], *, limits: Limits) -> Frame:
+def read_frame_sync(read_exactly: Callable[[int], bytes], *, limits: Limits) -> Frame:
     """Read one frame through `read_exactly(n)`, which returns n bytes, or fewer only at end of input
     (as `io.BufferedReader.read` does). TruncatedFrame if the input ends inside the frame."""
     parser = FrameParser(limits)
@@ -99,7 +100,7 @@ def read_frame(read_exactly: Callable[[int], bytes], *, limits: Limits) -> Frame
 def decode_frame(data: bytes, *, limits: Limits) -> Frame:
     """The one frame that `data` holds, with nothing after it."""
     stream = io.BytesIO(data)
-    frame = read_frame(stream.read, limits=limits)
+    frame = read_frame_sync(stream.read, limits=limits)
     if stream.tell() != len(data):
         raise MalformedFrame(f"{len(data) - stream.tell()} bytes after the frame")
     return frame

@@ -16,7 +16,6 @@ from functools import cached_property
 from typing import TypeAlias
 
 from google.protobuf.message import DecodeError
-from libp2p.peer.id import ID
 
 from . import cipherswarm_matmul_v1_pb2 as pb
 from .errors import MAX_ERROR_MESSAGE, ErrorCode, MalformedFrame, WireError
@@ -274,8 +273,8 @@ class MatmulRequest:
 class UsageReceipt:
     """What a provider charges for one request (README, "Receipts")."""
 
-    provider: ID
-    client: ID
+    provider: bytes  # peer ids: multihash bytes (signing.peer_id)
+    client: bytes
     request_id: bytes
     request_digest: bytes  # SHA-256 of the request's Body bytes
     reply_digest: bytes  # SHA-256 of the reply payload
@@ -285,9 +284,7 @@ class UsageReceipt:
 
     def __post_init__(self) -> None:
         for name in ("provider", "client"):
-            peer = getattr(self, name)
-            _check_type(name, peer, ID)
-            _check_bytes(name, peer.to_bytes(), max_size=MAX_PEER_ID)
+            _check_bytes(name, getattr(self, name), max_size=MAX_PEER_ID)
         _check_bytes("request_id", self.request_id, size=ID_SIZE)
         _check_bytes("request_digest", self.request_digest, size=DIGEST_SIZE)
         _check_bytes("reply_digest", self.reply_digest, size=DIGEST_SIZE)
@@ -302,8 +299,8 @@ class UsageReceipt:
 
     def to_bytes(self) -> bytes:
         return pb.UsageReceipt(
-            provider=self.provider.to_bytes(),
-            client=self.client.to_bytes(),
+            provider=self.provider,
+            client=self.client,
             request_id=self.request_id,
             request_digest=self.request_digest,
             reply_digest=self.reply_digest,
@@ -320,8 +317,8 @@ class UsageReceipt:
         except DecodeError as exc:
             raise ValueError(f"receipt does not decode: {exc}") from None
         return cls(
-            provider=ID(msg.provider),
-            client=ID(msg.client),
+            provider=msg.provider,
+            client=msg.client,
             request_id=msg.request_id,
             request_digest=msg.request_digest,
             reply_digest=msg.reply_digest,

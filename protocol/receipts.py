@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from libp2p.crypto.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from libp2p.peer.id import ID
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .errors import BadSignature
 from .messages import SignedReceipt, UsageReceipt
-from .signing import RECEIPT_CLIENT_DOMAIN, RECEIPT_PROVIDER_DOMAIN, require_peer, sign, verify
+from .signing import RECEIPT_CLIENT_DOMAIN, RECEIPT_PROVIDER_DOMAIN, peer_id, require_peer, sign, verify
 
 
 def sign_receipt(receipt: UsageReceipt, key: Ed25519PrivateKey) -> SignedReceipt:
     """The provider's signature over `receipt`; `key` must be the identity of `receipt.provider`."""
-    if ID.from_pubkey(key.get_public_key()) != receipt.provider:
+    if peer_id(key.public_key()) != receipt.provider:
         raise ValueError("key must belong to the receipt's provider")
     data = receipt.to_bytes()
     return SignedReceipt(receipt_bytes=data, provider_signature=sign(key, RECEIPT_PROVIDER_DOMAIN, data))
@@ -30,7 +29,7 @@ def sign_receipt(receipt: UsageReceipt, key: Ed25519PrivateKey) -> SignedReceipt
 def countersign_receipt(signed: SignedReceipt, key: Ed25519PrivateKey) -> SignedReceipt:
     """The client's acceptance of a receipt; `key` must be the identity of the receipt's client.
     Countersign only after the result has passed verification: it is what the provider is paid on."""
-    if ID.from_pubkey(key.get_public_key()) != signed.receipt.client:
+    if peer_id(key.public_key()) != signed.receipt.client:
         raise ValueError("key must belong to the receipt's client")
     client_signature = sign(key, RECEIPT_CLIENT_DOMAIN, signed.receipt_bytes)
     return dataclasses.replace(signed, client_signature=client_signature)

@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 import trio
-from libp2p.crypto.keys import KeyPair
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 
@@ -63,6 +62,7 @@ from cipherswarm.protocol import (
 from ..discovery import now_ms
 from ..engine import BACKEND, ENGINE, encode_params
 from ..host import NodeHost
+from ..identity import signing_key
 from ..ledger import Ledger
 from ..types import Chunk
 from ..weights import group_members
@@ -176,7 +176,7 @@ def check_reply(frame: Frame, *, peer: ID, request: Sealed[MatmulRequest], paylo
     classified, and a receipt charging more than `advert_price`, the price of the advert the
     request acted on, refused even if within the request's offer. AttemptFailed otherwise."""
     try:
-        reply = verify_reply(frame, peer=peer, request=request, payload_sha256=payload_sha256)
+        reply = verify_reply(frame, peer=peer.to_bytes(), request=request, payload_sha256=payload_sha256)
     except ProtocolError as exc:
         if not exc.remote:  # the reply itself failed a check: only the provider could have sent it
             raise AttemptFailed(peer, FailureKind.CHEATED, f"invalid reply: {exc}") from None
@@ -222,9 +222,9 @@ class Dispatcher:
         self._ledger = ledger
         self._config = config
         self._counters = counters
-        self._key_pair: KeyPair = node.key_pair
+        self._key = signing_key(node.key_pair)
         self.crypto = trio.CapacityLimiter(config.crypto_threads)
-        self._uploads = Uploads(config.upload_slots, config.upload_window_bytes)  # uploads.py
+        self._uploads = Uploads(config.upload_slots, config.upload_window_bytes, config.uplink_bps)  # uploads.py
         self._background: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -336,7 +336,7 @@ class Dispatcher:
                 price_per_gmac=price,
             )
             with self._node.cpu.section("signatures"):
-                return seal(request, self._key_pair.private_key)
+                return seal(request, self._key)
 
         limits = Limits(max_payload_size=2 * job.ct.blocks * job.width * job.params.n * 8 + (1 << 16))
         timeout = job.decisions.timeout(state)
@@ -391,7 +391,7 @@ class Dispatcher:
         assert reply.message.receipt is not None  # verify_reply checked the receipt of an OK reply
         cpu = self._node.cpu
         with cpu.section("signatures"):
-            acked = countersign_receipt(reply.message.receipt, self._key_pair.private_key)
+            acked = countersign_receipt(reply.message.receipt, self._key)
         with cpu.section("ledger"):
             self._ledger.record(acked, layer=job.layer)
         receipt = acked.receipt
@@ -400,7 +400,7 @@ class Dispatcher:
         c.macs += receipt.macs
         c.paid += receipt.amount
         job.decisions.accept(
-            reply.signer,
+            ID(reply.signer),
             elapsed_s=elapsed_s,
             compute_s=reply.message.compute_time_us / 1e6,
             macs=job.need.macs,

@@ -38,6 +38,7 @@ from libp2p.peer.id import ID
 from cipherswarm.protocol import PROTOCOL_IDS, Frame, Limits, Sealed, SignedReceipt, seal
 
 from ..host import NodeHost
+from ..identity import signing_key
 from ..streams import close_stream, request_reply, send_frame
 from .uploads import Uploads
 
@@ -143,11 +144,15 @@ class Exchange:
         self.replied_at = trio.current_time()
         self._replying.set()
 
-    def _release_upload(self) -> None:
+    def _release_upload(self, seconds: float = 0.0) -> None:
         if self._holds_upload:
             self._holds_upload = False
             assert self._uploads is not None
-            self._uploads.release(len(self._payload))
+            self._uploads.release(len(self._payload), seconds)
+
+    def _upload_written(self) -> None:
+        """The request is written whole: its time since admission measures the uplink (uploads.py)."""
+        self._release_upload(trio.current_time() - self.admitted_at)
 
     async def _take_upload_slot(self) -> bool:
         """Wait for the upload gate (no deadline: the queue is our own uplink); False if abandoned."""
@@ -175,7 +180,7 @@ class Exchange:
             frame = await request_reply(
                 self._stream, sealed, self._payload, limits=self._limits, read_timeout_s=slack,
                 frame_timeout_s=slack + self._limits.max_payload_size / MIN_REPLY_BPS,
-                on_sent=self._release_upload, on_reply=self._reply_starts,
+                on_sent=self._upload_written, on_reply=self._reply_starts,
             )
         except Exception as exc:  # handed to the attempt, which classifies it
             self._deliver(ExchangeExpired() if self._expired else exc)
@@ -187,7 +192,7 @@ class Exchange:
         if self._receipt is not None:
             try:
                 with self._node.cpu.section("signatures"):
-                    sealed = seal(self._receipt, self._node.key_pair.private_key)
+                    sealed = seal(self._receipt, signing_key(self._node.key_pair))
                 await send_frame(self._stream, sealed, timeout_s=ACK_TIMEOUT_S)
             except Exception:  # noqa: BLE001  # the receipt is recorded either way; the ack is a courtesy
                 pass

@@ -20,7 +20,7 @@ import enum
 from collections.abc import Hashable
 
 import numpy as np
-from libp2p.crypto.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cipherswarm.fhe_backend import MatmulResult, PlainWeights
 from cipherswarm.protocol import MatmulReply, sign_receipt

@@ -20,6 +20,7 @@ import cipherswarm.node.client.dispatch as dispatch
 from cipherswarm.node import Ledger, ModelWeights, NoProvidersError
 from cipherswarm.node.client.config import ClientConfig
 from cipherswarm.node.client.router import AttemptFailed, FailureKind
+from cipherswarm.node.identity import signing_key
 from cipherswarm.node.provider import Cheat
 from cipherswarm.protocol import (
     Limits,
@@ -33,6 +34,7 @@ from cipherswarm.protocol import (
     seal,
 )
 from cipherswarm.protocol.messages import sha256
+from cipherswarm.protocol.signing import peer_id
 
 from node_factory import providers, random_operand, reference, session
 
@@ -43,8 +45,8 @@ TEST_S = 60
 
 def _check(receipt_price: int, *, offered: int, advertised: int) -> None:
     """check_reply on a provider's reply charging `receipt_price` to a request offering `offered`."""
-    client_key, provider_key = create_new_key_pair().private_key, create_new_key_pair().private_key
-    provider = ID.from_pubkey(provider_key.get_public_key())
+    client_key, provider_key = signing_key(create_new_key_pair()), signing_key(create_new_key_pair())
+    provider = ID(peer_id(provider_key.public_key()))
     payload, result = bytes(range(32)), bytes(range(100, 140))
     request = MatmulRequest.for_payload(
         payload, expires_at_ms=2**40, model_hash=sha256(b"model"), layer="model.layers.0.mlp.up_proj",
@@ -112,7 +114,7 @@ async def test_overbilling_provider_is_refused_banned_and_not_paid(
         assert stats.verification_failures == 1 and stats.key_rotations == 1  # the same path as a wrong result
         assert bad.to_base58() in stats.bans and "receipt" in ledger.bans()[bad.to_base58()]
         receipts = [signed.receipt for signed in ledger.receipts()]
-        assert receipts and {r.provider for r in receipts} == {honest.node.peer_id}
+        assert receipts and {r.provider for r in receipts} == {honest.node.peer_id.to_bytes()}
         assert all(r.price_per_gmac == price for r in receipts)
         assert stats.paid == ledger.total_amount() == sum(r.macs for r in receipts) * price // GMAC
         assert stats.chunks_by_peer == {honest.node.peer_id.to_base58(): len(receipts)}
@@ -131,6 +133,7 @@ async def test_requests_offer_the_advertised_price_and_the_ledger_holds_exactly_
         assert sent and {peer for peer, _ in sent} == set(advertised)  # both were used
         assert all(request.price_per_gmac == advertised[peer] for peer, request in sent)
         receipts = [signed.receipt for signed in ledger.receipts()]
+        advertised = {peer.to_bytes(): price for peer, price in advertised.items()}  # receipts name peers by bytes
         assert {r.provider for r in receipts} == set(advertised)
         for r in receipts:
             assert r.price_per_gmac == advertised[r.provider]

@@ -17,8 +17,7 @@ from cipherswarm.cli.localswarm import start_provider
 from cipherswarm.cli.runs import client_cpu
 from cipherswarm.node import SwarmClient
 from cipherswarm.node.host import open_host
-from cipherswarm.node.streams import YAMUX_FRAME, send_bytes
-from cipherswarm.protocol.stream import read_exactly
+from cipherswarm.node.streams import YAMUX_FRAME, read_exactly, send_bytes
 from cipherswarm.trainer.finetune import BUNDLED_MODEL, FinetuneConfig, finetune
 
 PROTOCOL = "/cipherswarm-test/echo-digest/1"

@@ -22,7 +22,7 @@ from cipherswarm.node import ModelWeights, NodeHost, ProviderAdvert, open_host
 from cipherswarm.node.discovery import AdvertWatcher
 from cipherswarm.node.discovery import now_ms
 from cipherswarm.node.engine import BACKEND, ENGINE, encode_params
-from cipherswarm.node.identity import peer_id_of
+from cipherswarm.node.identity import peer_id_of, signing_key
 from cipherswarm.node.streams import close_stream, request_reply
 from cipherswarm.protocol import (
     PROTOCOL_IDS,
@@ -138,10 +138,10 @@ async def _ask(node: object, peer: ID, request: MatmulRequest, payload: bytes) -
     """Send one request on a fresh stream; raises the provider's refusal."""
     stream = await node.host.new_stream(peer, list(PROTOCOL_IDS))  # type: ignore[attr-defined]
     try:
-        sealed = seal(request, node.key_pair.private_key)  # type: ignore[attr-defined]
+        sealed = seal(request, signing_key(node.key_pair))  # type: ignore[attr-defined]
         frame = await request_reply(stream, sealed, payload, limits=Limits(max_payload_size=1 << 24),
                                     read_timeout_s=10, frame_timeout_s=20)
-        verify_reply(frame, peer=peer, request=sealed)
+        verify_reply(frame, peer=peer.to_bytes(), request=sealed)
     finally:
         await close_stream(stream)
 

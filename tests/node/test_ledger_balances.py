@@ -17,8 +17,10 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
 from cipherswarm.node import Ledger, ModelWeights
+from cipherswarm.node.identity import signing_key
 from cipherswarm.node.ledger import Balance, tally
 from cipherswarm.protocol import UsageReceipt, countersign_receipt, sign_receipt
+from cipherswarm.protocol.signing import peer_id
 
 from node_factory import providers, random_operand, reference, session
 
@@ -44,7 +46,7 @@ async def test_both_ledgers_balance_to_the_sum_of_the_countersigned_receipts(wei
         assert len(receipts) >= 2  # a chunk of each call at least
         total = sum(-(-r.macs * price // GMAC) for r in receipts)
         macs = sum(r.macs for r in receipts)
-        client_peer = {r.client for r in receipts}.pop().to_base58()
+        client_peer = ID({r.client for r in receipts}.pop()).to_base58()
         expected = [Balance("client", client_peer, len(receipts), macs, total),
                     Balance("provider", running.node.peer_id.to_base58(), len(receipts), macs, total)]
         for book in (client_book, provider_book):
@@ -56,19 +58,19 @@ async def test_both_ledgers_balance_to_the_sum_of_the_countersigned_receipts(wei
 
 def _receipt(provider_key: object, client_key: object, macs: int, request: int) -> UsageReceipt:
     return UsageReceipt(
-        provider=ID.from_pubkey(provider_key.get_public_key()), client=ID.from_pubkey(client_key.get_public_key()),
+        provider=peer_id(provider_key.public_key()), client=peer_id(client_key.public_key()),
         request_id=request.to_bytes(16, "big"), request_digest=bytes(32), reply_digest=bytes(32), macs=macs,
         price_per_gmac=GMAC, completed_at_ms=1_700_000_000_000 + request,
     )
 
 
 def test_a_receipt_without_both_valid_signatures_is_rejected_not_counted(tmp_path: Path) -> None:
-    provider, client = create_new_key_pair().private_key, create_new_key_pair().private_key
+    provider, client = signing_key(create_new_key_pair()), signing_key(create_new_key_pair())
     good = [countersign_receipt(sign_receipt(_receipt(provider, client, 100 * (i + 1), i), provider), client)
             for i in range(3)]
     unsigned = sign_receipt(_receipt(provider, client, 1000, 10), provider)  # never countersigned
     forged_body = replace(good[0], receipt_bytes=replace(good[0].receipt, macs=10**6, request_id=bytes(15) + b"\x0b").to_bytes())
-    stranger = create_new_key_pair().private_key  # countersigned by a key that is not the receipt's client
+    stranger = signing_key(create_new_key_pair())  # countersigned by a key that is not the receipt's client
     wrong_client = replace(unsigned, client_signature=countersign_receipt(
         sign_receipt(_receipt(provider, stranger, 1000, 10), provider), stranger).client_signature)
     result = tally([*good, unsigned, forged_body, wrong_client, good[1]])

@@ -18,7 +18,7 @@ from cipherswarm.fhe_backend.quant import WEIGHT_BITS, quantize_weight
 from cipherswarm.node import IdentityError, Ledger, ModelMismatchError, ModelWeights, WeightsError, load_identity, load_model
 from cipherswarm.node.discovery import model_key, now_ms, read_advert
 from cipherswarm.node.engine import decode_params, encode_params, ENGINE
-from cipherswarm.node.identity import hold_identity, peer_id_of
+from cipherswarm.node.identity import hold_identity, peer_id_of, signing_key
 from cipherswarm.node.provider import Provider, ProviderConfig, resolve_device
 from cipherswarm.node.weights import check_digests, group_key, is_remote_layer
 from cipherswarm.protocol import CapabilityAdvert, LayerShape, ProtocolError, UnsupportedParams, seal, sign_receipt
@@ -165,10 +165,10 @@ class TestWeights:
 def _signed_receipt(request_id: bytes) -> object:
     provider, client = create_new_key_pair(), create_new_key_pair()
     receipt = UsageReceipt(
-        provider=peer_id_of(provider), client=peer_id_of(client), request_id=request_id, request_digest=b"d" * 32,
+        provider=peer_id_of(provider).to_bytes(), client=peer_id_of(client).to_bytes(), request_id=request_id, request_digest=b"d" * 32,
         reply_digest=b"r" * 32, macs=3 * 10**9, price_per_gmac=5, completed_at_ms=now_ms(),
     )
-    return sign_receipt(receipt, provider.private_key)
+    return sign_receipt(receipt, signing_key(provider))
 
 
 class TestLedger:
@@ -219,7 +219,7 @@ class TestAdverts:
             macs_per_second=1, price_per_gmac=0, free_slots=1, max_payload_size=1, issued_at_ms=issued,
             expires_at_ms=issued + 30_000, layers=(b"l" * 32,),
         )
-        return seal(advert, key_pair.private_key).header  # type: ignore[attr-defined]
+        return seal(advert, signing_key(key_pair)).header  # type: ignore[attr-defined]
 
     def test_only_valid_unexpired_adverts_are_read(self) -> None:
         key_pair = create_new_key_pair()

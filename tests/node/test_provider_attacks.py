@@ -19,7 +19,8 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from cipherswarm.node import ModelWeights, NodeHost, open_host
 from cipherswarm.node.discovery import now_ms
 from cipherswarm.node.engine import BACKEND, ENGINE, encode_params
-from cipherswarm.node.streams import close_stream, request_reply, send_bytes
+from cipherswarm.node.identity import signing_key
+from cipherswarm.node.streams import close_stream, read_frame, request_reply, send_bytes
 from cipherswarm.protocol import (
     PROTOCOL_IDS,
     BadSignature,
@@ -39,7 +40,6 @@ from cipherswarm.protocol import (
 )
 from cipherswarm.protocol.framing import frame_prefix
 from cipherswarm.protocol.signing import encode_public_key
-from cipherswarm.protocol.stream import read_frame
 from cipherswarm.protocol.varint import encode_uvarint
 
 from node_factory import Running, random_operand, reference, running_provider, session
@@ -88,10 +88,10 @@ async def ask(node: NodeHost, provider: Running, request: MatmulRequest, payload
     provider's refusal (the reply checked as a client does)."""
     stream = await open_stream(node, provider)
     try:
-        sealed = seal(request, node.key_pair.private_key)
+        sealed = seal(request, signing_key(node.key_pair))
         frame = await request_reply(stream, sealed, payload if sent is None else sent, limits=REPLY_LIMITS,
                                     read_timeout_s=20, frame_timeout_s=30)
-        verify_reply(frame, peer=provider.node.peer_id, request=sealed)
+        verify_reply(frame, peer=provider.node.peer_id.to_bytes(), request=sealed)
     finally:
         await close_stream(stream)
 
@@ -117,7 +117,7 @@ async def test_trickling_streams_do_not_lock_out_an_honest_client(weights: Model
     with trio.fail_after(60):
         async with running_provider(weights) as provider, attacker(provider) as evil:
             request, payload = make_request(weights)
-            frame = encode_frame(seal(request, evil.key_pair.private_key), payload)
+            frame = encode_frame(seal(request, signing_key(evil.key_pair)), payload)
             cut_after: list[float] = []
             answers: list[str] = []
 
@@ -195,7 +195,7 @@ async def test_a_refused_request_is_answered_before_its_huge_payload_is_read(
             request, _ = make_request(weights, **({"model_hash": b"\x07" * 32} if attack == "unknown model" else {}),
                                       **({"price_per_gmac": 1} if attack == "offer too low" else {}))
             request = dataclasses.replace(request, payload_length=256 << 20, payload_sha256=b"\x01" * 32)
-            sealed = seal(request, evil.key_pair.private_key)
+            sealed = seal(request, signing_key(evil.key_pair))
             prefix = _flip_signature(sealed) if attack == "bad signature" else encode_uvarint(len(sealed.header)) + sealed.header
             stream = await open_stream(evil, provider)
             try:
@@ -205,7 +205,7 @@ async def test_a_refused_request_is_answered_before_its_huge_payload_is_read(
                     reply = await read_frame(stream, limits=REPLY_LIMITS, read_timeout_s=5, frame_timeout_s=5)
                 answered_s = trio.current_time() - started
                 with pytest.raises(error) as caught:
-                    verify_reply(reply, peer=provider.node.peer_id, request=sealed)
+                    verify_reply(reply, peer=provider.node.peer_id.to_bytes(), request=sealed)
                 assert caught.value.remote
                 # then a few MB of the payload: discarded (or the stream reset), never buffered
                 with trio.move_on_after(10):
@@ -237,10 +237,10 @@ async def test_a_client_that_never_acknowledges_does_not_hold_the_only_place(wei
             request, payload = make_request(weights)
             stream = await open_stream(lazy, provider)
             try:
-                sealed = seal(request, lazy.key_pair.private_key)
+                sealed = seal(request, signing_key(lazy.key_pair))
                 frame = await request_reply(stream, sealed, payload, limits=REPLY_LIMITS, read_timeout_s=20,
                                             frame_timeout_s=30)
-                assert verify_reply(frame, peer=provider.node.peer_id, request=sealed).message.ok
+                assert verify_reply(frame, peer=provider.node.peer_id.to_bytes(), request=sealed).message.ok
                 # no ack: the provider is waiting for it, holding no place
                 with trio.fail_after(5):
                     while len(provider.provider.acks) != 1 or provider.provider.statistics().in_flight:
@@ -266,7 +266,7 @@ async def test_waits_for_acks_are_bounded_dropping_the_oldest(weights: ModelWeig
                     request, payload = make_request(weights)
                     stream = await open_stream(lazy, provider)
                     streams.append(stream)
-                    sealed = seal(request, lazy.key_pair.private_key)
+                    sealed = seal(request, signing_key(lazy.key_pair))
                     await request_reply(stream, sealed, payload, limits=REPLY_LIMITS, read_timeout_s=20, frame_timeout_s=30)
                     with trio.fail_after(5):  # the provider reaches its wait for this ack
                         while provider.provider.statistics().in_flight:
@@ -299,7 +299,7 @@ async def test_refused_requests_use_no_nonce_and_one_key_cannot_fill_the_window(
                 request, payload = make_request(weights)
                 with pytest.raises(BadSignature):
                     await ask(evil, provider, request, payload, sent=bytes(len(payload)))
-            assert window.held(scope=encode_public_key(evil.key_pair.public_key)) == 3  # type: ignore[arg-type]
+            assert window.held(scope=encode_public_key(signing_key(evil.key_pair).public_key())) == 3
             with pytest.raises(Busy) as caught:
                 await ask(evil, provider, *make_request(weights))
             assert caught.value.retry_after_ms > 20_000  # until its own oldest nonce expires (30 s requests)
@@ -396,7 +396,7 @@ async def test_a_trickled_payload_loses_its_place_at_the_minimum_rate(weights: M
         async with running_provider(weights, slots=1, queue=0, header_timeout_s=2.0) as provider, \
                 attacker(provider) as slow, attacker(provider) as honest:
             request, payload = make_request(weights)
-            sealed = seal(request, slow.key_pair.private_key)
+            sealed = seal(request, signing_key(slow.key_pair))
             stream = await open_stream(slow, provider)
             try:
                 opened = trio.current_time()
@@ -419,7 +419,7 @@ async def test_a_trickled_payload_loses_its_place_at_the_minimum_rate(weights: M
                     cut_s = trio.current_time() - opened
                     nursery.cancel_scope.cancel()
                 with pytest.raises(DeadlineExceeded):
-                    verify_reply(reply, peer=provider.node.peer_id, request=sealed)
+                    verify_reply(reply, peer=provider.node.peer_id.to_bytes(), request=sealed)
                 # 2 s of grace + len(payload) / 1 MB/s: cut within about 2 s of opening, not 60 s
                 assert cut_s < 2 + len(payload) / 1e6 + 2
                 assert provider.provider.statistics().in_flight == 0

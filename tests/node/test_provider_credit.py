@@ -14,10 +14,10 @@ from libp2p.peer.id import ID
 
 from cipherswarm.node import ModelWeights
 from cipherswarm.node.provider.admission import Credit
-from cipherswarm.node.streams import close_stream, request_reply, send_frame
+from cipherswarm.node.identity import signing_key
+from cipherswarm.node.streams import close_stream, read_frame, request_reply, send_frame
 from cipherswarm.protocol import Busy, countersign_receipt, seal, verify_reply
 from cipherswarm.protocol.framing import frame_prefix
-from cipherswarm.protocol.stream import read_frame
 
 from node_factory import running_provider
 from test_provider_attacks import REPLY_LIMITS, attacker, make_request, open_stream, outcome
@@ -74,11 +74,11 @@ async def test_a_client_that_never_countersigns_gets_its_credit_then_busy_while_
             request, payload = make_request(weights)
             stream = await open_stream(lazy, provider)
             try:
-                sealed = seal(request, lazy.key_pair.private_key)
+                sealed = seal(request, signing_key(lazy.key_pair))
                 frame = await request_reply(stream, sealed, payload, limits=REPLY_LIMITS, read_timeout_s=20,
                                             frame_timeout_s=30)
                 with pytest.raises(Busy) as caught:
-                    verify_reply(frame, peer=provider.node.peer_id, request=sealed)
+                    verify_reply(frame, peer=provider.node.peer_id.to_bytes(), request=sealed)
             finally:
                 await close_stream(stream)
             assert caught.value.remote and 10_000 < caught.value.retry_after_ms <= 20_000
@@ -87,13 +87,13 @@ async def test_a_client_that_never_countersigns_gets_its_credit_then_busy_while_
                 request, payload = make_request(weights)
                 stream = await open_stream(honest, provider)
                 try:
-                    sealed = seal(request, honest.key_pair.private_key)
+                    sealed = seal(request, signing_key(honest.key_pair))
                     frame = await request_reply(stream, sealed, payload, limits=REPLY_LIMITS, read_timeout_s=20,
                                                 frame_timeout_s=30)
-                    reply = verify_reply(frame, peer=provider.node.peer_id, request=sealed).message
+                    reply = verify_reply(frame, peer=provider.node.peer_id.to_bytes(), request=sealed).message
                     assert reply.ok and reply.receipt is not None
-                    ack = countersign_receipt(reply.receipt, honest.key_pair.private_key)
-                    await send_frame(stream, seal(ack, honest.key_pair.private_key), timeout_s=5)
+                    ack = countersign_receipt(reply.receipt, signing_key(honest.key_pair))
+                    await send_frame(stream, seal(ack, signing_key(honest.key_pair)), timeout_s=5)
                     with trio.fail_after(5):
                         while credit.outstanding(honest.peer_id)[0]:
                             await trio.sleep(0.01)
@@ -113,7 +113,7 @@ async def test_a_lagging_upload_gives_its_place_to_a_newcomer_and_its_peer_is_be
         async with running_provider(weights, slots=1, queue=0) as provider, attacker(provider) as slow, \
                 attacker(provider) as honest:
             request, payload = make_request(weights)
-            sealed = seal(request, slow.key_pair.private_key)
+            sealed = seal(request, signing_key(slow.key_pair))
             stream = await open_stream(slow, provider)
             try:
                 await stream.write(frame_prefix(sealed, payload) + payload[:1024])
@@ -124,7 +124,7 @@ async def test_a_lagging_upload_gives_its_place_to_a_newcomer_and_its_peer_is_be
                 assert await outcome(honest, provider, *make_request(weights)) == "ok"
                 with pytest.raises(Busy):
                     frame = await read_frame(stream, limits=REPLY_LIMITS, read_timeout_s=5, frame_timeout_s=5)
-                    verify_reply(frame, peer=provider.node.peer_id, request=sealed)
+                    verify_reply(frame, peer=provider.node.peer_id.to_bytes(), request=sealed)
             finally:
                 await close_stream(stream, reset=True)
             assert await outcome(slow, provider, *make_request(weights)) == "BUSY"

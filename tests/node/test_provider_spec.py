@@ -14,6 +14,8 @@ import pytest
 import trio
 
 from cipherswarm.node import ModelWeights
+from cipherswarm.node.identity import signing_key
+from cipherswarm.node.streams import read_frame
 from cipherswarm.protocol import (
     ADVERT_PROTOCOL_ID,
     PROTOCOL_IDS,
@@ -24,7 +26,6 @@ from cipherswarm.protocol import (
     seal,
     verify_reply,
 )
-from cipherswarm.protocol.stream import read_frame
 from cipherswarm.protocol.varint import encode_uvarint
 
 from node_factory import running_provider
@@ -72,7 +73,7 @@ async def test_a_payload_over_the_limit_is_refused_naming_the_request(weights: M
         async with running_provider(weights, max_payload_size=1024) as provider, attacker(provider) as client:
             request, _ = make_request(weights)
             request = dataclasses.replace(request, payload_length=1 << 20)
-            sealed = seal(request, client.key_pair.private_key)
+            sealed = seal(request, signing_key(client.key_pair))
             stream = await open_stream(client, provider)
             try:
                 await stream.write(encode_uvarint(len(sealed.header)) + sealed.header)
@@ -83,7 +84,7 @@ async def test_a_payload_over_the_limit_is_refused_naming_the_request(weights: M
     assert isinstance(reply, MatmulReply) and reply.error is not None and reply.error.limit == 1024
     assert (reply.request_id, reply.request_digest) == (request.request_id, sealed.digest)
     with pytest.raises(Exception) as caught:
-        verify_reply(frame, peer=provider.node.peer_id, request=sealed)
+        verify_reply(frame, peer=provider.node.peer_id.to_bytes(), request=sealed)
     assert getattr(caught.value, "remote", False)
 
 

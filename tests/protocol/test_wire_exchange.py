@@ -101,7 +101,7 @@ class TestFullExchange:
         returned = verify_receipt_ack(decode_frame(encode_frame(seal(ack, CLIENT_KEY)), limits=LIMITS), peer=CLIENT, issued=issued)
         assert returned == ack
         assert verify_receipt(
-            returned, provider_key=PROVIDER_KEY.get_public_key(), client_key=CLIENT_KEY.get_public_key()  # type: ignore[arg-type]
+            returned, provider_key=PROVIDER_KEY.public_key(), client_key=CLIENT_KEY.public_key()
         ) == receipt
 
     def test_a_reply_is_not_a_request(self) -> None:

@@ -19,7 +19,7 @@ from cipherswarm.protocol import (
     decode_frame,
     encode_frame,
     frame_prefix,
-    read_frame,
+    read_frame_sync,
     seal,
 )
 from cipherswarm.protocol import cipherswarm_matmul_v1_pb2 as pb
@@ -93,7 +93,7 @@ class TestLimits:
     def test_oversized_header_refused_before_reading_it(self, declared: int) -> None:
         reader = RecordingReader(encode_uvarint(declared))
         with pytest.raises(FrameTooLarge) as caught:
-            read_frame(reader, limits=LIMITS)
+            read_frame_sync(reader, limits=LIMITS)
         assert (caught.value.limit, caught.value.got, caught.value.what) == (MAX_HEADER_SIZE, declared, "header")
         assert reader.requests == [1] * len(encode_uvarint(declared))  # only the prefix, byte by byte
 
@@ -108,7 +108,7 @@ class TestLimits:
         prefix = encode_uvarint(len(sealed.header)) + sealed.header
         reader = RecordingReader(prefix)
         with pytest.raises(FrameTooLarge) as caught:
-            read_frame(reader, limits=LIMITS)
+            read_frame_sync(reader, limits=LIMITS)
         assert (caught.value.limit, caught.value.got, caught.value.what) == (LIMITS.max_payload_size, huge, "payload")
         assert max(reader.requests) == len(sealed.header)
 
@@ -130,7 +130,7 @@ class TestFrames:
         first, second = request_frame(), request_frame(b"other payload")
         advert = seal(make_advert(), CLIENT_KEY)
         stream = io.BytesIO(first[1] + encode_frame(advert) + second[1])
-        read = [read_frame(stream.read, limits=LIMITS) for _ in range(3)]
+        read = [read_frame_sync(stream.read, limits=LIMITS) for _ in range(3)]
         assert [frame.header.message for frame in read] == [first[0].message, advert.message, second[0].message]
         assert [frame.payload for frame in read] == [PAYLOAD, b"", b"other payload"]
 
@@ -155,7 +155,7 @@ class TestFrames:
     def test_read_exactly_returning_too_much_is_a_caller_bug(self) -> None:
         _, data = request_frame()
         with pytest.raises(ValueError, match="wanted"):
-            read_frame(lambda n: data, limits=LIMITS)
+            read_frame_sync(lambda n: data, limits=LIMITS)
 
 
 def _envelope_fields(header: bytes) -> pb.Envelope:

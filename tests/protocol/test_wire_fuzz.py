@@ -47,7 +47,7 @@ from cipherswarm.protocol import (
 )
 from cipherswarm.protocol import cipherswarm_matmul_v1_pb2 as pb
 from cipherswarm.protocol.messages import sha256
-from cipherswarm.protocol.signing import HEADER_DOMAIN, sign
+from cipherswarm.protocol.signing import HEADER_DOMAIN, encode_public_key, sign
 from cipherswarm.protocol.varint import encode_uvarint
 
 LIMITS = Limits(max_payload_size=4096)
@@ -137,8 +137,8 @@ INTERESTING_BYTES = [
     MODEL,
     SEALED_REQUEST.message.request_id,
     SEALED_REQUEST.digest,
-    CLIENT.to_bytes(),
-    PROVIDER.to_bytes(),
+    CLIENT,
+    PROVIDER,
     ISSUED.receipt_bytes,
     b"\x00" * 16,
     b"\x00" * 64,
@@ -214,7 +214,7 @@ def signed_random_frames(draw: st.DrawFn) -> bytes:
     body = pb.Body(**{kind: message}).SerializeToString()
     key = CLIENT_KEY if kind in ("request", "receipt") else PROVIDER_KEY
     header = pb.Envelope(
-        public_key=key.get_public_key().serialize(), body=body, signature=sign(key, HEADER_DOMAIN, body)
+        public_key=encode_public_key(key.public_key()), body=body, signature=sign(key, HEADER_DOMAIN, body)
     ).SerializeToString()
     return encode_uvarint(len(header)) + header + payload
 

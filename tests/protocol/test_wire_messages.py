@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from libp2p.peer.id import ID
-from wire_factory import CLIENT, CLIENT_KEY, PROVIDER, PROVIDER_KEY, make_advert, make_request
+from wire_factory import CLIENT, PROVIDER, PROVIDER_KEY, make_advert, make_request
 
 from cipherswarm.protocol import (
     CapabilityAdvert,
@@ -67,7 +66,7 @@ requests = st.builds(
 receipts = st.builds(
     UsageReceipt,
     provider=st.sampled_from([CLIENT, PROVIDER]),
-    client=st.binary(min_size=1, max_size=64).map(ID),
+    client=st.binary(min_size=1, max_size=64),
     request_id=ids16,
     request_digest=digests,
     reply_digest=digests,

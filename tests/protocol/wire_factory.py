@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from libp2p.crypto.ed25519 import Ed25519PrivateKey
-from libp2p.peer.id import ID
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cipherswarm.protocol import (
     CapabilityAdvert,
@@ -27,14 +26,15 @@ from cipherswarm.protocol import (
 )
 from cipherswarm.protocol.messages import sha256
 from cipherswarm.protocol.replay import ReplayWindow
+from cipherswarm.protocol.signing import peer_id
 
 NOW_MS = 1_700_000_000_000
-CLIENT_KEY = Ed25519PrivateKey.new(bytes(range(1, 33)))
-PROVIDER_KEY = Ed25519PrivateKey.new(bytes(range(33, 65)))
-OTHER_KEY = Ed25519PrivateKey.new(bytes(range(65, 97)))
-CLIENT = ID.from_pubkey(CLIENT_KEY.get_public_key())
-PROVIDER = ID.from_pubkey(PROVIDER_KEY.get_public_key())
-OTHER = ID.from_pubkey(OTHER_KEY.get_public_key())
+CLIENT_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+PROVIDER_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(33, 65)))
+OTHER_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(65, 97)))
+CLIENT = peer_id(CLIENT_KEY.public_key())
+PROVIDER = peer_id(PROVIDER_KEY.public_key())
+OTHER = peer_id(OTHER_KEY.public_key())
 
 MODEL = sha256(b"tiny model weights")
 LAYER_NAME = "model.layers.0.self_attn.q_proj"

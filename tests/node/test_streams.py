@@ -1,16 +1,23 @@
-"""The trio reader and writer over in-memory streams, with short reads, closes and stalling peers."""
+"""The node's frame reader and writer (node/streams.py) over in-memory trio streams, with short
+reads, closes and stalling peers."""
 
 from __future__ import annotations
+
+import sys
+from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
-from wire_factory import CLIENT, CLIENT_KEY, LIMITS, PAYLOAD, make_advert, request_frame
 
-from cipherswarm.protocol import DeadlineExceeded, FrameTooLarge, Limits, TruncatedFrame, decode_frame, seal
-from cipherswarm.protocol.framing import frame_prefix
-from cipherswarm.protocol.stream import FrameHead, read_frame, read_header, read_payload, write_frame
-from cipherswarm.protocol.varint import encode_uvarint
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "protocol"))  # the protocol tests' keys and messages
+from wire_factory import CLIENT, CLIENT_KEY, LIMITS, PAYLOAD, make_advert, request_frame  # noqa: E402
+
+from cipherswarm.node.streams import FrameHead, read_frame, read_header, read_payload, send_frame  # noqa: E402
+from cipherswarm.protocol import DeadlineExceeded, FrameTooLarge, Limits, TruncatedFrame, decode_frame, seal  # noqa: E402
+from cipherswarm.protocol.framing import frame_prefix  # noqa: E402
+from cipherswarm.protocol.varint import encode_uvarint  # noqa: E402
 
 
 class LibP2PStyle:
@@ -49,8 +56,8 @@ async def test_frames_cross_with_short_reads() -> None:
     sender, receiver = pair(max_read=3)
     sealed, _ = request_frame()
     advert = seal(make_advert(), CLIENT_KEY)
-    await write_frame(sender, sealed, PAYLOAD)
-    await write_frame(sender, advert)
+    await send_frame(sender, sealed, PAYLOAD, timeout_s=5)  # type: ignore[arg-type]  # an INetStream's methods
+    await send_frame(sender, advert, timeout_s=5)  # type: ignore[arg-type]
     first = await read_frame(receiver, limits=LIMITS)
     second = await read_frame(receiver, limits=LIMITS)
     assert first.header.message == sealed.message and first.payload == PAYLOAD
@@ -63,7 +70,7 @@ async def test_large_payload_is_read_in_chunks() -> None:
     sender, receiver = pair()
     sealed, _ = request_frame(payload)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(write_frame, sender, sealed, payload)
+        nursery.start_soon(partial(send_frame, sender, sealed, payload, timeout_s=5))  # type: ignore[arg-type]
         frame = await read_frame(receiver, limits=Limits(max_payload_size=len(payload)))
     assert frame.payload == payload
 
@@ -71,7 +78,7 @@ async def test_large_payload_is_read_in_chunks() -> None:
 async def test_clean_close_between_frames() -> None:
     sender, receiver = pair()
     sealed, _ = request_frame()
-    await write_frame(sender, sealed, PAYLOAD)
+    await send_frame(sender, sealed, PAYLOAD, timeout_s=5)  # type: ignore[arg-type]
     await sender.stream.send_eof()  # type: ignore[attr-defined]
     await read_frame(receiver, limits=LIMITS)
     with pytest.raises(TruncatedFrame) as caught:
@@ -136,7 +143,7 @@ async def test_peer_not_reading_hits_the_write_deadline(autojump_clock: trio.tes
     left, _ = trio.testing.lockstep_stream_pair()  # a write completes only when the peer reads
     sealed, _ = request_frame()
     with pytest.raises(DeadlineExceeded) as caught:
-        await write_frame(LibP2PStyle(left), sealed, PAYLOAD, timeout_s=3)
+        await send_frame(LibP2PStyle(left), sealed, PAYLOAD, timeout_s=3)  # type: ignore[arg-type]
     assert caught.value.what == "write"
 
 
@@ -280,6 +287,6 @@ async def test_large_payload_read_in_chunks_at_rate() -> None:
     sender, receiver = pair()
     sealed, _ = request_frame(payload)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(write_frame, sender, sealed, payload)
+        nursery.start_soon(partial(send_frame, sender, sealed, payload, timeout_s=5))  # type: ignore[arg-type]
         head = await read_header(receiver, limits=Limits(max_payload_size=len(payload)), timeout_s=5)
         assert await read_payload(receiver, head, min_rate=1e6, grace_s=5) == payload
