@@ -19,7 +19,14 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from cipherswarm.trainer.trainer import human_bytes
+
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.23 MB' (decimal units, as network rates are quoted)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} TB"
 
 
 @dataclass

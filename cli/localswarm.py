@@ -1,4 +1,4 @@
-"""Provider processes on 127.0.0.1: what ``cipherswarm testnet`` and the swarm benchmarks start.
+"""Provider processes on 127.0.0.1: what ``cipherswarm testnet``, the swarm benchmarks and the tests start.
 
 Each provider is a real ``cipherswarm provider`` process with its own identity key and log file;
 every provider after the first joins through the first one's address. Nothing leaves loopback.
@@ -13,9 +13,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from multiaddr import Multiaddr
 
 from cipherswarm.fhe_backend.quant import WEIGHT_BITS
 
@@ -37,6 +39,11 @@ class ProviderProcess:
     @property
     def peer_id(self) -> str:
         return self.addr.rsplit("/p2p/", 1)[-1]
+
+    @property
+    def multiaddr(self) -> Multiaddr:
+        """``addr`` parsed, for the node APIs that take one."""
+        return Multiaddr(self.addr)
 
     def wait_addr(self, timeout: float) -> str:
         """The multiaddr the provider prints once it is serving; RuntimeError with its log if it dies."""
@@ -63,7 +70,8 @@ class ProviderProcess:
             self._lines.put(line)
         self._lines.put(None)
 
-    def stop(self) -> None:
+    def stop(self) -> int:
+        """SIGTERM, then SIGKILL after 10 s; the exit status (0: it stopped cleanly)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -71,6 +79,7 @@ class ProviderProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        return self.proc.returncode
 
 
 def start_provider(
@@ -78,28 +87,38 @@ def start_provider(
     *,
     model: Path,
     run_dir: Path,
-    bootstrap: str | None = None,
+    bootstrap: str | Sequence[str] | None = None,
     price: int | None = None,
     layers: Sequence[str] = (),
     cheat: str | None = None,
     threads: int = 1,
     weight_bits: int = WEIGHT_BITS,
+    benchmark_s: float | None = None,
+    extra_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> ProviderProcess:
     """Launch provider ``index`` (price 10 * (index + 1) per GMAC unless given) with its key and log in
-    ``run_dir``; call ``wait_addr`` on the result before using it."""
+    ``run_dir``; call ``wait_addr`` on the result before using it.
+
+    ``bootstrap``: one multiaddr or several. For tests: ``benchmark_s`` shortens the start-up
+    throughput measurement, ``extra_args`` are further ``cipherswarm provider`` flags (last, so they
+    win over the ones above) and ``env`` further environment variables."""
     price = 10 * (index + 1) if price is None else price
     log = run_dir / f"provider{index}.log"
     cmd = [sys.executable, "-m", "cipherswarm.cli", "provider", "--model", str(model),
            "--listen", "/ip4/127.0.0.1/tcp/0", "--identity", str(run_dir / f"provider{index}.key"),
            "--price", str(price), "--log-file", str(log), "--advert-interval", "2", "--weight-bits", str(weight_bits)]
     if bootstrap:
-        cmd += ["--bootstrap", bootstrap]
+        cmd += ["--bootstrap", *([bootstrap] if isinstance(bootstrap, str) else bootstrap)]
     if layers:
         cmd += ["--layers", *layers]
     if cheat:
         cmd += ["--cheat", cheat]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CIPHERSWARM_THREADS": str(threads)}
+    if benchmark_s is not None:
+        cmd += ["--benchmark-seconds", str(benchmark_s)]
+    cmd += extra_args
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "CIPHERSWARM_THREADS": str(threads), **(env or {})}
     with open(log, "ab") as err:
         # own session: the terminal's Ctrl-C reaches only the launcher, which stops providers in order
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=environment, start_new_session=True)
     return ProviderProcess(index, proc, log, price, list(layers), cheat)

@@ -1,6 +1,7 @@
 """The base weights a node serves or checks against, loaded from a Hugging Face model directory.
 
-Which tensors are remote layers (the same ones the trainer replaces):
+Which tensors are remote layers (`is_remote_layer`, the one rule: the trainer applies it to the
+tensor name of each frozen `nn.Linear`/`Conv1D` it could replace, so both sides agree):
   every 2-D floating `*.weight` tensor of the directory's `*.safetensors` files, except
   embeddings (a name part containing `embed`, or `wte`/`wpe`), the output head (`lm_head`) and
   norms (a name part containing `norm` or starting with `ln`).
@@ -81,7 +82,8 @@ class ModelMismatchError(WeightsError):
 
 
 def is_remote_layer(name: str, tensor_ndim: int, floating: bool) -> bool:
-    """The selection rule of the module docstring."""
+    """The selection rule of the module docstring, for the tensor `name` (a module's name plus
+    `.weight` on the trainer's side): a provider serves, and a client sends, exactly these layers."""
     if not name.endswith(".weight") or tensor_ndim != 2 or not floating:
         return False
     parts = name.split(".")[:-1]

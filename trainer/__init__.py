@@ -27,8 +27,9 @@ from .errors import BackpropSkipError, NoLoraLayersError, NotCompiledError, Trai
 from .executor import ExecutorStatistics, LayerSpec, LocalExecutor, LoopbackProvider, MatmulExecutor
 from .layers import RemoteLinear
 from .quantization import dequantize_product, quantize_per_token
+from .records import StepRecord
 from .remote import FHE_MODES, ModeSwitch, RemoteBaseLayers, remote_base_layers
-from .trainer import LoraTrainer, StepRecord
+from .trainer import LoraTrainer
 
 __all__ = [
     "LoraTrainer", "Precision", "AccuracyReport", "AccuracyWarning", "causal_lm_loss", "mean_pooled_contrastive_loss",

@@ -126,3 +126,11 @@ def first_batch(inputset: object) -> object:
         return next(iter(inputset))  # type: ignore[call-overload]
     except (TypeError, StopIteration):
         raise ValueError("inputset must be a batch (tensor, mapping or tuple) or a non-empty iterable of batches") from None
+
+
+def loader_length(loader: object) -> int | None:
+    """Micro-batches per epoch, when the loader knows (an iterable-style DataLoader may not)."""
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None

@@ -38,3 +38,8 @@ class TrainingStopped(TrainerError):
     def __init__(self, reason: str, *, step: int, checkpoint: "Path | None") -> None:
         super().__init__(reason)
         self.reason, self.step, self.checkpoint = reason, step, checkpoint
+
+
+class ResumeError(TrainerError, ValueError):
+    """A checkpoint folder that does not fit the asked run: resuming would mix two fine-tunes, or
+    starting afresh would mix its checkpoints with an earlier run's."""

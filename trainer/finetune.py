@@ -13,17 +13,16 @@ Shakespeare LLaMA and its fine-tuning set, so it runs offline out of the box.
 With a checkpoint folder, a fine-tune survives a crash: the trainer checkpoints every few steps, and
 the folder's ``finetune.json`` records the config, the mode and the held-out loss measured before
 training, so a resumed run continues at the saved step with the same losses and the same "before"
-figure, and refuses to continue a different config's checkpoints.
+figure, and refuses to continue a different config's checkpoints (:mod:`.checkpoint` keeps that
+record, as it keeps the checkpoints' format).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,28 +35,23 @@ from transformers.utils import logging as hf_logging
 from cipherswarm.fhe_backend.quant import Precision
 from cipherswarm.node.weights import ModelWeights, load_model
 
-from .checkpoint import latest_checkpoint, load_state
+from .checkpoint import latest_or_none, open_run, steps_done, write_run
 from .data import Batch, DataError, load_examples
-from .errors import TrainerError, TrainingStopped
+from .errors import ResumeError, TrainingStopped  # noqa: F401  # ResumeError: what open_run raises, importable here as before
 from .executor import MatmulExecutor
 from .thin import load_remote_model
 from .batches import IGNORE_INDEX
 from .tasks import UnsupportedModelError, task_of
-from .trainer import LoraTrainer, StepHook, StepRecord
+from .records import StepRecord
+from .trainer import LoraTrainer, StepHook
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED_MODEL = ASSETS / "tiny-shakespeare-llama"
 BUNDLED_DATA = ASSETS / "finetune"
-RUN_FILE = "finetune.json"  # in a checkpoint folder: the config, mode and "before" loss of its run
 SAMPLE_PROMPTS = 3  # held-out examples whose greedy continuation is shown before and after fine-tuning
 SAMPLE_TOKENS = 24  # new tokens of each
 TEXT_PROMPT_TOKENS = 16  # a text example's prompt: its first tokens (other kinds: all before the first learned token)
 SAMPLES_EXECUTOR = "disable"  # samples are generated in plaintext here: the encrypted path adds nothing to what they show
-
-
-class ResumeError(TrainerError, ValueError):
-    """A checkpoint folder that does not fit the asked run: resuming would mix two fine-tunes, or
-    starting afresh would mix its checkpoints with an earlier run's."""
 
 
 @dataclass
@@ -233,59 +227,6 @@ def samples(trainer: LoraTrainer, tokenizer: Any, prompts: list[torch.Tensor], m
     return out
 
 
-def _run_record(config: FinetuneConfig, fhe: str) -> dict[str, Any]:
-    """What must match for a checkpoint to be resumed: the config (folders resolved) and the mode."""
-    values = asdict(config)
-    for name in ("model_dir", "data_dir"):
-        values[name] = str(Path(values[name]).resolve())
-    return {"config": json.loads(json.dumps(values)), "fhe": fhe}  # tuples as lists, as the file holds them
-
-
-def _differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """'name: saved -> wanted' for each config field or mode in which two run records differ."""
-    pairs = {**{k: (saved["config"].get(k), v) for k, v in wanted["config"].items()}, "fhe": (saved["fhe"], wanted["fhe"])}
-    return [f"{name}: {old!r} -> {new!r}" for name, (old, new) in pairs.items() if old != new]
-
-
-def _latest(checkpoint_dir: Path) -> Path | None:
-    """The checkpoint to resume from; None when the run stopped before its first one."""
-    try:
-        return latest_checkpoint(checkpoint_dir)
-    except FileNotFoundError:
-        return None
-
-
-def open_run(checkpoint_dir: Path, config: FinetuneConfig, fhe: str, *, resume: bool) -> float | None:
-    """Check that ``checkpoint_dir`` fits the run; the held-out loss before training when resuming.
-
-    Resuming needs the folder's run record, with the same config and mode. Starting afresh needs a
-    folder without one: the trainer resumes from the highest step, which could be an older run's.
-    """
-    path = Path(checkpoint_dir) / RUN_FILE
-    if not resume:
-        if path.exists() or _latest(checkpoint_dir) is not None:
-            raise ResumeError(f"{checkpoint_dir} holds the checkpoints of an earlier fine-tune: resume it "
-                              "(resume=True; cipherswarm train --resume), or use another folder")
-        return None
-    if not path.is_file():
-        raise ResumeError(f"nothing to resume in {checkpoint_dir}: it has no {RUN_FILE} (start without resuming)")
-    saved = json.loads(path.read_text())
-    changed = _differences(saved, _run_record(config, fhe))
-    if changed:
-        raise ResumeError(f"the checkpoints in {checkpoint_dir} are of another fine-tune ({'; '.join(changed)}): "
-                          "resume with the same options, or use another folder")
-    return float(saved["eval_before"])
-
-
-def _write_run(checkpoint_dir: Path, config: FinetuneConfig, fhe: str, eval_before: float) -> None:
-    """Record the run before its first checkpoint, atomically (a torn file must not block resuming)."""
-    Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-    path = Path(checkpoint_dir) / RUN_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({**_run_record(config, fhe), "eval_before": eval_before}, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def finetune(
     config: FinetuneConfig,
     *,
@@ -334,9 +275,9 @@ def finetune(
     if before is None:
         before = trainer.evaluate(eval_batches, fhe=fhe, executor=executor)["eval_loss"]
         if checkpoint_dir is not None:
-            _write_run(checkpoint_dir, config, fhe, before)
-    resume_from = _latest(checkpoint_dir) if resume and checkpoint_dir is not None else None
-    resumed_at = 0 if resume_from is None else int(load_state(resume_from)["global_step"])
+            write_run(checkpoint_dir, config, fhe, before)
+    resume_from = latest_or_none(checkpoint_dir) if resume and checkpoint_dir is not None else None
+    resumed_at = steps_done(resume_from)
     if on_step is not None and (reason := on_step(resumed_at)) is not None:
         raise TrainingStopped(reason, step=resumed_at, checkpoint=resume_from)
     trainer.train(train_batches, num_epochs=1, fhe=fhe, executor=executor, max_steps=config.steps, progress=progress,

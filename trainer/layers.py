@@ -32,7 +32,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from cipherswarm.fhe_backend.quant import Precision, QuantizedWeight, concat_columns, quantize_weight
-from cipherswarm.node.weights import Layer, group_key
+from cipherswarm.node.weights import Layer, group_key, is_remote_layer
 
 from .executor import MatmulExecutor
 from .quantization import booked, dequantize_product, quantize_per_token
@@ -273,8 +273,11 @@ def module_key(name: str) -> str:
 def wrap_base_layers(model: nn.Module, context: RemoteContext, *, remote_lm_head: bool) -> dict[str, RemoteLinear]:
     """Replace every frozen base ``nn.Linear``/``Conv1D`` of ``model`` (an HF model under peft) in place.
 
-    Left alone: adapter weights, layers with trainable weights (peft's modules_to_save), and the
-    output head unless ``remote_lm_head``. Returns the remote layers by key, in module order.
+    Which are remote is the rule providers load by (``node.weights.is_remote_layer``, on the layer's
+    tensor name), so that a client asks for exactly the layers a provider serves; the output head is
+    remote only with ``remote_lm_head``, whatever its name. Left alone besides: adapter weights and
+    layers with trainable weights (peft's modules_to_save). Returns the remote layers by key, in
+    module order.
     """
     adapters = _adapter_module_ids(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -286,7 +289,8 @@ def wrap_base_layers(model: nn.Module, context: RemoteContext, *, remote_lm_head
             isinstance(child, BASE_LAYER_TYPES)
             and id(child) not in adapters
             and not child.weight.requires_grad
-            and (remote_lm_head or child is not head)
+            and (remote_lm_head if child is head else
+                 is_remote_layer(f"{module_key(name)}.weight", child.weight.dim(), child.weight.is_floating_point()))
         ):
             parent_name, _, child_name = name.rpartition(".")
             targets.append((model.get_submodule(parent_name), child_name, module_key(name), child))

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from .executor import MatmulExecutor
+from .layers import RemoteContext
 from .quantization import CPU_SECONDS, counted_thread, torch_cpu
 
 #: Seeds of the micro-batches' generators: drawn from the global generator, below 2^63.
@@ -100,9 +101,15 @@ class StepRunner:
         self._turns = _Turns()
 
     @contextmanager
-    def executor(self, inner: MatmulExecutor | None) -> Iterator[MatmulExecutor | None]:
-        """The executor the step's micro-batches call: ``inner``, giving the turn up while it works."""
-        yield None if inner is None else TurnTakingExecutor(inner, self._turns)
+    def taking_turns(self, context: RemoteContext) -> Iterator[None]:
+        """Within the block, the remote layers of ``context`` call its executor through one that
+        gives the turn up while it works; the executor is put back after."""
+        inner = context.executor
+        context.executor = None if inner is None else TurnTakingExecutor(inner, self._turns)
+        try:
+            yield
+        finally:
+            context.executor = inner
 
     def run(self, batches: Sequence[object], work: MicroBatch,
             done: Callable[[int], None] = lambda i: None) -> list[tuple[float, int, tuple[torch.Tensor | None, ...]]]:

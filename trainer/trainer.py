@@ -9,9 +9,6 @@ forward/backward per micro-batch -> clip and step -> evaluate -> log -> checkpoi
 from __future__ import annotations
 
 import contextlib
-import json
-import math
-import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -20,125 +17,30 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
-from peft.utils import set_peft_model_state_dict
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from cipherswarm.fhe_backend.quant import Precision
 
-from .accuracy import AccuracyReport
-from .checkpoint import capture_rng, checkpoint_folder, latest_checkpoint, load_state, restore_rng, save_checkpoint
+from . import checkpoint
+from .arguments import read_training_args
+from .batches import batch_loss, loader_length, split_batch
 from .errors import NoLoraLayersError, TrainingStopped
-from .executor import ExecutorStatistics, LayerSpec, LocalExecutor, MatmulExecutor
-from .layers import RemoteLinear
+from .executor import LayerSpec, MatmulExecutor
+from .log import log_event, progress_bar, show_step
 from .overlap import StepRunner
-from .quantization import CPU_SECONDS, refresh_threads, torch_cpu
-# The base layers' side (compile, modes, keys) is RemoteBaseLayers'; the batch helpers live with it
-# and are importable from here as before.
-from .batches import batch_loss, split_batch
+from .quantization import refresh_threads
+from .records import CpuSnapshot, StepRecord, measure_step
 from .remote import RemoteBaseLayers, check_int
 
 
-@dataclass(frozen=True)
-class StepRecord:
-    """One optimizer step: what was learned and what it cost the client.
-
-    CPU seconds are ``time.process_time`` over the step (all threads of this process), less any
-    in-process provider. ``cpu_parts`` names them, each measured in the thread that spent it:
-
-    - quantize, dequantize: the per-token quantization around each product (trainer/quantization.py);
-    - local: the rest of the training thread and torch's threads: autograd, non-linear ops, loss,
-      optimizer;
-    - encrypt, decrypt, verify, serialise, hash: the executor's crypto, wire conversion and SHA-256;
-    - with a node client, its trio thread (node/cpu.py): noise, streams (yamux, framing, sockets),
-      signatures, ledger, discovery, client_tasks (routing, dispatching), trio_scheduler; and
-      handoff, the training thread's side of each call into it.
-
-    ``cpu_unnamed_s`` is what no part claims (``cpu_s`` less their sum): small when every part is named.
-    """
-
-    step: int  # optimizer steps done, this one included
-    epoch: int
-    loss: float  # mean micro-batch loss of the step (before division for accumulation)
-    lr: float  # learning rate the step used
-    grad_norm: float  # global L2 norm of the trainable gradients before clipping
-    tokens: int  # tokens that entered the step (attention_mask ones)
-    wall_s: float
-    cpu_s: float  # client CPU, in-process provider excluded
-    cpu_encrypt_s: float
-    cpu_decrypt_s: float
-    cpu_verify_s: float
-    cpu_wire_s: float  # serialising ciphertexts and parsing results
-    cpu_plain_s: float  # the client's own plaintext work: quantize + dequantize + local (see above)
-    provider_s: float  # CPU of a provider running in this process (0 when it runs elsewhere)
-    remote_calls: int
-    bytes_sent: int
-    bytes_received: int
-    eval: dict[str, float] | None = None
-    cpu_parts: dict[str, float] | None = None  # CPU seconds by part (above); None in old checkpoints
-    cpu_unnamed_s: float = 0.0
-
-
-@dataclass(frozen=True)
-class _CpuSnapshot:
-    """Cumulative CPU figures at one moment, for a step's deltas (StepRecord's docstring)."""
-
-    process: float  # time.process_time
-    torch: float  # training thread + torch's native threads
-    trainer: dict[str, float]  # quantization.CPU_SECONDS
-    executor: ExecutorStatistics
-    node: dict[str, float] | None  # a node client's hash and trio-thread parts; None for other executors
-
-    @classmethod
-    def take(cls, executor: object) -> "_CpuSnapshot":
-        # No product is in flight between micro-batches: the two reads of the executor agree.
-        stats = getattr(executor, "statistics", None)
-        snap = stats() if stats is not None else None
-        trio_cpu = getattr(snap, "trio_cpu", None)
-        node = None if trio_cpu is None else {"hash": float(getattr(snap, "hash_s", 0.0)), **trio_cpu}
-        return cls(time.process_time(), torch_cpu(), dict(CPU_SECONDS), ExecutorStatistics.of(executor), node)
-
-    def parts_since(self, start: "_CpuSnapshot") -> tuple[float, ExecutorStatistics, dict[str, float]]:
-        """(process CPU, executor statistics, named parts) from ``start`` to this snapshot."""
-        st = self.executor - start.executor
-        trainer = {k: v - start.trainer.get(k, 0.0) for k, v in self.trainer.items()}
-        parts = {"quantize": trainer["quantize"], "dequantize": trainer["dequantize"],
-                 "local": self.torch - start.torch - trainer["quantize"] - trainer["dequantize"] - trainer["executor"],
-                 "encrypt": st.encrypt_s, "decrypt": st.decrypt_s, "verify": st.verify_s, "serialise": st.wire_s}
-        if self.node is not None:
-            before = start.node or {}
-            parts.update({k: v - before.get(k, 0.0) for k, v in self.node.items()})
-            parts["handoff"] = trainer["executor"]  # the training thread's side of the calls into the node's threads
-        # else: a local executor's work runs in the training thread, inside its own statistics
-        return self.process - start.process, st, parts
-
-
-def _length(loader: Iterable) -> int | None:
-    """Micro-batches per epoch, when the loader knows (an iterable-style DataLoader may not)."""
-    try:
-        return len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        return None
-
-
-def _training_args(args: object) -> tuple[int, float | None]:
-    """(gradient_accumulation_steps, max_grad_norm) from a dict or an object such as HF TrainingArguments."""
-    known = ("gradient_accumulation_steps", "max_grad_norm")
-    if args is None:
-        args = {}
-    if isinstance(args, Mapping):
-        unknown = sorted(set(args) - set(known))
-        if unknown:
-            raise ValueError(f"unknown training_args {unknown}; supported: {list(known)}")
-        get = args.get
-    else:
-        def get(name: str, default: Any = None) -> Any:
-            return getattr(args, name, default)
-    steps, norm = get("gradient_accumulation_steps", 1), get("max_grad_norm", None)
-    check_int("gradient_accumulation_steps", steps)
-    if norm is not None and not (isinstance(norm, (int, float)) and norm > 0 and math.isfinite(norm)):
-        raise ValueError(f"max_grad_norm must be a positive number or None, got {norm!r}")
-    return steps, None if norm is None else float(norm)
+def _forwarded(name: str, doc: str, *, settable: bool = True, check: Callable[[str, Any], None] | None = None) -> property:
+    """A ``LoraTrainer`` property that is its RemoteBaseLayers' attribute ``name``: one object holds
+    the base layers' settings, whichever loop set them (``check`` validates what is set)."""
+    def set_(trainer: "LoraTrainer", value: Any) -> None:
+        if check is not None:
+            check(name, value)
+        setattr(trainer.remote, name, value)
+    return property(lambda trainer: getattr(trainer.remote, name), set_ if settable else None, doc=doc)
 
 
 StepHook = Callable[[int], str | None]
@@ -146,30 +48,16 @@ StepHook = Callable[[int], str | None]
 or None to go on (``LoraTrainer.train(stop_when=...)``)."""
 
 
-@dataclass
-class _Run:
-    """State of one ``train`` call that checkpoints must capture or steps must see."""
+@dataclass(kw_only=True)
+class _Run(checkpoint.Position):
+    """State of one ``train`` call: its position in the data (what checkpoints capture) and what steps see."""
 
-    loader: Iterable
     executor: MatmulExecutor | None
     device: str | torch.device
     max_steps: int | None
     progress: bool
-    epoch: int = 0
-    done: int = 0  # micro-batches consumed in this epoch
-    epoch_rng: dict | None = None  # RNG state at the start of this epoch (replays its data order)
-    saved_at: tuple[int, int] | None = None  # (epoch, done) of the last checkpoint
     bytes_sent: int = 0  # by this call, for the progress bar
     stop_when: StepHook | None = None  # asked after each step but the last (train)
-
-
-def human_bytes(n: float) -> str:
-    """1234567 -> '1.23 MB' (decimal units, as network rates are quoted)."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.3g} {unit}"
-        n /= 1000
-    return f"{n:.3g} TB"
 
 
 class LoraTrainer:
@@ -221,7 +109,7 @@ class LoraTrainer:
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.lr_scheduler = lr_scheduler
-        self.gradient_accumulation_steps, self.max_grad_norm = _training_args(training_args)
+        self.gradient_accumulation_steps, self.max_grad_norm = read_training_args(training_args)
         self.eval_loader = eval_loader
         self.eval_metric_fn = eval_metric_fn
         self.logging_steps = logging_steps
@@ -243,53 +131,17 @@ class LoraTrainer:
         """The model's base layers and their modes (remote.py): what ``compile`` and ``fhe_mode`` act on."""
         return self._remote
 
-    @property
-    def executor(self) -> MatmulExecutor | None:
-        """The default executor of ``fhe="remote"``."""
-        return self._remote.executor
-
-    @executor.setter
-    def executor(self, executor: MatmulExecutor | None) -> None:
-        self._remote.executor = executor
-
-    @property
-    def n_layers_to_skip_for_backprop(self) -> int:
-        """Layers (execution order) that get no backward keys; read by ``compile()``."""
-        return self._remote.n_layers_to_skip_for_backprop
-
-    @n_layers_to_skip_for_backprop.setter
-    def n_layers_to_skip_for_backprop(self, n: int) -> None:
-        check_int("n_layers_to_skip_for_backprop", n, low=0)
-        self._remote.n_layers_to_skip_for_backprop = n
-
-    @property
-    def remote_lm_head(self) -> bool:
-        """Whether the output head runs remotely too; read by ``compile()``."""
-        return self._remote.remote_lm_head
-
-    @remote_lm_head.setter
-    def remote_lm_head(self, value: bool) -> None:
-        self._remote.remote_lm_head = value
-
-    @property
-    def accuracy(self) -> AccuracyReport | None:
-        """Measured by ``compile()`` on its inputset (None before, or with ``check_accuracy=False``)."""
-        return self._remote.accuracy
-
-    @property
-    def _local(self) -> dict[str, LocalExecutor]:
-        """The in-process executors of "simulate" and "execute" (tests wrap or watch them)."""
-        return self._remote.local_executors
-
-    @property
-    def _layers(self) -> dict[str, RemoteLinear]:
-        """The remote layers by key, in module order."""
-        return self._remote.layers
-
-    @property
-    def compiled(self) -> bool:
-        """True once ``compile()`` made keys, until ``save_and_clear_private_info`` drops them."""
-        return self._remote.compiled
+    executor = _forwarded("executor", "The default executor of ``fhe=\"remote\"``.")
+    n_layers_to_skip_for_backprop = _forwarded("n_layers_to_skip_for_backprop", "Layers (execution order) that get no "
+                                               "backward keys; read by ``compile()``.", check=partial(check_int, low=0))
+    remote_lm_head = _forwarded("remote_lm_head", "Whether the output head runs remotely too; read by ``compile()``.")
+    accuracy = _forwarded("accuracy", "Measured by ``compile()`` on its inputset (None before, or with "
+                          "``check_accuracy=False``): an :class:`AccuracyReport`.", settable=False)
+    compiled = _forwarded("compiled", "True once ``compile()`` made keys, until ``save_and_clear_private_info`` "
+                          "drops them.", settable=False)
+    _local = _forwarded("local_executors", "The in-process executors of \"simulate\" and \"execute\" (tests wrap or "
+                        "watch them).", settable=False)
+    _layers = _forwarded("layers", "The remote layers by key, in module order.", settable=False)
 
     def compile(self, inputset: object, n_bits: int | None = None, *, precision: Precision | None = None,
                 profile: str = "default", check_accuracy: bool = True, group_layers: bool = True) -> None:
@@ -298,20 +150,16 @@ class LoraTrainer:
         (``self.remote``) does it all, and its docstring says what each argument does."""
         self._remote.compile(inputset, n_bits, precision=precision, profile=profile, check_accuracy=check_accuracy,
                              group_layers=group_layers, loss_fn=self.loss_fn)
-        self._log({"event": "compile", **self._remote.summary()})
+        log_event(self.train_log_path, {"event": "compile", **self._remote.summary()})
 
     def layer_specs(self) -> dict[str, LayerSpec]:
         """Public description of every remote layer (weights, bits, directions), for building an executor."""
         return self._remote.layer_specs()
 
-    # -- modes ----------------------------------------------------------------------------------
-
     @contextlib.contextmanager
     def fhe_mode(self, fhe: str = "execute", executor: MatmulExecutor | None = None) -> Iterator[MatmulExecutor | None]:
-        """Within the block, every forward and backward of the model runs in mode ``fhe``.
-
-        For inference or evaluation under encryption; ``train`` uses it too. Yields the executor.
-        """
+        """Within the block, every forward and backward of the model runs in mode ``fhe`` (evaluation or
+        inference under encryption; ``train`` uses it too). Yields the executor."""
         with self._remote.mode(fhe, executor) as chosen:
             yield chosen
 
@@ -332,14 +180,13 @@ class LoraTrainer:
     ) -> None:
         """Train for ``num_epochs`` epochs (in total, counting those a resumed checkpoint already did).
 
-        ``fhe``: "disable" (plain float), "simulate" (the exact integer computation in the clear),
-        "execute" (encrypted, products by an in-process provider, checked), "remote" (``executor``,
-        or the constructor's, computes the products). ``resume_from_checkpoint``: a checkpoint
-        folder, or True for the latest one in ``checkpoint_dir``. ``max_steps`` stops (and
-        checkpoints) after that many optimizer steps in total. ``stop_when`` is asked, with the
-        steps done, after every optimizer step but the last: a reason it returns ends training
-        there with :class:`TrainingStopped`, after a checkpoint of that step (with a
-        ``checkpoint_dir``, whatever ``save_steps`` says), so a stopped run loses nothing.
+        ``fhe``: "disable" (plain float), "simulate" (the exact integer computation in the clear), "execute"
+        (encrypted, products by an in-process provider, checked), "remote" (``executor``, or the
+        constructor's, computes the products). ``resume_from_checkpoint``: a checkpoint folder, or True for
+        the latest in ``checkpoint_dir`` (:mod:`.checkpoint`). ``max_steps`` stops (and checkpoints) after
+        that many optimizer steps in total. ``stop_when`` is asked, with the steps done, after every step
+        but the last: a reason it returns ends training there with :class:`TrainingStopped`, after a
+        checkpoint of that step (with a ``checkpoint_dir``, whatever ``save_steps`` says).
         """
         check_int("num_epochs", num_epochs)
         if max_steps is not None:
@@ -349,25 +196,18 @@ class LoraTrainer:
             self.model.train()
             run = _Run(loader=train_loader, executor=active, device=device, max_steps=max_steps, progress=progress,
                        stop_when=stop_when)
-            now_rng = self._resume(resume_from_checkpoint, run) if resume_from_checkpoint else None
+            rng_now = None
+            if resume_from_checkpoint:
+                self._records, rng_now = checkpoint.resume(self, resume_from_checkpoint, run)
             if max_steps is not None and self.global_step >= max_steps:
                 return
-            self._log({"event": "train", "fhe": fhe, "epochs": num_epochs, "start_step": self.global_step,
-                       "gradient_accumulation_steps": self.gradient_accumulation_steps, "max_grad_norm": self.max_grad_norm})
+            log_event(self.train_log_path, {"event": "train", "fhe": fhe, "epochs": num_epochs, "start_step": self.global_step,
+                                            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+                                            "max_grad_norm": self.max_grad_norm})
             for run.epoch in range(run.epoch, num_epochs):
-                if run.epoch_rng is None:
-                    run.epoch_rng = capture_rng(train_loader)
-                else:
-                    restore_rng(run.epoch_rng, train_loader)  # replay the resumed epoch's order ...
-                batches = iter(train_loader)
-                for _ in range(run.done):
-                    next(batches, None)
-                if now_rng is not None:
-                    restore_rng(now_rng, train_loader)  # ... then go on from the checkpoint's state
-                    now_rng = None
-                if self._epoch(run, batches, num_epochs):
+                if self._epoch(run, checkpoint.epoch_batches(run, rng_now), num_epochs):
                     return
-                run.epoch_rng, run.done = None, 0
+                run.epoch_rng, run.done, rng_now = None, 0, None
 
     @property
     def global_step(self) -> int:
@@ -381,10 +221,9 @@ class LoraTrainer:
         a checkpoint must be taken after exactly the micro-batches it says were consumed.
         """
         ga = self.gradient_accumulation_steps
-        total = _length(run.loader)
+        total = loader_length(run.loader)
         step: list[object] = []  # the micro-batches of the next optimizer step
-        with tqdm(total=total, initial=run.done, desc=f"epoch {run.epoch + 1}/{num_epochs}", unit="batch",
-                  disable=not run.progress, dynamic_ncols=True) as bar:
+        with progress_bar(total, done=run.done, epoch=run.epoch, num_epochs=num_epochs, enabled=run.progress) as bar:
             for batch in batches:
                 step.append(batch)
                 if len(step) == ga or run.done + len(step) == total:
@@ -394,36 +233,28 @@ class LoraTrainer:
             if step and self._step(run, step, bar):
                 return True
         if self.checkpoint_dir is not None and self.save_steps is None and run.done:
-            self._save(run)
+            checkpoint.save(self, run)
         return False
 
     def _loss(self, batch: object, device: str | torch.device) -> tuple[torch.Tensor, int]:
         """Loss of one batch and its number of real tokens."""
         ids, mask, labels = split_batch(batch)
-        ids, labels = ids.to(device), labels.to(device)
         mask = None if mask is None else mask.to(device)
-        loss = batch_loss(self.model, ids, mask, labels, self.loss_fn)
-        tokens = int(mask.sum()) if mask is not None else ids.numel()
-        return loss, tokens
+        loss = batch_loss(self.model, ids.to(device), mask, labels.to(device), self.loss_fn)
+        return loss, int(mask.sum()) if mask is not None else ids.numel()
 
     def _step(self, run: "_Run", batches: list[object], bar: tqdm) -> bool:
         """One optimizer step over ``batches``, its micro-batches ``micro_batches_in_flight`` at
         once (:mod:`.overlap`), their gradients added up in order. True: ``max_steps`` reached."""
         refresh_threads()
-        start = (time.perf_counter(), _CpuSnapshot.take(run.executor))
+        start = CpuSnapshot.take(run.executor)
 
         def taken(_: int) -> None:
             run.done += 1
             bar.update(1)
 
-        context = self._remote.context
-        previous = context.executor
-        with self._steps.executor(previous) as turn_taking:
-            context.executor = turn_taking
-            try:
-                results = self._steps.run(batches, partial(self._micro_step, device=run.device), taken)
-            finally:
-                context.executor = previous
+        with self._steps.taking_turns(self._remote.context):
+            results = self._steps.run(batches, partial(self._micro_step, device=run.device), taken)
         for _, _, grads in results:
             for p, g in zip(self._trainable, grads):
                 if g is not None:
@@ -438,8 +269,7 @@ class LoraTrainer:
         grads = torch.autograd.grad(loss / self.gradient_accumulation_steps, self._trainable, allow_unused=True)
         return float(loss.detach()), tokens, grads
 
-    def _finish_step(self, run: "_Run", group: list[tuple[float, int]],
-                     start: tuple[float, _CpuSnapshot | None], bar: tqdm) -> bool:
+    def _finish_step(self, run: "_Run", group: list[tuple[float, int]], start: CpuSnapshot, bar: tqdm) -> bool:
         """Clip, step, record, evaluate, log and checkpoint as configured. True: ``max_steps`` reached."""
         ga = self.gradient_accumulation_steps
         if len(group) < ga:
@@ -457,46 +287,28 @@ class LoraTrainer:
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        wall0, cpu0 = start
-        assert cpu0 is not None  # taken with the group's first micro-batch
-        wall = time.perf_counter() - wall0
-        cpu, st, parts = _CpuSnapshot.take(run.executor).parts_since(cpu0)
-        record = StepRecord(
-            step=self.global_step + 1, epoch=run.epoch, loss=sum(l for l, _ in group) / len(group), lr=lr,
-            grad_norm=grad_norm, tokens=sum(t for _, t in group), wall_s=wall, cpu_s=cpu - st.provider_s,
-            cpu_encrypt_s=st.encrypt_s, cpu_decrypt_s=st.decrypt_s, cpu_verify_s=st.verify_s, cpu_wire_s=st.wire_s,
-            cpu_plain_s=parts["quantize"] + parts["dequantize"] + parts["local"], provider_s=st.provider_s,
-            remote_calls=st.calls, bytes_sent=st.bytes_sent, bytes_received=st.bytes_received,
-            cpu_parts={k: round(v, 6) for k, v in parts.items()}, cpu_unnamed_s=cpu - st.provider_s - sum(parts.values()),
-        )
+        record = measure_step(start, run.executor, step=self.global_step + 1, epoch=run.epoch, group=group, lr=lr,
+                              grad_norm=grad_norm)
         if self.eval_loader is not None and record.step % self.eval_steps == 0:
             record = replace(record, eval=self.evaluate())
         self._records.append(record)
         run.bytes_sent += record.bytes_sent
-        bar.set_postfix(loss=f"{record.loss:.4f}", tok_s=f"{record.tokens / max(wall, 1e-9):.1f}",
-                        sent=human_bytes(run.bytes_sent), refresh=False)
+        show_step(bar, record, run.bytes_sent)
         if record.step % self.logging_steps == 0 or record.eval is not None:
-            self._log({"event": "step", **asdict(record)})
+            log_event(self.train_log_path, {"event": "step", **asdict(record)})
         stop = run.max_steps is not None and record.step >= run.max_steps
         if self.checkpoint_dir is not None and (stop or (self.save_steps is not None and record.step % self.save_steps == 0)):
-            self._save(run)
+            checkpoint.save(self, run)
         reason = None if stop or run.stop_when is None else run.stop_when(self.global_step)
-        if reason is not None:
-            checkpoint = None
-            if self.checkpoint_dir is not None:
-                self._save(run)  # once per position: a no-op when save_steps just took it
-                checkpoint = checkpoint_folder(self.checkpoint_dir, self.global_step)
-            raise TrainingStopped(reason, step=self.global_step, checkpoint=checkpoint)
+        if reason is not None:  # checkpointed first (once per position: a no-op when save_steps just took it)
+            folder = None if self.checkpoint_dir is None else checkpoint.save(self, run)
+            raise TrainingStopped(reason, step=self.global_step, checkpoint=folder)
         return stop
-
-    # -- evaluation -----------------------------------------------------------------------------
 
     def evaluate(self, eval_loader: Iterable | None = None, fhe: str | None = None,
                  executor: MatmulExecutor | None = None) -> dict[str, float]:
-        """Mean loss over ``eval_loader`` (default: the constructor's), plus ``eval_metric_fn``'s metrics.
-
-        Runs in the current mode unless ``fhe`` names another.
-        """
+        """Mean loss over ``eval_loader`` (default: the constructor's), plus ``eval_metric_fn``'s metrics;
+        in the current mode unless ``fhe`` names another."""
         loader = self.eval_loader if eval_loader is None else eval_loader
         if loader is None:
             raise ValueError("no eval_loader: pass one here or to the constructor")
@@ -515,57 +327,7 @@ class LoraTrainer:
             self.model.train(was_training)
         return metrics
 
-    # -- checkpoints, results, private info -----------------------------------------------------
-
-    def _save(self, run: "_Run") -> None:
-        """Checkpoint after ``run.done`` micro-batches of ``run.epoch`` (once per position)."""
-        if run.saved_at == (run.epoch, run.done):
-            return
-        state = {
-            "global_step": self.global_step, "epoch": run.epoch, "batches_done": run.done,
-            "records": [asdict(r) for r in self._records],
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": None if self.lr_scheduler is None else self.lr_scheduler.state_dict(),
-            "rng_epoch_start": run.epoch_rng, "rng_now": capture_rng(run.loader),
-            "config": {"gradient_accumulation_steps": self.gradient_accumulation_steps},
-            "model_digest": self._model_digest(),
-        }
-        folder = save_checkpoint(checkpoint_folder(self.checkpoint_dir, self.global_step), self.model, state)
-        run.saved_at = (run.epoch, run.done)
-        self._log({"event": "checkpoint", "step": self.global_step, "path": str(folder)})
-
-    def _resume(self, where: str | Path | bool, run: "_Run") -> dict:
-        """Load a checkpoint into model, optimizer, scheduler, records and ``run``; return its RNG state."""
-        if where is True:
-            if self.checkpoint_dir is None:
-                raise ValueError("resume_from_checkpoint=True needs checkpoint_dir")
-            folder = latest_checkpoint(self.checkpoint_dir)
-        else:
-            folder = Path(where)  # type: ignore[arg-type]
-        state = load_state(folder)
-        saved_model = state.get("model_digest")
-        if saved_model is not None and saved_model != self._model_digest():
-            raise ValueError(f"the checkpoint {folder} was trained against other base weights (its layers' quantization digests "
-                             "differ from this model's): resume with the model it was trained on")
-        saved_ga = state["config"]["gradient_accumulation_steps"]
-        if saved_ga != self.gradient_accumulation_steps:
-            raise ValueError(f"the checkpoint used gradient_accumulation_steps={saved_ga}, this trainer "
-                             f"{self.gradient_accumulation_steps}: steps would not line up")
-        loaded = set_peft_model_state_dict(self.model, load_file(folder / "adapter_model.safetensors"))
-        if loaded.unexpected_keys:
-            raise ValueError(f"the checkpoint's adapters do not fit this model: {loaded.unexpected_keys[:3]} ...")
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.lr_scheduler is not None and state["scheduler"] is not None:
-            self.lr_scheduler.load_state_dict(state["scheduler"])
-        self._records = [StepRecord(**r) for r in state["records"]]
-        run.epoch, run.done, run.epoch_rng = state["epoch"], state["batches_done"], state["rng_epoch_start"]
-        run.saved_at = (run.epoch, run.done)
-        self._log({"event": "resume", "step": self.global_step, "path": str(folder)})
-        return state["rng_now"]
-
-    def _model_digest(self) -> str:
-        """SHA-256 over every remote layer's key and quantization digest: binds a checkpoint to its base weights."""
-        return self._remote.digest()
+    # -- results, private info ------------------------------------------------------------------
 
     def get_training_losses(self) -> list[float]:
         """Loss of every optimizer step so far (resumed steps included)."""
@@ -584,12 +346,4 @@ class LoraTrainer:
         """
         self.model.save_pretrained(path)
         self._remote.clear_private_info()
-        self._log({"event": "saved_and_cleared", "path": str(path)})
-
-    def _log(self, entry: dict[str, Any]) -> None:
-        """Append one JSON line to the training log (readable with ``json.loads`` per line)."""
-        if self.train_log_path is None:
-            return
-        self.train_log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.train_log_path.open("a") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), **entry}) + "\n")
+        log_event(self.train_log_path, {"event": "saved_and_cleared", "path": str(path)})

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import shutil
 import sqlite3
 import subprocess
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cipherswarm.cli.localswarm import start_provider
 from cipherswarm.protocol import SignedReceipt, UsageReceipt
 from cipherswarm.trainer.checkpoint import checkpoint_folder, latest_checkpoint
 from cipherswarm.trainer.finetune import BUNDLED_MODEL, FinetuneConfig, finetune
@@ -75,16 +75,10 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         shutil.copy(BUNDLED_MODEL / name, model / name)
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CIPHERSWARM_HOME=str(tmp / "home"))
     provider_ledger = tmp / "provider.sqlite"
-    command = [sys.executable, "-m", "cipherswarm.cli", "provider", "--model", str(model), "--identity",
-               str(tmp / "provider.key"), "--benchmark-seconds", "0.1", "--advert-interval", "2", "--price", str(PRICE),
-               "--ledger", str(provider_ledger)]
-    with open(tmp / "provider.log", "wb") as log:
-        provider = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=log, env=env)
+    provider = start_provider(0, model=model, run_dir=tmp, price=PRICE, benchmark_s=0.1, env=env,
+                              extra_args=["--ledger", str(provider_ledger)])
     try:
-        assert provider.stdout is not None
-        ready, _, _ = select.select([provider.stdout], [], [], START_S)
-        addr = provider.stdout.readline().decode().strip() if ready else ""
-        assert "/p2p/" in addr, (tmp / "provider.log").read_text()[-2000:]
+        addr = provider.wait_addr(START_S)
         out, client_ledger = tmp / "run", tmp / "client.sqlite"
         train = ["train", "--model", str(model), "--bootstrap", addr, "--steps", str(STEPS), "--seq-len", "32",
                  "--batch-size", "2", "--out", str(out), "--ledger", str(client_ledger), "--max-price", str(PRICE)]
@@ -100,12 +94,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             time.sleep(0.1)
         yield Run(out, client_ledger, provider_ledger, sittings, latest, env)
     finally:
-        provider.terminate()
-        try:
-            provider.wait(10)
-        except subprocess.TimeoutExpired:
-            provider.kill()
-            provider.wait()
+        provider.stop()
 
 
 def _count(ledger: Path) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -24,8 +23,9 @@ import torch
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
-from cipherswarm.trainer.checkpoint import STATE_FILE, checkpoint_folder, latest_checkpoint
-from cipherswarm.trainer.finetune import BUNDLED_MODEL, RUN_FILE, FinetuneConfig, ResumeError, finetune
+from cipherswarm.cli.localswarm import start_provider
+from cipherswarm.trainer.checkpoint import RUN_FILE, STATE_FILE, checkpoint_folder, latest_checkpoint
+from cipherswarm.trainer.finetune import BUNDLED_MODEL, FinetuneConfig, ResumeError, finetune
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 4
@@ -56,25 +56,14 @@ def _env(home: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def provider(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One `cipherswarm provider` process; yields the multiaddr it prints once serving."""
+    """One `cipherswarm provider` process, started as the testnet starts them; yields the multiaddr
+    it prints once serving."""
     tmp = tmp_path_factory.mktemp("provider")
-    command = [sys.executable, "-m", "cipherswarm.cli", "provider", "--model", str(tiny_model),
-               "--identity", str(tmp / "provider.key"), "--benchmark-seconds", "0.1", "--advert-interval", "2"]
-    with open(tmp / "provider.log", "wb") as log:
-        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=log, env=_env(tmp))
+    process = start_provider(0, model=tiny_model, run_dir=tmp, price=0, benchmark_s=0.1, env=_env(tmp))
     try:
-        assert process.stdout is not None
-        ready, _, _ = select.select([process.stdout], [], [], START_S)
-        addr = process.stdout.readline().decode().strip() if ready else ""
-        assert "/p2p/" in addr, (tmp / "provider.log").read_text()[-2000:]
-        yield addr
+        yield process.wait_addr(START_S)
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        process.stop()
 
 
 def _train(model: Path, addr: str, out: Path, *extra: str) -> list[str]:

@@ -1,5 +1,5 @@
 """Real libp2p nodes on 127.0.0.1 for the node tests: providers in this process or as
-`python -m cipherswarm.cli provider` processes, and clients.
+`cipherswarm provider` processes (started as the testnet starts them, cli/localswarm.py), and clients.
 
 Everything listens on loopback only and mDNS stays off. Every helper is an async context manager,
 so nodes stop in the reverse order they started, inside the test's own deadline.
@@ -7,9 +7,7 @@ so nodes stop in the reverse order they started, inside the test's own deadline.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import itertools
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, nullcontext
 from dataclasses import dataclass, replace
@@ -20,12 +18,16 @@ import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from multiaddr import Multiaddr
 
+from cipherswarm.cli.localswarm import ProviderProcess, start_provider
 from cipherswarm.node import ClientConfig, Ledger, ModelWeights, NodeHost, Provider, ProviderConfig, open_host
 from cipherswarm.node.client import SwarmSession, open_session
 from cipherswarm.node.client.keys import KeyRing
 
 REPO = Path(__file__).resolve().parents[2]
 PROCESS_START_S = 60.0  # a provider process imports torch, quantizes, benchmarks: generous on 2 busy cores
+PROCESS_BENCHMARK_S = 0.1  # a provider process's start-up throughput measurement: short, the tests need no figure
+PROCESS_ENV = {"OMP_NUM_THREADS": "1"}  # one BLAS thread each: several processes share 2 busy cores
+_launched = itertools.count()  # provider numbers of this test process: each its own key and log
 
 
 def client_config(**changes: object) -> ClientConfig:
@@ -108,41 +110,23 @@ async def session(
             yield client
 
 
-@dataclass
-class ProviderProcess:
-    """A `cipherswarm provider` process and the multiaddr it printed."""
-
-    process: subprocess.Popen[bytes]
-    addr: Multiaddr
+def launch_provider(model_dir: Path, run_dir: Path, *args: str, bootstrap: Sequence[Multiaddr] = ()) -> ProviderProcess:
+    """`cipherswarm provider` with the flags `args`, started by the testnet's launcher with its own key
+    and log in `run_dir` and price 0; `wait_addr` before using it, `stop` after."""
+    return start_provider(next(_launched), model=model_dir, run_dir=run_dir, bootstrap=[str(a) for a in bootstrap],
+                          price=0, benchmark_s=PROCESS_BENCHMARK_S, env=PROCESS_ENV, extra_args=args)
 
 
 @asynccontextmanager
 async def provider_process(
     model_dir: Path, tmp_path: Path, *args: str, bootstrap: Sequence[Multiaddr] = ()
 ) -> AsyncIterator[ProviderProcess]:
-    """Start `python -m cipherswarm.cli provider`, wait for the multiaddr it prints, stop it after."""
-    name = f"provider-{os.urandom(4).hex()}"
-    command = [
-        sys.executable, "-m", "cipherswarm.cli", "provider", "--model", str(model_dir),
-        "--identity", str(tmp_path / f"{name}.key"), "--benchmark-seconds", "0.1", "--advert-interval", "2",
-        *args,
-    ]
-    if bootstrap:
-        command += ["--bootstrap", *map(str, bootstrap)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    with open(tmp_path / f"{name}.log", "wb") as log:
-        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=log, env=env)
-        try:
-            assert process.stdout is not None
-            with trio.fail_after(PROCESS_START_S):
-                line = await trio.to_thread.run_sync(process.stdout.readline, abandon_on_cancel=True)
-            if not line:
-                raise RuntimeError(f"provider exited: {(tmp_path / f'{name}.log').read_text()[-2000:]}")
-            yield ProviderProcess(process, Multiaddr(line.decode().strip()))
-        finally:
-            process.terminate()
-            try:
-                await trio.to_thread.run_sync(process.wait, 10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    """:func:`launch_provider`, yielded once it prints its multiaddr, stopped after (even when the
+    test is cancelled)."""
+    provider = launch_provider(model_dir, tmp_path, *args, bootstrap=bootstrap)
+    try:
+        await trio.to_thread.run_sync(provider.wait_addr, PROCESS_START_S, abandon_on_cancel=True)
+        yield provider
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(provider.stop)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import trio
+from libp2p.peer.id import ID
 
 from cipherswarm.node import Cheat, Ledger, ModelWeights
 
@@ -65,7 +66,7 @@ async def _detect_every_time(weights: ModelWeights, cheat: Cheat, trials: int, l
 
 def _receipts_of(ledger: Ledger, provider: str) -> int:
     """How many receipts the ledger holds from ``provider`` (a base58 peer id)."""
-    return sum(str(r.receipt.provider) == provider for r in ledger.receipts())
+    return sum(ID(r.receipt.provider).to_base58() == provider for r in ledger.receipts())
 
 
 @pytest.mark.parametrize("cheat", list(Cheat), ids=[c.value for c in Cheat])

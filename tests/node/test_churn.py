@@ -53,20 +53,20 @@ async def test_stopped_provider_is_banned_with_backoff_and_served_again_after_it
         async with (
             provider_process(model_dir, tmp_path) as steady,
             # Adverts live three intervals: the victim's must outlive its absence, or it would not be retried.
-            provider_process(model_dir, tmp_path, "--advert-interval", "5", bootstrap=[steady.addr]) as victim,
+            provider_process(model_dir, tmp_path, "--advert-interval", "5", bootstrap=[steady.multiaddr]) as victim,
             # No hedging, short timeouts: an attempt on the stopped provider must time out. Column
             # chunks: a one-block call then goes to both providers (by bytes it would go to one).
-            session(weights, [steady.addr], ledger=ledger, min_providers=2, split="columns", hedge_min_s=60, timeout_min_s=1.0,
+            session(weights, [steady.multiaddr], ledger=ledger, min_providers=2, split="columns", hedge_min_s=60, timeout_min_s=1.0,
                     timeout_factor=1.0, ban_base_s=BAN_BASE_S, ban_max_s=4 * BAN_BASE_S) as client,
             trio.open_nursery() as nursery,
         ):
-            victim_id = ID.from_base58(victim.addr.value_for_protocol("p2p"))
+            victim_id = ID.from_base58(victim.peer_id)
             state = client.peers.get  # the live record of a provider, by peer id
             completed: list[float] = []
             nursery.start_soon(_keep_calling, client, weights, completed)
             await _wait(lambda: state(victim_id).chunks >= 2, 30, "both providers serve")
 
-            os.kill(victim.process.pid, signal.SIGSTOP)
+            os.kill(victim.proc.pid, signal.SIGSTOP)
             try:
                 stopped_at = trio.current_time()
                 # Timed out, banned 1 s, tried again, timed out, banned 2 s: calls go on meanwhile.
@@ -76,7 +76,7 @@ async def test_stopped_provider_is_banned_with_backoff_and_served_again_after_it
                 assert "timed out 2 time(s) in a row" in client.stats().bans[victim_id.to_base58()]
                 chunks_before = state(victim_id).chunks
             finally:
-                os.kill(victim.process.pid, signal.SIGCONT)
+                os.kill(victim.proc.pid, signal.SIGCONT)
             back_ms = int(time.time() * 1000)
             assert served_while_gone >= 2
             assert BAN_BASE_S < ban_left <= 2 * BAN_BASE_S  # the backoff doubled

@@ -1,9 +1,8 @@
-"""Providers as separate `python -m cipherswarm.cli provider` processes, and the other commands."""
+"""Providers as separate `cipherswarm provider` processes (started as the testnet starts them), and the
+other commands."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,43 +15,26 @@ from multiaddr import Multiaddr
 
 from cipherswarm.node import ModelWeights
 
-from node_factory import REPO, provider_process, random_operand, reference, session
+from node_factory import PROCESS_START_S, REPO, launch_provider, provider_process, random_operand, reference, session
 
 LAYER = "model.layers.1.self_attn.o_proj"
-
-
-def _start(model_dir: Path, tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], Multiaddr]:
-    """A provider process and its multiaddr (blocking: for module-scoped fixtures)."""
-    name = f"provider-{os.urandom(4).hex()}"
-    command = [
-        sys.executable, "-m", "cipherswarm.cli", "provider", "--model", str(model_dir),
-        "--identity", str(tmp_path / f"{name}.key"), "--benchmark-seconds", "0.1", "--advert-interval", "2", *args,
-    ]
-    log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115  # closed with the process below
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=log, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    log.close()
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    if not line:
-        raise RuntimeError((tmp_path / f"{name}.log").read_text()[-2000:])
-    return process, Multiaddr(line.decode().strip())
 
 
 @pytest.fixture(scope="module")
 def two_providers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Multiaddr]]:
     """Two honest provider processes, the second joined through the first."""
     tmp = tmp_path_factory.mktemp("providers")
-    first, first_addr = _start(model_dir, tmp)
+    first = launch_provider(model_dir, tmp)
     try:
-        second, second_addr = _start(model_dir, tmp, "--bootstrap", str(first_addr))
+        first.wait_addr(PROCESS_START_S)
+        second = launch_provider(model_dir, tmp, bootstrap=[first.multiaddr])
         try:
-            yield [first_addr, second_addr]
+            second.wait_addr(PROCESS_START_S)
+            yield [first.multiaddr, second.multiaddr]
         finally:
-            second.send_signal(signal.SIGTERM)
-            assert second.wait(10) == 0  # SIGTERM stops a provider cleanly
+            assert second.stop() == 0  # SIGTERM stops a provider cleanly
     finally:
-        first.kill()
-        first.wait(10)
+        first.stop()
 
 
 def _peer(addr: Multiaddr) -> str:
@@ -77,11 +59,11 @@ async def test_provider_killed_mid_call(weights: ModelWeights, model_dir: Path, 
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(call)
                     with trio.fail_after(10):
-                        while client.peers.get(victim_id := _peer_id(client, victim.addr)).in_flight == 0:
+                        while client.peers.get(victim_id := _peer_id(client, victim.multiaddr)).in_flight == 0:
                             await trio.sleep(0.05)
                     await trio.sleep(0.5)
                     killed_at = trio.current_time()
-                    victim.process.kill()
+                    victim.proc.kill()
                 assert trio.current_time() - killed_at < 5
                 assert torch.equal(result[0], reference(weights, LAYER, x, transpose=False))
                 stats = client.stats()
@@ -100,13 +82,13 @@ async def test_cheat_flag_of_a_provider_process_is_caught(weights: ModelWeights,
     with trio.fail_after(120):
         async with provider_process(model_dir, tmp_path, "--cheat", "wrong-weights", "--slots", "1", bootstrap=[two_providers[0]]) as cheater:
             # column chunks: every call reaches the cheater too (by bytes it would go to one provider)
-            async with session(weights, [cheater.addr, *two_providers], min_providers=3, split="columns") as client:
-                bad = _peer(cheater.addr)
+            async with session(weights, [cheater.multiaddr, *two_providers], min_providers=3, split="columns") as client:
+                bad = _peer(cheater.multiaddr)
                 for _ in range(3):
                     x = random_operand(100, 64)
                     assert torch.equal(await client.matmul(LAYER, x), reference(weights, LAYER, x, transpose=False))
                     assert bad in client.stats().bans
-                    client.peers.forgive(_peer_id(client, cheater.addr))  # type: ignore[arg-type]
+                    client.peers.forgive(_peer_id(client, cheater.multiaddr))  # type: ignore[arg-type]
                 assert client.stats().verification_failures == 3
 
 

@@ -24,6 +24,8 @@ from cipherswarm.fhe_backend.evaluator import output_elements
 from cipherswarm.node import ModelWeights, NodeHost, Provider, ProviderAdvert, ProviderConfig, load_model, open_host
 from cipherswarm.node.discovery import read_advert
 from cipherswarm.node.engine import ENGINE, decode_params
+from cipherswarm.node.identity import signing_key
+from cipherswarm.node.streams import read_frame
 from cipherswarm.protocol import (
     ADVERT_PROTOCOL_ID,
     PROTOCOL_IDS,
@@ -40,7 +42,6 @@ from cipherswarm.protocol import (
 )
 from cipherswarm.protocol.messages import MAX_DIM
 from cipherswarm.protocol.shapes import check_shapes
-from cipherswarm.protocol.stream import read_frame
 from cipherswarm.protocol.varint import encode_uvarint
 
 from node_factory import provider_process, running_provider
@@ -65,7 +66,7 @@ def asking(weights: ModelWeights, *, rows: Range, tokens: int, payload_length: i
 async def refusal(node: NodeHost, peer: ID, request: MatmulRequest) -> ProtocolError:
     """Send `request`'s header alone and return the provider's refusal (checked as a client does),
     which must come within 3 s: it is decided without a byte of the payload."""
-    sealed = seal(request, node.key_pair.private_key)
+    sealed = seal(request, signing_key(node.key_pair))
     stream = await node.host.new_stream(peer, list(PROTOCOL_IDS))
     try:
         started = trio.current_time()
@@ -74,7 +75,7 @@ async def refusal(node: NodeHost, peer: ID, request: MatmulRequest) -> ProtocolE
             reply = await read_frame(stream, limits=REPLY_LIMITS, read_timeout_s=5, frame_timeout_s=5)
         assert trio.current_time() - started < 3
         with pytest.raises(ProtocolError) as caught:
-            verify_reply(reply, peer=peer, request=sealed)
+            verify_reply(reply, peer=peer.to_bytes(), request=sealed)
     finally:
         await stream.reset()
     assert caught.value.remote
@@ -174,8 +175,8 @@ async def test_a_provider_process_stays_within_the_bound_it_advertises(model_dir
         async with provider_process(model_dir, tmp_path, "--max-output-elements", str(max_output),
                                     "--max-reply-size", str(max_reply)) as proc, \
                 open_host(create_new_key_pair()) as client:
-            pid, peer = proc.process.pid, ID.from_base58(proc.addr.get_peer_id())
-            await client.connect(proc.addr)
+            pid, peer = proc.proc.pid, ID.from_base58(proc.peer_id)
+            await client.connect(proc.multiaddr)
             advert = await advert_of(client, peer)
             assert (advert.max_output_elements, advert.max_reply_size) == (max_output, max_reply)
             remote = SimpleNamespace(node=SimpleNamespace(peer_id=peer))  # what ask() needs of a provider

@@ -17,7 +17,7 @@ from cipherswarm.node.sim.report import render
 from cipherswarm.node.sim.workload import LinearLayer
 from cipherswarm.node.weights import load_model
 from cipherswarm.trainer.finetune import BUNDLED_MODEL, FinetuneConfig, build
-from cipherswarm.trainer.trainer import StepRecord
+from cipherswarm.trainer import StepRecord
 
 
 def _finish_times(shared: bool) -> list[float]:

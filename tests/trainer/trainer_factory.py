@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-import sys
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +14,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
+from cipherswarm.cli.localswarm import start_provider
 from cipherswarm.trainer import LoraTrainer, causal_lm_loss
 
 hf_logging.set_verbosity_error()  # tiny configs trip harmless warnings about GPT-2's special token ids
 
 VOCAB = 128
+PROVIDER_START_S = 120.0  # a provider process imports torch, quantizes and benchmarks, on busy cores
 
 
 @dataclass(frozen=True)
@@ -100,15 +100,25 @@ def provider_process(tmp_path: Path, model_dir: Path | None = None) -> Iterator[
     if model_dir is None:
         model_dir = tmp_path / "model"
         base_model(LLAMA).save_pretrained(model_dir, safe_serialization=True)
-    command = [sys.executable, "-m", "cipherswarm.cli", "provider", "--model", str(model_dir),
-               "--identity", str(tmp_path / "provider.key"), "--benchmark-seconds", "0.1", "--advert-interval", "2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    with open(tmp_path / "provider.log", "wb") as log:
-        provider = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, stderr=log, env=env)
+    # Started as the testnet starts its providers; a short start-up benchmark, one BLAS thread.
+    provider = start_provider(0, model=model_dir, run_dir=tmp_path, price=0, benchmark_s=0.1, env={"OMP_NUM_THREADS": "1"})
     try:
-        addr = provider.stdout.readline().decode().strip()  # the provider prints its multiaddr once ready
-        assert addr, (tmp_path / "provider.log").read_text()[-2000:]
-        yield model_dir, addr
+        yield model_dir, provider.wait_addr(PROVIDER_START_S)
     finally:
-        provider.terminate()
-        provider.wait(10)
+        provider.stop()
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """The cap of a slow test whose work runs in this process (trio.fail_after's role for sync code):
+    the block fails with TimeoutError after ``seconds``. SIGALRM, so the main thread, on Unix."""
+    def expired(signum: int, frame: object) -> None:
+        raise TimeoutError(f"over the test's cap of {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
