@@ -28,10 +28,34 @@ until every chunk's payload fits. The chunk count follows the number of usable p
 
 Choice: the chunks are assigned when they are sent, not in the plan: each goes to the provider
 usable at that moment with the fewest of our requests in flight, the best score among those (score:
-expected time over reputation, plus price). That spreads a call over all providers, gives faster
+expected time over reputation, weighed by price). That spreads a call over all providers, gives faster
 ones more when there are more chunks than providers, respects each provider's slots, and lets
 retries and hedges go elsewhere. A provider that already failed this chunk is chosen again only when no other is usable,
 after an exponential backoff (decisions.py, which waits, backs off and hedges around `pick`).
+
+Preference (`ClientConfig.prefer`, the pair (m, a) of `PREFERENCES`): among the usable providers, a
+call is planned for and its chunks spread over the *pool* of those asking at most m times the
+cheapest one's price, each ranked by its score:
+
+    pool  = { p usable : price_p + 1 <= m * (min over usable of price + 1), or p never served us }
+    score = T_p / R_p * (price_p + 1) ** a  +  price_weight_s * cost_p
+
+with T_p the chunk's expected seconds (PeerState.expected_s: latency, payload over the link, compute
+with our requests queued there), R_p the reputation, cost_p = price_p x MACs / 10^9 and prices per
+GMAC (+1, so that a free provider does not make every other one infinitely dear):
+
+- `speed` (m = inf, a = 0): price plays no part; every usable provider shares the work by time;
+- `balanced` (m = 2, a = 1): providers at most twice the cheapest's price share a call, and where
+  there is a choice, time x price decides (twice the price must buy half the time);
+- `price` (m = 1, a = 1): only the cheapest price gets chunks while it has a free slot; when it is
+  full, busy or banned the pool is the next cheapest usable one, so the run is never starved.
+
+Whatever the preference, a provider that never served us is in the pool until it has: each is
+measured by one chunk instead of being judged by its advert, and a cheater among the dearer ones is
+met and banned (pick).
+
+The pool is recomputed at every choice from the providers usable then, so the simulator, which
+calls the same router, makes the same choices (sim/policy.py).
 """
 
 from __future__ import annotations
@@ -64,6 +88,9 @@ NEAR_BEST = 1.25
 #: share of the time of the plan it would replace: its inputs (a link measured by some requests,
 #: a provider's rate that includes its per-request overhead) are estimates, and bytes are certain.
 SPREAD_GAIN = 0.75
+#: ClientConfig.prefer -> (m, a): the pool takes providers asking at most m times the cheapest price,
+#: and the score weighs expected time by price to the power a (module docstring, "Preference")
+PREFERENCES: dict[str, tuple[float, float]] = {"speed": (math.inf, 0.0), "balanced": (2.0, 1.0), "price": (1.0, 1.0)}
 
 class FailureKind(enum.Enum):
     TIMEOUT = "timeout"  # no reply within the attempt's deadline
@@ -259,7 +286,7 @@ class ChunkRouter:
         A chunk stays within the strictest of their adverts (ChunkLimits) and its payload within what
         that link uploads in half a request's lifetime, so that every request reaches its provider
         before it expires. The plan is logged with the bytes it moves."""
-        usable = [s for s in holders if self.table.usable(s)] or holders
+        usable = self.pool([s for s in holders if self.table.usable(s)] or holders)
         link = max(s.link_bps for s in usable)
         rate = statistics.fmean(s.rate for s in usable)
         measured = [s.reply_bps for s in usable if math.isfinite(s.reply_bps)]
@@ -308,14 +335,29 @@ class ChunkRouter:
         product = itertools.product(_ranges(shape.blocks, groups), _ranges(shape.contraction, rows), outputs)
         return [Chunk(i, b, c, o, row_parts=rows) for i, (b, c, o) in enumerate(product)]
 
+    def pool(self, states: list[PeerState]) -> list[PeerState]:
+        """The providers of `states` that the preference lets share the work: those asking at most m
+        times the cheapest price among them, and any that never served us, whatever its price (its
+        one chunk measures it, as `pick` does for every provider, and meets a cheater among them)
+        (module docstring, "Preference")."""
+        m, _ = PREFERENCES[self.config.prefer]
+        if not states or math.isinf(m):
+            return states
+        cheapest = min(s.advert.price_per_gmac for s in states)
+        return [s for s in states if s.advert.price_per_gmac + 1 <= m * (cheapest + 1) or s.chunks == 0]
+
     def score(self, state: PeerState, macs: int, payload: int = 0) -> float:
-        """Lower is better: expected seconds discounted by reputation, plus what the price is worth."""
-        cost = state.advert.price_per_gmac * macs / 1e9
-        return state.expected_s(macs, payload) / state.reputation + self.config.price_weight_s * cost
+        """Lower is better: expected seconds discounted by reputation, weighed by price as the
+        preference says, plus what the price is worth at `price_weight_s`."""
+        _, a = PREFERENCES[self.config.prefer]
+        price = state.advert.price_per_gmac
+        weighed = state.expected_s(macs, payload) / state.reputation * (price + 1) ** a
+        return weighed + self.config.price_weight_s * price * macs / 1e9
 
     def pick(self, need: Need, *, avoid: dict[ID, int]) -> PeerState | None:
         """The provider usable now with the fewest failures of this chunk (`avoid`: peer ->
-        failures), then the fewest of our requests in flight (spread a call over providers before
+        failures), then in the preference's pool of those (`pool`: no dearer than it allows of the
+        cheapest), the fewest of our requests in flight (spread a call over providers before
         stacking it on one), then, among those scoring within `NEAR_BEST` of the best or not yet
         measured (never served us), the one that served us the fewest chunks: every provider is
         measured once instead of being judged by a seed (so a cheater among them is met and caught
@@ -326,8 +368,10 @@ class ChunkRouter:
         ranked = self.table.available(need)
         if not ranked:
             return None
-        first = min((avoid.get(s.peer, 0), s.in_flight) for s in ranked)
-        ranked = [s for s in ranked if (avoid.get(s.peer, 0), s.in_flight) == first]
+        fewest = min(avoid.get(s.peer, 0) for s in ranked)
+        ranked = self.pool([s for s in ranked if avoid.get(s.peer, 0) == fewest])
+        first = min(s.in_flight for s in ranked)
+        ranked = [s for s in ranked if s.in_flight == first]
         scores = {s.peer: self.score(s, need.macs, need.payload) for s in ranked}
         best = min(scores.values())
         near = [s for s in ranked if scores[s.peer] <= NEAR_BEST * best or s.chunks == 0]

@@ -202,6 +202,13 @@ class Credit:
         requests are still being computed, 0 if it has none)."""
         return min((deadline for _, deadline in self._held.get(peer, {}).values()), default=now) - now
 
+    def load(self, *, now: float) -> float:
+        """The largest share of its credit (requests or MACs) any one peer holds: 1 when one is at
+        its cap, which counts as saturation for the provider's price (pricing.py)."""
+        self._expire(now)
+        return max((max(len(held) / self.count, sum(macs for macs, _ in held.values()) / self.macs)
+                    for held in self._held.values()), default=0.0)
+
     def settle(self, peer: ID, entry: int, *, now: float) -> None:
         """The reply carrying the receipt for `entry` was sent: hold it until `hold_s` from now."""
         held = self._held.get(peer, {})

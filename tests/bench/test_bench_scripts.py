@@ -54,6 +54,18 @@ def test_accuracy_bench_prints_its_table(tmp_path: Path) -> None:
     assert "x the first row" in out and "held-out loss  plain" in out
 
 
+@pytest.mark.slow
+def test_market_bench_prints_each_preference(tmp_path: Path) -> None:
+    """bench/market.py on two one-step testnets: a row per preference, shares summing to 1, the saving line."""
+    out = _bench("market.py", "--steps", "1", "--prefer", "price", "speed", "--out", str(tmp_path), timeout=900)
+    rows = {r[0]: r for r in (line.split() for line in out.splitlines()) if r and r[0] in ("price", "speed")}
+    assert set(rows) == {"price", "speed"}
+    for r in rows.values():
+        assert int(r[1]) > 0 and float(r[3]) > 0  # tokens, price per 1k tokens from the receipts
+        assert sum(int(share.rstrip("%")) for share in r[7:10]) in range(98, 103)  # rounded shares of the chunks
+    assert "less per 1k tokens than --prefer speed" in out
+
+
 def test_ledger_bench_measures_both_levels(tmp_path: Path) -> None:
     out = _bench("ledger.py", "--rows", "20", "--dir", str(tmp_path), timeout=120)
     assert "synchronous=FULL" in out and "FULL / NORMAL" in out

@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import trio
-from libp2p.peer.id import ID
 
 from cipherswarm.node import Ledger, ModelWeights, SwarmClient
 from cipherswarm.node.discovery import now_ms
 from cipherswarm.protocol import verify_receipt
-from cipherswarm.protocol.signing import decode_public_key
+from cipherswarm.protocol.signing import peer_key
 
 from node_factory import client_config, providers, random_operand, reference, running_provider, session
 
@@ -21,11 +20,6 @@ LAYER = "model.layers.0.mlp.up_proj"  # 64 -> 128: both directions have a differ
 #: row parts of these tiny layers contract over a few dozen features, far below a provider's default
 #: floor (ProviderConfig.min_contraction, which refuses thin slices that only amplify)
 THIN_ROWS = {"min_contraction": 16}
-
-
-def _key_of(peer: ID) -> object:
-    """An Ed25519 peer id embeds its public key (protocol README, section 5)."""
-    return decode_public_key(peer.to_bytes()[2:])
 
 
 async def test_discovers_three_providers_through_one(weights: ModelWeights) -> None:
@@ -133,8 +127,9 @@ async def test_one_verifiable_receipt_per_accepted_chunk(weights: ModelWeights, 
         async with running_provider(weights, price_per_gmac=7, ledger=provider_ledger) as paid:
             async with providers(weights, [{}, {}]) as free:
                 addrs = [paid.addr, *(r.addr for r in free)]
-                # column chunks: each call reaches all three (by bytes it would go to one)
-                async with session(weights, addrs, ledger=ledger, min_providers=3, split="columns") as client:
+                # column chunks: each call reaches all three (by bytes it would go to one; by price,
+                # the dear one would get only the chunk that measures it)
+                async with session(weights, addrs, ledger=ledger, min_providers=3, split="columns", prefer="speed") as client:
                     for transpose in (False, True):
                         layer = weights.resolve(LAYER)
                         x = random_operand(50, layer.shape.d_out if transpose else layer.shape.d_in)
@@ -150,8 +145,10 @@ async def test_one_verifiable_receipt_per_accepted_chunk(weights: ModelWeights, 
         assert len(receipts) == stats.chunks == 6
         assert len({r.receipt.request_id for r in receipts}) == 6
         for signed in receipts:
-            receipt = verify_receipt(signed, provider_key=_key_of(signed.receipt.provider), client_key=_key_of(client_peer))
-            assert receipt.client == client_peer and receipt.completed_at_ms <= now_ms()
+            # an Ed25519 peer id embeds its public key (protocol README, section 5)
+            receipt = verify_receipt(signed, provider_key=peer_key(signed.receipt.provider),
+                                     client_key=peer_key(client_peer.to_bytes()))
+            assert receipt.client == client_peer.to_bytes() and receipt.completed_at_ms <= now_ms()
         assert ledger.total_amount() == stats.paid == sum(r.receipt.amount for r in receipts) > 0
         assert {r.receipt_bytes for r in provider_ledger.receipts()} <= {r.receipt_bytes for r in receipts}
 
