@@ -56,12 +56,13 @@ async def _status(args: argparse.Namespace) -> int:
             with trio.move_on_after(args.wait):
                 await watcher.run()
         rows = [["peer", "device", "layers", "MAC/s adv.", "MAC/s meas.", "latency", "price/GMAC", "free",
-                 "reputation", "failures", "banned"]]
+                 "reputation", "failures", "banned", "path"]]
         for v in table.views():
             rows.append([
                 v.peer, v.device, "all" if v.layers is None else str(v.layers), f"{v.macs_per_second:.3g}",
                 f"{v.measured_macs_per_second:.3g}", f"{1000 * v.latency_s:.0f} ms", str(v.price_per_gmac),
                 str(v.free_slots), f"{v.reputation:.2f}", str(v.failures), v.banned or "-",
+                "relayed" if v.relayed else "direct",
             ])
         print(_table(rows))
         listed = {v.peer for v in table.views()}

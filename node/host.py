@@ -13,6 +13,10 @@ refused by the routing table's own check).
 Pubsub's inbound streams are served through `_PubsubStreams`, which ends them all before pubsub
 stops (its docstring says why).
 
+Every host also runs circuit relay v2 and AutoNAT (node/nat/README.md): it dials relayed addresses,
+answers dial-back requests, relays for others with `relay_service`, and with `relay` holds a
+reservation on a relay and names itself by its relayed address.
+
 Bulk transfer. Payloads are tens of MB, and py-libp2p's stack costs its Python per message, not per
 byte: each 64 KiB yamux frame went out as two Noise messages (65,536 bytes do not fit in one
 65,519-byte Noise plaintext) and two socket sends, each Noise message was read with two `recv`
@@ -35,6 +39,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import trio
 from libp2p import new_host
@@ -62,6 +67,9 @@ from multiaddr import Multiaddr
 
 from .cpu import TrioMeter
 from .logs import route_libp2p_logs
+from .nat import CircuitDialer, RelayReservation, RelayServiceConfig, StopGuard, circuit_protocol
+from .nat.autonat import auto_relay
+from .nat.autonat import serve as serve_autonat
 from .streams import YAMUX_FRAME, close_stream
 
 log = logging.getLogger(__name__)
@@ -85,23 +93,37 @@ class NodeHost:
     dht: KadDHT
     key_pair: KeyPair
     cpu: TrioMeter  # the trio thread's CPU by part; its Noise sessions book "noise" to it
+    dialer: CircuitDialer | None = None  # reaches peers through their relays
+    reservation: RelayReservation | None = None  # the relay slot this node holds (`--relay ADDR`)
 
     @property
     def peer_id(self) -> ID:
         return self.host.get_id()
 
+    @property
+    def relayed(self) -> bool:
+        """Whether others reach this node through its relay now."""
+        return self.reservation is not None and self.reservation.active
+
     def addrs(self) -> list[Multiaddr]:
         """Full multiaddrs others can dial, each ending in /p2p/<peer id>."""
-        return list(self.host.get_addrs())
+        me = Multiaddr(f"/p2p/{self.peer_id.to_base58()}")
+        return [addr.encapsulate(me) for addr in self.transport_addrs()]
 
     def transport_addrs(self) -> list[Multiaddr]:
-        """The same without the /p2p/ part, as adverts carry them."""
+        """The same without the /p2p/ part, as adverts carry them: the relayed address alone while
+        a reservation is held (the listen addresses of a node behind NAT are private: a dial to
+        them fails, or hangs for a dial timeout), the listen addresses otherwise."""
+        if self.reservation is not None and self.reservation.active:
+            return self.reservation.addrs()
         return [addr.decapsulate_code(0x01A5) for addr in self.host.get_addrs()]  # 0x01a5: the p2p protocol
 
     def remember(self, peer: ID, addrs: Sequence[Multiaddr], ttl_s: int = 600) -> None:
         """Put a peer's addresses in the peerstore, so that `new_stream` can dial it."""
         if addrs and peer != self.peer_id:
             self.host.get_peerstore().add_addrs(peer, list(addrs), ttl_s)
+            if self.dialer is not None:
+                self.dialer.learn(peer, addrs, ttl_s)
 
     def connected(self, peer: ID) -> bool:
         return bool(self.host.get_network().get_connections(peer))
@@ -315,9 +337,18 @@ async def open_host(
     listen: Sequence[Multiaddr] = (LOOPBACK,),
     dht_mode: DHTMode = DHTMode.SERVER,
     bootstrap: Sequence[Multiaddr] = (),
+    relay_service: RelayServiceConfig | None = None,
+    relay: Multiaddr | Literal["auto"] | None = None,
 ) -> AsyncIterator[NodeHost]:
     """Start a host listening on `listen` with gossipsub and the DHT, dial `bootstrap`, and stop
-    everything on exit. Providers run the DHT as servers, clients as clients."""
+    everything on exit. Providers run the DHT as servers, clients as clients.
+
+    Every host can dial peers known only by relayed addresses (node/nat). With `relay_service` it
+    relays for others within those limits; with `relay` (a relay's full multiaddr) it holds a
+    reservation there and names itself by its relayed address (`NodeHost.addrs`); the first
+    reservation is tried before this returns. `relay="auto"` asks the bootstrap peers whether this
+    node is reachable (AutoNAT) and, if not, reserves on the first of them that relays. Every host
+    answers others' AutoNAT requests."""
     if not logging.getLogger("libp2p").handlers:
         route_libp2p_logs()
     cpu = TrioMeter()
@@ -337,16 +368,29 @@ async def open_host(
     dht.strict_validation = True  # values only in namespaces with a validator: nobody parks arbitrary records on us
     send, receive = trio.open_memory_channel[ID](64)
     host.get_network().register_notifee(_ConnectionQueue(send))
+    circuits = circuit_protocol(host, relay_service)
+    dialer = CircuitDialer(host, circuits)
+    dialer.install()
+    guard = StopGuard(circuits)
+    autonat = serve_autonat(host)
     async with host.run(list(listen)):
-        async with background_trio_service(pubsub), background_trio_service(gossip), background_trio_service(dht):
+        async with background_trio_service(pubsub), background_trio_service(gossip), background_trio_service(dht), \
+                background_trio_service(circuits):
             await pubsub.wait_until_ready()
+            guard.install(host)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_fill_routing_table, dht, receive)
-                node = NodeHost(host, pubsub, dht, key_pair, cpu)
+                node = NodeHost(host, pubsub, dht, key_pair, cpu, dialer)
                 for peer in await node.connect_all(bootstrap):
                     # Now rather than through the queue, so that a provider's first DHT record already
                     # reaches its bootstrap peers.
                     await _add_to_routing_table(dht, peer)
+                if relay == "auto":
+                    node.reservation = await auto_relay(autonat, host, bootstrap, guard)
+                elif relay is not None:
+                    node.reservation = RelayReservation(host, relay, guard)
+                if node.reservation is not None:
+                    await nursery.start(node.reservation.run)
                 yield node
                 nursery.cancel_scope.cancel()
             # No gossip may reach pubsub once it starts stopping (_PubsubStreams).
@@ -355,3 +399,8 @@ async def open_host(
             # peers stop reopening the pubsub streams that are now refused.
             for peer in list(host.get_network().connections):
                 await node.disconnect(peer)
+            # py-libp2p 0.8.1 leaves the TCP listening socket open after its host stops; with
+            # SO_REUSEPORT a node restarted on the same port would then lose some incoming dials to it.
+            with trio.CancelScope(shield=True), trio.move_on_after(DIAL_TIMEOUT_S):
+                for listener in list(host.get_network().listeners.values()):
+                    await listener.close()

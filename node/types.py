@@ -39,7 +39,7 @@ class ProviderAdvert:
         """Raises ValueError if an address does not decode."""
         a = verified.message
         return cls(
-            peer=verified.signer,
+            peer=ID(verified.signer),
             addrs=tuple(Multiaddr(addr) for addr in a.addrs),
             models=frozenset(a.models),
             layers=frozenset(a.layers) or None,
@@ -116,6 +116,7 @@ class PeerView:
     failures: int
     chunks: int
     banned: str  # "" or why, with the remaining time of a temporary ban
+    relayed: bool = False  # every address it advertises goes through a relay (behind NAT, node/nat)
 
 
 @dataclass(frozen=True, slots=True)

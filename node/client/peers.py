@@ -40,6 +40,7 @@ from libp2p.peer.id import ID
 
 from ..discovery import now_ms
 from ..ledger import Ledger, TrackRecord
+from ..nat import is_circuit
 from ..types import PeerView, ProviderAdvert
 from .config import ClientConfig
 
@@ -375,4 +376,5 @@ def _view(s: PeerState, banned: str) -> PeerView:
         failures=s.failures,
         chunks=s.chunks,
         banned=banned,
+        relayed=bool(a.addrs) and all(is_circuit(addr) for addr in a.addrs),
     )

@@ -1,0 +1,183 @@
+"""One encrypted layer product from a provider behind NAT through a circuit relay, beside the same
+product from a directly reachable provider, in one run (root: it builds network namespaces).
+
+The lab (node/nat/netns.py): this process (the client) and a relay on a "public" bridge; the relay is
+a `cipherswarm provider --relay-service` holding another layer than the one timed. Phase 1 times
+the call through a provider on the public bridge (direct); phase 2 through a provider in a home
+network behind a MASQUERADE router, started with `--relay` (relayed: every byte crosses the relay
+process, which copies it between two yamux streams in Python). Same model, same machine, same
+client code; a fresh client per phase. Last, a probe of hole punching: plain nodes (this script
+with --dcutr-node) as relay, NATed node and client, the client asking py-libp2p's DCUtR to turn
+its relayed connection into a direct one (cipherswarm does not enable DCUtR: node/nat/README.md).
+
+    sudo .venv/bin/python bench/nat.py                     # up_proj, hidden 512 / intermediate 1024, 2048 tokens
+    sudo .venv/bin/python bench/nat.py --tokens 512 --reps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from cipherswarm.cli.localswarm import ProviderProcess
+from cipherswarm.node import ClientConfig, SwarmClient
+from cipherswarm.node.nat.netns import LabUnavailable, NatLab
+from cipherswarm.node.weights import load_model
+
+from common import random_llama, row, timed
+
+LAYER = "model.layers.0.mlp.up_proj"
+START_S = 300.0
+
+
+@contextmanager
+def serving(lab: NatLab, namespace: str, ip: str, run_dir: Path, name: str, model_dir: Path,
+            *args: str, port: int = 4001) -> Iterator[ProviderProcess]:
+    proc, log = lab.start_provider(namespace, ip, run_dir, name, model_dir, "--benchmark-seconds", "0.2", *args,
+                                   port=port)
+    process = ProviderProcess(0, proc, log, 0, [], None)
+    try:
+        process.wait_addr(START_S)
+        yield process
+    finally:
+        process.stop()
+
+
+def measure(lab: NatLab, model_dir: Path, run_dir: Path, x: torch.Tensor, expected: torch.Tensor,
+            reps: int) -> dict[str, tuple[float, int]]:
+    """Median seconds of one call and the bytes it moved, per path."""
+    out: dict[str, tuple[float, int]] = {}
+    with serving(lab, lab.public_ns, lab.relay_ip, run_dir, "relay", model_dir, "--relay-service",
+                 "--layers", "model.layers.0.self_attn.*") as relay:
+        for path in ("direct", "relayed"):
+            if path == "direct":
+                place = (lab.public_ns, lab.relay_ip, "--bootstrap", relay.addr)
+            else:
+                place = (lab.home_ns(0), lab.home_ip(0), "--relay", relay.addr, "--bootstrap", relay.addr)
+            namespace, ip, *flags = place
+            with serving(lab, namespace, ip, run_dir, path, model_dir, *flags,
+                         port=4002 if path == "direct" else 4001) as provider:
+                assert ("p2p-circuit" in provider.addr) == (path == "relayed"), provider.addr
+                with SwarmClient(model_dir=model_dir, bootstrap=[relay.addr], ledger=run_dir / f"{path}.sqlite",
+                                 min_providers=2, config=ClientConfig(wait_providers_s=60.0)) as client:
+                    seconds, y = timed(lambda: client.matmul(LAYER, x), reps=reps)
+                    if not torch.equal(y, expected):
+                        raise SystemExit(f"the {path} product is not exact")
+                    stats = client.stats()
+                    if set(stats.chunks_by_peer) != {provider.peer_id}:
+                        raise SystemExit(f"the {path} calls went to {stats.chunks_by_peer}, not only {provider.peer_id}")
+                    view = {v.peer: v for v in stats.peers}[provider.peer_id]
+                    if view.relayed != (path == "relayed"):
+                        raise SystemExit(f"the client sees the {path} provider as relayed={view.relayed}")
+                    moved = (stats.bytes_sent + stats.bytes_received) // (reps + 1)
+                out[path] = (seconds, moved)
+    return out
+
+
+async def dcutr_node(role: str, listen: str, target: str | None) -> None:
+    """One node of the hole-punching probe (run inside a namespace by `dcutr_probe`): a relay, the
+    NATed node (reserving on `target`, the relay), or the client (dialing `target`, the NATed node's
+    relayed address, then asking py-libp2p's DCUtR for a direct connection). Prints its address,
+    and the client its verdict."""
+    import trio
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+    from libp2p.tools.anyio_service import background_trio_service
+    from multiaddr import Multiaddr
+
+    from cipherswarm.node import open_host
+    from cipherswarm.node.nat import RelayServiceConfig, is_circuit
+
+    async with open_host(create_new_key_pair(), listen=[Multiaddr(listen)],
+                         relay_service=RelayServiceConfig() if role == "relay" else None,
+                         relay=Multiaddr(target) if role == "home" and target else None) as node:
+        dcutr = DCUtRProtocol(node.host)
+        async with background_trio_service(dcutr):
+            print(node.addrs()[0], flush=True)
+            if role != "client" or target is None:
+                await trio.sleep_forever()
+            peer = await node.connect(Multiaddr(target))
+            start = trio.current_time()
+            with trio.move_on_after(30):
+                ok = await dcutr.initiate_hole_punch(peer)
+            took = trio.current_time() - start
+            conns = node.host.get_network().get_connections(peer)
+            direct = [str(a) for c in conns for a in c.get_transport_addresses() if not is_circuit(a)]
+            print(f"dcutr: initiate_hole_punch {ok} after {took:.2f} s; direct connections: {direct or 'none'}", flush=True)
+
+
+def dcutr_probe(lab: NatLab) -> str:
+    """Relay and NATed node in their namespaces, the client here listening on the public bridge."""
+    import subprocess
+    import sys
+
+    me = [sys.executable, str(Path(__file__).resolve()), "--dcutr-node"]
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        relay = subprocess.Popen(lab.exec_prefix(lab.public_ns) + me + ["relay", f"/ip4/{lab.relay_ip}/tcp/4101"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        procs.append(relay)
+        relay_addr = relay.stdout.readline().strip()  # type: ignore[union-attr]
+        home = subprocess.Popen(lab.exec_prefix(lab.home_ns(0)) + me + ["home", f"/ip4/{lab.home_ip(0)}/tcp/4101",
+                                relay_addr], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        procs.append(home)
+        home_addr = home.stdout.readline().strip()  # type: ignore[union-attr]
+        client = subprocess.run(me + ["client", f"/ip4/{lab.client_ip}/tcp/4101", home_addr], capture_output=True,
+                                text=True, timeout=90)
+        return client.stdout.strip().splitlines()[-1] if client.stdout.strip() else f"dcutr: probe failed: {client.stderr[-300:]}"
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def main() -> None:
+    intro, _, rest = __doc__.partition("\n\n")
+    ap = argparse.ArgumentParser(description=intro, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--intermediate", type=int, default=1024)
+    ap.add_argument("--tokens", type=int, default=2048, help="tokens of the call (2048 per ring block)")
+    ap.add_argument("--reps", type=int, default=3, help="timed calls per path (median)")
+    ap.add_argument("--dcutr-node", nargs="+", metavar="ARG", help=argparse.SUPPRESS)  # dcutr_probe's processes
+    args = ap.parse_args()
+    if args.dcutr_node:
+        import trio
+
+        role, listen, *target = args.dcutr_node
+        trio.run(dcutr_node, role, listen, target[0] if target else None)
+        return
+    print(f"{os.cpu_count()} CPUs, torch {torch.__version__}; every process on this machine, in its own namespace")
+    with tempfile.TemporaryDirectory(prefix="cipherswarm-bench-nat-") as tmp:
+        run_dir = Path(tmp)
+        model_dir = run_dir / "model"
+        random_llama(dict(hidden_size=args.hidden, intermediate_size=args.intermediate, num_attention_heads=8,
+                          num_key_value_heads=8, vocab_size=512)).save_pretrained(model_dir, safe_serialization=True)
+        q = load_model(model_dir).resolve(LAYER).weight.q
+        x = torch.randint(-128, 128, (args.tokens, q.shape[0]), generator=torch.Generator().manual_seed(1))
+        expected = x @ q.long()
+        try:
+            lab = NatLab(homes=1).open()
+        except LabUnavailable as exc:
+            raise SystemExit(f"bench/nat.py: {exc}") from None
+        try:
+            out = measure(lab, model_dir, run_dir, x, expected, args.reps)
+            punched = dcutr_probe(lab)
+        finally:
+            lab.close()
+    (direct_s, moved), (relayed_s, _) = out["direct"], out["relayed"]
+    print(f"\none layer call {args.tokens} x {args.hidden} x {args.intermediate} ({LAYER}), 8-bit activations, "
+          f"{moved / 1e6:.1f} MB through the client's link per call, median of {args.reps}")
+    print(row("direct (provider on the public network)", f"{direct_s * 1e3:.0f} ms", f"{moved / direct_s / 1e6:.1f} MB/s"))
+    print(row("relayed (provider behind NAT, circuit relay v2)", f"{relayed_s * 1e3:.0f} ms",
+              f"{moved / relayed_s / 1e6:.1f} MB/s; {direct_s / relayed_s:.2f}x the direct throughput"))
+    print(f"\nhole punching, py-libp2p's DCUtR on a relayed connection (client listening on the public bridge):\n  {punched}")
+
+
+if __name__ == "__main__":
+    main()

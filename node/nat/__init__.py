@@ -1,0 +1,14 @@
+"""Reaching nodes behind NAT: circuit relay v2 (relay.py); README.md says what works and what does not."""
+
+from .relay import (
+    CircuitDialer,
+    RelayReservation,
+    RelayServiceConfig,
+    ReservationRefused,
+    StopGuard,
+    circuit_protocol,
+    is_circuit,
+)
+
+__all__ = ["CircuitDialer", "RelayReservation", "RelayServiceConfig", "ReservationRefused", "StopGuard",
+           "circuit_protocol", "is_circuit"]
