@@ -17,11 +17,18 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import trio
 
 from cipherswarm.cli.bits import add_weight_bits
+from cipherswarm.cli.dashboard import add_dashboard_argument, announce
 from cipherswarm.protocol import DEFAULT_MAX_PAYLOAD_SIZE
+
+if TYPE_CHECKING:
+    from multiaddr import Multiaddr
+
+    from cipherswarm.node.nat import RelayServiceConfig
 
 CHEATS = ["random", "flip", "stale", "wrong-weights", "overbill"]
 """node.provider.cheat.Cheat's values, written out: --help must not import the engine."""
@@ -36,7 +43,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", nargs="*", default=[], metavar="MULTIADDR", help="peers to join the swarm through")
     p.add_argument("--layers", nargs="*", default=[], metavar="PATTERN",
                    help="hold only layers matching these globs (tensor or module names); default: all")
-    p.add_argument("--price", type=int, default=0, help="asked price per 10^9 multiply-accumulates")
+    p.add_argument("--price", type=int, default=None,
+                   help="asked price per 10^9 multiply-accumulates: fixed, or with --min-price/--max-price where the "
+                        "dynamic price starts (default 0, or --min-price)")
+    p.add_argument("--min-price", type=int, default=None,
+                   help="with --max-price: a dynamic price that rises while this provider is saturated and falls "
+                        "while it is idle, within these bounds (node/provider/pricing.py)")
+    p.add_argument("--max-price", type=int, default=None, help="the dynamic price's upper bound (see --min-price)")
+    p.add_argument("--price-ramp", type=float, default=None, metavar="S",
+                   help="seconds of saturation from --min-price to --max-price, and of idleness back (default 60)")
     p.add_argument("--slots", type=int, default=2, help="products computed at once")
     p.add_argument("--queue", type=int, default=2, help="requests waiting for a slot before BUSY replies")
     p.add_argument("--identity", type=Path, default=None,
@@ -48,12 +63,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_weight_bits(p, "clients find providers of their own width only, since it is part of the model hash")
     p.add_argument("--advert-interval", type=float, default=10.0, help="seconds between adverts")
     _add_limits(p)
+    _add_relay(p)
     p.add_argument("--log-level", default="INFO", help="log level of stderr output")
     p.add_argument("--log-file", type=Path, default=None, help="file for libp2p's own log records")
+    add_dashboard_argument(p)
     # Hidden: for tests and the testnet's slow or malicious provider.
     p.add_argument("--cheat", choices=CHEATS, default=None, help=argparse.SUPPRESS)
     p.add_argument("--delay", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--benchmark-seconds", type=float, default=1.0, help=argparse.SUPPRESS)
+
+
+def price_options(args: argparse.Namespace) -> dict[str, int | float | None]:
+    """The ProviderConfig fields of the price flags: a fixed --price, or a dynamic price within
+    --min-price/--max-price starting at --price (at the minimum if not given)."""
+    start = args.price if args.price is not None else args.min_price if args.min_price is not None else 0
+    options: dict[str, int | float | None] = {"price_per_gmac": start, "min_price_per_gmac": args.min_price,
+                                              "max_price_per_gmac": args.max_price}
+    if args.price_ramp is not None:
+        options["price_ramp_s"] = args.price_ramp
+    return options
 
 
 def _ms(seconds: str) -> int:
@@ -120,6 +148,55 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
                        help="... of them from one address")
 
 
+def _add_relay(p: argparse.ArgumentParser) -> None:
+    """Circuit relay v2 (node/nat/README.md): serving as a relay, and being reached through one."""
+    nat = p.add_argument_group("NAT", "a provider behind a NAT router is reached through a relay, without port forwarding")
+    nat.add_argument("--relay", default="auto", metavar="auto|off|MULTIADDR",
+                     help="a relay's full multiaddr (/ip4/.../tcp/.../p2p/RELAY): hold a reservation there, renewed and "
+                          "made again when lost, and advertise the relayed address instead of the listen address; "
+                          "auto (default): only if the bootstrap peers cannot dial back (AutoNAT), on the first of "
+                          "them that relays; off: never")
+    nat.add_argument("--relay-service", action="store_true", help="relay for other nodes (circuit relay v2 hop)")
+    nat.add_argument("--relay-slots", type=int, default=None, metavar="N",
+                     help="reservations held at once (default 128; 0 refuses every one)")
+    nat.add_argument("--relay-reservation-ttl", type=int, default=None, metavar="SECONDS",
+                     help="a reservation's lifetime (default 3600)")
+    nat.add_argument("--relay-circuits", type=int, default=None, metavar="N",
+                     help="relayed connections open at once to one reserving peer (default 16)")
+    nat.add_argument("--relay-circuit-duration", type=int, default=None, metavar="SECONDS",
+                     help="one relayed connection's longest life (default 3600)")
+    nat.add_argument("--relay-circuit-bytes", type=int, default=None, metavar="BYTES",
+                     help="bytes one relayed connection carries before it is reset (default 2^30)")
+
+
+#: --relay-* flags and the RelayServiceConfig fields they set
+RELAY_FLAGS = {"relay_slots": "slots", "relay_reservation_ttl": "reservation_ttl_s", "relay_circuits": "circuits_per_peer",
+               "relay_circuit_duration": "circuit_duration_s", "relay_circuit_bytes": "circuit_bytes"}
+
+
+def relay_options(args: argparse.Namespace) -> tuple[RelayServiceConfig | None, Multiaddr | Literal["auto"] | None]:
+    """open_host's `relay_service` and `relay` from the NAT flags; ValueError for a bad address or a
+    limit out of range."""
+    from multiaddr import Multiaddr
+
+    from cipherswarm.node.nat import RelayServiceConfig
+
+    service = None
+    if args.relay_service:
+        service = RelayServiceConfig(**{field: getattr(args, flag) for flag, field in RELAY_FLAGS.items()
+                                        if getattr(args, flag) is not None})
+    elif any(getattr(args, flag) is not None for flag in RELAY_FLAGS):
+        raise ValueError("the --relay-* limits need --relay-service")
+    relay: Multiaddr | Literal["auto"] | None = None
+    if args.relay == "auto":
+        relay = "auto"
+    elif args.relay != "off":
+        relay = Multiaddr(args.relay)
+        if "/p2p/" not in args.relay or "p2p-circuit" in args.relay:
+            raise ValueError(f"--relay needs a relay's full multiaddr ending in /p2p/<peer id>, got {args.relay}")
+    return service, relay
+
+
 async def _stop_on_sigterm(cancel_scope: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
         async for _ in signals:
@@ -151,7 +228,7 @@ async def _serve(args: argparse.Namespace, identity: Path) -> None:
     log.info("model %s: holding %d of %d layers", weights.model_hash.hex()[:16], len(weights.held), len(weights.layers))
     try:
         config = ProviderConfig(
-            price_per_gmac=args.price,
+            **price_options(args),
             slots=args.slots,
             queue=args.queue,
             max_payload_size=args.max_payload,
@@ -162,18 +239,25 @@ async def _serve(args: argparse.Namespace, identity: Path) -> None:
             cheat=None if args.cheat is None else Cheat(args.cheat),
             **{name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name) is not None},
         )
+        relay_service, relay = relay_options(args)
     except ValueError as exc:  # a flag out of range: say which, not a traceback
         raise SystemExit(f"cipherswarm provider: error: {exc}") from None
     ledger = None if args.ledger is None else Ledger(args.ledger)
     provider = Provider(weights=weights, key_pair=key_pair, config=config, ledger=ledger)
     bootstrap = [Multiaddr(a) for a in args.bootstrap]
     try:
-        async with open_host(key_pair, listen=[Multiaddr(args.listen)], bootstrap=bootstrap) as node:
+        async with open_host(key_pair, listen=[Multiaddr(args.listen)], bootstrap=bootstrap,
+                             relay_service=relay_service, relay=relay) as node:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_sigterm, nursery.cancel_scope)
                 await nursery.start(provider.serve, node)
                 for addr in node.addrs():
                     print(addr, flush=True)
+                if args.dashboard is not None:
+                    from cipherswarm.node.dashboard import Dashboard, provider_source
+
+                    host, port = args.dashboard
+                    announce(await nursery.start(Dashboard(provider_source(provider, node), host=host, port=port).serve))
     finally:
         if ledger is not None:
             ledger.close()

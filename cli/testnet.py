@@ -23,7 +23,8 @@ from pathlib import Path
 from cipherswarm.cli.localswarm import ProviderProcess, start_provider
 from cipherswarm.cli.provider import CHEATS
 from cipherswarm.cli.bits import add_precision_arguments, add_profile_argument, precision_of
-from cipherswarm.cli.train import DATA_HELP
+from cipherswarm.cli.dashboard import add_dashboard_argument, client_dashboard
+from cipherswarm.cli.train import DATA_HELP, add_client_arguments, client_config
 from cipherswarm.cli.steps import add_step_arguments
 from cipherswarm.node.client.keys import CLIENT_PROFILES
 from cipherswarm.trainer.finetune import BUNDLED_DATA, BUNDLED_MODEL
@@ -45,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_precision_arguments(p)
     add_profile_argument(p, CLIENT_PROFILES)
     p.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for each provider")
+    add_client_arguments(p)
+    add_dashboard_argument(p)
 
 
 def start_testnet_provider(i: int, args: argparse.Namespace, bootstrap: str | None, run_dir: Path) -> ProviderProcess:
@@ -102,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         victim = next((p for p in providers[1:] if not p.cheat and not p.layers), None) if args.kill_one else None
         with SwarmClient(model_dir=args.model, bootstrap=[first.addr], identity=run_dir / "client.key",
                          ledger=run_dir / "ledger.sqlite", precision=config.precision, profile=config.profile,
-                         min_providers=args.providers) as client:
+                         min_providers=args.providers, config=client_config(args)) as client:
             view = SwarmView(client=client, steps=args.steps, names={p.peer_id: f"p{p.index}" for p in providers})
 
             def on_step(step: int) -> None:
@@ -112,7 +115,11 @@ def run(args: argparse.Namespace) -> int:
                     view.note(f"killed provider {victim.index} at step {step}")
 
             view.on_step = on_step
-            with live(view):
+
+            def records() -> tuple:
+                return () if view.trainer is None else view.trainer.step_records
+
+            with live(view), client_dashboard(args.dashboard, client, steps=args.steps, records=records):
                 result = finetune(config, fhe="remote", executor=client, progress=False, on_trainer=view.watch,
                                   in_flight=args.in_flight)
             swarm = client.stats()

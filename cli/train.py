@@ -32,10 +32,12 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import get_args
 
 from cipherswarm.cli.bits import add_precision_arguments, add_profile_argument, precision_of
+from cipherswarm.cli.dashboard import TrainerHolder, add_dashboard_argument, client_dashboard
 from cipherswarm.cli.steps import add_step_arguments, positive_int
-from cipherswarm.node.client.config import ClientConfig
+from cipherswarm.node.client.config import ClientConfig, Prefer
 from cipherswarm.node.client.keys import CLIENT_PROFILES
 from cipherswarm.trainer.errors import TrainingStopped
 from cipherswarm.trainer.finetune import BUNDLED_DATA, BUNDLED_MODEL, FinetuneConfig
@@ -53,6 +55,14 @@ def amount(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def rate(text: str) -> float:
+    """argparse type of a link's rate: a number, 0 or more."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 
 
@@ -89,6 +99,26 @@ class Budget:
         return f"step {done + 1}{' and the evaluation after it' if last else ''} would cost about {self.next_cost:,}"
 
 
+def add_client_arguments(p: argparse.ArgumentParser) -> None:
+    """The client's own flags, shared by `train` and `testnet`."""
+    p.add_argument("--prefer", choices=get_args(Prefer), default="balanced",
+                   help="what providers are chosen for: speed (price ignored), price (the cheapest with a free slot "
+                        "gets every chunk it can take, any other one chunk to measure it) or balanced (at most twice "
+                        "the cheapest price, then time x price; node/README.md, Scheduling) (default balanced)")
+    p.add_argument("--uplink-mbit", type=rate, default=0.0, metavar="MBIT",
+                   help="your link's upload rate in Mbit/s: on a fast link, big requests are then written several at "
+                        "once when one provider takes them slower than the link sends (node/client/uploads.py); "
+                        "unset, they go one at a time, which is right for a home uplink (default unset)")
+
+
+def client_config(args: argparse.Namespace) -> ClientConfig:
+    """The client's config from the command line: --prefer, --uplink-mbit, and --max-price where the
+    command has one."""
+    max_price = getattr(args, "max_price", None)
+    return ClientConfig(prefer=args.prefer, uplink_bps=args.uplink_mbit * 1e6 / 8,
+                        **({} if max_price is None else {"max_price_per_gmac": max_price}))
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     defaults = FinetuneConfig()
     p.add_argument("--bootstrap", nargs="+", required=True, metavar="MULTIADDR",
@@ -115,6 +145,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-price", type=amount, default=None, metavar="PRICE",
                    help="the most to pay per 10^9 MACs, in the providers' unit (their --price): dearer providers are "
                         "not used, and requests never offer more (default: no limit)")
+    add_client_arguments(p)
     p.add_argument("--budget", type=amount, default=None, metavar="AMOUNT",
                    help="the most this invocation pays, in the unit of the receipts (`cipherswarm ledger`, `cipherswarm "
                         f"estimate --price-per-gmac`): stop, checkpointed, with exit code {BUDGET_STOP} before the step "
@@ -122,6 +153,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (give the same training options); "
                         "without it, an --out holding checkpoints is refused")
+    add_dashboard_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
     from cipherswarm.node import NoProvidersError, SwarmClient
     from cipherswarm.node.gguf import model_dir
     from cipherswarm.node.logs import configure_logging
-    from cipherswarm.trainer.finetune import finetune, open_run
+    from cipherswarm.trainer.checkpoint import open_run
+    from cipherswarm.trainer.finetune import finetune
     from cipherswarm.trainer.tasks import task_of
 
     configure_logging("WARNING")
@@ -146,16 +179,18 @@ def run(args: argparse.Namespace) -> int:
                             gradient_accumulation_steps=args.accumulation, profile=args.profile)
     checkpoints = args.out / CHECKPOINTS
     open_run(checkpoints, config, "remote", resume=args.resume)  # a mismatch fails before joining the swarm
-    client_config = ClientConfig() if args.max_price is None else ClientConfig(max_price_per_gmac=args.max_price)
+    config_of_client = client_config(args)
     budget = None
     try:
         with SwarmClient(model_dir=args.model, bootstrap=args.bootstrap, precision=config.precision, profile=config.profile,
                          identity=args.identity, ledger=args.ledger, min_providers=args.min_providers,
-                         config=client_config) as client:
+                         config=config_of_client) as client:
             budget = None if args.budget is None else Budget(args.budget, config.steps, lambda: client.stats().paid)
-            result = finetune(config, fhe="remote", executor=client, checkpoint_dir=checkpoints,
-                              save_steps=args.checkpoint_every, resume=args.resume, in_flight=args.in_flight,
-                              on_step=budget)
+            trainer = TrainerHolder()
+            with client_dashboard(args.dashboard, client, steps=config.steps, records=trainer.records):
+                result = finetune(config, fhe="remote", executor=client, checkpoint_dir=checkpoints,
+                                  save_steps=args.checkpoint_every, resume=args.resume, in_flight=args.in_flight,
+                                  on_step=budget, on_trainer=trainer)
             swarm = client.stats()
     except NoProvidersError as exc:
         print(f"{exc}", file=sys.stderr)

@@ -8,7 +8,8 @@ section 8, so that nothing unauthenticated holds anything scarce:
    streams read their header at once (a new one evicts the oldest), `max_opening_per_peer` of one
    peer id and `max_opening_per_address` of one address; over a share: BUSY.
 2. The header's checks, none of which needs the payload: signature and peer binding, expiry, model
-   and layers held, shapes and a contraction of at least `min_contraction` features, price, the
+   and layers held, shapes and a contraction of at least `min_contraction` features, price (at
+   least pricing.py's floor: a price advertised within two advert intervals is honoured), the
    backend's name and parameters, a `payload_length` that is exactly the ciphertext the shape
    needs, and a reply within `max_output_elements` and `max_reply_size` (what the product would
    allocate and send, known from the header: refused before anything is allocated); then the nonce
@@ -43,8 +44,11 @@ import dataclasses
 import logging
 import math
 import time
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
+from types import MappingProxyType
 from typing import Literal
 
 import torch
@@ -90,16 +94,17 @@ from cipherswarm.protocol import (
 )
 from cipherswarm.protocol.exchange import check_request_header, check_request_payload
 from cipherswarm.protocol.messages import MAX_ADVERT_LAYERS
-from cipherswarm.protocol.stream import READ_CHUNK, FrameHead, read_frame, read_header, read_payload
 
 from ..discovery import Advertiser, now_ms
 from ..engine import BACKEND, ENGINE, decode_params
 from ..host import NodeHost
+from ..identity import signing_key
 from ..ledger import DuplicateReceipt, Ledger
-from ..streams import close_stream, send_frame
+from ..streams import READ_CHUNK, FrameHead, close_stream, read_frame, read_header, read_payload, send_frame
 from ..types import ProviderStats
 from ..weights import ModelWeights, group_key
 from .admission import Credit, Pool, Ticket, address_key, remote_address
+from .pricing import RAMP_S, Pricing
 from .benchmark import measure_macs_per_second
 from .cheat import Cheat, Cheater
 
@@ -134,7 +139,11 @@ class _Upload:
 class ProviderConfig:
     """How a provider serves; every field has a default that suits a LAN."""
 
-    price_per_gmac: int = 0  # asked price per 10^9 multiply-accumulates; cheaper offers get PAYMENT
+    price_per_gmac: int = 0  # asked price per 10^9 multiply-accumulates (the start, if dynamic); cheaper offers get PAYMENT
+    # a dynamic price (pricing.py) moves between these with the load; None (both): price_per_gmac, fixed
+    min_price_per_gmac: int | None = None
+    max_price_per_gmac: int | None = None
+    price_ramp_s: float = RAMP_S  # seconds of saturation from the lowest price to the highest (and of idleness back)
     slots: int = 2  # products computed at once (worker threads)
     queue: int = 2  # further requests read and waiting for a slot; beyond that: BUSY
     max_payload_size: int = DEFAULT_MAX_PAYLOAD_SIZE  # largest request payload read, advertised to clients
@@ -185,6 +194,9 @@ class ProviderConfig:
     def __post_init__(self) -> None:
         if self.slots < 1 or self.queue < 0:
             raise ValueError("slots must be >= 1 and queue >= 0")
+        if (self.min_price_per_gmac is None) != (self.max_price_per_gmac is None):
+            raise ValueError("a dynamic price needs both min_price_per_gmac and max_price_per_gmac")
+        self.pricing(clock=lambda: 0.0)  # the price range and ramp, validated
         if self.advert_interval_s <= 0 or self.benchmark_s < 0 or self.delay_s < 0:
             raise ValueError("intervals and delays must not be negative")
         if self.header_timeout_s <= 0 or self.min_upload_rate <= 0:
@@ -195,6 +207,14 @@ class ProviderConfig:
                 self.max_unacked, self.max_unacked_gmacs)
         if min(caps) < 1:
             raise ValueError("every cap must be at least 1")
+
+    def pricing(self, *, clock: Callable[[], float] = trio.current_time) -> Pricing:
+        """The asked price's rule (pricing.py): fixed at price_per_gmac, or starting there and moving
+        within the range; prices advertised within two advert intervals are honoured."""
+        low = self.price_per_gmac if self.min_price_per_gmac is None else self.min_price_per_gmac
+        high = self.price_per_gmac if self.max_price_per_gmac is None else self.max_price_per_gmac
+        return Pricing(low=low, high=high, start=self.price_per_gmac, ramp_s=self.price_ramp_s,
+                       honour_s=2 * self.advert_interval_s, clock=clock)
 
     @property
     def peer_share(self) -> int:
@@ -247,7 +267,7 @@ class Provider:
             self.device = "cpu"
         self._matmul = partial(matmul, method="int8", gemm=cuda_int8_gemm) if self.device == "cuda" else ENGINE.matmul
         self.macs_per_second = 0  # set by the benchmark in serve()
-        self._key = key_pair.private_key
+        self._key = signing_key(key_pair)
         self._ledger = ledger
         self._cheater = None if config.cheat is None else Cheater(config.cheat)
         self._layer_digests = () if weights.holds_all else tuple(layer.digest for layer in held)
@@ -264,15 +284,22 @@ class Provider:
                            per_address=config.address_share)
         self.acks = Pool("acks", capacity=config.max_ack_waiters, evict_oldest=True)
         self.credit = Credit(count=config.max_unacked, macs=config.max_unacked_gmacs * 10**9, hold_s=config.ack_timeout_s)
+        self.pricing = config.pricing()  # the asked price: fixed, or moving with the load (pricing.py)
         self._uploads: dict[Ticket, _Upload] = {}  # admitted requests reading their payload
         self._laggards: dict[ID, float] = {}  # peer -> until when it is benched (_bench), earliest first
         self._draining = 0  # refused streams being drained
         self._compute_s = 0.1  # moving average of one product, for BUSY retry hints
         self._stats = ProviderStats()
+        self._rejected: Counter[str] = Counter()  # refusals by wire error code, for rejections()
         self._advertiser: Advertiser | None = None
 
     def statistics(self) -> ProviderStats:
         return dataclasses.replace(self._stats, in_flight=len(self.places))
+
+    def rejections(self) -> Mapping[str, int]:
+        """Requests refused so far, by reason (the wire error code's name, e.g. "busy", "bad_frame"):
+        a read-only copy, so that a dashboard tells a flood of BUSY from forged or stale requests."""
+        return MappingProxyType(dict(self._rejected))
 
     def _bump(self, **deltas: int) -> None:
         s = self._stats
@@ -303,7 +330,7 @@ class Provider:
             backends=(BACKEND,),
             device=self.device,
             macs_per_second=self.macs_per_second,
-            price_per_gmac=self.config.price_per_gmac,
+            price_per_gmac=self._advertised_price(),
             free_slots=max(0, self.config.slots - len(self.places)),
             max_payload_size=self.config.max_payload_size,
             issued_at_ms=issued,
@@ -317,7 +344,18 @@ class Provider:
             max_unacked_gmacs=self.config.max_unacked_gmacs,
         )
 
+    def _advertised_price(self) -> int:
+        """The price an advert being built asks, as the load now sets it (remembered, to be honoured)."""
+        self.pricing.observe(self._load())
+        return self.pricing.advertise()
+
+    def _load(self) -> float:
+        """How full this provider is, for its price: admitted requests per compute slot, or the
+        largest share of its unacknowledged credit one client holds, whichever is larger."""
+        return max(len(self.places) / self.config.slots, self.credit.load(now=trio.current_time()))
+
     def _admission_changed(self) -> None:
+        self.pricing.observe(self._load())
         admitted = len(self.places)
         if admitted > self._stats.peak_in_flight:
             self._stats = dataclasses.replace(self._stats, peak_in_flight=admitted)
@@ -361,11 +399,11 @@ class Provider:
         try:
             request = check_request_header(
                 head.header,
-                peer=peer,
+                peer=peer.to_bytes(),
                 window=self.window,
                 lookup=self.weights.lookup,
                 now_ms=now_ms(),
-                min_price_per_gmac=self.config.price_per_gmac,
+                min_price_per_gmac=self.pricing.floor(),
                 min_contraction=self.config.min_contraction,
                 group=None if address is None else address.encode(),
                 check=self._check_request,
@@ -435,6 +473,7 @@ class Provider:
         client too slow, garbled or evicted: stop its stream, so that nothing it still sends is
         buffered for a stream nobody reads)."""
         self._bump(**({"busy": 1} if isinstance(exc, Busy) else {"errors": 1}))
+        self._rejected[exc.code.name.lower()] += 1
         reply = error_reply(exc, header)
         try:
             await send_frame(stream, seal(reply, self._key), timeout_s=self.config.header_timeout_s)
@@ -520,14 +559,14 @@ class Provider:
             # too slow sending its payload: stop reading it, and bench the peer
             too_slow = isinstance(exc, Busy) or (isinstance(exc, DeadlineExceeded) and exc.what != "computation")
             if too_slow:
-                self._bench(request.signer)
+                self._bench(ID(request.signer))
             await self._refuse(stream, exc, head.header, then="reset" if too_slow else "close")
             return None
         reply = ok_reply(
             request,
             result,
             key=self._key,
-            price_per_gmac=cfg.price_per_gmac,
+            price_per_gmac=self.pricing.charge(request.message.price_per_gmac),
             compute_time_us=compute_us,
             now_ms=now_ms(),
             payload_sha256=reply_digest,
@@ -555,7 +594,7 @@ class Provider:
                     read_timeout_s=self.config.ack_timeout_s,
                     frame_timeout_s=self.config.ack_timeout_s,
                 )
-                ack = verify_receipt_ack(frame, peer=peer, issued=issued)
+                ack = verify_receipt_ack(frame, peer=peer.to_bytes(), issued=issued)
         except ProtocolError as exc:  # no ack (the protocol makes it optional) or a bad one
             log.debug("no countersigned receipt from %s: %s", peer, exc)
             return
