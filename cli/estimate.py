@@ -152,9 +152,12 @@ def estimate(args: argparse.Namespace) -> Estimate:
                         seq_len=args.seq_len, n_layers_to_skip_for_backprop=args.skip_backprop, profile=args.profile,
                         eval_batches=args.eval_batches, gradient_accumulation_steps=args.accumulation,
                         micro_batches_in_flight=args.in_flight, precision=precision_of(args))
+    swarm = build_swarm(args)
+    # the simulated user states the uplink's rate (train --uplink-mbit), so big uploads may go side by side
     config = ClientConfig(max_chunks=args.max_chunks, split=args.split, upload_slots=args.upload_slots,
-                          hedge_min_s=args.hedge_min_s, timeout_min_s=args.timeout_min_s, request_ttl_s=args.request_ttl_s)
-    return simulate(workload, build_swarm(args), config, max_steps=args.max_steps or None)
+                          hedge_min_s=args.hedge_min_s, timeout_min_s=args.timeout_min_s, request_ttl_s=args.request_ttl_s,
+                          uplink_bps=swarm.client.up_bps)
+    return simulate(workload, swarm, config, max_steps=args.max_steps or None)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -113,7 +113,7 @@ class Client:
         self.up = None if shared else Resource("client uplink", c.up_bps)
         self.down = None if shared else Resource("client downlink", c.down_bps)
         self.crypto = FifoServers(sim, config.crypto_threads)
-        self.uploads = UploadGate(config.upload_slots, config.upload_window_bytes)  # the client's own rule (uploads.py)
+        self.uploads = UploadGate(config.upload_slots, config.upload_window_bytes, config.uplink_bps)  # the client's own rule (uploads.py)
         self.nodes: dict[ID, Node] = {}
         for i, spec in enumerate(swarm.providers):
             device = self.cpu if shared else Resource(f"provider {i} device", spec.parallelism)
@@ -352,10 +352,10 @@ class Attempt:
         self.node.attempts.add(self)
         self.client.uploads.request(self.run.payload, lambda: self.client.sim.after(0.0, self._upload_slot_taken))
 
-    def _release_upload(self) -> None:
+    def _release_upload(self, seconds: float = 0.0) -> None:
         if self.holds_upload:
             self.holds_upload = False
-            self.client.uploads.release(self.run.payload)
+            self.client.uploads.release(self.run.payload, seconds)
 
     def _upload_slot_taken(self) -> None:
         """The exchange proper (exchange.py): its deadline counts from here, not from the queue."""
@@ -382,7 +382,7 @@ class Attempt:
 
         def sent() -> None:
             self.flow = None
-            self._release_upload()
+            self._release_upload(self.client.sim.now - self.started)  # written whole: a measurement, as exchange.py's
             self.client.sim.after(self.node.spec.rtt_s / 2, self._arrive)
 
         self.flow = self.client.transfer(self.run.payload, (self.client.up, self.node.down), sent)

@@ -88,9 +88,9 @@ class CountingUploads(Uploads):
         self.held += 1
         self.taken_at.append(trio.current_time())
 
-    def release(self, nbytes: int) -> None:
+    def release(self, nbytes: int, seconds: float = 0.0) -> None:
         self.held -= 1
-        super().release(nbytes)
+        super().release(nbytes, seconds)
 
 
 async def test_the_upload_slot_is_held_while_writing_not_while_computing(weights: ModelWeights) -> None:
