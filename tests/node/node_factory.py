@@ -123,10 +123,17 @@ async def provider_process(
 ) -> AsyncIterator[ProviderProcess]:
     """:func:`launch_provider`, yielded once it prints its multiaddr, stopped after (even when the
     test is cancelled)."""
-    provider = launch_provider(model_dir, tmp_path, *args, bootstrap=bootstrap)
-    try:
-        await trio.to_thread.run_sync(provider.wait_addr, PROCESS_START_S, abandon_on_cancel=True)
+    async with serving(launch_provider(model_dir, tmp_path, *args, bootstrap=bootstrap)) as provider:
         yield provider
+
+
+@asynccontextmanager
+async def serving(process: ProviderProcess) -> AsyncIterator[ProviderProcess]:
+    """A launched provider process, yielded once it prints its multiaddr, stopped after (even when
+    the test is cancelled)."""
+    try:
+        await trio.to_thread.run_sync(process.wait_addr, PROCESS_START_S, abandon_on_cancel=True)
+        yield process
     finally:
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(provider.stop)
+            await trio.to_thread.run_sync(process.stop)

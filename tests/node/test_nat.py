@@ -29,7 +29,7 @@ from cipherswarm.node import ModelWeights, NodeHost, open_host
 from cipherswarm.node.nat import RelayServiceConfig, is_circuit
 from cipherswarm.node.nat.netns import LabUnavailable, NatLab
 
-from node_factory import PROCESS_BENCHMARK_S, PROCESS_START_S, random_operand, reference, session
+from node_factory import PROCESS_BENCHMARK_S, random_operand, reference, serving, session
 
 LAYER = "model.layers.1.self_attn.o_proj"
 
@@ -133,16 +133,6 @@ def _start_in(lab: NatLab, namespace: str, ip: str, run_dir: Path, name: str, mo
     return ProviderProcess(0, proc, log, 0, [], None)
 
 
-@asynccontextmanager
-async def _serving(process: ProviderProcess) -> AsyncIterator[ProviderProcess]:
-    try:
-        await trio.to_thread.run_sync(process.wait_addr, PROCESS_START_S, abandon_on_cancel=True)
-        yield process
-    finally:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(process.stop)
-
-
 @pytest.mark.slow
 async def test_provider_behind_nat_computes_through_the_relay(lab: NatLab, weights: ModelWeights, model_dir: Path,
                                                               tmp_path: Path) -> None:
@@ -150,10 +140,10 @@ async def test_provider_behind_nat_computes_through_the_relay(lab: NatLab, weigh
         # the relay is a provider too, holding another layer than the one asked for
         relay_proc = _start_in(lab, lab.public_ns, lab.relay_ip, tmp_path, "relay", model_dir, "--relay-service",
                                "--layers", "model.layers.0.*")
-        async with _serving(relay_proc) as relay:
+        async with serving(relay_proc) as relay:
             # --relay auto (the default): its bootstrap peer cannot dial it back, and relays
             home = _start_in(lab, lab.home_ns(0), lab.home_ip(0), tmp_path, "home", model_dir, "--bootstrap", relay.addr)
-            async with _serving(home):
+            async with serving(home):
                 assert home.addr == f"{relay.addr}/p2p-circuit/p2p/{home.peer_id}"
                 # NAT: nothing reaches the home address from the public side
                 with pytest.raises(OSError):
