@@ -28,7 +28,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -39,13 +39,35 @@ from .errors import ResumeError
 from .log import log_event
 from .records import StepRecord
 
-if TYPE_CHECKING:
-    from .trainer import LoraTrainer
-
 STATE_FILE = "trainer_state.pt"
 FORMAT = 1
 RUN_FILE = "finetune.json"  # in a checkpoint folder: the config, mode and "before" loss of its run
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class _Digest(Protocol):
+    def digest(self) -> str: ...
+
+
+class Checkpointable(Protocol):
+    """What a checkpoint is taken from and resumed into: the trainer's state (``LoraTrainer`` is one),
+    named here so that this module needs nothing from the loop that calls it."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    gradient_accumulation_steps: int
+    checkpoint_dir: Path | None
+    train_log_path: Path | None
+
+    @property
+    def global_step(self) -> int: ...
+
+    @property
+    def step_records(self) -> tuple[StepRecord, ...]: ...
+
+    @property
+    def remote(self) -> _Digest: ...
 
 
 def _loader_generators(loader: object) -> list[torch.Generator]:
@@ -139,7 +161,7 @@ class Position:
     saved_at: tuple[int, int] | None = None  # (epoch, done) of the last checkpoint
 
 
-def save(trainer: "LoraTrainer", at: Position) -> Path:
+def save(trainer: Checkpointable, at: Position) -> Path:
     """Checkpoint ``trainer`` after ``at.done`` micro-batches of ``at.epoch``, once per position: the
     folder of that position, written now or earlier."""
     folder = checkpoint_folder(trainer.checkpoint_dir, trainer.global_step)
@@ -160,7 +182,7 @@ def save(trainer: "LoraTrainer", at: Position) -> Path:
     return folder
 
 
-def resume(trainer: "LoraTrainer", where: str | Path | bool, at: Position) -> tuple[list[StepRecord], dict[str, Any]]:
+def resume(trainer: Checkpointable, where: str | Path | bool, at: Position) -> tuple[list[StepRecord], dict[str, Any]]:
     """Load a checkpoint (a folder, or True: the latest in ``trainer.checkpoint_dir``) into the
     trainer's model, optimizer and scheduler and into ``at``; return its step records and the RNG
     state at the checkpoint, for :func:`epoch_batches`."""
