@@ -15,7 +15,8 @@ stops (its docstring says why).
 
 Every host also runs circuit relay v2 and AutoNAT (node/nat/README.md): it dials relayed addresses,
 answers dial-back requests, relays for others with `relay_service`, and with `relay` holds a
-reservation on a relay and names itself by its relayed address.
+reservation on a relay and names itself by its relayed address. A bootstrap peer it loses (a relay
+that restarted) it dials again every REJOIN_S (`NodeHost.rejoin`).
 
 Bulk transfer. Payloads are tens of MB, and py-libp2p's stack costs its Python per message, not per
 byte: each 64 KiB yamux frame went out as two Noise messages (65,536 bytes do not fit in one
@@ -67,7 +68,7 @@ from multiaddr import Multiaddr
 
 from .cpu import TrioMeter
 from .logs import route_libp2p_logs
-from .nat import CircuitDialer, RelayReservation, RelayServiceConfig, StopGuard, circuit_protocol
+from .nat import CircuitDialer, RelayReservation, RelayServiceConfig, StopGuard, circuit_protocol, forget_failed_dial
 from .nat.autonat import auto_relay
 from .nat.autonat import serve as serve_autonat
 from .streams import YAMUX_FRAME, close_stream
@@ -77,6 +78,8 @@ log = logging.getLogger(__name__)
 LOOPBACK = Multiaddr("/ip4/127.0.0.1/tcp/0")
 """Default listen address: loopback, on a free port."""
 DIAL_TIMEOUT_S = 10.0
+REJOIN_S = 5.0
+"""How often a node dials again the bootstrap peers it lost (`NodeHost.rejoin`)."""
 GOSSIP_HEARTBEAT_S = 1
 READ_AHEAD = 1 << 20
 """Most bytes one socket read of a Noise session takes (module docstring, "Bulk transfer")."""
@@ -154,6 +157,24 @@ class NodeHost:
             except Exception as exc:  # a dead bootstrap peer must not stop the node
                 log.warning("cannot reach %s: %s", addr, exc or type(exc).__name__)
         return reached
+
+    async def rejoin(self, bootstrap: Sequence[Multiaddr]) -> None:
+        """Every REJOIN_S, dial again each bootstrap peer this node has no connection to. They are
+        how it hears adverts and reaches the DHT (and the relay of a node behind NAT is one), so
+        one that restarted must be joined again, not lost for the rest of the node's life."""
+        network = self.host.get_network()
+        while True:
+            await trio.sleep(REJOIN_S)
+            for addr in bootstrap:
+                try:
+                    peer = info_from_p2p_addr(addr).peer_id
+                    if network.get_connections(peer):
+                        continue
+                    forget_failed_dial(self.host, peer)  # this loop paces its own dials
+                    await self.connect(addr)
+                    log.info("joined bootstrap peer %s again", addr)
+                except Exception as exc:  # still gone: the next round tries again
+                    log.debug("bootstrap peer %s still out of reach: %s", addr, exc or type(exc).__name__)
 
 
 class _ConnectionQueue(INotifee):
@@ -385,6 +406,7 @@ async def open_host(
                     # Now rather than through the queue, so that a provider's first DHT record already
                     # reaches its bootstrap peers.
                     await _add_to_routing_table(dht, peer)
+                nursery.start_soon(node.rejoin, bootstrap)
                 if relay == "auto":
                     node.reservation = await auto_relay(autonat, host, bootstrap, guard)
                 elif relay is not None:

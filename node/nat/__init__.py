@@ -7,8 +7,9 @@ from .relay import (
     ReservationRefused,
     StopGuard,
     circuit_protocol,
+    forget_failed_dial,
     is_circuit,
 )
 
 __all__ = ["CircuitDialer", "RelayReservation", "RelayServiceConfig", "ReservationRefused", "StopGuard",
-           "circuit_protocol", "is_circuit"]
+           "circuit_protocol", "forget_failed_dial", "is_circuit"]

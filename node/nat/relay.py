@@ -60,6 +60,14 @@ def is_circuit(addr: Multiaddr) -> bool:
     return any(p.code == P_P2P_CIRCUIT for p in addr.protocols())
 
 
+def forget_failed_dial(host: IHost, peer: ID) -> None:
+    """Let `peer` be dialed at once. py-libp2p 0.8.1's swarm refuses every dial to a peer for 60 s
+    after one failed (its negative cache), so a relay or bootstrap peer that restarted would stay
+    out of reach for a minute after it is back; callers that dial such a peer on a schedule of
+    their own (with their own backoff) clear that block first."""
+    host.get_network().unblock_peer(peer)  # type: ignore[attr-defined]  # the swarm's, not on INetwork
+
+
 @dataclass(frozen=True, slots=True)
 class RelayServiceConfig:
     """What a relay gives the peers it serves; every field bounds memory, sockets or bytes a
@@ -245,6 +253,7 @@ class RelayReservation:
     async def reserve_once(self) -> float:
         """Connect to the relay if need be and reserve a slot; the reservation's expiry (unix time).
         Raises ReservationRefused, or the dial's or stream's error."""
+        forget_failed_dial(self._host, self.relay_id)  # `run`'s backoff paces these dials
         with trio.fail_after(RELAY_TIMEOUT_S):
             await self._host.connect(self._relay_info)
             stream = await self._host.new_stream(self.relay_id, [HOP_PROTOCOL_ID])

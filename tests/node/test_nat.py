@@ -2,18 +2,23 @@
 
 In-process tests on loopback check the reservation's life (a refusal says why; a lost one is made
 again), that a peer known only by its relayed address is dialed through the relay, and that
-`relay="auto"` leaves a reachable node direct. The NAT test builds network namespaces (node/nat/netns.py: a public bridge with this process and the relay, a
-home network behind a MASQUERADE router) and runs the relay and the provider as `cipherswarm
-provider` processes inside them: the provider finds itself unreachable (AutoNAT) and reserves on
-its bootstrap peer, the relay.
+`relay="auto"` leaves a reachable node direct, and that a restarted bootstrap peer is joined again.
+The NAT tests build network namespaces (node/nat/netns.py: a public bridge with this process and
+the relay, home networks each behind its own MASQUERADE router) and run the relay and the providers
+as `cipherswarm provider` processes inside them: a provider finds itself unreachable (AutoNAT) and
+reserves on its bootstrap peer, the relay. Through them the client computes one product, fine-tunes
+the bundled model through two NATed providers, and fine-tunes through a relay killed mid-run; the
+fine-tunes' losses are the clear integer run's, bit for bit.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,12 +27,16 @@ import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
 from cipherswarm.cli.localswarm import ProviderProcess
-from cipherswarm.node import ModelWeights, NodeHost, open_host
+from cipherswarm.node import ClientConfig, ClientStats, ModelWeights, NodeHost, SwarmClient, open_host
+from cipherswarm.node.host import REJOIN_S
 from cipherswarm.node.nat import RelayServiceConfig, is_circuit
 from cipherswarm.node.nat.netns import LabUnavailable, NatLab
+from cipherswarm.trainer.finetune import FinetuneConfig, FinetuneResult, finetune
+from cipherswarm.trainer.trainer import StepHook
 
 from node_factory import PROCESS_BENCHMARK_S, random_operand, reference, serving, session
 
@@ -93,6 +102,31 @@ async def test_a_lost_reservation_is_made_again_and_the_relayed_address_works() 
                         assert _relayed_connection(provider, client.peer_id)
 
 
+async def test_a_restarted_bootstrap_peer_is_joined_again() -> None:
+    """A node's bootstrap peer (a relay, say) stops, stays away past a failed dial, and comes back
+    on the same key and port: the node connects to it again by itself, within a few REJOIN_S,
+    though py-libp2p would refuse every dial to it for 60 s after the failed one."""
+    relay_key = create_new_key_pair()
+    with trio.fail_after(40):
+        async with trio.open_nursery() as nursery:
+            stop, stopped = trio.Event(), trio.Event()
+            relay_addr: Multiaddr = await nursery.start(_relay_until, stop, stopped, relay_key)
+            port = int(relay_addr.value_for_protocol("tcp"))
+            relay_id = info_from_p2p_addr(relay_addr).peer_id
+            async with open_host(create_new_key_pair(), bootstrap=[relay_addr]) as node:
+                network = node.host.get_network()
+                assert network.get_connections(relay_id)
+                stop.set()
+                await stopped.wait()
+                await trio.sleep(REJOIN_S + 1)  # a round of `rejoin` found it gone
+                assert not network.get_connections(relay_id)
+                async with _relay_node(relay_key, port):
+                    back = trio.current_time()
+                    while not network.get_connections(relay_id):
+                        await trio.sleep(0.1)
+                    assert trio.current_time() - back <= 2 * REJOIN_S
+
+
 async def test_auto_relay_leaves_a_reachable_node_direct() -> None:
     """On loopback the bootstrap peer dials back: public, so no reservation, though it relays."""
     with trio.fail_after(30):
@@ -113,17 +147,29 @@ async def test_a_node_without_reservation_takes_no_relayed_connection() -> None:
                 assert not client.host.get_network().get_connections(plain.peer_id)
 
 
-@pytest.fixture
-def lab() -> Iterator[NatLab]:
-    """One home network behind NAT; removed after the test, also when it fails."""
+@contextmanager
+def _lab(homes: int) -> Iterator[NatLab]:
+    """`homes` home networks, each behind its own NAT router; removed after the test, also when it fails."""
     try:
-        lab = NatLab(homes=1).open()
+        lab = NatLab(homes=homes).open()
     except LabUnavailable as exc:
         pytest.skip(str(exc))
     try:
         yield lab
     finally:
         lab.close()
+
+
+@pytest.fixture
+def lab() -> Iterator[NatLab]:
+    with _lab(1) as one:
+        yield one
+
+
+@pytest.fixture
+def two_homes() -> Iterator[NatLab]:
+    with _lab(2) as two:
+        yield two
 
 
 def _start_in(lab: NatLab, namespace: str, ip: str, run_dir: Path, name: str, model_dir: Path,
@@ -163,3 +209,108 @@ async def test_provider_behind_nat_computes_through_the_relay(lab: NatLab, weigh
                      "--ledger", str(tmp_path / "status.sqlite")], capture_stdout=True, capture_stderr=True)
                 rows = {line.split()[0]: line.split()[-1] for line in status.stdout.decode().splitlines()[1:]}
                 assert rows == {home.peer_id: "relayed", relay.peer_id: "direct"}
+
+
+# The bundled model, 3 small steps: through the relay a step moves about 95 MB (each product's mask
+# words come back for the whole 2048-token block).
+FINETUNE = FinetuneConfig(steps=3, seq_len=32, batch_size=2, eval_batches=1)
+# The relay is a provider too (a node has a model), asking 1 per GMAC; the client pays at most 0, so
+# every product is computed behind a NAT. Column chunks: a call goes to every provider it can use.
+NAT_CLIENT = ClientConfig(max_price_per_gmac=0, split="columns")
+
+
+def _relay(lab: NatLab, run_dir: Path) -> ProviderProcess:
+    """The relay on the public bridge, on the same key and port each time it is started."""
+    return _start_in(lab, lab.public_ns, lab.relay_ip, run_dir, "relay", FINETUNE.model_dir, "--relay-service",
+                     "--layers", "model.layers.0.*", "--price", "1")
+
+
+def _finetune_through(relay: str, ledger: Path, min_providers: int,
+                      on_step: StepHook | None = None) -> tuple[FinetuneResult, ClientStats]:
+    """FINETUNE as a client in this process (the public side), joining through the relay alone."""
+    with SwarmClient(model_dir=FINETUNE.model_dir, bootstrap=[relay], ledger=ledger, min_providers=min_providers,
+                     config=NAT_CLIENT) as client:
+        return finetune(FINETUNE, fhe="remote", executor=client, progress=False, on_step=on_step), client.stats()
+
+
+def _assert_same_as_clear_run(result: FinetuneResult) -> None:
+    """Every product is exact, so the encrypted run's losses are the clear integer run's, bit for bit."""
+    clear = finetune(FINETUNE, fhe="simulate", progress=False)
+    assert result.losses == clear.losses and len(result.losses) == FINETUNE.steps
+    assert result.eval_before == clear.eval_before and result.eval_after == clear.eval_after
+
+
+@pytest.mark.slow
+async def test_a_fine_tune_through_two_providers_behind_two_nats_equals_the_clear_run(two_homes: NatLab,
+                                                                                       tmp_path: Path) -> None:
+    lab = two_homes
+    with trio.fail_after(240):
+        async with serving(_relay(lab, tmp_path)) as relay:
+            homes = [_start_in(lab, lab.home_ns(k), lab.home_ip(k), tmp_path, f"home{k}", FINETUNE.model_dir,
+                               "--bootstrap", relay.addr) for k in range(2)]
+            async with serving(homes[0]) as first, serving(homes[1]) as second:
+                for home in (first, second):  # each found itself unreachable and reserved on the relay
+                    assert home.addr == f"{relay.addr}/p2p-circuit/p2p/{home.peer_id}"
+                result, stats = await trio.to_thread.run_sync(_finetune_through, relay.addr, tmp_path / "c.sqlite", 3,
+                                                              abandon_on_cancel=True)
+    # Both served, known only by relayed addresses; this namespace has no route to a home network
+    # (NatLab), so every chunk came through the relay.
+    assert set(stats.chunks_by_peer) == {first.peer_id, second.peer_id}
+    assert all(stats.chunks_by_peer[p] >= 10 for p in stats.chunks_by_peer)
+    views = {v.peer: v for v in stats.peers}
+    assert views[first.peer_id].relayed and views[second.peer_id].relayed and not views[relay.peer_id].relayed
+    _assert_same_as_clear_run(result)
+    print(f"losses {result.losses}, chunks {stats.chunks_by_peer}, {stats.bytes_received / 1e6:.0f} MB received")
+
+
+RELAY_DOWN_S = 8.0
+"""How long the killed relay stays away: longer than the provider's adverts live (3 x 2 s)."""
+
+
+@pytest.mark.slow
+async def test_a_relay_killed_mid_training_comes_back_and_nothing_is_lost(lab: NatLab, tmp_path: Path) -> None:
+    """The relay is SIGKILLed while step 2's products cross it, and restarted on its key and port: the
+    provider reserves again, the client's failed calls are retried, and the run is the clear one."""
+    stepped = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def after(done: int) -> None:
+        if done == 1:
+            trio.from_thread.run_sync(stepped.set, trio_token=token)
+
+    with trio.fail_after(300):
+        relay = _relay(lab, tmp_path)
+        async with serving(relay):
+            home = _start_in(lab, lab.home_ns(0), lab.home_ip(0), tmp_path, "home", FINETUNE.model_dir,
+                             "--bootstrap", relay.addr)
+            async with serving(home), trio.open_nursery() as nursery:
+                outcome: list[tuple[FinetuneResult, ClientStats]] = []
+
+                async def train() -> None:
+                    outcome.append(await trio.to_thread.run_sync(_finetune_through, relay.addr, tmp_path / "c.sqlite",
+                                                                 2, after, abandon_on_cancel=True))
+
+                nursery.start_soon(train)
+                await stepped.wait()
+                await trio.sleep(1.0)  # step 2's calls are under way
+                os.kill(relay.proc.pid, signal.SIGKILL)
+                assert await trio.to_thread.run_sync(relay.proc.wait) == -signal.SIGKILL
+                killed_at = trio.current_time()
+                assert not outcome  # still training
+                # The client forgets the provider meanwhile, and must hear of it again through the
+                # relay once the relay is back (`NodeHost.rejoin`).
+                await trio.sleep(RELAY_DOWN_S)
+                async with serving(_relay(lab, tmp_path)) as back:
+                    assert back.addr == relay.addr
+                    back_at = trio.current_time()
+                    while not outcome:
+                        await trio.sleep(0.2)
+                    done_at = trio.current_time()
+    result, stats = outcome[0]
+    assert stats.chunks_by_peer.keys() == {home.peer_id}
+    assert stats.retries >= 1  # the calls cut with the relay's connections were made again
+    assert home.log.read_text().count("reserved a slot on relay") == 2  # on the relay, then on its restart
+    _assert_same_as_clear_run(result)
+    print(f"relay down {back_at - killed_at:.1f} s, training done {done_at - back_at:.1f} s after it was back; "
+          f"losses {result.losses}, chunks {stats.chunks_by_peer}, retries {stats.retries}, "
+          f"failures {stats.failures_by_peer}, bans {stats.bans}")
