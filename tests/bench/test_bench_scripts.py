@@ -22,7 +22,7 @@ def _bench(script: str, *args: str, timeout: float = 600) -> str:
 
 @pytest.mark.slow
 def test_all_benchmarks_run_in_one_command() -> None:
-    out = _bench("all.py", "--quick", timeout=900)
+    out = _bench("all.py", "--quick", timeout=130)  # 100 s measured on 2 busy cores
     exact = [line for line in out.splitlines() if line.strip().startswith("exact (decrypt(matmul(encrypt(x))) == x @ w)")]
     assert len(exact) == 2 and all("True" in line for line in exact)  # both encryption profiles
     summary = out[out.index("\nsummary ("):]
@@ -35,7 +35,7 @@ def test_all_benchmarks_run_in_one_command() -> None:
 @pytest.mark.slow
 def test_client_memory_runs_every_part(tmp_path: Path) -> None:
     """bench/client_memory.py --quick: writes its checkpoint tensor by tensor, measures (a), (b) and (c)."""
-    out = _bench("client_memory.py", "--quick", "--cache", str(tmp_path), "--tokens", "128")
+    out = _bench("client_memory.py", "--quick", "--cache", str(tmp_path), "--tokens", "128", timeout=90)  # 56 s measured
     for part in ("(a) RSS after load + prepare", "(b) client-held state per remote base weight", "(c) one remote step"):
         assert part in out, part
     per_weight = float(out.split("(b) client-held state per remote base weight: ")[1].split(" B")[0])
@@ -45,7 +45,7 @@ def test_client_memory_runs_every_part(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_accuracy_bench_prints_its_table(tmp_path: Path) -> None:
     """bench/accuracy.py --quick: converts the packaged GGUF, prints the table and a short fine-tune."""
-    out = _bench("accuracy.py", "--quick", "--cache", str(tmp_path), "--finetune-steps", "2")
+    out = _bench("accuracy.py", "--quick", "--cache", str(tmp_path), "--finetune-steps", "2", timeout=400)  # 307 s measured
     table = out[out.index("held-out tokens"):out.index("\nprovider:")]
     rows = [line.split() for line in table.splitlines() if line.strip().startswith(("8/8/8", "14/8/11"))]
     assert [r[0] for r in rows] == ["8/8/8", "14/8/11"]
@@ -57,7 +57,7 @@ def test_accuracy_bench_prints_its_table(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_market_bench_prints_each_preference(tmp_path: Path) -> None:
     """bench/market.py on two one-step testnets: a row per preference, shares summing to 1, the saving line."""
-    out = _bench("market.py", "--steps", "1", "--prefer", "price", "speed", "--out", str(tmp_path), timeout=900)
+    out = _bench("market.py", "--steps", "1", "--prefer", "price", "speed", "--out", str(tmp_path), timeout=130)  # 96 s measured
     rows = {r[0]: r for r in (line.split() for line in out.splitlines()) if r and r[0] in ("price", "speed")}
     assert set(rows) == {"price", "speed"}
     for r in rows.values():

