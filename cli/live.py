@@ -77,10 +77,11 @@ class SwarmView:
             + f"   elapsed {time.monotonic() - self.started:.0f} s"
         )
         table = Table(expand=False, title="providers, as the client sees them", title_justify="left")
-        for col in ("", "peer", "price/GMAC", "MAC/s adv.", "MAC/s meas.", "latency", "chunks", "failures", "status"):
-            table.add_column(col, justify="right" if col not in ("", "peer", "status") else "left")
+        for col in ("", "peer", "path", "price/GMAC", "MAC/s adv.", "MAC/s meas.", "latency", "chunks", "failures", "status"):
+            table.add_column(col, justify="right" if col not in ("", "peer", "path", "status") else "left")
         for p in st.peers if st is not None else ():
-            table.add_row(self.names.get(p.peer, "?"), p.peer[:14] + "..", str(p.price_per_gmac), f"{p.macs_per_second:.3g}",
+            table.add_row(self.names.get(p.peer, "?"), p.peer[:14] + "..", "relayed" if p.relayed else "direct",
+                          str(p.price_per_gmac), f"{p.macs_per_second:.3g}",
                           f"{p.measured_macs_per_second:.3g}", f"{p.latency_s * 1e3:.0f} ms", str(p.chunks), str(p.failures),
                           p.banned or "ok")
         parts: list[Any] = [head, table]

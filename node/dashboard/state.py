@@ -92,7 +92,7 @@ class Snapshot:
 
 
 _PEER_FIELDS = ("peer", "device", "layers", "macs_per_second", "measured_macs_per_second", "latency_s", "price_per_gmac",
-                "free_slots", "reputation", "failures", "chunks", "banned")
+                "free_slots", "reputation", "failures", "chunks", "banned", "relayed")
 _CLIENT_FIELDS = ("calls", "chunks", "bytes_sent", "bytes_received", "macs", "paid", "retries", "hedges", "timeouts",
                   "busy", "verification_failures", "key_rotations")
 _PROVIDER_FIELDS = ("requests", "served", "busy", "errors", "acks", "macs", "earned", "in_flight", "peak_in_flight")

@@ -123,10 +123,11 @@ async def send_malformed_request(provider_addr: str) -> None:
 
 
 def a_client_snapshot() -> Snapshot:
-    """A client's snapshot with an unmeasured (infinite) latency and a hostile device string."""
+    """A client's snapshot with an unmeasured (infinite) latency, a hostile device string and a
+    provider reached through a relay."""
     peer = PeerView(peer="12D3KooWpeer", addrs=("/ip4/10.0.0.1/tcp/1",), device="<img src=x onerror=alert(1)>",
                     layers=None, macs_per_second=10**9, measured_macs_per_second=math.inf, latency_s=math.inf,
-                    price_per_gmac=10, free_slots=2, reputation=0.5, failures=0, chunks=0, banned="")
+                    price_per_gmac=10, free_slots=2, reputation=0.5, failures=0, chunks=0, banned="", relayed=True)
     stats = ClientStats(bytes_sent=123, paid=7, peers=(peer,))
     return Snapshot(role="client", taken_at=0.0, uptime_s=1.0, peers=stats.peers, client=stats,
                     steps=(StepPoint(step=1, loss=2.5, eval_loss=None, tokens_per_s=10.0, bytes_sent=1, bytes_received=2),),

@@ -102,7 +102,7 @@ def test_a_client_page_shows_peer_strings_as_text() -> None:
         driver.get(bound.url)
         wait_for(lambda: card(driver, "step") == "1 / 3", 20, "the client's figures")
         cells = driver.execute_script("return [...document.querySelectorAll('#peers tbody td')].map((td) => td.textContent)")
-        assert cells[1] == "<img src=x onerror=alert(1)>" and cells[5] == "–" and cells[11] == "7"
+        assert cells[1] == "relayed" and cells[2] == "<img src=x onerror=alert(1)>" and cells[6] == "–" and cells[12] == "7"
         assert driver.execute_script("return document.querySelectorAll('#peers img').length") == 0
         assert card(driver, "loss") == "2.5000" and card(driver, "paid") == "7"
         assert pixel_spread(driver.get_screenshot_as_png()) > BLANK_SPREAD

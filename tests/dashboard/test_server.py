@@ -69,6 +69,7 @@ async def test_the_server_is_read_only_and_bounded() -> None:
         doc = json.loads(body)
         assert status == 200 and headers["content-type"] == "application/json"
         assert doc["peers"][0]["latency_s"] is None and doc["spend"] == {"12D3KooWpeer": 7}
+        assert doc["peers"][0]["relayed"] is True  # the path to it, as `cipherswarm status` shows it
         assert "addrs" not in doc["peers"][0]  # named fields only
         assert "default-src 'none'" in headers["content-security-policy"]
         status, headers, body = await http(bound.port, get("/"))

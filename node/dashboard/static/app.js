@@ -131,7 +131,7 @@ function renderClient(state) {
   drawLoss(steps);
   document.getElementById("peers-section").hidden = false;
   fillTable("peers", state.peers.map((p) => [
-    p.peer, p.device, p.layers === null ? "all" : String(p.layers), human(p.macs_per_second),
+    p.peer, p.relayed ? "relayed" : "direct", p.device, p.layers === null ? "all" : String(p.layers), human(p.macs_per_second),
     human(p.measured_macs_per_second), p.latency_s === null ? "–" : `${Math.round(p.latency_s * 1000)} ms`,
     String(p.price_per_gmac), String(p.free_slots), fixed(p.reputation, 2), String(p.chunks), String(p.failures),
     String(state.spend[p.peer] || 0), p.banned ? { text: p.banned, cls: "banned" } : "ok",
