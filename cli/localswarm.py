@@ -13,13 +13,33 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from multiaddr import Multiaddr
 
 from cipherswarm.fhe_backend.quant import WEIGHT_BITS
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """While open, SIGTERM stops this process as Ctrl-C does (KeyboardInterrupt, through trio's own
+    handler where one is installed), so that the code owning provider processes stops them: a
+    process killed by SIGTERM, a service manager's or a test harness's, would otherwise leave its
+    providers running with nobody to stop them."""
+    def interrupt(signum: int, frame: object) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler):  # SIGINT ignored (a background job): nobody else will raise it
+            raise KeyboardInterrupt
+        handler(signal.SIGINT, frame)  # raises KeyboardInterrupt now, or trio's, once it is safe to
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass

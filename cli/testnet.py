@@ -20,7 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
-from cipherswarm.cli.localswarm import ProviderProcess, start_provider
+from cipherswarm.cli.localswarm import ProviderProcess, start_provider, terminate_as_interrupt
 from cipherswarm.cli.provider import CHEATS
 from cipherswarm.cli.bits import add_precision_arguments, add_profile_argument, precision_of
 from cipherswarm.cli.dashboard import add_dashboard_argument, client_dashboard
@@ -84,69 +84,70 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     route_libp2p_logs(run_dir / "client.log")
     providers: list[ProviderProcess] = []
-    try:
-        print(f"starting {args.providers} providers on 127.0.0.1 (logs in {run_dir}) ...", flush=True)
-        first = start_testnet_provider(0, args, None, run_dir)
-        providers.append(first)
-        first.wait_addr(args.startup_timeout)
-        providers += [start_testnet_provider(i, args, first.addr, run_dir) for i in range(1, args.providers)]
-        for p in providers[1:]:
-            p.wait_addr(args.startup_timeout)
-        for p in providers:
-            role = f"cheats ({p.cheat})" if p.cheat else "honest"
-            held = ", ".join(p.layers) if p.layers else "all layers"
-            print(f"  provider {p.index}: {p.addr}  price {p.price}/GMAC  {held}  {role}")
+    with terminate_as_interrupt():  # SIGTERM too stops the providers (`finally`)
+        try:
+            print(f"starting {args.providers} providers on 127.0.0.1 (logs in {run_dir}) ...", flush=True)
+            first = start_testnet_provider(0, args, None, run_dir)
+            providers.append(first)
+            first.wait_addr(args.startup_timeout)
+            providers += [start_testnet_provider(i, args, first.addr, run_dir) for i in range(1, args.providers)]
+            for p in providers[1:]:
+                p.wait_addr(args.startup_timeout)
+            for p in providers:
+                role = f"cheats ({p.cheat})" if p.cheat else "honest"
+                held = ", ".join(p.layers) if p.layers else "all layers"
+                print(f"  provider {p.index}: {p.addr}  price {p.price}/GMAC  {held}  {role}")
 
-        precision = precision_of(args)
-        config = FinetuneConfig(model_dir=args.model, data_dir=args.data, steps=args.steps, seed=args.seed,
-                                forward_bits=precision.forward_bits, backward_bits=precision.backward_bits,
-                                weight_bits=precision.weight_bits, gradient_accumulation_steps=args.accumulation,
-                                profile=args.profile)
-        victim = next((p for p in providers[1:] if not p.cheat and not p.layers), None) if args.kill_one else None
-        with SwarmClient(model_dir=args.model, bootstrap=[first.addr], identity=run_dir / "client.key",
-                         ledger=run_dir / "ledger.sqlite", precision=config.precision, profile=config.profile,
-                         min_providers=args.providers, config=client_config(args)) as client:
-            view = SwarmView(client=client, steps=args.steps, names={p.peer_id: f"p{p.index}" for p in providers})
+            precision = precision_of(args)
+            config = FinetuneConfig(model_dir=args.model, data_dir=args.data, steps=args.steps, seed=args.seed,
+                                    forward_bits=precision.forward_bits, backward_bits=precision.backward_bits,
+                                    weight_bits=precision.weight_bits, gradient_accumulation_steps=args.accumulation,
+                                    profile=args.profile)
+            victim = next((p for p in providers[1:] if not p.cheat and not p.layers), None) if args.kill_one else None
+            with SwarmClient(model_dir=args.model, bootstrap=[first.addr], identity=run_dir / "client.key",
+                             ledger=run_dir / "ledger.sqlite", precision=config.precision, profile=config.profile,
+                             min_providers=args.providers, config=client_config(args)) as client:
+                view = SwarmView(client=client, steps=args.steps, names={p.peer_id: f"p{p.index}" for p in providers})
 
-            def on_step(step: int) -> None:
-                if victim is not None and not victim.killed and step >= args.steps // 2:
-                    victim.proc.kill()
-                    victim.killed = True
-                    view.note(f"killed provider {victim.index} at step {step}")
+                def on_step(step: int) -> None:
+                    if victim is not None and not victim.killed and step >= args.steps // 2:
+                        victim.proc.kill()
+                        victim.killed = True
+                        view.note(f"killed provider {victim.index} at step {step}")
 
-            view.on_step = on_step
+                view.on_step = on_step
 
-            def records() -> tuple:
-                return () if view.trainer is None else view.trainer.step_records
+                def records() -> tuple:
+                    return () if view.trainer is None else view.trainer.step_records
 
-            with live(view), client_dashboard(args.dashboard, client, steps=args.steps, records=records):
-                result = finetune(config, fhe="remote", executor=client, progress=False, on_trainer=view.watch,
-                                  in_flight=args.in_flight)
-            swarm = client.stats()
-        print(f"encrypted fine-tune: {len(result.losses)} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
-              f"held-out {result.eval_before:.4f} -> {result.eval_after:.4f} ({result.wall_s:.0f} s)")
-        print(accuracy_line(result))
-        plain = None
-        if not args.no_compare:
-            print("plaintext fine-tune of the same seed, for comparison ...", flush=True)
-            plain = finetune(config, fhe="disable", progress=False)
-            print(f"plaintext fine-tune: loss {plain.losses[0]:.4f} -> {plain.losses[-1]:.4f}, "
-                  f"held-out {plain.eval_before:.4f} -> {plain.eval_after:.4f} ({plain.wall_s:.1f} s)")
-        extra = {"providers": [{"index": p.index, "peer": p.peer_id, "addr": p.addr, "price_per_gmac": p.price,
-                                "layers": p.layers or "all", "cheat": p.cheat, "killed": p.killed} for p in providers]}
-        summary = report(result, swarm=swarm, plain=plain, extra=extra)
-        save(args.out, result, summary, plain=plain)
-        if plain is not None:
-            print(f"final loss, encrypted vs plaintext: {summary['final_loss_difference_pct']}% apart")
-        for peer, reason in swarm.bans.items():
-            print(f"banned {view.names.get(peer, peer)}: {reason}")
-        for line in sample_lines(result):
-            print(line)
-        print(f"wrote {args.out / 'adapter'}, {args.out / 'loss.png'}, {args.out / 'report.json'}")
-        return 0
-    except KeyboardInterrupt:
-        print("\ninterrupted: stopping providers", file=sys.stderr)
-        return 130
-    finally:
-        for p in providers:
-            p.stop()
+                with live(view), client_dashboard(args.dashboard, client, steps=args.steps, records=records):
+                    result = finetune(config, fhe="remote", executor=client, progress=False, on_trainer=view.watch,
+                                      in_flight=args.in_flight)
+                swarm = client.stats()
+            print(f"encrypted fine-tune: {len(result.losses)} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, "
+                  f"held-out {result.eval_before:.4f} -> {result.eval_after:.4f} ({result.wall_s:.0f} s)")
+            print(accuracy_line(result))
+            plain = None
+            if not args.no_compare:
+                print("plaintext fine-tune of the same seed, for comparison ...", flush=True)
+                plain = finetune(config, fhe="disable", progress=False)
+                print(f"plaintext fine-tune: loss {plain.losses[0]:.4f} -> {plain.losses[-1]:.4f}, "
+                      f"held-out {plain.eval_before:.4f} -> {plain.eval_after:.4f} ({plain.wall_s:.1f} s)")
+            extra = {"providers": [{"index": p.index, "peer": p.peer_id, "addr": p.addr, "price_per_gmac": p.price,
+                                    "layers": p.layers or "all", "cheat": p.cheat, "killed": p.killed} for p in providers]}
+            summary = report(result, swarm=swarm, plain=plain, extra=extra)
+            save(args.out, result, summary, plain=plain)
+            if plain is not None:
+                print(f"final loss, encrypted vs plaintext: {summary['final_loss_difference_pct']}% apart")
+            for peer, reason in swarm.bans.items():
+                print(f"banned {view.names.get(peer, peer)}: {reason}")
+            for line in sample_lines(result):
+                print(line)
+            print(f"wrote {args.out / 'adapter'}, {args.out / 'loss.png'}, {args.out / 'report.json'}")
+            return 0
+        except KeyboardInterrupt:
+            print("\ninterrupted: stopping providers", file=sys.stderr)
+            return 130
+        finally:
+            for p in providers:
+                p.stop()

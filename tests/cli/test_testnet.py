@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,42 @@ def test_testnet_bans_a_cheater_survives_a_crash_and_matches_simulate(tmp_path: 
     assert "quantization (14-bit activations, 8-bit gradients, 11-bit weights): on the first batch logits" in proc.stdout
     assert (out / "loss.png").stat().st_size > 10_000
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Pids of the live processes whose command line contains `text` (Linux /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(entry.name))
+        except OSError:  # it ended while being read
+            continue
+    return pids
+
+
+def test_sigterm_stops_the_testnet_and_its_providers(tmp_path: Path) -> None:
+    """A testnet stopped by SIGTERM (a service manager, a CI job's cancellation) stops its provider
+    processes, as Ctrl-C does: none is left running with nobody to stop it."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "cipherswarm.cli", "testnet", "--providers", "2", "--steps", "50", "--no-compare",
+           "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # both providers serve once the second one's address is printed
+            if line.startswith("  provider 1:"):
+                break
+        providers = _processes_naming(str(out / "swarm"))
+        assert len(providers) == 2, providers
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "interrupted: stopping providers" in proc.stderr.read()  # type: ignore[union-attr]
+    assert _processes_naming(str(out / "swarm")) == []
 
 
 def test_testnet_refuses_all_malicious(tmp_path: Path) -> None:
