@@ -145,7 +145,10 @@ def run(args: argparse.Namespace) -> int:
                 print(line)
             print(f"wrote {args.out / 'adapter'}, {args.out / 'loss.png'}, {args.out / 'report.json'}")
             return 0
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, BaseExceptionGroup) as exc:
+            # an interrupt that reached the client's trio tasks comes out of their nursery in a group
+            if isinstance(exc, BaseExceptionGroup) and exc.split(KeyboardInterrupt)[1] is not None:
+                raise  # something else failed as well: not (only) an interrupt
             print("\ninterrupted: stopping providers", file=sys.stderr)
             return 130
         finally:
