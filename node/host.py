@@ -406,7 +406,8 @@ async def open_host(
                     # Now rather than through the queue, so that a provider's first DHT record already
                     # reaches its bootstrap peers.
                     await _add_to_routing_table(dht, peer)
-                nursery.start_soon(node.rejoin, bootstrap)
+                if bootstrap:  # nothing to rejoin otherwise: no wake-ups every REJOIN_S
+                    nursery.start_soon(node.rejoin, bootstrap)
                 if relay == "auto":
                     node.reservation = await auto_relay(autonat, host, bootstrap, guard)
                 elif relay is not None:
