@@ -23,13 +23,27 @@ from multiaddr import Multiaddr
 from cipherswarm.fhe_backend.quant import WEIGHT_BITS
 
 
+@dataclass
+class Termination:
+    """Whether SIGTERM arrived while ``terminate_as_interrupt`` was open.
+
+    The KeyboardInterrupt it raises can surface as another exception: raised inside a native
+    extension's callback (safetensors reading a tensor, say), it comes back as that extension's
+    ValueError. Whatever fails after SIGTERM is then the stop the signal asked for, not a bug."""
+
+    requested: bool = False
+
+
 @contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
+def terminate_as_interrupt() -> Iterator[Termination]:
     """While open, SIGTERM stops this process as Ctrl-C does (KeyboardInterrupt, through trio's own
     handler where one is installed), so that the code owning provider processes stops them: a
     process killed by SIGTERM, a service manager's or a test harness's, would otherwise leave its
     providers running with nobody to stop them."""
+    termination = Termination()
+
     def interrupt(signum: int, frame: object) -> None:
+        termination.requested = True
         handler = signal.getsignal(signal.SIGINT)
         if not callable(handler):  # SIGINT ignored (a background job): nobody else will raise it
             raise KeyboardInterrupt
@@ -37,7 +51,7 @@ def terminate_as_interrupt() -> Iterator[None]:
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        yield
+        yield termination
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     route_libp2p_logs(run_dir / "client.log")
     providers: list[ProviderProcess] = []
-    with terminate_as_interrupt():  # SIGTERM too stops the providers (`finally`)
+    with terminate_as_interrupt() as termination:  # SIGTERM too stops the providers (`finally`)
         try:
             print(f"starting {args.providers} providers on 127.0.0.1 (logs in {run_dir}) ...", flush=True)
             first = start_testnet_provider(0, args, None, run_dir)
@@ -145,10 +145,13 @@ def run(args: argparse.Namespace) -> int:
                 print(line)
             print(f"wrote {args.out / 'adapter'}, {args.out / 'loss.png'}, {args.out / 'report.json'}")
             return 0
-        except (KeyboardInterrupt, BaseExceptionGroup) as exc:
-            # an interrupt that reached the client's trio tasks comes out of their nursery in a group
-            if isinstance(exc, BaseExceptionGroup) and exc.split(KeyboardInterrupt)[1] is not None:
-                raise  # something else failed as well: not (only) an interrupt
+        except BaseException as exc:
+            # an interrupt that reached the client's trio tasks comes out of their nursery in a group;
+            # after SIGTERM, whatever failed is the stop it asked for (see localswarm.Termination)
+            only_interrupts = isinstance(exc, KeyboardInterrupt) or (
+                isinstance(exc, BaseExceptionGroup) and exc.split(KeyboardInterrupt)[1] is None)
+            if not (only_interrupts or termination.requested):
+                raise  # something else failed: not (only) an interrupt
             print("\ninterrupted: stopping providers", file=sys.stderr)
             return 130
         finally:

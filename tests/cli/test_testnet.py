@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,23 @@ def test_sigterm_stops_the_testnet_and_its_providers(tmp_path: Path) -> None:
     err = proc.stderr.read()  # type: ignore[union-attr]
     assert proc.returncode == 130 and "interrupted: stopping providers" in err, err[-3000:]
     assert _processes_naming(str(out / "swarm")) == []
+
+
+def test_sigterm_is_remembered_whatever_exception_it_surfaces_as() -> None:
+    """SIGTERM raised inside a native extension's callback can come back as that extension's own
+    error (safetensors turned one into a ValueError while the testnet loaded its model, so the
+    testnet exited 1 instead of 130). The launcher keeps the fact that SIGTERM arrived, and
+    SIGTERM outside the block is back to its previous handler."""
+    from cipherswarm.cli.localswarm import terminate_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with terminate_as_interrupt() as termination:
+        assert not termination.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at the next bytecode; this is never reached
+        assert termination.requested
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_testnet_refuses_all_malicious(tmp_path: Path) -> None:
