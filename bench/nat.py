@@ -96,7 +96,7 @@ async def dcutr_node(role: str, listen: str, target: str | None) -> None:
 
     async with open_host(create_new_key_pair(), listen=[Multiaddr(listen)],
                          relay_service=RelayServiceConfig() if role == "relay" else None,
-                         relay=Multiaddr(target) if role == "home" and target else None) as node:
+                         relay=[Multiaddr(target)] if role == "home" and target else None) as node:
         dcutr = DCUtRProtocol(node.host)
         async with background_trio_service(dcutr):
             print(node.addrs()[0], flush=True)

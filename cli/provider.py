@@ -151,11 +151,12 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
 def _add_relay(p: argparse.ArgumentParser) -> None:
     """Circuit relay v2 (node/nat/README.md): serving as a relay, and being reached through one."""
     nat = p.add_argument_group("NAT", "a provider behind a NAT router is reached through a relay, without port forwarding")
-    nat.add_argument("--relay", default="auto", metavar="auto|off|MULTIADDR",
+    nat.add_argument("--relay", action="append", metavar="auto|off|MULTIADDR",
                      help="a relay's full multiaddr (/ip4/.../tcp/.../p2p/RELAY): hold a reservation there, renewed and "
                           "made again when lost, and advertise the relayed address instead of the listen address; "
-                          "auto (default): only if the bootstrap peers cannot dial back (AutoNAT), on the first of "
-                          "them that relays; off: never")
+                          "repeat it to name relays to fail over to, in order. auto (default): only if the bootstrap "
+                          "peers cannot dial back (AutoNAT), on the first of them that relays, the others to fail "
+                          "over to; off: never")
     nat.add_argument("--relay-service", action="store_true", help="relay for other nodes (circuit relay v2 hop)")
     nat.add_argument("--relay-slots", type=int, default=None, metavar="N",
                      help="reservations held at once (default 128; 0 refuses every one)")
@@ -174,7 +175,7 @@ RELAY_FLAGS = {"relay_slots": "slots", "relay_reservation_ttl": "reservation_ttl
                "relay_circuit_duration": "circuit_duration_s", "relay_circuit_bytes": "circuit_bytes"}
 
 
-def relay_options(args: argparse.Namespace) -> tuple[RelayServiceConfig | None, Multiaddr | Literal["auto"] | None]:
+def relay_options(args: argparse.Namespace) -> tuple[RelayServiceConfig | None, list[Multiaddr] | Literal["auto"] | None]:
     """open_host's `relay_service` and `relay` from the NAT flags; ValueError for a bad address or a
     limit out of range."""
     from multiaddr import Multiaddr
@@ -187,14 +188,17 @@ def relay_options(args: argparse.Namespace) -> tuple[RelayServiceConfig | None, 
                                         if getattr(args, flag) is not None})
     elif any(getattr(args, flag) is not None for flag in RELAY_FLAGS):
         raise ValueError("the --relay-* limits need --relay-service")
-    relay: Multiaddr | Literal["auto"] | None = None
-    if args.relay == "auto":
-        relay = "auto"
-    elif args.relay != "off":
-        relay = Multiaddr(args.relay)
-        if "/p2p/" not in args.relay or "p2p-circuit" in args.relay:
-            raise ValueError(f"--relay needs a relay's full multiaddr ending in /p2p/<peer id>, got {args.relay}")
-    return service, relay
+    given = args.relay or ["auto"]
+    if len(given) > 1 and {"auto", "off"} & set(given):
+        raise ValueError("--relay auto and --relay off stand alone; repeat --relay only with relays' addresses")
+    if given == ["auto"]:
+        return service, "auto"
+    if given == ["off"]:
+        return service, None
+    for addr in given:
+        if "/p2p/" not in addr or "p2p-circuit" in addr:
+            raise ValueError(f"--relay needs a relay's full multiaddr ending in /p2p/<peer id>, got {addr}")
+    return service, [Multiaddr(addr) for addr in given]
 
 
 async def _stop_on_sigterm(cancel_scope: trio.CancelScope) -> None:

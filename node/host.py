@@ -97,7 +97,7 @@ class NodeHost:
     key_pair: KeyPair
     cpu: TrioMeter  # the trio thread's CPU by part; its Noise sessions book "noise" to it
     dialer: CircuitDialer | None = None  # reaches peers through their relays
-    reservation: RelayReservation | None = None  # the relay slot this node holds (`--relay ADDR`)
+    reservation: RelayReservation | None = None  # the relay slot this node holds (`--relay ADDR ...`)
 
     @property
     def peer_id(self) -> ID:
@@ -359,16 +359,17 @@ async def open_host(
     dht_mode: DHTMode = DHTMode.SERVER,
     bootstrap: Sequence[Multiaddr] = (),
     relay_service: RelayServiceConfig | None = None,
-    relay: Multiaddr | Literal["auto"] | None = None,
+    relay: Sequence[Multiaddr] | Literal["auto"] | None = None,
 ) -> AsyncIterator[NodeHost]:
     """Start a host listening on `listen` with gossipsub and the DHT, dial `bootstrap`, and stop
     everything on exit. Providers run the DHT as servers, clients as clients.
 
     Every host can dial peers known only by relayed addresses (node/nat). With `relay_service` it
-    relays for others within those limits; with `relay` (a relay's full multiaddr) it holds a
-    reservation there and names itself by its relayed address (`NodeHost.addrs`); the first
-    reservation is tried before this returns. `relay="auto"` asks the bootstrap peers whether this
-    node is reachable (AutoNAT) and, if not, reserves on the first of them that relays. Every host
+    relays for others within those limits; with `relay` (relays' full multiaddrs, in order of
+    preference) it holds a reservation on one of them, failing over to the next, and names itself
+    by its relayed address (`NodeHost.addrs`); the first reservation is tried before this returns.
+    `relay="auto"` asks the bootstrap peers whether this node is reachable (AutoNAT) and, if not,
+    reserves on the first of them that relays, with the others to fail over to. Every host
     answers others' AutoNAT requests."""
     if not logging.getLogger("libp2p").handlers:
         route_libp2p_logs()
@@ -410,7 +411,7 @@ async def open_host(
                     nursery.start_soon(node.rejoin, bootstrap)
                 if relay == "auto":
                     node.reservation = await auto_relay(autonat, host, bootstrap, guard)
-                elif relay is not None:
+                elif relay:
                     node.reservation = RelayReservation(host, relay, guard)
                 if node.reservation is not None:
                     await nursery.start(node.reservation.run)

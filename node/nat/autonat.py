@@ -74,13 +74,13 @@ async def reachability(service: AutoNATService, peers: Sequence[Multiaddr]) -> R
 
 async def choose_relay(host: IHost, candidates: Sequence[Multiaddr], guard: StopGuard) -> RelayReservation | None:
     """A reservation held on the first candidate that grants one (peers that do not relay refuse
-    the hop protocol); None if none does."""
-    for addr in candidates:
-        reservation = RelayReservation(host, addr, guard)
+    the hop protocol), with the others after it to fail over to; None if none grants one."""
+    for i in range(len(candidates)):
+        reservation = RelayReservation(host, [*candidates[i:], *candidates[:i]], guard)
         try:
             await reservation.reserve_once()
         except Exception as exc:  # trio.TooSlowError included
-            log.info("bootstrap peer %s does not relay for this node: %s", addr, exc or type(exc).__name__)
+            log.info("bootstrap peer %s does not relay for this node: %s", candidates[i], exc or type(exc).__name__)
             continue
         return reservation
     return None

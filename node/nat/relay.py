@@ -3,9 +3,10 @@
 Three roles, all on the node's one host (host.py wires them in):
 
 - **hop** (`--relay-service`): the node relays for others, within `RelayServiceConfig`'s limits;
-- **stop + reservation** (`--relay ADDR`): a node behind NAT holds a reservation on one relay
-  (`RelayReservation`), renews it before it expires and makes a new one when the relay is lost, and
-  while it holds one names itself by its relayed address, `<relay>/p2p-circuit/p2p/<me>`;
+- **stop + reservation** (`--relay ADDR`): a node behind NAT holds a reservation on one relay at a
+  time (`RelayReservation`), renews it before it expires, makes a new one when the relay is lost,
+  moves to its next candidate relay when one refuses or stays unreachable, and while it holds a
+  reservation names itself by its relayed address, `<relay>/p2p-circuit/p2p/<me>`;
 - **dialing** (every node): 0.8.1's swarm drops every `/p2p-circuit` address before it dials, so
   a stream to a peer known only by relayed addresses could never open. `CircuitDialer` stands in
   for the swarm's `dial_peer`: direct addresses first, then each relayed one through the relay
@@ -53,6 +54,10 @@ MAX_RELAYED_PEERS = 1024
 MAX_RELAYED_ADDRS = 4
 WATCH_S = 1.0
 """How often a reserving node checks that its connection to the relay still stands."""
+FAILOVER_TRIES = 3
+"""Failed dials in a row to one relay after which a reserving node tries its next candidate: a
+restarting relay is back within them (RETRY_MIN_S, then doubling: about 7 s), one gone for good
+costs the node its relayed address for no longer."""
 
 
 def is_circuit(addr: Multiaddr) -> bool:
@@ -227,20 +232,32 @@ def _ends_in_p2p(addr: Multiaddr) -> bool:
 
 
 class RelayReservation:
-    """Holds a reservation on the relay at `relay` (a full multiaddr ending in /p2p/<relay id>) for
-    as long as it runs: renews it `renew_margin_s` before it ends, makes a new one as soon as the
-    connection to the relay is lost (the relay restarted), and retries a refused or failed one
-    with exponential backoff, logging why."""
+    """Holds a reservation on one of `relays` (full multiaddrs ending in /p2p/<relay id>, in order
+    of preference) for as long as it runs: renews it `renew_margin_s` before it ends, makes a new
+    one as soon as the connection to the relay is lost (the relay restarted), and retries a failed
+    one with exponential backoff, logging why. A relay that refuses, or that it cannot reach
+    FAILOVER_TRIES times in a row, is left for the next candidate (round robin), so a relay gone
+    for good costs a node with a second one its relayed address for seconds, not for ever."""
 
-    def __init__(self, host: IHost, relay: Multiaddr, guard: StopGuard) -> None:
-        info = info_from_p2p_addr(relay)
+    def __init__(self, host: IHost, relays: Sequence[Multiaddr], guard: StopGuard) -> None:
+        if not relays:
+            raise ValueError("a reservation needs at least one candidate relay")
         self._host = host
-        self.relay = relay
-        self.relay_id = info.peer_id
-        self._relay_info = info
+        self._candidates = [(addr, info_from_p2p_addr(addr)) for addr in relays]
+        self._current = 0
         self._guard = guard
         self.expires_at = 0.0  # unix time; 0: none held
         self.reservations = 0  # reservations made so far (renewals included)
+        self.attempts = 0  # reservations asked for so far, granted or not
+
+    @property
+    def relay(self) -> Multiaddr:
+        """The relay this node reserves on now."""
+        return self._candidates[self._current][0]
+
+    @property
+    def relay_id(self) -> ID:
+        return self._candidates[self._current][1].peer_id
 
     @property
     def active(self) -> bool:
@@ -251,11 +268,12 @@ class RelayReservation:
         return [self.relay.encapsulate(Multiaddr("/p2p-circuit"))] if self.active else []
 
     async def reserve_once(self) -> float:
-        """Connect to the relay if need be and reserve a slot; the reservation's expiry (unix time).
-        Raises ReservationRefused, or the dial's or stream's error."""
+        """Connect to the current relay if need be and reserve a slot; the reservation's expiry (unix
+        time). Raises ReservationRefused, or the dial's or stream's error."""
+        self.attempts += 1
         forget_failed_dial(self._host, self.relay_id)  # `run`'s backoff paces these dials
         with trio.fail_after(RELAY_TIMEOUT_S):
-            await self._host.connect(self._relay_info)
+            await self._host.connect(self._candidates[self._current][1])
             stream = await self._host.new_stream(self.relay_id, [HOP_PROTOCOL_ID])
             try:
                 await write_delimited_msg(stream, HopMessage(type=HopMessage.RESERVE,
@@ -275,25 +293,36 @@ class RelayReservation:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Reserve, then keep a reservation; `started` after the first attempt, whatever its outcome,
-        so that a node whose relay is down still starts (reachable directly only, until it succeeds)."""
+        so that a node whose relays are down still starts (reachable directly only, until it succeeds)."""
         backoff = RETRY_MIN_S
+        failures = 0  # in a row, on the current relay
+        moves = 0  # to the next candidate since the last reservation
         started = False
         while True:
             try:
                 expires = await self.reserve_once()
             except Exception as exc:  # trio.TooSlowError included
                 self.expires_at = 0.0
-                level = logging.ERROR if isinstance(exc, ReservationRefused) else logging.WARNING
-                log.log(level, "%s; retrying in %.0f s (reachable only directly until then)",
-                        exc if isinstance(exc, ReservationRefused) else f"no reservation on relay {self.relay}: "
-                        f"{exc or type(exc).__name__}", backoff)
+                failures += 1
+                refused = isinstance(exc, ReservationRefused)
+                failed = exc if refused else f"no reservation on relay {self.relay}: {exc or type(exc).__name__}"
                 if not started:
                     started = True
                     task_status.started()
+                if len(self._candidates) > 1 and (refused or failures >= FAILOVER_TRIES):
+                    self._current = (self._current + 1) % len(self._candidates)
+                    failures = 0
+                    moves += 1
+                    if moves % len(self._candidates):  # a candidate not yet tried this round: at once
+                        log.warning("%s; trying relay %s instead", failed, self.relay)
+                        continue
+                log.log(logging.ERROR if refused else logging.WARNING,
+                        "%s; retrying in %.0f s (reachable only directly until then)", failed, backoff)
                 await trio.sleep(backoff)
                 backoff = min(2 * backoff, RETRY_MAX_S)
                 continue
             backoff = RETRY_MIN_S
+            failures = moves = 0
             log.info("reserved a slot on relay %s for %.0f s: reachable at %s", self.relay, expires - time.time(),
                      self.relay.encapsulate(Multiaddr(f"/p2p-circuit/p2p/{self._host.get_id().to_base58()}")))
             if not started:

@@ -34,6 +34,7 @@ from cipherswarm.cli.localswarm import ProviderProcess
 from cipherswarm.node import ClientConfig, ClientStats, ModelWeights, NodeHost, SwarmClient, open_host
 from cipherswarm.node.host import REJOIN_S
 from cipherswarm.node.nat import RelayServiceConfig, is_circuit
+from cipherswarm.node.nat.relay import RELAY_TIMEOUT_S, RETRY_MIN_S
 from cipherswarm.node.nat.netns import LabUnavailable, NatLab
 from cipherswarm.trainer.finetune import FinetuneConfig, FinetuneResult, finetune
 from cipherswarm.trainer.trainer import StepHook
@@ -59,7 +60,7 @@ async def test_a_full_relay_refuses_and_the_provider_says_why(caplog: pytest.Log
     caplog.set_level(logging.ERROR, logger="cipherswarm.node.nat")
     with trio.fail_after(30):
         async with _relay_node(create_new_key_pair(), slots=0) as relay:
-            async with open_host(create_new_key_pair(), relay=relay.addrs()[0]) as node:
+            async with open_host(create_new_key_pair(), relay=relay.addrs()) as node:
                 assert node.reservation is not None and not node.relayed
                 assert not any(is_circuit(a) for a in node.addrs())  # still named by its listen address
     refusals = [r.getMessage() for r in caplog.records if "refused the reservation" in r.getMessage()]
@@ -84,7 +85,7 @@ async def test_a_lost_reservation_is_made_again_and_the_relayed_address_works() 
             stop, stopped = trio.Event(), trio.Event()
             relay_addr: Multiaddr = await nursery.start(_relay_until, stop, stopped, relay_key)
             port = int(relay_addr.value_for_protocol("tcp"))
-            async with open_host(create_new_key_pair(), relay=relay_addr) as provider:
+            async with open_host(create_new_key_pair(), relay=[relay_addr]) as provider:
                 assert provider.relayed and provider.reservation is not None
                 assert provider.reservation.reservations == 1
                 relayed = provider.addrs()
@@ -100,6 +101,73 @@ async def test_a_lost_reservation_is_made_again_and_the_relayed_address_works() 
                         assert await client.connect(relayed[0]) == provider.peer_id
                         assert _relayed_connection(client, provider.peer_id)
                         assert _relayed_connection(provider, client.peer_id)
+
+
+async def _wait_reserved_on(node: NodeHost, relay: Multiaddr, limit_s: float) -> float:
+    """Seconds until `node` holds a reservation on `relay`; fails past `limit_s`."""
+    start = trio.current_time()
+    with trio.fail_after(limit_s):
+        while not (node.relayed and node.reservation is not None and node.reservation.relay == relay):
+            await trio.sleep(0.1)
+    return trio.current_time() - start
+
+
+async def test_a_relay_gone_for_good_is_left_for_the_next_one(caplog: pytest.LogCaptureFixture) -> None:
+    """A provider's relay stops and never comes back: after FAILOVER_TRIES failed dials it reserves
+    on its second relay, advertises that relayed address, and a client reaches it there."""
+    caplog.set_level(logging.WARNING, logger="cipherswarm.node.nat")
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery, _relay_node(create_new_key_pair()) as second:
+            stop, stopped = trio.Event(), trio.Event()
+            first: Multiaddr = await nursery.start(_relay_until, stop, stopped, create_new_key_pair())
+            second_addr = second.addrs()[0]
+            async with open_host(create_new_key_pair(), relay=[first, second_addr]) as provider:
+                await _wait_reserved_on(provider, first, 5)
+                stop.set()
+                await stopped.wait()
+                # 1 + 2 s of backoff between the three failed dials, then the next relay at once
+                assert await _wait_reserved_on(provider, second_addr, 4 * RETRY_MIN_S + 2 * RELAY_TIMEOUT_S) >= 2
+                relayed = provider.addrs()
+                assert [str(a) for a in relayed] == [f"{second_addr}/p2p-circuit/p2p/{provider.peer_id}"]
+                async with open_host(create_new_key_pair()) as client:
+                    assert await client.connect(relayed[0]) == provider.peer_id
+                    assert _relayed_connection(client, provider.peer_id)
+    moved = [r.getMessage() for r in caplog.records if "instead" in r.getMessage()]
+    assert len(moved) == 1 and f"trying relay {second_addr} instead" in moved[0]
+
+
+async def test_a_refusing_relay_is_left_at_once_and_a_round_of_refusals_waits() -> None:
+    """A relay that refuses (its slots are full) is left for the next candidate without a wait;
+    when every candidate refuses, the node waits out its backoff before the next round instead of
+    dialing them in a loop."""
+    with trio.fail_after(30):
+        async with _relay_node(create_new_key_pair(), slots=0) as full, _relay_node(create_new_key_pair()) as free:
+            async with open_host(create_new_key_pair(), relay=[full.addrs()[0], free.addrs()[0]]) as node:
+                assert await _wait_reserved_on(node, free.addrs()[0], 2) < 1
+        async with _relay_node(create_new_key_pair(), slots=0) as a, _relay_node(create_new_key_pair(), slots=0) as b:
+            async with open_host(create_new_key_pair(), relay=[a.addrs()[0], b.addrs()[0]]) as node:
+                assert node.reservation is not None
+                await trio.sleep(4 * RETRY_MIN_S)  # rounds after waits of 1, then 2 s: at most 3 rounds
+                tried = node.reservation.attempts
+                assert 2 <= tried <= 6 and not node.relayed
+
+
+def test_the_relay_flags() -> None:
+    """`--relay` defaults to auto, repeats for relays to fail over to, and refuses a mix of
+    auto/off with addresses or an address that does not name the relay's peer."""
+    from cipherswarm.cli.main import build_parser
+    from cipherswarm.cli.provider import relay_options
+
+    parse = build_parser("provider").parse_args
+    a = "/ip4/10.0.0.1/tcp/4001/p2p/12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo"
+    b = "/ip4/10.0.0.2/tcp/4001/p2p/12D3KooWSZe1uZ8G4LrpEHaDYRUw2KbhjKMmBWnkLFUDT5yxHTG9"
+    assert relay_options(parse(["provider", "--model", "m"])) == (None, "auto")
+    assert relay_options(parse(["provider", "--model", "m", "--relay", "off"])) == (None, None)
+    assert relay_options(parse(["provider", "--model", "m", "--relay", a, "--relay", b]))[1] == [Multiaddr(a), Multiaddr(b)]
+    for bad in (["--relay", "auto", "--relay", a], ["--relay", "/ip4/10.0.0.1/tcp/4001"],
+                ["--relay", f"{a}/p2p-circuit"]):
+        with pytest.raises(ValueError, match="--relay"):
+            relay_options(parse(["provider", "--model", "m", *bad]))
 
 
 async def test_a_restarted_bootstrap_peer_is_joined_again() -> None:
