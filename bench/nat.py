@@ -6,12 +6,14 @@ a `cipherswarm provider --relay-service` holding another layer than the one time
 the call through a provider on the public bridge (direct); phase 2 through a provider in a home
 network behind a MASQUERADE router, started with `--relay` (relayed: every byte crosses the relay
 process, which copies it between two yamux streams in Python). Same model, same machine, same
-client code; a fresh client per phase. Last, a probe of hole punching: plain nodes (this script
-with --dcutr-node) as relay, NATed node and client, the client asking py-libp2p's DCUtR to turn
-its relayed connection into a direct one (cipherswarm does not enable DCUtR: node/nat/README.md).
+client code; a fresh client per phase. Last, probes of hole punching for each NAT kind the lab
+emulates (PUNCH_CASES): plain nodes (this script with --dcutr-node) as relay, NATed node and
+client, the client asking py-libp2p's DCUtR to turn its relayed connection into a direct one
+(cipherswarm does not enable DCUtR: node/nat/README.md).
 
     sudo .venv/bin/python bench/nat.py                     # up_proj, hidden 512 / intermediate 1024, 2048 tokens
     sudo .venv/bin/python bench/nat.py --tokens 512 --reps 5
+    sudo .venv/bin/python bench/nat.py --punch-only        # only the hole-punching probes
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def measure(lab: NatLab, model_dir: Path, run_dir: Path, x: torch.Tensor, expect
     return out
 
 
-async def dcutr_node(role: str, listen: str, target: str | None) -> None:
+async def dcutr_node(role: str, listen: str, target: str | None, relay: str | None) -> None:
     """One node of the hole-punching probe (run inside a namespace by `dcutr_probe`): a relay, the
     NATed node (reserving on `target`, the relay), or the client (dialing `target`, the NATed node's
     relayed address, then asking py-libp2p's DCUtR for a direct connection). Prints its address,
@@ -95,6 +97,7 @@ async def dcutr_node(role: str, listen: str, target: str | None) -> None:
     from cipherswarm.node.nat import RelayServiceConfig, is_circuit
 
     async with open_host(create_new_key_pair(), listen=[Multiaddr(listen)],
+                         bootstrap=[Multiaddr(relay)] if relay else (),
                          relay_service=RelayServiceConfig() if role == "relay" else None,
                          relay=[Multiaddr(target)] if role == "home" and target else None) as node:
         dcutr = DCUtRProtocol(node.host)
@@ -112,25 +115,44 @@ async def dcutr_node(role: str, listen: str, target: str | None) -> None:
             print(f"dcutr: initiate_hole_punch {ok} after {took:.2f} s; direct connections: {direct or 'none'}", flush=True)
 
 
-def dcutr_probe(lab: NatLab) -> str:
-    """Relay and NATed node in their namespaces, the client here listening on the public bridge."""
+PUNCH_CASES = (  # (NATed node's home, client's home or None for the public bridge)
+    (0, None),  # cone NAT, client public
+    (0, 1),  # cone NAT on both sides: simultaneous open
+    (2, None),  # symmetric NAT, client public
+    (2, 1),  # symmetric NAT on one side, cone on the other
+)
+"""The hole-punching cases `dcutr_probe` tries, in a lab with homes 0 and 1 cone, 2 symmetric."""
+
+
+def nat_kind(lab: NatLab, home: int | None) -> str:
+    return "public" if home is None else ("symmetric" if home in lab.symmetric else "cone") + " NAT"
+
+
+def dcutr_probe(lab: NatLab, node_home: int, client_home: int | None, port: int) -> str:
+    """Relay on the public bridge, a NATed node at `node_home` reserving on it, and a client at
+    `client_home` (None: on the public bridge) dialing the node's relayed address, then asking
+    DCUtR for a direct connection; the client's verdict line."""
     import subprocess
     import sys
 
     me = [sys.executable, str(Path(__file__).resolve()), "--dcutr-node"]
     procs: list[subprocess.Popen[str]] = []
     try:
-        relay = subprocess.Popen(lab.exec_prefix(lab.public_ns) + me + ["relay", f"/ip4/{lab.relay_ip}/tcp/4101"],
+        relay = subprocess.Popen(lab.exec_prefix(lab.public_ns) + me + ["relay", f"/ip4/{lab.relay_ip}/tcp/{port}"],
                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         procs.append(relay)
         relay_addr = relay.stdout.readline().strip()  # type: ignore[union-attr]
-        home = subprocess.Popen(lab.exec_prefix(lab.home_ns(0)) + me + ["home", f"/ip4/{lab.home_ip(0)}/tcp/4101",
-                                relay_addr], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        home = subprocess.Popen(lab.exec_prefix(lab.home_ns(node_home)) + me + [
+            "home", f"/ip4/{lab.home_ip(node_home)}/tcp/{port}", relay_addr],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         procs.append(home)
         home_addr = home.stdout.readline().strip()  # type: ignore[union-attr]
-        client = subprocess.run(me + ["client", f"/ip4/{lab.client_ip}/tcp/4101", home_addr], capture_output=True,
-                                text=True, timeout=90)
-        return client.stdout.strip().splitlines()[-1] if client.stdout.strip() else f"dcutr: probe failed: {client.stderr[-300:]}"
+        where = [] if client_home is None else lab.exec_prefix(lab.home_ns(client_home))
+        ip = lab.client_ip if client_home is None else lab.home_ip(client_home)
+        client = subprocess.run(where + me + ["client", f"/ip4/{ip}/tcp/{port}", home_addr, relay_addr],
+                                capture_output=True, text=True, timeout=90)
+        lines = client.stdout.strip().splitlines()
+        return lines[-1] if lines and lines[-1].startswith("dcutr:") else f"dcutr: probe failed: {client.stderr[-300:]}"
     finally:
         for proc in procs:
             proc.kill()
@@ -144,13 +166,14 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=1024)
     ap.add_argument("--tokens", type=int, default=2048, help="tokens of the call (2048 per ring block)")
     ap.add_argument("--reps", type=int, default=3, help="timed calls per path (median)")
+    ap.add_argument("--punch-only", action="store_true", help="only the hole-punching probes")
     ap.add_argument("--dcutr-node", nargs="+", metavar="ARG", help=argparse.SUPPRESS)  # dcutr_probe's processes
     args = ap.parse_args()
     if args.dcutr_node:
         import trio
 
         role, listen, *target = args.dcutr_node
-        trio.run(dcutr_node, role, listen, target[0] if target else None)
+        trio.run(dcutr_node, role, listen, target[0] if target else None, target[1] if len(target) > 1 else None)
         return
     print(f"{os.cpu_count()} CPUs, torch {torch.__version__}; every process on this machine, in its own namespace")
     with tempfile.TemporaryDirectory(prefix="cipherswarm-bench-nat-") as tmp:
@@ -162,21 +185,31 @@ def main() -> None:
         x = torch.randint(-128, 128, (args.tokens, q.shape[0]), generator=torch.Generator().manual_seed(1))
         expected = x @ q.long()
         try:
-            lab = NatLab(homes=1).open()
+            lab = NatLab(homes=3, symmetric=frozenset({2})).open()
         except LabUnavailable as exc:
             raise SystemExit(f"bench/nat.py: {exc}") from None
         try:
-            out = measure(lab, model_dir, run_dir, x, expected, args.reps)
-            punched = dcutr_probe(lab)
+            out = measure(lab, model_dir, run_dir, x, expected, args.reps) if not args.punch_only else None
+            punched = [(node, client, dcutr_probe(lab, node, client, 4101 + i)) for i, (node, client) in
+                       enumerate(PUNCH_CASES)]
         finally:
             lab.close()
+    if out is not None:
+        report(out, args)
+    print("\nhole punching, py-libp2p's DCUtR on a relayed connection (node/nat/netns.py's NAT kinds):")
+    for node, client, verdict in punched:
+        print(f"  node behind {nat_kind(lab, node)}, client {'on the public bridge' if client is None else 'behind ' + nat_kind(lab, client)}:"
+              f"\n    {verdict}")
+
+
+def report(out: dict[str, tuple[float, int]], args: argparse.Namespace) -> None:
+    """The relayed-vs-direct lines."""
     (direct_s, moved), (relayed_s, _) = out["direct"], out["relayed"]
     print(f"\none layer call {args.tokens} x {args.hidden} x {args.intermediate} ({LAYER}), 8-bit activations, "
           f"{moved / 1e6:.1f} MB through the client's link per call, median of {args.reps}")
     print(row("direct (provider on the public network)", f"{direct_s * 1e3:.0f} ms", f"{moved / direct_s / 1e6:.1f} MB/s"))
     print(row("relayed (provider behind NAT, circuit relay v2)", f"{relayed_s * 1e3:.0f} ms",
               f"{moved / relayed_s / 1e6:.1f} MB/s; {direct_s / relayed_s:.2f}x the direct throughput"))
-    print(f"\nhole punching, py-libp2p's DCUtR on a relayed connection (client listening on the public bridge):\n  {punched}")
 
 
 if __name__ == "__main__":

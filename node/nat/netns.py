@@ -5,6 +5,12 @@
     router K "<tag>rK"            10.77.R.(10+K) ┘   MASQUERADE out of it, ip_forward on
         └── home K "<tag>hK"      10.(80+K).R.2, default route via 10.(80+K).R.1 (router K)
 
+Two kinds of NAT router: "cone" (plain MASQUERADE: a connection keeps its source port where that
+port is free, so one local port maps to one public port whoever the remote is: an endpoint-
+independent mapping, what most home routers do) and "symmetric" (MASQUERADE --random-fully: each
+new connection gets a random public port, so the port a peer sees depends on who it talks to: an
+endpoint-dependent mapping, as on carrier-grade NATs and some corporate firewalls).
+
 Every address is on these veth links only; the public side has no route into a home network, so a
 provider at home is reachable only through the connections it opens itself (a NAT router's
 behaviour: MASQUERADE keeps no port forwarding). R and the names' tag are random per lab, so
@@ -39,6 +45,8 @@ class NatLab:
     """The namespaces of one lab; `open` builds it."""
 
     homes: int
+    symmetric: frozenset[int] = frozenset()
+    """The homes whose router maps endpoint-dependently (the others: cone)."""
     tag: str = field(default_factory=lambda: "cs" + os.urandom(3).hex())
     subnet: int = field(default_factory=lambda: 1 + os.urandom(1)[0] % 250)
     _namespaces: list[str] = field(default_factory=list)
@@ -129,7 +137,12 @@ class NatLab:
             self._in(router, "ip", "addr", "add", f"10.{80 + k}.{s}.1/24", "dev", "lan")
             self._in(router, "ip", "link", "set", "lan", "up")
             self._in(router, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
-            self._in(router, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE")
+            random = ["--random-fully"] if k in self.symmetric else []
+            self._in(router, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE", *random)
+            # a home router's firewall: an unsolicited connection from outside is dropped without an
+            # answer (a Linux box without this rule answers a SYN to a closed port with a reset)
+            self._in(router, "iptables", "-A", "INPUT", "-i", "wan", "-p", "tcp", "-m", "conntrack", "--ctstate",
+                     "NEW", "-j", "DROP")
             self._in(home, "ip", "addr", "add", f"{self.home_ip(k)}/24", "dev", "eth0")
             self._in(home, "ip", "link", "set", "eth0", "up")
             self._in(home, "ip", "route", "add", "default", "via", f"10.{80 + k}.{s}.1")
