@@ -7,9 +7,10 @@ the call through a provider on the public bridge (direct); phase 2 through a pro
 network behind a MASQUERADE router, started with `--relay` (relayed: every byte crosses the relay
 process, which copies it between two yamux streams in Python). Same model, same machine, same
 client code; a fresh client per phase. Last, probes of hole punching for each NAT kind the lab
-emulates (PUNCH_CASES): plain nodes (this script with --dcutr-node) as relay, NATed node and
-client, the client asking py-libp2p's DCUtR to turn its relayed connection into a direct one
-(cipherswarm does not enable DCUtR: node/nat/README.md).
+emulates (PUNCH_CASES): plain nodes (this script with --dcutr-node) as relay, NATed node and a
+client listening on its own network, which dials the NATed node through the relay and waits for
+its hole puncher (node/nat/punch.py) to make the connection direct; the time is from the relayed
+connection to the direct one, the relayed connection's idle wait included.
 
     sudo .venv/bin/python bench/nat.py                     # up_proj, hidden 512 / intermediate 1024, 2048 tokens
     sudo .venv/bin/python bench/nat.py --tokens 512 --reps 5
@@ -85,34 +86,36 @@ def measure(lab: NatLab, model_dir: Path, run_dir: Path, x: torch.Tensor, expect
 async def dcutr_node(role: str, listen: str, target: str | None, relay: str | None) -> None:
     """One node of the hole-punching probe (run inside a namespace by `dcutr_probe`): a relay, the
     NATed node (reserving on `target`, the relay), or the client (dialing `target`, the NATed node's
-    relayed address, then asking py-libp2p's DCUtR for a direct connection). Prints its address,
-    and the client its verdict."""
+    relayed address, then waiting for its hole puncher to make the connection direct). Prints its
+    address, and the client its verdict."""
     import trio
     from libp2p.crypto.ed25519 import create_new_key_pair
-    from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
-    from libp2p.tools.anyio_service import background_trio_service
     from multiaddr import Multiaddr
 
     from cipherswarm.node import open_host
-    from cipherswarm.node.nat import RelayServiceConfig, is_circuit
+    from cipherswarm.node.nat import RelayServiceConfig
 
     async with open_host(create_new_key_pair(), listen=[Multiaddr(listen)],
                          bootstrap=[Multiaddr(relay)] if relay else (),
                          relay_service=RelayServiceConfig() if role == "relay" else None,
                          relay=[Multiaddr(target)] if role == "home" and target else None) as node:
-        dcutr = DCUtRProtocol(node.host)
-        async with background_trio_service(dcutr):
-            print(node.addrs()[0], flush=True)
-            if role != "client" or target is None:
-                await trio.sleep_forever()
-            peer = await node.connect(Multiaddr(target))
-            start = trio.current_time()
-            with trio.move_on_after(30):
-                ok = await dcutr.initiate_hole_punch(peer)
-            took = trio.current_time() - start
-            conns = node.host.get_network().get_connections(peer)
-            direct = [str(a) for c in conns for a in c.get_transport_addresses() if not is_circuit(a)]
-            print(f"dcutr: initiate_hole_punch {ok} after {took:.2f} s; direct connections: {direct or 'none'}", flush=True)
+        print(node.addrs()[0], flush=True)
+        if role != "client" or target is None:
+            await trio.sleep_forever()
+        peer = await node.connect(Multiaddr(target))
+        start = trio.current_time()
+        with trio.move_on_after(PUNCH_WAIT_S):
+            while not node.direct_to(peer):
+                await trio.sleep(0.05)
+        took = trio.current_time() - start
+        conns = node.host.get_network().get_connections(peer)
+        paths = [str(a) for c in conns for a in c.get_transport_addresses()]
+        verdict = f"direct after {took:.2f} s" if node.direct_to(peer) else f"still relayed after {took:.0f} s"
+        print(f"dcutr: {verdict}; connections: {paths}", flush=True)
+
+
+PUNCH_WAIT_S = 30.0
+"""How long the probe's client waits for a direct connection (the puncher's 3 rounds take 21 s)."""
 
 
 PUNCH_CASES = (  # (NATed node's home, client's home or None for the public bridge)
@@ -196,7 +199,7 @@ def main() -> None:
             lab.close()
     if out is not None:
         report(out, args)
-    print("\nhole punching, py-libp2p's DCUtR on a relayed connection (node/nat/netns.py's NAT kinds):")
+    print("\nhole punching (DCUtR) of a relayed connection (node/nat/netns.py's NAT kinds):")
     for node, client, verdict in punched:
         print(f"  node behind {nat_kind(lab, node)}, client {'on the public bridge' if client is None else 'behind ' + nat_kind(lab, client)}:"
               f"\n    {verdict}")

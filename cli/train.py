@@ -123,6 +123,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     defaults = FinetuneConfig()
     p.add_argument("--bootstrap", nargs="+", required=True, metavar="MULTIADDR",
                    help="provider addresses to join the swarm through (as `cipherswarm provider` prints them)")
+    p.add_argument("--listen", default="/ip4/127.0.0.1/tcp/0", metavar="MULTIADDR",
+                   help="where this client listens (default: loopback, free port). Listening where providers can "
+                        "reach it, e.g. /ip4/0.0.0.0/tcp/4001, lets it punch through the NAT of a provider "
+                        "reached through a relay and then talk to it directly (node/nat/README.md)")
     p.add_argument("--model", type=Path, default=BUNDLED_MODEL, help="HF model directory or .gguf file (default: bundled tiny LLaMA)")
     p.add_argument("--data", type=Path, default=BUNDLED_DATA, help=DATA_HELP)
     p.add_argument("--out", type=Path, default=Path("runs/train"), help="output folder (default runs/train)")
@@ -184,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with SwarmClient(model_dir=args.model, bootstrap=args.bootstrap, precision=config.precision, profile=config.profile,
                          identity=args.identity, ledger=args.ledger, min_providers=args.min_providers,
-                         config=config_of_client) as client:
+                         config=config_of_client, listen=args.listen) as client:
             budget = None if args.budget is None else Budget(args.budget, config.steps, lambda: client.stats().paid)
             trainer = TrainerHolder()
             with client_dashboard(args.dashboard, client, steps=config.steps, records=trainer.records):

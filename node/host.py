@@ -68,7 +68,16 @@ from multiaddr import Multiaddr
 
 from .cpu import TrioMeter
 from .logs import route_libp2p_logs
-from .nat import CircuitDialer, RelayReservation, RelayServiceConfig, StopGuard, circuit_protocol, forget_failed_dial
+from .nat import (
+    CircuitDialer,
+    HolePuncher,
+    RelayReservation,
+    RelayServiceConfig,
+    StopGuard,
+    circuit_protocol,
+    forget_failed_dial,
+    is_circuit,
+)
 from .nat.autonat import auto_relay
 from .nat.autonat import serve as serve_autonat
 from .streams import YAMUX_FRAME, close_stream
@@ -98,6 +107,7 @@ class NodeHost:
     cpu: TrioMeter  # the trio thread's CPU by part; its Noise sessions book "noise" to it
     dialer: CircuitDialer | None = None  # reaches peers through their relays
     reservation: RelayReservation | None = None  # the relay slot this node holds (`--relay ADDR ...`)
+    puncher: HolePuncher | None = None  # upgrades relayed connections to direct ones (node/nat/punch.py)
 
     @property
     def peer_id(self) -> ID:
@@ -107,6 +117,11 @@ class NodeHost:
     def relayed(self) -> bool:
         """Whether others reach this node through its relay now."""
         return self.reservation is not None and self.reservation.active
+
+    def direct_to(self, peer: ID) -> bool:
+        """Whether a connection to `peer` stands that does not go through a relay."""
+        return any(not any(is_circuit(a) for a in conn.get_transport_addresses())
+                   for conn in self.host.get_network().get_connections(peer))
 
     def addrs(self) -> list[Multiaddr]:
         """Full multiaddrs others can dial, each ending in /p2p/<peer id>."""
@@ -393,16 +408,18 @@ async def open_host(
     circuits = circuit_protocol(host, relay_service)
     dialer = CircuitDialer(host, circuits)
     dialer.install()
+    puncher = HolePuncher(host)
+    dialer.on_relayed = puncher.upgrade_soon
     guard = StopGuard(circuits)
     autonat = serve_autonat(host)
     async with host.run(list(listen)):
         async with background_trio_service(pubsub), background_trio_service(gossip), background_trio_service(dht), \
-                background_trio_service(circuits):
+                background_trio_service(circuits), background_trio_service(puncher):
             await pubsub.wait_until_ready()
             guard.install(host)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_fill_routing_table, dht, receive)
-                node = NodeHost(host, pubsub, dht, key_pair, cpu, dialer)
+                node = NodeHost(host, pubsub, dht, key_pair, cpu, dialer, puncher=puncher)
                 for peer in await node.connect_all(bootstrap):
                     # Now rather than through the queue, so that a provider's first DHT record already
                     # reaches its bootstrap peers.

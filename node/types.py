@@ -116,7 +116,8 @@ class PeerView:
     failures: int
     chunks: int
     banned: str  # "" or why, with the remaining time of a temporary ban
-    relayed: bool = False  # every address it advertises goes through a relay (behind NAT, node/nat)
+    relayed: bool = False  # reached through a relay: it advertises only relayed addresses (behind NAT,
+    # node/nat) and no direct connection to it stands (none was hole punched)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,12 +21,14 @@ import logging
 import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from functools import partial
 
 import torch
 import trio
 from libp2p.crypto.keys import KeyPair
 from libp2p.kad_dht.kad_dht import DHTMode
+from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
 from cipherswarm.fhe_backend import Ciphertext
@@ -86,7 +88,9 @@ class SwarmSession:
     def stats(self) -> ClientStats:
         """A snapshot of the client's cumulative figures and its peer table."""
         c = self._counters
-        views = self.peers.views()
+        # a peer advertised only through a relay is reached directly once a hole punch succeeded
+        views = tuple(replace(v, relayed=False) if v.relayed and self.node.direct_to(ID.from_base58(v.peer)) else v
+                      for v in self.peers.views())
         return ClientStats(
             calls=self._calls,
             chunks=c.chunks,

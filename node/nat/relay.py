@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -160,6 +160,8 @@ class CircuitDialer:
         self._transport = CircuitV2Transport(host, protocol, RelayConfig(roles=RelayRole.STOP))
         self._locks: dict[ID, trio.Lock] = {}
         self._relayed: OrderedDict[ID, tuple[tuple[Multiaddr, ...], float]] = OrderedDict()
+        self.on_relayed: Callable[[ID], None] | None = None
+        """Called with the peer after each relayed connection this node opens (hole punching)."""
 
     def install(self) -> None:
         self._swarm.dial_peer = self.dial_peer  # type: ignore[method-assign]
@@ -206,7 +208,10 @@ class CircuitDialer:
                         return await self._direct(peer_id)
                     except SwarmException as exc:
                         log.debug("no direct connection to %s (%s): trying its relays", peer_id, exc)
-                return [await self._through_relays(peer_id, circuits)]
+                conn = await self._through_relays(peer_id, circuits)
+                if self.on_relayed is not None:
+                    self.on_relayed(peer_id)
+                return [conn]
         finally:
             if not lock.locked() and not lock.statistics().tasks_waiting:
                 self._locks.pop(peer_id, None)

@@ -22,6 +22,7 @@ from cipherswarm.cli.localswarm import ProviderProcess, start_provider
 from cipherswarm.node import ClientConfig, Ledger, ModelWeights, NodeHost, Provider, ProviderConfig, open_host
 from cipherswarm.node.client import SwarmSession, open_session
 from cipherswarm.node.client.keys import KeyRing
+from cipherswarm.node.host import LOOPBACK
 
 REPO = Path(__file__).resolve().parents[2]
 PROCESS_START_S = 60.0  # a provider process imports torch, quantizes, benchmarks: generous on 2 busy cores
@@ -93,10 +94,10 @@ def thin(weights: ModelWeights) -> ModelWeights:
 @asynccontextmanager
 async def session(
     weights: ModelWeights, bootstrap: Sequence[Multiaddr], *, ledger: Ledger | None = None, min_providers: int = 1,
-    profile: str = "default", **config: object,
+    profile: str = "default", listen: Sequence[Multiaddr] = (LOOPBACK,), **config: object,
 ) -> AsyncIterator[SwarmSession]:
     """A client of the model of `weights`, holding none of its weights (it reads them from the files),
-    encrypting in `profile`."""
+    encrypting in `profile`, listening on `listen`."""
     with Ledger() if ledger is None else nullcontext(ledger) as book:
         async with open_session(
             weights=thin(weights),
@@ -106,6 +107,7 @@ async def session(
             config=client_config(**config),
             min_providers=min_providers,
             keys=KeyRing(profile=profile),
+            listen=listen,
         ) as client:
             yield client
 
