@@ -155,9 +155,10 @@ def _add_relay(p: argparse.ArgumentParser) -> None:
                      help="a relay's full multiaddr (/ip4/.../tcp/.../p2p/RELAY): hold a reservation there, renewed and "
                           "made again when lost, and advertise the relayed address instead of the listen address; "
                           "repeat it to name relays to fail over to, in order. auto (default): only if the bootstrap "
-                          "peers cannot dial back (AutoNAT), on the first of them that relays, the others to fail "
-                          "over to; off: never")
-    nat.add_argument("--relay-service", action="store_true", help="relay for other nodes (circuit relay v2 hop)")
+                          "peers cannot dial back (AutoNAT), on the first of them that relays or of the relays the "
+                          "DHT names, the others to fail over to; off: never")
+    nat.add_argument("--relay-service", action="store_true", help="relay for other nodes (circuit relay v2 hop), and say so in the DHT so that "
+                          "nodes behind NAT find this one")
     nat.add_argument("--relay-slots", type=int, default=None, metavar="N",
                      help="reservations held at once (default 128; 0 refuses every one)")
     nat.add_argument("--relay-reservation-ttl", type=int, default=None, metavar="SECONDS",

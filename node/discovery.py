@@ -17,9 +17,7 @@ directly from that peer. It therefore knows a provider within one round trip of 
 without waiting for its next gossip and without the DHT's value lookups, which wait out their
 10 s query timeout on every departed peer.
 
-Key derivation (fixed, because py-libp2p decodes a key that parses as hex or as a CID instead of
-using its UTF-8 bytes): `model_key` is the hex of the sha2-256 multihash of
-`/cipherswarm/model/1/ || model_hash`, which py-libp2p decodes to exactly that multihash.
+`model_key` derives its key from `/cipherswarm/model/1/ || model_hash` (dhtkeys.py).
 
 DHT calls carry no timeout of ours: py-libp2p bounds each query itself, and an outer timeout
 would cancel stream I/O mid-write, which breaks the connection (streams.py).
@@ -27,7 +25,6 @@ would cancel stream I/O mid-write, which breaks the connection (streams.py).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +36,7 @@ from libp2p.peer.id import ID
 
 from cipherswarm.protocol import ADVERT_PROTOCOL_ID, MAX_HEADER_SIZE, CapabilityAdvert, ProtocolError, seal, verify_advert
 
+from .dhtkeys import provider_key
 from .identity import signing_key
 from .streams import close_stream, read_to_end, send_bytes
 from .types import ProviderAdvert
@@ -50,7 +48,6 @@ log = logging.getLogger(__name__)
 
 ADVERT_TOPIC = "/cipherswarm/adverts/1"
 _MODEL_KEY_DOMAIN = b"/cipherswarm/model/1/"
-_SHA2_256_MULTIHASH_PREFIX = b"\x12\x20"
 FETCH_TIMEOUT_S = 10.0
 
 
@@ -60,7 +57,7 @@ def now_ms() -> int:
 
 def model_key(model_hash: bytes) -> str:
     """DHT provider key of a model (module docstring)."""
-    return (_SHA2_256_MULTIHASH_PREFIX + hashlib.sha256(_MODEL_KEY_DOMAIN + model_hash).digest()).hex()
+    return provider_key(_MODEL_KEY_DOMAIN, model_hash)
 
 
 def read_advert(data: bytes, *, at_ms: int | None = None) -> ProviderAdvert:

@@ -14,8 +14,8 @@ Pubsub's inbound streams are served through `_PubsubStreams`, which ends them al
 stops (its docstring says why).
 
 Every host also runs circuit relay v2 and AutoNAT (node/nat/README.md): it dials relayed addresses,
-answers dial-back requests, relays for others with `relay_service`, and with `relay` holds a
-reservation on a relay and names itself by its relayed address. A bootstrap peer it loses (a relay
+answers dial-back requests, relays for others with `relay_service` (and says so in the DHT), and
+with `relay` holds a reservation on a relay and names itself by its relayed address. A bootstrap peer it loses (a relay
 that restarted) it dials again every REJOIN_S (`NodeHost.rejoin`).
 
 Bulk transfer. Payloads are tens of MB, and py-libp2p's stack costs its Python per message, not per
@@ -79,6 +79,7 @@ from .nat import (
     is_circuit,
 )
 from .nat.autonat import auto_relay
+from .nat.directory import announce as announce_relay
 from .nat.autonat import serve as serve_autonat
 from .streams import YAMUX_FRAME, close_stream
 
@@ -384,8 +385,9 @@ async def open_host(
     preference) it holds a reservation on one of them, failing over to the next, and names itself
     by its relayed address (`NodeHost.addrs`); the first reservation is tried before this returns.
     `relay="auto"` asks the bootstrap peers whether this node is reachable (AutoNAT) and, if not,
-    reserves on the first of them that relays, with the others to fail over to. Every host
-    answers others' AutoNAT requests."""
+    reserves on the first of them that relays, with the others and the relays the DHT names to fail
+    over to (nat/directory.py). Every host answers others' AutoNAT requests; one with
+    `relay_service` provides its relay record in the DHT."""
     if not logging.getLogger("libp2p").handlers:
         route_libp2p_logs()
     cpu = TrioMeter()
@@ -427,11 +429,13 @@ async def open_host(
                 if bootstrap:  # nothing to rejoin otherwise: no wake-ups every REJOIN_S
                     nursery.start_soon(node.rejoin, bootstrap)
                 if relay == "auto":
-                    node.reservation = await auto_relay(autonat, host, bootstrap, guard)
+                    node.reservation = await auto_relay(autonat, host, dht, bootstrap, guard)
                 elif relay:
                     node.reservation = RelayReservation(host, relay, guard)
                 if node.reservation is not None:
                     await nursery.start(node.reservation.run)
+                if relay_service is not None:
+                    nursery.start_soon(announce_relay, dht)
                 yield node
                 nursery.cancel_scope.cancel()
             # No gossip may reach pubsub once it starts stopping (_PubsubStreams).

@@ -1,5 +1,6 @@
 """`--relay auto`: ask the bootstrap peers whether this node is reachable (AutoNAT v1, py-libp2p's
-`AutoNATService`), and if it is not, reserve a slot on the first of them that relays.
+`AutoNATService`), and if it is not, reserve a slot on the first of them that relays, or on a relay
+found in the DHT (directory.py).
 
 Every node answers dial-back requests (`serve`). py-libp2p 0.8.1's server dials back only addresses
 on the IP it observes the asker at, and it dials with `host.connect`, which returns the connection
@@ -16,16 +17,18 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.host.autonat.autonat import AUTONAT_PROTOCOL_ID, AutoNATService
 from libp2p.host.autonat.pb.autonat_pb2 import Message
 from libp2p.host.basic_host import BasicHost
+from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
+from .directory import relays_in_dht
 from .relay import RELAY_TIMEOUT_S, RelayReservation, StopGuard
 
 log = logging.getLogger(__name__)
@@ -72,30 +75,39 @@ async def reachability(service: AutoNATService, peers: Sequence[Multiaddr]) -> R
     return Reachability.PRIVATE if verdicts else Reachability.UNKNOWN
 
 
-async def choose_relay(host: IHost, candidates: Sequence[Multiaddr], guard: StopGuard) -> RelayReservation | None:
+async def choose_relay(host: IHost, candidates: Sequence[Multiaddr], guard: StopGuard, *,
+                       discover: Callable[[], Awaitable[Sequence[Multiaddr]]] | None = None) -> RelayReservation | None:
     """A reservation held on the first candidate that grants one (peers that do not relay refuse
-    the hop protocol), with the others after it to fail over to; None if none grants one."""
+    the hop protocol), with the others after it to fail over to. If none grants one: None, or with
+    `discover` a reservation that keeps trying them and the relays it discovers (RelayReservation)."""
     for i in range(len(candidates)):
-        reservation = RelayReservation(host, [*candidates[i:], *candidates[:i]], guard)
+        reservation = RelayReservation(host, [*candidates[i:], *candidates[:i]], guard, discover=discover)
         try:
             await reservation.reserve_once()
         except Exception as exc:  # trio.TooSlowError included
-            log.info("bootstrap peer %s does not relay for this node: %s", candidates[i], exc or type(exc).__name__)
+            log.info("peer %s does not relay for this node: %s", candidates[i], exc or type(exc).__name__)
             continue
         return reservation
-    return None
+    return RelayReservation(host, candidates, guard, discover=discover) if discover and candidates else None
 
 
-async def auto_relay(service: AutoNATService, host: IHost, bootstrap: Sequence[Multiaddr],
+async def auto_relay(service: AutoNATService, host: IHost, dht: KadDHT, bootstrap: Sequence[Multiaddr],
                      guard: StopGuard) -> RelayReservation | None:
-    """`--relay auto`: a reservation on a bootstrap peer if the bootstrap peers find this node
-    unreachable, else None (reachable, or nobody to ask)."""
+    """`--relay auto`: if the bootstrap peers find this node unreachable, a reservation on one of
+    them or on a relay the DHT names (directory.py), looked up again whenever all have failed;
+    else None (reachable, or nobody to ask)."""
     verdict = await reachability(service, bootstrap)
     log.info("reachability according to %d bootstrap peer(s): %s", len(bootstrap), verdict.value)
     if verdict is not Reachability.PRIVATE:
         return None
-    reservation = await choose_relay(host, bootstrap, guard)
-    if reservation is None:
-        log.warning("unreachable behind NAT, and no bootstrap peer relays: start one with --relay-service, or "
-                    "pass --relay MULTIADDR")
+
+    async def discover() -> list[Multiaddr]:
+        return await relays_in_dht(dht, host.get_id())
+
+    ids = {info_from_p2p_addr(addr).peer_id for addr in bootstrap}
+    candidates = [*bootstrap, *(addr for addr in await discover() if info_from_p2p_addr(addr).peer_id not in ids)]
+    reservation = await choose_relay(host, candidates, guard, discover=discover)
+    if reservation is None or not reservation.active:
+        log.warning("unreachable behind NAT, and no bootstrap peer or relay in the DHT grants a reservation yet "
+                    "(retrying; start one with --relay-service, or pass --relay MULTIADDR)")
     return reservation

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -242,12 +242,17 @@ class RelayReservation:
     one as soon as the connection to the relay is lost (the relay restarted), and retries a failed
     one with exponential backoff, logging why. A relay that refuses, or that it cannot reach
     FAILOVER_TRIES times in a row, is left for the next candidate (round robin), so a relay gone
-    for good costs a node with a second one its relayed address for seconds, not for ever."""
+    for good costs a node with a second one its relayed address for seconds, not for ever. After
+    a round in which every candidate failed, `discover` (if given: the DHT's relays, directory.py)
+    names the candidates to try beyond `relays`, so a node whose every relay is gone finds new ones."""
 
-    def __init__(self, host: IHost, relays: Sequence[Multiaddr], guard: StopGuard) -> None:
+    def __init__(self, host: IHost, relays: Sequence[Multiaddr], guard: StopGuard, *,
+                 discover: Callable[[], Awaitable[Sequence[Multiaddr]]] | None = None) -> None:
         if not relays:
             raise ValueError("a reservation needs at least one candidate relay")
         self._host = host
+        self._fixed = list(relays)
+        self._discover = discover
         self._candidates = [(addr, info_from_p2p_addr(addr)) for addr in relays]
         self._current = 0
         self._guard = guard
@@ -314,17 +319,22 @@ class RelayReservation:
                 if not started:
                     started = True
                     task_status.started()
-                if len(self._candidates) > 1 and (refused or failures >= FAILOVER_TRIES):
+                round_failed = False
+                if refused or failures >= FAILOVER_TRIES:
                     self._current = (self._current + 1) % len(self._candidates)
                     failures = 0
                     moves += 1
                     if moves % len(self._candidates):  # a candidate not yet tried this round: at once
                         log.warning("%s; trying relay %s instead", failed, self.relay)
                         continue
+                    round_failed = True
                 log.log(logging.ERROR if refused else logging.WARNING,
                         "%s; retrying in %.0f s (reachable only directly until then)", failed, backoff)
                 await trio.sleep(backoff)
                 backoff = min(2 * backoff, RETRY_MAX_S)
+                if round_failed and self._discover is not None:
+                    await self._rediscover()
+                    moves = 0
                 continue
             backoff = RETRY_MIN_S
             failures = moves = 0
@@ -334,6 +344,18 @@ class RelayReservation:
                 started = True
                 task_status.started()
             await self._hold(expires)
+
+    async def _rediscover(self) -> None:
+        """Candidates anew after a failed round: the fixed ones, then those `discover` names now
+        (the DHT's records change: relays come and go), starting again from the first."""
+        assert self._discover is not None
+        known = {info_from_p2p_addr(addr).peer_id for addr in self._fixed}
+        found = [addr for addr in await self._discover() if info_from_p2p_addr(addr).peer_id not in known]
+        before = {info.peer_id for _, info in self._candidates}
+        self._candidates = [(addr, info_from_p2p_addr(addr)) for addr in [*self._fixed, *found]]
+        self._current = 0
+        if new := [addr for addr, info in self._candidates if info.peer_id not in before]:
+            log.info("%d more candidate relay(s) from the DHT: %s", len(new), ", ".join(map(str, new)))
 
     async def _hold(self, expires: float) -> None:
         """Return when the reservation must be made again: near its end, or once the relay is lost."""

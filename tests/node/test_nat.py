@@ -33,7 +33,7 @@ from libp2p.abc import INetStream
 from libp2p.crypto.keys import KeyPair
 from libp2p.network.stream.exceptions import StreamReset
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.relay.circuit_v2.dcutr import PROTOCOL_ID as DCUTR_PROTOCOL_ID
 from libp2p.relay.circuit_v2.dcutr import read_dcutr_msg
 from libp2p.relay.circuit_v2.pb.dcutr_pb2 import HolePunch
@@ -43,7 +43,8 @@ from multiaddr import Multiaddr
 from cipherswarm.cli.localswarm import ProviderProcess
 from cipherswarm.node import ClientConfig, ClientStats, ModelWeights, NodeHost, SwarmClient, open_host
 from cipherswarm.node.host import REJOIN_S
-from cipherswarm.node.nat import RelayServiceConfig, is_circuit
+from cipherswarm.node.nat import RelayReservation, RelayServiceConfig, StopGuard, circuit_protocol, is_circuit
+from cipherswarm.node.nat.directory import MAX_DHT_RELAYS, RELAY_KEY, relays_in_dht
 from cipherswarm.node.nat.punch import MAX_ANSWERS, MAX_PUNCH_ADDRS, dialable
 from cipherswarm.node.nat.relay import RELAY_TIMEOUT_S, RETRY_MIN_S
 from cipherswarm.node.nat.netns import LabUnavailable, NatLab
@@ -163,6 +164,53 @@ async def test_a_refusing_relay_is_left_at_once_and_a_round_of_refusals_waits() 
                 assert 2 <= tried <= 6 and not node.relayed
 
 
+async def test_a_reserving_node_looks_for_new_relays_only_after_a_failed_round() -> None:
+    """Every relay it knows refuses: after the round's backoff the node asks `discover` (the DHT in
+    `--relay auto`) and reserves on the relay it names; while a reservation holds, it asks nothing."""
+    calls = 0
+    with trio.fail_after(30):
+        async with _relay_node(create_new_key_pair(), slots=0) as full, _relay_node(create_new_key_pair()) as free:
+            async def discover() -> list[Multiaddr]:
+                nonlocal calls
+                calls += 1
+                return [free.addrs()[0], full.addrs()[0]]  # a known candidate is not added twice
+
+            async with open_host(create_new_key_pair()) as node, trio.open_nursery() as nursery:
+                reservation = RelayReservation(node.host, [full.addrs()[0]], StopGuard(circuit_protocol(node.host, None)),
+                                               discover=discover)
+                await nursery.start(reservation.run)
+                assert calls == 0 and not reservation.active  # refused; the round's backoff runs
+                with trio.fail_after(2 * RETRY_MIN_S + RELAY_TIMEOUT_S):
+                    while not reservation.active:
+                        await trio.sleep(0.05)
+                assert reservation.relay == free.addrs()[0] and calls == 1
+                await trio.sleep(2 * RETRY_MIN_S)
+                assert calls == 1 and reservation.attempts == 3  # full, full again at the new round's start, free
+                nursery.cancel_scope.cancel()
+
+
+async def test_relays_from_the_dht_are_few_and_only_at_addresses_a_node_may_dial() -> None:
+    """Anyone may store a relay record with any addresses: a lookup keeps at most MAX_DHT_RELAYS
+    relays other than the node itself, each at one TCP address of another machine, named by the
+    record's own peer id whatever /p2p/ the address claims."""
+    async with open_host(create_new_key_pair()) as node:
+        store, key = node.dht.provider_store, bytes.fromhex(RELAY_KEY)
+        other = ID.from_pubkey(create_new_key_pair().public_key)
+        store.add_provider(key, PeerInfo(node.peer_id, [Multiaddr("/ip4/198.51.100.1/tcp/4001")]))
+        liar = ID.from_pubkey(create_new_key_pair().public_key)
+        store.add_provider(key, PeerInfo(liar, [Multiaddr("/ip4/127.0.0.1/tcp/4001"), Multiaddr("/ip4/0.0.0.0/tcp/4001"),
+                                                Multiaddr(f"/ip4/198.51.100.2/tcp/4001/p2p/{other}/p2p-circuit"),
+                                                Multiaddr("/ip4/198.51.100.3/udp/4001"),
+                                                Multiaddr("/ip4/169.254.0.1/tcp/4001")]))
+        relays = [ID.from_pubkey(create_new_key_pair().public_key) for _ in range(MAX_DHT_RELAYS + 4)]
+        for i, relay in enumerate(relays):
+            store.add_provider(key, PeerInfo(relay, [Multiaddr("/ip4/127.0.0.1/tcp/1"),
+                                                     Multiaddr(f"/ip4/198.51.100.{10 + i}/tcp/4001/p2p/{other}")]))
+        found = [str(addr) for addr in await relays_in_dht(node.dht, node.peer_id)]
+        expected = {f"/ip4/198.51.100.{10 + i}/tcp/4001/p2p/{relay}" for i, relay in enumerate(relays)}
+        assert len(found) == MAX_DHT_RELAYS == len(set(found)) and set(found) <= expected
+
+
 def test_a_punch_dials_only_a_few_addresses_of_other_machines() -> None:
     """A hole punch never dials loopback, unspecified, multicast, link-local, relayed, non-TCP or
     name addresses a peer put in its CONNECT message, and at most MAX_PUNCH_ADDRS of the rest."""
@@ -181,17 +229,23 @@ def test_a_punch_dials_only_a_few_addresses_of_other_machines() -> None:
     assert [str(a) for a in trio.run(decode)] == good[:MAX_PUNCH_ADDRS]
 
 
-async def _dcutr_session(client: NodeHost, peer: ID) -> INetStream:
-    """A hole-punching session opened by hand: the CONNECT sent, the peer's answer still unread."""
-    stream = await client.host.new_stream(peer, [DCUTR_PROTOCOL_ID])
+async def _dcutr_session(client: NodeHost, peer: ID) -> INetStream | None:
+    """A hole-punching session opened by hand: the CONNECT sent, the peer's answer still unread;
+    None if the peer reset the stream so soon that its protocol negotiation failed (refused)."""
+    try:
+        stream = await client.host.new_stream(peer, [DCUTR_PROTOCOL_ID])
+    except Exception:  # noqa: BLE001  # libp2p's StreamFailure/MultiselectClientError: the reset won the race
+        return None
     with contextlib.suppress(StreamReset):  # refused before the CONNECT arrived: `_answered` says so
         await write_delimited_msg(stream, HolePunch(type=HolePunch.CONNECT,
                                                     ObsAddrs=[Multiaddr("/ip4/203.0.113.7/tcp/4001").to_bytes()]))
     return stream
 
 
-async def _answered(stream: INetStream) -> bool:
+async def _answered(stream: INetStream | None) -> bool:
     """Whether the peer answered the session's CONNECT with its own (rather than resetting it)."""
+    if stream is None:
+        return False
     try:
         with trio.fail_after(10):
             return (await read_dcutr_msg(stream, HolePunch)).type == HolePunch.CONNECT
@@ -214,7 +268,7 @@ async def test_hole_punching_sessions_are_answered_only_on_relayed_connections_a
                 await other.connect(provider.addrs()[0])
                 assert _relayed_connection(other, provider.peer_id)
                 first = await _dcutr_session(other, provider.peer_id)
-                assert await _answered(first)
+                assert first is not None and await _answered(first)
                 assert not await _answered(await _dcutr_session(other, provider.peer_id))  # while `first` is open
                 await first.close()  # the provider's side stops waiting for a SYNC
                 answered = []
@@ -222,7 +276,8 @@ async def test_hole_punching_sessions_are_answered_only_on_relayed_connections_a
                     await trio.sleep(0.5)
                     stream = await _dcutr_session(other, provider.peer_id)
                     answered.append(await _answered(stream))
-                    await stream.close()
+                    if stream is not None:
+                        await stream.close()
                 assert answered == [True] * (MAX_ANSWERS - 1) + [False]
                 assert _relayed_connection(other, provider.peer_id)  # none of it was ever dialed
 
@@ -353,6 +408,30 @@ async def test_provider_behind_nat_computes_through_the_relay(lab: NatLab, weigh
                      "--ledger", str(tmp_path / "status.sqlite")], capture_stdout=True, capture_stderr=True)
                 rows = {line.split()[0]: line.split()[-1] for line in status.stdout.decode().splitlines()[1:]}
                 assert rows == {home.peer_id: "relayed", relay.peer_id: "direct"}
+
+
+@pytest.mark.slow
+async def test_a_home_provider_reserves_on_a_relay_it_finds_in_the_dht(lab: NatLab, model_dir: Path,
+                                                                       tmp_path: Path) -> None:
+    """--relay auto with a bootstrap peer that does not relay: the home provider finds the relay's
+    record in the DHT, reserves there, and is reached through it."""
+    with trio.fail_after(30):  # 9 s measured
+        async with open_host(create_new_key_pair(), listen=[Multiaddr(f"/ip4/{lab.client_ip}/tcp/0")]) as boot:
+            boot_addr = str(boot.addrs()[0])
+            relay_proc = _start_in(lab, lab.public_ns, lab.relay_ip, tmp_path, "relay", model_dir, "--relay-service",
+                                   "--layers", "model.layers.0.*", "--bootstrap", boot_addr)
+            async with serving(relay_proc) as relay:
+                relay_id = ID.from_base58(relay.peer_id)
+                while relay_id not in {info.peer_id for info in await boot.dht.find_providers(RELAY_KEY)}:
+                    await trio.sleep(0.2)
+                home = _start_in(lab, lab.home_ns(0), lab.home_ip(0), tmp_path, "home", model_dir, "--bootstrap",
+                                 boot_addr)
+                async with serving(home):
+                    # its only bootstrap peer does not relay: the relay came from the DHT
+                    assert home.addr == f"{relay.addr}/p2p-circuit/p2p/{home.peer_id}"
+                    async with open_host(create_new_key_pair()) as client:  # the bootstrap peer has home's own dial
+                        assert str(await client.connect(Multiaddr(home.addr))) == home.peer_id
+                        assert _relayed_connection(client, ID.from_base58(home.peer_id))
 
 
 @pytest.mark.slow
