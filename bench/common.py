@@ -61,10 +61,11 @@ class LoopbackSwarm:
         self.providers: list[ProviderProcess] = []
         run_dir.mkdir(parents=True, exist_ok=True)
 
-    def add(self) -> ProviderProcess:
+    def add(self, *extra_args: str) -> ProviderProcess:
+        """One more provider, with further `cipherswarm provider` flags if given."""
         first = self.providers[0].addr if self.providers else None
         p = start_provider(len(self.providers), model=self.model_dir, run_dir=self.run_dir, bootstrap=first,
-                           threads=self.threads)
+                           threads=self.threads, extra_args=extra_args)
         self.providers.append(p)
         p.wait_addr(self.startup_timeout)
         return p

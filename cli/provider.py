@@ -93,7 +93,7 @@ def _ms(seconds: str) -> int:
 CONFIG_FLAGS = ("max_reply_size", "max_output_elements", "min_contraction", "max_ttl_ms", "header_timeout_s",
                 "min_upload_rate", "max_opening", "max_opening_per_peer", "max_opening_per_address", "max_per_peer",
                 "max_per_address", "max_ack_waiters", "max_unacked", "max_unacked_gmacs", "replay_capacity",
-                "replay_per_key", "replay_per_address")
+                "replay_per_key", "replay_per_address", "strikes", "struck_streams_per_s", "struck_streams_shared_per_s")
 
 
 def _add_limits(p: argparse.ArgumentParser) -> None:
@@ -146,6 +146,13 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
                        help="... of them from one signing key")
     peers.add_argument("--replay-per-address", type=int, dest="replay_per_address", metavar="N",
                        help="... of them from one address")
+    peers.add_argument("--strikes", type=int, dest="strikes", metavar="N",
+                       help="refusals of one peer id in a row, none served since, after which its new streams are "
+                            "rate-limited and the others reset before protocol negotiation (default 3)")
+    peers.add_argument("--struck-streams-per-s", type=float, dest="struck_streams_per_s", metavar="RATE",
+                       help="streams a second one such peer may still open (default 1)")
+    peers.add_argument("--struck-streams-shared-per-s", type=float, dest="struck_streams_shared_per_s", metavar="RATE",
+                       help="... all such peers together (default 16)")
 
 
 def _add_relay(p: argparse.ArgumentParser) -> None:

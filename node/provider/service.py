@@ -107,6 +107,7 @@ from .admission import Credit, Pool, Ticket, address_key, remote_address
 from .pricing import RAMP_S, Pricing
 from .benchmark import measure_macs_per_second
 from .cheat import Cheat, Cheater
+from .gate import StreamGate
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,13 @@ class ProviderConfig:
     replay_capacity: int = 65_536  # nonces remembered at once, about 20 MB; more: BUSY for everyone
     replay_per_key: int = 4_096  # ... of one signing key (68 requests/s of 60 s lifetime); more: BUSY for that key
     replay_per_address: int = 16_384  # ... from one address; more: BUSY for that address
+    # The gate (gate.py): a peer refused `strikes` times in a row, none served since, may open
+    # `struck_streams_per_s` streams a second, all such peers together `struck_streams_shared_per_s`;
+    # its other streams are reset before protocol negotiation. Honest clients are refused rarely
+    # (they follow BUSY's retry hints); a flood of refused streams costs the loop little.
+    strikes: int = 3
+    struck_streams_per_s: float = 1.0
+    struck_streams_shared_per_s: float = 16.0
     delay_s: float = 0.0  # extra time before each product: a slow link, for tests and the testnet
     cheat: Cheat | None = None  # misbehave on purpose (cheat.py), for tests and the testnet
 
@@ -204,9 +212,11 @@ class ProviderConfig:
         caps = (self.max_opening, self.max_opening_per_peer, self.max_opening_per_address, self.max_ack_waiters,
                 self.replay_capacity, self.replay_per_key, self.replay_per_address, self.peer_share, self.address_share,
                 self.max_ttl_ms, self.max_output_elements, self.max_reply_size, self.min_contraction,
-                self.max_unacked, self.max_unacked_gmacs)
+                self.max_unacked, self.max_unacked_gmacs, self.strikes)
         if min(caps) < 1:
             raise ValueError("every cap must be at least 1")
+        if self.struck_streams_per_s <= 0 or self.struck_streams_shared_per_s <= 0:
+            raise ValueError("the struck peers' stream rates must be positive")
 
     def pricing(self, *, clock: Callable[[], float] = trio.current_time) -> Pricing:
         """The asked price's rule (pricing.py): fixed at price_per_gmac, or starting there and moving
@@ -292,14 +302,17 @@ class Provider:
         self._stats = ProviderStats()
         self._rejected: Counter[str] = Counter()  # refusals by wire error code, for rejections()
         self._advertiser: Advertiser | None = None
+        self.gate = StreamGate(strikes=config.strikes, rate=config.struck_streams_per_s,
+                               shared_rate=config.struck_streams_shared_per_s)
 
     def statistics(self) -> ProviderStats:
         return dataclasses.replace(self._stats, in_flight=len(self.places))
 
     def rejections(self) -> Mapping[str, int]:
-        """Requests refused so far, by reason (the wire error code's name, e.g. "busy", "bad_frame"):
-        a read-only copy, so that a dashboard tells a flood of BUSY from forged or stale requests."""
-        return MappingProxyType(dict(self._rejected))
+        """Requests refused so far, by reason (the wire error code's name, e.g. "busy", "bad_frame",
+        and "gate" for streams reset before negotiation, gate.py): a read-only copy, so that a
+        dashboard tells a flood of BUSY from forged or stale requests."""
+        return MappingProxyType({**self._rejected, **({"gate": self.gate.turned_away} if self.gate.turned_away else {})})
 
     def _bump(self, **deltas: int) -> None:
         s = self._stats
@@ -313,6 +326,7 @@ class Provider:
         log.info("encrypted throughput %.3g MAC/s on %s", self.macs_per_second, self.device)
         for protocol_id in PROTOCOL_IDS:
             node.host.set_stream_handler(protocol_id, self._handle)
+        self.gate.install(node.host)
         self._advertiser = Advertiser(
             node, partial(self._advert, node), model_hashes=[self.weights.model_hash], interval_s=self.config.advert_interval_s
         )
@@ -438,7 +452,10 @@ class Provider:
                 self.credit.release(peer, entry)
             else:
                 self.credit.settle(peer, entry, now=trio.current_time())
-        return None if issued is None else (*issued, entry)
+        if issued is None:
+            return None
+        self.gate.served(peer)
+        return (*issued, entry)
 
     async def _read_head(self, stream: INetStream, peer: ID, address: str | None) -> FrameHead | None:
         """The request's header, read in the opening pool under the header deadline; None if the
@@ -474,6 +491,7 @@ class Provider:
         buffered for a stream nobody reads)."""
         self._bump(**({"busy": 1} if isinstance(exc, Busy) else {"errors": 1}))
         self._rejected[exc.code.name.lower()] += 1
+        self.gate.refused(stream.muxed_conn.peer_id)
         reply = error_reply(exc, header)
         try:
             await send_frame(stream, seal(reply, self._key), timeout_s=self.config.header_timeout_s)

@@ -15,11 +15,14 @@ import torch
 import trio
 from libp2p.abc import INetStream
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.host.exceptions import StreamFailure
+from libp2p.peer.id import ID
 
 from cipherswarm.node import ModelWeights, NodeHost, open_host
 from cipherswarm.node.discovery import now_ms
 from cipherswarm.node.engine import BACKEND, ENGINE, encode_params
 from cipherswarm.node.identity import signing_key
+from cipherswarm.node.provider.gate import StreamGate
 from cipherswarm.node.streams import close_stream, read_frame, request_reply, send_bytes
 from cipherswarm.protocol import (
     PROTOCOL_IDS,
@@ -123,7 +126,11 @@ async def test_trickling_streams_do_not_lock_out_an_honest_client(weights: Model
 
             async def trickle_forever() -> None:
                 while True:
-                    stream = await open_stream(evil, provider)
+                    try:
+                        stream = await open_stream(evil, provider)
+                    except StreamFailure:  # struck: reset before negotiation (gate.py) until its next token
+                        await trio.sleep(0.2)
+                        continue
                     opened = trio.current_time()
                     async with trio.open_nursery() as nursery:
 
@@ -288,7 +295,9 @@ async def test_refused_requests_use_no_nonce_and_one_key_cannot_fill_the_window(
     two minutes). A key that
     uses its 3 nonces (requests whose payload then fails its digest) gets BUSY; another key is served."""
     with trio.fail_after(60):
-        async with running_provider(weights, replay_capacity=8, replay_per_key=3) as provider, \
+        # strikes: the gate (gate.py) would turn this key's streams away after its third refusal;
+        # what is tested here is what reaches the window
+        async with running_provider(weights, replay_capacity=8, replay_per_key=3, strikes=1000) as provider, \
                 attacker(provider) as evil, attacker(provider) as honest:
             window = provider.provider.window
             for i in range(20):  # whole, authentic requests, refused for what their header names
@@ -437,4 +446,61 @@ def test_the_address_a_cap_counts_under() -> None:
     assert address_key(("2001:db8:1:2:3:4:5:6", 1), exempt_loopback=True) == "2001:db8:1:2::/64"
     assert address_key(("::1", 1), exempt_loopback=True) is None
     assert address_key(None, exempt_loopback=False) is None
+
+
+# --- (g) the gate: peers refused again and again ---------------------------------------------------
+
+
+async def test_a_peer_refused_again_and_again_is_turned_away_before_negotiation(weights: ModelWeights) -> None:
+    """After `strikes` refusals in a row, a peer's streams beyond one a second (after a burst) are
+    reset before protocol negotiation (before: each was negotiated, read and answered, and a flood
+    of them left an honest call 4.6x slower, bench/provider_load.py). Another peer is served all
+    along; once the struck peer's request is served, its strikes are cleared."""
+    with trio.fail_after(60):
+        async with running_provider(weights, strikes=3, struck_streams_per_s=1.0) as provider, \
+                attacker(provider) as evil, attacker(provider) as honest:
+            gate = provider.provider.gate
+            for _ in range(3):
+                assert await outcome(evil, provider, *make_request(weights, model_hash=b"\x07" * 32)) == "UNKNOWN_MODEL"
+            assert gate.struck(evil.peer_id) and gate.turned_away == 0
+            answered = turned = 0
+            started = trio.current_time()
+            for _ in range(12):
+                try:
+                    assert await outcome(evil, provider, *make_request(weights, model_hash=b"\x07" * 32)) == "UNKNOWN_MODEL"
+                    answered += 1
+                except StreamFailure:  # reset before negotiation
+                    turned += 1
+            tokens = gate.burst + (trio.current_time() - started) * gate.rate
+            assert answered <= tokens and turned >= 12 - tokens and turned > 0
+            assert gate.turned_away == provider.provider.rejections()["gate"] == turned
+            assert await outcome(honest, provider, *make_request(weights)) == "ok"  # not struck
+            await trio.sleep(1.0 / gate.rate)  # the next token
+            assert await outcome(evil, provider, *make_request(weights)) == "ok"
+            assert not gate.struck(evil.peer_id)
+            for _ in range(6):  # more than a struck peer's burst: no longer limited
+                assert await outcome(evil, provider, *make_request(weights)) == "ok"
+
+
+def test_the_gate_limits_struck_peers_each_and_together_and_forgets_the_oldest() -> None:
+    now = 0.0
+    gate = StreamGate(strikes=2, rate=1.0, burst=2, shared_rate=2.0, max_peers=8, clock=lambda: now)
+    a, b, c, d = (ID.from_pubkey(create_new_key_pair().public_key) for _ in range(4))
+    gate.refused(a)
+    assert all(gate.admits(a) for _ in range(10))  # one refusal: not struck
+    gate.refused(a)
+    assert [gate.admits(a) for _ in range(3)] == [True, True, False]  # struck: its burst, then nothing
+    now = 1.0
+    assert [gate.admits(a) for _ in range(2)] == [True, False]  # one token a second
+    for peer in (b, c, d):
+        gate.refused(peer)
+        gate.refused(peer)
+    now = 2.0  # the shared bucket is full again: 2 x 2 tokens, for 3 peers with 2 each
+    assert [gate.admits(p) for p in (b, b, c, c, d, d)] == [True] * 4 + [False] * 2
+    gate.served(b)
+    assert not gate.struck(b) and gate.admits(b)
+    small = StreamGate(strikes=1, max_peers=2, clock=lambda: now)
+    for peer in (a, b, c):
+        small.refused(peer)
+    assert not small.struck(a) and small.struck(b) and small.struck(c)  # `a` forgotten first
 
