@@ -415,7 +415,7 @@ async def test_a_home_provider_reserves_on_a_relay_it_finds_in_the_dht(lab: NatL
                                                                        tmp_path: Path) -> None:
     """--relay auto with a bootstrap peer that does not relay: the home provider finds the relay's
     record in the DHT, reserves there, and is reached through it."""
-    with trio.fail_after(30):  # 9 s measured
+    with trio.fail_after(20):  # 9 s measured
         async with open_host(create_new_key_pair(), listen=[Multiaddr(f"/ip4/{lab.client_ip}/tcp/0")]) as boot:
             boot_addr = str(boot.addrs()[0])
             relay_proc = _start_in(lab, lab.public_ns, lab.relay_ip, tmp_path, "relay", model_dir, "--relay-service",

@@ -233,7 +233,7 @@ def test_hf_trainer_through_the_swarm_equals_simulate(tmp_path: Path) -> None:
     """fhe="remote" with the node client and a provider process on loopback (slow: libp2p, a process)."""
     from cipherswarm.node import SwarmClient
 
-    with time_limit(45), provider_process(tmp_path) as (model_dir, addr):  # 11 s measured on 2 busy cores
+    with time_limit(22), provider_process(tmp_path) as (model_dir, addr):  # 9-11 s measured on 2 busy cores
         rows = _rows()
         simulate = _hf_trainer_run("simulate", rows, tmp_path)
         with SwarmClient(model_dir=model_dir, bootstrap=[addr], ledger=tmp_path / "client.sqlite") as client:
