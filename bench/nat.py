@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from cipherswarm.cli.localswarm import ProviderProcess
+from cipherswarm.cli.localswarm import ProviderProcess, start_provider
 from cipherswarm.node import ClientConfig, SwarmClient
 from cipherswarm.node.nat.netns import LabUnavailable, NatLab
 from cipherswarm.node.weights import load_model
@@ -42,9 +42,9 @@ START_S = 300.0
 @contextmanager
 def serving(lab: NatLab, namespace: str, ip: str, run_dir: Path, name: str, model_dir: Path,
             *args: str, port: int = 4001) -> Iterator[ProviderProcess]:
-    proc, log = lab.start_provider(namespace, ip, run_dir, name, model_dir, "--benchmark-seconds", "0.2", *args,
-                                   port=port)
-    process = ProviderProcess(0, proc, log, 0, [], None)
+    process = start_provider(0, model=model_dir, run_dir=run_dir, name=name, listen=f"/ip4/{ip}/tcp/{port}",
+                             prefix=lab.exec_prefix(namespace), price=0, benchmark_s=0.2, extra_args=args,
+                             env={"OMP_NUM_THREADS": "1"})
     try:
         process.wait_addr(START_S)
         yield process

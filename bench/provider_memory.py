@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -36,6 +34,8 @@ from multiaddr import Multiaddr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import random_llama  # noqa: E402
+
+from cipherswarm.cli.localswarm import start_provider  # noqa: E402
 
 from cipherswarm.fhe_backend.ciphertext import ciphertext_size, result_size  # noqa: E402
 from cipherswarm.fhe_backend.evaluator import SCRATCH_BYTES, output_elements  # noqa: E402
@@ -50,7 +50,7 @@ from cipherswarm.protocol import (  # noqa: E402
 from cipherswarm.protocol.messages import MAX_DIM  # noqa: E402
 from cipherswarm.protocol.varint import encode_uvarint  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+START_S = 300.0  # longest wait for the provider to serve
 TINYLLAMA_MLP = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4, vocab_size=256)
 QUICK = dict(hidden_size=512, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=4, vocab_size=256)
 UP = "model.layers.0.mlp.up_proj.weight"
@@ -98,62 +98,53 @@ async def run(model_dir: Path, work: Path) -> None:
     up = weights.plain(UP)
     d_in, d_out = up.w.shape
     params = ENGINE.params_for(up, 8)
-    command = [sys.executable, "-m", "cipherswarm.cli", "provider", "--model", str(model_dir), "--identity",
-               str(work / "provider.key"), "--advert-interval", "5"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    with open(work / "provider.log", "wb") as log:
-        proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=log, env=env)
-        try:
-            assert proc.stdout is not None
-            line = await trio.to_thread.run_sync(proc.stdout.readline)
-            if not line:
-                raise SystemExit((work / "provider.log").read_text()[-2000:])
-            addr = Multiaddr(line.decode().strip())
-            peer = ID.from_base58(addr.get_peer_id())
-            async with open_host(create_new_key_pair()) as node:
-                await node.connect(addr)
-                advert = await fetch_advert(node, peer)
-                per_request = 16 * advert.max_output_elements + 2 * advert.max_reply_size + SCRATCH_BYTES
-                print(f"provider pid {proc.pid}: advertises max_reply_size {advert.max_reply_size} B, max_output_elements "
-                      f"{advert.max_output_elements}, min_contraction {advert.min_contraction}, max_payload_size "
-                      f"{advert.max_payload_size} B; per-request bound beyond the payload: {per_request} B\n")
+    provider = start_provider(0, model=model_dir, run_dir=work, name="provider", price=0, weight_bits=weights.weight_bits)
+    try:
+        addr = Multiaddr(await trio.to_thread.run_sync(provider.wait_addr, START_S))
+        peer = ID.from_base58(addr.get_peer_id())
+        async with open_host(create_new_key_pair()) as node:
+            await node.connect(addr)
+            advert = await fetch_advert(node, peer)
+            per_request = 16 * advert.max_output_elements + 2 * advert.max_reply_size + SCRATCH_BYTES
+            print(f"provider pid {provider.proc.pid}: advertises max_reply_size {advert.max_reply_size} B, max_output_elements "
+                  f"{advert.max_output_elements}, min_contraction {advert.min_contraction}, max_payload_size "
+                  f"{advert.max_payload_size} B; per-request bound beyond the payload: {per_request} B\n")
 
-                def header(rows: int, tokens: int) -> tuple[MatmulRequest, bytes]:
-                    request = MatmulRequest.for_payload(
-                        b"", expires_at_ms=now_ms() + 110_000, model_hash=weights.model_hash, layer=UP,
-                        weight_slice=WeightSlice(rows=Range(0, rows), cols=Range(0, d_out)), transpose=False,
-                        backend=BACKEND, backend_params=encode_params(params), input_shape=(tokens, rows),
-                        output_shape=(tokens, d_out), price_per_gmac=0)
-                    return dataclasses.replace(request, payload_length=ciphertext_size(params, tokens, rows)), b""
+            def header(rows: int, tokens: int) -> tuple[MatmulRequest, bytes]:
+                request = MatmulRequest.for_payload(
+                    b"", expires_at_ms=now_ms() + 110_000, model_hash=weights.model_hash, layer=UP,
+                    weight_slice=WeightSlice(rows=Range(0, rows), cols=Range(0, d_out)), transpose=False,
+                    backend=BACKEND, backend_params=encode_params(params), input_shape=(tokens, rows),
+                    output_shape=(tokens, d_out), price_per_gmac=0)
+                return dataclasses.replace(request, payload_length=ciphertext_size(params, tokens, rows)), b""
 
-                full_tokens = (advert.max_payload_size - 4096) // (d_in * params.in_bytes)
-                fit_tokens = advert.max_output_elements // (params.n * d_out) * params.n
-                x = torch.randint(-128, 128, (fit_tokens, d_in))
-                encrypted = ENGINE.encrypt(ENGINE.keygen(params), x).to_bytes()
-                served = MatmulRequest.for_payload(
-                    encrypted, expires_at_ms=now_ms() + 110_000, model_hash=weights.model_hash, layer=UP,
-                    weight_slice=WeightSlice(rows=Range(0, d_in), cols=Range(0, d_out)), transpose=False,
-                    backend=BACKEND, backend_params=encode_params(params), input_shape=(fit_tokens, d_in),
-                    output_shape=(fit_tokens, d_out), price_per_gmac=0)
-                cases = [(f"(a) 1 row x {MAX_DIM} tokens", *header(1, MAX_DIM)),
-                         (f"(b) {d_in} rows x {full_tokens} tokens", *header(d_in, full_tokens)),
-                         (f"(c) {d_in} rows x {fit_tokens} tokens", served, encrypted)]
-                print(f"  {'request':<28} {'payload B':>12} {'asked reply B':>15} {'asked elements':>15} {'answer':>15} "
-                      f"{'reply B':>11} {'RSS growth B':>13} {'bound B':>12} {'growth/bound':>12}")
-                for label, request, payload in cases:
-                    (m, k), n_out = request.input_shape, request.output_shape[1]
-                    bound = per_request + 3 * request.payload_length
-                    await trio.sleep(0.5)
-                    settled = vm(proc.pid, "VmRSS")
-                    Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
-                    answer, got = await send(node, peer, request, payload, advert)
-                    growth = vm(proc.pid, "VmHWM") - settled
-                    print(f"  {label:<28} {request.payload_length:>12} {result_size(params, m, n_out):>15} "
-                          f"{output_elements(params, m, n_out):>15} {answer:>15} {got:>11} {growth:>13} {bound:>12} "
-                          f"{growth / bound:>12.4f}")
-        finally:
-            proc.terminate()
-            proc.wait(10)
+            full_tokens = (advert.max_payload_size - 4096) // (d_in * params.in_bytes)
+            fit_tokens = advert.max_output_elements // (params.n * d_out) * params.n
+            x = torch.randint(-128, 128, (fit_tokens, d_in))
+            encrypted = ENGINE.encrypt(ENGINE.keygen(params), x).to_bytes()
+            served = MatmulRequest.for_payload(
+                encrypted, expires_at_ms=now_ms() + 110_000, model_hash=weights.model_hash, layer=UP,
+                weight_slice=WeightSlice(rows=Range(0, d_in), cols=Range(0, d_out)), transpose=False,
+                backend=BACKEND, backend_params=encode_params(params), input_shape=(fit_tokens, d_in),
+                output_shape=(fit_tokens, d_out), price_per_gmac=0)
+            cases = [(f"(a) 1 row x {MAX_DIM} tokens", *header(1, MAX_DIM)),
+                     (f"(b) {d_in} rows x {full_tokens} tokens", *header(d_in, full_tokens)),
+                     (f"(c) {d_in} rows x {fit_tokens} tokens", served, encrypted)]
+            print(f"  {'request':<28} {'payload B':>12} {'asked reply B':>15} {'asked elements':>15} {'answer':>15} "
+                  f"{'reply B':>11} {'RSS growth B':>13} {'bound B':>12} {'growth/bound':>12}")
+            for label, request, payload in cases:
+                (m, k), n_out = request.input_shape, request.output_shape[1]
+                bound = per_request + 3 * request.payload_length
+                await trio.sleep(0.5)
+                settled = vm(provider.proc.pid, "VmRSS")
+                Path(f"/proc/{provider.proc.pid}/clear_refs").write_text("5")
+                answer, got = await send(node, peer, request, payload, advert)
+                growth = vm(provider.proc.pid, "VmHWM") - settled
+                print(f"  {label:<28} {request.payload_length:>12} {result_size(params, m, n_out):>15} "
+                      f"{output_elements(params, m, n_out):>15} {answer:>15} {got:>11} {growth:>13} {bound:>12} "
+                      f"{growth / bound:>12.4f}")
+    finally:
+        provider.stop()
 
 
 def main() -> None:

@@ -130,17 +130,23 @@ def start_provider(
     benchmark_s: float | None = None,
     extra_args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
+    name: str | None = None,
+    listen: str = "/ip4/127.0.0.1/tcp/0",
+    prefix: Sequence[str] = (),
 ) -> ProviderProcess:
     """Launch provider ``index`` (price 10 * (index + 1) per GMAC unless given) with its key and log in
     ``run_dir``; call ``wait_addr`` on the result before using it.
 
     ``bootstrap``: one multiaddr or several. For tests: ``benchmark_s`` shortens the start-up
     throughput measurement, ``extra_args`` are further ``cipherswarm provider`` flags (last, so they
-    win over the ones above) and ``env`` further environment variables."""
+    win over the ones above) and ``env`` further environment variables. ``name`` (default
+    ``provider<index>``) names its key and log files, ``listen`` its listen address, and ``prefix``
+    runs it under another command, e.g. in a network namespace (node/nat/netns.py)."""
     price = 10 * (index + 1) if price is None else price
-    log = run_dir / f"provider{index}.log"
-    cmd = [sys.executable, "-m", "cipherswarm.cli", "provider", "--model", str(model),
-           "--listen", "/ip4/127.0.0.1/tcp/0", "--identity", str(run_dir / f"provider{index}.key"),
+    name = f"provider{index}" if name is None else name
+    log = run_dir / f"{name}.log"
+    cmd = [*prefix, sys.executable, "-m", "cipherswarm.cli", "provider", "--model", str(model),
+           "--listen", listen, "--identity", str(run_dir / f"{name}.key"),
            "--price", str(price), "--log-file", str(log), "--advert-interval", "2", "--weight-bits", str(weight_bits)]
     if bootstrap:
         cmd += ["--bootstrap", *([bootstrap] if isinstance(bootstrap, str) else bootstrap)]

@@ -22,9 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 RUN_TIMEOUT_S = 10.0
 
@@ -77,21 +75,6 @@ class NatLab:
     def exec_prefix(self, namespace: str) -> list[str]:
         """Command prefix that runs a program inside `namespace`."""
         return ["ip", "netns", "exec", namespace]
-
-    def start_provider(self, namespace: str, ip: str, run_dir: Path, name: str, model_dir: Path,
-                       *args: str, port: int = 4001) -> tuple[subprocess.Popen[str], Path]:
-        """`cipherswarm provider` inside `namespace`, listening on `ip:port` (each namespace has its
-        own ports), its key and log in `run_dir` under `name`, one compute thread; the process
-        (its stdout piped: it prints its multiaddr once serving) and its log."""
-        log = run_dir / f"{name}.log"
-        cmd = [*self.exec_prefix(namespace), sys.executable, "-m", "cipherswarm.cli", "provider", "--model",
-               str(model_dir), "--listen", f"/ip4/{ip}/tcp/{port}", "--identity", str(run_dir / f"{name}.key"),
-               "--price", "0", "--advert-interval", "2", *args]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CIPHERSWARM_THREADS": "1"}
-        with open(log, "ab") as err:
-            # own session: a terminal's Ctrl-C reaches only the launcher, which stops them in order
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env, start_new_session=True)
-        return proc, log
 
     def open(self) -> NatLab:
         if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("iptables"):

@@ -40,7 +40,7 @@ from libp2p.relay.circuit_v2.pb.dcutr_pb2 import HolePunch
 from libp2p.relay.circuit_v2.utils import write_delimited_msg
 from multiaddr import Multiaddr
 
-from cipherswarm.cli.localswarm import ProviderProcess
+from cipherswarm.cli.localswarm import ProviderProcess, start_provider
 from cipherswarm.node import ClientConfig, ClientStats, ModelWeights, NodeHost, SwarmClient, open_host
 from cipherswarm.node.host import REJOIN_S
 from cipherswarm.node.nat import RelayReservation, RelayServiceConfig, StopGuard, circuit_protocol, is_circuit
@@ -373,9 +373,10 @@ def two_homes() -> Iterator[NatLab]:
 
 def _start_in(lab: NatLab, namespace: str, ip: str, run_dir: Path, name: str, model_dir: Path,
               *args: str) -> ProviderProcess:
-    proc, log = lab.start_provider(namespace, ip, run_dir, name, model_dir, "--benchmark-seconds",
-                                   str(PROCESS_BENCHMARK_S), *args)
-    return ProviderProcess(0, proc, log, 0, [], None)
+    """`cipherswarm provider` inside `namespace` on `ip`:4001 (each namespace has its own ports), asking 0."""
+    return start_provider(0, model=model_dir, run_dir=run_dir, name=name, listen=f"/ip4/{ip}/tcp/4001",
+                          prefix=lab.exec_prefix(namespace), price=0, benchmark_s=PROCESS_BENCHMARK_S,
+                          extra_args=args, env={"OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.slow
