@@ -33,6 +33,9 @@ from .relay import RELAY_TIMEOUT_S, RelayReservation, StopGuard
 
 log = logging.getLogger(__name__)
 
+CHOOSE_TIMEOUT_S = 2 * RELAY_TIMEOUT_S
+"""Longest a starting node tries candidate relays one after another before it starts anyway."""
+
 
 class Reachability(enum.Enum):
     PUBLIC = "public"
@@ -78,16 +81,19 @@ async def reachability(service: AutoNATService, peers: Sequence[Multiaddr]) -> R
 async def choose_relay(host: IHost, candidates: Sequence[Multiaddr], guard: StopGuard, *,
                        discover: Callable[[], Awaitable[Sequence[Multiaddr]]] | None = None) -> RelayReservation | None:
     """A reservation held on the first candidate that grants one (peers that do not relay refuse
-    the hop protocol), with the others after it to fail over to. If none grants one: None, or with
-    `discover` a reservation that keeps trying them and the relays it discovers (RelayReservation)."""
-    for i in range(len(candidates)):
-        reservation = RelayReservation(host, [*candidates[i:], *candidates[:i]], guard, discover=discover)
-        try:
-            await reservation.reserve_once()
-        except Exception as exc:  # trio.TooSlowError included
-            log.info("peer %s does not relay for this node: %s", candidates[i], exc or type(exc).__name__)
-            continue
-        return reservation
+    the hop protocol), with the others after it to fail over to. If none grants one within
+    CHOOSE_TIMEOUT_S (a DHT record may name addresses that drop every packet, each costing a dial's
+    timeout, and the node does not start before this returns): None, or with `discover` a
+    reservation that goes on trying them and the relays it discovers (RelayReservation.run)."""
+    with trio.move_on_after(CHOOSE_TIMEOUT_S):
+        for i in range(len(candidates)):
+            reservation = RelayReservation(host, [*candidates[i:], *candidates[:i]], guard, discover=discover)
+            try:
+                await reservation.reserve_once()
+            except Exception as exc:  # trio.TooSlowError included
+                log.info("peer %s does not relay for this node: %s", candidates[i], exc or type(exc).__name__)
+                continue
+            return reservation
     return RelayReservation(host, candidates, guard, discover=discover) if discover and candidates else None
 
 
