@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
@@ -36,7 +37,7 @@ from libp2p.peer.id import ID
 
 from cipherswarm.protocol import ADVERT_PROTOCOL_ID, MAX_HEADER_SIZE, CapabilityAdvert, ProtocolError, seal, verify_advert
 
-from .dhtkeys import provider_key
+from .dhtkeys import provide_forever, provider_key
 from .identity import signing_key
 from .streams import close_stream, read_to_end, send_bytes
 from .types import ProviderAdvert
@@ -100,7 +101,8 @@ class Advertiser:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_drain, subscription)
             await self._publish()
-            nursery.start_soon(self._provide_forever)
+            nursery.start_soon(partial(provide_forever, self._node.dht, [model_key(h) for h in self._model_hashes],
+                                       interval_s=self.interval_s, what="provider"))
             task_status.started()
             while True:
                 with trio.move_on_after(self.interval_s):
@@ -114,15 +116,6 @@ class Advertiser:
             await self._node.pubsub.publish(ADVERT_TOPIC, self.envelope())
         except Exception as exc:  # a gossip hiccup only delays the advert to the next round
             log.warning("advert not published: %s", exc)
-
-    async def _provide_forever(self) -> None:
-        while True:
-            for model_hash in self._model_hashes:
-                try:
-                    await self._node.dht.provide(model_key(model_hash))
-                except Exception as exc:  # the next round retries
-                    log.warning("provider record not stored in the DHT: %s", exc)
-            await trio.sleep(self.interval_s)
 
     async def _hand_out(self, stream: INetStream) -> None:
         """ADVERT_PROTOCOL_ID handler; like every stream handler, it closes its stream and never raises."""

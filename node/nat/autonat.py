@@ -29,7 +29,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
 from .directory import relays_in_dht
-from .relay import RELAY_TIMEOUT_S, RelayReservation, StopGuard
+from .relay import RELAY_TIMEOUT_S, RelayReservation, StopGuard, add_relays
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +110,7 @@ async def auto_relay(service: AutoNATService, host: IHost, dht: KadDHT, bootstra
     async def discover() -> list[Multiaddr]:
         return await relays_in_dht(dht, host.get_id())
 
-    ids = {info_from_p2p_addr(addr).peer_id for addr in bootstrap}
-    candidates = [*bootstrap, *(addr for addr in await discover() if info_from_p2p_addr(addr).peer_id not in ids)]
-    reservation = await choose_relay(host, candidates, guard, discover=discover)
+    reservation = await choose_relay(host, add_relays(bootstrap, await discover()), guard, discover=discover)
     if reservation is None or not reservation.active:
         log.warning("unreachable behind NAT, and no bootstrap peer or relay in the DHT grants a reservation yet "
                     "(retrying; start one with --relay-service, or pass --relay MULTIADDR)")

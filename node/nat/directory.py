@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import logging
 
-import trio
 from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
-from ..dhtkeys import provider_key
+from ..dhtkeys import provide_forever, provider_key
 from .punch import dialable
 
 log = logging.getLogger(__name__)
@@ -33,12 +32,7 @@ MAX_DHT_RELAYS = 8
 
 async def announce(dht: KadDHT, *, interval_s: float = ANNOUNCE_S) -> None:
     """Provide RELAY_KEY now and every `interval_s`, for as long as this runs (a relay's nursery)."""
-    while True:
-        try:
-            await dht.provide(RELAY_KEY)
-        except Exception as exc:  # the next round retries
-            log.warning("relay record not stored in the DHT: %s", exc)
-        await trio.sleep(interval_s)
+    await provide_forever(dht, [RELAY_KEY], interval_s=interval_s, what="relay")
 
 
 async def relays_in_dht(dht: KadDHT, me: ID, *, limit: int = MAX_DHT_RELAYS) -> list[Multiaddr]:

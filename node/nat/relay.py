@@ -232,6 +232,12 @@ class CircuitDialer:
         raise SwarmException(f"cannot reach {peer_id} through its relays: {'; '.join(errors)}")
 
 
+def add_relays(known: Sequence[Multiaddr], found: Sequence[Multiaddr]) -> list[Multiaddr]:
+    """`known` relays, then those of `found` whose peer is not among them (full multiaddrs)."""
+    ids = {info_from_p2p_addr(addr).peer_id for addr in known}
+    return [*known, *(addr for addr in found if info_from_p2p_addr(addr).peer_id not in ids)]
+
+
 def _ends_in_p2p(addr: Multiaddr) -> bool:
     return list(addr.protocols())[-1].code == P_P2P
 
@@ -349,10 +355,8 @@ class RelayReservation:
         """Candidates anew after a failed round: the fixed ones, then those `discover` names now
         (the DHT's records change: relays come and go), starting again from the first."""
         assert self._discover is not None
-        known = {info_from_p2p_addr(addr).peer_id for addr in self._fixed}
-        found = [addr for addr in await self._discover() if info_from_p2p_addr(addr).peer_id not in known]
         before = {info.peer_id for _, info in self._candidates}
-        self._candidates = [(addr, info_from_p2p_addr(addr)) for addr in [*self._fixed, *found]]
+        self._candidates = [(addr, info_from_p2p_addr(addr)) for addr in add_relays(self._fixed, await self._discover())]
         self._current = 0
         if new := [addr for addr, info in self._candidates if info.peer_id not in before]:
             log.info("%d more candidate relay(s) from the DHT: %s", len(new), ", ".join(map(str, new)))
