@@ -191,6 +191,47 @@ class Ciphertext:
         return Ciphertext(params, self.key_id, self.tokens, self.first_row + start, self.seeds, self.words[:, start:stop])
 
 
+class ResultWriter:
+    """Serializes a product a block at a time, in :meth:`MatmulResult.to_bytes`'s layout (the module
+    docstring), so that a provider can send each block once it is computed and hold one block's
+    output, not the whole product's. ``head`` comes first; then ``block`` is called once per block,
+    in order, with that block's words, and returns the bytes that follow. Every word takes whole
+    bytes, so the layout's fields split at block boundaries. The one exception: a default-profile
+    result too wide for joint words sends every A'' word before any B'' word, so its B'' words are
+    held here until the last block."""
+
+    def __init__(self, params: Params, key_id: bytes, tokens: int, d_out: int, seeds: tuple[bytes, ...] = ()) -> None:
+        blocks = -(-tokens // params.n)
+        _check_dims(tokens, d_out, blocks, params.n)
+        shared = params.profile == SHARED_MASK
+        if shared != bool(seeds) or (shared and len(seeds) != blocks):
+            raise InvalidCiphertext("a shared-mask result carries one seed per block, a default-profile result none")
+        self._p, self._blocks, self._r = params, blocks, last_block_tokens(tokens, blocks, params.n)
+        self._done = 0
+        self._held: list[Field] = []  # B'' words of a wide default-profile result, sent after every A''
+        self.head = _OUT_HEAD.pack(OUT_MAGIC, *params.to_tuple(), key_id, tokens, d_out, blocks) + b"".join(seeds)
+
+    def block(self, a: np.ndarray | None, b: np.ndarray) -> bytes:
+        """The bytes of the next block, from its (d_out, n) words: A'' (None with a shared mask), B''."""
+        if self._done == self._blocks:
+            raise ShapeMismatch(f"all {self._blocks} blocks were written")
+        p, r = self._p, self._r
+        self._done += 1
+        last = self._done == self._blocks
+        cut = (lambda words: np.ascontiguousarray(words[:, :r])) if last else (lambda words: words)
+        if p.profile == SHARED_MASK:
+            return _serialise(b"", (cut(b), p.out_bits_b, None, 64))
+        assert a is not None  # a default-profile block carries A''
+        ka, kb = p.out_bits_a, p.out_bits_b
+        if ka + kb <= 64:
+            fields: list[Field] = [(cut(a), ka + kb, cut(b), ka)]
+            if last and r < p.n:
+                fields.append((np.ascontiguousarray(a[:, r:]), ka, None, 64))
+            return _serialise(b"", *fields)
+        self._held.append((cut(b).copy(), kb, None, 64))
+        return _serialise(b"", (a, ka, None, 64), *(self._held if last else ()))
+
+
 @dataclass(frozen=True, eq=False)
 class MatmulResult:
     """Encrypted product: per block and output column, (A'', B'') rounded to the output bits.
@@ -232,20 +273,9 @@ class MatmulResult:
         return self.b_words.shape[1]
 
     def to_bytes(self) -> bytes:
-        p = self.params
-        head = _OUT_HEAD.pack(OUT_MAGIC, *p.to_tuple(), self.key_id, self.tokens, self.d_out, self.blocks)
-        r = last_block_tokens(self.tokens, self.blocks, p.n)
-        if self.shared_mask:
-            return _serialise(head + b"".join(self.seeds), *_b_fields(self.b_words, p.out_bits_b, r))
-        a, b = self.a_words, self.b_words
-        assert a is not None  # a default-profile result (__post_init__)
-        ka, kb = p.out_bits_a, p.out_bits_b
-        if ka + kb <= 64:
-            last_a, last_b = a[-1], b[-1]
-            return _serialise(head, (a[:-1], ka + kb, b[:-1], ka),
-                              (np.ascontiguousarray(last_a[:, :r]), ka + kb, np.ascontiguousarray(last_b[:, :r]), ka),
-                              (np.ascontiguousarray(last_a[:, r:]), ka, None, 64))
-        return _serialise(head, (a, ka, None, 64), *_b_fields(b, kb, r))
+        writer = ResultWriter(self.params, self.key_id, self.tokens, self.d_out, self.seeds)
+        a = self.a_words
+        return writer.head + b"".join(writer.block(None if a is None else a[i], self.b_words[i]) for i in range(self.blocks))
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> "MatmulResult":

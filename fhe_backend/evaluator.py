@@ -92,6 +92,96 @@ def plan_tiles(method: str, *, contraction: int, width: int, n: int, words: int,
     return Tiles(rows=rows, cols=cols, scratch=rows * row + cols * col + rows * cols * cell)
 
 
+class BlockProduct:
+    """One product ``x @ w`` (or ``x @ w.T``) prepared to be computed a ring block at a time: the
+    weights and parameters checked, the tiles planned and their buffers allocated once. A provider
+    that streams its reply computes a block, sends it and computes the next, so a request's output
+    in memory is one block's, not the whole product's; :func:`matmul` computes every block into one
+    result. Blocks are independent: any order gives the same words. Not thread-safe (the buffers
+    are shared by its blocks): one block at a time."""
+
+    def __init__(
+        self,
+        ct: Ciphertext,
+        weights: "torch.Tensor | PlainWeights",
+        *,
+        transpose: bool = False,
+        method: str = "f64",
+        gemm: Int8Gemm = int8_limbs.cpu_int8_gemm,
+        scratch_bytes: int = SCRATCH_BYTES,
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        pw = PlainWeights.of(weights)
+        contraction, width = contraction_width(pw, transpose)
+        if ct.d != contraction:
+            raise ShapeMismatch(f"ciphertext has {ct.d} features, weights{'.T' if transpose else ''} contract over {contraction}")
+        p = ct.params
+        stats = pw.stats(transpose)
+        p.for_weights(stats)
+        if method == "f64":
+            lb = provider_limb_bits(stats.l1)
+        elif method == "int8":
+            int8_limbs.check_weights(pw.w)
+            lb = int8_limbs.LIMB_BITS
+        else:
+            lb = 64  # one "limb": the whole word, whose int64 product wraps mod 2^64, a multiple of q
+        self.ct, self.method, self._gemm, self._lb = ct, method, gemm, lb
+        self.contraction, self.width = contraction, width
+        self._limbs = limbs = limb_count(p.log_q, lb)
+        n = p.n
+        self.shared = shared = p.profile == SHARED_MASK  # the single mask per block needs no product: only B @ W
+        self._words = words = 1 if shared else 2
+        self.tiles = tiles = plan_tiles(method, contraction=contraction, width=width, n=n, words=words, limbs=limbs,
+                                        mask_rows=not shared, scratch_bytes=scratch_bytes)
+        self._left = (pw.w if transpose else pw.w.t()).numpy()  # (width, contraction): a view of the held weights
+        self._out_bits = [p.out_bits_b] if shared else [p.out_bits_a, p.out_bits_b]
+        # buffers of the largest tile, reused by every tile; edge tiles use their leading part
+        self._mask_buf = None if shared else np.empty(tiles.rows * n * 8 + 15, dtype=np.uint8)
+        if method != "int8":
+            self._z_buf = np.empty((tiles.rows, words, limbs, n), dtype=np.float64 if method == "f64" else np.int64)
+            self._w_buf = np.empty((tiles.cols, tiles.rows), dtype=self._z_buf.dtype)
+            self._prod_buf = np.empty((tiles.cols, words * limbs * n), dtype=self._z_buf.dtype)
+
+    def empty_block(self) -> tuple[np.ndarray | None, np.ndarray]:
+        """Arrays for one block's output: (A'' or None with a shared mask, B''), each (width, n) int64."""
+        b = np.empty((self.width, self.ct.params.n), dtype=np.int64)
+        return (None if self.shared else np.empty_like(b)), b
+
+    def block(self, blk: int, a_out: np.ndarray | None, b_out: np.ndarray) -> None:
+        """Compute block ``blk`` of the product into ``a_out`` (None with a shared mask) and ``b_out``."""
+        ct, p, tiles, lb, limbs, words = self.ct, self.ct.params, self.tiles, self._lb, self._limbs, self._words
+        n, contraction, width, method, left = p.n, self.contraction, self.width, self.method, self._left
+        outs = [b_out] if self.shared else [a_out, b_out]
+        for r0 in range(0, contraction, tiles.rows):
+            r1 = min(r0 + tiles.rows, contraction)
+            rows = [ct.words[blk, r0:r1]]
+            if not self.shared:
+                rows.insert(0, expand_mask(ct.seeds[blk], n=n, rows=r1 - r0, first_row=ct.first_row + r0, out=self._mask_buf))
+            if method != "int8":
+                z = self._z_buf[: r1 - r0]
+                for i, w in enumerate(rows):
+                    if method == "f64":
+                        kernels.split_limbs(w, p.log_q, lb, z[:, i].transpose(1, 0, 2))  # (limbs, rows, n) view
+                    else:
+                        z[:, i, 0] = w
+                z2 = torch.from_numpy(z.reshape(r1 - r0, words * limbs * n))
+            for c0 in range(0, width, tiles.cols):
+                c1 = min(c0 + tiles.cols, width)
+                if method == "int8":
+                    tile = np.ascontiguousarray(left[c0:c1, r0:r1], dtype=np.int8)
+                    prods = int8_limbs.limb_products(rows, tile, p.log_q, self._gemm)  # (words * limbs, cols, n)
+                else:
+                    w_tile = self._w_buf[: c1 - c0, : r1 - r0]
+                    np.copyto(w_tile, left[c0:c1, r0:r1])  # exact: the weights are integers below 2^53
+                    prod = self._prod_buf[: c1 - c0]
+                    torch.mm(torch.from_numpy(w_tile), z2, out=torch.from_numpy(prod))
+                    prods = prod.reshape(c1 - c0, words * limbs, n).transpose(1, 0, 2)
+                for i, out in enumerate(outs):
+                    kernels.join_limbs_switch(prods[i * limbs : (i + 1) * limbs], lb, p.log_q, self._out_bits[i],
+                                              out[c0:c1], r0 == 0, r1 == contraction)
+
+
 def matmul(
     ct: Ciphertext,
     weights: "torch.Tensor | PlainWeights",
@@ -104,66 +194,10 @@ def matmul(
     """Encrypted ``x @ w`` (or ``x @ w.T`` when ``transpose``), tile by tile (module docstring):
     no copy of the weights, and at most about ``scratch_bytes`` of working memory beyond the input
     and the output (:func:`plan_tiles`). ``gemm`` is the device GEMM of the int8 method."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    pw = PlainWeights.of(weights)
-    contraction, width = contraction_width(pw, transpose)
-    if ct.d != contraction:
-        raise ShapeMismatch(f"ciphertext has {ct.d} features, weights{'.T' if transpose else ''} contract over {contraction}")
-    p = ct.params
-    stats = pw.stats(transpose)
-    p.for_weights(stats)
-    if method == "f64":
-        lb = provider_limb_bits(stats.l1)
-    elif method == "int8":
-        int8_limbs.check_weights(pw.w)
-        lb = int8_limbs.LIMB_BITS
-    else:
-        lb = 64  # one "limb": the whole word, whose int64 product wraps mod 2^64, a multiple of q
-    limbs = limb_count(p.log_q, lb)
-    n = p.n
-    shared = p.profile == SHARED_MASK  # the single mask per block needs no product: only B @ W
-    words = 1 if shared else 2
-    tiles = plan_tiles(method, contraction=contraction, width=width, n=n, words=words, limbs=limbs,
-                       mask_rows=not shared, scratch_bytes=scratch_bytes)
-    left = (pw.w if transpose else pw.w.t()).numpy()  # (width, contraction): a view of the held weights
-    b_out = np.empty((ct.blocks, width, n), dtype=np.int64)
-    a_out = None if shared else np.empty_like(b_out)
-    out_bits = [p.out_bits_b] if shared else [p.out_bits_a, p.out_bits_b]
-    # buffers of the largest tile, reused by every tile; edge tiles use their leading part
-    mask_buf = None if shared else np.empty(tiles.rows * n * 8 + 15, dtype=np.uint8)
-    if method != "int8":
-        z_buf = np.empty((tiles.rows, words, limbs, n), dtype=np.float64 if method == "f64" else np.int64)
-        w_buf = np.empty((tiles.cols, tiles.rows), dtype=z_buf.dtype)
-        prod_buf = np.empty((tiles.cols, words * limbs * n), dtype=z_buf.dtype)
+    product = BlockProduct(ct, weights, transpose=transpose, method=method, gemm=gemm, scratch_bytes=scratch_bytes)
+    b_out = np.empty((ct.blocks, product.width, ct.params.n), dtype=np.int64)
+    a_out = None if product.shared else np.empty_like(b_out)
     for blk in range(ct.blocks):
-        outs = [b_out[blk]] if shared else [a_out[blk], b_out[blk]]
-        for r0 in range(0, contraction, tiles.rows):
-            r1 = min(r0 + tiles.rows, contraction)
-            rows = [ct.words[blk, r0:r1]]
-            if not shared:
-                rows.insert(0, expand_mask(ct.seeds[blk], n=n, rows=r1 - r0, first_row=ct.first_row + r0, out=mask_buf))
-            if method != "int8":
-                z = z_buf[: r1 - r0]
-                for i, w in enumerate(rows):
-                    if method == "f64":
-                        kernels.split_limbs(w, p.log_q, lb, z[:, i].transpose(1, 0, 2))  # (limbs, rows, n) view
-                    else:
-                        z[:, i, 0] = w
-                z2 = torch.from_numpy(z.reshape(r1 - r0, words * limbs * n))
-            for c0 in range(0, width, tiles.cols):
-                c1 = min(c0 + tiles.cols, width)
-                if method == "int8":
-                    tile = np.ascontiguousarray(left[c0:c1, r0:r1], dtype=np.int8)
-                    prods = int8_limbs.limb_products(rows, tile, p.log_q, gemm)  # (words * limbs, cols, n)
-                else:
-                    w_tile = w_buf[: c1 - c0, : r1 - r0]
-                    np.copyto(w_tile, left[c0:c1, r0:r1])  # exact: the weights are integers below 2^53
-                    prod = prod_buf[: c1 - c0]
-                    torch.mm(torch.from_numpy(w_tile), z2, out=torch.from_numpy(prod))
-                    prods = prod.reshape(c1 - c0, words * limbs, n).transpose(1, 0, 2)
-                for i, out in enumerate(outs):
-                    kernels.join_limbs_switch(prods[i * limbs : (i + 1) * limbs], lb, p.log_q, out_bits[i], out[c0:c1],
-                                              r0 == 0, r1 == contraction)
-    return MatmulResult(params=p, key_id=ct.key_id, tokens=ct.tokens, a_words=a_out, b_words=b_out,
-                        seeds=ct.seeds if shared else ())
+        product.block(blk, None if a_out is None else a_out[blk], b_out[blk])
+    return MatmulResult(params=ct.params, key_id=ct.key_id, tokens=ct.tokens, a_words=a_out, b_words=b_out,
+                        seeds=ct.seeds if product.shared else ())
