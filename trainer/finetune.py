@@ -24,10 +24,10 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
@@ -41,7 +41,7 @@ from .errors import ResumeError, TrainingStopped  # noqa: F401  # ResumeError: w
 from .executor import MatmulExecutor
 from .thin import load_remote_model
 from .batches import IGNORE_INDEX
-from .tasks import UnsupportedModelError, task_of
+from .tasks import Task, UnsupportedModelError, task_of
 from .records import StepRecord
 from .trainer import LoraTrainer, StepHook
 
@@ -119,16 +119,26 @@ def _batches(examples: Batch, batch_size: int, generator: torch.Generator | None
     return [{k: rows(v[order[i : i + batch_size]]) for k, v in examples.items()} for i in range(0, count - batch_size + 1, batch_size)]
 
 
-def target_modules(config: FinetuneConfig, model: torch.nn.Module) -> list[str]:
-    """The modules that get adapters: the config's, or peft's default for the architecture."""
-    if config.target_modules is not None:
-        return list(config.target_modules)
+def target_modules(requested: Sequence[str] | None, model: torch.nn.Module) -> list[str]:
+    """The modules that get adapters: those ``requested`` (FinetuneConfig.target_modules), or with
+    None peft's default for the architecture."""
+    if requested is not None:
+        return list(requested)
     model_type = getattr(model.config, "model_type", "")
     default = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
     if not default:
         raise UnsupportedModelError(f"peft names no default LoRA target modules for {model_type!r} models: "
                                     "give them (--target-modules, FinetuneConfig.target_modules)")
     return list(default)
+
+
+def with_lora(model: torch.nn.Module, task: Task, *, r: int, alpha: int, targets: Sequence[str] | None) -> PeftModel:
+    """``model`` with the LoRA adapters of a fine-tune: rank ``r``, scale ``alpha``, no dropout, on
+    ``targets`` (None: peft's default for the architecture). The simulator's workload is planned on
+    adapters made here too (:mod:`.workload`), so that it has the fine-tune's trainable inputs."""
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules(targets, model),
+                      task_type=task.peft_task_type)
+    return get_peft_model(model, lora)
 
 
 def load_tokenizer(model_dir: Path) -> Any:
@@ -164,9 +174,7 @@ def build(config: FinetuneConfig, *, checkpoint_dir: Path | None = None, save_st
         model = task.auto_class.from_pretrained(config.model_dir, dtype=torch.float32)
     else:
         model, _ = load_remote_model(config.model_dir, thin, auto_class=task.auto_class)
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                      target_modules=target_modules(config, model), task_type=task.peft_task_type)
-    model = get_peft_model(model, lora)
+    model = with_lora(model, task, r=config.lora_r, alpha=config.lora_alpha, targets=config.target_modules)
     gen = torch.Generator().manual_seed(config.seed)
     needed = config.steps * config.gradient_accumulation_steps
     train_batches: list[Batch] = []

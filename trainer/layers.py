@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import NamedTuple
 
 import torch
@@ -99,17 +100,29 @@ class RemoteLinear(nn.Module):
         self.backward_enabled = True
         self.thin = is_thin(base)
         bits = context.precision.weight_bits
+        self._summary: Layer | None = None  # made by `layer` on first use
         if self.thin:  # the weights stay on disk: the summary read from the same files
             if base.source.weight_bits != bits:
                 raise ValueError(f"the model was loaded with {base.source.weight_bits}-bit weights, the precision asks for "
                                  f"{bits}: pass weight_bits={bits} to load_remote_model, or compile with the loaded width")
-            self.layer: Layer = base.remote_layer
-        else:
-            w = base.weight.detach()
-            engine_w = w if isinstance(base, Conv1D) else w.t()  # the engine's w is (d_in, d_out)
-            self.layer = Layer.summarise(key + ".weight", quantize_weight(engine_w, bits), keep=True)
-        self.in_features, self.out_features = self.layer.shape.d_in, self.layer.shape.d_out
+            self._summary = base.remote_layer
+            self.in_features, self.out_features = self._summary.shape.d_in, self._summary.shape.d_out
+        else:  # the engine's W is (d_in, d_out): a Conv1D's weight as stored, an nn.Linear's transposed
+            shape = base.weight.shape
+            self.in_features, self.out_features = (shape[0], shape[1]) if isinstance(base, Conv1D) else (shape[1], shape[0])
         self.group = RemoteGroup([self])  # until the trainer groups it with layers reading its input
+
+    @property
+    def layer(self) -> Layer:
+        """The layer's public summary (``node.weights.Layer``), quantized from the weight in memory on
+        first use, not when the layer is put in place: a trace (``RemoteBaseLayers.plan``) needs
+        shapes only, so a model on the meta device, which has no values to quantize, can be traced."""
+        if self._summary is None:
+            w = self.original.weight.detach()
+            engine_w = w if isinstance(self.original, Conv1D) else w.t()
+            self._summary = Layer.summarise(self.key + ".weight", quantize_weight(engine_w, self.context.precision.weight_bits),
+                                            keep=True)
+        return self._summary
 
     @property
     def quantized(self) -> QuantizedWeight | None:
@@ -169,19 +182,32 @@ class RemoteGroup:
         for m in members:
             self.columns[m.key] = (offset, m.out_features)
             offset += m.out_features
-        self.weight: QuantizedWeight | None = None  # the concatenated integer weights, when held
-        if len(members) == 1:
-            self.layer = members[0].layer
-            self.weight = members[0].quantized
-        elif all(m.thin for m in members):  # summarised by the checkpoint's reader, from disk
-            self.layer = members[0].original.source.resolve(self.key)
-        elif not any(m.thin for m in members):
-            self.weight = concat_columns([m.quantized for m in members])  # type: ignore[misc]  # held: not thin
-            self.layer = Layer.summarise(group_key([m.key + ".weight" for m in members]), self.weight, keep=False)
-        else:
+        if len(members) > 1 and len({m.thin for m in members}) > 1:
             raise ValueError(f"{self.key}: a group's layers are all on disk or all in memory")
         # per thread: micro-batches in flight together (overlap.py) each have their own
         self._local = threading.local()
+
+    # The weights and summary are made on first use, as a member's are (RemoteLinear.layer): a
+    # group found by a trace of a model without values (the meta device) has none to make.
+
+    @cached_property
+    def weight(self) -> QuantizedWeight | None:
+        """The concatenated integer weights ``[W_1 | W_2 | ...]``, or None when they stay on disk."""
+        if len(self.members) == 1:
+            return self.members[0].quantized
+        if self.members[0].thin:
+            return None
+        return concat_columns([m.quantized for m in self.members])  # type: ignore[misc]  # held: not thin
+
+    @cached_property
+    def layer(self) -> Layer:
+        """The group's public summary: a member's own, the checkpoint reader's (from disk), or that of
+        the concatenated weights."""
+        if len(self.members) == 1:
+            return self.members[0].layer
+        if self.members[0].thin:
+            return self.members[0].original.source.resolve(self.key)
+        return Layer.summarise(group_key([m.key + ".weight" for m in self.members]), self.weight, keep=False)  # type: ignore[arg-type]
 
     @property
     def backward_enabled(self) -> bool:

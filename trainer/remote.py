@@ -22,6 +22,11 @@ run the base layers there::
 
 ``remote_base_layers`` is that in one call. Modes, bit widths and the executor seam are those of
 ``LoraTrainer`` (trainer/README.md).
+
+``plan(inputset)`` is the part of ``compile`` that needs no weight values: it puts the remote layers
+in place, traces and groups them, and returns the executor calls a training micro-batch makes, in
+order. It runs on a model built on the meta device, which is how the simulator gets its workload
+(:mod:`.workload`): from this code, not from a second statement of its rules.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from peft import PeftModel
@@ -44,6 +49,13 @@ from .batches import batch_loss, causal_lm_loss, first_batch, split_batch
 from .layers import Call, RemoteContext, RemoteGroup, RemoteLinear, find_groups, unwrap_base_layers, wrap_base_layers
 
 FHE_MODES = ("disable", "simulate", "execute", "remote")
+
+
+class PlannedCall(NamedTuple):
+    """One executor call of a training micro-batch: a group's ``x @ W``, or ``g @ W.T`` (``transpose``)."""
+
+    key: str  # the group's key (``RemoteBaseLayers.groups``): what the executor is asked for
+    transpose: bool
 
 
 def check_int(name: str, value: object, low: int = 1) -> None:
@@ -102,6 +114,7 @@ class RemoteBaseLayers:
         self.layers: dict[str, RemoteLinear] = {}  # by layer key, in module order
         self.groups: dict[str, RemoteGroup] = {}  # by group key: what the executor is asked for
         self.local_executors: dict[str, LocalExecutor] = {}  # "simulate", "execute": in this process, with the keys
+        self.calls: list[PlannedCall] = []  # what one training micro-batch asks the executor, in order (plan)
         self.accuracy: AccuracyReport | None = None  # measured by compile() on its inputset
         self.precision: Precision | None = None
         self.profile = "default"
@@ -157,27 +170,9 @@ class RemoteBaseLayers:
         if n_bits is not None:
             check_bits("n_bits", n_bits, MIN_X_BITS, MAX_X_BITS)
         precision = precision if precision is not None else Precision.of(n_bits)
-        # until this call succeeds, encrypted modes are refused
-        self.local_executors, self._specs, self._compiled, self._bound, self._fhe = {}, {}, False, None, "disable"
-        self.accuracy, self.precision, self.profile = None, precision, profile
-        base = self.base_model
-        unwrap_base_layers(base)
-        self.context = RemoteContext(precision=precision)
-        self.layers = wrap_base_layers(base, self.context, remote_lm_head=self.remote_lm_head)
-        if not self.layers:
-            raise ValueError("the model has no frozen nn.Linear or Conv1D base layer to run remotely")
+        self.profile = profile
         batch = first_batch(inputset)
-        trace = self._trace(batch)
-        unread = self._unread(batch, loss_fn)
-        if unread:  # they stay float modules, computed here if they run at all: nothing of theirs is sent out
-            unwrap_base_layers(base, unread)
-            self.layers = {k: layer for k, layer in self.layers.items() if k not in unread}
-            if not self.layers:
-                raise ValueError("the loss reads no frozen nn.Linear or Conv1D base layer: there is nothing to run remotely")
-        self._apply_backprop_skip([call for call in trace if call.key not in unread])
-        # grouped on the whole trace (whether a call reads its predecessor's input), then the unread left out
-        groups = [[k for k in keys if k not in unread] for keys in find_groups(trace)] if group_layers else []
-        self._group([keys for keys in groups if keys])
+        self._place(batch, precision, loss_fn, group_layers)
         # Built once: each spec prepares its integer weights once, shared by every executor made from it.
         self._specs = {k: LayerSpec(k, group.weight, precision, group.backward_enabled, group.layer.digest)
                        for k, group in self.groups.items()}
@@ -192,6 +187,57 @@ class RemoteBaseLayers:
             warn_if_inaccurate(self.accuracy)
         self._compiled = True
         return self.accuracy
+
+    def plan(self, inputset: object, *, precision: Precision | None = None, group_layers: bool = True,
+             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> list[PlannedCall]:
+        """The executor calls one training micro-batch like ``inputset`` makes, in order, found as
+        ``compile()`` finds them (same arguments) but without quantizing a weight or making a key:
+        remote layers are put in place, the forward is traced, unread layers are left out, the
+        backprop skip is checked (:class:`~.errors.BackpropSkipError`) and groups are formed.
+
+        The trace needs shapes only, so the model may be built on the meta device
+        (``with torch.device("meta"):``): a model too large for this machine is planned all the
+        same. This is where the simulator's workload comes from (:mod:`.workload`): the calls it
+        replays are the ones this code makes. Afterwards ``self.groups`` and ``self.calls`` hold the
+        plan; the model is not compiled (mode ``disable``, its float modules computing)."""
+        self._place(first_batch(inputset), precision if precision is not None else Precision(), loss_fn, group_layers)
+        return list(self.calls)
+
+    def _place(self, batch: object, precision: Precision,
+               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None, group_layers: bool) -> None:
+        """Everything of ``compile()`` that needs only the model's shapes: remote layers in place,
+        ``batch`` traced, unread layers back to float modules, the backprop skip applied, groups
+        formed and ``self.calls`` predicted; what was compiled before is dropped first (encrypted
+        modes are refused until ``compile()`` succeeds)."""
+        self.local_executors, self._specs, self._compiled, self._bound, self._fhe = {}, {}, False, None, "disable"
+        self.accuracy, self.precision, self.calls = None, precision, []
+        base = self.base_model
+        unwrap_base_layers(base)
+        self.context = RemoteContext(precision=precision)
+        self.layers = wrap_base_layers(base, self.context, remote_lm_head=self.remote_lm_head)
+        if not self.layers:
+            raise ValueError("the model has no frozen nn.Linear or Conv1D base layer to run remotely")
+        trace = self._trace(batch)
+        unread = self._unread(batch, loss_fn)
+        if unread:  # they stay float modules, computed here if they run at all: nothing of theirs is sent out
+            unwrap_base_layers(base, unread)
+            self.layers = {k: layer for k, layer in self.layers.items() if k not in unread}
+            if not self.layers:
+                raise ValueError("the loss reads no frozen nn.Linear or Conv1D base layer: there is nothing to run remotely")
+        self._apply_backprop_skip([call for call in trace if call.key not in unread])
+        # grouped on the whole trace (whether a call reads its predecessor's input), then the unread left out
+        groups = [[k for k in keys if k not in unread] for keys in find_groups(trace)] if group_layers else []
+        self._group([keys for keys in groups if keys])
+        self.calls = self._predict_calls(trace)
+
+    def _predict_calls(self, trace: list[Call]) -> list[PlannedCall]:
+        """The executor calls of one training micro-batch, from the traced forward: a group's product
+        when its first member runs (the others take their columns of it, ``RemoteGroup.output``),
+        then ``g @ W.T`` of each of those whose input needed a gradient, in reverse (the order in
+        which autograd asks a model whose layers run one after another). Unread layers make none."""
+        forward = [(layer.group.key, call.needs_grad) for call in trace
+                   if (layer := self.layers.get(call.key)) is not None and layer.group.members[0] is layer]
+        return [PlannedCall(key, False) for key, _ in forward] + [PlannedCall(key, True) for key, needs in reversed(forward) if needs]
 
     def summary(self) -> dict[str, Any]:
         """What ``compile()`` set up, JSON-ready (the trainer's training log has it)."""
@@ -368,7 +414,7 @@ class RemoteBaseLayers:
             clear = getattr(ex, "clear_private_info", None)
             if clear is not None:
                 clear()
-        self.local_executors, self._specs, self.layers, self.groups = {}, {}, {}, {}
+        self.local_executors, self._specs, self.layers, self.groups, self.calls = {}, {}, {}, {}, []
         self._compiled, self._bound, self._fhe = False, None, "disable"
         self.context.executor = None
         unwrap_base_layers(self.base_model)

@@ -20,9 +20,10 @@ instead: the Python API (``LoraTrainer`` or ``remote_base_layers``) takes any mo
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModel, AutoModelForCausalLM
@@ -62,7 +63,11 @@ def task_of(model_dir: str | Path) -> Task:
     config_file = Path(model_dir) / "config.json"
     if not config_file.is_file():
         raise UnsupportedModelError(f"{model_dir} has no config.json: give a Hugging Face model folder (save_pretrained)")
-    config = json.loads(config_file.read_text())
+    return task_of_config(json.loads(config_file.read_text()), str(model_dir))
+
+
+def task_of_config(config: Mapping[str, Any], model_dir: str = "the config") -> Task:
+    """:func:`task_of` for the fields of a ``config.json`` (``model_dir``: where it is, for messages)."""
     model_type = config.get("model_type", "")
     architectures = config.get("architectures") or []
     encoder = model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.get("is_decoder", False)
