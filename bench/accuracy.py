@@ -43,6 +43,7 @@ from cipherswarm.node.sim import ModelShape, Workload  # noqa: E402
 from cipherswarm.node.weights import load_model  # noqa: E402
 from cipherswarm.trainer import AccuracyWarning, LoraTrainer, causal_lm_loss, remote_base_layers  # noqa: E402
 from cipherswarm.trainer.data import load_examples  # noqa: E402
+from cipherswarm.trainer.workload import traced_model  # noqa: E402
 from cipherswarm.trainer.finetune import BUNDLED_DATA, FinetuneConfig, finetune  # noqa: E402
 from cipherswarm.node.gguf import convert_gguf  # noqa: E402
 
@@ -90,7 +91,7 @@ def accuracy_table(model_dir: Path, batch: torch.Tensor, settings: list[Precisio
     peft = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     trainer = LoraTrainer(peft, torch.optim.SGD([p for p in peft.parameters() if p.requires_grad], lr=0.0),
                           loss_fn=causal_lm_loss, train_log_path=None, n_layers_to_skip_for_backprop=0)
-    shape = ModelShape.load(model_dir)
+    shape = traced_model(model_dir)
     base, _ = bytes_per_token(shape, Precision(8, 8, 8))
     print(f"\nmodel {model_dir.name}: {len(shape.layers)} remote layers, {batch.numel()} held-out tokens")
     print(f"  {'activations/gradients/weights bits':<36} {'logits err':>10} {'top-1':>8} {'loss':>8} {'worst layer':>12} "
@@ -120,7 +121,7 @@ def profile_table(model_dir: Path, batch: torch.Tensor, profiles: tuple[str, ...
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     peft = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     peft.eval()
-    shape = ModelShape.load(model_dir)
+    shape = traced_model(model_dir)
     with torch.no_grad():
         ref = peft(batch).logits.float()
     ref_loss = causal_lm_loss(ref, batch)

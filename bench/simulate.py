@@ -42,6 +42,7 @@ from cipherswarm.node.sim import ClientSpec, ModelShape, ProviderSpec, Swarm, Wo
 from cipherswarm.node.sim.report import render
 from cipherswarm.node.weights import load_model
 from cipherswarm.trainer.finetune import BUNDLED_MODEL, FinetuneConfig, build
+from cipherswarm.trainer.workload import traced_model
 
 CORES = len(os.sched_getaffinity(0))
 
@@ -164,7 +165,9 @@ def main() -> int:
     ap.add_argument("--testnet-dir", type=Path, default=None, help="testnet output folder (default: a temporary one)")
     args = ap.parse_args()
     print(f"machine: {CORES} cores, load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}")
-    shape = ModelShape.load(BUNDLED_MODEL)
+    cfg = FinetuneConfig()  # what the testnet trains with: its accumulation, the trainer's default micro-batches in flight
+    shape = traced_model(BUNDLED_MODEL, lora_r=cfg.lora_r, target_modules=cfg.target_modules,
+                         n_layers_to_skip_for_backprop=cfg.n_layers_to_skip_for_backprop)
 
     print("\n1. micro-measurements on this machine (none from the testnet)")
     rate, par = measure_provider()
@@ -190,12 +193,10 @@ def main() -> int:
                                    layers=("*.0.*", "*.1.*") if i == 2 else ()) for i in range(3))
     swarm = Swarm(client=client, providers=providers, shared_cores=CORES,
                   loopback_s_per_byte=exchange["loopback_s_per_byte"])
-    cfg = FinetuneConfig()  # what the testnet trains with: its accumulation, the trainer's default micro-batches in flight
     tokens = cfg.batch_size * cfg.seq_len
     ga = cfg.gradient_accumulation_steps
     work = Workload(shape, tokens=args.steps * ga * tokens, micro_batch_tokens=tokens, seq_len=cfg.seq_len,
-                    n_layers_to_skip_for_backprop=cfg.n_layers_to_skip_for_backprop, eval_batches=cfg.eval_batches,
-                    gradient_accumulation_steps=ga)
+                    eval_batches=cfg.eval_batches, gradient_accumulation_steps=ga)
     sim = simulate(work, swarm)
     print(render(sim, title="  simulated testnet"))
     print("\n  predicted vs measured")

@@ -2,8 +2,9 @@
 
 A discrete-event simulation (cipherswarm.node.sim) replays the trainer's sequence of encrypted
 calls (one per group of layers that read the same input, e.g. LLaMA's q, k, v: the input is
-uploaded once) with the client's own chunk router, peer table, hedging and retries, on a model of
-the client's CPU and links and the providers' devices and links. It prints every assumption, the
+uploaded once), as the trainer itself plans it on the model built without weights
+(cipherswarm.trainer.workload), with the client's own chunk router, peer table, hedging and
+retries, on a model of the client's CPU and links and the providers' devices and links. It prints every assumption, the
 predicted wall time, tokens/s, price and what bounds the time (client uplink, downlink, crypto CPU,
 provider compute, latency). Nothing here is measured: the defaults are stated assumptions
 (consumer GPUs on home links); `bench/simulate.py` measures this machine and checks the simulator
@@ -21,16 +22,19 @@ import argparse
 import json
 import random
 from dataclasses import replace
+from functools import cache
 from pathlib import Path
 
 from cipherswarm.cli.bits import add_precision_arguments, add_profile_argument, precision_of
 from cipherswarm.cli.steps import add_step_arguments
 from cipherswarm.node.client.config import ClientConfig
-from cipherswarm.node.sim import LLAMA_3_8B, LLAMA_3_70B, ClientSpec, Estimate, GpuAssumption, ModelShape, ProviderSpec, Swarm, Workload, simulate
+from cipherswarm.node.sim import ClientSpec, Estimate, GpuAssumption, ModelShape, ProviderSpec, Swarm, Workload, simulate
 from cipherswarm.node.sim.policy import ChunkFailed
 from cipherswarm.node.sim.report import render
 from cipherswarm.node.sim.swarm import MBIT
 from cipherswarm.protocol import DEFAULT_MAX_PAYLOAD_SIZE
+from cipherswarm.trainer.finetune import FinetuneConfig
+from cipherswarm.trainer.workload import LLAMA_3_8B, LLAMA_3_70B, traced_model
 
 TINY = Path(__file__).resolve().parents[1] / "trainer" / "assets" / "tiny-shakespeare-llama"
 GPU = GpuAssumption()
@@ -41,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload")
     g.add_argument("--model", default="llama-3-8b",
                    help="llama-3-8b (32 blocks, hidden 4096, intermediate 14336, 32 heads, 8 KV heads, vocab 128256), "
+                        "llama-3-70b (80 blocks, hidden 8192, intermediate 28672, 64 heads, 8 KV heads), "
                         "tiny (the bundled tiny LLaMA, exact parameters from its weights), or a HF model directory / "
                         "config.json path (default llama-3-8b)")
     g.add_argument("--tokens", type=int, default=100_000, help="training tokens in all (default 100000)")
@@ -50,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_step_arguments(g)  # the trainer's: the estimate runs its micro-batches the same way
     g.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     g.add_argument("--eval-batches", type=int, default=0, help="held-out micro-batches evaluated before and after (default 0)")
-    g.add_argument("--skip-backprop", type=int, default=1, help="n_layers_to_skip_for_backprop (default 1)")
+    g.add_argument("--skip-backprop", type=int, default=FinetuneConfig.n_layers_to_skip_for_backprop,
+                   help=f"n_layers_to_skip_for_backprop (default {FinetuneConfig.n_layers_to_skip_for_backprop})")
     add_profile_argument(g)
     add_precision_arguments(g)
     g.add_argument("--max-steps", type=int, default=3,
@@ -117,10 +123,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of the simulation's own random generator (default 0)")
 
 
-def load_model(name: str) -> ModelShape:
-    if name == "llama-3-8b":
-        return ModelShape.from_config(LLAMA_3_8B, name="llama-3-8b")
-    return ModelShape.load(TINY if name == "tiny" else Path(name))
+REFERENCE_MODELS = {"llama-3-8b": LLAMA_3_8B, "llama-3-70b": LLAMA_3_70B}  # by --model name; the memory table shows both
+
+
+@cache
+def reference_model(name: str, skip_backprop: int) -> ModelShape:
+    """A model of :data:`REFERENCE_MODELS` as the trainer plans it, once a process: a 70B trace takes seconds."""
+    return traced_model(REFERENCE_MODELS[name], name=name, n_layers_to_skip_for_backprop=skip_backprop)
+
+
+def load_model(name: str, skip_backprop: int = FinetuneConfig.n_layers_to_skip_for_backprop) -> ModelShape:
+    """The calls of ``--model``, planned by the trainer with ``skip_backprop`` (traced_model)."""
+    if name in REFERENCE_MODELS:
+        return reference_model(name, skip_backprop)
+    return traced_model(TINY if name == "tiny" else Path(name), n_layers_to_skip_for_backprop=skip_backprop)
 
 
 def build_swarm(args: argparse.Namespace) -> Swarm:
@@ -148,8 +164,8 @@ def build_swarm(args: argparse.Namespace) -> Swarm:
 
 
 def estimate(args: argparse.Namespace) -> Estimate:
-    workload = Workload(load_model(args.model), tokens=args.tokens, micro_batch_tokens=args.micro_batch_tokens,
-                        seq_len=args.seq_len, n_layers_to_skip_for_backprop=args.skip_backprop, profile=args.profile,
+    workload = Workload(load_model(args.model, args.skip_backprop), tokens=args.tokens, micro_batch_tokens=args.micro_batch_tokens,
+                        seq_len=args.seq_len, profile=args.profile,
                         eval_batches=args.eval_batches, gradient_accumulation_steps=args.accumulation,
                         micro_batches_in_flight=args.in_flight, precision=precision_of(args))
     swarm = build_swarm(args)
@@ -183,9 +199,9 @@ def client_memory_table(workload: Workload) -> str:
     """The client's model state for the estimated model and for LLaMA-3-8B and -70B, bf16 checkpoints:
     what a laptop needs to fine-tune a model it does not hold (activations aside)."""
     models = [(workload.model.name, workload)]
-    for name, config in (("llama-3-8b", LLAMA_3_8B), ("llama-3-70b", LLAMA_3_70B)):
+    for name in REFERENCE_MODELS:
         if name != workload.model.name:
-            models.append((name, replace(workload, model=ModelShape.from_config(config, name=name))))
+            models.append((name, replace(workload, model=reference_model(name, workload.model.n_layers_to_skip_for_backprop))))
     lines = ["client memory, model state (bf16 checkpoint; activations aside; the client holds no base weight):"]
     for name, w in models:
         m = w.client_memory()

@@ -46,7 +46,7 @@ def assumptions(e: Estimate) -> list[str]:
         f"{'its quantized weights' if m.weights_dir else 'Gaussian weight columns of its shape peaking at the largest integer'}",
         f"tokens {w.tokens:,} in micro-batches of {w.micro_batch_tokens:,} (sequences of {w.seq_len}); {accumulation(w)}; "
         f"{w.eval_batches} held-out micro-batch(es) before and after, one at a time; backward skipped for the first "
-        f"{w.n_layers_to_skip_for_backprop} layer(s) (and their groups); {w.precision}",
+        f"{m.n_layers_to_skip_for_backprop} layer(s) (and their groups); {w.precision}",
         f"encryption profile {w.profile}: N = {params.n} token slots per block, {params.in_bytes} B per input value, "
         f"{params.out_bytes} B per output value (first call); {MESSAGE_OVERHEAD_BYTES} B per message of headers",
         "the trainer multiplies layers that read the same input as one (LLaMA's q, k, v and gate, up: their column concatenation): "

@@ -1,23 +1,22 @@
-"""The encrypted products of a fine-tune, derived from a Hugging Face config, in the trainer's order.
+"""The encrypted products of a fine-tune, as data the trainer hands over, and what they cost.
 
-What the trainer does (trainer/layers.py, trainer/trainer.py) and therefore what is counted here:
+Which layers are remote, which of them are multiplied as one group (LLaMA's q, k, v and gate, up:
+the column concatenation ``W = [W_1 | W_2 | ...]`` of the layers that read one input, node/weights.py,
+"Groups"), in what order a training micro-batch calls the executor and which groups get a backward
+product ``g @ W^T``: none of that is decided here. The trainer decides it for a real fine-tune, by
+tracing a forward of the model (``RemoteBaseLayers.plan``, trainer/remote.py), and the same code
+plans the simulated one: ``cipherswarm.trainer.workload.traced_model`` builds the model on the meta
+device (shapes, no weights: LLaMA-3-70B fits), plans it, and gives the calls to this package as a
+:class:`ModelShape`. This package cannot import the trainer (the layers import downwards only), so
+the workload arrives as plain data, and a rule stated once stays stated once; a test compares the
+calls with those a real trainer makes, one by one.
 
-- the frozen base ``nn.Linear`` layers (LLaMA: q, k, v, o, gate, up, down; GPT-2: c_attn, c_proj,
-  c_fc, mlp.c_proj) that read the same input tensor are multiplied as ONE layer, the column
-  concatenation ``W = [W_1 | W_2 | ...]`` of its members (node/weights.py, "Groups"): LLaMA's q, k,
-  v are one group and gate, up another, o and down stay alone; every GPT-2 layer is alone (its
-  c_attn already holds q, k and v). A group of one is a plain layer;
-- forward, each group is one executor call per micro-batch with the micro-batch's tokens: the
-  client encrypts and uploads the input once (contraction ``d_in``) and receives every member's
-  output at once (width: the sum of the members' ``d_out``);
-- the backward pass calls ``g @ W^T`` once per group, in reverse order (contraction: the sum of the
-  members' ``d_out``, width ``d_in``: the provider sums the members' input gradients, so one download
-  of ``d_in`` values per token), for every group whose input needs a gradient (autograd never asks
-  the others: those before the first LoRA target's output, e.g. q, k, v of block 0 with LoRA on q
-  and v) and none of whose members is among the first ``n_layers_to_skip_for_backprop`` layers in
-  execution order (layers counted, not groups);
-- the output head stays on the client (``remote_lm_head=False``), as do attention scores, norms and
-  LoRA; the client computes those in plaintext.
+What is this package's own: a call's size and cost. Forward, a group's call carries the
+micro-batch's tokens of its input (contraction ``d_in``, uploaded once) and returns every member's
+output (width: the sum of the members' ``d_out``); backward, the contraction is that sum and the
+width ``d_in`` (the provider sums the members' input gradients: one download of ``d_in`` values a
+token). The client's plaintext work (attention, the output head, LoRA) and model state come from
+the shape's sizes.
 
 A product's key is the group's key (``node.weights.group_key`` of its members' module names, in
 column order), what the client routes and logs by; ``Product.layer.members`` are the layers
@@ -33,31 +32,16 @@ the group's shape that peak at the largest integer of the weight bits (``Workloa
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
-
 from cipherswarm.fhe_backend.keys import SecretKey
 from cipherswarm.fhe_backend.quant import Precision
 from cipherswarm.fhe_backend.params import Params, WeightStats, choose_params
 from cipherswarm.fhe_backend.verify import sketch_bytes
 
-from ..weights import CONV1D_MODEL_TYPES, Layer, group_key, load_model
-
-LLAMA_3_8B: dict[str, Any] = {
-    "model_type": "llama", "num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 14336,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
-}
-"""meta-llama/Meta-Llama-3-8B's config.json, the fields the workload reads."""
-
-LLAMA_3_70B: dict[str, Any] = {
-    "model_type": "llama", "num_hidden_layers": 80, "hidden_size": 8192, "intermediate_size": 28672,
-    "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
-}
-"""meta-llama/Meta-Llama-3-70B's config.json, the fields the workload reads."""
+from ..weights import Layer, group_key, load_model
 
 @dataclass(frozen=True)
 class LinearLayer:
@@ -66,7 +50,6 @@ class LinearLayer:
     key: str
     d_in: int
     d_out: int
-    group: int  # layers of one group read the same input (q, k, v; gate, up) and are multiplied as one
 
 
 @dataclass(frozen=True)
@@ -74,11 +57,10 @@ class LayerGroup:
     """The layers multiplied as one: the column concatenation of `members` (d_in x sum of d_out)."""
 
     members: tuple[LinearLayer, ...]  # in column order, which is execution order
-    start: int  # index of the first member among the model's layers in execution order
 
     def __post_init__(self) -> None:
-        if not self.members or len({m.d_in for m in self.members}) != 1 or len({m.group for m in self.members}) != 1:
-            raise ValueError(f"a group is one or more layers of one input width and group: {self.members}")
+        if not self.members or len({m.d_in for m in self.members}) != 1:
+            raise ValueError(f"a group is one or more layers of one input width: {self.members}")
 
     @property
     def key(self) -> str:
@@ -140,73 +122,36 @@ class Product:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the workload needs of a model: its remote layers in execution order and its plaintext rest."""
+    """A model as the simulator needs it: the executor calls of one training micro-batch, in the
+    trainer's order, and the sizes of the client's plaintext rest. Made by the trainer from its own
+    trace (``cipherswarm.trainer.workload.traced_model``, module docstring), not derived here."""
 
     name: str
-    layers: tuple[LinearLayer, ...]
+    calls: tuple[tuple[LayerGroup, bool], ...]  # (group, transpose) of one training micro-batch, in order
     hidden: int
     n_layers: int
     vocab: int
     attn_width: int  # heads x head_dim: the width of attention scores' contraction
-    weights_dir: Path | None = None  # safetensors beside the config: exact parameters per layer
+    lora_params: int  # trainable LoRA weights: the client's plaintext MACs per token forward, and its optimizer state
+    n_layers_to_skip_for_backprop: int  # what the trainer planned with (the report states it)
+    weights_dir: Path | None = None  # safetensors beside the config: exact parameters per group
     tied: bool = False  # the output head is the input embedding
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any], *, name: str = "model", weights_dir: Path | None = None) -> "ModelShape":
-        """LLaMA-style (q/k/v/o, gate/up/down) or GPT-2-style (c_attn, c_proj, c_fc) blocks."""
-        if config.get("model_type") in CONV1D_MODEL_TYPES:
-            h, n = config["n_embd"], config["n_layer"]
-            inner = config.get("n_inner") or 4 * h
-            layers = [layer for i in range(n) for layer in (
-                LinearLayer(f"transformer.h.{i}.attn.c_attn", h, 3 * h, 4 * i), LinearLayer(f"transformer.h.{i}.attn.c_proj", h, h, 4 * i + 1),
-                LinearLayer(f"transformer.h.{i}.mlp.c_fc", h, inner, 4 * i + 2),
-                LinearLayer(f"transformer.h.{i}.mlp.c_proj", inner, h, 4 * i + 3))]
-            return cls(name, tuple(layers), h, n, config["vocab_size"], h, weights_dir, config.get("tie_word_embeddings", True))
-        h, n, inter = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
-        heads = config["num_attention_heads"]
-        head_dim = config.get("head_dim") or h // heads
-        kv = config.get("num_key_value_heads") or heads
-        layers = []
-        for i in range(n):
-            p = f"model.layers.{i}"
-            g = 4 * i
-            layers += [
-                LinearLayer(f"{p}.self_attn.q_proj", h, heads * head_dim, g),
-                LinearLayer(f"{p}.self_attn.k_proj", h, kv * head_dim, g),
-                LinearLayer(f"{p}.self_attn.v_proj", h, kv * head_dim, g),
-                LinearLayer(f"{p}.self_attn.o_proj", heads * head_dim, h, g + 1),
-                LinearLayer(f"{p}.mlp.gate_proj", h, inter, g + 2), LinearLayer(f"{p}.mlp.up_proj", h, inter, g + 2),
-                LinearLayer(f"{p}.mlp.down_proj", inter, h, g + 3),
-            ]
-        return cls(name, tuple(layers), h, n, config["vocab_size"], heads * head_dim, weights_dir,
-                   config.get("tie_word_embeddings", False))
+    def __post_init__(self) -> None:
+        first = {group.key: group for group, transpose in reversed(self.calls) if not transpose}
+        for group, _ in self.calls:
+            if first.get(group.key) != group:
+                raise ValueError(f"{self.name}: {group.key} has no forward call, or another group has its key")
 
     @cached_property
     def groups(self) -> tuple[LayerGroup, ...]:
-        """The layers as the trainer multiplies them, in execution order: each run of consecutive
-        layers of one ``group`` is one (a group's layers read one input, so they are adjacent)."""
-        out: list[LayerGroup] = []
-        run: list[LinearLayer] = []
-        for i, layer in enumerate(self.layers):
-            if run and layer.group != run[0].group:
-                out.append(LayerGroup(tuple(run), i - len(run)))
-                run = []
-            run.append(layer)
-        if run:
-            out.append(LayerGroup(tuple(run), len(self.layers) - len(run)))
-        if len({g.members[0].group for g in out}) != len(out):
-            raise ValueError(f"{self.name}: the layers of a group must be adjacent in execution order")
-        return tuple(out)
+        """Every group called, once, in the order of its first forward call."""
+        return tuple({group.key: group for group, transpose in self.calls if not transpose}.values())
 
-    @classmethod
-    def load(cls, path: str | Path) -> "ModelShape":
-        """A model directory (config.json, and weights if present) or a config.json file."""
-        path = Path(path)
-        config_file = path / "config.json" if path.is_dir() else path
-        config = json.loads(config_file.read_text())
-        folder = config_file.parent
-        weights = folder if any(folder.glob("*.safetensors")) else None
-        return cls.from_config(config, name=folder.name, weights_dir=weights)
+    @cached_property
+    def layers(self) -> tuple[LinearLayer, ...]:
+        """Every remote layer, in the order of the groups."""
+        return tuple(layer for group in self.groups for layer in group.members)
 
 
 @dataclass(frozen=True)
@@ -217,12 +162,9 @@ class Workload:
     tokens: int  # training tokens in all
     micro_batch_tokens: int  # tokens per micro-batch (every call of a micro-batch has this many)
     seq_len: int  # tokens per sequence (attention spans one sequence)
-    n_layers_to_skip_for_backprop: int = 1
     precision: Precision = Precision()
     profile: str = "default"
     eval_batches: int = 0  # forward-only held-out micro-batches, evaluated before training and again after
-    lora_r: int = 8
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (the trainer's training_args)
     micro_batches_in_flight: int = 2  # micro-batches of one optimizer step run at once (LoraTrainer's argument)
 
@@ -301,13 +243,12 @@ class Workload:
                 contraction, width = (group.d_out, group.d_in) if transpose else (group.d_in, group.d_out)
                 sketches += sketch_bytes(contraction, width, p)
                 keys += SecretKey.bytes_for(p)
-        lora = sum(self.lora_r * (layer.d_in + layer.d_out) for layer in m.layers if layer.key.rsplit(".", 1)[-1] in self.lora_targets)
         out = {
             "frozen": frozen * dtype_bytes,
             "summaries": sum(Layer.summary_size(layer.d_in, layer.d_out) for layer in m.layers),
             "sketches": sketches,
             "keys": keys,
-            "lora": 4 * 4 * lora,  # weights, gradients, two AdamW moments
+            "lora": 4 * 4 * m.lora_params,  # weights, gradients, two AdamW moments
         }
         out["total"] = sum(out.values())
         out["checkpoint"] = (remote + frozen + (2 * m.n_layers + 1) * m.hidden) * dtype_bytes  # norms included
@@ -315,26 +256,11 @@ class Workload:
         return out
 
     def products(self, tokens: int, *, backward: bool = True) -> list[Product]:
-        """The calls of one micro-batch of `tokens`, in the order the trainer makes them: one per
-        group forward, then one per group backward in reverse, past the skipped ones (module docstring)."""
+        """The calls of one micro-batch of `tokens`, in the order the trainer makes them (the shape's
+        ``calls``, module docstring); without `backward`, its forward calls alone (held-out loss)."""
         params: dict[tuple[str, bool], Params] = self._params  # type: ignore[attr-defined]
-        groups = self.model.groups
-        forward = [Product(g, False, tokens, params[g.key, False]) for g in groups]
-        if not backward:
-            return forward
-        skip = max(self.n_layers_to_skip_for_backprop, self.no_grad_prefix)  # in layers: no member may be skipped
-        back = [Product(g, True, tokens, params[g.key, True]) for g in reversed(groups) if g.start >= skip]
-        return forward + back
-
-    @property
-    def no_grad_prefix(self) -> int:
-        """Leading layers whose input needs no gradient: autograd never asks them for g @ W^T. An
-        input needs one once a LoRA target ran in an earlier group (layers sharing an input)."""
-        targets = [layer.group for layer in self.model.layers if layer.key.rsplit(".", 1)[-1] in self.lora_targets]
-        first = min(targets, default=None)
-        if first is None:
-            return len(self.model.layers)
-        return sum(1 for layer in self.model.layers if layer.group <= first)
+        return [Product(g, transpose, tokens, params[g.key, transpose]) for g, transpose in self.model.calls
+                if backward or not transpose]
 
     def client_macs(self, tokens: int, *, backward: bool = True) -> float:
         """Plaintext MACs of the client for a micro-batch: attention scores and values, the output
@@ -342,8 +268,7 @@ class Workload:
         m = self.model
         attention = 2 * tokens * min(self.seq_len, tokens) * m.attn_width * m.n_layers / 2  # causal: half the pairs
         head = tokens * m.hidden * m.vocab
-        lora = sum(tokens * self.lora_r * (layer.d_in + layer.d_out) for layer in m.layers
-                   if layer.key.rsplit(".", 1)[-1] in self.lora_targets)
+        lora = tokens * m.lora_params  # each LoRA weight: one MAC a token
         forward = attention + head + lora
         return forward * (3 if backward else 1)  # backward: two products per forward product
 

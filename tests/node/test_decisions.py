@@ -16,12 +16,13 @@ from cipherswarm.node.client.decisions import Act, Backoff, CallDecisions, Decis
 from cipherswarm.node.client.peers import Need, PeerTable
 from cipherswarm.node.client.router import AttemptFailed, ChunkRouter, FailureKind
 from cipherswarm.node.errors import ChunkFailedError, NoProvidersError
-from cipherswarm.node.sim import ModelShape, ProviderSpec, Swarm, Workload
+from cipherswarm.node.sim import ProviderSpec, Swarm, Workload
 from cipherswarm.node.sim.engine import Simulator
 from cipherswarm.node.sim.policy import Client as SimClient
 from cipherswarm.node.sim.swarm import ClientSpec
 from cipherswarm.node.types import Chunk
 from cipherswarm.protocol import Range
+from cipherswarm.trainer.workload import traced_model
 
 from node_factory import client_config, providers, random_operand, reference, session
 from test_routing import NEED, advert
@@ -198,7 +199,7 @@ async def _real_decisions(weights: ModelWeights) -> list[tuple[object, ...]]:
 
 
 def _simulated_decisions(model_dir: Path) -> list[tuple[object, ...]]:
-    work = Workload(ModelShape.load(model_dir), tokens=TOKENS, micro_batch_tokens=TOKENS, seq_len=TOKENS)
+    work = Workload(traced_model(model_dir), tokens=TOKENS, micro_batch_tokens=TOKENS, seq_len=TOKENS)
     product = next(p for p in work.products(TOKENS, backward=False) if p.key == GATE_UP)
     fast = dict(macs_per_s=1e9, rtt_s=0.002)
     specs = (ProviderSpec(price_per_gmac=PRICES[0], **fast), ProviderSpec(price_per_gmac=PRICES[1], macs_per_s=1e9, rtt_s=2 * STRAGGLE_S),

@@ -285,11 +285,13 @@ def test_the_estimates_client_memory_is_what_the_client_holds(weights: ModelWeig
     holds for the same model once every channel the trainer calls is prepared: one per group (q|k|v,
     o, gate|up, down) and direction."""
     from cipherswarm.node.client.keys import KeyRing
-    from cipherswarm.node.sim import ModelShape, Workload
+    from cipherswarm.node.sim import Workload
+    from cipherswarm.trainer.workload import traced_model
 
     thin = load_model(model_dir, hold=False)
     ring = KeyRing(thin)
-    ring.keep_only([(g.key, t) for g in ModelShape.load(model_dir).groups for t in (False, True)])
-    memory = Workload(ModelShape.load(model_dir), tokens=2048, micro_batch_tokens=2048, seq_len=64).client_memory()
+    shape = traced_model(model_dir)
+    ring.keep_only([(g.key, t) for g in shape.groups for t in (False, True)])
+    memory = Workload(shape, tokens=2048, micro_batch_tokens=2048, seq_len=64).client_memory()
     assert memory["summaries"] == thin.summary_bytes()
     assert memory["sketches"] + memory["keys"] == ring.state_bytes()

@@ -14,8 +14,9 @@ from cipherswarm.cli.train import client_config
 from cipherswarm.node import ClientConfig, Ledger, ProviderAdvert
 from cipherswarm.node.client.peers import INITIAL_LATENCY_S, UNMEASURED_RATE, PeerTable
 from cipherswarm.node.client.router import PREFERENCES, CallShape, ChunkRouter
-from cipherswarm.node.sim import ClientSpec, ModelShape, ProviderSpec, Swarm, Workload, simulate
+from cipherswarm.node.sim import ClientSpec, ProviderSpec, Swarm, Workload, simulate
 from cipherswarm.trainer.finetune import BUNDLED_MODEL
+from cipherswarm.trainer.workload import traced_model
 
 from test_routing import NEED, advert
 
@@ -148,7 +149,7 @@ def test_the_simulator_pays_what_the_preference_chooses() -> None:
     """The simulator runs the same router: on three equal providers at 10/20/30 per GMAC, price pays
     the cheapest's price (but for one chunk measuring each of the others), speed about their mean,
     balanced in between."""
-    work = Workload(ModelShape.load(BUNDLED_MODEL), tokens=2048, micro_batch_tokens=2048, seq_len=128)
+    work = Workload(traced_model(BUNDLED_MODEL), tokens=2048, micro_batch_tokens=2048, seq_len=128)
     swarm = Swarm(ClientSpec(up_bps=1e8, down_bps=1e8),
                   tuple(ProviderSpec(macs_per_s=2e9, rtt_s=0.02, price_per_gmac=p) for p in PRICES), seed=1)
     tallies = {prefer: simulate(work, swarm, ClientConfig(prefer=prefer)).tally for prefer in PREFERENCES}  # type: ignore[arg-type]

@@ -1,8 +1,13 @@
-"""The swarm simulator: engine timing, the workload against the real trainer, failures, the CLI."""
+"""The swarm simulator: engine timing, the workload against the real trainer, failures, the CLI.
+
+Workloads come from the trainer's plan of the model (``traced_model``), as in ``cipherswarm
+estimate``; tests/trainer/test_workload.py checks the plan against a real trainer's calls.
+"""
 
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import cache
 
 import pytest
 import torch
@@ -10,14 +15,14 @@ import torch
 from cipherswarm.cli.main import main
 from cipherswarm.fhe_backend.params import WeightStats, choose_params
 from cipherswarm.node.client.config import ClientConfig
-from cipherswarm.node.sim import LLAMA_3_8B, ClientSpec, ModelShape, ProviderSpec, Swarm, Workload, simulate
+from cipherswarm.node.sim import ClientSpec, LayerGroup, LinearLayer, ModelShape, ProviderSpec, Swarm, Workload, simulate
 from cipherswarm.node.sim.engine import FifoServers, Resource, Simulator
 from cipherswarm.node.sim.policy import ChunkFailed
 from cipherswarm.node.sim.report import render
-from cipherswarm.node.sim.workload import LinearLayer
 from cipherswarm.node.weights import load_model
 from cipherswarm.trainer.finetune import BUNDLED_MODEL, FinetuneConfig, build
 from cipherswarm.trainer import StepRecord
+from cipherswarm.trainer.workload import LLAMA_3_8B, traced_model
 
 
 def _finish_times(shared: bool) -> list[float]:
@@ -61,6 +66,17 @@ def test_caps_and_two_resource_flows_are_max_min_fair() -> None:
     assert done["a"] == pytest.approx(10.0)
 
 
+@cache
+def _bundled() -> ModelShape:
+    """The bundled tiny LLaMA as ``cipherswarm estimate --model tiny`` plans it (default skip and LoRA)."""
+    return traced_model(BUNDLED_MODEL)
+
+
+@cache
+def _llama_8b_shape() -> ModelShape:
+    return traced_model(LLAMA_3_8B, name="llama-3-8b")
+
+
 @pytest.fixture(scope="module")
 def trainer_step() -> tuple[StepRecord, FinetuneConfig]:
     """One real training step of the bundled model in fhe='execute' and its config."""
@@ -74,8 +90,8 @@ def trainer_step() -> tuple[StepRecord, FinetuneConfig]:
 def test_workload_matches_what_the_trainer_sends(trainer_step: tuple[StepRecord, FinetuneConfig]) -> None:
     record, config = trainer_step
     tokens = config.batch_size * config.seq_len
-    work = Workload(ModelShape.load(BUNDLED_MODEL), tokens=tokens, micro_batch_tokens=tokens, seq_len=config.seq_len,
-                    n_layers_to_skip_for_backprop=config.n_layers_to_skip_for_backprop, precision=config.precision)
+    shape = traced_model(BUNDLED_MODEL, n_layers_to_skip_for_backprop=config.n_layers_to_skip_for_backprop)
+    work = Workload(shape, tokens=tokens, micro_batch_tokens=tokens, seq_len=config.seq_len, precision=config.precision)
     calls = work.products(tokens)
     assert len(calls) == record.remote_calls
     assert sum(p.bytes_in for p in calls) == record.bytes_sent
@@ -90,7 +106,7 @@ LLAMA_BLOCK = [  # LLaMA-3-8B's config: hidden 4096, 32 heads and 8 KV heads of 
 
 
 def _llama_8b(tokens: int = 4096, **kw: object) -> Workload:
-    return Workload(ModelShape.from_config(LLAMA_3_8B, name="llama-3-8b"), tokens=tokens, micro_batch_tokens=tokens,
+    return Workload(_llama_8b_shape(), tokens=tokens, micro_batch_tokens=tokens,
                     seq_len=128, **kw)  # type: ignore[arg-type]
 
 
@@ -142,13 +158,13 @@ def test_a_groups_parameters_are_those_of_its_concatenated_shape() -> None:
     forward = work.products(4096, backward=False)
 
     def one_layer(d_out: int) -> tuple:  # type: ignore[type-arg]
-        """A plain layer of d_in 4096 behind a LoRA target, so that its input needs a gradient."""
-        layers = (LinearLayer("first.q_proj", 4096, 4096, 0), LinearLayer("w", 4096, d_out, 1))
-        w = Workload(ModelShape("m", layers, 4096, 1, 1, 1), tokens=4096, micro_batch_tokens=4096, seq_len=128,
-                     n_layers_to_skip_for_backprop=0)
-        calls = w.products(4096)
-        assert [(p.key, p.transpose) for p in calls] == [("first.q_proj", False), ("w", False), ("w", True)]
-        return calls[1], calls[2]
+        """A plain layer of d_in 4096, called forward and backward."""
+        w = LayerGroup((LinearLayer("w", 4096, d_out),))
+        shape = ModelShape("m", ((w, False), (w, True)), hidden=4096, n_layers=1, vocab=1, attn_width=1, lora_params=0,
+                           n_layers_to_skip_for_backprop=0)
+        calls = Workload(shape, tokens=4096, micro_batch_tokens=4096, seq_len=128).products(4096)
+        assert [(p.key, p.transpose) for p in calls] == [("w", False), ("w", True)]
+        return calls[0], calls[1]
 
     fwd_alone, back_alone = one_layer(2 * 14336)
     _, back_gate = one_layer(14336)
@@ -160,7 +176,7 @@ def test_a_groups_parameters_are_those_of_its_concatenated_shape() -> None:
 
 def test_a_groups_parameters_come_from_its_real_concatenated_weights() -> None:
     """With weights, the parameters are chosen from the norms of [W_q | W_k | W_v] itself."""
-    work = Workload(ModelShape.load(BUNDLED_MODEL), tokens=2048, micro_batch_tokens=2048, seq_len=128)
+    work = Workload(_bundled(), tokens=2048, micro_batch_tokens=2048, seq_len=128)
     weights = load_model(BUNDLED_MODEL, hold=False, weight_bits=work.precision.weight_bits)
     names = [f"model.layers.1.self_attn.{n}_proj" for n in "qkv"]
     q = torch.cat([weights.read(n).q for n in names], dim=1).to(torch.int64)
@@ -170,19 +186,6 @@ def test_a_groups_parameters_come_from_its_real_concatenated_weights() -> None:
         expected = choose_params(stats, work.precision.x_bits(transpose), profile=work.profile)
         product = next(p for p in work.products(2048) if p.transpose == transpose and p.key == "+".join(names))
         assert product.params == expected
-
-
-@pytest.mark.parametrize(("skip", "targets", "backward_calls"), [
-    (1, ("q_proj", "v_proj"), 4 * 4 - 1),  # block 0's q+k+v: no input gradient (and q is skipped)
-    (4, ("q_proj", "v_proj"), 4 * 4 - 2),  # q, k, v, o skipped: two groups
-    (5, ("q_proj", "v_proj"), 4 * 4 - 3),  # gate is the 5th layer: gate+up goes with it, up included
-    (0, ("o_proj",), 4 * 4 - 2),  # LoRA on o alone: neither q+k+v's nor o's input needs a gradient
-])
-def test_backward_skips_a_group_when_any_member_is_skipped(skip: int, targets: tuple[str, ...], backward_calls: int) -> None:
-    work = Workload(ModelShape.load(BUNDLED_MODEL), tokens=2048, micro_batch_tokens=2048, seq_len=128,
-                    n_layers_to_skip_for_backprop=skip, lora_targets=targets)
-    assert sum(p.transpose for p in work.products(2048)) == backward_calls
-    assert sum(not p.transpose for p in work.products(2048)) == 4 * 4
 
 
 def test_client_memory_has_a_key_per_group_and_direction() -> None:
@@ -195,8 +198,8 @@ def test_client_memory_has_a_key_per_group_and_direction() -> None:
     backward = {p.params.n for p in work.products(4096) if p.transpose}
     assert len(forward) == len(backward) == 1
     assert memory["keys"] == 32 * 4 * (9 * forward.pop() + 9 * backward.pop())
-    alone = tuple(replace(layer, group=i) for i, layer in enumerate(work.model.layers))
-    split = replace(work, model=replace(work.model, layers=alone))
+    alone = tuple((LayerGroup((layer,)), transpose) for group, transpose in work.model.calls for layer in group.members)
+    split = replace(work, model=replace(work.model, calls=alone))
     assert len(split.products(4096, backward=False)) == 7 * 32  # one layer a group: as before grouping
     per_layer = split.client_memory()
     assert per_layer["summaries"] == memory["summaries"] and per_layer["keys"] > memory["keys"]
@@ -205,8 +208,8 @@ def test_client_memory_has_a_key_per_group_and_direction() -> None:
 def test_gpt2_layers_are_each_alone() -> None:
     """GPT-2's c_attn already holds q, k and v: each of its four layers a block is its own call."""
     config = {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "vocab_size": 50257}
-    work = Workload(ModelShape.from_config(config, name="gpt2"), tokens=1024, micro_batch_tokens=1024, seq_len=128,
-                    lora_targets=("c_attn",), n_layers_to_skip_for_backprop=0)
+    shape = traced_model(config, name="gpt2", n_layers_to_skip_for_backprop=0)  # LoRA on c_attn: peft's default
+    work = Workload(shape, tokens=1024, micro_batch_tokens=1024, seq_len=128)
     forward = work.products(1024, backward=False)
     assert len(forward) == 4 * 12 and all("+" not in p.key for p in forward)
     assert [(p.key, p.contraction, p.width) for p in forward[:4]] == [
@@ -216,7 +219,7 @@ def test_gpt2_layers_are_each_alone() -> None:
 
 
 def test_a_provider_holding_part_of_a_group_cannot_serve_it() -> None:
-    work = Workload(ModelShape.load(BUNDLED_MODEL), tokens=2048, micro_batch_tokens=2048, seq_len=128)
+    work = Workload(_bundled(), tokens=2048, micro_batch_tokens=2048, seq_len=128)
     spec = ProviderSpec(macs_per_s=2e9, rtt_s=0.02, layers=("*.q_proj", "*.k_proj", "*.o_proj", "*mlp*"))  # no v_proj
     swarm = Swarm.uniform(2, spec, ClientSpec(up_bps=1e8, down_bps=1e8), seed=1)
     with pytest.raises(ChunkFailed, match=r"no provider holds model\.layers\.0\.self_attn\.q_proj\+model\.layers\.0\.self_attn\.k_"):
@@ -224,7 +227,7 @@ def test_a_provider_holding_part_of_a_group_cannot_serve_it() -> None:
 
 
 def _tiny_swarm(**provider: object) -> tuple[Workload, Swarm]:
-    work = Workload(ModelShape.load(BUNDLED_MODEL), tokens=2048, micro_batch_tokens=2048, seq_len=128)
+    work = Workload(_bundled(), tokens=2048, micro_batch_tokens=2048, seq_len=128)
     spec = ProviderSpec(macs_per_s=2e9, rtt_s=0.02, **provider)  # type: ignore[arg-type]
     return work, Swarm.uniform(4, spec, ClientSpec(up_bps=1e8, down_bps=1e8), seed=1)
 
@@ -261,7 +264,7 @@ def test_estimate_cli_prints_the_breakdown(capsys: pytest.CaptureFixture[str]) -
 
 
 def _accumulating(tokens: int, ga: int, in_flight: int, **client: object) -> Workload:
-    return Workload(ModelShape.load(BUNDLED_MODEL), tokens=tokens, micro_batch_tokens=2048, seq_len=128,
+    return Workload(_bundled(), tokens=tokens, micro_batch_tokens=2048, seq_len=128,
                     gradient_accumulation_steps=ga, micro_batches_in_flight=in_flight)
 
 
