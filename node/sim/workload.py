@@ -36,12 +36,14 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+
 from cipherswarm.fhe_backend.keys import SecretKey
 from cipherswarm.fhe_backend.quant import Precision
 from cipherswarm.fhe_backend.params import Params, WeightStats, choose_params
 from cipherswarm.fhe_backend.verify import sketch_bytes
 
 from ..weights import Layer, group_key, load_model
+
 
 @dataclass(frozen=True)
 class LinearLayer:
