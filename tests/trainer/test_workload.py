@@ -66,6 +66,7 @@ def simulated_calls(fields: dict[str, Any], targets: list[str] | None, skip: int
     return [(p.key, p.transpose, p.tokens, p.contraction, p.width) for p in work.products(BATCH * SEQ, backward=backward)]
 
 
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning")  # peft corrects it for GPT-2's Conv1D
 @pytest.mark.parametrize(("fields", "targets", "skip"), [
     pytest.param(LLAMA, None, 1, id="llama-q-v"),  # peft's default targets: block 0's q|k|v input needs no gradient
     pytest.param(LLAMA, None, 3, id="llama-skip-3"),  # the largest skip the trainer accepts: the same calls
