@@ -10,7 +10,9 @@ another host the bench sends, as signed requests:
     payload asking for a reply of 2^21 x 5632 values (before the limits: served, the reply about
     6 B and the product 16 B per value);
 (b) the whole contraction at the most tokens the payload limit allows;
-(c) the largest request its advert allows (output elements and reply bytes), encrypted and served.
+(c) the largest request its advert allows (output elements and reply bytes), encrypted and served;
+(d) as many output elements in 4 ring blocks (a quarter of the columns), served whole in one frame
+    (protocol 1.1), then (e) streamed a block at a time (1.2, what clients now negotiate).
 
 For each it prints what the header asked for, the answer, and the provider's resident memory
 growth (its high-water mark, reset before each request, over its settled RSS) beside the
@@ -45,7 +47,7 @@ from cipherswarm.node.engine import BACKEND, ENGINE, decode_params, encode_param
 from cipherswarm.node.identity import signing_key  # noqa: E402
 from cipherswarm.node.streams import close_stream, read_frame, request_reply  # noqa: E402
 from cipherswarm.protocol import (  # noqa: E402
-    ADVERT_PROTOCOL_ID, PROTOCOL_IDS, Limits, MatmulRequest, ProtocolError, Range, WeightSlice, seal, verify_reply,
+    ADVERT_PROTOCOL_ID, GROUP_PROTOCOL_ID, PROTOCOL_IDS, STREAM_PROTOCOL_ID, Limits, MatmulRequest, ProtocolError, Range, WeightSlice, seal, verify_reply,
 )
 from cipherswarm.protocol.messages import MAX_DIM  # noqa: E402
 from cipherswarm.protocol.varint import encode_uvarint  # noqa: E402
@@ -74,9 +76,10 @@ async def fetch_advert(node, peer: ID) -> ProviderAdvert:
     return read_advert(data)
 
 
-async def send(node, peer: ID, request: MatmulRequest, payload: bytes, advert: ProviderAdvert) -> tuple[str, int]:
+async def send(node, peer: ID, request: MatmulRequest, payload: bytes, advert: ProviderAdvert,
+               protocols: tuple[str, ...] = PROTOCOL_IDS) -> tuple[str, int]:
     """The answer's code name ("OK") and the reply's payload bytes; an empty `payload` sends the header only."""
-    stream = await node.host.new_stream(peer, list(PROTOCOL_IDS))
+    stream = await node.host.new_stream(peer, list(protocols))
     try:
         sealed = seal(request, signing_key(node.key_pair))
         limits = Limits(max_payload_size=advert.max_reply_size)
@@ -122,23 +125,30 @@ async def run(model_dir: Path, work: Path) -> None:
             fit_tokens = advert.max_output_elements // (params.n * d_out) * params.n
             x = torch.randint(-128, 128, (fit_tokens, d_in))
             encrypted = ENGINE.encrypt(ENGINE.keygen(params), x).to_bytes()
-            served = MatmulRequest.for_payload(
-                encrypted, expires_at_ms=now_ms() + 110_000, model_hash=weights.model_hash, layer=UP,
-                weight_slice=WeightSlice(rows=Range(0, d_in), cols=Range(0, d_out)), transpose=False,
-                backend=BACKEND, backend_params=encode_params(params), input_shape=(fit_tokens, d_in),
-                output_shape=(fit_tokens, d_out), price_per_gmac=0)
-            cases = [(f"(a) 1 row x {MAX_DIM} tokens", *header(1, MAX_DIM)),
-                     (f"(b) {d_in} rows x {full_tokens} tokens", *header(d_in, full_tokens)),
-                     (f"(c) {d_in} rows x {fit_tokens} tokens", served, encrypted)]
+
+            def served(tokens: int, cols: int) -> MatmulRequest:
+                return MatmulRequest.for_payload(
+                    encrypted if tokens == fit_tokens else quartered, expires_at_ms=now_ms() + 110_000,
+                    model_hash=weights.model_hash, layer=UP, weight_slice=WeightSlice(rows=Range(0, d_in), cols=Range(0, cols)),
+                    transpose=False, backend=BACKEND, backend_params=encode_params(params), input_shape=(tokens, d_in),
+                    output_shape=(tokens, cols), price_per_gmac=0)
+
+            four = 4 * params.n  # tokens of 4 ring blocks, at a quarter of the columns
+            quartered = ENGINE.encrypt(ENGINE.keygen(params), torch.randint(-128, 128, (four, d_in))).to_bytes()
+            cases = [(f"(a) 1 row x {MAX_DIM} tokens", *header(1, MAX_DIM), PROTOCOL_IDS),
+                     (f"(b) {d_in} rows x {full_tokens} tokens", *header(d_in, full_tokens), PROTOCOL_IDS),
+                     (f"(c) {d_in} rows x {fit_tokens} tokens", served(fit_tokens, d_out), encrypted, PROTOCOL_IDS),
+                     (f"(d) {d_in} x {four} x {d_out // 4}, 1.1", served(four, d_out // 4), quartered, (GROUP_PROTOCOL_ID,)),
+                     (f"(e) {d_in} x {four} x {d_out // 4}, 1.2", served(four, d_out // 4), quartered, (STREAM_PROTOCOL_ID,))]
             print(f"  {'request':<28} {'payload B':>12} {'asked reply B':>15} {'asked elements':>15} {'answer':>15} "
                   f"{'reply B':>11} {'RSS growth B':>13} {'bound B':>12} {'growth/bound':>12}")
-            for label, request, payload in cases:
+            for label, request, payload, protocols in cases:
                 (m, k), n_out = request.input_shape, request.output_shape[1]
                 bound = per_request + 3 * request.payload_length
                 await trio.sleep(0.5)
                 settled = vm(provider.proc.pid, "VmRSS")
                 Path(f"/proc/{provider.proc.pid}/clear_refs").write_text("5")
-                answer, got = await send(node, peer, request, payload, advert)
+                answer, got = await send(node, peer, request, payload, advert, protocols)
                 growth = vm(provider.proc.pid, "VmHWM") - settled
                 print(f"  {label:<28} {request.payload_length:>12} {result_size(params, m, n_out):>15} "
                       f"{output_elements(params, m, n_out):>15} {answer:>15} {got:>11} {growth:>13} {bound:>12} "

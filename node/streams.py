@@ -46,6 +46,7 @@ from cipherswarm.protocol import (
     FrameTooLarge,
     Header,
     Limits,
+    MatmulReply,
     PayloadTooLarge,
     Sealed,
     TruncatedFrame,
@@ -197,6 +198,8 @@ async def read_payload(
     return b"".join(chunks)
 
 
+TRAILER_LIMITS = Limits(max_payload_size=0)
+"""A streamed reply's trailer: a header alone."""
 CLOSE_TIMEOUT_S = 2.0
 YAMUX_FRAME = 16 * MAX_PLAINTEXT_LENGTH
 """Bytes of a full yamux DATA frame, its 12-byte header included: 16 whole Noise messages, about
@@ -263,7 +266,8 @@ async def request_reply(
 ) -> Frame:
     """Send a request frame and read the reply frame, reading while still writing: a provider may
     answer BUSY before it reads the request (protocol README, "Exchange"), and then the rest of
-    the payload need not be sent. `on_sent` is called once the whole request is written, `on_reply`
+    the payload need not be sent. A streamed reply (1.2) is read with its trailer (`Frame.trailer`),
+    under the same deadlines. `on_sent` is called once the whole request is written, `on_reply`
     once the reply's first bytes arrive. The one failure of the two directions is raised as itself."""
 
     async def send() -> None:
@@ -275,6 +279,10 @@ async def request_reply(
             nursery.start_soon(send)
             reply = await read_frame(stream, limits=limits, read_timeout_s=read_timeout_s, frame_timeout_s=frame_timeout_s,
                                      on_first_bytes=on_reply)
+            if isinstance(reply.header.message, MatmulReply) and reply.header.message.streamed:
+                trailer = await read_frame(stream, limits=TRAILER_LIMITS, read_timeout_s=read_timeout_s,
+                                           frame_timeout_s=read_timeout_s)
+                reply = Frame(reply.header, reply.payload, trailer=trailer.header)
             nursery.cancel_scope.cancel()  # a no-op unless the reply came early
     except BaseExceptionGroup as group:
         errors = leaf_errors(group)

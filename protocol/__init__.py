@@ -34,18 +34,21 @@ from .exchange import (
     Verified,
     error_reply,
     ok_reply,
+    reply_trailer,
+    streamed_reply,
     verify_advert,
     verify_receipt_ack,
     verify_reply,
     verify_request,
 )
-from .framing import DEFAULT_MAX_PAYLOAD_SIZE, MAX_HEADER_SIZE, Frame, FrameParser, Limits, decode_frame, encode_frame, frame_prefix, read_frame_sync
+from .framing import DEFAULT_MAX_PAYLOAD_SIZE, MAX_HEADER_SIZE, Frame, FrameParser, Limits, decode_frame, encode_frame, frame_head, frame_prefix, read_frame_sync
 from .messages import (
     CapabilityAdvert,
     MatmulReply,
     MatmulRequest,
     Message,
     Range,
+    ReplyTrailer,
     SignedReceipt,
     UsageReceipt,
     WeightSlice,
@@ -55,11 +58,13 @@ from .receipts import countersign_receipt, sign_receipt, verify_countersignature
 from .replay import DEFAULT_MAX_TTL_MS, ReplayWindow
 from .shapes import LayerShape, check_shapes
 
-PROTOCOL_ID = "/cipherswarm/matmul/1.1.0"
+PROTOCOL_ID = "/cipherswarm/matmul/1.2.0"
 """The newest stream protocol id this version speaks (README, "Versioning")."""
-GROUP_PROTOCOL_ID = PROTOCOL_ID
+STREAM_PROTOCOL_ID = PROTOCOL_ID
+"""The first version whose replies may be streamed (`MatmulReply.streamed`, `ReplyTrailer`)."""
+GROUP_PROTOCOL_ID = "/cipherswarm/matmul/1.1.0"
 """The first version whose requests may concatenate layers (`MatmulRequest.group`)."""
-PROTOCOL_IDS: tuple[str, ...] = (PROTOCOL_ID, "/cipherswarm/matmul/1.0.0")
+PROTOCOL_IDS: tuple[str, ...] = (PROTOCOL_ID, GROUP_PROTOCOL_ID, "/cipherswarm/matmul/1.0.0")
 """Every id served and proposed, newest first: register a handler for each, and pass them all to
 `new_stream`, so multistream-select settles on the newest version both peers speak."""
 ADVERT_PROTOCOL_ID = "/cipherswarm/advert/1.0.0"
@@ -73,6 +78,7 @@ __all__ = [
     "MAX_HEADER_SIZE",
     "PROTOCOL_ID",
     "PROTOCOL_IDS",
+    "STREAM_PROTOCOL_ID",
     "BadSignature",
     "Busy",
     "CapabilityAdvert",
@@ -98,6 +104,7 @@ __all__ = [
     "Range",
     "ReplayWindow",
     "ReplayedFrame",
+    "ReplyTrailer",
     "ReplyTooLarge",
     "Sealed",
     "ShapeMismatch",
@@ -115,12 +122,15 @@ __all__ = [
     "decode_header",
     "encode_frame",
     "error_reply",
+    "frame_head",
     "frame_prefix",
     "ok_reply",
     "read_frame_sync",
+    "reply_trailer",
     "seal",
     "sha256",
     "sign_receipt",
+    "streamed_reply",
     "verify_advert",
     "verify_countersignature",
     "verify_receipt",

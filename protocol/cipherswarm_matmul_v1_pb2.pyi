@@ -55,16 +55,18 @@ class Envelope(_message.Message):
     def __init__(self, public_key: _Optional[bytes] = ..., body: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class Body(_message.Message):
-    __slots__ = ("request", "reply", "receipt", "advert")
+    __slots__ = ("request", "reply", "receipt", "advert", "trailer")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     REPLY_FIELD_NUMBER: _ClassVar[int]
     RECEIPT_FIELD_NUMBER: _ClassVar[int]
     ADVERT_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
     request: MatmulRequest
     reply: MatmulReply
     receipt: SignedReceipt
     advert: CapabilityAdvert
-    def __init__(self, request: _Optional[_Union[MatmulRequest, _Mapping]] = ..., reply: _Optional[_Union[MatmulReply, _Mapping]] = ..., receipt: _Optional[_Union[SignedReceipt, _Mapping]] = ..., advert: _Optional[_Union[CapabilityAdvert, _Mapping]] = ...) -> None: ...
+    trailer: ReplyTrailer
+    def __init__(self, request: _Optional[_Union[MatmulRequest, _Mapping]] = ..., reply: _Optional[_Union[MatmulReply, _Mapping]] = ..., receipt: _Optional[_Union[SignedReceipt, _Mapping]] = ..., advert: _Optional[_Union[CapabilityAdvert, _Mapping]] = ..., trailer: _Optional[_Union[ReplyTrailer, _Mapping]] = ...) -> None: ...
 
 class Range(_message.Message):
     __slots__ = ("start", "stop")
@@ -131,7 +133,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ..., retry_after_ms: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class MatmulReply(_message.Message):
-    __slots__ = ("request_id", "request_digest", "status", "error", "payload_sha256", "payload_length", "compute_time_us", "receipt")
+    __slots__ = ("request_id", "request_digest", "status", "error", "payload_sha256", "payload_length", "compute_time_us", "receipt", "streamed")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +142,7 @@ class MatmulReply(_message.Message):
     PAYLOAD_LENGTH_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_TIME_US_FIELD_NUMBER: _ClassVar[int]
     RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    STREAMED_FIELD_NUMBER: _ClassVar[int]
     request_id: bytes
     request_digest: bytes
     status: Status
@@ -148,7 +151,22 @@ class MatmulReply(_message.Message):
     payload_length: int
     compute_time_us: int
     receipt: SignedReceipt
-    def __init__(self, request_id: _Optional[bytes] = ..., request_digest: _Optional[bytes] = ..., status: _Optional[_Union[Status, str]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., payload_sha256: _Optional[bytes] = ..., payload_length: _Optional[int] = ..., compute_time_us: _Optional[int] = ..., receipt: _Optional[_Union[SignedReceipt, _Mapping]] = ...) -> None: ...
+    streamed: bool
+    def __init__(self, request_id: _Optional[bytes] = ..., request_digest: _Optional[bytes] = ..., status: _Optional[_Union[Status, str]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., payload_sha256: _Optional[bytes] = ..., payload_length: _Optional[int] = ..., compute_time_us: _Optional[int] = ..., receipt: _Optional[_Union[SignedReceipt, _Mapping]] = ..., streamed: bool = ...) -> None: ...
+
+class ReplyTrailer(_message.Message):
+    __slots__ = ("request_id", "request_digest", "payload_sha256", "compute_time_us", "receipt")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_TIME_US_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    request_id: bytes
+    request_digest: bytes
+    payload_sha256: bytes
+    compute_time_us: int
+    receipt: SignedReceipt
+    def __init__(self, request_id: _Optional[bytes] = ..., request_digest: _Optional[bytes] = ..., payload_sha256: _Optional[bytes] = ..., compute_time_us: _Optional[int] = ..., receipt: _Optional[_Union[SignedReceipt, _Mapping]] = ...) -> None: ...
 
 class UsageReceipt(_message.Message):
     __slots__ = ("provider", "client", "request_id", "request_digest", "reply_digest", "macs", "price_per_gmac", "completed_at_ms")

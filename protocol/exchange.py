@@ -7,7 +7,9 @@ frame asks for. It returns a `Verified` record or raises one typed ProtocolError
 that error into its reply with `error_reply`.
 
 Flow on one stream (README, "Exchange"): the client sends a request frame; the provider answers
-with one reply frame; after checking the result the client may send the countersigned receipt.
+with one reply frame (from 1.2 it may stream it: the reply's header, its payload as computed, then
+a ReplyTrailer frame with the payload's digest and the receipt); after checking the result the
+client may send the countersigned receipt.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .messages import (
     MatmulReply,
     MatmulRequest,
     Message,
+    ReplyTrailer,
     SignedReceipt,
     UsageReceipt,
     sha256,
@@ -145,6 +148,24 @@ def verify_request(
     return check_request_payload(request, frame.payload, payload_sha256=payload_sha256)
 
 
+def _receipt(request: Verified[MatmulRequest], reply_digest: bytes, *, key: Ed25519PrivateKey, price_per_gmac: int,
+             now_ms: int) -> SignedReceipt:
+    """The receipt for `request`'s macs at `price_per_gmac`, binding the reply payload's SHA-256."""
+    if price_per_gmac > request.message.price_per_gmac:
+        raise ValueError("price_per_gmac must not exceed the request's offer")
+    receipt = UsageReceipt(
+        provider=peer_id(key.public_key()),
+        client=request.signer,
+        request_id=request.message.request_id,
+        request_digest=request.digest,
+        reply_digest=reply_digest,
+        macs=request.message.macs,
+        price_per_gmac=price_per_gmac,
+        completed_at_ms=now_ms,
+    )
+    return sign_receipt(receipt, key)
+
+
 def ok_reply(
     request: Verified[MatmulRequest],
     payload: bytes,
@@ -158,26 +179,41 @@ def ok_reply(
     """Provider side: the reply carrying `payload` (the encrypted result) and a receipt signed with
     the provider's identity `key` for request.message.macs at `price_per_gmac`. `payload_sha256`:
     the payload's SHA-256 if already computed (see _check_payload)."""
-    if price_per_gmac > request.message.price_per_gmac:
-        raise ValueError("price_per_gmac must not exceed the request's offer")
     reply_digest = sha256(payload) if payload_sha256 is None else payload_sha256
-    receipt = UsageReceipt(
-        provider=peer_id(key.public_key()),
-        client=request.signer,
-        request_id=request.message.request_id,
-        request_digest=request.digest,
-        reply_digest=reply_digest,
-        macs=request.message.macs,
-        price_per_gmac=price_per_gmac,
-        completed_at_ms=now_ms,
-    )
     return MatmulReply(
         request_id=request.message.request_id,
         request_digest=request.digest,
         payload_sha256=reply_digest,
         payload_length=len(payload),
         compute_time_us=compute_time_us,
-        receipt=sign_receipt(receipt, key),
+        receipt=_receipt(request, reply_digest, key=key, price_per_gmac=price_per_gmac, now_ms=now_ms),
+    )
+
+
+def streamed_reply(request: Verified[MatmulRequest], payload_length: int) -> MatmulReply:
+    """Provider side, 1.2: the header of a reply whose `payload_length` bytes follow as they are
+    computed; reply_trailer follows them."""
+    return MatmulReply(request_id=request.message.request_id, request_digest=request.digest, payload_sha256=b"",
+                       payload_length=payload_length, streamed=True)
+
+
+def reply_trailer(
+    request: Verified[MatmulRequest],
+    payload_sha256: bytes,
+    *,
+    key: Ed25519PrivateKey,
+    price_per_gmac: int,
+    compute_time_us: int,
+    now_ms: int,
+) -> ReplyTrailer:
+    """Provider side, 1.2: the trailer of a streamed reply whose payload had SHA-256
+    `payload_sha256`, with its receipt (as ok_reply's)."""
+    return ReplyTrailer(
+        request_id=request.message.request_id,
+        request_digest=request.digest,
+        payload_sha256=payload_sha256,
+        compute_time_us=compute_time_us,
+        receipt=_receipt(request, payload_sha256, key=key, price_per_gmac=price_per_gmac, now_ms=now_ms),
     )
 
 
@@ -208,9 +244,25 @@ def verify_reply(
     must name the request, match its payload, and carry a receipt signed by `peer` for this client,
     this request and this payload that charges exactly request.message.macs at no more than the
     offered price. BadSignature if any of that fails.
+
+    A streamed reply (1.2) must come with its trailer (`frame.trailer`), signed by `peer` and naming
+    the same request; its digest, compute time and receipt are then checked as a one-frame reply's,
+    and the result's message is the reply as one frame would have carried it. A trailer missing, or
+    after a reply that is not streamed: MalformedFrame.
     """
     reply = _expect(frame.header, MatmulReply)
     signer = frame.header.verify(peer)
+    if reply.streamed:
+        if frame.trailer is None:
+            raise MalformedFrame("a streamed reply without its trailer")
+        trailer = _expect(frame.trailer, ReplyTrailer)
+        frame.trailer.verify(peer)
+        if (trailer.request_id, trailer.request_digest) != (reply.request_id, reply.request_digest):
+            raise BadSignature("trailer names another request")
+        reply = replace(reply, streamed=False, payload_sha256=trailer.payload_sha256,
+                        compute_time_us=trailer.compute_time_us, receipt=trailer.receipt)
+    elif frame.trailer is not None:
+        raise MalformedFrame("a trailer after a reply that is not streamed")
     _check_payload(reply, frame.payload, payload_sha256)
     sent = request.message
     names_request = (reply.request_id, reply.request_digest) == (sent.request_id, request.digest)

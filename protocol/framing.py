@@ -46,10 +46,13 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """A frame as read: a decoded header, not yet verified, and its payload."""
+    """A frame as read: a decoded header, not yet verified, and its payload. A streamed reply (1.2)
+    is read with the header of the ReplyTrailer frame that follows its payload, as `trailer`
+    (exchange.verify_reply checks both); every other frame has none."""
 
     header: Header
     payload: bytes
+    trailer: Header | None = None
 
 
 def _frame_reader(limits: Limits) -> Generator[int, bytes, Frame]:
@@ -106,14 +109,20 @@ def decode_frame(data: bytes, *, limits: Limits) -> Frame:
     return frame
 
 
+def frame_head(sealed: Sealed) -> bytes:
+    """Everything of a frame before its payload, whatever the payload: for a streamed reply, whose
+    payload is written in pieces as it is computed."""
+    if len(sealed.header) > MAX_HEADER_SIZE:
+        raise ValueError(f"header of {len(sealed.header)} bytes exceeds {MAX_HEADER_SIZE}")
+    return encode_uvarint(len(sealed.header)) + sealed.header
+
+
 def frame_prefix(sealed: Sealed, payload: bytes = b"") -> bytes:
     """Everything of a frame before its payload; the payload follows as is, so that a large one is
     written without being copied. Checks that `payload` is the one the header declares."""
-    if len(sealed.header) > MAX_HEADER_SIZE:
-        raise ValueError(f"header of {len(sealed.header)} bytes exceeds {MAX_HEADER_SIZE}")
     if len(payload) != payload_length(sealed.message):
         raise ValueError(f"payload is {len(payload)} bytes, the header declares {payload_length(sealed.message)}")
-    return encode_uvarint(len(sealed.header)) + sealed.header
+    return frame_head(sealed)
 
 
 def encode_frame(sealed: Sealed, payload: bytes = b"") -> bytes:

@@ -390,30 +390,43 @@ def _error_from_proto(msg: pb.Error) -> WireError:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class MatmulReply:
-    """A provider's answer: an encrypted result with a signed receipt, or an error."""
+    """A provider's answer: an encrypted result with a signed receipt, or an error. A streamed reply
+    (1.2, `streamed`) carries neither the payload's digest nor a receipt: they come in the
+    ReplyTrailer that follows its payload, once the provider has computed it all."""
 
     request_id: bytes  # the request's id; empty on an error reply to an undecodable request
     request_digest: bytes  # SHA-256 of the request's Body bytes; empty as request_id
-    payload_sha256: bytes  # of the payload that follows, b"" on error
+    payload_sha256: bytes  # of the payload that follows, b"" on error; empty (b"") if streamed
     payload_length: int
     compute_time_us: int = 0
     error: WireError | None = None  # set iff the request failed
-    receipt: SignedReceipt | None = None  # set iff it succeeded
+    receipt: SignedReceipt | None = None  # set iff it succeeded and is not streamed
+    streamed: bool = False  # 1.2: digest, compute time and receipt follow the payload in a ReplyTrailer
 
     def __post_init__(self) -> None:
         _check_type("request_id", self.request_id, bytes)
         _check_type("request_digest", self.request_digest, bytes)
-        _check_bytes("payload_sha256", self.payload_sha256, size=DIGEST_SIZE)
+        _check_type("streamed", self.streamed, bool)
+        if self.streamed:
+            _check_bytes("payload_sha256", self.payload_sha256, size=0)
+        else:
+            _check_bytes("payload_sha256", self.payload_sha256, size=DIGEST_SIZE)
         _check_uint("payload_length", self.payload_length)
         _check_uint("compute_time_us", self.compute_time_us)
         if self.error is None:
             _check_bytes("request_id", self.request_id, size=ID_SIZE)
             _check_bytes("request_digest", self.request_digest, size=DIGEST_SIZE)
-            if self.receipt is None:
+            if self.streamed:
+                if self.receipt is not None or self.compute_time_us:
+                    raise ValueError("a streamed reply's receipt and compute time come in its trailer")
+            elif self.receipt is None:
                 raise ValueError("a successful reply carries a receipt")
-            _check_type("receipt", self.receipt, SignedReceipt)
+            else:
+                _check_type("receipt", self.receipt, SignedReceipt)
         else:
             _check_type("error", self.error, WireError)
+            if self.streamed:
+                raise ValueError("an error reply is not streamed")
             if self.request_id or self.request_digest:
                 _check_bytes("request_id", self.request_id, size=ID_SIZE)
                 _check_bytes("request_digest", self.request_digest, size=DIGEST_SIZE)
@@ -434,6 +447,7 @@ class MatmulReply:
             payload_sha256=self.payload_sha256,
             payload_length=self.payload_length,
             compute_time_us=self.compute_time_us,
+            streamed=self.streamed,
         )
         if self.error is not None:
             msg.error.CopyFrom(_error_to_proto(self.error))
@@ -455,6 +469,47 @@ class MatmulReply:
             compute_time_us=msg.compute_time_us,
             error=_error_from_proto(msg.error) if msg.HasField("error") else None,
             receipt=SignedReceipt.from_proto(msg.receipt) if msg.HasField("receipt") else None,
+            streamed=msg.streamed,
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ReplyTrailer:
+    """1.2: the frame right after a streamed reply's payload (no payload of its own): what the
+    reply's header would have carried had the payload been known when the header was sent."""
+
+    request_id: bytes  # the request's id, as in the reply's header
+    request_digest: bytes  # SHA-256 of the request's Body bytes, as in the reply's header
+    payload_sha256: bytes  # of the streamed payload; the receipt's reply_digest
+    receipt: SignedReceipt
+    compute_time_us: int = 0
+
+    def __post_init__(self) -> None:
+        _check_bytes("request_id", self.request_id, size=ID_SIZE)
+        _check_bytes("request_digest", self.request_digest, size=DIGEST_SIZE)
+        _check_bytes("payload_sha256", self.payload_sha256, size=DIGEST_SIZE)
+        _check_type("receipt", self.receipt, SignedReceipt)
+        _check_uint("compute_time_us", self.compute_time_us)
+
+    def to_proto(self) -> pb.ReplyTrailer:
+        return pb.ReplyTrailer(
+            request_id=self.request_id,
+            request_digest=self.request_digest,
+            payload_sha256=self.payload_sha256,
+            compute_time_us=self.compute_time_us,
+            receipt=self.receipt.to_proto(),
+        )
+
+    @classmethod
+    def from_proto(cls, msg: pb.ReplyTrailer) -> ReplyTrailer:
+        if not msg.HasField("receipt"):
+            raise ValueError("a reply trailer carries a receipt")
+        return cls(
+            request_id=msg.request_id,
+            request_digest=msg.request_digest,
+            payload_sha256=msg.payload_sha256,
+            compute_time_us=msg.compute_time_us,
+            receipt=SignedReceipt.from_proto(msg.receipt),
         )
 
 
@@ -562,7 +617,7 @@ class CapabilityAdvert:
         )
 
 
-Message: TypeAlias = MatmulRequest | MatmulReply | SignedReceipt | CapabilityAdvert
+Message: TypeAlias = MatmulRequest | MatmulReply | SignedReceipt | CapabilityAdvert | ReplyTrailer
 """What a frame header carries: one of the Body kinds."""
 
 
@@ -577,6 +632,8 @@ def encode_body(message: Message) -> bytes:
         body.receipt.CopyFrom(message.to_proto())
     elif isinstance(message, CapabilityAdvert):
         body.advert.CopyFrom(message.to_proto())
+    elif isinstance(message, ReplyTrailer):
+        body.trailer.CopyFrom(message.to_proto())
     else:
         raise TypeError(f"not a message: {type(message).__name__}")
     return body.SerializeToString(deterministic=True)
@@ -592,6 +649,8 @@ def _message_of(body: pb.Body) -> Message:
             return SignedReceipt.from_proto(body.receipt)
         case "advert":
             return CapabilityAdvert.from_proto(body.advert)
+        case "trailer":
+            return ReplyTrailer.from_proto(body.trailer)
     raise ValueError("body carries no message")  # empty, or a kind from a newer minor version
 
 

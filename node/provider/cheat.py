@@ -18,12 +18,15 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Hashable
+from typing import TypeVar
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cipherswarm.fhe_backend import MatmulResult, PlainWeights
-from cipherswarm.protocol import MatmulReply, sign_receipt
+from cipherswarm.protocol import MatmulReply, ReplyTrailer, sign_receipt
+
+R = TypeVar("R", MatmulReply, ReplyTrailer)
 
 
 class Cheat(enum.Enum):
@@ -48,9 +51,9 @@ class Cheater:
         other[0] = -other[0]  # same norms, so the layer's parameters still accept it
         return PlainWeights(other)
 
-    def reply(self, reply: MatmulReply, key: Ed25519PrivateKey) -> MatmulReply:
-        """The reply to send: for `overbill`, its receipt signed again (with the provider's `key`)
-        at twice its price."""
+    def reply(self, reply: R, key: Ed25519PrivateKey) -> R:
+        """The reply (or a streamed reply's trailer) to send: for `overbill`, its receipt signed
+        again (with the provider's `key`) at twice its price."""
         if self.mode is not Cheat.OVERBILL or reply.receipt is None:
             return reply
         receipt = reply.receipt.receipt

@@ -41,9 +41,9 @@ max_output_elements + 2 * max_reply_size` (its int64 words, their serialization 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
-import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -61,13 +61,14 @@ from libp2p.peer.id import ID
 from cipherswarm.fhe_backend import Ciphertext, FheError, ParameterError, PlainWeights
 from cipherswarm.fhe_backend.ciphertext import ciphertext_size, result_size
 from cipherswarm.fhe_backend.evaluator import matmul, output_elements
-from cipherswarm.fhe_backend.int8_limbs import Int8Gemm, cuda_int8_gemm
+from cipherswarm.fhe_backend.int8_limbs import Int8Gemm, cpu_int8_gemm, cuda_int8_gemm
 from cipherswarm.fhe_backend.selfcheck import self_check
 from cipherswarm.protocol import (
     ADVERT_PROTOCOL_ID,
     DEFAULT_MAX_PAYLOAD_SIZE,
     DEFAULT_MAX_TTL_MS,
     PROTOCOL_IDS,
+    STREAM_PROTOCOL_ID,
     Busy,
     CapabilityAdvert,
     DeadlineExceeded,
@@ -87,20 +88,24 @@ from cipherswarm.protocol import (
     Verified,
     WeightSlice,
     error_reply,
+    frame_head,
     ok_reply,
+    reply_trailer,
     seal,
     sha256,
+    streamed_reply,
     verify_receipt_ack,
 )
 from cipherswarm.protocol.exchange import check_request_header, check_request_payload
 from cipherswarm.protocol.messages import MAX_ADVERT_LAYERS
 
 from ..discovery import Advertiser, now_ms
-from ..engine import BACKEND, ENGINE, decode_params
+from ..engine import BACKEND, decode_params
+from ..errors import leaf_errors
 from ..host import NodeHost
 from ..identity import signing_key
 from ..ledger import DuplicateReceipt, Ledger
-from ..streams import READ_CHUNK, FrameHead, close_stream, read_frame, read_header, read_payload, send_frame
+from ..streams import READ_CHUNK, FrameHead, close_stream, read_frame, read_header, read_payload, send_bytes, send_frame
 from ..types import ProviderStats
 from ..weights import ModelWeights, group_key
 from .admission import Credit, Pool, Ticket, address_key, remote_address
@@ -108,6 +113,7 @@ from .pricing import RAMP_S, Pricing
 from .benchmark import measure_macs_per_second
 from .cheat import Cheat, Cheater
 from .gate import StreamGate
+from .product import Product
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +122,8 @@ log = logging.getLogger(__name__)
 #: its header, faster than the minimum rate, so its first read (up to 1 MiB, what its stream has
 #: buffered) is ahead at once; 0.1 s absorbs a busy event loop and leaves a trickler little time
 LAG_SLACK_S = 0.1
+#: how an exchange ends when the client goes away, resets the stream or stops reading: not a fault here
+STREAM_ENDED = (BaseLibp2pError, ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError)
 #: peers benched at once for a lagging upload (a few dozen bytes each)
 MAX_LAGGARDS = 4_096
 
@@ -275,7 +283,8 @@ class Provider:
             log.warning("--device cuda multiplies 8-bit weights only (int8 tensor cores); these are %d-bit: "
                         "computing on the CPU", weights.weight_bits)
             self.device = "cpu"
-        self._matmul = partial(matmul, method="int8", gemm=cuda_int8_gemm) if self.device == "cuda" else ENGINE.matmul
+        self._method, self._gemm = ("int8", cuda_int8_gemm) if self.device == "cuda" else ("f64", cpu_int8_gemm)
+        self._matmul = partial(matmul, method=self._method, gemm=self._gemm)
         self.macs_per_second = 0  # set by the benchmark in serve()
         self._key = signing_key(key_pair)
         self._ledger = ledger
@@ -394,7 +403,7 @@ class Provider:
             issued = await self._exchange(stream, peer, address, opened)
             if issued is not None:
                 await self._await_ack(stream, peer, *issued)
-        except (BaseLibp2pError, ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        except STREAM_ENDED as exc:
             # the client went away, reset the stream (a hedge it no longer needs), or stopped reading
             log.debug("exchange with %s ended: %s", peer, exc)
         except Exception:
@@ -569,8 +578,16 @@ class Provider:
             digest = await trio.to_thread.run_sync(sha256, payload)
             request = check_request_payload(request, payload, payload_sha256=digest)
             remaining_s = (request.message.expires_at_ms - now_ms()) / 1000
+            streamed = stream.get_protocol() == STREAM_PROTOCOL_ID
             with trio.move_on_after(remaining_s) as scope:
-                result, reply_digest, compute_us = await self._compute(request)
+                product = await trio.to_thread.run_sync(self._prepare, request.message, request.payload)
+                request = dataclasses.replace(request, payload=b"")  # parsed: the bytes are not needed again
+                if cfg.delay_s:
+                    await trio.sleep(cfg.delay_s)
+                # the first block before anything is sent: a failure so far still gets its typed reply
+                pieces = [await self._compute(product)]
+                while not streamed and not product.done:
+                    pieces.append(await self._compute(product))
             if scope.cancelled_caught:
                 raise DeadlineExceeded("computation", timeout_s=remaining_s)
         except ProtocolError as exc:
@@ -580,23 +597,72 @@ class Provider:
                 self._bench(ID(request.signer))
             await self._refuse(stream, exc, head.header, then="reset" if too_slow else "close")
             return None
-        reply = ok_reply(
-            request,
-            result,
-            key=self._key,
-            price_per_gmac=self.pricing.charge(request.message.price_per_gmac),
-            compute_time_us=compute_us,
-            now_ms=now_ms(),
-            payload_sha256=reply_digest,
-        )
-        if self._cheater is not None:
-            reply = self._cheater.reply(reply, self._key)
-        # the client must read the reply at no less than the rate asked of its upload
-        write_s = min(cfg.frame_timeout_s, cfg.header_timeout_s + len(result) / cfg.min_upload_rate)
-        await send_frame(stream, seal(reply, self._key), result, timeout_s=write_s)
-        assert reply.receipt is not None  # ok_reply always signs one
-        self._bump(served=1, macs=request.message.macs, earned=reply.receipt.receipt.amount)
-        return reply.receipt, group_key(request.message.layers)
+        price = self.pricing.charge(request.message.price_per_gmac)
+        if streamed:
+            receipt = await self._stream_reply(stream, request, product, pieces[0], price)
+        else:
+            result = b"".join(pieces)
+            del pieces
+            reply = ok_reply(request, result, key=self._key, price_per_gmac=price,
+                             compute_time_us=int(product.seconds * 1e6), now_ms=now_ms(),
+                             payload_sha256=await trio.to_thread.run_sync(sha256, result))
+            if self._cheater is not None:
+                reply = self._cheater.reply(reply, self._key)
+            await send_frame(stream, seal(reply, self._key), result, timeout_s=self._write_s(len(result)))
+            assert reply.receipt is not None  # ok_reply always signs one
+            receipt = reply.receipt
+        if receipt is None:
+            return None
+        self._bump(served=1, macs=request.message.macs, earned=receipt.receipt.amount)
+        return receipt, group_key(request.message.layers)
+
+    def _write_s(self, size: int) -> float:
+        """Time allowed to write `size` bytes of a reply: the client must read it at no less than
+        the rate asked of its upload."""
+        cfg = self.config
+        return min(cfg.frame_timeout_s, cfg.header_timeout_s + size / cfg.min_upload_rate)
+
+    async def _stream_reply(self, stream: INetStream, request: Verified[MatmulRequest], product: Product, first: bytes,
+                            price: int) -> SignedReceipt | None:
+        """Protocol 1.2: the reply's header and the result's first block, then each further block as
+        it is computed (one block computed ahead of the one being written), then the trailer with
+        the payload's digest and the receipt. The blocks still compute within the request's
+        expiry; a failure once the header is out can only reset the stream (None: nothing served)."""
+        msg = request.message
+        size = result_size(decode_params(msg.backend_params), msg.input_shape[0], msg.output_shape[1])
+        digest = hashlib.sha256(first)
+        remaining_s = (msg.expires_at_ms - now_ms()) / 1000
+        head = seal(streamed_reply(request, size), self._key)
+        try:
+            await send_bytes(stream, frame_head(head) + first, timeout_s=self._write_s(len(first)))
+            send, receive = trio.open_memory_channel[bytes](0)
+
+            async def compute() -> None:
+                async with send:
+                    with trio.fail_after(remaining_s):
+                        while not product.done:
+                            await send.send(await self._compute(product))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(compute)
+                async with receive:
+                    async for piece in receive:
+                        await trio.to_thread.run_sync(digest.update, piece)
+                        await send_bytes(stream, piece, timeout_s=self._write_s(len(piece)))
+            trailer = reply_trailer(request, digest.digest(), key=self._key, price_per_gmac=price,
+                                    compute_time_us=int(product.seconds * 1e6), now_ms=now_ms())
+            if self._cheater is not None:
+                trailer = self._cheater.reply(trailer, self._key)
+            await send_frame(stream, seal(trailer, self._key), timeout_s=self.config.header_timeout_s)
+        except Exception as exc:  # noqa: BLE001  # any failure: the client cannot be told otherwise
+            leaves = leaf_errors(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+            gone = all(isinstance(e, (trio.TooSlowError, *STREAM_ENDED)) for e in leaves)
+            (log.debug if gone else log.error)("streamed reply to %s stopped: %r", ID(request.signer), leaves,
+                                              exc_info=not gone)
+            self._bump(errors=1)
+            await close_stream(stream, reset=True)
+            return None
+        return trailer.receipt
 
     async def _await_ack(self, stream: INetStream, peer: ID, issued: SignedReceipt, layer: str, entry: int) -> None:
         """Wait (holding no place, in the bounded `acks` pool) for the countersigned receipt; a valid
@@ -654,21 +720,16 @@ class Provider:
         if (size := result_size(params, tokens, width)) > cfg.max_reply_size:
             raise ReplyTooLarge(cfg.max_reply_size, size)
 
-    async def _compute(self, request: Verified[MatmulRequest]) -> tuple[bytes, bytes, int]:
-        """The encrypted result's bytes, their SHA-256 and the compute time in microseconds."""
-        msg = request.message
-        ct, weights = await trio.to_thread.run_sync(self._prepare, msg, request.payload)
-        if self.config.delay_s:
-            await trio.sleep(self.config.delay_s)
-        kind = (msg.layers, msg.weight_slice, msg.transpose, msg.input_shape)
-        payload, digest, seconds = await trio.to_thread.run_sync(
-            partial(self._multiply, ct, weights, msg.transpose, kind), limiter=self._limiter, abandon_on_cancel=True
-        )
-        self._compute_s = 0.8 * self._compute_s + 0.2 * seconds
-        return payload, digest, int(seconds * 1e6)
+    async def _compute(self, product: Product) -> bytes:
+        """The product's next block, computed in a worker thread holding a compute slot."""
+        start = product.seconds
+        piece = await trio.to_thread.run_sync(product.next_piece, limiter=self._limiter, abandon_on_cancel=True)
+        self._compute_s = 0.8 * self._compute_s + 0.2 * (product.seconds - start)
+        return piece
 
-    def _prepare(self, msg: MatmulRequest, payload: bytes) -> tuple[Ciphertext, PlainWeights]:
-        """Worker thread: parse the ciphertext and check it, the parameters and the weights agree."""
+    def _prepare(self, msg: MatmulRequest, payload: bytes) -> Product:
+        """Worker thread: parse the ciphertext, check it, the parameters and the weights agree, and
+        set up its product."""
         if msg.backend != BACKEND:
             raise UnsupportedParams("not served here", backend=msg.backend)
         params = decode_params(msg.backend_params)
@@ -685,7 +746,11 @@ class Provider:
             params.for_weights(weights.stats(msg.transpose))
         except ParameterError as exc:
             raise UnsupportedParams(str(exc), backend=BACKEND) from None
-        return ct, weights if self._cheater is None else self._cheater.weights(weights)
+        if self._cheater is not None:
+            weights = self._cheater.weights(weights)
+        kind = (msg.layers, msg.weight_slice, msg.transpose, msg.input_shape)
+        return Product(ct, weights, transpose=msg.transpose, method=self._method, gemm=self._gemm,
+                       cheater=self._cheater, kind=kind)
 
     def _slice(self, layers: tuple[str, ...], part: WeightSlice) -> PlainWeights:
         """W[rows, cols] of the layers' column concatenation (checked against its shape by
@@ -702,13 +767,3 @@ class Provider:
                 pieces.append(full.w[rows, lo:hi])
             offset += d_out
         return PlainWeights(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
-
-    def _multiply(self, ct: Ciphertext, weights: PlainWeights, transpose: bool, kind: object) -> tuple[bytes, bytes, float]:
-        """Worker thread, holding a slot: the product's serialization (timed) and its SHA-256."""
-        start = time.perf_counter()
-        result = self._matmul(ct, weights, transpose=transpose)
-        if self._cheater is not None:
-            result = self._cheater.result(kind, result)
-        payload = result.to_bytes()
-        seconds = time.perf_counter() - start
-        return payload, sha256(payload), seconds
