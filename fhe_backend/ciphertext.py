@@ -194,8 +194,9 @@ class Ciphertext:
 class ResultWriter:
     """Serializes a product a block at a time, in :meth:`MatmulResult.to_bytes`'s layout (the module
     docstring), so that a provider can send each block once it is computed and hold one block's
-    output, not the whole product's. ``head`` comes first; then ``block`` is called once per block,
-    in order, with that block's words, and returns the bytes that follow. Every word takes whole
+    output, not the whole product's. ``block`` is called once per block, in order, with that block's
+    words, and returns the bytes that follow (the first block's start with the result's header, in
+    the same buffer: a layer-sized piece is not copied to prepend it). Every word takes whole
     bytes, so the layout's fields split at block boundaries. The one exception: a default-profile
     result too wide for joint words sends every A'' word before any B'' word, so its B'' words are
     held here until the last block."""
@@ -209,27 +210,27 @@ class ResultWriter:
         self._p, self._blocks, self._r = params, blocks, last_block_tokens(tokens, blocks, params.n)
         self._done = 0
         self._held: list[Field] = []  # B'' words of a wide default-profile result, sent after every A''
-        self.head = _OUT_HEAD.pack(OUT_MAGIC, *params.to_tuple(), key_id, tokens, d_out, blocks) + b"".join(seeds)
+        self._head = _OUT_HEAD.pack(OUT_MAGIC, *params.to_tuple(), key_id, tokens, d_out, blocks) + b"".join(seeds)
 
     def block(self, a: np.ndarray | None, b: np.ndarray) -> bytes:
         """The bytes of the next block, from its (d_out, n) words: A'' (None with a shared mask), B''."""
         if self._done == self._blocks:
             raise ShapeMismatch(f"all {self._blocks} blocks were written")
-        p, r = self._p, self._r
+        p, r, head = self._p, self._r, self._head if self._done == 0 else b""
         self._done += 1
         last = self._done == self._blocks
         cut = (lambda words: np.ascontiguousarray(words[:, :r])) if last else (lambda words: words)
         if p.profile == SHARED_MASK:
-            return _serialise(b"", (cut(b), p.out_bits_b, None, 64))
+            return _serialise(head, (cut(b), p.out_bits_b, None, 64))
         assert a is not None  # a default-profile block carries A''
         ka, kb = p.out_bits_a, p.out_bits_b
         if ka + kb <= 64:
             fields: list[Field] = [(cut(a), ka + kb, cut(b), ka)]
             if last and r < p.n:
                 fields.append((np.ascontiguousarray(a[:, r:]), ka, None, 64))
-            return _serialise(b"", *fields)
+            return _serialise(head, *fields)
         self._held.append((cut(b).copy(), kb, None, 64))
-        return _serialise(b"", (a, ka, None, 64), *(self._held if last else ()))
+        return _serialise(head, (a, ka, None, 64), *(self._held if last else ()))
 
 
 @dataclass(frozen=True, eq=False)
@@ -275,7 +276,7 @@ class MatmulResult:
     def to_bytes(self) -> bytes:
         writer = ResultWriter(self.params, self.key_id, self.tokens, self.d_out, self.seeds)
         a = self.a_words
-        return writer.head + b"".join(writer.block(None if a is None else a[i], self.b_words[i]) for i in range(self.blocks))
+        return b"".join([writer.block(None if a is None else a[i], self.b_words[i]) for i in range(self.blocks)])
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> "MatmulResult":

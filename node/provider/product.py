@@ -14,11 +14,11 @@ it computes every block first, then hands out the tampered result's blocks.
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable
 
 import numpy as np
 
-from cipherswarm.fhe_backend import Ciphertext, PlainWeights
+from cipherswarm.fhe_backend import Ciphertext, MatmulResult, PlainWeights
 from cipherswarm.fhe_backend.ciphertext import ResultWriter
 from cipherswarm.fhe_backend.evaluator import BlockProduct, matmul
 from cipherswarm.fhe_backend.int8_limbs import Int8Gemm
@@ -30,15 +30,17 @@ Block = tuple["np.ndarray | None", np.ndarray]
 
 class Product:
     """The reply payload of one request, a block per `next_piece` call (worker threads, one at a
-    time): the first piece starts with the result's header. `seconds` sums the compute time."""
+    time): the first piece starts with the result's header. `seconds` sums the compute time.
+    Nothing here keeps a block's words once its bytes are returned."""
 
     def __init__(self, ct: Ciphertext, weights: PlainWeights, *, transpose: bool, method: str, gemm: Int8Gemm,
                  cheater: Cheater | None = None, kind: Hashable = None) -> None:
         self._product = BlockProduct(ct, weights, transpose=transpose, method=method, gemm=gemm)
-        self._ct, self._transpose, self._method, self._gemm = ct, transpose, method, gemm
+        self._ct, self._weights, self._transpose, self._method, self._gemm = ct, weights, transpose, method, gemm
         self._writer = ResultWriter(ct.params, ct.key_id, ct.tokens, self._product.width,
                                     ct.seeds if self._product.shared else ())
-        self._blocks = self._honest() if cheater is None else self._tampered(cheater, weights, kind)
+        self._cheater, self._kind = cheater, kind
+        self._tampered: MatmulResult | None = None
         self.remaining = ct.blocks
         self.seconds = 0.0
 
@@ -51,22 +53,20 @@ class Product:
         if self.done:
             raise ValueError("every block was computed")
         start = time.perf_counter()
-        a, b = next(self._blocks)
-        piece = self._writer.block(a, b)
-        if self.remaining == self._ct.blocks:
-            piece = self._writer.head + piece
+        piece = self._writer.block(*self._block(self._ct.blocks - self.remaining))
         self.remaining -= 1
+        if self.done:
+            self._tampered = None
         self.seconds += time.perf_counter() - start
         return piece
 
-    def _honest(self) -> Iterator[Block]:
-        for blk in range(self._ct.blocks):
+    def _block(self, blk: int) -> Block:
+        if self._cheater is None:
             a, b = self._product.empty_block()
             self._product.block(blk, a, b)
-            yield a, b
-
-    def _tampered(self, cheater: Cheater, weights: PlainWeights, kind: Hashable) -> Iterator[Block]:
-        result = cheater.result(kind, matmul(self._ct, weights, transpose=self._transpose, method=self._method,
-                                             gemm=self._gemm))
-        for blk in range(result.blocks):
-            yield (None if result.a_words is None else result.a_words[blk]), result.b_words[blk]
+            return a, b
+        if self._tampered is None:  # a cheater tampers with the whole result, so computes it first
+            self._tampered = self._cheater.result(self._kind, matmul(
+                self._ct, self._weights, transpose=self._transpose, method=self._method, gemm=self._gemm))
+        result = self._tampered
+        return (None if result.a_words is None else result.a_words[blk]), result.b_words[blk]

@@ -599,7 +599,7 @@ class Provider:
             return None
         price = self.pricing.charge(request.message.price_per_gmac)
         if streamed:
-            receipt = await self._stream_reply(stream, request, product, pieces[0], price)
+            receipt = await self._stream_reply(stream, request, product, pieces.pop(), price)
         else:
             result = b"".join(pieces)
             del pieces
@@ -630,11 +630,14 @@ class Provider:
         expiry; a failure once the header is out can only reset the stream (None: nothing served)."""
         msg = request.message
         size = result_size(decode_params(msg.backend_params), msg.input_shape[0], msg.output_shape[1])
-        digest = hashlib.sha256(first)
+        digest = hashlib.sha256()
         remaining_s = (msg.expires_at_ms - now_ms()) / 1000
         head = seal(streamed_reply(request, size), self._key)
         try:
-            await send_bytes(stream, frame_head(head) + first, timeout_s=self._write_s(len(first)))
+            await send_bytes(stream, frame_head(head), timeout_s=self.config.header_timeout_s)
+            await trio.to_thread.run_sync(digest.update, first)  # a layer-sized hash would stall the loop
+            await send_bytes(stream, first, timeout_s=self._write_s(len(first)))
+            del first  # sent: a block's bytes are held no longer than their write
             send, receive = trio.open_memory_channel[bytes](0)
 
             async def compute() -> None:

@@ -17,7 +17,7 @@ def streamed(ct: Ciphertext, w: torch.Tensor, *, transpose: bool = False) -> byt
     """The result as a streaming provider sends it: the head, then each block once computed."""
     product = BlockProduct(ct, w, transpose=transpose)
     writer = ResultWriter(ct.params, ct.key_id, ct.tokens, product.width, ct.seeds if product.shared else ())
-    pieces = [writer.head]
+    pieces = []
     for blk in range(ct.blocks):
         a, b = product.empty_block()
         product.block(blk, a, b)
