@@ -38,6 +38,7 @@ from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 
 from cipherswarm.fhe_backend import Ciphertext, FheError, MatmulResult, Params, VerificationFailed
+from cipherswarm.fhe_backend.ciphertext import result_size
 from cipherswarm.fhe_backend.parallel import helper_seconds
 from cipherswarm.fhe_backend.verify import FreivaldsVerifier
 from cipherswarm.protocol import (
@@ -162,6 +163,13 @@ def serialise(ct: Ciphertext) -> tuple[tuple[bytes, bytes], float]:
     t0 = time.thread_time()
     digest = sha256(payload)
     return (payload, digest), time.thread_time() - t0
+
+
+def reply_limits(params: Params, tokens: int, width: int) -> Limits:
+    """The limits a reply is read under: its payload exactly the size an honest result of this shape
+    has, so that a provider declaring more is refused from the reply's header (an invalid reply, the
+    cheat it is) before the client's downlink carries a byte of it."""
+    return Limits(max_payload_size=result_size(params, tokens, width))
 
 
 def offer(advert_price: int, config: ClientConfig) -> int:
@@ -338,7 +346,7 @@ class Dispatcher:
             with self._node.cpu.section("signatures"):
                 return seal(request, self._key)
 
-        limits = Limits(max_payload_size=2 * job.ct.blocks * job.width * job.params.n * 8 + (1 << 16))
+        limits = reply_limits(job.params, job.x.shape[0], job.width)
         timeout = job.decisions.timeout(state)
         exchange = Exchange(self._node, peer, make_request, job.payload, limits=limits, timeout_s=timeout,
                             uploads=self._uploads, started=started, replying=replying)

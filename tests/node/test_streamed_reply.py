@@ -1,6 +1,6 @@
 """Streamed replies (protocol 1.2) on real libp2p hosts on 127.0.0.1: a provider sends a
 several-block result as it computes it, then the trailer; the bytes are those of the one-frame reply
-it sends a 1.1 client; a client reading a streamed reply from a hostile provider that stalls, or
+it sends a 1.1 client, and fill the client's reply limit exactly; a client reading a streamed reply from a hostile provider that stalls, or
 sends no trailer, gives up within its read deadline."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 
 from cipherswarm.fhe_backend import MatmulResult
 from cipherswarm.node import ModelWeights, open_host
+from cipherswarm.node.client.dispatch import reply_limits
 from cipherswarm.node.discovery import now_ms
 from cipherswarm.node.engine import BACKEND, ENGINE, encode_params
 from cipherswarm.node.identity import signing_key
@@ -77,6 +78,10 @@ async def test_a_several_block_result_is_streamed_on_1_2_and_sent_whole_on_1_1(w
                 payloads[protocol] = reply.payload
             assert provider.provider.statistics().served == 2
     assert payloads[STREAM_PROTOCOL_ID] == payloads[GROUP_PROTOCOL_ID]
+    # a client reads replies under a limit that an honest reply fills exactly: a provider declaring
+    # one byte more is refused from the reply's header
+    params = ENGINE.params_for(weights.resolve(LAYER).weight.q, 8)  # type: ignore[union-attr]
+    assert reply_limits(params, x.shape[0], 64).max_payload_size == len(payloads[STREAM_PROTOCOL_ID])
 
 
 HOSTILE_KEY = create_new_key_pair()
