@@ -137,7 +137,9 @@ async def test_trickling_streams_do_not_lock_out_an_honest_client(weights: Model
                         async def write() -> None:
                             try:
                                 for byte in frame:
-                                    await stream.write(bytes([byte]))
+                                    # cancel-safe (streams.py): the cancellation below must not land
+                                    # inside a write, which would break this attacker's connection
+                                    await send_bytes(stream, bytes([byte]), timeout_s=5)
                                     await trio.sleep(1)
                             except Exception:  # noqa: BLE001  # the provider reset the stream
                                 pass
