@@ -243,5 +243,5 @@ def _fuzz_thoroughly(data: bytes) -> None:
 
 @pytest.mark.slow
 def test_receive_path_fails_only_with_protocol_errors_thoroughly() -> None:
-    with time_limit(50):  # 24 s measured (149 s while allocations were traced through the inputs' generation too)
+    with time_limit(70):  # 24 s alone, 36 s in a fresh-clone CI run (149 s while allocations were traced through the inputs' generation too)
         _fuzz_thoroughly()
