@@ -148,6 +148,16 @@ class BlockProduct:
         b = np.empty((self.width, self.ct.params.n), dtype=np.int64)
         return (None if self.shared else np.empty_like(b)), b
 
+    def result(self) -> MatmulResult:
+        """Every block, computed into one result."""
+        ct = self.ct
+        b_out = np.empty((ct.blocks, self.width, ct.params.n), dtype=np.int64)
+        a_out = None if self.shared else np.empty_like(b_out)
+        for blk in range(ct.blocks):
+            self.block(blk, None if a_out is None else a_out[blk], b_out[blk])
+        return MatmulResult(params=ct.params, key_id=ct.key_id, tokens=ct.tokens, a_words=a_out, b_words=b_out,
+                            seeds=ct.seeds if self.shared else ())
+
     def block(self, blk: int, a_out: np.ndarray | None, b_out: np.ndarray) -> None:
         """Compute block ``blk`` of the product into ``a_out`` (None with a shared mask) and ``b_out``."""
         ct, p, tiles, lb, limbs, words = self.ct, self.ct.params, self.tiles, self._lb, self._limbs, self._words
@@ -194,10 +204,4 @@ def matmul(
     """Encrypted ``x @ w`` (or ``x @ w.T`` when ``transpose``), tile by tile (module docstring):
     no copy of the weights, and at most about ``scratch_bytes`` of working memory beyond the input
     and the output (:func:`plan_tiles`). ``gemm`` is the device GEMM of the int8 method."""
-    product = BlockProduct(ct, weights, transpose=transpose, method=method, gemm=gemm, scratch_bytes=scratch_bytes)
-    b_out = np.empty((ct.blocks, product.width, ct.params.n), dtype=np.int64)
-    a_out = None if product.shared else np.empty_like(b_out)
-    for blk in range(ct.blocks):
-        product.block(blk, None if a_out is None else a_out[blk], b_out[blk])
-    return MatmulResult(params=ct.params, key_id=ct.key_id, tokens=ct.tokens, a_words=a_out, b_words=b_out,
-                        seeds=ct.seeds if product.shared else ())
+    return BlockProduct(ct, weights, transpose=transpose, method=method, gemm=gemm, scratch_bytes=scratch_bytes).result()

@@ -19,8 +19,8 @@ from collections.abc import Hashable
 import numpy as np
 
 from cipherswarm.fhe_backend import Ciphertext, MatmulResult, PlainWeights
-from cipherswarm.fhe_backend.ciphertext import ResultWriter
-from cipherswarm.fhe_backend.evaluator import BlockProduct, matmul
+from cipherswarm.fhe_backend.ciphertext import ResultWriter, result_size
+from cipherswarm.fhe_backend.evaluator import BlockProduct
 from cipherswarm.fhe_backend.int8_limbs import Int8Gemm
 
 from .cheat import Cheater
@@ -36,9 +36,10 @@ class Product:
     def __init__(self, ct: Ciphertext, weights: PlainWeights, *, transpose: bool, method: str, gemm: Int8Gemm,
                  cheater: Cheater | None = None, kind: Hashable = None) -> None:
         self._product = BlockProduct(ct, weights, transpose=transpose, method=method, gemm=gemm)
-        self._ct, self._weights, self._transpose, self._method, self._gemm = ct, weights, transpose, method, gemm
+        self._ct = ct
         self._writer = ResultWriter(ct.params, ct.key_id, ct.tokens, self._product.width,
                                     ct.seeds if self._product.shared else ())
+        self.size = result_size(ct.params, ct.tokens, self._product.width)  # bytes of every piece together
         self._cheater, self._kind = cheater, kind
         self._tampered: MatmulResult | None = None
         self.remaining = ct.blocks
@@ -66,7 +67,6 @@ class Product:
             self._product.block(blk, a, b)
             return a, b
         if self._tampered is None:  # a cheater tampers with the whole result, so computes it first
-            self._tampered = self._cheater.result(self._kind, matmul(
-                self._ct, self._weights, transpose=self._transpose, method=self._method, gemm=self._gemm))
+            self._tampered = self._cheater.result(self._kind, self._product.result())
         result = self._tampered
         return (None if result.a_words is None else result.a_words[blk]), result.b_words[blk]

@@ -628,11 +628,9 @@ class Provider:
         it is computed (one block computed ahead of the one being written), then the trailer with
         the payload's digest and the receipt. The blocks still compute within the request's
         expiry; a failure once the header is out can only reset the stream (None: nothing served)."""
-        msg = request.message
-        size = result_size(decode_params(msg.backend_params), msg.input_shape[0], msg.output_shape[1])
         digest = hashlib.sha256()
-        remaining_s = (msg.expires_at_ms - now_ms()) / 1000
-        head = seal(streamed_reply(request, size), self._key)
+        remaining_s = (request.message.expires_at_ms - now_ms()) / 1000
+        head = seal(streamed_reply(request, product.size), self._key)
         try:
             await send_bytes(stream, frame_head(head), timeout_s=self.config.header_timeout_s)
             await trio.to_thread.run_sync(digest.update, first)  # a layer-sized hash would stall the loop
