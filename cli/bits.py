@@ -46,8 +46,9 @@ PROFILE_HELP = {
     "default": "exact products; about 7 B per value sent and 8-11 B returned",
     "compact": "about 30%% fewer bytes each way; products carry noise below the activations' own rounding "
                "error, checked within its bound (bench/RESULTS.md: top-1 99.2%% against 99.6%% on SmolLM2-135M)",
-    "shared-mask": "exact, half the providers' work and the returned bytes, but key material of about the "
-                   "layer's size per layer in client memory (needs the weights; not for a thin client)",
+    "shared-mask": "exact; replies carry no mask product (about half the bytes returned, and a short micro-batch "
+                   "pays only for its tokens) and providers do half the work; each key is bound to its layer "
+                   "(N tokens through the layer, per key) and the binding is held in client memory",
 }
 
 

@@ -12,7 +12,7 @@ from . import shared_mask
 from .errors import ParameterError
 from .params import SHARED_MASK, Params, WeightStats, choose_params
 from .shared_mask import SharedMaskKey
-from .weights import PlainWeights
+from .weights import PlainWeights, contraction_width
 
 
 class RlweBackend:
@@ -42,13 +42,21 @@ class RlweBackend:
         return choose_params(stats, x_bits, n=n, switch_output=switch_output, profile=profile)
 
     def keygen(
-        self, params: Params, *, weights: "torch.Tensor | PlainWeights | None" = None, transpose: bool = False
+        self, params: Params, *, weights: "torch.Tensor | PlainWeights | None" = None, transpose: bool = False,
+        contraction: int | None = None,
     ) -> "SecretKey | SharedMaskKey":
-        """A fresh key; the shared-mask profile binds its key to the layer's ``weights``."""
+        """A fresh key. The shared-mask profile's key has a secret per contraction row: given the
+        layer's ``weights`` it is made and bound to them at once, given only ``contraction`` it is
+        made unbound (``SharedMaskKey.bind`` before decrypting)."""
         if params.profile == SHARED_MASK:
+            if weights is None and contraction is None:
+                raise ParameterError("the shared-mask profile needs the layer's weights (weights=...) or its contraction width")
             if weights is None:
-                raise ParameterError("the shared-mask profile needs the layer's weights at keygen (weights=...)")
-            return SharedMaskKey.generate_key(params, weights, transpose=transpose)
+                return SharedMaskKey.generate_key(params, contraction)
+            pw = PlainWeights.of(weights)
+            sk = SharedMaskKey.generate_key(params, contraction_width(pw, transpose)[0])
+            sk.bind(pw, transpose=transpose)
+            return sk
         return SecretKey.generate_key(params)
 
     def encrypt(self, sk: "SecretKey | SharedMaskKey", x: torch.Tensor) -> Ciphertext:
@@ -59,5 +67,11 @@ class RlweBackend:
     ) -> MatmulResult:
         return matmul(ct, w, transpose=transpose, method=method)
 
-    def decrypt(self, sk: "SecretKey | SharedMaskKey", out: MatmulResult) -> torch.Tensor:
-        return shared_mask.decrypt(sk, out) if isinstance(sk, SharedMaskKey) else decrypt(sk, out)
+    def decrypt(
+        self, sk: "SecretKey | SharedMaskKey", out: MatmulResult, *, rows: range | None = None, columns: range | None = None
+    ) -> torch.Tensor:
+        """``rows`` and ``columns``: the contraction rows and output columns of the layer the
+        product covers, which a shared-mask key needs to pick its binding; a default key needs neither."""
+        if isinstance(sk, SharedMaskKey):
+            return shared_mask.decrypt(sk, out, rows=rows, columns=columns)
+        return decrypt(sk, out)

@@ -3,9 +3,12 @@
 Encryption: b_j = a * s_j + delta * m_j + e_j with a single ``a`` per block expanded from the block
 seed (AES-256-CTR, the first N words of the stream, as in :mod:`.sampling`). The provider computes
 only B' = B @ W: column k encrypts (x @ W)[:, k] under the secret z_k = sum_j W[j,k] s_j, so the
-client precomputes Z = W^T S once per key and decrypts y_k = round((B'_k - a * z_k) / delta).
-This halves the provider's work and the bytes it returns; it costs the client the key-bound Z (one
-product of the layer's size per key) and memory for the evaluations of every s_j and z_k.
+client binds its key to the layer, Z = W^T S (one product of N tokens by the layer per key and
+range of contraction rows, from its own copy of the integer weights), and decrypts
+y_k = round((B'_k - a * z_k) / delta). This halves the provider's work, and the bytes it returns
+carry no mask product: a result is B'' alone, one word per real token, however few tokens the
+block holds. It costs the client the binding's product and memory for the evaluations of every
+s_j and z_k (:attr:`SharedMaskKey.nbytes`).
 
 Security: each s_j is an independent ternary RLWE secret; sharing ``a`` across them is the standard
 multi-secret setting (a hybrid over j reduces it to RLWE with one secret), under the same 128-bit
@@ -28,7 +31,7 @@ import torch
 
 from .ciphertext import Ciphertext, MatmulResult
 from .encryptor import _as_int_matrix, block_view, check_range, clear_padding, decrypt_rows, encrypt_rows
-from .errors import KeyMismatch, ParameterError
+from .errors import KeyMismatch, ParameterError, ShapeMismatch
 from .keys import KEY_ID_BYTES, check_label, fresh_label
 from .parallel import scratch
 from .params import SHARED_MASK, Params
@@ -55,51 +58,104 @@ def exact_limb_bits(n: int, z_bits: int) -> int:
 
 
 @dataclass(frozen=True, eq=False, repr=False)
+class Binding:
+    """Z = W^T S over one range of contraction rows, for every output column of a layer: what
+    decrypting a product over those rows needs. A product over a row range reads only those rows'
+    secrets, so each row range a call is cut into has its own binding."""
+
+    rows: range
+    limb_bits: int
+    z_eval: np.ndarray  # (z limbs, width, n/2) evaluations of z_k's limbs
+
+    @property
+    def width(self) -> int:
+        return self.z_eval.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.z_eval.nbytes
+
+
+@dataclass(frozen=True, eq=False, repr=False)
 class SharedMaskKey:
-    """Secrets s_j of one layer (and direction), bound to its weights through Z = W^T S."""
+    """Secrets s_j of one layer (and direction). A key is made without weights; :meth:`bind`
+    computes Z = W^T S from the layer's integer weights (the client's own copy, read from its
+    checkpoint: the same integers the providers hold) for a range of contraction rows, and keeps it
+    for decrypting every product over those rows until the key is dropped."""
 
     params: Params
     s: np.ndarray  # (contraction, n) int8 ternary
     key_id: bytes
-    weights: PlainWeights
-    transpose: bool
 
     ring: NegacyclicFFT = field(init=False)
     s_eval: np.ndarray = field(init=False)  # (contraction, n/2) evaluations of each s_j
-    z_eval: np.ndarray = field(init=False)  # (z limbs, width, n/2) evaluations of z_k's limbs
-    limb_bits: int = field(init=False)
+    _bindings: dict[tuple[int, int], Binding] = field(init=False)
 
     def __post_init__(self) -> None:
         p = self.params
         if p.profile != SHARED_MASK:
             raise ParameterError("a SharedMaskKey needs shared-mask parameters (profile='shared-mask')")
-        contraction, width = contraction_width(self.weights, self.transpose)
-        if self.s.shape != (contraction, p.n):
-            raise ValueError(f"secrets must have shape ({contraction}, {p.n})")
-        p.for_weights(self.weights.stats(self.transpose))
+        if self.s.ndim != 2 or self.s.shape[1] != p.n:
+            raise ValueError(f"secrets must have shape (contraction, {p.n})")
         ring = NegacyclicFFT(p.n)
-        w = self.weights.w
-        left = w if self.transpose else w.t()  # (width, contraction): a view
-        s = torch.from_numpy(self.s.astype(np.float64))
-        z = np.empty((width, p.n), dtype=np.int64)
+        object.__setattr__(self, "ring", ring)
+        object.__setattr__(self, "s_eval", ternary_eval(ring, self.s))
+        object.__setattr__(self, "_bindings", {})
+
+    @property
+    def contraction(self) -> int:
+        return self.s.shape[0]
+
+    @classmethod
+    def generate_key(cls, params: Params, contraction: int) -> "SharedMaskKey":
+        """Fresh secrets for a product contracting over ``contraction`` features; bind before decrypting."""
+        if contraction < 1:
+            raise ValueError("contraction must be >= 1")
+        s = np.stack([ternary_secret(params.n) for _ in range(contraction)]).astype(np.int8)
+        return cls(params=params, s=s, key_id=os.urandom(KEY_ID_BYTES))
+
+    def bind(self, weights: "torch.Tensor | PlainWeights", *, transpose: bool = False, rows: range | None = None) -> Binding:
+        """Compute and keep Z over contraction ``rows`` (all by default) of ``weights``, the whole
+        layer (d_in x d_out; ``transpose`` for g @ w.T). Returns the binding."""
+        pw = PlainWeights.of(weights)
+        contraction, width = contraction_width(pw, transpose)
+        if contraction != self.contraction:
+            raise KeyMismatch(f"key has {self.contraction} secrets, the weights contract over {contraction}")
+        rows = range(0, contraction) if rows is None else rows
+        if not 0 <= rows.start < rows.stop <= contraction or rows.step != 1:
+            raise ShapeMismatch(f"rows [{rows.start}, {rows.stop}) are not a range of the {contraction} contraction rows")
+        self.params.for_weights(pw.stats(transpose))
+        w = pw.w
+        left = (w if transpose else w.t())[:, rows.start : rows.stop]  # (width, rows): a view
+        s = torch.from_numpy(self.s[rows.start : rows.stop].astype(np.float64))
+        z = np.empty((width, self.params.n), dtype=np.int64)
         # exact: |sum_j w_jk s_j[t]| <= L1 < 2^53; float64 weights a tile of columns at a time, so
-        # no layer-sized float64 copy exists even while the key is made
+        # no layer-sized float64 copy exists even while the key is bound
         for c0 in range(0, width, _Z_TILE_COLUMNS):
             tile = left[c0 : c0 + _Z_TILE_COLUMNS].to(torch.float64)
             z[c0 : c0 + _Z_TILE_COLUMNS] = torch.round(tile @ s).to(torch.int64).numpy()
-        z_bits = int(np.abs(z).max()).bit_length() + 1
-        bits = exact_limb_bits(p.n, z_bits)
-        object.__setattr__(self, "ring", ring)
-        object.__setattr__(self, "limb_bits", bits)
-        object.__setattr__(self, "s_eval", ternary_eval(ring, self.s))
-        object.__setattr__(self, "z_eval", ring.evaluate(np.ascontiguousarray(z), z_bits, bits))
+        z_bits = max(int(np.abs(z).max()).bit_length(), 1) + 1
+        bits = exact_limb_bits(self.params.n, z_bits)
+        binding = Binding(rows=rows, limb_bits=bits, z_eval=self.ring.evaluate(np.ascontiguousarray(z), z_bits, bits))
+        self._bindings[rows.start, rows.stop] = binding
+        return binding
 
-    @classmethod
-    def generate_key(cls, params: Params, weights: "torch.Tensor | PlainWeights", *, transpose: bool = False) -> "SharedMaskKey":
-        pw = PlainWeights.of(weights)
-        contraction, _ = contraction_width(pw, transpose)
-        s = np.stack([ternary_secret(params.n) for _ in range(contraction)]).astype(np.int8)
-        return cls(params=params, s=s, key_id=os.urandom(KEY_ID_BYTES), weights=pw, transpose=transpose)
+    def binding(self, rows: range | None = None) -> Binding:
+        """The kept binding over ``rows`` (all by default); KeyMismatch if the key was not bound there."""
+        rows = range(0, self.contraction) if rows is None else rows
+        found = self._bindings.get((rows.start, rows.stop))
+        if found is None:
+            raise KeyMismatch(f"the key is not bound to the weights over rows [{rows.start}, {rows.stop})")
+        return found
+
+    def bound(self, rows: range | None = None) -> bool:
+        rows = range(0, self.contraction) if rows is None else rows
+        return (rows.start, rows.stop) in self._bindings
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of secret state: the secrets, their evaluations and every binding kept."""
+        return self.s.nbytes + self.s_eval.nbytes + sum(b.nbytes for b in self._bindings.values())
 
     def __repr__(self) -> str:
         return f"SharedMaskKey(id={self.key_id.hex()}, n={self.params.n}, features={self.s.shape[0]})"
@@ -132,14 +188,21 @@ def encrypt(sk: SharedMaskKey, x: torch.Tensor | np.ndarray) -> Ciphertext:
     return Ciphertext(params=p, key_id=fresh_label(sk.key_id), tokens=tokens, first_row=0, seeds=seeds, words=out)
 
 
-def decrypt(sk: SharedMaskKey, res: MatmulResult) -> torch.Tensor:
+def decrypt(sk: SharedMaskKey, res: MatmulResult, *, rows: range | None = None, columns: range | None = None) -> torch.Tensor:
+    """The product over contraction ``rows`` (all by default; the key must be bound there) and
+    output ``columns`` (all of the binding's by default), as a chunk of a call returns it."""
     p, kp = res.params, sk.params
     check_label(sk.key_id, res.key_id)
     if (p.n, p.log_q, p.delta, p.profile) != (kp.n, kp.log_q, kp.delta, kp.profile):
         raise KeyMismatch("result parameters (N, q, delta, profile) differ from the key's")
-    if res.d_out != sk.z_eval.shape[1]:
-        raise KeyMismatch(f"result has {res.d_out} columns, the key's weights have {sk.z_eval.shape[1]}")
-    n, bits = p.n, sk.limb_bits
+    binding = sk.binding(rows)
+    columns = range(0, binding.width) if columns is None else columns
+    if not 0 <= columns.start <= columns.stop <= binding.width or columns.step != 1:
+        raise ShapeMismatch(f"columns [{columns.start}, {columns.stop}) are not within the layer's {binding.width}")
+    if res.d_out != len(columns):
+        raise KeyMismatch(f"result has {res.d_out} columns, {len(columns)} were asked for")
+    z_eval = binding.z_eval[:, columns.start : columns.stop]
+    n, bits = p.n, binding.limb_bits
     levels = limb_count(p.log_q, bits)  # shift bits * level >= log_q vanishes mod q
     y = np.empty((res.blocks * n, res.d_out), dtype=np.int64)
     for b, seed in enumerate(res.seeds):
@@ -148,9 +211,9 @@ def decrypt(sk: SharedMaskKey, res: MatmulResult) -> torch.Tensor:
         def products(r0: int, r1: int, a_eval: np.ndarray = a_eval) -> np.ndarray:
             f = scratch("evals", (levels, r1 - r0, n // 2), np.complex128)
             f[:] = 0
-            for m in range(sk.z_eval.shape[0]):
+            for m in range(z_eval.shape[0]):
                 for lvl in range(m, levels):
-                    f[lvl] += a_eval[lvl - m] * sk.z_eval[m, r0:r1]
+                    f[lvl] += a_eval[lvl - m] * z_eval[m, r0:r1]
             return sk.ring.inverse(f)
 
         # out_bits_a = log_q: the product a * z_k is already at full scale

@@ -6,6 +6,13 @@ secret sketches of the weights, not the weights (fhe_backend/verify.py): it is m
 layer read once from the memory-mapped checkpoint (`ModelWeights.read`), one layer at a time, and
 then serves every chunk of the layer, whatever its token blocks, contraction rows or column blocks.
 
+In the shared-mask profile a key has a secret per contraction row and is bound to the layer:
+Z = W^T S (fhe_backend/shared_mask.py) is computed with the checker, from the same read of the
+layer, and a row chunk's binding (its rows' share of Z) from one more read when a call first cuts
+those rows. Replies then carry no mask product, so a block returns one word per real token and
+column; the price is the binding's product (N tokens through the layer, per key) and its memory,
+`state_bytes`.
+
 `rotate` replaces every secret key and drops every checker (their vectors are secrets too): a
 provider that returned a wrong result has learnt something about the key from whether it was
 accepted (fhe-scheme.md, "Verification"), so after a detected cheat nothing made under the old
@@ -20,15 +27,17 @@ from collections.abc import Iterable
 from typing import Any
 
 from cipherswarm.fhe_backend import Params
+from cipherswarm.fhe_backend.shared_mask import SharedMaskKey
 from cipherswarm.fhe_backend.allocator import release_free_memory
 from cipherswarm.fhe_backend.quant import Precision, QuantizedWeight
 from cipherswarm.fhe_backend.verify import FreivaldsVerifier
 
 from ..engine import ENGINE
 
-#: encryption profiles a client of the swarm can use (the shared mask needs the layer's weights at keygen)
-CLIENT_PROFILES = ("default", "compact")
 from ..weights import Layer, ModelWeights
+
+#: encryption profiles a client of the swarm can use
+CLIENT_PROFILES = ("default", "compact", "shared-mask")
 
 
 class LayerChannel:
@@ -39,7 +48,7 @@ class LayerChannel:
         self.transpose = transpose
         self._ring = ring  # whose weights the layer is read from again after a rotation
         self.params: Params = ENGINE.params_for(layer.stats[transpose], x_bits, profile=ring.profile)
-        self.key: Any = ENGINE.keygen(self.params)
+        self.key: Any = self._keygen()
         self._checker: FreivaldsVerifier | None = None
         self._lock = threading.RLock()
 
@@ -54,10 +63,35 @@ class LayerChannel:
             assert self._checker is not None
             return self._checker
 
+    def _keygen(self) -> Any:
+        shape = self.layer.shape
+        return ENGINE.keygen(self.params, contraction=shape.d_out if self.transpose else shape.d_in)
+
+    @property
+    def shared_mask(self) -> bool:
+        return isinstance(self.key, SharedMaskKey)
+
     def prepare(self, q: Any) -> None:
-        """Sketch the current key's checker from the layer's integer weights `q`, already read."""
+        """Sketch the current key's checker (and bind a shared-mask key) from the layer's integer
+        weights `q`, already read."""
         with self._lock:
             self._checker = FreivaldsVerifier.for_params(q, self.params, transpose=self.transpose)
+            if self.shared_mask and not self.key.bound():
+                self.key.bind(q, transpose=self.transpose)
+
+    def bind_rows(self, key: Any, rows: range) -> None:
+        """Bind the shared-mask `key` over contraction `rows` too, reading the layer once more
+        unless it already is (a row chunk decrypts under its rows' share of Z). Nothing to do for
+        other keys. Blocking: call it from a worker thread."""
+        if not isinstance(key, SharedMaskKey) or key.bound(rows):
+            return
+        with self._lock:
+            if key.bound(rows):
+                return
+            if self._ring.weights is None:
+                raise RuntimeError("the key ring has no model to read the layer from")
+            key.bind(self._ring.weights.read(self.layer.name).q, transpose=self.transpose, rows=rows)
+        release_free_memory()
 
     @property
     def prepared(self) -> bool:
@@ -71,7 +105,7 @@ class LayerChannel:
 
     def rotate(self) -> None:
         with self._lock:
-            self.key = ENGINE.keygen(self.params)
+            self.key = self._keygen()
             self._checker = None
 
 
@@ -79,9 +113,9 @@ class KeyRing:
     """Every channel the client has opened; channels are made on first use, or while the model is
     loaded (`prepare_layer` as `load_model`'s visitor: one pass over the checkpoint for both).
 
-    `profile`: the encryption profile of every channel, "default" (exact) or "compact" (fewer bytes
-    each way, approximate: fhe_backend/params.py). The shared-mask profile binds a key to the
-    layer's weights, which this client never holds, so it is refused here."""
+    `profile`: the encryption profile of every channel: "default" (exact), "compact" (fewer bytes
+    each way, approximate: fhe_backend/params.py) or "shared-mask" (exact, replies without the mask
+    product, keys bound to the layers: module docstring)."""
 
     def __init__(self, weights: ModelWeights | None = None, *, precision: Precision = Precision(), profile: str = "default") -> None:
         if profile not in CLIENT_PROFILES:

@@ -188,6 +188,8 @@ class SwarmSession:
         checker = await trio.to_thread.run_sync(channel.checker, limiter=crypto)  # sketched from the file after a rotation
         ct, spent = await trio.to_thread.run_sync(thread_timed, ENGINE.encrypt, key, x, limiter=crypto)
         self._counters.encrypt_s += spent
+        for rows in {chunk.contraction for chunk in call.pending()}:  # a shared-mask key decrypts a row chunk under its rows' binding
+            await trio.to_thread.run_sync(channel.bind_rows, key, range(rows.start, rows.stop), limiter=crypto)
         jobs = []
         # column chunks of the same blocks and rows send the same ciphertext: serialise it once
         parts: dict[tuple[Range, Range], tuple[Ciphertext, tuple[bytes, bytes]]] = {}

@@ -385,9 +385,28 @@ class TestSharedMask:
         cols = [be.matmul(ct, self.w[:, c0:c1]) for c0, c1 in ((0, 5), (5, 36))]
         assert torch.equal(be.decrypt(self.sk, MatmulResult.concat_columns(cols)), self.ref)
 
+    def test_chunks_decrypt_alone_under_their_rows_binding(self) -> None:
+        """A key made without weights (a client that reads its layer later) is bound per contraction
+        range; each row chunk and each column chunk of a call then decrypts on its own, exactly."""
+        sk = be.keygen(self.params, contraction=80)
+        ct = be.encrypt(sk, self.x)
+        part = ct.select_rows(30, 80, parts=2)
+        with pytest.raises(KeyMismatch, match="not bound"):
+            be.decrypt(sk, be.matmul(part, self.w[30:80]), rows=range(30, 80))
+        sk.bind(self.w, rows=range(30, 80))
+        sk.bind(self.w)
+        assert torch.equal(be.decrypt(sk, be.matmul(part, self.w[30:80]), rows=range(30, 80)),
+                           self.x[:, 30:80] @ self.w[30:80].long())
+        cols = be.matmul(ct, self.w[:, 5:36])
+        assert torch.equal(be.decrypt(sk, cols, columns=range(5, 36)), self.ref[:, 5:36])
+        with pytest.raises(KeyMismatch, match="columns"):
+            be.decrypt(sk, cols, columns=range(0, 36))
+        with pytest.raises(KeyMismatch, match="secrets"):
+            sk.bind(self.w[:40])
+
     def test_key_needs_weights_and_refuses_others(self) -> None:
         with pytest.raises(ParameterError, match="weights"):
-            be.keygen(self.params)
+            be.keygen(self.params)  # neither the weights nor the contraction width
         other = be.keygen(self.params, weights=self.w)
         with pytest.raises(KeyMismatch):
             be.decrypt(other, be.matmul(be.encrypt(self.sk, self.x[:4]), self.w))
