@@ -7,8 +7,9 @@ ciphertext words they move, per token: as the wire carries them now (a ring bloc
 send no B word and receive only their A'' word, `fhe_backend/ciphertext.py`) beside every slot of
 every block travelling, as before. The wire sizes are `Params.payload_bytes` / `result_bytes`,
 which `tests/fhe_backend/test_rlwe.py` holds to the serialised lengths. Each encryption profile
-that a swarm client can use (exact `default`, approximate `compact`) gets its table, and the
-compact one its bytes against the default's at the same size.
+that a swarm client can use (exact `default`, approximate `compact`, exact `shared-mask`, whose
+replies carry no mask product) gets its table, and each its bytes against the default's at the
+same size.
 
     .venv/bin/python bench/bytes.py                      # LLaMA-3-8B widths
     .venv/bin/python bench/bytes.py --model tiny         # the bundled model

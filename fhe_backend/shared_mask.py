@@ -152,6 +152,15 @@ class SharedMaskKey:
         rows = range(0, self.contraction) if rows is None else rows
         return (rows.start, rows.stop) in self._bindings
 
+    @staticmethod
+    def bytes_for(params: Params, contraction: int, width: int) -> int:
+        """``nbytes`` of a key for ``params`` bound over all its rows: per contraction row N int8
+        coefficients and N/2 complex128 evaluations, per output column the N/2 evaluations of each
+        limb of z_k (|z_k| <= the weights' L1 norm)."""
+        z_bits = params.w_l1.bit_length() + 1
+        limbs = limb_count(z_bits, exact_limb_bits(params.n, z_bits))
+        return contraction * (params.n + 8 * params.n) + width * limbs * 8 * params.n
+
     @property
     def nbytes(self) -> int:
         """Bytes of secret state: the secrets, their evaluations and every binding kept."""

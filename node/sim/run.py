@@ -149,7 +149,12 @@ def simulate(workload: Workload, swarm: Swarm, config: ClientConfig = ClientConf
         for _ in range(min(phase.at_once, len(waiting))):
             start()
 
-    sim.after(0.0, lambda: next_phase(0))
+    # the client binds its keys to the layers (shared-mask profile) before its first call
+    bind_s = workload.binding_macs() * c.plain_parallelism / c.plain_macs_per_s
+    if bind_s:
+        sim.after(0.0, lambda: client.work("binding", bind_s, c.plain_parallelism, lambda: next_phase(0)))
+    else:
+        sim.after(0.0, lambda: next_phase(0))
     sim.run()
     if len(marks) != len(plan) + 1:
         raise RuntimeError("the simulation stalled: a chunk waits for a provider that never becomes usable")
@@ -221,6 +226,6 @@ def demands(e: Estimate) -> dict[str, float]:
     crypto = sum(t.cpu_s.get(k, 0.0) for k in ("encrypt", "decrypt", "verify", "wire"))
     out["client CPU: encrypt+decrypt+verify+wire"] = crypto / min(cores, s.client.crypto_parallelism * e.config.crypto_threads)
     out["client CPU: plaintext and overheads"] = sum(
-        t.cpu_s.get(k, 0.0) for k in ("plaintext", "call overhead", "exchange")) / cores
+        t.cpu_s.get(k, 0.0) for k in ("plaintext", "binding", "call overhead", "exchange")) / cores
     out["latency (one round trip per call)"] = e.latency_s
     return out

@@ -39,7 +39,8 @@ from pathlib import Path
 
 from cipherswarm.fhe_backend.keys import SecretKey
 from cipherswarm.fhe_backend.quant import Precision
-from cipherswarm.fhe_backend.params import Params, WeightStats, choose_params
+from cipherswarm.fhe_backend.params import SHARED_MASK, Params, WeightStats, choose_params
+from cipherswarm.fhe_backend.shared_mask import SharedMaskKey
 from cipherswarm.fhe_backend.verify import sketch_bytes
 
 from ..weights import Layer, group_key, load_model
@@ -231,7 +232,8 @@ class Workload:
         """Bytes of model state a client holds to fine-tune this model remotely (activations aside),
         by the client's own rules: the frozen embeddings and head as stored (``dtype_bytes`` each),
         each remote layer's summary (node.weights.Layer), a Freivalds sketch and a key per group and
-        direction, of the group's contraction and width (fhe_backend.verify, fhe_backend.keys), and
+        direction, of the group's contraction and width (fhe_backend.verify, fhe_backend.keys; a
+        shared-mask key holds its binding to the layer, fhe_backend.shared_mask), and
         the LoRA weights with their gradients and AdamW moments in float32. ``checkpoint`` is the
         whole checkpoint's size for comparison."""
         params: dict[tuple[str, bool], Params] = self._params  # type: ignore[attr-defined]
@@ -244,7 +246,7 @@ class Workload:
                 p = params[group.key, transpose]
                 contraction, width = (group.d_out, group.d_in) if transpose else (group.d_in, group.d_out)
                 sketches += sketch_bytes(contraction, width, p)
-                keys += SecretKey.bytes_for(p)
+                keys += SharedMaskKey.bytes_for(p, contraction, width) if p.profile == SHARED_MASK else SecretKey.bytes_for(p)
         out = {
             "frozen": frozen * dtype_bytes,
             "summaries": sum(Layer.summary_size(layer.d_in, layer.d_out) for layer in m.layers),
@@ -256,6 +258,14 @@ class Workload:
         out["checkpoint"] = (remote + frozen + (2 * m.n_layers + 1) * m.hidden) * dtype_bytes  # norms included
         out["remote_weights"] = remote
         return out
+
+    def binding_macs(self) -> int:
+        """MACs of binding the client's keys to the layers before the first call, Z = W^T S for
+        each group and direction it calls (N token slots through the layer: fhe_backend/shared_mask.py);
+        none but in the shared-mask profile."""
+        params: dict[tuple[str, bool], Params] = self._params  # type: ignore[attr-defined]
+        directions = {(g.key, transpose): Product(g, transpose, 0, params[g.key, transpose]) for g, transpose in self.model.calls}
+        return sum(p.params.n * p.contraction * p.width for p in directions.values() if p.params.profile == SHARED_MASK)
 
     def products(self, tokens: int, *, backward: bool = True) -> list[Product]:
         """The calls of one micro-batch of `tokens`, in the order the trainer makes them (the shape's

@@ -14,6 +14,8 @@ import torch
 
 from cipherswarm.cli.main import main
 from cipherswarm.fhe_backend.params import WeightStats, choose_params
+from cipherswarm.fhe_backend.shared_mask import SharedMaskKey
+from cipherswarm.node.engine import ENGINE
 from cipherswarm.node.client.config import ClientConfig
 from cipherswarm.node.sim import ClientSpec, LayerGroup, LinearLayer, ModelShape, ProviderSpec, Swarm, Workload, simulate
 from cipherswarm.node.sim.engine import FifoServers, Resource, Simulator
@@ -203,6 +205,30 @@ def test_client_memory_has_a_key_per_group_and_direction() -> None:
     assert len(split.products(4096, backward=False)) == 7 * 32  # one layer a group: as before grouping
     per_layer = split.client_memory()
     assert per_layer["summaries"] == memory["summaries"] and per_layer["keys"] > memory["keys"]
+
+
+def test_a_shared_mask_client_binds_its_keys_first_and_holds_the_bindings() -> None:
+    """The shared-mask profile: the client binds a key per group and direction before its first
+    call (N token slots through the layer), and holds each binding: the estimate counts both, by
+    the sizes a real key of the bundled model has."""
+    work, swarm = _tiny_swarm()
+    shared = replace(work, profile="shared-mask")
+    directions = {(p.key, p.transpose): p for p in shared.products(work.micro_batch_tokens)}
+    assert shared.binding_macs() == sum(p.params.n * p.contraction * p.width for p in directions.values()) > 0
+    assert work.binding_macs() == 0
+    base, bound = simulate(work, swarm), simulate(shared, swarm)
+    spec = swarm.client
+    assert bound.tally.cpu_s["binding"] == pytest.approx(shared.binding_macs() * spec.plain_parallelism / spec.plain_macs_per_s)
+    assert "binding" not in base.tally.cpu_s
+    # the same uploads a call (the router may replicate fewer, its replies being smaller), smaller replies
+    assert bound.tally.bytes_down < 0.6 * base.tally.bytes_down and bound.tally.bytes_up <= base.tally.bytes_up
+    # a real key of one group, bound to its weights, is no larger than the estimate counts
+    weights = load_model(BUNDLED_MODEL, hold=False, weight_bits=work.precision.weight_bits)
+    product = next(p for p in directions.values() if "+" in p.key and not p.transpose)
+    q = weights.resolve(product.key)
+    w = torch.cat([weights.read(member.name).q for member in weights.members(q.name)], dim=1)
+    key = ENGINE.keygen(product.params, weights=w)
+    assert key.nbytes <= SharedMaskKey.bytes_for(product.params, product.contraction, product.width) <= 1.5 * key.nbytes
 
 
 def test_gpt2_layers_are_each_alone() -> None:
