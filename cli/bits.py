@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from cipherswarm.fhe_backend.params import PROFILES
 from cipherswarm.fhe_backend.quant import MAX_WEIGHT_BITS, MAX_X_BITS, MIN_WEIGHT_BITS, MIN_X_BITS, Precision
+from cipherswarm.node.client.config import ClientConfig
 
 
 def bits_in(low: int, high: int) -> Callable[[str], int]:
@@ -56,3 +57,12 @@ def add_profile_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup, c
     """--profile, among ``choices`` (what this subcommand can run)."""
     p.add_argument("--profile", choices=choices, default="default",
                    help="encryption profile (default: default): " + "; ".join(f"{c}: {PROFILE_HELP[c]}" for c in choices))
+
+
+def add_binding_budget_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--binding-budget-mb: ClientConfig.binding_budget (train, testnet and estimate)."""
+    default = ClientConfig().binding_budget >> 20
+    p.add_argument("--binding-budget-mb", type=int, default=default, metavar="MB",
+                   help="--profile shared-mask: MB of key bindings kept in memory (N integers per output column "
+                        "of a layer); past it a layer's key is bound again for each call from the checkpoint "
+                        f"(N tokens through the layer) (default {default})")

@@ -25,7 +25,7 @@ from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
-from cipherswarm.cli.bits import add_precision_arguments, add_profile_argument, precision_of
+from cipherswarm.cli.bits import add_binding_budget_argument, add_precision_arguments, add_profile_argument, precision_of
 from cipherswarm.cli.steps import add_step_arguments
 from cipherswarm.node.client.config import ClientConfig
 from cipherswarm.node.sim import ClientSpec, Estimate, GpuAssumption, ModelShape, ProviderSpec, Swarm, Workload, simulate
@@ -113,6 +113,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"seconds before an attempt is given up at the earliest (default {ClientConfig().timeout_min_s:g})")
     g.add_argument("--request-ttl-s", type=float, default=ClientConfig().request_ttl_s,
                    help=f"lifetime of a request in seconds, at most 120 (default {ClientConfig().request_ttl_s:g})")
+    add_binding_budget_argument(g)
     g.add_argument("--upload-slots", type=int, default=ClientConfig().upload_slots,
                    help=f"requests the client writes at once, ClientConfig.upload_slots (default {ClientConfig().upload_slots})")
     g.add_argument("--split", choices=["auto", "blocks", "columns", "rows"], default="auto", help="chunk split (default auto)")
@@ -172,7 +173,7 @@ def estimate(args: argparse.Namespace) -> Estimate:
     # the simulated user states the uplink's rate (train --uplink-mbit), so big uploads may go side by side
     config = ClientConfig(max_chunks=args.max_chunks, split=args.split, upload_slots=args.upload_slots,
                           hedge_min_s=args.hedge_min_s, timeout_min_s=args.timeout_min_s, request_ttl_s=args.request_ttl_s,
-                          uplink_bps=swarm.client.up_bps)
+                          uplink_bps=swarm.client.up_bps, binding_budget=args.binding_budget_mb << 20)
     return simulate(workload, swarm, config, max_steps=args.max_steps or None)
 
 
@@ -191,20 +192,21 @@ def run(args: argparse.Namespace) -> int:
         f"{replace(GPU, log_q=args.log_q).limb_gemms(args.profile)} limb GEMMs per product, not measured)")
     print(render(result, title=f"cipherswarm estimate: {result.workload.model.name}, {args.tokens:,} tokens, "
                                f"{len(result.swarm.providers)} providers, profile {args.profile}{rate}"))
-    print(client_memory_table(result.workload))
+    print(client_memory_table(result.workload, result.config.binding_budget))
     return 0
 
 
-def client_memory_table(workload: Workload) -> str:
+def client_memory_table(workload: Workload, binding_budget: int) -> str:
     """The client's model state for the estimated model and for LLaMA-3-8B and -70B, bf16 checkpoints:
-    what a laptop needs to fine-tune a model it does not hold (activations aside)."""
+    what a laptop needs to fine-tune a model it does not hold (activations aside), shared-mask
+    bindings kept within `binding_budget` bytes."""
     models = [(workload.model.name, workload)]
     for name in REFERENCE_MODELS:
         if name != workload.model.name:
             models.append((name, replace(workload, model=reference_model(name, workload.model.n_layers_to_skip_for_backprop))))
     lines = ["client memory, model state (bf16 checkpoint; activations aside; the client holds no base weight):"]
     for name, w in models:
-        m = w.client_memory()
+        m = w.client_memory(binding_budget=binding_budget)
         lines.append(
             f"  {name}: {m['total'] / 1e9:.2f} GB = {m['total'] / m['checkpoint']:.3f} of its {m['checkpoint'] / 1e9:.1f} GB "
             f"checkpoint (embeddings and head {m['frozen'] / 1e9:.2f} GB; per remote weight "

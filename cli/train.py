@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import get_args
 
-from cipherswarm.cli.bits import add_precision_arguments, add_profile_argument, precision_of
+from cipherswarm.cli.bits import add_binding_budget_argument, add_precision_arguments, add_profile_argument, precision_of
 from cipherswarm.cli.dashboard import TrainerHolder, add_dashboard_argument, client_dashboard
 from cipherswarm.cli.steps import add_step_arguments, positive_int
 from cipherswarm.node.client.config import ClientConfig, Prefer
@@ -109,13 +109,14 @@ def add_client_arguments(p: argparse.ArgumentParser) -> None:
                    help="your link's upload rate in Mbit/s: on a fast link, big requests are then written several at "
                         "once when one provider takes them slower than the link sends (node/client/uploads.py); "
                         "unset, they go one at a time, which is right for a home uplink (default unset)")
+    add_binding_budget_argument(p)
 
 
 def client_config(args: argparse.Namespace) -> ClientConfig:
-    """The client's config from the command line: --prefer, --uplink-mbit, and --max-price where the
-    command has one."""
+    """The client's config from the command line: --prefer, --uplink-mbit, --binding-budget-mb, and
+    --max-price where the command has one."""
     max_price = getattr(args, "max_price", None)
-    return ClientConfig(prefer=args.prefer, uplink_bps=args.uplink_mbit * 1e6 / 8,
+    return ClientConfig(prefer=args.prefer, uplink_bps=args.uplink_mbit * 1e6 / 8, binding_budget=args.binding_budget_mb << 20,
                         **({} if max_price is None else {"max_price_per_gmac": max_price}))
 
 

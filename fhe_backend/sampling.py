@@ -78,6 +78,40 @@ def fresh_seed() -> bytes:
     return os.urandom(SEED_BYTES)
 
 
+#: rows of ternary secrets expanded at a time (2n stream bytes and their ranks each)
+_TERNARY_ROWS = 256
+
+
+def expand_ternary(seed: bytes, *, n: int, rows: int, first_row: int = 0) -> np.ndarray:
+    """Rows ``first_row .. first_row+rows-1`` of a matrix of uniform ternary secrets, (rows, n) int8,
+    from a 32-byte secret seed. Row j owns bytes [2nj, 2n(j+1)) of the AES-256-CTR stream under the
+    seed and keeps its first n bytes below 255 (b % 3 - 1: exactly uniform). Should fewer than n
+    of its 2n bytes be below 255 (probability below 2^-1000 at n >= 64), the row goes on from its
+    own stretch far beyond, at counter block 2^64 + j * 2^32. Any row range expands alone."""
+    if n % 8:
+        raise ParameterError("ring degree must be a multiple of 8")
+    out = np.empty((rows, n), dtype=np.int8)
+    chunk = 2 * n
+    for r0 in range(0, rows, _TERNARY_ROWS):
+        r1 = min(r0 + _TERNARY_ROWS, rows)
+        b = aes_ctr_stream(seed, (first_row + r0) * chunk // 16, (r1 - r0) * chunk).reshape(r1 - r0, chunk)
+        keep = b < 255
+        rank = np.cumsum(keep, axis=1, dtype=np.int32)
+        full = rank[:, -1] >= n
+        if full.all():
+            out[r0:r1] = (b[keep & (rank <= n)] % 3).astype(np.int8).reshape(r1 - r0, n) - 1
+            continue
+        for i in range(r1 - r0):
+            kept = b[i][keep[i]][:n]
+            counter = (1 << 64) + ((first_row + r0 + i) << 32)
+            while kept.size < n:
+                more = aes_ctr_stream(seed, counter, chunk)
+                kept = np.concatenate([kept, more[more < 255]])[:n]
+                counter += chunk // 16
+            out[r0 + i] = (kept % 3).astype(np.int8) - 1
+    return out
+
+
 def ternary_secret(n: int) -> np.ndarray:
     """Uniform ternary secret in {-1, 0, 1}^n from os.urandom, by rejection of the byte 255."""
     out = np.empty(0, dtype=np.int64)

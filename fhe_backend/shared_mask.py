@@ -7,8 +7,8 @@ client binds its key to the layer, Z = W^T S (one product of N tokens by the lay
 range of contraction rows, from its own copy of the integer weights), and decrypts
 y_k = round((B'_k - a * z_k) / delta). This halves the provider's work, and the bytes it returns
 carry no mask product: a result is B'' alone, one word per real token, however few tokens the
-block holds. It costs the client the binding's product and memory for the evaluations of every
-s_j and z_k (:attr:`SharedMaskKey.nbytes`).
+block holds. It costs the client the binding's product and memory for Z, N integers per output
+column (:attr:`SharedMaskKey.nbytes`); the secrets are expanded from a seed whenever used.
 
 Security: each s_j is an independent ternary RLWE secret; sharing ``a`` across them is the standard
 multi-secret setting (a hybrid over j reduces it to RLWE with one secret), under the same 128-bit
@@ -36,7 +36,7 @@ from .keys import KEY_ID_BYTES, check_label, fresh_label
 from .parallel import scratch
 from .params import SHARED_MASK, Params
 from .ring import LIMB_BITS, NegacyclicFFT, limb_count, ternary_eval
-from .sampling import expand_mask, fresh_seed, ternary_secret
+from .sampling import SEED_BYTES, expand_mask, expand_ternary, fresh_seed
 from .weights import PlainWeights, contraction_width
 
 
@@ -61,58 +61,60 @@ def exact_limb_bits(n: int, z_bits: int) -> int:
 class Binding:
     """Z = W^T S over one range of contraction rows, for every output column of a layer: what
     decrypting a product over those rows needs. A product over a row range reads only those rows'
-    secrets, so each row range a call is cut into has its own binding."""
+    secrets, so each row range a call is cut into has its own binding. Z is kept as integers (4
+    bytes each while they fit) and evaluated a tile of columns at a time when a result is decrypted."""
 
     rows: range
-    limb_bits: int
-    z_eval: np.ndarray  # (z limbs, width, n/2) evaluations of z_k's limbs
+    z: np.ndarray  # (width, n) int32 (int64 if |z| reaches 2^31)
+    z_bits: int  # signed width of every |z| (and its sign)
+    limb_bits: int  # limbs of z and of the mask whose products stay exact (exact_limb_bits)
 
     @property
     def width(self) -> int:
-        return self.z_eval.shape[1]
+        return self.z.shape[0]
 
     @property
     def nbytes(self) -> int:
-        return self.z_eval.nbytes
+        return self.z.nbytes
+
+
+def _z_bytes(z_bits: int) -> int:
+    return 4 if z_bits <= 32 else 8
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class SharedMaskKey:
-    """Secrets s_j of one layer (and direction). A key is made without weights; :meth:`bind`
-    computes Z = W^T S from the layer's integer weights (the client's own copy, read from its
-    checkpoint: the same integers the providers hold) for a range of contraction rows, and keeps it
-    for decrypting every product over those rows until the key is dropped."""
+    """Secrets s_j of one layer (and direction), expanded from a 32-byte secret seed when used. A
+    key is made without weights; :meth:`bind` computes Z = W^T S from the layer's integer weights
+    (the client's own copy, read from its checkpoint: the same integers the providers hold) for a
+    range of contraction rows, and keeps it for decrypting every product over those rows until
+    :meth:`unbind` or the key is dropped."""
 
     params: Params
-    s: np.ndarray  # (contraction, n) int8 ternary
+    seed: bytes  # expands the secrets (sampling.expand_ternary); never leaves the client
     key_id: bytes
+    contraction: int
 
     ring: NegacyclicFFT = field(init=False)
-    s_eval: np.ndarray = field(init=False)  # (contraction, n/2) evaluations of each s_j
     _bindings: dict[tuple[int, int], Binding] = field(init=False)
 
     def __post_init__(self) -> None:
-        p = self.params
-        if p.profile != SHARED_MASK:
+        if self.params.profile != SHARED_MASK:
             raise ParameterError("a SharedMaskKey needs shared-mask parameters (profile='shared-mask')")
-        if self.s.ndim != 2 or self.s.shape[1] != p.n:
-            raise ValueError(f"secrets must have shape (contraction, {p.n})")
-        ring = NegacyclicFFT(p.n)
-        object.__setattr__(self, "ring", ring)
-        object.__setattr__(self, "s_eval", ternary_eval(ring, self.s))
+        if self.contraction < 1:
+            raise ValueError("contraction must be >= 1")
+        object.__setattr__(self, "ring", NegacyclicFFT(self.params.n))
         object.__setattr__(self, "_bindings", {})
-
-    @property
-    def contraction(self) -> int:
-        return self.s.shape[0]
 
     @classmethod
     def generate_key(cls, params: Params, contraction: int) -> "SharedMaskKey":
         """Fresh secrets for a product contracting over ``contraction`` features; bind before decrypting."""
-        if contraction < 1:
-            raise ValueError("contraction must be >= 1")
-        s = np.stack([ternary_secret(params.n) for _ in range(contraction)]).astype(np.int8)
-        return cls(params=params, s=s, key_id=os.urandom(KEY_ID_BYTES))
+        return cls(params=params, seed=os.urandom(SEED_BYTES), key_id=os.urandom(KEY_ID_BYTES), contraction=contraction)
+
+    def secrets(self, rows: range | None = None) -> np.ndarray:
+        """The secrets of contraction ``rows`` (all by default), (rows, n) int8 ternary."""
+        rows = range(0, self.contraction) if rows is None else rows
+        return expand_ternary(self.seed, n=self.params.n, rows=len(rows), first_row=rows.start)
 
     def bind(self, weights: "torch.Tensor | PlainWeights", *, transpose: bool = False, rows: range | None = None) -> Binding:
         """Compute and keep Z over contraction ``rows`` (all by default) of ``weights``, the whole
@@ -125,18 +127,17 @@ class SharedMaskKey:
         if not 0 <= rows.start < rows.stop <= contraction or rows.step != 1:
             raise ShapeMismatch(f"rows [{rows.start}, {rows.stop}) are not a range of the {contraction} contraction rows")
         self.params.for_weights(pw.stats(transpose))
+        z_bits = self.params.w_l1.bit_length() + 1  # |z_k[t]| <= sum_j |w_jk| <= the parameters' L1
         w = pw.w
         left = (w if transpose else w.t())[:, rows.start : rows.stop]  # (width, rows): a view
-        s = torch.from_numpy(self.s[rows.start : rows.stop].astype(np.float64))
-        z = np.empty((width, self.params.n), dtype=np.int64)
+        s = torch.from_numpy(self.secrets(rows).astype(np.float64))
+        z = np.empty((width, self.params.n), dtype=np.int32 if _z_bytes(z_bits) == 4 else np.int64)
         # exact: |sum_j w_jk s_j[t]| <= L1 < 2^53; float64 weights a tile of columns at a time, so
         # no layer-sized float64 copy exists even while the key is bound
         for c0 in range(0, width, _Z_TILE_COLUMNS):
             tile = left[c0 : c0 + _Z_TILE_COLUMNS].to(torch.float64)
-            z[c0 : c0 + _Z_TILE_COLUMNS] = torch.round(tile @ s).to(torch.int64).numpy()
-        z_bits = max(int(np.abs(z).max()).bit_length(), 1) + 1
-        bits = exact_limb_bits(self.params.n, z_bits)
-        binding = Binding(rows=rows, limb_bits=bits, z_eval=self.ring.evaluate(np.ascontiguousarray(z), z_bits, bits))
+            z[c0 : c0 + _Z_TILE_COLUMNS] = torch.round(tile @ s).numpy()
+        binding = Binding(rows=rows, z=z, z_bits=z_bits, limb_bits=exact_limb_bits(self.params.n, z_bits))
         self._bindings[rows.start, rows.stop] = binding
         return binding
 
@@ -152,22 +153,32 @@ class SharedMaskKey:
         rows = range(0, self.contraction) if rows is None else rows
         return (rows.start, rows.stop) in self._bindings
 
+    def unbind(self, rows: range | None = None) -> None:
+        """Drop the binding over ``rows`` (every binding by default): a client that cannot hold
+        them all binds again for its next call."""
+        if rows is None:
+            self._bindings.clear()
+        else:
+            self._bindings.pop((rows.start, rows.stop), None)
+
+    @staticmethod
+    def binding_bytes(params: Params, width: int) -> int:
+        """``nbytes`` of one binding of ``width`` output columns: N integers of Z per column, 4
+        bytes each while |z| <= the weights' L1 norm fits 31 bits."""
+        return width * params.n * _z_bytes(params.w_l1.bit_length() + 1)
+
     @staticmethod
     def bytes_for(params: Params, contraction: int, width: int) -> int:
-        """``nbytes`` of a key for ``params`` bound over all its rows: per contraction row N int8
-        coefficients and N/2 complex128 evaluations, per output column the N/2 evaluations of each
-        limb of z_k (|z_k| <= the weights' L1 norm)."""
-        z_bits = params.w_l1.bit_length() + 1
-        limbs = limb_count(z_bits, exact_limb_bits(params.n, z_bits))
-        return contraction * (params.n + 8 * params.n) + width * limbs * 8 * params.n
+        """``nbytes`` of a key for ``params`` bound over all its rows: the seed and one binding."""
+        return SEED_BYTES + SharedMaskKey.binding_bytes(params, width)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of secret state: the secrets, their evaluations and every binding kept."""
-        return self.s.nbytes + self.s_eval.nbytes + sum(b.nbytes for b in self._bindings.values())
+        """Bytes of secret state: the seed and every binding kept."""
+        return SEED_BYTES + sum(b.nbytes for b in self._bindings.values())
 
     def __repr__(self) -> str:
-        return f"SharedMaskKey(id={self.key_id.hex()}, n={self.params.n}, features={self.s.shape[0]})"
+        return f"SharedMaskKey(id={self.key_id.hex()}, n={self.params.n}, features={self.contraction})"
 
     def __reduce__(self):
         raise TypeError("a SharedMaskKey is never serialised implicitly")
@@ -178,18 +189,19 @@ def encrypt(sk: SharedMaskKey, x: torch.Tensor | np.ndarray) -> Ciphertext:
     xm = _as_int_matrix(x, "activations")
     check_range(xm, p.x_bits)
     n, (tokens, d) = p.n, xm.shape
-    if d != sk.s.shape[0]:
-        raise KeyMismatch(f"key has {sk.s.shape[0]} secrets, activations have {d} features")
+    if d != sk.contraction:
+        raise KeyMismatch(f"key has {sk.contraction} secrets, activations have {d} features")
     blocks = -(-tokens // n)
     out = np.empty((blocks, d, n), dtype=np.int64)
     seeds = tuple(fresh_seed() for _ in range(blocks))
     limbs = limb_count(p.log_q)
+    secrets = sk.secrets()  # evaluated a tile of features at a time: one forward FFT each per block
     for b, seed in enumerate(seeds):
         a_eval = sk.ring.evaluate(expand_mask(seed, n=n, rows=1), p.log_q)  # (limbs, 1, n/2)
 
         def products(r0: int, r1: int, a_eval: np.ndarray = a_eval) -> np.ndarray:
             f = scratch("evals", (limbs, r1 - r0, n // 2), np.complex128)
-            np.multiply(a_eval, sk.s_eval[r0:r1], out=f)
+            np.multiply(a_eval, ternary_eval(sk.ring, secrets[r0:r1]), out=f)
             return sk.ring.inverse(f)
 
         encrypt_rows(sk.ring, p, block_view(xm, n, b), products, out[b])
@@ -210,7 +222,7 @@ def decrypt(sk: SharedMaskKey, res: MatmulResult, *, rows: range | None = None, 
         raise ShapeMismatch(f"columns [{columns.start}, {columns.stop}) are not within the layer's {binding.width}")
     if res.d_out != len(columns):
         raise KeyMismatch(f"result has {res.d_out} columns, {len(columns)} were asked for")
-    z_eval = binding.z_eval[:, columns.start : columns.stop]
+    z = binding.z[columns.start : columns.stop]
     n, bits = p.n, binding.limb_bits
     levels = limb_count(p.log_q, bits)  # shift bits * level >= log_q vanishes mod q
     y = np.empty((res.blocks * n, res.d_out), dtype=np.int64)
@@ -218,11 +230,12 @@ def decrypt(sk: SharedMaskKey, res: MatmulResult, *, rows: range | None = None, 
         a_eval = sk.ring.evaluate(expand_mask(seed, n=n, rows=1), p.log_q, bits)  # (levels, 1, n/2)
 
         def products(r0: int, r1: int, a_eval: np.ndarray = a_eval) -> np.ndarray:
+            z_eval = sk.ring.evaluate(z[r0:r1].astype(np.int64), binding.z_bits, bits)  # (z limbs, rows, n/2)
             f = scratch("evals", (levels, r1 - r0, n // 2), np.complex128)
             f[:] = 0
             for m in range(z_eval.shape[0]):
                 for lvl in range(m, levels):
-                    f[lvl] += a_eval[lvl - m] * z_eval[m, r0:r1]
+                    f[lvl] += a_eval[lvl - m] * z_eval[m]
             return sk.ring.inverse(f)
 
         # out_bits_a = log_q: the product a * z_k is already at full scale

@@ -74,7 +74,8 @@ class SwarmClient:
         self.model_dir = Path(model_dir)
         self.bootstrap = [Multiaddr(str(a)) for a in bootstrap]
         self.precision = precision
-        self.keys = KeyRing(precision=precision, profile=profile)  # ValueError now for a profile it cannot run
+        # ValueError now for a profile it cannot run
+        self.keys = KeyRing(precision=precision, profile=profile, binding_budget=config.binding_budget)
         self.identity = None if identity is None else Path(identity)
         self.ledger_path = Path(ledger) if ledger is not None else home_dir() / "client.sqlite"
         self.listen = Multiaddr(str(listen))

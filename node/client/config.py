@@ -42,6 +42,10 @@ class ClientConfig:
     uplink_bps: float = 0.0  # the client's uplink in bytes/s as stated by the user (0: unknown); lets big uploads
     # go side by side when one provider takes them slower than the link sends (uploads.py)
     link_bps: float = 2.5e6  # bytes/s a request's payload is assumed to move at until measured (20 Mbit/s)
+    # shared-mask profile: bytes of key bindings (Z = W^T S, N integers per output column) kept
+    # between calls, first come first kept; past it a layer's key is bound for each call from the
+    # memory-mapped checkpoint (N token slots through the layer) and dropped after (client/keys.py)
+    binding_budget: int = 2 << 30
 
     def __post_init__(self) -> None:
         if self.split not in ("auto", "blocks", "columns", "rows"):
@@ -54,6 +58,8 @@ class ClientConfig:
             raise ValueError("max_chunks, max_attempts, crypto_threads and upload_slots must be >= 1, max_rotations_per_peer >= 0")
         if self.max_price_per_gmac < 0:
             raise ValueError(f"max_price_per_gmac must be >= 0, got {self.max_price_per_gmac}")
+        if self.binding_budget < 0:
+            raise ValueError(f"binding_budget must be >= 0, got {self.binding_budget}")
         if self.upload_window_bytes < 0 or self.uplink_bps < 0:
             raise ValueError(f"upload_window_bytes and uplink_bps must be >= 0, got {self.upload_window_bytes}, {self.uplink_bps}")
         if not 0 < self.request_ttl_s <= 120:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from functools import partial
@@ -33,6 +34,7 @@ from multiaddr import Multiaddr
 
 from cipherswarm.fhe_backend import Ciphertext
 from cipherswarm.fhe_backend.quant import Precision
+from cipherswarm.fhe_backend.verify import FreivaldsVerifier
 from cipherswarm.protocol import Range
 
 from ..discovery import AdvertWatcher
@@ -188,8 +190,23 @@ class SwarmSession:
         checker = await trio.to_thread.run_sync(channel.checker, limiter=crypto)  # sketched from the file after a rotation
         ct, spent = await trio.to_thread.run_sync(thread_timed, ENGINE.encrypt, key, x, limiter=crypto)
         self._counters.encrypt_s += spent
-        for rows in {chunk.contraction for chunk in call.pending()}:  # a shared-mask key decrypts a row chunk under its rows' binding
-            await trio.to_thread.run_sync(channel.bind_rows, key, range(rows.start, rows.stop), limiter=crypto)
+        # a shared-mask key decrypts each chunk under the binding of its contraction rows
+        acquired: list[range] = []
+        try:
+            for r in {chunk.contraction for chunk in call.pending()}:
+                await trio.to_thread.run_sync(channel.acquire, key, range(r.start, r.stop), limiter=crypto)
+                acquired.append(range(r.start, r.stop))
+            await self._send(call, held, channel, shape, x, y, key, checker, ct)
+        finally:
+            for rows in acquired:
+                channel.release(key, rows)
+
+    async def _send(
+        self, call: CallDecisions, held: tuple[bytes, ...], channel: LayerChannel, shape: CallShape, x: torch.Tensor,
+        y: torch.Tensor, key: Any, checker: FreivaldsVerifier, ct: Ciphertext,
+    ) -> None:
+        """Send every chunk not yet accepted, cut from `ct`, and deliver each verified product into `y`."""
+        crypto = self.dispatcher.crypto
         jobs = []
         # column chunks of the same blocks and rows send the same ciphertext: serialise it once
         parts: dict[tuple[Range, Range], tuple[Ciphertext, tuple[bytes, bytes]]] = {}

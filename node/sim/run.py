@@ -15,6 +15,11 @@ runs for one micro-batch at a time (the trainer's lock over its local torch work
 top of the CPU cores that work uses). With one micro-batch a step (the default) nothing overlaps.
 Held-out micro-batches are forward-only and evaluated one after another, as before.
 
+In the shared-mask profile the client binds the keys it keeps (``ClientConfig.binding_budget``,
+node/client/keys.py) before its first call, and a key it does not keep before each call of its
+layer, as the real client does; concurrent calls of one layer share a binding there, and are each
+charged one here.
+
 Long runs are simulated for their first ``max_steps`` full optimizer steps (and a last, short step,
 if any); each remaining full step is taken at the mean time and counters (bytes, MACs, CPU, ...) of
 the simulated full steps. Steps are identical work, so this is exact without failures and an
@@ -112,7 +117,12 @@ def simulate(workload: Workload, swarm: Swarm, config: ClientConfig = ClientConf
             if not todo:
                 then()
                 return
-            client.call(todo[0], lambda: run_calls(todo[1:], then))
+            p = todo[0]
+            if not p.binding_macs or (p.key, p.transpose) in kept:
+                client.call(p, lambda: run_calls(todo[1:], then))
+                return
+            binding_s = p.binding_macs * c.plain_parallelism / c.plain_macs_per_s
+            client.work("binding", binding_s, c.plain_parallelism, lambda: client.call(p, lambda: run_calls(todo[1:], then)))
 
         def local(release: Callable[[], None]) -> None:
             def computed() -> None:
@@ -149,8 +159,9 @@ def simulate(workload: Workload, swarm: Swarm, config: ClientConfig = ClientConf
         for _ in range(min(phase.at_once, len(waiting))):
             start()
 
-    # the client binds its keys to the layers (shared-mask profile) before its first call
-    bind_s = workload.binding_macs() * c.plain_parallelism / c.plain_macs_per_s
+    # a shared-mask client binds the keys it keeps before its first call, the others for each call
+    kept = workload.kept_bindings(config.binding_budget)
+    bind_s = workload.binding_macs(kept) * c.plain_parallelism / c.plain_macs_per_s
     if bind_s:
         sim.after(0.0, lambda: client.work("binding", bind_s, c.plain_parallelism, lambda: next_phase(0)))
     else:

@@ -115,6 +115,11 @@ class Product:
         return self.padded_tokens * self.contraction * self.width
 
     @property
+    def binding_macs(self) -> int:
+        """MACs of binding a shared-mask key to this product's layer and direction (0 otherwise)."""
+        return self.params.n * self.contraction * self.width if self.params.profile == SHARED_MASK else 0
+
+    @property
     def bytes_in(self) -> int:
         return self.params.payload_bytes(self.tokens, self.contraction)
 
@@ -228,15 +233,17 @@ class Workload:
                 out[group.key, transpose] = choose_params(stats, self.precision.x_bits(transpose), profile=self.profile)
         return out
 
-    def client_memory(self, dtype_bytes: int = 2) -> dict[str, int]:
+    def client_memory(self, dtype_bytes: int = 2, binding_budget: int | None = None) -> dict[str, int]:
         """Bytes of model state a client holds to fine-tune this model remotely (activations aside),
         by the client's own rules: the frozen embeddings and head as stored (``dtype_bytes`` each),
         each remote layer's summary (node.weights.Layer), a Freivalds sketch and a key per group and
         direction, of the group's contraction and width (fhe_backend.verify, fhe_backend.keys; a
         shared-mask key holds its binding to the layer, fhe_backend.shared_mask), and
         the LoRA weights with their gradients and AdamW moments in float32. ``checkpoint`` is the
-        whole checkpoint's size for comparison."""
+        whole checkpoint's size for comparison. A shared-mask key holds its binding only if the
+        client keeps it within ``binding_budget`` bytes (every binding if None; kept_bindings)."""
         params: dict[tuple[str, bool], Params] = self._params  # type: ignore[attr-defined]
+        kept = None if binding_budget is None else self.kept_bindings(binding_budget)
         m = self.model
         frozen = m.vocab * m.hidden * (1 if m.tied else 2)
         remote = sum(layer.d_in * layer.d_out for layer in m.layers)
@@ -246,7 +253,12 @@ class Workload:
                 p = params[group.key, transpose]
                 contraction, width = (group.d_out, group.d_in) if transpose else (group.d_in, group.d_out)
                 sketches += sketch_bytes(contraction, width, p)
-                keys += SharedMaskKey.bytes_for(p, contraction, width) if p.profile == SHARED_MASK else SecretKey.bytes_for(p)
+                if p.profile != SHARED_MASK:
+                    keys += SecretKey.bytes_for(p)
+                elif kept is None or (group.key, transpose) in kept:
+                    keys += SharedMaskKey.bytes_for(p, contraction, width)
+                else:
+                    keys += SharedMaskKey.bytes_for(p, contraction, 0)  # the seed: bound for each call
         out = {
             "frozen": frozen * dtype_bytes,
             "summaries": sum(Layer.summary_size(layer.d_in, layer.d_out) for layer in m.layers),
@@ -259,13 +271,34 @@ class Workload:
         out["remote_weights"] = remote
         return out
 
-    def binding_macs(self) -> int:
+    def kept_bindings(self, budget: int) -> set[tuple[str, bool]]:
+        """The (group key, transpose) whose key bindings a shared-mask client keeps within `budget`
+        bytes, by its rule (node/client/keys.py): first come, first kept, in the order it prepares
+        them (each group at its first call, its directions in call order)."""
+        params: dict[tuple[str, bool], Params] = self._params  # type: ignore[attr-defined]
+        order: dict[str, list[tuple[LayerGroup, bool]]] = {}
+        for group, transpose in self.model.calls:
+            if (group, transpose) not in order.setdefault(group.key, []):
+                order[group.key].append((group, transpose))
+        kept: set[tuple[str, bool]] = set()
+        left = budget
+        for group, transpose in (d for directions in order.values() for d in directions):
+            p = params[group.key, transpose]
+            if p.profile != SHARED_MASK:
+                continue
+            size = SharedMaskKey.binding_bytes(p, group.d_in if transpose else group.d_out)
+            if size <= left:
+                kept.add((group.key, transpose))
+                left -= size
+        return kept
+
+    def binding_macs(self, kept: set[tuple[str, bool]] | None = None) -> int:
         """MACs of binding the client's keys to the layers before the first call, Z = W^T S for
-        each group and direction it calls (N token slots through the layer: fhe_backend/shared_mask.py);
-        none but in the shared-mask profile."""
+        each group and direction it calls and keeps (all by default; N token slots through the
+        layer: fhe_backend/shared_mask.py); none but in the shared-mask profile."""
         params: dict[tuple[str, bool], Params] = self._params  # type: ignore[attr-defined]
         directions = {(g.key, transpose): Product(g, transpose, 0, params[g.key, transpose]) for g, transpose in self.model.calls}
-        return sum(p.params.n * p.contraction * p.width for p in directions.values() if p.params.profile == SHARED_MASK)
+        return sum(p.binding_macs for d, p in directions.items() if kept is None or d in kept)
 
     def products(self, tokens: int, *, backward: bool = True) -> list[Product]:
         """The calls of one micro-batch of `tokens`, in the order the trainer makes them (the shape's

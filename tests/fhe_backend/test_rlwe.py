@@ -27,7 +27,7 @@ from cipherswarm.fhe_backend import (
 from cipherswarm.fhe_backend.keys import SecretKey
 from cipherswarm.fhe_backend.params import COMPACT_DELTA, Params, WeightStats, choose_params
 from cipherswarm.fhe_backend.ring import secret_eval_bound
-from cipherswarm.fhe_backend.sampling import expand_mask
+from cipherswarm.fhe_backend.sampling import expand_mask, expand_ternary
 from cipherswarm.fhe_backend.security import MAX_LOG_Q_128, check_secure
 from cipherswarm.fhe_backend.verify import FreivaldsVerifier
 
@@ -347,6 +347,42 @@ class TestSecurityProperties:
         assert format(int(words[1, 0]), "016x") == "06b8f22abce65f4e"
         # a contiguous row range is the same stretch of the stream (what a row-chunk provider expands)
         assert np.array_equal(expand_mask(seed, n=8, rows=1, first_row=1).view(np.uint64), words[1:2])
+
+
+def test_shared_mask_secrets_expand_per_row_uniform_and_ternary() -> None:
+    """A shared-mask key keeps only its seed: any row range expands alone to the same secrets, and
+    they are uniform over {-1, 0, 1} (rejection of the byte 255)."""
+    seed = bytes(range(32))
+    s = expand_ternary(seed, n=4096, rows=8)
+    assert s.dtype == np.int8 and set(np.unique(s)) == {-1, 0, 1}
+    assert np.array_equal(expand_ternary(seed, n=4096, rows=3, first_row=5), s[5:8])
+    counts = np.bincount((s + 1).ravel(), minlength=3) / s.size
+    assert np.all(np.abs(counts - 1 / 3) < 0.01)
+    assert not np.array_equal(expand_ternary(bytes(32), n=4096, rows=1), s[:1])
+
+
+def test_a_secret_row_short_of_bytes_goes_on_from_its_own_stretch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fewer than n usable bytes in a row's 2n (never seen in practice) takes more from the row's
+    own stretch of the stream: the row stays ternary and the same whichever range it is expanded in."""
+    from cipherswarm.fhe_backend import sampling
+
+    real = sampling.aes_ctr_stream
+
+    def starved(key: bytes, counter: int, length: int, out: np.ndarray | None = None) -> np.ndarray:
+        stream = real(key, counter, length, out).copy()
+        if counter == 2 * 64 // 16:  # row 1's stretch (n = 64) when it starts a range
+            stream[: 2 * 64 - 3] = 255
+        elif counter == 0 and length >= 4 * 64:  # row 1's stretch inside a range from row 0
+            stream[2 * 64 : 4 * 64 - 3] = 255
+        return stream
+
+    seed = bytes(range(32))
+    normal = expand_ternary(seed, n=64, rows=3)
+    monkeypatch.setattr(sampling, "aes_ctr_stream", starved)
+    s = expand_ternary(seed, n=64, rows=3)
+    assert set(np.unique(s[1])) <= {-1, 0, 1} and not np.array_equal(s[1], normal[1])
+    assert np.array_equal(s[[0, 2]], normal[[0, 2]])
+    assert np.array_equal(expand_ternary(seed, n=64, rows=1, first_row=1), s[1:2])
 
 
 class TestSharedMask:

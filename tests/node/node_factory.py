@@ -97,7 +97,7 @@ async def session(
     profile: str = "default", listen: Sequence[Multiaddr] = (LOOPBACK,), **config: object,
 ) -> AsyncIterator[SwarmSession]:
     """A client of the model of `weights`, holding none of its weights (it reads them from the files),
-    encrypting in `profile`, listening on `listen`."""
+    encrypting in `profile`, listening on `listen`, with ClientConfig's `config`."""
     with Ledger() if ledger is None else nullcontext(ledger) as book:
         async with open_session(
             weights=thin(weights),
@@ -106,7 +106,7 @@ async def session(
             bootstrap=bootstrap,
             config=client_config(**config),
             min_providers=min_providers,
-            keys=KeyRing(profile=profile),
+            keys=KeyRing(profile=profile, binding_budget=client_config(**config).binding_budget),
             listen=listen,
         ) as client:
             yield client

@@ -63,3 +63,26 @@ async def test_a_cheater_is_caught_and_the_keys_are_bound_again(weights: ModelWe
                 assert torch.equal(y, reference(weights, LAYER, x, transpose=False))
                 assert cheater.node.peer_id.to_base58() in client.stats().bans
                 assert channel.key is not first and channel.key.bound()
+
+
+async def test_a_client_without_room_binds_for_each_call_and_drops_it(weights: ModelWeights) -> None:
+    """With no budget for bindings, every call binds its key from the checkpoint and the binding
+    goes with the call's last user: two calls of one layer at once are both exact, and afterwards
+    the key holds its seed alone."""
+    with trio.fail_after(120), Ledger() as ledger:
+        async with providers(weights, [dict(), dict()]) as (a, b):
+            async with session(weights, [a.addr, b.addr], ledger=ledger, min_providers=2, split="rows",
+                               profile="shared-mask", binding_budget=0) as client:
+                channel = client.keys.channel(client.weights.resolve(LAYER), transpose=False)
+                xs = [random_operand(300, 64), random_operand(channel.params.n + 1, 64)]
+                ys: list[torch.Tensor] = [torch.empty(0)] * 2
+
+                async def call(i: int) -> None:
+                    ys[i] = await client.matmul(LAYER, xs[i])
+
+                async with trio.open_nursery() as nursery:
+                    for i in range(2):
+                        nursery.start_soon(call, i)
+                for x, y in zip(xs, ys):
+                    assert torch.equal(y, reference(weights, LAYER, x, transpose=False))
+                assert not channel.key.bound() and channel.key.nbytes == 32 and client.keys.state_bytes() < 1 << 20

@@ -220,6 +220,14 @@ def test_a_shared_mask_client_binds_its_keys_first_and_holds_the_bindings() -> N
     spec = swarm.client
     assert bound.tally.cpu_s["binding"] == pytest.approx(shared.binding_macs() * spec.plain_parallelism / spec.plain_macs_per_s)
     assert "binding" not in base.tally.cpu_s
+    # a client with no room for bindings binds for each call instead, and holds only the seeds
+    assert shared.kept_bindings(0) == set() and shared.kept_bindings(1 << 40) == set(directions)
+    per_call = simulate(shared, swarm, ClientConfig(binding_budget=0))
+    calls = sum(p.binding_macs for p in shared.products(work.micro_batch_tokens)) * len(shared.micro_batches)
+    assert per_call.tally.cpu_s["binding"] == pytest.approx(calls * spec.plain_parallelism / spec.plain_macs_per_s)
+    assert shared.client_memory(binding_budget=0)["keys"] == 32 * 2 * len(shared.model.groups)  # a key per group and direction
+    bindings = sum(SharedMaskKey.binding_bytes(p.params, p.width) for p in directions.values())
+    assert shared.client_memory(binding_budget=1 << 40)["keys"] == 32 * 2 * len(shared.model.groups) + bindings
     # the same uploads a call (the router may replicate fewer, its replies being smaller), smaller replies
     assert bound.tally.bytes_down < 0.6 * base.tally.bytes_down and bound.tally.bytes_up <= base.tally.bytes_up
     # a real key of one group, bound to its weights, is no larger than the estimate counts
