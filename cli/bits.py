@@ -50,6 +50,8 @@ PROFILE_HELP = {
     "shared-mask": "exact; replies carry no mask product (about half the bytes returned, and a short micro-batch "
                    "pays only for its tokens) and providers do half the work; each key is bound to its layer "
                    "(N tokens through the layer, per key) and the binding is held in client memory",
+    "compact-shared-mask": "compact's approximate products and fewer bytes sent, with shared-mask's replies: the "
+                           "fewest bytes each way",
 }
 
 

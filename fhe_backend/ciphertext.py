@@ -33,7 +33,7 @@ import numpy as np
 
 from .errors import InvalidCiphertext, KeyMismatch, ParameterError, ShapeMismatch
 from .packing import pack_into, unpack, unpack_pair, word_bytes
-from .params import SHARED_MASK, Params
+from .params import Params
 from .sampling import SEED_BYTES
 
 _PARAMS = struct.Struct("<" + "Q" * len(Params.FIELDS))
@@ -57,7 +57,7 @@ def ciphertext_size(params: Params, tokens: int, features: int) -> int:
 def result_size(params: Params, tokens: int, width: int) -> int:
     """Bytes of the serialized product of such a ciphertext by ``width`` output columns: known
     before anything is computed or allocated."""
-    seeds = -(-tokens // params.n) * SEED_BYTES if params.profile == SHARED_MASK else 0
+    seeds = -(-tokens // params.n) * SEED_BYTES if params.shared_mask else 0
     return RESULT_HEAD_BYTES + seeds + params.result_bytes(tokens, width)
 
 
@@ -204,7 +204,7 @@ class ResultWriter:
     def __init__(self, params: Params, key_id: bytes, tokens: int, d_out: int, seeds: tuple[bytes, ...] = ()) -> None:
         blocks = -(-tokens // params.n)
         _check_dims(tokens, d_out, blocks, params.n)
-        shared = params.profile == SHARED_MASK
+        shared = params.shared_mask
         if shared != bool(seeds) or (shared and len(seeds) != blocks):
             raise InvalidCiphertext("a shared-mask result carries one seed per block, a default-profile result none")
         self._p, self._blocks, self._r = params, blocks, last_block_tokens(tokens, blocks, params.n)
@@ -220,7 +220,7 @@ class ResultWriter:
         self._done += 1
         last = self._done == self._blocks
         cut = (lambda words: np.ascontiguousarray(words[:, :r])) if last else (lambda words: words)
-        if p.profile == SHARED_MASK:
+        if p.shared_mask:
             return _serialise(head, (cut(b), p.out_bits_b, None, 64))
         assert a is not None  # a default-profile block carries A''
         ka, kb = p.out_bits_a, p.out_bits_b
@@ -263,7 +263,7 @@ class MatmulResult:
 
     @property
     def shared_mask(self) -> bool:
-        return self.params.profile == SHARED_MASK
+        return self.params.shared_mask
 
     @property
     def blocks(self) -> int:
@@ -295,7 +295,7 @@ class MatmulResult:
         r = last_block_tokens(tokens, blocks, n)
         body = data[_OUT_HEAD.size :]
         ka, kb = p.out_bits_a, p.out_bits_b
-        if p.profile == SHARED_MASK:
+        if p.shared_mask:
             if len(body) < blocks * SEED_BYTES:
                 raise InvalidCiphertext("result truncated in its seeds")
             seeds = tuple(bytes(body[i * SEED_BYTES : (i + 1) * SEED_BYTES]) for i in range(blocks))

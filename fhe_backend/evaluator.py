@@ -28,7 +28,7 @@ from . import int8_limbs, kernels
 from .ciphertext import Ciphertext, MatmulResult
 from .errors import ShapeMismatch
 from .int8_limbs import Int8Gemm
-from .params import SHARED_MASK, Params
+from .params import Params
 from .ring import limb_count
 from .sampling import expand_mask
 from .weights import PlainWeights, contraction_width
@@ -130,7 +130,7 @@ class BlockProduct:
         self.contraction, self.width = contraction, width
         self._limbs = limbs = limb_count(p.log_q, lb)
         n = p.n
-        self.shared = shared = p.profile == SHARED_MASK  # the single mask per block needs no product: only B @ W
+        self.shared = shared = p.shared_mask  # the single mask per block needs no product: only B @ W
         self._words = words = 1 if shared else 2
         self.tiles = tiles = plan_tiles(method, contraction=contraction, width=width, n=n, words=words, limbs=limbs,
                                         mask_rows=not shared, scratch_bytes=scratch_bytes)

@@ -43,11 +43,13 @@ TAIL = math.sqrt(2.0 * math.log(2.0) * (FAILURE_LOG2 + 1))
 #: centred binomial noise parameter: e = popcount(24 bits) - popcount(24 bits), std sqrt(12) ~ 3.46
 ETA = 24
 MAX_X_BITS = 16
-#: profiles: DEFAULT sends (A', B') back; SHARED_MASK uses one mask per block and a secret per input
-#: feature, so the provider computes and returns only B' (half the work and the output bytes);
-#: COMPACT is DEFAULT on the wire with approximate decoding (module docstring)
+#: profiles, a set of flags: DEFAULT sends (A', B') back and decodes exactly; SHARED_MASK uses one
+#: mask per block and a secret per input feature, so the provider computes and returns only B' (half
+#: the work and no mask product); COMPACT decodes approximately (module docstring), on either wire
+#: form; COMPACT_SHARED_MASK is both
 DEFAULT, SHARED_MASK, COMPACT = 0, 1, 2
-PROFILES = {"default": DEFAULT, "shared-mask": SHARED_MASK, "compact": COMPACT}
+COMPACT_SHARED_MASK = COMPACT | SHARED_MASK
+PROFILES = {"default": DEFAULT, "shared-mask": SHARED_MASK, "compact": COMPACT, "compact-shared-mask": COMPACT_SHARED_MASK}
 PROFILE_NAMES = {v: k for k, v in PROFILES.items()}
 #: compact profile: the noise's standard deviation is at most 1/COMPACT_NOISE_RATIO of an activation's
 #: rounding error's (uniform in [-1/2, 1/2]: sqrt(1/12)), i.e. 1/16 of its variance. COMPACT_DELTA
@@ -125,7 +127,7 @@ class Params:
     out_bits_b: int  # provider rounds B' = B @ W to this many bits
     row_parts: int = 1  # contraction-row chunks whose outputs the client adds before decrypting
     eta: int = ETA  # centred binomial noise parameter
-    profile: int = DEFAULT  # DEFAULT, or SHARED_MASK: one mask per block, a secret per feature
+    profile: int = DEFAULT  # PROFILES' flags: SHARED_MASK (one mask per block, a secret per feature), COMPACT
 
     def __post_init__(self) -> None:
         for name in self.FIELDS:
@@ -141,8 +143,8 @@ class Params:
             raise ParameterError("weight norms and row_parts must be >= 1")
         if self.profile not in PROFILES.values():
             raise ParameterError(f"unknown profile {self.profile}; known: {PROFILES}")
-        low_a = 0 if self.profile == SHARED_MASK else 1
-        high_a = 0 if self.profile == SHARED_MASK else self.log_q
+        low_a = 0 if self.shared_mask else 1
+        high_a = 0 if self.shared_mask else self.log_q
         if not low_a <= self.out_bits_a <= high_a or not 1 <= self.out_bits_b <= self.log_q:
             raise ParameterError("output bits must be in [1, log_q] (out_bits_a = 0 exactly for the shared-mask profile)")
         if self.delta < (COMPACT_DELTA if self.compact else 2):
@@ -170,8 +172,13 @@ class Params:
 
     @property
     def compact(self) -> bool:
-        """Whether decoding is approximate (the compact profile): values carry noise in their low bits."""
-        return self.profile == COMPACT
+        """Whether decoding is approximate (the compact profiles): values carry noise in their low bits."""
+        return bool(self.profile & COMPACT)
+
+    @property
+    def shared_mask(self) -> bool:
+        """Whether a block has one mask and a secret per feature (the shared-mask profiles): no A'."""
+        return bool(self.profile & SHARED_MASK)
 
     def _fits(self, out_bits_a: int, out_bits_b: int, parts: int, *, one_limb: bool = False) -> bool:
         return noise_fits(self.profile, self.n, self.log_q, self.eta, self.w_l2sq, self.delta, out_bits_a, out_bits_b, parts,
@@ -308,7 +315,7 @@ def noise_fits(profile: int, n: int, log_q: int, eta: int, w_l2sq: int, delta: i
     """Whether the noise stays within the profile's budget: below delta/2 with probability
     1 - 2**-FAILURE_LOG2 (exact decoding), or, compact, a standard deviation of at most
     1/COMPACT_NOISE_RATIO of the activations' rounding error's (module docstring)."""
-    if profile == COMPACT:
+    if profile & COMPACT:
         rounding = delta * math.sqrt(w_l2sq / 12.0)  # x's rounding error in the scaled product
         return noise_std(n, log_q, eta, w_l2sq, out_bits_a, out_bits_b, parts, one_limb=one_limb) <= rounding / COMPACT_NOISE_RATIO
     return noise_bound(n, log_q, eta, w_l2sq, out_bits_a, out_bits_b, parts, one_limb=one_limb) < delta / 2
@@ -320,7 +327,7 @@ def _min_out_bits(n: int, log_q: int, eta: int, w_l2sq: int, delta: int, parts: 
     decryption FFTs), then fewest bits. The shared-mask profile returns no A' (ka = 0)."""
     best: tuple[tuple[int, bool, int], tuple[int, int]] | None = None
     for kb in range(1, log_q + 1):
-        for ka in (0,) if profile == SHARED_MASK else range(1, log_q + 1):
+        for ka in (0,) if profile & SHARED_MASK else range(1, log_q + 1):
             if noise_fits(profile, n, log_q, eta, w_l2sq, delta, ka, kb, parts):
                 fast = 0 < ka and one_limb_fits(n, ka) and noise_fits(profile, n, log_q, eta, w_l2sq, delta, ka, kb, parts, one_limb=True)
                 key = ((ka + kb + 7) // 8, not fast, ka + kb)
@@ -363,7 +370,7 @@ def choose_params(
         raise ParameterError(f"x_bits must be an int in [2, {MAX_X_BITS}], got {x_bits!r}")
     if profile not in PROFILES:
         raise ParameterError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
-    compact = PROFILES[profile] == COMPACT
+    compact = bool(PROFILES[profile] & COMPACT)
     y_max = (1 << (x_bits - 1)) * stats.l1
     if compact:
         delta_min = COMPACT_DELTA
@@ -390,7 +397,7 @@ def choose_params(
     if switch_output:
         out_a, out_b = _min_out_bits(ring_n, log_q, ETA, stats.l2sq, delta, row_parts, PROFILES[profile])
     else:
-        out_a, out_b = (0 if PROFILES[profile] == SHARED_MASK else log_q), log_q
+        out_a, out_b = (0 if PROFILES[profile] & SHARED_MASK else log_q), log_q
     return Params(
         n=ring_n, log_q=log_q, delta=delta, x_bits=x_bits, w_l1=stats.l1, w_l2sq=stats.l2sq,
         out_bits_a=out_a, out_bits_b=out_b, row_parts=row_parts, profile=PROFILES[profile],

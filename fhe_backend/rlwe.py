@@ -10,7 +10,7 @@ from .evaluator import matmul
 from .keys import SecretKey
 from . import shared_mask
 from .errors import ParameterError
-from .params import SHARED_MASK, Params, WeightStats, choose_params
+from .params import Params, WeightStats, choose_params
 from .shared_mask import SharedMaskKey
 from .weights import PlainWeights, contraction_width
 
@@ -48,7 +48,7 @@ class RlweBackend:
         """A fresh key. The shared-mask profile's key has a secret per contraction row: given the
         layer's ``weights`` it is made and bound to them at once, given only ``contraction`` it is
         made unbound (``SharedMaskKey.bind`` before decrypting)."""
-        if params.profile == SHARED_MASK:
+        if params.shared_mask:
             if weights is None and contraction is None:
                 raise ParameterError("the shared-mask profile needs the layer's weights (weights=...) or its contraction width")
             if weights is None:

@@ -34,7 +34,7 @@ from .encryptor import _as_int_matrix, block_view, check_range, clear_padding, d
 from .errors import KeyMismatch, ParameterError, ShapeMismatch
 from .keys import KEY_ID_BYTES, check_label, fresh_label
 from .parallel import scratch
-from .params import SHARED_MASK, Params
+from .params import Params
 from .ring import LIMB_BITS, NegacyclicFFT, limb_count, ternary_eval
 from .sampling import SEED_BYTES, expand_mask, expand_ternary, fresh_seed
 from .weights import PlainWeights, contraction_width
@@ -99,7 +99,7 @@ class SharedMaskKey:
     _bindings: dict[tuple[int, int], Binding] = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.params.profile != SHARED_MASK:
+        if not self.params.shared_mask:
             raise ParameterError("a SharedMaskKey needs shared-mask parameters (profile='shared-mask')")
         if self.contraction < 1:
             raise ValueError("contraction must be >= 1")

@@ -142,7 +142,8 @@ class LocalExecutor:
     ``profile="shared-mask"`` (rlwe only) halves the provider's work and the bytes it returns, at
     the price of key material of about the layer's size per layer and direction in client memory;
     ``profile="compact"`` (rlwe only) sends about 30% fewer bytes each way, its products carrying
-    noise below the activations' own rounding error (fhe_backend/params.py).
+    noise below the activations' own rounding error (fhe_backend/params.py);
+    ``profile="compact-shared-mask"`` is both.
     """
 
     def __init__(
@@ -163,7 +164,7 @@ class LocalExecutor:
         for key, spec in layers.items():
             for transpose in (False, True) if spec.backward else (False,):
                 params = self._backend.params_for(spec.plain, spec.precision.x_bits(transpose), transpose=transpose, **chosen)
-                if profile == "shared-mask":  # its key is bound to the layer's weights
+                if profile in ("shared-mask", "compact-shared-mask"):  # its key is bound to the layer's weights
                     secret = self._backend.keygen(params, weights=spec.plain, transpose=transpose)
                 else:
                     secret = self._backend.keygen(params)

@@ -45,8 +45,10 @@ class SwarmClient:
     default: loaded from `model_dir` by `start`.
     `precision`: bits of activations, gradients and weights; the weights' must be the providers'
     (they are part of the model hash), and the activations' those the trainer quantizes to.
-    `profile`: the encryption profile, "default" (exact) or "compact" (about 30% fewer bytes each
-    way, products approximate within a bound the checks enforce: fhe_backend/params.py).
+    `profile`: the encryption profile (keys.CLIENT_PROFILES): "default" (exact), "compact" (about
+    30% fewer bytes each way, products approximate within a bound the checks enforce:
+    fhe_backend/params.py), "shared-mask" (exact, replies without the mask product, keys bound to
+    the layers within `config.binding_budget`: keys.py) or "compact-shared-mask" (both).
     `prepare`: open every layer's channels (keys and sketches) in `start` rather than at first use,
     so that memory and start-up cost are paid, and errors seen, before training.
     `identity`: key file of the client (created if missing); None: a fresh key each run.

@@ -39,7 +39,7 @@ from ..weights import Layer, ModelWeights
 from .config import ClientConfig
 
 #: encryption profiles a client of the swarm can use
-CLIENT_PROFILES = ("default", "compact", "shared-mask")
+CLIENT_PROFILES = ("default", "compact", "shared-mask", "compact-shared-mask")
 
 
 class LayerChannel:
@@ -150,8 +150,8 @@ class KeyRing:
     loaded (`prepare_layer` as `load_model`'s visitor: one pass over the checkpoint for both).
 
     `profile`: the encryption profile of every channel: "default" (exact), "compact" (fewer bytes
-    each way, approximate: fhe_backend/params.py) or "shared-mask" (exact, replies without the mask
-    product, keys bound to the layers: module docstring)."""
+    each way, approximate: fhe_backend/params.py), "shared-mask" (exact, replies without the mask
+    product, keys bound to the layers: module docstring) or "compact-shared-mask" (both)."""
 
     def __init__(self, weights: ModelWeights | None = None, *, precision: Precision = Precision(), profile: str = "default",
                  binding_budget: int = ClientConfig.binding_budget) -> None:

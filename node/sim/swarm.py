@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from cipherswarm.fhe_backend.int8_limbs import LIMB_BITS as INT8_LIMB_BITS
+from cipherswarm.fhe_backend.params import PROFILES, SHARED_MASK
 from cipherswarm.fhe_backend.ring import limb_count
 from cipherswarm.protocol import DEFAULT_MAX_PAYLOAD_SIZE
 
@@ -112,7 +113,7 @@ class GpuAssumption:
     usd_per_hour: float = 0.20  # what renting such a GPU costs, for the price per GMAC
 
     def limb_gemms(self, profile: str) -> int:
-        return (1 if profile == "shared-mask" else 2) * limb_count(self.log_q, INT8_LIMB_BITS)
+        return (1 if PROFILES[profile] & SHARED_MASK else 2) * limb_count(self.log_q, INT8_LIMB_BITS)
 
     def macs_per_s(self, profile: str) -> float:
         return self.int8_tops_dense * 1e12 / 2 * self.efficiency / self.limb_gemms(profile)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from cipherswarm.fhe_backend.keys import SecretKey
 from cipherswarm.fhe_backend.quant import Precision
-from cipherswarm.fhe_backend.params import SHARED_MASK, Params, WeightStats, choose_params
+from cipherswarm.fhe_backend.params import Params, WeightStats, choose_params
 from cipherswarm.fhe_backend.shared_mask import SharedMaskKey
 from cipherswarm.fhe_backend.verify import sketch_bytes
 
@@ -117,7 +117,7 @@ class Product:
     @property
     def binding_macs(self) -> int:
         """MACs of binding a shared-mask key to this product's layer and direction (0 otherwise)."""
-        return self.params.n * self.contraction * self.width if self.params.profile == SHARED_MASK else 0
+        return self.params.n * self.contraction * self.width if self.params.shared_mask else 0
 
     @property
     def bytes_in(self) -> int:
@@ -253,7 +253,7 @@ class Workload:
                 p = params[group.key, transpose]
                 contraction, width = (group.d_out, group.d_in) if transpose else (group.d_in, group.d_out)
                 sketches += sketch_bytes(contraction, width, p)
-                if p.profile != SHARED_MASK:
+                if not p.shared_mask:
                     keys += SecretKey.bytes_for(p)
                 elif kept is None or (group.key, transpose) in kept:
                     keys += SharedMaskKey.bytes_for(p, contraction, width)
@@ -284,7 +284,7 @@ class Workload:
         left = budget
         for group, transpose in (d for directions in order.values() for d in directions):
             p = params[group.key, transpose]
-            if p.profile != SHARED_MASK:
+            if not p.shared_mask:
                 continue
             size = SharedMaskKey.binding_bytes(p, group.d_in if transpose else group.d_out)
             if size <= left:

@@ -24,6 +24,7 @@ from cipherswarm.fhe_backend import (
     VerificationFailed,
     get_backend,
 )
+from cipherswarm.fhe_backend.ciphertext import result_size
 from cipherswarm.fhe_backend.keys import SecretKey
 from cipherswarm.fhe_backend.params import COMPACT_DELTA, Params, WeightStats, choose_params
 from cipherswarm.fhe_backend.ring import secret_eval_bound
@@ -459,6 +460,55 @@ class TestSharedMask:
             Params(**{**fields, "out_bits_a": 5})
         with pytest.raises(ParameterError, match="unknown profile"):
             Params(**{**fields, "profile": 7})
+
+
+class TestCompactSharedMask:
+    """Both flags: compact's approximate decoding on the shared-mask wire form, so the fewest bytes
+    each way; every chunk still decrypts alone, within the bound."""
+
+    def setup_method(self) -> None:
+        gen = torch.Generator().manual_seed(12)
+        self.w = torch.randint(-1023, 1024, (512, 96), generator=gen, dtype=torch.int16)
+        self.x = rand_x(2048 + 300, 512, bits=14, gen=gen)
+        self.params = be.params_for(self.w, 14, profile="compact-shared-mask")
+        self.ref = self.x @ self.w.long()
+
+    def test_fewest_bytes_and_noise_below_the_rounding_error(self) -> None:
+        compact, shared = be.params_for(self.w, 14, profile="compact"), be.params_for(self.w, 14, profile="shared-mask")
+        p = self.params
+        assert p.compact and p.shared_mask and p.out_bits_a == 0 and p.pad_bytes == 0
+        assert p.in_bytes == compact.in_bytes < shared.in_bytes and p.out_bytes < min(compact.out_bytes, shared.out_bytes)
+        sk = be.keygen(p, weights=self.w)
+        out = MatmulResult.from_bytes(be.matmul(Ciphertext.from_bytes(be.encrypt(sk, self.x).to_bytes()), self.w).to_bytes())
+        assert out.a_words is None and len(out.to_bytes()) == result_size(p, self.x.shape[0], 96)
+        err = (be.decrypt(sk, out) - self.ref).double()
+        assert err.abs().max() <= p.decoded_error and 0 < err.std() < (1 / 12) ** 0.5 * float(p.w_l2sq) ** 0.5 / 2
+        FreivaldsVerifier.for_params(self.w, p).check(self.x, be.decrypt(sk, out))
+
+    def test_row_chunks_decrypt_alone_within_their_bound(self) -> None:
+        sk = be.keygen(self.params, contraction=512)
+        ct = be.encrypt(sk, self.x)
+        for r0, r1 in ((0, 200), (200, 512)):
+            sk.bind(self.w, rows=range(r0, r1))
+            part = be.matmul(ct.select_rows(r0, r1, parts=2), self.w[r0:r1])
+            y = be.decrypt(sk, part, rows=range(r0, r1))
+            bound = self.params.with_row_parts(2).decoded_error
+            assert (y - self.x[:, r0:r1] @ self.w[r0:r1].long()).abs().max() <= bound
+
+    def test_a_wrong_value_is_caught(self) -> None:
+        sk = be.keygen(self.params, weights=self.w)
+        y = be.decrypt(sk, be.matmul(be.encrypt(sk, self.x[:64]), self.w))
+        y[3, 7] += 1 << 20
+        with pytest.raises(VerificationFailed):
+            FreivaldsVerifier.for_params(self.w, self.params).check(self.x[:64], y)
+
+    def test_fields_validated(self) -> None:
+        fields = dict(zip(Params.FIELDS, self.params.to_tuple()))
+        assert fields["profile"] == 3
+        with pytest.raises(ParameterError, match="out_bits_a = 0"):
+            Params(**{**fields, "out_bits_a": 5})
+        with pytest.raises(ParameterError, match="compact-shared-mask profile's budget"):
+            Params(**{**fields, "out_bits_b": fields["out_bits_b"] - 2})
 
 
 class TestCompact:

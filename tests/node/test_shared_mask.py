@@ -86,3 +86,18 @@ async def test_a_client_without_room_binds_for_each_call_and_drops_it(weights: M
                 for x, y in zip(xs, ys):
                     assert torch.equal(y, reference(weights, LAYER, x, transpose=False))
                 assert not channel.key.bound() and channel.key.nbytes == 32 and client.keys.state_bytes() < 1 << 20
+
+
+async def test_compact_shared_mask_chunks_stay_within_the_bound_and_a_cheater_is_caught(weights: ModelWeights) -> None:
+    """Both flags on real hosts: a two-block call split over an honest provider and one multiplying
+    by other weights is within the profile's bound, and the cheater is caught and its chunk redone."""
+    with trio.fail_after(120), Ledger() as ledger:
+        async with providers(weights, [dict(slots=1), dict(slots=1, cheat=Cheat.WRONG_WEIGHTS)]) as (honest, cheater):
+            async with session(weights, [honest.addr, cheater.addr], ledger=ledger, min_providers=2, split="blocks",
+                               profile="compact-shared-mask") as client:
+                channel = client.keys.channel(client.weights.resolve(LAYER), transpose=False)
+                x = random_operand(2 * channel.params.n, 64, bits=14)
+                y = await client.matmul(LAYER, x)
+                assert (y - reference(weights, LAYER, x, transpose=False)).abs().max() <= channel.params.decoded_error
+                assert cheater.provider.statistics().served >= 1
+                assert cheater.node.peer_id.to_base58() in client.stats().bans
