@@ -12,7 +12,10 @@
    CPU of this machine's cores shared by the client and the providers.
 4. The LLaMA-3-8B / 100k tokens / 100 consumer GPUs estimate, both profiles, with its assumptions.
 
-    .venv/bin/python bench/simulate.py [--steps 3] [--testnet-dir DIR]
+Steps 1 to 3 run in the encryption profile `--profile` (the testnet's client, the provider's
+product and the client's crypto all in it).
+
+    .venv/bin/python bench/simulate.py [--steps 3] [--testnet-dir DIR] [--profile shared-mask]
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from cipherswarm.fhe_backend import PlainWeights, get_backend
 from cipherswarm.fhe_backend.verify import FreivaldsVerifier
 from cipherswarm.node import ClientConfig, Ledger, Provider, ProviderConfig, open_host
 from cipherswarm.node.client import open_session
+from cipherswarm.node.client.keys import CLIENT_PROFILES
 from cipherswarm.node.provider.benchmark import measure_macs_per_second
 from cipherswarm.node.sim import ClientSpec, ModelShape, ProviderSpec, Swarm, Workload, simulate
 from cipherswarm.node.sim.report import render
@@ -59,23 +63,23 @@ def cpu_wall(fn, reps: int = 5) -> tuple[float, float]:  # type: ignore[no-untyp
     return float(np.median(cpu)), float(np.median(wall))
 
 
-def measure_provider() -> tuple[float, float]:
+def measure_provider(profile: str) -> tuple[float, float]:
     """MAC/s of one product alone (torch threads as a provider process has) and the cores it uses."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    one = measure_macs_per_second(1.0)
+    one = measure_macs_per_second(1.0, profile=profile)
     torch.set_num_threads(threads)
-    alone = measure_macs_per_second(1.0)
+    alone = measure_macs_per_second(1.0, profile=profile)
     return alone, min(float(threads), max(1.0, alone / one))
 
 
-def measure_client_crypto() -> dict[str, float]:
+def measure_client_crypto(profile: str) -> dict[str, float]:
     """Core-ns per value of encrypt (per input value), decrypt and verify (per output value), wire per byte."""
     be = get_backend("rlwe")
     q = load_model(BUNDLED_MODEL).resolve("model.layers.0.mlp.up_proj").weight.q  # type: ignore[union-attr]
     w = PlainWeights(q)
-    params = be.params_for(w, 8)
-    key = be.keygen(params)
+    params = be.params_for(w, 8, profile=profile)
+    key = be.keygen(params, weights=w)
     x = torch.randint(-128, 128, (params.n, q.shape[0]), dtype=torch.int8)  # the quantizer's dtype
     ct = be.encrypt(key, x)
     out = be.matmul(ct, w)
@@ -147,9 +151,10 @@ def measure_exchange(provider_rate: float) -> dict[str, float]:
     return {"exchange_overhead_s": max(0.0, float(intercept)), "loopback_s_per_byte": max(0.0, float(slope))}
 
 
-def run_testnet(steps: int, out: Path) -> tuple[list[float], dict]:
+def run_testnet(steps: int, out: Path, profile: str) -> tuple[list[float], dict]:
     """The real testnet; per-step seconds from its step lines (tokens / tokens-per-second) and report.json."""
-    cmd = [sys.executable, "-m", "cipherswarm.cli", "testnet", "--steps", str(steps), "--no-compare", "--out", str(out)]
+    cmd = [sys.executable, "-m", "cipherswarm.cli", "testnet", "--steps", str(steps), "--no-compare", "--out", str(out),
+           "--profile", profile]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode:
         raise RuntimeError(f"testnet failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
@@ -163,6 +168,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3, help="testnet steps (default 3)")
     ap.add_argument("--testnet-dir", type=Path, default=None, help="testnet output folder (default: a temporary one)")
+    ap.add_argument("--profile", choices=CLIENT_PROFILES, default="default", help="encryption profile of 1-3 (default: default)")
     args = ap.parse_args()
     print(f"machine: {CORES} cores, load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}")
     cfg = FinetuneConfig()  # what the testnet trains with: its accumulation, the trainer's default micro-batches in flight
@@ -170,9 +176,9 @@ def main() -> int:
                          n_layers_to_skip_for_backprop=cfg.n_layers_to_skip_for_backprop)
 
     print("\n1. micro-measurements on this machine (none from the testnet)")
-    rate, par = measure_provider()
+    rate, par = measure_provider(args.profile)
     print(f"  provider encrypted MAC/s (its benchmark, 256x256, one block)  {rate:.3g}, using {par:.2f} cores")
-    crypto = measure_client_crypto()
+    crypto = measure_client_crypto(args.profile)
     print("  client crypto at 2048 x 128 -> 384 (core-ns):  " + ", ".join(f"{k} {v:.3g}" for k, v in crypto.items()))
     plain = measure_client_plain(shape)
     print("  client plaintext (fhe=disable / simulate steps):  " + ", ".join(f"{k} {v:.3g}" for k, v in plain.items()))
@@ -180,10 +186,10 @@ def main() -> int:
     print(f"  libp2p loopback, in-process provider + client:  {1e3 * exchange['exchange_overhead_s']:.2f} ms per request, "
           f"{1e9 * exchange['loopback_s_per_byte']:.2f} core-ns per byte")
 
-    print(f"\n2. the real testnet: cipherswarm testnet --steps {args.steps} --no-compare")
+    print(f"\n2. the real testnet: cipherswarm testnet --steps {args.steps} --no-compare --profile {args.profile}")
     out = args.testnet_dir or Path(tempfile.mkdtemp(prefix="cipherswarm-sim-"))
     t0 = time.perf_counter()
-    measured, report = run_testnet(args.steps, out)
+    measured, report = run_testnet(args.steps, out, args.profile)
     print(f"  ran in {time.perf_counter() - t0:.0f} s; report {out / 'report.json'}: {report['seconds']} s, "
           f"{report['chunks']} chunks, {report['hedges']} hedges, {report['retries']} retries")
 
@@ -196,7 +202,7 @@ def main() -> int:
     tokens = cfg.batch_size * cfg.seq_len
     ga = cfg.gradient_accumulation_steps
     work = Workload(shape, tokens=args.steps * ga * tokens, micro_batch_tokens=tokens, seq_len=cfg.seq_len,
-                    eval_batches=cfg.eval_batches, gradient_accumulation_steps=ga)
+                    eval_batches=cfg.eval_batches, gradient_accumulation_steps=ga, profile=args.profile)
     sim = simulate(work, swarm)
     print(render(sim, title="  simulated testnet"))
     print("\n  predicted vs measured")

@@ -24,12 +24,15 @@ BENCH_WIDTH = 256
 the whole measurement to fit in a second on a laptop core."""
 
 
-def measure_macs_per_second(budget_s: float = 1.0, *, width: int = BENCH_WIDTH, product: Product = ENGINE.matmul) -> int:
+def measure_macs_per_second(budget_s: float = 1.0, *, width: int = BENCH_WIDTH, product: Product = ENGINE.matmul,
+                            profile: str = "default") -> int:
     """Encrypted MAC/s of `product` (the one the provider serves with, GPU or CPU) over about
-    `budget_s` seconds, after one warm-up product. Blocking: run it in a worker thread."""
+    `budget_s` seconds, after one warm-up product, for requests of `profile` (a provider advertises
+    the default's; a shared-mask product, B @ W alone, takes about half the time). Blocking: run
+    it in a worker thread."""
     weights = PlainWeights(torch.randint(-127, 128, (width, width), dtype=torch.int8))
-    params = ENGINE.params_for(weights, 8)
-    key = ENGINE.keygen(params)
+    params = ENGINE.params_for(weights, 8, profile=profile)
+    key = ENGINE.keygen(params, weights=weights)
     ct = ENGINE.encrypt(key, torch.randint(-128, 128, (params.n, width)))
     product(ct, weights)  # warm-up: kernel compilation and first-touch allocations
     runs, elapsed = 0, 0.0
