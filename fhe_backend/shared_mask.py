@@ -35,14 +35,27 @@ from .errors import KeyMismatch, ParameterError, ShapeMismatch
 from .keys import KEY_ID_BYTES, check_label, fresh_label
 from .parallel import scratch
 from .params import Params
-from .ring import LIMB_BITS, NegacyclicFFT, limb_count, ternary_eval
+from .ring import LIMB_BITS, NegacyclicFFT, limb_count
 from .sampling import SEED_BYTES, expand_mask, expand_ternary, fresh_seed
 from .weights import PlainWeights, contraction_width
 
 
+#: ternary secrets are read as 2-bit words: one centred limb holds them exactly
+_SECRET_BITS = 2
 #: Output columns of W^T S computed at a time: the float64 tile of weights costs 8 bytes per
 #: contraction row per column (about 30 MB at LLaMA-8B's 14336 rows).
 _Z_TILE_COLUMNS = 256
+
+
+def _evaluations(ring: NegacyclicFFT, words: np.ndarray, log_q: int, limb_bits: int, name: str) -> np.ndarray:
+    """Evaluations (limbs, rows, n/2) of a tile of (rows, n) integer words, read mod 2^log_q, in this
+    thread's scratch buffers: the tiles of every block would otherwise allocate (and page-fault in)
+    a few MB each."""
+    rows, n = words.shape
+    wide = scratch(f"{name} words", (rows, n), np.int64)
+    wide[:] = words
+    out = scratch(f"{name} evals", (limb_count(log_q, limb_bits), rows, n // 2), np.complex128)
+    return ring.evaluate(wide, log_q, limb_bits, out=out)
 
 
 def exact_limb_bits(n: int, z_bits: int) -> int:
@@ -201,7 +214,8 @@ def encrypt(sk: SharedMaskKey, x: torch.Tensor | np.ndarray) -> Ciphertext:
 
         def products(r0: int, r1: int, a_eval: np.ndarray = a_eval) -> np.ndarray:
             f = scratch("evals", (limbs, r1 - r0, n // 2), np.complex128)
-            np.multiply(a_eval, ternary_eval(sk.ring, secrets[r0:r1]), out=f)
+            s_eval = _evaluations(sk.ring, secrets[r0:r1], _SECRET_BITS, _SECRET_BITS, "secrets")[0]  # one limb: exact
+            np.multiply(a_eval, s_eval, out=f)
             return sk.ring.inverse(f)
 
         encrypt_rows(sk.ring, p, block_view(xm, n, b), products, out[b])
@@ -230,12 +244,13 @@ def decrypt(sk: SharedMaskKey, res: MatmulResult, *, rows: range | None = None, 
         a_eval = sk.ring.evaluate(expand_mask(seed, n=n, rows=1), p.log_q, bits)  # (levels, 1, n/2)
 
         def products(r0: int, r1: int, a_eval: np.ndarray = a_eval) -> np.ndarray:
-            z_eval = sk.ring.evaluate(z[r0:r1].astype(np.int64), binding.z_bits, bits)  # (z limbs, rows, n/2)
+            z_eval = _evaluations(sk.ring, z[r0:r1], binding.z_bits, bits, "z")  # (z limbs, rows, n/2)
             f = scratch("evals", (levels, r1 - r0, n // 2), np.complex128)
+            term = scratch("term", (r1 - r0, n // 2), np.complex128)
             f[:] = 0
             for m in range(z_eval.shape[0]):
                 for lvl in range(m, levels):
-                    f[lvl] += a_eval[lvl - m] * z_eval[m]
+                    f[lvl] += np.multiply(z_eval[m], a_eval[lvl - m], out=term)
             return sk.ring.inverse(f)
 
         # out_bits_a = log_q: the product a * z_k is already at full scale
