@@ -193,7 +193,7 @@ class SwarmSession:
         # a shared-mask key decrypts each chunk under the binding of its contraction rows
         acquired: list[range] = []
         try:
-            for r in {chunk.contraction for chunk in call.pending()}:
+            for r in {chunk.contraction for chunk in call.pending()} if channel.shared_mask else ():
                 await trio.to_thread.run_sync(channel.acquire, key, range(r.start, r.stop), limiter=crypto)
                 acquired.append(range(r.start, r.stop))
             await self._send(call, held, channel, shape, x, y, key, checker, ct)
