@@ -562,10 +562,13 @@ async def test_a_relay_killed_mid_training_comes_back_and_nothing_is_lost(lab: N
                     while not outcome:
                         await trio.sleep(0.2)
                     done_at = trio.current_time()
+                    # Read while the restarted relay still runs: its own shutdown cuts the provider's
+                    # connection, which may reserve once more before the relay is gone.
+                    reservations = home.log.read_text().count("reserved a slot on relay")
     result, stats = outcome[0]
     assert stats.chunks_by_peer.keys() == {home.peer_id}
     assert stats.retries >= 1  # the calls cut with the relay's connections were made again
-    assert home.log.read_text().count("reserved a slot on relay") == 2  # on the relay, then on its restart
+    assert reservations == 2  # on the relay, then on its restart
     _assert_same_as_clear_run(result)
     print(f"relay down {back_at - killed_at:.1f} s, training done {done_at - back_at:.1f} s after it was back; "
           f"losses {result.losses}, chunks {stats.chunks_by_peer}, retries {stats.retries}, "
