@@ -161,10 +161,12 @@ class PeerTable:
 
     def update(self, advert: ProviderAdvert) -> None:
         """Take in an advert; an older one than the provider's last is ignored, as are adverts of
-        providers banned for good."""
-        if advert.peer.to_base58() in self._banned_forever:
-            return
+        providers banned for good that are not known yet. A known one's advert is kept fresh while
+        it is banned (`holders` leaves it out), so that `forgive` makes it usable at once, not only
+        once its next advert comes."""
         state = self._peers.get(advert.peer)
+        if state is None and advert.peer.to_base58() in self._banned_forever:
+            return
         if state is None:
             state = self._peers[advert.peer] = PeerState(
                 advert=advert, capacity=_capacity(advert, advert.free_slots), rate=self.seed_rate(advert), link_bps=self.link_bps,

@@ -72,6 +72,19 @@ class TestPeerTable:
             table.update(a)
             assert [s.peer for s in table.available(NEED)] == [a.peer]
 
+    async def test_a_forgiven_provider_is_usable_at_once_on_the_advert_it_sent_while_banned(self) -> None:
+        """Its adverts keep coming while it is banned; were they dropped, its last one could lapse and
+        leave it unknown after `forgive` until its next advert (seconds of work sent elsewhere)."""
+        first = advert()
+        table = PeerTable(ledger=Ledger(), wall_ms=lambda: first.issued_at_ms + 90_000)  # `first` has lapsed
+        fresh = dataclasses.replace(first, issued_at_ms=first.issued_at_ms + 80_000, expires_at_ms=first.issued_at_ms + 140_000)
+        table.update(first)
+        table.on_cheat(first.peer, "flipped a value")
+        table.update(fresh)  # heard while banned
+        assert table.holders(NEED) == []
+        assert table.forgive(first.peer)
+        assert [s.peer for s in table.available(NEED)] == [first.peer]
+
     async def test_measured_record_is_kept_for_the_next_session(self, tmp_path: Path) -> None:
         a = advert()
         with Ledger(tmp_path / "l.sqlite") as ledger:
