@@ -83,7 +83,7 @@ def main() -> None:
         params = be.params_for(w, 8, profile=profile)
         sk = be.keygen(params, weights=w)
         ct = be.encrypt(sk, x)
-        gemms = (1 if params.out_bits_a == 0 else 2) * limb_count(params.log_q, LIMB_BITS)
+        gemms = (1 if params.out_bits_a == 0 else 2) * limb_count(params.in_bits, LIMB_BITS)
         print(f"\n{profile} profile: log q = {params.log_q}, N = {params.n}, {gemms} limb GEMMs per block of N tokens")
         left = cupy.asarray(np.ascontiguousarray(w8.T))
         limbs = cupy.asarray(rng.integers(-128, 128, (d_in, gemms * params.n), dtype=np.int8))

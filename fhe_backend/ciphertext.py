@@ -3,12 +3,15 @@
 Layout (all integers little-endian); see README.md for the byte-level table.
 
 ``Ciphertext``  (client -> provider), one block per N tokens:
-    magic "CSX2" | params: 11 x u64 | key_id: 8 B | tokens, d, first_row, blocks: 4 x u32
-    | seeds: blocks x 32 B | B words of ceil(log_q/8) bytes: the full blocks, blocks-1 x d x N
+    magic "CSX2" | params: 11 x u64 (a rounded upload: "CSX3", 12 x u64) | key_id: 8 B
+    | tokens, d, first_row, blocks: 4 x u32
+    | seeds: blocks x 32 B | B words of ceil(log_q/8) bytes (a rounded upload: exactly in_bits bits
+      each, the field's last byte zero-padded): the full blocks, blocks-1 x d x N
       (row-major), then the last block's d x R, R = tokens - (blocks-1) N (its real tokens)
 
 ``MatmulResult`` (provider -> client):
-    magic "CSY2" | params: 11 x u64 | key_id: 8 B | tokens, d_out, blocks: 3 x u32
+    magic "CSY2" | params: 11 x u64 ("CSY3", 12 x u64, as the ciphertext) | key_id: 8 B
+    | tokens, d_out, blocks: 3 x u32
     | default profile, out_bits_a + out_bits_b <= 64: one word A'' | B'' << out_bits_a of
       ceil((ka+kb)/8) bytes per value of the full blocks (blocks-1 x d_out x N), then of the last
       block's real tokens (d_out x R), then that block's other A'' words (d_out x (N-R), ka bits);
@@ -28,37 +31,59 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from .errors import InvalidCiphertext, KeyMismatch, ParameterError, ShapeMismatch
-from .packing import pack_into, unpack, unpack_pair, word_bytes
+from .packing import bit_bytes, pack_bits_into, pack_into, unpack, unpack_bits, unpack_pair, word_bytes
 from .params import Params
 from .sampling import SEED_BYTES
 
-_PARAMS = struct.Struct("<" + "Q" * len(Params.FIELDS))
-_CT_HEAD = struct.Struct("<4s" + _PARAMS.format[1:] + "8sIIII")
-_OUT_HEAD = struct.Struct("<4s" + _PARAMS.format[1:] + "8sIII")
-CT_MAGIC = b"CSX2"
-OUT_MAGIC = b"CSY2"
+#: header layouts by magic, with their parameter words: "...2" carries the 11 parameters of an
+#: unrounded upload, "...3" the 12 of a rounded one (Params.to_tuple), so unrounded payloads keep the
+#: form that nodes predating rounded uploads read
+_CT_HEADS = {magic: (k, struct.Struct("<4s" + "Q" * k + "8sIIII")) for magic, k in ((b"CSX2", 11), (b"CSX3", 12))}
+_OUT_HEADS = {magic: (k, struct.Struct("<4s" + "Q" * k + "8sIII")) for magic, k in ((b"CSY2", 11), (b"CSY3", 12))}
 #: largest feature dimension and token count a ciphertext may declare (bounds parsing work)
 MAX_DIM = 1 << 20
 MAX_TOKENS = 1 << 24
-#: bytes of a serialized result's fixed header, before its seeds and words
-RESULT_HEAD_BYTES = _OUT_HEAD.size
+#: bytes of a serialized result's fixed header, before its seeds and words, at most (12 parameters)
+RESULT_HEAD_BYTES = max(head.size for _, head in _OUT_HEADS.values())
+
+Heads = dict[bytes, tuple[int, struct.Struct]]
+
+
+def head_of(heads: Heads, params: Params) -> tuple[bytes, struct.Struct]:
+    """The magic and layout that carry ``params``: the one with as many parameter words."""
+    words = len(params.to_tuple())
+    return next((magic, head) for magic, (k, head) in heads.items() if k == words)
+
+
+def read_head(heads: Heads, data: memoryview, what: str) -> tuple[Params, list[Any], int]:
+    """The parameters, the other fields and the size of a header at the start of ``data``;
+    InvalidCiphertext if its magic is unknown or the data too short."""
+    found = heads.get(bytes(data[:4]))
+    if found is None:
+        raise InvalidCiphertext(f"not a {what} (bad magic)")
+    k, head = found
+    if len(data) < head.size:
+        raise InvalidCiphertext(f"{what} truncated: {len(data)} bytes, header needs {head.size}")
+    _, *rest = head.unpack_from(data)
+    return _params_from(tuple(rest[:k])), rest[k:], head.size
 
 
 def ciphertext_size(params: Params, tokens: int, features: int) -> int:
     """Bytes of a serialized Ciphertext of ``tokens`` x ``features``: its header, a seed per block,
     the real tokens' B words. A receiver knows it from a request's header, before the payload."""
-    return _CT_HEAD.size + -(-tokens // params.n) * SEED_BYTES + params.payload_bytes(tokens, features)
+    return head_of(_CT_HEADS, params)[1].size + -(-tokens // params.n) * SEED_BYTES + params.payload_bytes(tokens, features)
 
 
 def result_size(params: Params, tokens: int, width: int) -> int:
     """Bytes of the serialized product of such a ciphertext by ``width`` output columns: known
     before anything is computed or allocated."""
     seeds = -(-tokens // params.n) * SEED_BYTES if params.shared_mask else 0
-    return RESULT_HEAD_BYTES + seeds + params.result_bytes(tokens, width)
+    return head_of(_OUT_HEADS, params)[1].size + seeds + params.result_bytes(tokens, width)
 
 
 def _params_from(values: tuple[int, ...]) -> Params:
@@ -68,19 +93,27 @@ def _params_from(values: tuple[int, ...]) -> Params:
         raise InvalidCiphertext(f"ciphertext carries invalid parameters: {exc}") from exc
 
 
-#: one packed field of a payload: (words, bits, high words or None, bit offset of the high words)
+#: one packed field of a payload: (words, bits, high words or None, bit offset of the high words);
+#: the offset EXACT packs the words at exactly ``bits`` bits each (packing.pack_bits_into)
 Field = tuple[np.ndarray, int, "np.ndarray | None", int]
+EXACT = -1
+
+
+def _field_bytes(words: np.ndarray, bits: int, shift: int) -> int:
+    return bit_bytes(bits, words.size) if shift == EXACT else words.size * word_bytes(bits)
 
 
 def _serialise(prefix: bytes, *fields: Field) -> bytes:
     """prefix followed by each field's packed words, assembled in one buffer: the payload is as large
     as the layer, so every intermediate bytes object would be another full copy."""
-    sizes = [words.size * word_bytes(bits) for words, bits, _, _ in fields]
+    sizes = [_field_bytes(words, bits, shift) for words, bits, _, shift in fields]
     buf = np.empty(len(prefix) + sum(sizes), dtype=np.uint8)
     buf[: len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
     off = len(prefix)
     for (words, bits, high, shift), size in zip(fields, sizes):
-        if size:  # the full blocks of a one-block payload: none
+        if size and shift == EXACT:
+            pack_bits_into(buf[off : off + size], words, bits)
+        elif size:  # the full blocks of a one-block payload: none
             pack_into(buf[off : off + size], words, bits, high, shift)
         off += size
     return buf.tobytes()
@@ -91,22 +124,26 @@ def last_block_tokens(tokens: int, blocks: int, n: int) -> int:
     return tokens - (blocks - 1) * n
 
 
-def _b_fields(words: np.ndarray, bits: int, r: int) -> list[Field]:
-    """B words as they travel: the full blocks, then the last block's first ``r`` tokens."""
-    return [(words[:-1], bits, None, 64), (np.ascontiguousarray(words[-1, :, :r]), bits, None, 64)]
+def _b_fields(words: np.ndarray, bits: int, r: int, *, exact: bool = False) -> list[Field]:
+    """B words as they travel: the full blocks, then the last block's first ``r`` tokens; at
+    exactly ``bits`` bits each if ``exact`` (a rounded upload), else in whole bytes."""
+    shift = EXACT if exact else 64
+    return [(words[:-1], bits, None, shift), (np.ascontiguousarray(words[-1, :, :r]), bits, None, shift)]
 
 
-def _b_words(data: memoryview, bits: int, shape: tuple[int, int, int], r: int) -> np.ndarray:
+def _b_words(data: memoryview, bits: int, shape: tuple[int, int, int], r: int, *, exact: bool = False) -> np.ndarray:
     """Inverse of :func:`_b_fields`: (blocks, d, n) words, zero where nothing travelled."""
     blocks, d, n = shape
     words = (np.zeros if r < n else np.empty)(shape, dtype=np.int64)
     full = (blocks - 1) * d * n
-    split = full * word_bytes(bits)
-    if len(data) != split + d * r * word_bytes(bits):
-        raise InvalidCiphertext(f"payload has {len(data)} bytes of words, expected {split + d * r * word_bytes(bits)}")
+    size = (lambda count: bit_bytes(bits, count)) if exact else (lambda count: count * word_bytes(bits))
+    split = size(full)
+    if len(data) != split + size(d * r):
+        raise InvalidCiphertext(f"payload has {len(data)} bytes of words, expected {split + size(d * r)}")
+    read = unpack_bits if exact else unpack
     if full:
-        unpack(data[:split], bits, full, n, out=words[:-1].reshape(-1, n))
-    unpack(data[split:], bits, d * r, r, out=words[-1, :, :r])
+        read(data[:split], bits, full, n, out=words[:-1].reshape(-1, n))
+    read(data[split:], bits, d * r, r, out=words[-1, :, :r])
     return words
 
 
@@ -147,29 +184,24 @@ class Ciphertext:
         return self.words.shape[1]
 
     def to_bytes(self) -> bytes:
-        head = _CT_HEAD.pack(CT_MAGIC, *self.params.to_tuple(), self.key_id, self.tokens, self.d, self.first_row, self.blocks)
+        magic, layout = head_of(_CT_HEADS, self.params)
+        head = layout.pack(magic, *self.params.to_tuple(), self.key_id, self.tokens, self.d, self.first_row, self.blocks)
         r = last_block_tokens(self.tokens, self.blocks, self.params.n)
-        return _serialise(head + b"".join(self.seeds), *_b_fields(self.words, self.params.log_q, r))
+        return _serialise(head + b"".join(self.seeds), *_b_fields(self.words, self.params.in_bits, r, exact=self.params.rounded))
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> "Ciphertext":
         data = memoryview(data)
-        if len(data) < _CT_HEAD.size:
-            raise InvalidCiphertext(f"ciphertext truncated: {len(data)} bytes, header needs {_CT_HEAD.size}")
-        magic, *rest = _CT_HEAD.unpack_from(data)
-        if magic != CT_MAGIC:
-            raise InvalidCiphertext("not a ciphertext (bad magic)")
-        params = _params_from(tuple(rest[: len(Params.FIELDS)]))
-        key_id, tokens, d, first_row, blocks = rest[len(Params.FIELDS) :]
+        params, rest, off = read_head(_CT_HEADS, data, "ciphertext")
+        key_id, tokens, d, first_row, blocks = rest
         _check_dims(tokens, d, blocks, params.n)
-        off = _CT_HEAD.size
         expected = off + blocks * SEED_BYTES + params.payload_bytes(tokens, d)
         if len(data) != expected:
             raise InvalidCiphertext(f"ciphertext has {len(data)} bytes, expected {expected}")
         seeds = tuple(bytes(data[off + i * SEED_BYTES : off + (i + 1) * SEED_BYTES]) for i in range(blocks))
         off += blocks * SEED_BYTES
         n = params.n
-        words = _b_words(data[off:], params.log_q, (blocks, d, n), last_block_tokens(tokens, blocks, n))
+        words = _b_words(data[off:], params.in_bits, (blocks, d, n), last_block_tokens(tokens, blocks, n), exact=params.rounded)
         return cls(params=params, key_id=key_id, tokens=tokens, first_row=first_row, seeds=seeds, words=words)
 
     # -- chunking: every split is exact, because everything is linear mod q -----------------------
@@ -210,7 +242,8 @@ class ResultWriter:
         self._p, self._blocks, self._r = params, blocks, last_block_tokens(tokens, blocks, params.n)
         self._done = 0
         self._held: list[Field] = []  # B'' words of a wide default-profile result, sent after every A''
-        self._head = _OUT_HEAD.pack(OUT_MAGIC, *params.to_tuple(), key_id, tokens, d_out, blocks) + b"".join(seeds)
+        magic, layout = head_of(_OUT_HEADS, params)
+        self._head = layout.pack(magic, *params.to_tuple(), key_id, tokens, d_out, blocks) + b"".join(seeds)
 
     def block(self, a: np.ndarray | None, b: np.ndarray) -> bytes:
         """The bytes of the next block, from its (d_out, n) words: A'' (None with a shared mask), B''."""
@@ -281,19 +314,14 @@ class MatmulResult:
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> "MatmulResult":
         data = memoryview(data)
-        if len(data) < _OUT_HEAD.size:
-            raise InvalidCiphertext(f"result truncated: {len(data)} bytes, header needs {_OUT_HEAD.size}")
-        magic, *rest = _OUT_HEAD.unpack_from(data)
-        if magic != OUT_MAGIC:
-            raise InvalidCiphertext("not a matmul result (bad magic)")
-        p = _params_from(tuple(rest[: len(Params.FIELDS)]))
-        key_id, tokens, d_out, blocks = rest[len(Params.FIELDS) :]
+        p, rest, head_size = read_head(_OUT_HEADS, data, "matmul result")
+        key_id, tokens, d_out, blocks = rest
         _check_dims(tokens, d_out, blocks, p.n)
         n = p.n
         count = blocks * d_out * n
         shape = (blocks, d_out, n)
         r = last_block_tokens(tokens, blocks, n)
-        body = data[_OUT_HEAD.size :]
+        body = data[head_size:]
         ka, kb = p.out_bits_a, p.out_bits_b
         if p.shared_mask:
             if len(body) < blocks * SEED_BYTES:

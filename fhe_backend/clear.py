@@ -14,13 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .ciphertext import head_of, read_head
 from .encryptor import _as_int_matrix, check_range
 from .errors import InvalidCiphertext, ShapeMismatch
 from .params import Params, WeightStats, choose_params
 from .weights import PlainWeights, contraction_width
 
-_HEAD = struct.Struct("<4s" + "Q" * len(Params.FIELDS) + "II")
-_MAGIC = b"CSC1"
+#: header layouts by magic, as ciphertext.py's: "CSC1" with 11 parameter words, "CSC2" with 12
+_HEADS = {magic: (k, struct.Struct("<4s" + "Q" * k + "II")) for magic, k in ((b"CSC1", 11), (b"CSC2", 12))}
 
 
 def exact_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -41,24 +42,16 @@ class ClearCiphertext:
 
     def to_bytes(self) -> bytes:
         t, d = self.values.shape
-        return _HEAD.pack(_MAGIC, *self.params.to_tuple(), t, d) + self.values.numpy().astype("<i8").tobytes()
+        magic, head = head_of(_HEADS, self.params)
+        return head.pack(magic, *self.params.to_tuple(), t, d) + self.values.numpy().astype("<i8").tobytes()
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> "ClearCiphertext":
         data = memoryview(data)
-        if len(data) < _HEAD.size:
-            raise InvalidCiphertext("clear ciphertext truncated")
-        magic, *rest = _HEAD.unpack_from(data)
-        if magic != _MAGIC:
-            raise InvalidCiphertext("not a clear ciphertext (bad magic)")
-        try:
-            params = Params.from_tuple(tuple(rest[: len(Params.FIELDS)]))
-        except ValueError as exc:
-            raise InvalidCiphertext(f"invalid parameters: {exc}") from exc
-        t, d = rest[len(Params.FIELDS) :]
-        if len(data) != _HEAD.size + 8 * t * d or t < 1 or d < 1:
+        params, (t, d), size = read_head(_HEADS, data, "clear ciphertext")
+        if len(data) != size + 8 * t * d or t < 1 or d < 1:
             raise InvalidCiphertext("clear ciphertext has the wrong length")
-        values = np.frombuffer(data[_HEAD.size :], dtype="<i8").reshape(t, d).astype(np.int64)
+        values = np.frombuffer(data[size:], dtype="<i8").reshape(t, d).astype(np.int64)
         return cls(params, torch.from_numpy(values))
 
 

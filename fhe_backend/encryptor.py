@@ -78,7 +78,7 @@ def encrypt_rows(ring: NegacyclicFFT, p: Params, msg: np.ndarray, products: Prod
             f = products(s0, s1).view(np.float64)
             noise = random_words(s1 - s0, n, out=scratch("noise", (8 * (s1 - s0) * n + 15,), np.uint8))
             kernels.finish_encrypt(f, ring.untwist_re, ring.untwist_im, LIMB_BITS, p.log_q, p.delta,
-                                   tile[s0 - r0 : s1 - r0], noise, out[s0:s1])
+                                   tile[s0 - r0 : s1 - r0], noise, out[s0:s1], p.log_q - p.in_bits)
 
     for_row_chunks(msg.shape[0], chunk, rows=CHUNK_ROWS)
 

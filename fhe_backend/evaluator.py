@@ -128,7 +128,7 @@ class BlockProduct:
             lb = 64  # one "limb": the whole word, whose int64 product wraps mod 2^64, a multiple of q
         self.ct, self.method, self._gemm, self._lb = ct, method, gemm, lb
         self.contraction, self.width = contraction, width
-        self._limbs = limbs = limb_count(p.log_q, lb)
+        self._limbs = limbs = limb_count(p.in_bits, lb)
         n = p.n
         self.shared = shared = p.shared_mask  # the single mask per block needs no product: only B @ W
         self._words = words = 1 if shared else 2
@@ -172,7 +172,7 @@ class BlockProduct:
                 z = self._z_buf[: r1 - r0]
                 for i, w in enumerate(rows):
                     if method == "f64":
-                        kernels.split_limbs(w, p.log_q, lb, z[:, i].transpose(1, 0, 2))  # (limbs, rows, n) view
+                        kernels.split_limbs(w, p.in_bits, lb, z[:, i].transpose(1, 0, 2))  # (limbs, rows, n) view
                     else:
                         z[:, i, 0] = w
                 z2 = torch.from_numpy(z.reshape(r1 - r0, words * limbs * n))
@@ -180,7 +180,7 @@ class BlockProduct:
                 c1 = min(c0 + tiles.cols, width)
                 if method == "int8":
                     tile = np.ascontiguousarray(left[c0:c1, r0:r1], dtype=np.int8)
-                    prods = int8_limbs.limb_products(rows, tile, p.log_q, self._gemm)  # (words * limbs, cols, n)
+                    prods = int8_limbs.limb_products(rows, tile, p.in_bits, self._gemm)  # (words * limbs, cols, n)
                 else:
                     w_tile = self._w_buf[: c1 - c0, : r1 - r0]
                     np.copyto(w_tile, left[c0:c1, r0:r1])  # exact: the weights are integers below 2^53
@@ -188,7 +188,7 @@ class BlockProduct:
                     torch.mm(torch.from_numpy(w_tile), z2, out=torch.from_numpy(prod))
                     prods = prod.reshape(c1 - c0, words * limbs, n).transpose(1, 0, 2)
                 for i, out in enumerate(outs):
-                    kernels.join_limbs_switch(prods[i * limbs : (i + 1) * limbs], lb, p.log_q, self._out_bits[i],
+                    kernels.join_limbs_switch(prods[i * limbs : (i + 1) * limbs], lb, p.in_bits, self._out_bits[i],
                                               out[c0:c1], r0 == 0, r1 == contraction)
 
 

@@ -153,20 +153,28 @@ def _unfold_row(f, untwist_re, untwist_im, limb_bits, i, tmp, acc):
 
 
 @njit(cache=True, nogil=True)
-def finish_encrypt(f, untwist_re, untwist_im, limb_bits, log_q, delta, msg, rand, out):
-    """b = a*s + delta*m + e mod 2^log_q, with e centred binomial (eta=24) from 48 bits of ``rand``.
+def finish_encrypt(f, untwist_re, untwist_im, limb_bits, log_q, delta, msg, rand, out, drop=0):
+    """b = a*s + delta*m + e mod 2^log_q, with e centred binomial (eta=24) from 48 bits of ``rand``;
+    with ``drop`` > 0, b rounded stochastically to a (log_q - drop)-bit word: floor((b + u) / 2^drop)
+    with u uniform in [0, 2^drop) from the top 16 bits of the same ``rand`` word (params.py).
 
     f: inverse-FFT'd limb products (limbs, r, n) float64; msg: (r, n) integers; rand: (r, n) uint64
-    CSPRNG words; out: (r, n) int64 in [0, 2^log_q).
+    CSPRNG words; out: (r, n) int64 in [0, 2^(log_q - drop)).
     """
     limbs, rows, n = f.shape
     mask = np.int64(-1) if log_q == 64 else (np.int64(1) << log_q) - 1
+    low = (np.int64(1) << drop) - 1
+    kept = (np.int64(1) << (log_q - drop)) - 1 if drop else mask
     tmp = np.empty(n)
     acc = np.empty(n, dtype=np.int64)
     for i in range(rows):
         _unfold_row(f, untwist_re, untwist_im, limb_bits, i, tmp, acc)
         for j in range(n):
-            out[i, j] = (acc[j] + delta * np.int64(msg[i, j]) + _cbd24(rand[i, j])) & mask
+            v = acc[j] + delta * np.int64(msg[i, j]) + _cbd24(rand[i, j])
+            if drop:
+                u = np.int64(rand[i, j] >> np.uint64(48)) & low
+                v = ((v >> drop) + (((v & low) + u) >> drop)) & kept  # no carry out of 64 bits
+            out[i, j] = v & mask
 
 
 @njit(cache=True, nogil=True)

@@ -160,3 +160,99 @@ def unpack_pair(data: bytes | memoryview, bits: int, count: int, n: int, split: 
     """Packed joint words -> (word mod 2^split, word >> split), each (count // n, n) int64, written
     into the views ``out`` if given; errors as :func:`unpack`."""
     return _unpack(data, bits, count, n, split, out)
+
+
+# -- bit-exact packing: k bits per word, for the rounded uploads (params.py) -------------------------
+
+
+def bit_bytes(bits: int, count: int) -> int:
+    """Bytes of ``count`` words packed at exactly ``bits`` bits each, the last byte zero-padded."""
+    return (bits * count + 7) // 8
+
+
+@njit(cache=True, nogil=True)
+def _pack_bits_rows(words, bits, r0, r1, out):
+    """Words of rows r0..r1-1 of (rows, n) ``words`` at ``bits`` bits each, little-endian, from bit
+    r0 n bits of ``out`` (a whole byte: n bits is a multiple of 8 for the callers' row counts).
+    Whole 64-bit groups are stored as they fill, the rest byte by byte, so nothing is written
+    past the rows' own bytes (another thread writes the next rows)."""
+    n = words.shape[1]
+    pos = (r0 * n * bits) // 8
+    acc = np.uint64(0)
+    held = 0  # bits in acc
+    for r in range(r0, r1):
+        for t in range(n):
+            w = np.uint64(words[r, t])
+            if held == 0:
+                acc = w
+            else:
+                acc |= w << np.uint64(held)
+            if held + bits >= 64:
+                _store_u64(out, pos, acc)
+                pos += 8
+                acc = (w >> np.uint64(64 - held)) if held > 0 else np.uint64(0)
+                held = held + bits - 64
+            else:
+                held += bits
+    while held > 0:
+        out[pos] = np.uint8(acc & np.uint64(0xFF))
+        acc >>= np.uint64(8)
+        pos += 1
+        held -= 8
+
+
+@njit(cache=True, nogil=True)
+def _unpack_bits_rows(data, bits, r0, r1, out):
+    """Inverse of :func:`_pack_bits_rows` for rows r0..r1-1 of ``out`` (reads only)."""
+    n = out.shape[1]
+    size = data.shape[0]
+    mask = np.uint64(0xFFFFFFFFFFFFFFFF) if bits == 64 else (np.uint64(1) << np.uint64(bits)) - np.uint64(1)
+    bit = r0 * n * bits
+    for r in range(r0, r1):
+        for t in range(n):
+            byte, off = bit >> 3, bit & 7
+            if byte + 8 <= size:
+                x = _load_u64(data, byte)
+            else:
+                x = np.uint64(0)
+                for k in range(size - byte):
+                    x |= np.uint64(data[byte + k]) << np.uint64(8 * k)
+            v = x >> np.uint64(off)
+            if off + bits > 64:
+                v |= np.uint64(data[byte + 8]) << np.uint64(64 - off)
+            out[r, t] = np.int64(v & mask)
+            bit += bits
+
+
+def _bit_rows(rows: int, n: int) -> int:
+    """Rows per thread task: whole bytes at each task's start (8 rows hold a multiple of 8 bits)."""
+    return max(8, CHUNK_WORDS // n // 8 * 8)
+
+
+def pack_bits_into(out: np.ndarray, words: np.ndarray, bits: int) -> None:
+    """Write ``words`` (..., n) int64 in [0, 2^bits) into ``out`` (uint8, exactly bit_bytes(bits,
+    count) bytes) at ``bits`` bits each, the last byte's unused bits zero."""
+    rows = _rows(words)
+    if out.dtype != np.uint8 or out.ndim != 1 or out.size != bit_bytes(bits, rows.size):
+        raise ValueError(f"pack buffer must be {bit_bytes(bits, rows.size)} uint8 bytes")
+    if not rows.size:
+        return
+    for_row_chunks(rows.shape[0], lambda r0, r1: _pack_bits_rows(rows, bits, r0, r1, out), rows=_bit_rows(*rows.shape))
+
+
+def unpack_bits(data: bytes | memoryview, bits: int, count: int, n: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Bit-packed bytes -> (count // n, n) int64 words in [0, 2^bits), into ``out`` if given.
+    InvalidCiphertext if the length is wrong or the padding bits of the last byte are not zero
+    (one encoding per payload)."""
+    if len(data) != bit_bytes(bits, count):
+        raise InvalidCiphertext(f"payload holds {len(data)} bytes, expected {bit_bytes(bits, count)} for {count} {bits}-bit words")
+    if count % n:
+        raise InvalidCiphertext(f"{count} words do not fill rows of {n}")
+    buf = np.frombuffer(data, dtype=np.uint8)
+    spare = 8 * len(data) - bits * count
+    if spare and int(buf[-1]) >> (8 - spare):
+        raise InvalidCiphertext("payload has bits set past its last word")
+    lo = np.empty((count // n, n), dtype=np.int64) if out is None else out
+    if count:
+        for_row_chunks(lo.shape[0], lambda r0, r1: _unpack_bits_rows(buf, bits, r0, r1, lo), rows=_bit_rows(*lo.shape))
+    return lo

@@ -13,6 +13,18 @@ integer ``x @ w`` except with probability below ``2**-FAILURE_LOG2`` per value. 
 Both are asserted by :meth:`Params.__post_init__`, together with the 128-bit security table, so an
 insecure or inexact :class:`Params` cannot be constructed.
 
+Rounded uploads (shared-mask profiles): the low bits of an uploaded word ``b`` are mostly noise, so
+the client may send ``b`` rounded from ``log_q`` to ``in_bits`` bits, and the provider computes mod
+``2^in_bits``. The rounding is stochastic (a fresh uniform dither, kernels.finish_encrypt): its
+error is zero-mean and spans ``2^(log_q - in_bits)``, so it adds a sub-Gaussian term with variance
+proxy ``4^(log_q - in_bits - 1)`` to each input coefficient beside ``eta/2`` (Hoeffding), and the
+sum over the contraction grows like the fresh noise. The first dropped bits cost the scale a
+fraction of a bit each while the binomial noise dominates, later ones a whole bit once the rounding
+does, so the saving tops out near log2(2 sqrt(eta/2)) ~ 2.8 bits per uploaded value (3 bits at
+LLaMA-8B's widths, after rounding log_q up). It needs the single shared mask: in the
+default profile the provider multiplies A mod q too, and the two words must share a modulus.
+Security: the rounded word is a function of an RLWE sample and fresh randomness.
+
 The compact profile gives up exactness for fewer bytes each way: noise is left in the decoded
 value's low bits (as CKKS does) instead of being rounded away under a margin of ``TAIL`` standard
 deviations. ``delta`` is then set by the activations' own rounding, not by the weights' norms: the
@@ -55,13 +67,34 @@ PROFILE_NAMES = {v: k for k, v in PROFILES.items()}
 #: rounding error's (uniform in [-1/2, 1/2]: sqrt(1/12)), i.e. 1/16 of its variance. COMPACT_DELTA
 #: leaves the fresh noise half of that variance and the output modulus switch the other half.
 COMPACT_NOISE_RATIO = 4
-COMPACT_DELTA = math.ceil(math.sqrt(2.0) * COMPACT_NOISE_RATIO * math.sqrt(ETA / 2.0) / math.sqrt(1.0 / 12.0))
+
+
+def _compact_delta(fresh_var: float) -> int:
+    """The compact profile's scale for an upload whose noise has variance proxy ``fresh_var`` per coefficient."""
+    return math.ceil(math.sqrt(2.0) * COMPACT_NOISE_RATIO * math.sqrt(fresh_var) / math.sqrt(1.0 / 12.0))
+
+
+COMPACT_DELTA = _compact_delta(ETA / 2.0)
 #: the compact profile reserves this many times the noise's tail bound in q, so that the wider
 #: output words of row chunks (Params.with_row_parts) still fit beside delta * y
 COMPACT_ROOM = 4
+#: most low bits a client drops from an uploaded word (module docstring): its dither is the 16 bits
+#: of each noise word that the binomial sample leaves unused (kernels.finish_encrypt)
+MAX_DROP_BITS = 16
 
 
-def wire_bytes(tokens: int, n: int, features: int, real_bytes: int, pad_bytes: int = 0) -> int:
+def fresh_variance(eta: int, drop: int = 0) -> float:
+    """Variance proxy, per input coefficient, of the noise an upload carries: the binomial's eta/2,
+    plus the stochastic rounding's (2^drop / 2)^2 when ``drop`` low bits were dropped."""
+    return eta / 2.0 + (4.0 ** (drop - 1) if drop > 0 else 0.0)
+
+
+def _dropped(log_q: int, in_bits: int) -> int:
+    """Bits an upload of ``in_bits``-bit words drops from ``log_q`` (``in_bits`` 0: none)."""
+    return log_q - in_bits if in_bits else 0
+
+
+def wire_bytes(tokens: int, n: int, features: int, real_bytes: float, pad_bytes: int = 0) -> float:
     """Bytes of the words of `tokens` tokens x `features` in ring blocks of `n`: `real_bytes` per
     value of a real token, `pad_bytes` per value of a padding slot of the last block (ciphertext.py:
     a padding token's B word never travels, the mask product's A'' word does)."""
@@ -128,8 +161,11 @@ class Params:
     row_parts: int = 1  # contraction-row chunks whose outputs the client adds before decrypting
     eta: int = ETA  # centred binomial noise parameter
     profile: int = DEFAULT  # PROFILES' flags: SHARED_MASK (one mask per block, a secret per feature), COMPACT
+    in_bits: int = 0  # bits of an uploaded word: the client rounds b from log_q bits (shared mask); 0: log_q
 
     def __post_init__(self) -> None:
+        if isinstance(self.in_bits, int) and self.in_bits == 0 and isinstance(self.log_q, int):
+            object.__setattr__(self, "in_bits", self.log_q)
         for name in self.FIELDS:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
@@ -145,8 +181,13 @@ class Params:
             raise ParameterError(f"unknown profile {self.profile}; known: {PROFILES}")
         low_a = 0 if self.shared_mask else 1
         high_a = 0 if self.shared_mask else self.log_q
-        if not low_a <= self.out_bits_a <= high_a or not 1 <= self.out_bits_b <= self.log_q:
-            raise ParameterError("output bits must be in [1, log_q] (out_bits_a = 0 exactly for the shared-mask profile)")
+        if not self.log_q - min(MAX_DROP_BITS, self.log_q - 1) <= self.in_bits <= self.log_q:
+            raise ParameterError(f"in_bits must be in [log_q - {MAX_DROP_BITS}, log_q], got {self.in_bits} with log_q {self.log_q}")
+        if self.in_bits < self.log_q and not self.shared_mask:
+            raise ParameterError("only the shared-mask profiles round uploaded words (in_bits < log_q)")
+        if not low_a <= self.out_bits_a <= high_a or not 1 <= self.out_bits_b <= self.in_bits:
+            raise ParameterError("output bits must be in [1, log_q] (out_bits_a = 0 exactly for the shared-mask profile, "
+                                 "out_bits_b <= in_bits)")
         if self.delta < (COMPACT_DELTA if self.compact else 2):
             raise ParameterError(f"delta must be >= {COMPACT_DELTA if self.compact else 2}")
         # exact: the noise is rounded away under delta/2, so delta * y alone must fit; compact: the
@@ -182,7 +223,7 @@ class Params:
 
     def _fits(self, out_bits_a: int, out_bits_b: int, parts: int, *, one_limb: bool = False) -> bool:
         return noise_fits(self.profile, self.n, self.log_q, self.eta, self.w_l2sq, self.delta, out_bits_a, out_bits_b, parts,
-                          one_limb=one_limb)
+                          one_limb=one_limb, in_bits=self.in_bits)
 
     @property
     def decoded_error(self) -> float:
@@ -198,7 +239,8 @@ class Params:
     @property
     def noise_bound(self) -> float:
         """Bound on decryption noise that fails with probability < 2**-FAILURE_LOG2."""
-        return noise_bound(self.n, self.log_q, self.eta, self.w_l2sq, self.out_bits_a, self.out_bits_b, self.row_parts)
+        return noise_bound(self.n, self.log_q, self.eta, self.w_l2sq, self.out_bits_a, self.out_bits_b, self.row_parts,
+                           in_bits=self.in_bits)
 
     @property
     def decrypt_one_limb(self) -> bool:
@@ -207,9 +249,15 @@ class Params:
             self.out_bits_a, self.out_bits_b, self.row_parts, one_limb=True)
 
     @property
-    def in_bytes(self) -> int:
-        """Bytes per input word on the wire."""
-        return (self.log_q + 7) // 8
+    def rounded(self) -> bool:
+        """Whether the upload is rounded to ``in_bits`` (module docstring); its words then travel at
+        exactly ``in_bits`` bits each, not in whole bytes (ciphertext.py)."""
+        return self.in_bits < self.log_q
+
+    @property
+    def in_bytes(self) -> float:
+        """Bytes per input word on the wire: a fraction when words are packed at their bit width."""
+        return self.in_bits / 8 if self.rounded else (self.log_q + 7) // 8
 
     @property
     def out_bytes(self) -> int:
@@ -230,16 +278,22 @@ class Params:
         decryption's error is always counted: a row chunk's wider output words (with_row_parts)
         may take the one-limb path where these parameters' own do not, and its error is no larger."""
         bound = noise_bound(self.n, self.log_q, self.eta, wr_l2sq, self.out_bits_a, self.out_bits_b, self.row_parts,
-                            one_limb=self.out_bits_a > 0, weight=r_l1)
+                            one_limb=self.out_bits_a > 0, weight=r_l1, in_bits=self.in_bits)
         return bound / self.delta + 0.5 * r_l1
 
     def payload_bytes(self, tokens: int, features: int) -> int:
-        """Words a ciphertext of `tokens` x `features` puts on the wire: its real tokens' B words."""
-        return wire_bytes(tokens, self.n, features, self.in_bytes)
+        """Words a ciphertext of `tokens` x `features` puts on the wire: its real tokens' B words
+        (bit-packed, a rounded upload's full blocks and its last block's tokens are two fields,
+        each padded to a whole byte: ciphertext.py)."""
+        if not self.rounded:
+            return int(wire_bytes(tokens, self.n, features, int(self.in_bytes)))
+        blocks = -(-tokens // self.n)
+        last = tokens - (blocks - 1) * self.n
+        return ((blocks - 1) * self.n * features * self.in_bits + 7) // 8 + (last * features * self.in_bits + 7) // 8
 
     def result_bytes(self, tokens: int, width: int) -> int:
         """Words the product of such a ciphertext puts on the wire (ciphertext.py has the layout)."""
-        return wire_bytes(tokens, self.n, width, self.out_bytes, self.pad_bytes)
+        return int(wire_bytes(tokens, self.n, width, self.out_bytes, self.pad_bytes))
 
     def for_weights(self, stats: WeightStats) -> None:
         """Raise :class:`ParameterError` unless these parameters hold for weights with ``stats``."""
@@ -252,30 +306,36 @@ class Params:
     def with_row_parts(self, parts: int) -> "Params":
         """The same key material, with output bits that stay within the noise budget when ``parts``
         row chunks are added."""
-        a, b = _min_out_bits(self.n, self.log_q, self.eta, self.w_l2sq, self.delta, parts, self.profile)
+        a, b = _min_out_bits(self.n, self.log_q, self.eta, self.w_l2sq, self.delta, parts, self.profile, self.in_bits)
         return replace(self, row_parts=parts, out_bits_a=a, out_bits_b=b)
 
-    # Wire form: a fixed tuple of ints, so every implementation encodes parameters the same way.
-    FIELDS = ("n", "log_q", "delta", "x_bits", "w_l1", "w_l2sq", "out_bits_a", "out_bits_b", "row_parts", "eta", "profile")
+    # Wire form: a fixed tuple of ints, so every implementation encodes parameters the same way. The
+    # last, in_bits, is left out when it equals log_q: unrounded parameters keep the 11 words that
+    # nodes predating rounded uploads read.
+    FIELDS = ("n", "log_q", "delta", "x_bits", "w_l1", "w_l2sq", "out_bits_a", "out_bits_b", "row_parts", "eta", "profile",
+              "in_bits")
 
     def to_tuple(self) -> tuple[int, ...]:
-        return tuple(getattr(self, f) for f in self.FIELDS)
+        values = tuple(getattr(self, f) for f in self.FIELDS)
+        return values[:-1] if self.in_bits == self.log_q else values
 
     @classmethod
     def from_tuple(cls, values: tuple[int, ...]) -> "Params":
-        if len(values) != len(cls.FIELDS):
-            raise ParameterError(f"expected {len(cls.FIELDS)} parameter fields, got {len(values)}")
+        if len(values) not in (len(cls.FIELDS) - 1, len(cls.FIELDS)):
+            raise ParameterError(f"expected {len(cls.FIELDS) - 1} or {len(cls.FIELDS)} parameter fields, got {len(values)}")
+        if len(values) == len(cls.FIELDS) and values[-1] == values[1]:
+            raise ParameterError("in_bits equal to log_q is sent as 11 fields, not 12")  # one encoding per value
         return cls(**dict(zip(cls.FIELDS, (int(v) for v in values))))
 
 
 def noise_bound(
     n: int, log_q: int, eta: int, w_l2sq: float, out_bits_a: int, out_bits_b: int, parts: int = 1, *,
-    one_limb: bool = False, weight: float = 1.0,
+    one_limb: bool = False, weight: float = 1.0, in_bits: int = 0,
 ) -> float:
     """Tail bound on |noise| after matmul, output modulus switch and the sum of ``parts`` row chunks.
 
     Fresh noise is sub-Gaussian with variance proxy (eta/2) * ||w||_2^2 (the row chunks partition the
-    same sum). Rounding A' to out_bits_a leaves eps in [-c_a, c_a] per coefficient, independent
+    same sum), more when the upload was rounded to ``in_bits`` (:func:`fresh_variance`). Rounding A' to out_bits_a leaves eps in [-c_a, c_a] per coefficient, independent
     across coefficients because A is uniform; eps * s sums <= n such terms per chunk (Hoeffding), plus
     a rounding bias of at most 1/2 per term. Rounding B' adds at most c_b per chunk. Decryption's
     one-limb float64 product A'' * s adds its worst-case error (ring.fft_product_error), scaled to q.
@@ -289,47 +349,51 @@ def noise_bound(
     c_a = float(2 ** (log_q - out_bits_a - 1)) if switched_a else 0.0
     c_b = float(2 ** (log_q - out_bits_b - 1)) if out_bits_b < log_q else 0.0
     bias = 0.5 * n * parts if switched_a else 0.0
-    var = (eta / 2.0) * w_l2sq + parts * n * (c_a * weight) ** 2
+    var = fresh_variance(eta, _dropped(log_q, in_bits)) * w_l2sq + parts * n * (c_a * weight) ** 2
     fft = fft_product_error(n, out_bits_a) * 2.0 ** (log_q - out_bits_a) if one_limb else 0.0
     return TAIL * math.sqrt(var) + (bias + parts * c_b + fft) * weight
 
 
 def noise_std(n: int, log_q: int, eta: int, w_l2sq: int, out_bits_a: int, out_bits_b: int, parts: int = 1, *,
-              one_limb: bool = False) -> float:
+              one_limb: bool = False, in_bits: int = 0) -> float:
     """The decryption noise's standard deviation (what a value's accuracy sees; :func:`noise_bound` is
-    its tail), plus its deterministic terms: fresh noise (variance eta/2 per e_j), A''s rounding
+    its tail), plus its deterministic terms: fresh noise (variance eta/2 per e_j, and at most the
+    proxy of a rounded upload's error, :func:`fresh_variance`), A''s rounding
     (uniform in [-c_a, c_a], variance c_a^2 / 3, times the 2/3 of a ternary key's coefficients that
     are not zero, n per value and chunk), B''s rounding (c_b^2 / 3 per chunk), and at most the
     rounding bias and the one-limb product's error."""
     switched_a = 0 < out_bits_a < log_q
     c_a = float(2 ** (log_q - out_bits_a - 1)) if switched_a else 0.0
     c_b = float(2 ** (log_q - out_bits_b - 1)) if out_bits_b < log_q else 0.0
-    var = (eta / 2.0) * w_l2sq + parts * n * (2.0 / 3.0) * c_a * c_a / 3.0 + parts * c_b * c_b / 3.0
+    var = fresh_variance(eta, _dropped(log_q, in_bits)) * w_l2sq + parts * n * (2.0 / 3.0) * c_a * c_a / 3.0 + parts * c_b * c_b / 3.0
     bias = 0.5 * n * parts if switched_a else 0.0
     fft = fft_product_error(n, out_bits_a) * 2.0 ** (log_q - out_bits_a) if one_limb else 0.0
     return math.sqrt(var) + bias + fft
 
 
 def noise_fits(profile: int, n: int, log_q: int, eta: int, w_l2sq: int, delta: int, out_bits_a: int, out_bits_b: int,
-               parts: int, *, one_limb: bool = False) -> bool:
+               parts: int, *, one_limb: bool = False, in_bits: int = 0) -> bool:
     """Whether the noise stays within the profile's budget: below delta/2 with probability
     1 - 2**-FAILURE_LOG2 (exact decoding), or, compact, a standard deviation of at most
     1/COMPACT_NOISE_RATIO of the activations' rounding error's (module docstring)."""
     if profile & COMPACT:
         rounding = delta * math.sqrt(w_l2sq / 12.0)  # x's rounding error in the scaled product
-        return noise_std(n, log_q, eta, w_l2sq, out_bits_a, out_bits_b, parts, one_limb=one_limb) <= rounding / COMPACT_NOISE_RATIO
-    return noise_bound(n, log_q, eta, w_l2sq, out_bits_a, out_bits_b, parts, one_limb=one_limb) < delta / 2
+        return noise_std(n, log_q, eta, w_l2sq, out_bits_a, out_bits_b, parts, one_limb=one_limb,
+                         in_bits=in_bits) <= rounding / COMPACT_NOISE_RATIO
+    return noise_bound(n, log_q, eta, w_l2sq, out_bits_a, out_bits_b, parts, one_limb=one_limb, in_bits=in_bits) < delta / 2
 
 
-def _min_out_bits(n: int, log_q: int, eta: int, w_l2sq: int, delta: int, parts: int, profile: int) -> tuple[int, int]:
+def _min_out_bits(n: int, log_q: int, eta: int, w_l2sq: int, delta: int, parts: int, profile: int,
+                  in_bits: int = 0) -> tuple[int, int]:
     """Output bits (ka, kb) whose noise fits the profile's budget (:func:`noise_fits`), best first
     by: fewest wire bytes, then the one-limb decryption being admissible (half the client's
     decryption FFTs), then fewest bits. The shared-mask profile returns no A' (ka = 0)."""
     best: tuple[tuple[int, bool, int], tuple[int, int]] | None = None
-    for kb in range(1, log_q + 1):
+    for kb in range(1, (in_bits or log_q) + 1):
         for ka in (0,) if profile & SHARED_MASK else range(1, log_q + 1):
-            if noise_fits(profile, n, log_q, eta, w_l2sq, delta, ka, kb, parts):
-                fast = 0 < ka and one_limb_fits(n, ka) and noise_fits(profile, n, log_q, eta, w_l2sq, delta, ka, kb, parts, one_limb=True)
+            if noise_fits(profile, n, log_q, eta, w_l2sq, delta, ka, kb, parts, in_bits=in_bits):
+                fast = 0 < ka and one_limb_fits(n, ka) and noise_fits(profile, n, log_q, eta, w_l2sq, delta, ka, kb, parts,
+                                                                      one_limb=True, in_bits=in_bits)
                 key = ((ka + kb + 7) // 8, not fast, ka + kb)
                 if best is None or key < best[0]:
                     best = (key, (ka, kb))
@@ -338,13 +402,13 @@ def _min_out_bits(n: int, log_q: int, eta: int, w_l2sq: int, delta: int, parts: 
     return best[1]
 
 
-def _compact_room(eta: int, w_l2sq: int, n: int, delta: int) -> int:
+def _compact_room(fresh_var: float, w_l2sq: int, n: int, delta: int) -> int:
     """Room to reserve in q beside delta * y for the compact profile's noise: COMPACT_ROOM times the
     largest tail bound (:func:`noise_bound`) of any output bits that fit its budget, whose rounding
     variance is then at most S^2 = (delta sqrt(w_l2sq / 12) / COMPACT_NOISE_RATIO)^2: n c_a^2 <= 4.5 S^2
     and c_b <= sqrt(3) S; both sides of zero."""
     s = delta * math.sqrt(w_l2sq / 12.0) / COMPACT_NOISE_RATIO
-    tail = TAIL * math.sqrt((eta / 2.0) * w_l2sq + 4.5 * s * s) + 0.5 * n + math.sqrt(3.0) * s
+    tail = TAIL * math.sqrt(fresh_var * w_l2sq + 4.5 * s * s) + 0.5 * n + math.sqrt(3.0) * s
     return 2 * math.ceil(COMPACT_ROOM * tail)
 
 
@@ -364,21 +428,43 @@ def choose_params(
     Compact: delta starts at COMPACT_DELTA. q is the next power of two that holds
     delta * (2 max|y| + 1) (plus the noise's room, compact: :func:`_compact_room`), and delta then
     grows to fill q (free margin for the output modulus switch, or less noise per decoded value).
-    N is the smallest tabulated degree (>= ``n`` if given) whose 128-bit bound admits q.
+    N is the smallest tabulated degree (>= ``n`` if given) whose 128-bit bound admits q. The
+    shared-mask profiles also round the upload (module docstring): of every number of dropped bits,
+    the one with the fewest bits per uploaded word, then the smallest N, then the fewest dropped.
     """
     if not isinstance(x_bits, int) or not 2 <= x_bits <= MAX_X_BITS:
         raise ParameterError(f"x_bits must be an int in [2, {MAX_X_BITS}], got {x_bits!r}")
     if profile not in PROFILES:
         raise ParameterError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
-    compact = bool(PROFILES[profile] & COMPACT)
+    flags = PROFILES[profile]
+    if not flags & SHARED_MASK:
+        return _params_dropping(stats, x_bits, n, switch_output, row_parts, flags, 0)
+    found: list[Params] = []
+    error: ParameterError | None = None
+    for drop in range(MAX_DROP_BITS + 1):
+        try:
+            found.append(_params_dropping(stats, x_bits, n, switch_output, row_parts, flags, drop))
+        except ParameterError as exc:  # q past 64 bits, or past the table for a fixed n
+            error = error or exc
+    if not found:
+        assert error is not None
+        raise error
+    return min(found, key=lambda p: (p.in_bits, p.n, p.log_q - p.in_bits))
+
+
+def _params_dropping(stats: WeightStats, x_bits: int, n: int | None, switch_output: bool, row_parts: int, flags: int,
+                     drop: int) -> Params:
+    """choose_params for an upload rounded by ``drop`` bits (0: not rounded)."""
+    compact = bool(flags & COMPACT)
+    fresh = fresh_variance(ETA, drop)
     y_max = (1 << (x_bits - 1)) * stats.l1
     if compact:
-        delta_min = COMPACT_DELTA
-        room = partial(_compact_room, ETA, stats.l2sq)
+        delta_min = _compact_delta(fresh)
+        room = partial(_compact_room, fresh, stats.l2sq)
     else:  # the noise is rounded away: it takes no room beside delta * y
-        delta_min = max(2, math.floor(4 * TAIL * math.sqrt((ETA / 2.0) * stats.l2sq)) + 1)
+        delta_min = max(2, math.floor(4 * TAIL * math.sqrt(fresh * stats.l2sq)) + 1)
         room = lambda _n, _delta: 0  # noqa: E731
-    log_q = math.ceil(math.log2(delta_min * (2 * y_max + 1)))
+    log_q = max(drop + 1, math.ceil(math.log2(delta_min * (2 * y_max + 1))))
     while True:
         if log_q > WORD_BITS:
             raise ParameterError(
@@ -394,11 +480,12 @@ def choose_params(
     delta = (1 << log_q) // (2 * y_max + 1)
     while delta * (2 * y_max + 1) + room(ring_n, delta) > 1 << log_q:  # compact: a few steps down
         delta = ((1 << log_q) - room(ring_n, delta)) // (2 * y_max + 1)
+    in_bits = log_q - drop
     if switch_output:
-        out_a, out_b = _min_out_bits(ring_n, log_q, ETA, stats.l2sq, delta, row_parts, PROFILES[profile])
+        out_a, out_b = _min_out_bits(ring_n, log_q, ETA, stats.l2sq, delta, row_parts, flags, in_bits)
     else:
-        out_a, out_b = (0 if PROFILES[profile] & SHARED_MASK else log_q), log_q
+        out_a, out_b = (0 if flags & SHARED_MASK else log_q), in_bits
     return Params(
         n=ring_n, log_q=log_q, delta=delta, x_bits=x_bits, w_l1=stats.l1, w_l2sq=stats.l2sq,
-        out_bits_a=out_a, out_bits_b=out_b, row_parts=row_parts, profile=PROFILES[profile],
+        out_bits_a=out_a, out_bits_b=out_b, row_parts=row_parts, profile=flags, in_bits=in_bits,
     )

@@ -135,7 +135,7 @@ class CallShape:
     n: int  # tokens per ring block
     contraction: int
     output: int
-    in_bytes: int  # bytes per input word on the wire
+    in_bytes: float  # bytes per input word on the wire (a fraction when bit-packed: Params.in_bytes)
     out_bytes: int  # bytes per output value on the wire
     pad_bytes: int = 0  # bytes per output value of a padding token (Params.pad_bytes)
 
@@ -151,7 +151,7 @@ class CallShape:
     @property
     def block_bytes(self) -> int:
         """Input payload of one block with every feature (seeds and headers aside)."""
-        return self.contraction * self.n * self.in_bytes
+        return math.ceil(self.contraction * self.n * self.in_bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +184,7 @@ class ChunkLimits:
         the result's header, a seed per block (shared-mask profile) and a whole value for every
         slot. A row part's output words are wider (Params.with_row_parts), at most two input words."""
         per_value = shape.out_bytes if row_parts == 1 else max(shape.out_bytes, 2 * shape.in_bytes)
-        return RESULT_HEAD_BYTES + blocks * (SEED_BYTES + shape.n * width * per_value)
+        return RESULT_HEAD_BYTES + blocks * (SEED_BYTES + math.ceil(shape.n * width * per_value))
 
     def most_blocks(self, shape: CallShape, width: int, row_parts: int) -> int:
         """The most ring blocks one chunk of `width` output columns may hold within the reply and
@@ -235,7 +235,7 @@ def plan_cost(shape: CallShape, chunks: list[Chunk], *, providers: int, link_bps
     for c in chunks:
         slots = len(c.blocks) * shape.n
         tokens = len(c.tokens(shape.n, shape.tokens))
-        up += wire_bytes(tokens, shape.n, len(c.contraction), shape.in_bytes)
+        up += math.ceil(wire_bytes(tokens, shape.n, len(c.contraction), shape.in_bytes))
         reply = wire_bytes(tokens, shape.n, len(c.output), shape.out_bytes, shape.pad_bytes)
         down += reply
         largest = max(largest, slots * len(c.contraction) * len(c.output))
@@ -315,7 +315,7 @@ class ChunkRouter:
         max_payload = limits.max_payload
         groups = rows = 1
         if kind == "rows":
-            feature_bytes = shape.n * shape.in_bytes  # one feature of one block
+            feature_bytes = math.ceil(shape.n * shape.in_bytes)  # one feature of one block
             rows = max(k if spread_rows else 1, _pieces_to_fit(shape.contraction, feature_bytes, max_payload))
             rows = min(rows, shape.contraction // limits.contraction_floor(shape))
             part_bytes = _ceil_div(shape.contraction, rows) * feature_bytes  # the largest row part of one block

@@ -89,6 +89,20 @@ class TestBytes:
         with pytest.raises(InvalidCiphertext, match="exceeds"):
             Ciphertext.from_bytes(bytes(tampered))
 
+    def test_a_rounded_upload_is_read_only_in_its_own_form(self) -> None:
+        """A shared-mask upload is rounded and bit-packed (magic CSX3, 12 parameters): its header
+        relabelled as the 11-parameter form, or a 12th parameter equal to log_q (a second encoding
+        of unrounded parameters), are refused as typed errors (set padding bits: test_packing)."""
+        params = be.params_for(W, 8, profile="shared-mask")
+        data = be.encrypt(be.keygen(params, weights=W), X).to_bytes()
+        assert params.rounded and data[:4] == b"CSX3" and Ciphertext.from_bytes(data).params == params
+        with pytest.raises(InvalidCiphertext):
+            Ciphertext.from_bytes(b"CSX2" + data[4:])
+        same = bytearray(data)
+        same[4 + 8 * 11 : 4 + 8 * 12] = params.log_q.to_bytes(8, "little")
+        with pytest.raises(InvalidCiphertext, match="11 fields"):
+            Ciphertext.from_bytes(bytes(same))
+
     @settings(max_examples=200)
     @given(pos=st.integers(0, len(CT_BYTES) - 1), byte=st.integers(0, 255))
     def test_mutated_bytes_typed_or_valid(self, pos: int, byte: int) -> None:

@@ -29,10 +29,11 @@ def assert_same(got: MatmulResult, ref: MatmulResult) -> None:
 
 def with_log_q(params: Params, log_q: int) -> Params:
     """The same layer's parameters at a bigger modulus (delta scaled along, ring N=4096 so 64 bits
-    stay secure), to reach every limb count and the top-limb wrap at log_q = 8 * limbs."""
+    stay secure), to reach every limb count and the top-limb wrap at log_q = 8 * limbs: words of
+    log_q bits, so an upload that the parameters rounded is not rounded here."""
     up = log_q - params.log_q
     return dataclasses.replace(
-        params, n=4096, log_q=log_q, delta=params.delta << up,
+        params, n=4096, log_q=log_q, in_bits=log_q, delta=params.delta << up,
         out_bits_a=params.out_bits_a and params.out_bits_a + up, out_bits_b=params.out_bits_b + up,
     )
 

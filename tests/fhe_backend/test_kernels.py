@@ -56,6 +56,43 @@ def test_noise_is_centred_binomial_of_the_48_low_bits() -> None:
     assert out[0, : len(bits)].tolist() == [0, 24, -24, 0, 3 - 2]
 
 
+@pytest.mark.parametrize("log_q, drop", [(40, 1), (54, 7), (64, 16)])
+def test_a_rounded_upload_is_floor_of_b_plus_the_dither_of_the_top_16_bits(log_q: int, drop: int) -> None:
+    """out = floor((b + u) / 2^drop) mod 2^(log_q - drop), u the top 16 bits of the noise word mod 2^drop,
+    b = delta * m + e mod 2^log_q (a*s = 0): checked over Python ints, at the words' extremes too."""
+    rng = np.random.default_rng(drop)
+    n = 64
+    q, kept = 1 << log_q, 1 << (log_q - drop)
+    delta = q // 300 + 1  # delta * m spans q, so words near 0 and near q occur
+    msg = rng.integers(-128, 128, (1, n), dtype=np.int64)
+    rand = rng.integers(0, 1 << 64, (1, n), dtype=np.uint64)
+    rand[0, :2] = [0xFFFF_0000_0000_0000, 0]  # the largest and the smallest dither
+    f, untwist = np.zeros((1, 1, n)), np.zeros(n // 2)
+    out = np.empty((1, n), dtype=np.int64)
+    kernels.finish_encrypt(f, untwist, untwist, 26, log_q, delta, msg, rand, out, drop)
+    for m, r, got in zip(msg[0].tolist(), rand[0].tolist(), out[0].tolist()):
+        e = bin(r & 0xFFFFFF).count("1") - bin((r >> 24) & 0xFFFFFF).count("1")
+        b = (delta * m + e) % q
+        assert got == ((b + ((r >> 48) % (1 << drop))) >> drop) % kept
+
+
+def test_the_rounding_of_an_upload_is_unbiased_and_within_one_step() -> None:
+    """Stochastic rounding: 2^drop * out - b lies in (-2^drop, 2^drop) and averages 0, the premise of
+    the noise bound (params.fresh_variance); a rounding to nearest would be biased for a fixed b."""
+    drop, n, rows, log_q = 6, 1024, 64, 50
+    b_value = 12345 * 64 + 17  # one fixed word: its error is 17 or 17 - 64, never the average 0
+    msg = np.full((rows, n), 0, dtype=np.int64)
+    rand = np.frombuffer(np.random.default_rng(1).bytes(8 * rows * n), dtype=np.uint64).reshape(rows, n)
+    rand = rand & np.uint64(0xFFFF_0000_0000_0000)  # e = 0: b is exactly delta * 0 + b_value below
+    f, untwist = np.zeros((rows, 1, n)).reshape(1, rows, n), np.zeros(n // 2)
+    out = np.empty((rows, n), dtype=np.int64)
+    kernels.finish_encrypt(f, untwist, untwist, 26, log_q, 1, msg + b_value, rand, out, drop)
+    err = out.astype(np.float64) * (1 << drop) - b_value
+    assert set(np.unique(err).tolist()) == {-17.0, 64.0 - 17.0}
+    # mean 0 with std 64 * sqrt(p (1-p)) / sqrt(65536) ~ 0.08: 8 standard deviations is 0.7
+    assert abs(err.mean()) < 0.7
+
+
 @pytest.mark.parametrize("log_q, delta", [(46, 1019724), (64, (1 << 14) + 3), (30, 1 << 12)])
 def test_decode_rounds_half_up_exactly(log_q: int, delta: int) -> None:
     """The float quotient plus one integer correction equals round-half-up of the centred value,

@@ -82,3 +82,34 @@ def test_wrong_lengths_are_refused() -> None:
         packing.unpack(data, 46, 32, 12)
     with pytest.raises(ValueError, match="buffer"):
         packing.pack_into(np.empty(10, dtype=np.uint8), _words((4, 8), 46), 46)
+
+
+def _bit_reference(words: np.ndarray, bits: int) -> bytes:
+    """Exact bit packing, the slow obvious way: word i at bits [i k, (i+1) k) of one integer."""
+    total = 0
+    for i, w in enumerate(words.reshape(-1).tolist()):
+        total |= (w % (1 << bits)) << (i * bits)
+    return total.to_bytes(packing.bit_bytes(bits, words.size), "little")
+
+
+@pytest.mark.parametrize("bits", [1, 7, 13, 31, 46, 52, 57, 63, 64])
+@pytest.mark.parametrize("rows, n", [(1, 1), (3, 5), (40, 8), (17, 2048)])
+def test_exact_bit_packing_layout_and_round_trip(bits: int, rows: int, n: int, small_chunks: None) -> None:
+    """Several thread chunks (small_chunks) each start on a byte and never write a neighbour's."""
+    words = _words((rows, n), bits)
+    out = np.full(packing.bit_bytes(bits, words.size), 0xAA, dtype=np.uint8)  # stale bytes must not survive
+    packing.pack_bits_into(out, words, bits)
+    assert out.tobytes() == _bit_reference(words, bits)
+    assert np.array_equal(packing.unpack_bits(out.tobytes(), bits, words.size, n), words)
+
+
+def test_exact_bit_packing_refuses_wrong_lengths_and_set_padding_bits() -> None:
+    words = _words((3, 5), 13)  # 195 bits: 5 padding bits in the last byte
+    data = bytearray(_bit_reference(words, 13))
+    with pytest.raises(InvalidCiphertext, match="expected"):
+        packing.unpack_bits(bytes(data[:-1]), 13, words.size, 5)
+    with pytest.raises(InvalidCiphertext, match="expected"):
+        packing.unpack_bits(bytes(data) + b"\0", 13, words.size, 5)
+    data[-1] |= 0x80  # a bit past the last word: a second encoding of the same words
+    with pytest.raises(InvalidCiphertext, match="past its last word"):
+        packing.unpack_bits(bytes(data), 13, words.size, 5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 
 import pickle
@@ -65,14 +67,19 @@ class TestPaddingStaysHome:
         p = sk.params
         ct = be.encrypt(sk, x)
         wire = ct.to_bytes()
-        # magic, 11 parameters, key id, 4 u32 | a seed per block | the real tokens' B words
-        assert p.payload_bytes(tokens, 64) == -(-p.log_q // 8) * 64 * tokens
-        assert len(wire) == 4 + 88 + 8 + 16 + 32 * ct.blocks + p.payload_bytes(tokens, 64)
+        # magic, 11 parameters (12 for a rounded upload: the shared mask's), key id, 4 u32 | a seed
+        # per block | the real tokens' B words
+        rounded = profile == "shared-mask"
+        assert (p.in_bits < p.log_q) == rounded and wire[:4] == (b"CSX3" if rounded else b"CSX2")
+        params_bytes = 8 * (12 if rounded else 11)
+        # rounded: words at exactly in_bits bits (64 features: whole bytes per token)
+        assert p.payload_bytes(tokens, 64) == (64 * tokens * p.in_bits // 8 if rounded else -(-p.log_q // 8) * 64 * tokens)
+        assert len(wire) == 4 + params_bytes + 8 + 16 + 32 * ct.blocks + p.payload_bytes(tokens, 64)
         back = Ciphertext.from_bytes(wire)
         assert np.array_equal(back.words, ct.words) and back.tokens == tokens
         out = be.matmul(back, w)
         seeds = 32 * ct.blocks if profile == "shared-mask" else 0
-        assert len(out.to_bytes()) == 4 + 88 + 8 + 12 + seeds + p.result_bytes(tokens, 16)
+        assert len(out.to_bytes()) == 4 + params_bytes + 8 + 12 + seeds + p.result_bytes(tokens, 16)
         reply = MatmulResult.from_bytes(out.to_bytes())
         assert np.array_equal(reply.b_words, out.b_words)
         assert reply.a_words is None if profile == "shared-mask" else np.array_equal(reply.a_words, out.a_words)
@@ -253,6 +260,44 @@ class TestParameters:
             Params(**{**fields, "delta": 2})  # noise swamps delta
         with pytest.raises(ParameterError, match="inexact"):
             Params(**{**fields, "w_l1": fields["w_l1"] * 4})  # y no longer fits q
+
+    def test_only_a_shared_mask_rounds_its_upload_and_says_so_in_a_twelfth_word(self) -> None:
+        stats = WeightStats(l1=1000, l2sq=100000)
+        plain, shared = choose_params(stats, 8), choose_params(stats, 8, profile="shared-mask")
+        assert plain.in_bits == plain.log_q and len(plain.to_tuple()) == 11  # the form older nodes read
+        assert shared.in_bits < shared.log_q and len(shared.to_tuple()) == 12
+        for p in (plain, shared):
+            assert Params.from_tuple(p.to_tuple()) == p
+        with pytest.raises(ParameterError, match="11 fields"):  # one encoding per parameter set
+            Params.from_tuple(plain.to_tuple() + (plain.log_q,))
+        with pytest.raises(ParameterError, match="only the shared-mask"):
+            dataclasses.replace(plain, in_bits=plain.log_q - 1)  # A and B must share a modulus
+        with pytest.raises(ParameterError, match="in_bits must be in"):
+            dataclasses.replace(shared, in_bits=shared.log_q - 17)  # the dither has 16 bits
+        with pytest.raises(ParameterError, match="out_bits_b <= in_bits"):
+            dataclasses.replace(shared, out_bits_b=shared.in_bits + 1)
+        with pytest.raises(ParameterError, match="inexact"):  # the rounding's noise counts
+            dataclasses.replace(shared, in_bits=shared.log_q - 16, out_bits_b=min(shared.out_bits_b, shared.log_q - 16))
+
+    def test_a_rounded_upload_saves_bits_at_llama_widths_and_stays_exact_at_the_extremes(self) -> None:
+        """At LLaMA-8B's widths (14-bit activations, 8-bit gradients, 11-bit weights) each uploaded
+        word is at least 2 bits narrower; on a small layer every value is still exact, the largest
+        |x @ w| the parameters admit included."""
+        for d, x_bits in ((4096, 14), (28672, 8), (14336, 14)):
+            rms = 1023 / math.sqrt(2 * math.log(d))
+            stats = WeightStats(l1=math.ceil(d * rms * math.sqrt(2 / math.pi)), l2sq=math.ceil(d * rms * rms))
+            shared = choose_params(stats, x_bits, profile="shared-mask")
+            assert shared.in_bits <= choose_params(stats, x_bits).log_q - 2
+        w = rand_w(256, 16)
+        w[:, 0] = 127  # column 0 reaches the L1 bound: y = 2^7 * L1 for x = -2^7 everywhere
+        x = rand_x(3000, 256)
+        x[:5] = -128
+        params = be.params_for(w, 8, profile="shared-mask")
+        assert params.in_bits < params.log_q and params.y_max == 128 * 127 * 256
+        sk = be.keygen(params, weights=w)
+        out = be.matmul(Ciphertext.from_bytes(be.encrypt(sk, x).to_bytes()), w)
+        y = be.decrypt(sk, MatmulResult.from_bytes(out.to_bytes()))
+        assert torch.equal(y, x @ w.long()) and int(y[0, 0]) == -params.y_max
 
     def test_weights_heavier_than_params_refused(self) -> None:
         w = rand_w(64, 8)
@@ -477,7 +522,8 @@ class TestCompactSharedMask:
         compact, shared = be.params_for(self.w, 14, profile="compact"), be.params_for(self.w, 14, profile="shared-mask")
         p = self.params
         assert p.compact and p.shared_mask and p.out_bits_a == 0 and p.pad_bytes == 0
-        assert p.in_bytes == compact.in_bytes < shared.in_bytes and p.out_bytes < min(compact.out_bytes, shared.out_bytes)
+        # its upload is rounded and bit-packed (compact's is neither); exact shared-mask's is rounded too
+        assert p.in_bytes < compact.in_bytes and p.in_bytes < shared.in_bytes and p.out_bytes < min(compact.out_bytes, shared.out_bytes)
         sk = be.keygen(p, weights=self.w)
         out = MatmulResult.from_bytes(be.matmul(Ciphertext.from_bytes(be.encrypt(sk, self.x).to_bytes()), self.w).to_bytes())
         assert out.a_words is None and len(out.to_bytes()) == result_size(p, self.x.shape[0], 96)
