@@ -429,8 +429,10 @@ def choose_params(
     delta * (2 max|y| + 1) (plus the noise's room, compact: :func:`_compact_room`), and delta then
     grows to fill q (free margin for the output modulus switch, or less noise per decoded value).
     N is the smallest tabulated degree (>= ``n`` if given) whose 128-bit bound admits q. The
-    shared-mask profiles also round the upload (module docstring): of every number of dropped bits,
-    the one with the fewest bits per uploaded word, then the smallest N, then the fewest dropped.
+    shared-mask profiles also round the upload (module docstring): of every number of dropped bits
+    whose output words are no wider in bytes than without rounding (a download is never made
+    dearer for it), the one with the fewest bits per uploaded word, then the smallest N, then the
+    fewest bytes and bits per output value, then the fewest dropped.
     """
     if not isinstance(x_bits, int) or not 2 <= x_bits <= MAX_X_BITS:
         raise ParameterError(f"x_bits must be an int in [2, {MAX_X_BITS}], got {x_bits!r}")
@@ -449,7 +451,8 @@ def choose_params(
     if not found:
         assert error is not None
         raise error
-    return min(found, key=lambda p: (p.in_bits, p.n, p.log_q - p.in_bits))
+    plain = found[0].out_bytes if found[0].in_bits == found[0].log_q else math.inf  # not rounded
+    return min(found, key=lambda p: (p.out_bytes > plain, p.in_bits, p.n, p.out_bytes, p.out_bits_b, p.log_q - p.in_bits))
 
 
 def _params_dropping(stats: WeightStats, x_bits: int, n: int | None, switch_output: bool, row_parts: int, flags: int,

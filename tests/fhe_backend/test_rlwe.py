@@ -28,7 +28,7 @@ from cipherswarm.fhe_backend import (
 )
 from cipherswarm.fhe_backend.ciphertext import result_size
 from cipherswarm.fhe_backend.keys import SecretKey
-from cipherswarm.fhe_backend.params import COMPACT_DELTA, Params, WeightStats, choose_params
+from cipherswarm.fhe_backend.params import COMPACT_DELTA, Params, WeightStats, _params_dropping, choose_params
 from cipherswarm.fhe_backend.ring import secret_eval_bound
 from cipherswarm.fhe_backend.sampling import expand_mask, expand_ternary
 from cipherswarm.fhe_backend.security import MAX_LOG_Q_128, check_secure
@@ -288,6 +288,13 @@ class TestParameters:
             stats = WeightStats(l1=math.ceil(d * rms * math.sqrt(2 / math.pi)), l2sq=math.ceil(d * rms * rms))
             shared = choose_params(stats, x_bits, profile="shared-mask")
             assert shared.in_bits <= choose_params(stats, x_bits).log_q - 2
+            unrounded = _params_dropping(stats, x_bits, None, True, 1, shared.profile, 0)
+            assert shared.out_bytes <= unrounded.out_bytes  # the download is never made dearer
+        # the bundled model's down_proj, transposed: the narrowest upload would cost a fourth byte
+        # per downloaded value, so one bit more is uploaded instead
+        stats = WeightStats(l1=40795, l2sq=20454191)
+        shared, unrounded = choose_params(stats, 8, profile="shared-mask"), _params_dropping(stats, 8, None, True, 1, 1, 0)
+        assert shared.out_bytes == unrounded.out_bytes == 3 and shared.in_bits < unrounded.log_q
         w = rand_w(256, 16)
         w[:, 0] = 127  # column 0 reaches the L1 bound: y = 2^7 * L1 for x = -2^7 everywhere
         x = rand_x(3000, 256)
