@@ -40,7 +40,7 @@ from cipherswarm.fhe_backend import PlainWeights, get_backend
 from cipherswarm.fhe_backend.verify import FreivaldsVerifier
 from cipherswarm.node import ClientConfig, Ledger, Provider, ProviderConfig, open_host
 from cipherswarm.node.client import open_session
-from cipherswarm.node.client.keys import CLIENT_PROFILES
+from cipherswarm.node.client.keys import CLIENT_PROFILES, DEFAULT_PROFILE
 from cipherswarm.node.provider.benchmark import measure_macs_per_second
 from cipherswarm.node.sim import ClientSpec, ModelShape, ProviderSpec, Swarm, Workload, simulate
 from cipherswarm.node.sim.report import render
@@ -168,7 +168,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3, help="testnet steps (default 3)")
     ap.add_argument("--testnet-dir", type=Path, default=None, help="testnet output folder (default: a temporary one)")
-    ap.add_argument("--profile", choices=CLIENT_PROFILES, default="default", help="encryption profile of 1-3 (default: default)")
+    ap.add_argument("--profile", choices=CLIENT_PROFILES, default=DEFAULT_PROFILE,
+                    help=f"encryption profile of 1-3 (default: {DEFAULT_PROFILE})")
     args = ap.parse_args()
     print(f"machine: {CORES} cores, load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}")
     cfg = FinetuneConfig()  # what the testnet trains with: its accumulation, the trainer's default micro-batches in flight

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from cipherswarm.fhe_backend.params import PROFILES
 from cipherswarm.fhe_backend.quant import MAX_WEIGHT_BITS, MAX_X_BITS, MIN_WEIGHT_BITS, MIN_X_BITS, Precision
 from cipherswarm.node.client.config import ClientConfig
+from cipherswarm.node.client.keys import DEFAULT_PROFILE
 
 
 def bits_in(low: int, high: int) -> Callable[[str], int]:
@@ -44,12 +45,13 @@ def precision_of(args: argparse.Namespace) -> Precision:
 
 
 PROFILE_HELP = {
-    "default": "exact products; about 7 B per value sent and 8-11 B returned",
+    "default": "exact products; about 7 B per value sent and 8-11 B returned; no key binding",
     "compact": "about 30%% fewer bytes each way; products carry noise below the activations' own rounding "
                "error, checked within its bound (bench/RESULTS.md: top-1 99.2%% against 99.6%% on SmolLM2-135M)",
-    "shared-mask": "exact; replies carry no mask product (about half the bytes returned, and a short micro-batch "
-                   "pays only for its tokens) and providers do half the work; each key is bound to its layer "
-                   "(N tokens through the layer, per key) and the binding is held in client memory",
+    "shared-mask": "exact; uploads rounded to fewer bits (about 6.5 B per value sent), replies carry no mask product "
+                   "(4-5 B returned, and a short micro-batch pays only for its tokens) and providers do half the "
+                   "work; each key is bound to its layer (N tokens through the layer, per key), the bindings held "
+                   "in client memory up to --binding-budget-mb",
     "compact-shared-mask": "compact's approximate products and fewer bytes sent, with shared-mask's replies: the "
                            "fewest bytes each way",
 }
@@ -57,8 +59,8 @@ PROFILE_HELP = {
 
 def add_profile_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup, choices: tuple[str, ...] = tuple(PROFILES)) -> None:
     """--profile, among ``choices`` (what this subcommand can run)."""
-    p.add_argument("--profile", choices=choices, default="default",
-                   help="encryption profile (default: default): " + "; ".join(f"{c}: {PROFILE_HELP[c]}" for c in choices))
+    p.add_argument("--profile", choices=choices, default=DEFAULT_PROFILE,
+                   help=f"encryption profile (default: {DEFAULT_PROFILE}): " + "; ".join(f"{c}: {PROFILE_HELP[c]}" for c in choices))
 
 
 def add_binding_budget_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

@@ -30,7 +30,7 @@ from ..ledger import Ledger
 from ..types import ClientStats
 from ..weights import ModelWeights, check_digests, load_model
 from .config import ClientConfig
-from .keys import KeyRing
+from .keys import DEFAULT_PROFILE, KeyRing
 from .session import SwarmSession, open_session
 
 
@@ -45,10 +45,11 @@ class SwarmClient:
     default: loaded from `model_dir` by `start`.
     `precision`: bits of activations, gradients and weights; the weights' must be the providers'
     (they are part of the model hash), and the activations' those the trainer quantizes to.
-    `profile`: the encryption profile (keys.CLIENT_PROFILES): "default" (exact), "compact" (about
-    30% fewer bytes each way, products approximate within a bound the checks enforce:
-    fhe_backend/params.py), "shared-mask" (exact, replies without the mask product, keys bound to
-    the layers within `config.binding_budget`: keys.py) or "compact-shared-mask" (both).
+    `profile`: the encryption profile (keys.CLIENT_PROFILES): "default" (keys.DEFAULT_PROFILE: exact,
+    the mask product returned, no binding), "compact" (about 30% fewer bytes each way, products
+    approximate within a bound the checks enforce: fhe_backend/params.py), "shared-mask" (exact,
+    replies without the mask product, uploads rounded, keys bound to the layers within
+    `config.binding_budget`: keys.py) or "compact-shared-mask" (both).
     `prepare`: open every layer's channels (keys and sketches) in `start` rather than at first use,
     so that memory and start-up cost are paid, and errors seen, before training.
     `identity`: key file of the client (created if missing); None: a fresh key each run.
@@ -64,7 +65,7 @@ class SwarmClient:
         prepare: bool = True,
         bootstrap: Sequence[str | Multiaddr] = (),
         precision: Precision = Precision(),
-        profile: str = "default",
+        profile: str = DEFAULT_PROFILE,
         identity: str | Path | None = None,
         ledger: str | Path | None = None,
         listen: str | Multiaddr = "/ip4/127.0.0.1/tcp/0",

@@ -40,6 +40,11 @@ from .config import ClientConfig
 
 #: encryption profiles a client of the swarm can use
 CLIENT_PROFILES = ("default", "compact", "shared-mask", "compact-shared-mask")
+#: the profile a client uses unless told otherwise (SwarmClient, the CLI, the simulator): exact and
+#: needing nothing but a seed-sized key per layer. "shared-mask" is exact too, with about 0.6x the
+#: bytes, but holds its keys' bindings (ClientConfig.binding_budget): a fixed budget, which for a
+#: small model is several bytes per base weight
+DEFAULT_PROFILE = "default"
 
 
 class LayerChannel:
@@ -153,7 +158,7 @@ class KeyRing:
     each way, approximate: fhe_backend/params.py), "shared-mask" (exact, replies without the mask
     product, keys bound to the layers: module docstring) or "compact-shared-mask" (both)."""
 
-    def __init__(self, weights: ModelWeights | None = None, *, precision: Precision = Precision(), profile: str = "default",
+    def __init__(self, weights: ModelWeights | None = None, *, precision: Precision = Precision(), profile: str = DEFAULT_PROFILE,
                  binding_budget: int = ClientConfig.binding_budget) -> None:
         if profile not in CLIENT_PROFILES:
             raise ValueError(f"profile {profile!r} cannot run on the swarm; choose one of {', '.join(CLIENT_PROFILES)}")

@@ -43,6 +43,7 @@ from cipherswarm.fhe_backend.params import Params, WeightStats, choose_params
 from cipherswarm.fhe_backend.shared_mask import SharedMaskKey
 from cipherswarm.fhe_backend.verify import sketch_bytes
 
+from ..client.keys import DEFAULT_PROFILE
 from ..weights import Layer, group_key, load_model
 
 
@@ -171,7 +172,7 @@ class Workload:
     micro_batch_tokens: int  # tokens per micro-batch (every call of a micro-batch has this many)
     seq_len: int  # tokens per sequence (attention spans one sequence)
     precision: Precision = Precision()
-    profile: str = "default"
+    profile: str = DEFAULT_PROFILE
     eval_batches: int = 0  # forward-only held-out micro-batches, evaluated before training and again after
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (the trainer's training_args)
     micro_batches_in_flight: int = 2  # micro-batches of one optimizer step run at once (LoraTrainer's argument)

@@ -93,7 +93,8 @@ def test_workload_matches_what_the_trainer_sends(trainer_step: tuple[StepRecord,
     record, config = trainer_step
     tokens = config.batch_size * config.seq_len
     shape = traced_model(BUNDLED_MODEL, n_layers_to_skip_for_backprop=config.n_layers_to_skip_for_backprop)
-    work = Workload(shape, tokens=tokens, micro_batch_tokens=tokens, seq_len=config.seq_len, precision=config.precision)
+    work = Workload(shape, tokens=tokens, micro_batch_tokens=tokens, seq_len=config.seq_len, precision=config.precision,
+                    profile=config.profile)
     calls = work.products(tokens)
     assert len(calls) == record.remote_calls
     assert sum(p.bytes_in for p in calls) == record.bytes_sent
@@ -191,7 +192,7 @@ def test_a_groups_parameters_come_from_its_real_concatenated_weights() -> None:
 
 
 def test_client_memory_has_a_key_per_group_and_direction() -> None:
-    work = _llama_8b()
+    work = _llama_8b(profile="default")  # a secret key per group and direction, no binding
     memory = work.client_memory()
     # summaries stay per layer: float32 scales and int32 sums both ways (node.weights.Layer.summary_size)
     assert memory["summaries"] == 32 * sum(4 * d_out + 4 * (d_out + d_in) for _, d_in, d_out in LLAMA_BLOCK)
@@ -212,6 +213,7 @@ def test_a_shared_mask_client_binds_its_keys_first_and_holds_the_bindings() -> N
     call (N token slots through the layer), and holds each binding: the estimate counts both, by
     the sizes a real key of the bundled model has."""
     work, swarm = _tiny_swarm()
+    work = replace(work, profile="default")  # the profile without bindings, to compare with
     shared = replace(work, profile="shared-mask")
     directions = {(p.key, p.transpose): p for p in shared.products(work.micro_batch_tokens)}
     assert shared.binding_macs() == sum(p.params.n * p.contraction * p.width for p in directions.values()) > 0
@@ -298,8 +300,8 @@ def test_estimate_cli_prints_the_breakdown(capsys: pytest.CaptureFixture[str]) -
 
 
 def _accumulating(tokens: int, ga: int, in_flight: int, **client: object) -> Workload:
-    return Workload(_bundled(), tokens=tokens, micro_batch_tokens=2048, seq_len=128,
-                    gradient_accumulation_steps=ga, micro_batches_in_flight=in_flight)
+    return Workload(_bundled(), tokens=tokens, micro_batch_tokens=2048, seq_len=128,  # no binding phase before the steps
+                    gradient_accumulation_steps=ga, micro_batches_in_flight=in_flight, profile="default")
 
 
 def _fast_swarm(**client: object) -> Swarm:
