@@ -43,15 +43,23 @@ from .sampling import SEED_BYTES
 #: header layouts by magic, with their parameter words: "...2" carries the 11 parameters of an
 #: unrounded upload, "...3" the 12 of a rounded one (Params.to_tuple), so unrounded payloads keep the
 #: form that nodes predating rounded uploads read
-_CT_HEADS = {magic: (k, struct.Struct("<4s" + "Q" * k + "8sIIII")) for magic, k in ((b"CSX2", 11), (b"CSX3", 12))}
-_OUT_HEADS = {magic: (k, struct.Struct("<4s" + "Q" * k + "8sIII")) for magic, k in ((b"CSY2", 11), (b"CSY3", 12))}
+Heads = dict[bytes, tuple[int, struct.Struct]]
+
+
+def header_layouts(unrounded: bytes, rounded: bytes, tail: str) -> Heads:
+    """Header layouts by magic: 4-byte magic, the parameter words (11, or all 12 of Params.FIELDS
+    for a rounded upload), then ``tail`` (struct format of the other fields)."""
+    words = len(Params.FIELDS)
+    return {magic: (k, struct.Struct("<4s" + "Q" * k + tail)) for magic, k in ((unrounded, words - 1), (rounded, words))}
+
+
+_CT_HEADS = header_layouts(b"CSX2", b"CSX3", "8sIIII")
+_OUT_HEADS = header_layouts(b"CSY2", b"CSY3", "8sIII")
 #: largest feature dimension and token count a ciphertext may declare (bounds parsing work)
 MAX_DIM = 1 << 20
 MAX_TOKENS = 1 << 24
 #: bytes of a serialized result's fixed header, before its seeds and words, at most (12 parameters)
 RESULT_HEAD_BYTES = max(head.size for _, head in _OUT_HEADS.values())
-
-Heads = dict[bytes, tuple[int, struct.Struct]]
 
 
 def head_of(heads: Heads, params: Params) -> tuple[bytes, struct.Struct]:
@@ -99,14 +107,15 @@ Field = tuple[np.ndarray, int, "np.ndarray | None", int]
 EXACT = -1
 
 
-def _field_bytes(words: np.ndarray, bits: int, shift: int) -> int:
-    return bit_bytes(bits, words.size) if shift == EXACT else words.size * word_bytes(bits)
+def _packed_bytes(count: int, bits: int, exact: bool) -> int:
+    """Bytes of a field of ``count`` words: at exactly ``bits`` bits each, or in whole bytes."""
+    return bit_bytes(bits, count) if exact else count * word_bytes(bits)
 
 
 def _serialise(prefix: bytes, *fields: Field) -> bytes:
     """prefix followed by each field's packed words, assembled in one buffer: the payload is as large
     as the layer, so every intermediate bytes object would be another full copy."""
-    sizes = [_field_bytes(words, bits, shift) for words, bits, _, shift in fields]
+    sizes = [_packed_bytes(words.size, bits, shift == EXACT) for words, bits, _, shift in fields]
     buf = np.empty(len(prefix) + sum(sizes), dtype=np.uint8)
     buf[: len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
     off = len(prefix)
@@ -136,10 +145,10 @@ def _b_words(data: memoryview, bits: int, shape: tuple[int, int, int], r: int, *
     blocks, d, n = shape
     words = (np.zeros if r < n else np.empty)(shape, dtype=np.int64)
     full = (blocks - 1) * d * n
-    size = (lambda count: bit_bytes(bits, count)) if exact else (lambda count: count * word_bytes(bits))
-    split = size(full)
-    if len(data) != split + size(d * r):
-        raise InvalidCiphertext(f"payload has {len(data)} bytes of words, expected {split + size(d * r)}")
+    split = _packed_bytes(full, bits, exact)
+    expected = split + _packed_bytes(d * r, bits, exact)
+    if len(data) != expected:
+        raise InvalidCiphertext(f"payload has {len(data)} bytes of words, expected {expected}")
     read = unpack_bits if exact else unpack
     if full:
         read(data[:split], bits, full, n, out=words[:-1].reshape(-1, n))

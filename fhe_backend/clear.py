@@ -8,20 +8,19 @@ Nothing here is secret: the "ciphertext" is the plaintext.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .ciphertext import head_of, read_head
+from .ciphertext import head_of, header_layouts, read_head
 from .encryptor import _as_int_matrix, check_range
 from .errors import InvalidCiphertext, ShapeMismatch
 from .params import Params, WeightStats, choose_params
 from .weights import PlainWeights, contraction_width
 
 #: header layouts by magic, as ciphertext.py's: "CSC1" with 11 parameter words, "CSC2" with 12
-_HEADS = {magic: (k, struct.Struct("<4s" + "Q" * k + "II")) for magic, k in ((b"CSC1", 11), (b"CSC2", 12))}
+_HEADS = header_layouts(b"CSC1", b"CSC2", "II")
 
 
 def exact_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,7 @@ from functools import partial
 import torch
 
 from .errors import ParameterError
+from .packing import bit_bytes
 from .ring import ROUND_BITS, fft_product_error, one_limb_fits
 from .security import WORD_BITS, check_secure, smallest_secure_n
 
@@ -289,7 +290,7 @@ class Params:
             return int(wire_bytes(tokens, self.n, features, int(self.in_bytes)))
         blocks = -(-tokens // self.n)
         last = tokens - (blocks - 1) * self.n
-        return ((blocks - 1) * self.n * features * self.in_bits + 7) // 8 + (last * features * self.in_bits + 7) // 8
+        return bit_bytes(self.in_bits, (blocks - 1) * self.n * features) + bit_bytes(self.in_bits, last * features)
 
     def result_bytes(self, tokens: int, width: int) -> int:
         """Words the product of such a ciphertext puts on the wire (ciphertext.py has the layout)."""
